@@ -1,0 +1,82 @@
+//! `sluice queue --spool DIR list|stats`: a read-only view of a spool, safe beside a running
+//! relay (it never truncates, deletes or locks anything).
+
+use std::io::{self, Write};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::cli::{QueueAction, QueueArgs};
+use crate::spool::{RcptStatus, Spool};
+
+/// Runs the `queue` subcommand, writing to `out`.
+pub fn run(args: &QueueArgs, out: &mut dyn Write) -> Result<(), Box<dyn std::error::Error>> {
+    if !args.spool.is_dir() {
+        return Err(format!("{}: no such spool directory", args.spool.display()).into());
+    }
+    let rec = Spool::scan_read_only(&args.spool)?;
+    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    match args.action {
+        QueueAction::Stats => {
+            let rcpts: usize = rec.messages.iter().map(|m| m.rcpts.len()).sum();
+            let pending: usize = rec
+                .messages
+                .iter()
+                .flat_map(|m| m.rcpts.iter())
+                .filter(|r| matches!(r.status, RcptStatus::Queued | RcptStatus::Deferred))
+                .count();
+            let deferred: usize = rec.messages.iter().flat_map(|m| m.rcpts.iter()).filter(|r| r.status == RcptStatus::Deferred).count();
+            let bytes: u64 = rec.messages.iter().map(|m| m.loc.len).sum();
+            if args.json {
+                writeln!(out, "{{\"messages\":{},\"recipients\":{rcpts},\"pending_recipients\":{pending},\"deferred_recipients\":{deferred},\"bytes\":{bytes}}}", rec.messages.len())?;
+            } else {
+                writeln!(out, "messages: {}\nrecipients: {rcpts}\npending recipients: {pending}\ndeferred recipients: {deferred}\nbytes: {bytes}", rec.messages.len())?;
+            }
+        }
+        QueueAction::List => {
+            for m in &rec.messages {
+                let age_s = now_ms.saturating_sub(m.arrival_ms) / 1000;
+                if args.json {
+                    write!(out, "{{\"id\":\"{}\",\"size\":{},\"age_s\":{age_s},\"recipients\":[", m.id, m.loc.len)?;
+                    for (i, r) in m.rcpts.iter().enumerate() {
+                        let sep = if i > 0 { "," } else { "" };
+                        write!(out, "{sep}{{\"status\":\"{}\",\"attempts\":{},\"next_attempt_ms\":{},\"last_reply\":{}}}", status(r.status), r.attempts, r.next_attempt_ms, json_str(&r.last_reply))?;
+                    }
+                    writeln!(out, "]}}")?;
+                } else {
+                    writeln!(out, "{}  size={}  age={age_s}s  recipients={}", m.id, m.loc.len, m.rcpts.len())?;
+                    for r in &m.rcpts {
+                        writeln!(out, "    {} attempts={} next_attempt_ms={} last_reply={}", status(r.status), r.attempts, r.next_attempt_ms, String::from_utf8_lossy(&r.last_reply))?;
+                    }
+                }
+            }
+        }
+    }
+    for w in &rec.warnings {
+        eprintln!("warning: {w}");
+    }
+    out.flush().map_err(|e: io::Error| e.into())
+}
+
+fn status(s: RcptStatus) -> &'static str {
+    match s {
+        RcptStatus::Queued => "queued",
+        RcptStatus::Delivered => "delivered",
+        RcptStatus::Failed => "failed",
+        RcptStatus::Deferred => "deferred",
+    }
+}
+
+fn json_str(b: &[u8]) -> String {
+    let s = String::from_utf8_lossy(b);
+    let mut o = String::with_capacity(s.len() + 2);
+    o.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            c if (c as u32) < 0x20 => o.push_str(&format!("\\u{:04x}", c as u32)),
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+    o
+}

@@ -1,0 +1,186 @@
+//! Pooled fixed-size byte buffers for socket input and output.
+//!
+//! A [`BufPool`] hands out [`Buf`]s of one fixed capacity and takes them back for reuse, up to
+//! a bound. `checkout` returns `None` when the bound is reached: callers then stop reading or
+//! accepting instead of allocating (backpressure, not memory growth).
+
+/// A fixed-capacity buffer with a readable window `data()` and writable tail `space()`.
+#[derive(Debug)]
+pub struct Buf {
+    mem: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+impl Buf {
+    /// Bytes filled and not yet consumed.
+    #[inline]
+    pub fn data(&self) -> &[u8] {
+        &self.mem[self.start..self.end]
+    }
+
+    /// Free space after the data; compacts first when that makes more room.
+    #[inline]
+    pub fn space(&mut self) -> &mut [u8] {
+        if self.start > 0 && self.end == self.mem.len() {
+            self.compact();
+        }
+        &mut self.mem[self.end..]
+    }
+
+    /// Marks `n` bytes of `space()` as filled.
+    #[inline]
+    pub fn fill(&mut self, n: usize) {
+        debug_assert!(self.end + n <= self.mem.len());
+        self.end = (self.end + n).min(self.mem.len());
+    }
+
+    /// Drops `n` bytes from the front of `data()`.
+    #[inline]
+    pub fn consume(&mut self, n: usize) {
+        self.start = (self.start + n).min(self.end);
+        if self.start == self.end {
+            // Empty: rewind for free so the next fill starts at the beginning.
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Appends as much of `bytes` as fits; returns how many were copied.
+    pub fn push(&mut self, bytes: &[u8]) -> usize {
+        let space = self.space();
+        let n = bytes.len().min(space.len());
+        space[..n].copy_from_slice(&bytes[..n]);
+        self.fill(n);
+        n
+    }
+
+    /// Free bytes available to `space()` after compaction.
+    #[inline]
+    pub fn room(&self) -> usize {
+        self.mem.len() - (self.end - self.start)
+    }
+
+    /// True when no data is held.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+
+    /// Total capacity.
+    #[inline]
+    pub fn capacity(&self) -> usize {
+        self.mem.len()
+    }
+
+    fn compact(&mut self) {
+        self.mem.copy_within(self.start..self.end, 0);
+        self.end -= self.start;
+        self.start = 0;
+    }
+}
+
+/// A pool of equally sized [`Buf`]s.
+#[derive(Debug)]
+pub struct BufPool {
+    free: Vec<Box<[u8]>>,
+    chunk: usize,
+    outstanding: usize,
+    limit: usize,
+}
+
+impl BufPool {
+    /// A pool of `chunk`-byte buffers, at most `limit` checked out at once.
+    pub fn new(chunk: usize, limit: usize) -> BufPool {
+        BufPool { free: Vec::new(), chunk, outstanding: 0, limit }
+    }
+
+    /// A buffer, or `None` when `limit` buffers are already out.
+    pub fn checkout(&mut self) -> Option<Buf> {
+        if self.outstanding >= self.limit {
+            return None;
+        }
+        self.outstanding += 1;
+        let mem = self.free.pop().unwrap_or_else(|| vec![0u8; self.chunk].into_boxed_slice());
+        Some(Buf { mem, start: 0, end: 0 })
+    }
+
+    /// Returns a buffer to the pool (its contents are discarded).
+    pub fn checkin(&mut self, buf: Buf) {
+        self.outstanding = self.outstanding.saturating_sub(1);
+        // Keep a bounded number of free chunks so a burst does not pin memory forever.
+        if self.free.len() < 1024 {
+            self.free.push(buf.mem);
+        }
+    }
+
+    /// Buffers currently checked out.
+    pub fn outstanding(&self) -> usize {
+        self.outstanding
+    }
+
+    /// Chunk size.
+    pub fn chunk(&self) -> usize {
+        self.chunk
+    }
+}
+
+/// A pool of growable byte vectors for message bodies: capacity is kept between messages up to
+/// `keep` bytes, so steady-state traffic does not allocate per message.
+#[derive(Debug)]
+pub struct VecPool {
+    free: Vec<Vec<u8>>,
+    keep: usize,
+}
+
+impl VecPool {
+    /// A pool retaining vectors of at most `keep` bytes capacity.
+    pub fn new(keep: usize) -> VecPool {
+        VecPool { free: Vec::new(), keep }
+    }
+
+    /// An empty vector, reused when one is free.
+    pub fn take(&mut self) -> Vec<u8> {
+        self.free.pop().unwrap_or_default()
+    }
+
+    /// Gives a vector back.
+    pub fn give(&mut self, mut v: Vec<u8>) {
+        v.clear();
+        if v.capacity() > self.keep {
+            v.shrink_to(self.keep);
+        }
+        if self.free.len() < 4096 {
+            self.free.push(v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fill_consume_compact() {
+        let mut pool = BufPool::new(8, 2);
+        let mut b = pool.checkout().unwrap();
+        assert_eq!(b.push(b"abcdefghij"), 8);
+        b.consume(6);
+        assert_eq!(b.data(), b"gh");
+        assert_eq!(b.room(), 6);
+        assert_eq!(b.push(b"1234"), 4);
+        assert_eq!(b.data(), b"gh1234");
+        b.consume(6);
+        assert!(b.is_empty());
+        pool.checkin(b);
+    }
+
+    #[test]
+    fn pool_limit() {
+        let mut pool = BufPool::new(8, 1);
+        let a = pool.checkout().unwrap();
+        assert!(pool.checkout().is_none());
+        pool.checkin(a);
+        assert!(pool.checkout().is_some());
+    }
+}

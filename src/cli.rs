@@ -1,0 +1,338 @@
+//! The command line (clap) and its value parsers: durations, sizes, CIDRs, host:port.
+//!
+//! A bad value makes clap exit with status 2 and a message naming the flag (SPEC "Command
+//! line"). The value parsers are pure functions, unit-tested below.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// `sluice`: a single-threaded, high-throughput SMTP relay.
+#[derive(Debug, Parser)]
+#[command(name = "sluice", version, about, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Run the relay.
+    Serve(Box<ServeArgs>),
+    /// Read a password on stdin and print a `USER:HASH` line for --auth-file.
+    Passwd {
+        /// User name.
+        user: String,
+    },
+    /// Show what is queued in a spool (safe while the relay runs).
+    Queue(QueueArgs),
+}
+
+/// `--fsync` modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FsyncMode {
+    /// Durable before every `250` (group commit).
+    Always,
+    /// No sync at all: for benchmarks only.
+    Never,
+}
+
+/// `--log-format` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// `key=value` text lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Flags of `sluice serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Plain SMTP listener address (repeatable).
+    #[arg(long = "listen", value_name = "ADDR", default_value = "127.0.0.1:2525")]
+    pub listen: Vec<SocketAddr>,
+    /// Implicit-TLS listener address (repeatable); needs --tls-cert and --tls-key.
+    #[arg(long = "listen-tls", value_name = "ADDR")]
+    pub listen_tls: Vec<SocketAddr>,
+    /// Server certificate chain (PEM).
+    #[arg(long = "tls-cert", value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    #[arg(long = "tls-key", value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
+    /// Name used in the greeting, EHLO, Received and bounces [default: the system host name].
+    #[arg(long, value_name = "NAME", value_parser = parse_hostname)]
+    pub hostname: Option<String>,
+    /// Spool directory (created if missing).
+    #[arg(long, value_name = "DIR", default_value = "./sluice-spool")]
+    pub spool: PathBuf,
+    /// `always`: durable before 250 (group commit); `never`: benchmarks only.
+    #[arg(long, value_enum, default_value = "always")]
+    pub fsync: FsyncMode,
+    /// Client network allowed to relay without AUTH (repeatable).
+    #[arg(long = "allow", value_name = "CIDR", value_parser = parse_cidr, default_values = ["127.0.0.0/8", "::1/128"])]
+    pub allow: Vec<Cidr>,
+    /// File of `user:PHC-hash` lines; enables AUTH PLAIN and LOGIN inside TLS.
+    #[arg(long = "auth-file", value_name = "FILE")]
+    pub auth_file: Option<PathBuf>,
+    /// DNS server (ip:port) for MX/A/AAAA lookups [default: first nameserver in /etc/resolv.conf].
+    #[arg(long, value_name = "ADDR", value_parser = parse_dns_addr)]
+    pub dns: Option<SocketAddr>,
+    /// TCP port used when connecting to an MX host.
+    #[arg(long = "smtp-port", value_name = "PORT", default_value_t = 25, value_parser = clap::value_parser!(u16).range(1..))]
+    pub smtp_port: u16,
+    /// Send everything to this smarthost instead of looking up MX records.
+    #[arg(long = "relay-host", value_name = "HOST[:PORT]", value_parser = parse_host_port)]
+    pub relay_host: Option<HostPort>,
+    /// Largest message accepted, advertised in SIZE (suffixes k, M, G allowed).
+    #[arg(long = "max-message-size", value_name = "BYTES", default_value = "52428800", value_parser = parse_size)]
+    pub max_message_size: u64,
+    /// Recipients per transaction (`452 4.5.3` past it).
+    #[arg(long = "max-recipients", value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_recipients: u32,
+    /// Inbound connections at once (`421 4.3.2` past it).
+    #[arg(long = "max-connections", value_name = "N", default_value_t = 10000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// Outbound connections at once to one destination.
+    #[arg(long = "domain-concurrency", value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    pub domain_concurrency: u32,
+    /// Delays between delivery attempts after a temporary failure; the last repeats.
+    #[arg(long = "retry-schedule", value_name = "LIST", default_value = "1m,5m,15m,30m,1h,2h,4h", value_parser = parse_schedule)]
+    pub retry_schedule: Schedule,
+    /// Age after which an undelivered message bounces.
+    #[arg(long = "max-queue-lifetime", value_name = "DUR", default_value = "5d", value_parser = parse_duration)]
+    pub max_queue_lifetime: Duration,
+    /// Log line format on stderr.
+    #[arg(long = "log-format", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Idle time allowed while waiting for a command (RFC 5321 §4.5.3.2: 5 minutes).
+    #[arg(long = "command-timeout", value_name = "DUR", default_value = "5m", value_parser = parse_duration)]
+    pub command_timeout: Duration,
+    /// Idle time allowed inside DATA or a BDAT chunk (RFC 5321 §4.5.3.2: 3 minutes).
+    #[arg(long = "data-timeout", value_name = "DUR", default_value = "3m", value_parser = parse_duration)]
+    pub data_timeout: Duration,
+    /// On SIGTERM, how long sessions in the middle of a message may take to finish it.
+    #[arg(long = "shutdown-grace", value_name = "DUR", default_value = "3s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+    /// Preallocated size of each spool segment file.
+    #[arg(long = "spool-segment-size", value_name = "BYTES", default_value = "64M", value_parser = parse_size)]
+    pub spool_segment_size: u64,
+}
+
+/// Flags of `sluice queue`.
+#[derive(Debug, Args)]
+pub struct QueueArgs {
+    /// Spool directory to read.
+    #[arg(long, value_name = "DIR", default_value = "./sluice-spool")]
+    pub spool: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// `list` or `stats`.
+    #[arg(value_enum)]
+    pub action: QueueAction,
+}
+
+/// `sluice queue` actions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum QueueAction {
+    /// One entry per queued message with its recipients.
+    List,
+    /// Totals.
+    Stats,
+}
+
+/// An IP network in CIDR notation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    /// Network address.
+    pub addr: IpAddr,
+    /// Prefix length.
+    pub prefix: u8,
+}
+
+impl Cidr {
+    /// Whether `ip` lies inside; IPv4-mapped IPv6 addresses match IPv4 networks.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = if self.prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(self.prefix)) };
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = if self.prefix == 0 { 0 } else { u128::MAX << (128 - u32::from(self.prefix)) };
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// A host name or address with an optional port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPort {
+    /// Host name or IP literal (without brackets).
+    pub host: String,
+    /// Port, when given.
+    pub port: Option<u16>,
+}
+
+/// A retry schedule: delays between attempts, the last one repeating.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Schedule(pub Vec<Duration>);
+
+/// Parses `10ms`, `30s`, `5m`, `2h`, `5d` (a bare number means seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a duration (e.g. 30s, 5m, 2h, 5d)"))?;
+    let ms = match unit {
+        "ms" => 1,
+        "" | "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(format!("'{s}' has an unknown unit (use ms, s, m, h or d)")),
+    };
+    let total = n.checked_mul(ms).ok_or_else(|| format!("'{s}' is too long"))?;
+    if total == 0 {
+        return Err("a duration must be greater than zero".into());
+    }
+    Ok(Duration::from_millis(total))
+}
+
+/// Parses a comma-separated list of durations.
+pub fn parse_schedule(s: &str) -> Result<Schedule, String> {
+    let list = s.split(',').map(parse_duration).collect::<Result<Vec<_>, _>>()?;
+    if list.is_empty() {
+        return Err("the schedule is empty".into());
+    }
+    Ok(Schedule(list))
+}
+
+/// Parses a byte count with an optional `k`, `M` or `G` suffix (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&s[..i], 1u64 << 10),
+        Some((i, 'm' | 'M')) => (&s[..i], 1 << 20),
+        Some((i, 'g' | 'G')) => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size in bytes (e.g. 52428800, 50M)"))?;
+    let v = n.checked_mul(mult).ok_or_else(|| format!("'{s}' is too large"))?;
+    if v == 0 {
+        return Err("the size must be greater than zero".into());
+    }
+    Ok(v)
+}
+
+/// Parses `a.b.c.d/n`, `x::y/n` or a bare address (a host route).
+pub fn parse_cidr(s: &str) -> Result<Cidr, String> {
+    let (addr, prefix) = match s.split_once('/') {
+        Some((a, p)) => (a, Some(p)),
+        None => (s, None),
+    };
+    let addr: IpAddr = addr.parse().map_err(|_| format!("'{s}' is not an IP network (e.g. 10.0.0.0/8)"))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let prefix = match prefix {
+        None => max,
+        Some(p) => p.parse::<u8>().ok().filter(|&p| p <= max).ok_or_else(|| format!("'{s}' has a bad prefix length"))?,
+    };
+    Ok(Cidr { addr, prefix })
+}
+
+/// Parses `ip:port`, or a bare IP (port 53).
+pub fn parse_dns_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Ok(sa);
+    }
+    s.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)).map_err(|_| format!("'{s}' is not an ip:port"))
+}
+
+/// Parses `host`, `host:port`, `[v6]:port` or `v4:port`.
+pub fn parse_host_port(s: &str) -> Result<HostPort, String> {
+    let bad = || format!("'{s}' is not HOST[:PORT]");
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Ok(HostPort { host: sa.ip().to_string(), port: Some(sa.port()) });
+    }
+    if let Some(rest) = s.strip_prefix('[') {
+        let (host, port) = rest.split_once(']').ok_or_else(bad)?;
+        let port = match port.strip_prefix(':') {
+            Some(p) => Some(p.parse().map_err(|_| bad())?),
+            None if port.is_empty() => None,
+            None => return Err(bad()),
+        };
+        return Ok(HostPort { host: host.to_owned(), port });
+    }
+    let (host, port) = match s.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => (h, Some(p.parse::<u16>().map_err(|_| bad())?)),
+        _ => (s, None),
+    };
+    if host.is_empty() || !crate::smtp::command::valid_domain(host.as_bytes()) && host.parse::<IpAddr>().is_err() {
+        return Err(bad());
+    }
+    Ok(HostPort { host: host.to_owned(), port })
+}
+
+/// Validates a host name for --hostname.
+pub fn parse_hostname(s: &str) -> Result<String, String> {
+    if crate::smtp::command::valid_domain(s.as_bytes()) && s.is_ascii() {
+        Ok(s.to_owned())
+    } else {
+        Err(format!("'{s}' is not a valid host name"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10ms"), Ok(Duration::from_millis(10)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("5d"), Ok(Duration::from_secs(432_000)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("5x").is_err());
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("").is_err());
+        assert_eq!(parse_schedule("1s,1s,2s").unwrap().0.len(), 3);
+    }
+
+    #[test]
+    fn sizes_and_cidrs() {
+        assert_eq!(parse_size("50M"), Ok(50 << 20));
+        assert_eq!(parse_size("1024"), Ok(1024));
+        assert!(parse_size("-1").is_err());
+        let c = parse_cidr("127.0.0.0/8").unwrap();
+        assert!(c.contains("127.9.9.9".parse().unwrap()));
+        assert!(c.contains("::ffff:127.0.0.1".parse().unwrap()));
+        assert!(!c.contains("10.0.0.1".parse().unwrap()));
+        assert!(parse_cidr("::1/128").unwrap().contains("::1".parse().unwrap()));
+        assert!(parse_cidr("0.0.0.0/0").unwrap().contains("8.8.8.8".parse().unwrap()));
+        assert!(parse_cidr("1.2.3.4/33").is_err());
+        assert!(parse_cidr("nope").is_err());
+    }
+
+    #[test]
+    fn host_ports() {
+        assert_eq!(parse_host_port("smtp.example:2525").unwrap().port, Some(2525));
+        assert_eq!(parse_host_port("127.0.0.1:25").unwrap().host, "127.0.0.1");
+        assert_eq!(parse_host_port("[::1]:25").unwrap().host, "::1");
+        assert_eq!(parse_host_port("relay.example").unwrap().port, None);
+        assert!(parse_host_port("bad host:25").is_err());
+        assert!(parse_dns_addr("127.0.0.1:5353").is_ok());
+        assert!(parse_dns_addr("x").is_err());
+    }
+}

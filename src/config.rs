@@ -1,0 +1,100 @@
+//! The validated, immutable configuration of `sluice serve`, built once from the flags, with
+//! the fixed protocol replies rendered to bytes.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::cli::{Cidr, FsyncMode, LogFormat, ServeArgs};
+use crate::smtp::server::SessionConfig;
+
+/// Everything the relay needs to run, checked.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Plain listeners.
+    pub listen: Vec<SocketAddr>,
+    /// Host name used on the wire.
+    pub hostname: String,
+    /// Spool directory.
+    pub spool: PathBuf,
+    /// Sync before 250.
+    pub fsync: bool,
+    /// Networks allowed to relay.
+    pub allow: Vec<Cidr>,
+    /// Inbound connection cap.
+    pub max_connections: usize,
+    /// Command-phase idle timeout.
+    pub command_timeout: Duration,
+    /// DATA/BDAT idle timeout.
+    pub data_timeout: Duration,
+    /// SIGTERM grace for sessions mid-message.
+    pub shutdown_grace: Duration,
+    /// Spool segment size.
+    pub segment_size: u64,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Session constants and rendered replies.
+    pub session: SessionConfig,
+}
+
+/// A configuration problem, naming the flag.
+#[derive(Debug)]
+pub struct ConfigError {
+    /// The flag at fault.
+    pub flag: &'static str,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "invalid value for '{}': {}", self.flag, self.message)
+    }
+}
+
+impl Config {
+    /// Validates the flags into a configuration.
+    pub fn from_args(a: &ServeArgs) -> Result<Config, ConfigError> {
+        let err = |flag, message: &str| Err(ConfigError { flag, message: message.to_owned() });
+        if a.tls_cert.is_some() != a.tls_key.is_some() {
+            return err("--tls-cert", "--tls-cert and --tls-key must be given together");
+        }
+        if !a.listen_tls.is_empty() && a.tls_cert.is_none() {
+            return err("--listen-tls", "an implicit-TLS listener needs --tls-cert and --tls-key");
+        }
+        if a.tls_cert.is_some() || !a.listen_tls.is_empty() {
+            return err("--tls-cert", "TLS is not available in this build yet");
+        }
+        if a.auth_file.is_some() {
+            return err("--auth-file", "AUTH is not available in this build yet");
+        }
+        let hostname = match &a.hostname {
+            Some(h) => h.clone(),
+            None => system_hostname(),
+        };
+        let segment_size = a.spool_segment_size.max(64 * 1024);
+        Ok(Config {
+            listen: a.listen.clone(),
+            hostname: hostname.clone(),
+            spool: a.spool.clone(),
+            fsync: a.fsync == FsyncMode::Always,
+            allow: a.allow.clone(),
+            max_connections: a.max_connections as usize,
+            command_timeout: a.command_timeout,
+            data_timeout: a.data_timeout,
+            shutdown_grace: a.shutdown_grace,
+            segment_size,
+            log_format: a.log_format,
+            session: SessionConfig::new(&hostname, a.max_message_size, a.max_recipients as usize),
+        })
+    }
+}
+
+/// The kernel's host name (Linux), or `localhost` when it cannot be read or is not a domain.
+pub fn system_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty() && crate::smtp::command::valid_domain(s.as_bytes()))
+        .unwrap_or_else(|| "localhost".to_owned())
+}

@@ -1,0 +1,235 @@
+//! Pure: the queue-id format, the envelope a transaction builds, and the `Received:` header.
+//!
+//! The envelope is an arena that keeps its capacity between transactions, so a session that
+//! handles many messages does not allocate per command once it has warmed up.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr};
+use std::ops::Range;
+
+/// A queue id: microseconds since the Unix epoch at allocation, made strictly increasing by
+/// [`IdGen`]. Rendered as 13 Crockford base-32 digits, so text order is numeric order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct QueueId(pub u64);
+
+const CROCKFORD: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+
+impl QueueId {
+    /// Renders the id into a fixed array (no allocation).
+    pub fn to_bytes(self) -> [u8; 13] {
+        let mut out = [b'0'; 13];
+        let mut v = self.0;
+        for slot in out.iter_mut().rev() {
+            *slot = CROCKFORD[(v & 31) as usize];
+            v >>= 5;
+        }
+        out
+    }
+
+    /// Parses the 13-digit form back (case-insensitive); `None` if it is not one.
+    pub fn parse(text: &str) -> Option<QueueId> {
+        if text.len() != 13 {
+            return None;
+        }
+        let mut v: u64 = 0;
+        for &b in text.as_bytes() {
+            let d = CROCKFORD.iter().position(|&c| c == b.to_ascii_uppercase())? as u64;
+            v = v.checked_mul(32)? | d;
+        }
+        Some(QueueId(v))
+    }
+}
+
+impl fmt::Display for QueueId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.to_bytes();
+        // The alphabet is ASCII, so this cannot fail.
+        f.write_str(std::str::from_utf8(&b).unwrap_or("?"))
+    }
+}
+
+/// Allocates queue ids: `max(now_us, last + 1)`, so ids are unique and increasing within a
+/// process, and across restarts as long as the recovered maximum is fed to [`IdGen::observe`].
+#[derive(Debug, Default)]
+pub struct IdGen {
+    last: u64,
+}
+
+impl IdGen {
+    /// Makes sure later ids are above `id` (called for every id found in the spool).
+    pub fn observe(&mut self, id: QueueId) {
+        self.last = self.last.max(id.0);
+    }
+
+    /// The next id, given the wall clock in microseconds since the epoch.
+    pub fn next(&mut self, now_unix_us: u64) -> QueueId {
+        self.last = now_unix_us.max(self.last + 1);
+        QueueId(self.last)
+    }
+}
+
+/// `BODY=` of MAIL FROM (RFC 6152, RFC 3030).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[repr(u8)]
+pub enum BodyType {
+    /// No BODY parameter given.
+    #[default]
+    Unspecified = 0,
+    /// `BODY=7BIT`.
+    SevenBit = 1,
+    /// `BODY=8BITMIME`.
+    EightBitMime = 2,
+    /// `BODY=BINARYMIME` (only with BDAT).
+    BinaryMime = 3,
+}
+
+impl BodyType {
+    /// Inverse of `as u8`; unknown values read as `Unspecified`.
+    pub fn from_u8(v: u8) -> BodyType {
+        match v {
+            1 => BodyType::SevenBit,
+            2 => BodyType::EightBitMime,
+            3 => BodyType::BinaryMime,
+            _ => BodyType::Unspecified,
+        }
+    }
+}
+
+/// `RET=` of MAIL FROM (RFC 3461 §4.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[repr(u8)]
+pub enum Ret {
+    /// No RET parameter.
+    #[default]
+    Unspecified = 0,
+    /// `RET=FULL`: return the whole message in a DSN.
+    Full = 1,
+    /// `RET=HDRS`: headers only.
+    Hdrs = 2,
+}
+
+impl Ret {
+    /// Inverse of `as u8`; unknown values read as `Unspecified`.
+    pub fn from_u8(v: u8) -> Ret {
+        match v {
+            1 => Ret::Full,
+            2 => Ret::Hdrs,
+            _ => Ret::Unspecified,
+        }
+    }
+}
+
+/// NOTIFY bits of RCPT TO (RFC 3461 §4.1). Zero means "not given" (default behaviour).
+pub mod notify {
+    /// `NOTIFY=NEVER`.
+    pub const NEVER: u8 = 1;
+    /// `SUCCESS` in the NOTIFY list.
+    pub const SUCCESS: u8 = 2;
+    /// `FAILURE` in the NOTIFY list.
+    pub const FAILURE: u8 = 4;
+    /// `DELAY` in the NOTIFY list.
+    pub const DELAY: u8 = 8;
+}
+
+#[derive(Clone, Debug)]
+struct RcptEntry {
+    addr: Range<u32>,
+    orcpt: Range<u32>,
+    notify: u8,
+}
+
+/// One recipient, borrowed from an [`Envelope`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RcptView<'a> {
+    /// The address without angle brackets (`local@domain`, or `postmaster`).
+    pub addr: &'a [u8],
+    /// ORCPT as given (`addr-type;xtext`), empty when absent.
+    pub orcpt: &'a [u8],
+    /// [`notify`] bits, 0 when absent.
+    pub notify: u8,
+}
+
+/// The envelope of one transaction (RFC 5321 §2.3.1) plus what the spool records about the
+/// client. Reused between transactions: [`Envelope::clear_transaction`] keeps capacity.
+#[derive(Clone, Debug)]
+pub struct Envelope {
+    /// Reverse path without angle brackets; empty for the null sender `<>`.
+    pub sender: Vec<u8>,
+    /// `ENVID=` (RFC 3461 §4.4) as given, in xtext; empty when absent.
+    pub envid: Vec<u8>,
+    /// `RET=`.
+    pub ret: Ret,
+    /// `BODY=`.
+    pub body_type: BodyType,
+    /// `SMTPUTF8` was given on MAIL (RFC 6531).
+    pub smtputf8: bool,
+    /// The client's address as seen by the server.
+    pub client_ip: IpAddr,
+    /// The EHLO/HELO argument.
+    pub helo: Vec<u8>,
+    /// The authenticated user, empty when none (RFC 4954).
+    pub auth_user: Vec<u8>,
+    rcpt_bytes: Vec<u8>,
+    rcpts: Vec<RcptEntry>,
+}
+
+impl Default for Envelope {
+    fn default() -> Self {
+        Envelope {
+            sender: Vec::new(),
+            envid: Vec::new(),
+            ret: Ret::Unspecified,
+            body_type: BodyType::Unspecified,
+            smtputf8: false,
+            client_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            helo: Vec::new(),
+            auth_user: Vec::new(),
+            rcpt_bytes: Vec::new(),
+            rcpts: Vec::new(),
+        }
+    }
+}
+
+impl Envelope {
+    /// Forgets the transaction (sender, parameters, recipients) but keeps the client fields and
+    /// every buffer's capacity.
+    pub fn clear_transaction(&mut self) {
+        self.sender.clear();
+        self.envid.clear();
+        self.ret = Ret::Unspecified;
+        self.body_type = BodyType::Unspecified;
+        self.smtputf8 = false;
+        self.rcpt_bytes.clear();
+        self.rcpts.clear();
+    }
+
+    /// Adds a recipient.
+    pub fn push_rcpt(&mut self, addr: &[u8], orcpt: &[u8], notify: u8) {
+        let a0 = self.rcpt_bytes.len() as u32;
+        self.rcpt_bytes.extend_from_slice(addr);
+        let a1 = self.rcpt_bytes.len() as u32;
+        self.rcpt_bytes.extend_from_slice(orcpt);
+        let o1 = self.rcpt_bytes.len() as u32;
+        self.rcpts.push(RcptEntry { addr: a0..a1, orcpt: a1..o1, notify });
+    }
+
+    /// Number of recipients so far.
+    pub fn rcpt_count(&self) -> usize {
+        self.rcpts.len()
+    }
+
+    /// Recipient `i` (panics if out of range, like slice indexing).
+    pub fn rcpt(&self, i: usize) -> RcptView<'_> {
+        let e = &self.rcpts[i];
+        RcptView {
+            addr: &self.rcpt_bytes[e.addr.start as usize..e.addr.end as usize],
+            orcpt: &self.rcpt_bytes[e.orcpt.start as usize..e.orcpt.end as usize],
+            notify: e.notify,
+        }
+    }
+
+    /// All recipients in order.
+    pub fn rcpts(&self) -> impl Iterator<Item = RcptView<'_>> + '_ {
+        (0..self.rcpts.len()).map(move |i| self.rcpt(i))
+    }
+}

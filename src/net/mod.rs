@@ -1,0 +1,4 @@
+//! Socket drivers: the only code (with `reactor`) that does network I/O.
+
+pub mod inbound;
+pub mod socket;

@@ -1,0 +1,125 @@
+//! Raw socket set-up and I/O classification. With `spool/segment.rs`, the only place allowed
+//! `unsafe`; every libc call goes through [`syscall!`].
+#![allow(unsafe_code)]
+
+use std::io::{self, Read, Write};
+use std::mem;
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, RawFd};
+
+/// Calls a libc function, turning `-1` into `io::Error::last_os_error()`.
+macro_rules! syscall {
+    ($fn:ident ( $($arg:expr),* $(,)? )) => {{
+        // SAFETY: the caller passes arguments valid for this libc call (see each call site).
+        let res = unsafe { libc::$fn($($arg),*) };
+        if res == -1 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(res)
+        }
+    }};
+}
+
+/// Creates a non-blocking listening socket with SO_REUSEADDR and SO_REUSEPORT (so one process
+/// per core can share a port), IPV6_V6ONLY for IPv6 addresses, and a deep backlog.
+pub fn listener(addr: SocketAddr) -> io::Result<mio::net::TcpListener> {
+    let family = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    let fd: RawFd = syscall!(socket(family, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0))?;
+    // SAFETY: `fd` was just returned by socket() and is owned by nobody else; the listener
+    // takes ownership and closes it on drop (including on the error paths below).
+    let listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+    let one: libc::c_int = 1;
+    let one_ptr = &one as *const libc::c_int as *const libc::c_void;
+    let len = mem::size_of::<libc::c_int>() as libc::socklen_t;
+    syscall!(setsockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, one_ptr, len))?;
+    syscall!(setsockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEPORT, one_ptr, len))?;
+    if addr.is_ipv6() {
+        syscall!(setsockopt(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, one_ptr, len))?;
+    }
+    let (storage, slen) = sockaddr(addr);
+    let sa = &storage as *const libc::sockaddr_storage as *const libc::sockaddr;
+    syscall!(bind(fd, sa, slen))?;
+    syscall!(listen(fd, 4096))?;
+    Ok(mio::net::TcpListener::from_std(listener))
+}
+
+fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain old data; all-zero is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than and suitably aligned for sockaddr_in.
+            unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in, sin) };
+            mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: sockaddr_storage is larger than and suitably aligned for sockaddr_in6.
+            unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in6, sin6) };
+            mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
+/// Raises the soft open-files limit to the hard limit (10,000 connections need more than the
+/// usual 1,024). Returns the new soft limit.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    syscall!(getrlimit(libc::RLIMIT_NOFILE, &mut lim))?;
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        syscall!(setrlimit(libc::RLIMIT_NOFILE, &lim))?;
+    }
+    Ok(lim.rlim_cur)
+}
+
+/// What one read or write did, classified once.
+#[derive(Debug)]
+pub enum IoResult {
+    /// Moved this many bytes (never 0 for reads: see `Closed`).
+    Done(usize),
+    /// The socket has nothing more now.
+    WouldBlock,
+    /// Orderly shutdown by the peer (read returned 0).
+    Closed,
+    /// Anything else: the connection is unusable.
+    Error(io::Error),
+}
+
+/// Reads once into `buf`.
+pub fn read(sock: &mut mio::net::TcpStream, buf: &mut [u8]) -> IoResult {
+    loop {
+        return match sock.read(buf) {
+            Ok(0) => IoResult::Closed,
+            Ok(n) => IoResult::Done(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => IoResult::WouldBlock,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => IoResult::Error(e),
+        };
+    }
+}
+
+/// Writes once from `buf`.
+pub fn write(sock: &mut mio::net::TcpStream, buf: &[u8]) -> IoResult {
+    loop {
+        return match sock.write(buf) {
+            Ok(n) => IoResult::Done(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => IoResult::WouldBlock,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => IoResult::Error(e),
+        };
+    }
+}

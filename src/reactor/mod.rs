@@ -1,0 +1,614 @@
+//! The event loop: one `mio::Poll` owning every socket, and the turn that orders the work.
+//!
+//! # One turn
+//! 1. `poll` for events (timeout: the next timer, or zero when work is left over).
+//! 2. Dispatch: listeners are only marked; connections read, parse and append finished
+//!    messages to the spool (not yet answered).
+//! 3. Group commit: one `spool.commit()` covers every message of the turn; only then are their
+//!    `250`s written into the output buffers (or `451` for all if the sync failed).
+//! 4. Flush every connection with output: each pipelined batch of replies leaves in one write.
+//! 5. Expire timers (`421 4.4.2`), then accept new connections, a bounded number per turn so
+//!    that a connection flood cannot starve sessions already open.
+
+pub mod signal;
+pub mod timer;
+pub mod token;
+
+use std::io::{self, Write as _};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use mio::{Events, Interest, Poll};
+use slab::Slab;
+
+use crate::buf::{BufPool, VecPool};
+use crate::config::Config;
+use crate::log::{Logger, V};
+use crate::message::IdGen;
+use crate::net::inbound::{Flush, InboundConn};
+use crate::net::socket::{self, IoResult};
+use crate::smtp::reply;
+use crate::smtp::server::{Ctx, Event, ServerSession, TimeoutKind};
+use crate::spool::{Spool, SpoolError, SpoolOptions};
+use token::Kind;
+
+/// Input/output chunk size.
+const CHUNK: usize = 16 * 1024;
+/// Connections accepted per turn at most.
+const ACCEPTS_PER_TURN: usize = 256;
+/// Read/parse rounds for one connection per turn before others get a go.
+const ROUNDS_PER_DRIVE: usize = 64;
+/// How long a closing connection may take to drain its last replies.
+const LINGER: Duration = Duration::from_secs(10);
+
+struct Listener {
+    sock: mio::net::TcpListener,
+    addr: SocketAddr,
+    pending: bool,
+}
+
+/// Why the relay could not start or had to stop.
+#[derive(Debug)]
+pub enum RunError {
+    /// The spool could not be opened.
+    Spool(SpoolError),
+    /// A listener could not be bound.
+    Listen(SocketAddr, io::Error),
+    /// The poller failed.
+    Poll(io::Error),
+}
+
+impl std::fmt::Display for RunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RunError::Spool(e) => write!(f, "spool: {e}"),
+            RunError::Listen(a, e) => write!(f, "cannot listen on {a}: {e}"),
+            RunError::Poll(e) => write!(f, "event loop: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for RunError {}
+
+/// The relay's loop and everything it owns.
+pub struct Server {
+    poll: Poll,
+    cfg: Config,
+    listeners: Vec<Listener>,
+    conns: Slab<InboundConn>,
+    generation: u32,
+    bufs: BufPool,
+    bodies: VecPool,
+    ids: IdGen,
+    spool: Spool,
+    timers: timer::Timers,
+    log: Logger,
+    signals: signal::SignalSource,
+    /// Connections whose message waits for this turn's commit: (key, generation).
+    waiting: Vec<(usize, u32)>,
+    /// Connections with output to flush this turn.
+    dirty: Vec<(usize, u32)>,
+    /// Connections to drive again next turn (budget spent or buffers exhausted).
+    again: Vec<(usize, u32)>,
+    shutdown: Option<Instant>,
+    force_exit: bool,
+    accept_retry: Option<Instant>,
+    now: Instant,
+    wall_us: u64,
+}
+
+impl Server {
+    /// Opens the spool (recovering it) and binds every listener.
+    pub fn bind(cfg: Config) -> Result<Server, RunError> {
+        let mut log = Logger::new(cfg.log_format);
+        match socket::raise_nofile_limit() {
+            Ok(n) => log.event("limits", &[("nofile", V::N(n))]),
+            Err(e) => log.event("limits", &[("error", V::D(&e))]),
+        }
+        let opts = SpoolOptions { dir: cfg.spool.clone(), fsync: cfg.fsync, segment_size: cfg.segment_size.max(cfg.session.max_message_size + (1 << 20)) };
+        let (spool, recovery) = Spool::open(opts).map_err(RunError::Spool)?;
+        for w in &recovery.warnings {
+            log.event("spool_warning", &[("detail", V::S(w))]);
+        }
+        let mut ids = IdGen::default();
+        if let Some(max) = recovery.max_id {
+            ids.observe(max);
+        }
+        let queued = recovery.messages.len() as u64;
+        let rcpts: usize = recovery.messages.iter().map(|m| m.rcpts.len()).sum();
+        log.event("spool_recovered", &[("dir", V::D(&cfg.spool.display())), ("messages", V::N(queued)), ("recipients", V::N(rcpts as u64))]);
+        if !cfg.fsync {
+            log.event("warning", &[("detail", V::S("--fsync never: accepted mail is NOT durable; for benchmarks only"))]);
+        }
+        let poll = Poll::new().map_err(RunError::Poll)?;
+        let mut listeners = Vec::new();
+        for (i, addr) in cfg.listen.iter().enumerate() {
+            let mut sock = socket::listener(*addr).map_err(|e| RunError::Listen(*addr, e))?;
+            let addr = sock.local_addr().unwrap_or(*addr);
+            poll.registry()
+                .register(&mut sock, token::make(Kind::Listener, 0, i), Interest::READABLE)
+                .map_err(RunError::Poll)?;
+            log.event("listening", &[("addr", V::D(&addr))]);
+            listeners.push(Listener { sock, addr, pending: true });
+        }
+        let signals = signal::SignalSource::register(poll.registry(), token::make(Kind::Signal, 0, 0)).map_err(RunError::Poll)?;
+        log.flush();
+        let limit = (cfg.max_connections * 2 + 64).min(1 << 20);
+        Ok(Server {
+            poll,
+            listeners,
+            conns: Slab::with_capacity(1024),
+            generation: 0,
+            bufs: BufPool::new(CHUNK, limit),
+            bodies: VecPool::new(1 << 20),
+            ids,
+            spool,
+            timers: timer::Timers::default(),
+            log,
+            signals,
+            waiting: Vec::new(),
+            dirty: Vec::new(),
+            again: Vec::new(),
+            shutdown: None,
+            force_exit: false,
+            accept_retry: None,
+            now: Instant::now(),
+            wall_us: 0,
+            cfg,
+        })
+    }
+
+    /// The addresses actually bound (useful with port 0).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().map(|l| l.addr).collect()
+    }
+
+    /// Runs until a signal asks it to stop and the open sessions are drained.
+    pub fn run(mut self) -> Result<(), RunError> {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let timeout = self.poll_timeout();
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(RunError::Poll(e));
+                }
+            }
+            self.tick();
+            let again = std::mem::take(&mut self.again);
+            for (key, generation) in again {
+                self.drive_checked(key, generation);
+            }
+            for ev in events.iter() {
+                match token::split(ev.token()) {
+                    Some((Kind::Listener, _, i)) => {
+                        if let Some(l) = self.listeners.get_mut(i) {
+                            l.pending = true;
+                        }
+                    }
+                    Some((Kind::Signal, _, _)) => self.on_signal(),
+                    Some((Kind::Inbound, generation, key)) => {
+                        let Some(conn) = self.conns.get_mut(key) else { continue };
+                        if conn.generation != generation {
+                            continue; // A stale event for a reused slot.
+                        }
+                        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                            conn.readable = true;
+                        }
+                        if ev.is_writable() || ev.is_write_closed() || ev.is_error() {
+                            conn.writable = true;
+                            if conn.pending_output() > 0 && !conn.dirty {
+                                conn.dirty = true;
+                                self.dirty.push((key, generation));
+                            }
+                        }
+                        self.drive(key);
+                    }
+                    _ => {}
+                }
+            }
+            self.commit();
+            self.flush_dirty();
+            self.expire_timers();
+            self.accept();
+            self.log.flush();
+            if self.shutdown_done() {
+                self.log.event("stopped", &[("open_sessions", V::N(self.conns.len() as u64))]);
+                self.log.flush();
+                return Ok(());
+            }
+        }
+    }
+
+    fn tick(&mut self) {
+        self.now = Instant::now();
+        self.wall_us = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
+    }
+
+    fn poll_timeout(&self) -> Option<Duration> {
+        if !self.again.is_empty() || !self.waiting.is_empty() || self.spool.has_uncommitted() {
+            return Some(Duration::ZERO);
+        }
+        if self.listeners.iter().any(|l| l.pending) && self.accept_retry.is_none() && self.shutdown.is_none() {
+            return Some(Duration::ZERO);
+        }
+        let now = Instant::now();
+        let mut next = self.timers.next();
+        for t in [self.shutdown, self.accept_retry].into_iter().flatten() {
+            next = Some(next.map_or(t, |n| n.min(t)));
+        }
+        next.map(|t| t.saturating_duration_since(now))
+    }
+
+    fn drive_checked(&mut self, key: usize, generation: u32) {
+        if self.conns.get(key).is_some_and(|c| c.generation == generation) {
+            self.drive(key);
+        }
+    }
+
+    /// Reads, parses and appends for one connection until it would block, waits for the spool,
+    /// hits backpressure, or spends its budget.
+    fn drive(&mut self, key: usize) {
+        let Server { conns, bufs, bodies, ids, spool, cfg, log, waiting, dirty, again, now, wall_us, shutdown, .. } = self;
+        let Some(conn) = conns.get_mut(key) else { return };
+        let mut failed = false;
+        let mut rounds = 0;
+        loop {
+            if conn.closing || conn.waiting.is_some() {
+                break;
+            }
+            rounds += 1;
+            if rounds > ROUNDS_PER_DRIVE {
+                again.push((key, conn.generation));
+                break;
+            }
+            // 1. Parse what is buffered.
+            let mut progressed = false;
+            if let Some(inb) = conn.input.as_mut().filter(|b| !b.is_empty()) {
+                let Some(out) = InboundConn::output(&mut conn.output, bufs) else {
+                    again.push((key, conn.generation));
+                    break;
+                };
+                let before = out.data().len();
+                let mut ctx = Ctx { cfg: &cfg.session, bodies, ids, now_unix_us: *wall_us };
+                let p = conn.session.handle_input(&mut ctx, inb.data(), out);
+                inb.consume(p.consumed);
+                progressed = p.consumed > 0;
+                if out.data().len() != before && !conn.dirty {
+                    conn.dirty = true;
+                    dirty.push((key, conn.generation));
+                }
+                if let Some(f) = conn.session.take_last_fault() {
+                    log.event("refused", &[("client", V::D(&conn.peer)), ("reply", V::B(trim_crlf(f.reply())))]);
+                }
+                match p.event {
+                    Some(Event::Message) => {
+                        let (id, env, body) = conn.session.message();
+                        match spool.append_message(id, *wall_us / 1000, env, body) {
+                            Ok(_) => {
+                                conn.session.release_body(bodies);
+                                conn.waiting = Some(id);
+                                conn.eod_at = Some(*now);
+                                waiting.push((key, conn.generation));
+                            }
+                            Err(e) => {
+                                log.event("spool_error", &[("id", V::D(&id)), ("error", V::D(&e))]);
+                                let reply = if matches!(e, SpoolError::NoSpace) { reply::SPOOL_FULL } else { reply::SPOOL_FAILED };
+                                let mut ctx = Ctx { cfg: &cfg.session, bodies, ids, now_unix_us: *wall_us };
+                                conn.session.message_result(&mut ctx, Err(reply), out);
+                            }
+                        }
+                        continue;
+                    }
+                    Some(Event::Close) => {
+                        conn.closing = true;
+                        conn.deadline = *now + LINGER;
+                        break;
+                    }
+                    None => {}
+                }
+            }
+            // 2. Backpressure: a client that does not read its replies is not read from.
+            if conn.pending_output() >= CHUNK / 2 {
+                match conn.flush(bufs) {
+                    Flush::Done => {}
+                    Flush::Partial => break,
+                    Flush::Failed => {
+                        failed = true;
+                        break;
+                    }
+                }
+            }
+            // 3. Read more.
+            if !conn.readable || conn.eof {
+                if !progressed {
+                    break;
+                }
+                continue;
+            }
+            if conn.input.is_none() {
+                conn.input = bufs.checkout();
+            }
+            let Some(inb) = conn.input.as_mut() else {
+                again.push((key, conn.generation));
+                break;
+            };
+            let space = inb.space();
+            if space.is_empty() {
+                // The session cannot consume (its output is full): wait for the client to read.
+                break;
+            }
+            match socket::read(&mut conn.sock, space) {
+                IoResult::Done(n) => {
+                    inb.fill(n);
+                    let t = match conn.session.timeout_kind() {
+                        TimeoutKind::Data => cfg.data_timeout,
+                        TimeoutKind::Command | TimeoutKind::None => cfg.command_timeout,
+                    };
+                    conn.deadline = *now + t;
+                }
+                IoResult::WouldBlock => conn.readable = false,
+                IoResult::Closed => conn.eof = true,
+                IoResult::Error(_) => {
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        if conn.input.as_ref().is_some_and(|b| b.is_empty()) {
+            if let Some(b) = conn.input.take() {
+                bufs.checkin(b);
+            }
+        }
+        if shutdown.is_some() && !conn.closing && conn.waiting.is_none() {
+            if let Some(out) = InboundConn::output(&mut conn.output, bufs) {
+                let mut ctx = Ctx { cfg: &cfg.session, bodies, ids, now_unix_us: *wall_us };
+                if conn.session.handle_shutdown(&mut ctx, false, out) {
+                    conn.closing = true;
+                    if !conn.dirty {
+                        conn.dirty = true;
+                        dirty.push((key, conn.generation));
+                    }
+                }
+            }
+        }
+        // The peer went away: whatever it left half-sent is dropped (nothing is stored).
+        let hung_up = conn.eof && conn.waiting.is_none() && !conn.closing && !again.iter().any(|&(k, _)| k == key);
+        if failed || hung_up {
+            self.close(key, if failed { "io_error" } else { "client_closed" });
+        }
+    }
+
+    /// Group commit, then the `250`s (or `451`s) for every message of this turn.
+    fn commit(&mut self) {
+        if self.waiting.is_empty() && !self.spool.has_uncommitted() {
+            return;
+        }
+        let result = self.spool.commit();
+        if let Err(e) = &result {
+            self.log.event("spool_error", &[("during", V::S("commit")), ("error", V::D(e))]);
+        }
+        let waiting = std::mem::take(&mut self.waiting);
+        for &(key, generation) in &waiting {
+            let Server { conns, bufs, bodies, ids, cfg, log, dirty, now, wall_us, .. } = self;
+            let Some(conn) = conns.get_mut(key).filter(|c| c.generation == generation) else { continue };
+            let Some(id) = conn.waiting.take() else { continue };
+            let Some(out) = InboundConn::output(&mut conn.output, bufs) else {
+                // No buffer for the reply: keep waiting, retry next turn.
+                conn.waiting = Some(id);
+                self.waiting.push((key, generation));
+                continue;
+            };
+            let env = conn.session.envelope();
+            let latency_us = conn.eod_at.map_or(0, |t| now.duration_since(t).as_micros() as u64);
+            match &result {
+                Ok(()) => log.event(
+                    "accepted",
+                    &[
+                        ("id", V::D(&id)),
+                        ("client", V::D(&conn.peer)),
+                        ("from", V::B(&env.sender)),
+                        ("rcpts", V::N(env.rcpt_count() as u64)),
+                        ("commit_us", V::N(latency_us)),
+                    ],
+                ),
+                Err(_) => log.event("refused", &[("id", V::D(&id)), ("client", V::D(&conn.peer)), ("reply", V::B(trim_crlf(reply::SPOOL_FAILED)))]),
+            }
+            let mut ctx = Ctx { cfg: &cfg.session, bodies, ids, now_unix_us: *wall_us };
+            conn.session.message_result(&mut ctx, result.as_ref().map(|_| ()).map_err(|_| reply::SPOOL_FAILED), out);
+            if !conn.dirty {
+                conn.dirty = true;
+                dirty.push((key, generation));
+            }
+        }
+        // Pipelined commands behind the message can go on now.
+        for (key, generation) in waiting {
+            self.drive_checked(key, generation);
+        }
+    }
+
+    fn flush_dirty(&mut self) {
+        let dirty = std::mem::take(&mut self.dirty);
+        for (key, generation) in dirty {
+            let Some(conn) = self.conns.get_mut(key).filter(|c| c.generation == generation) else { continue };
+            conn.dirty = false;
+            let had_backlog = conn.pending_output() >= CHUNK / 2;
+            match conn.flush(&mut self.bufs) {
+                Flush::Failed => self.close(key, "io_error"),
+                Flush::Done if conn.closing => self.close(key, "closed"),
+                Flush::Done if had_backlog || conn.eof => self.drive(key),
+                _ => {}
+            }
+        }
+    }
+
+    fn expire_timers(&mut self) {
+        let now = Instant::now();
+        while let Some(e) = self.timers.pop_due(now) {
+            let Some(conn) = self.conns.get_mut(e.key).filter(|c| c.generation == e.generation) else { continue };
+            if conn.deadline > now || conn.waiting.is_some() {
+                let at = conn.deadline.max(now + Duration::from_millis(100));
+                self.timers.arm(at, e.key, e.generation);
+                continue;
+            }
+            if conn.closing {
+                self.close(e.key, "linger_timeout");
+                continue;
+            }
+            let Server { conns, bufs, bodies, ids, cfg, log, dirty, wall_us, timers, .. } = self;
+            let Some(conn) = conns.get_mut(e.key) else { continue };
+            log.event("timeout", &[("client", V::D(&conn.peer)), ("in_data", V::N(u64::from(conn.session.in_data())))]);
+            if let Some(out) = InboundConn::output(&mut conn.output, bufs) {
+                let mut ctx = Ctx { cfg: &cfg.session, bodies, ids, now_unix_us: *wall_us };
+                conn.session.handle_timeout(&mut ctx, out);
+            }
+            conn.closing = true;
+            conn.deadline = now + LINGER;
+            timers.arm(conn.deadline, e.key, e.generation);
+            if !conn.dirty {
+                conn.dirty = true;
+                dirty.push((e.key, e.generation));
+            }
+        }
+        self.flush_dirty();
+        if self.accept_retry.is_some_and(|t| t <= now) {
+            self.accept_retry = None;
+        }
+    }
+
+    fn accept(&mut self) {
+        if self.shutdown.is_some() || self.accept_retry.is_some() {
+            return;
+        }
+        let mut budget = ACCEPTS_PER_TURN;
+        for i in 0..self.listeners.len() {
+            while self.listeners[i].pending && budget > 0 {
+                match self.listeners[i].sock.accept() {
+                    Ok((sock, peer)) => {
+                        budget -= 1;
+                        self.admit(sock, peer);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.listeners[i].pending = false,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        // EMFILE and friends: back off briefly instead of spinning.
+                        self.log.event("accept_error", &[("error", V::D(&e))]);
+                        self.accept_retry = Some(Instant::now() + Duration::from_millis(100));
+                        return;
+                    }
+                }
+            }
+        }
+        self.flush_dirty();
+    }
+
+    fn admit(&mut self, mut sock: mio::net::TcpStream, peer: SocketAddr) {
+        if self.conns.len() >= self.cfg.max_connections {
+            // Best effort: the socket is fresh, so this small write nearly always fits.
+            let _ = sock.write(reply::TOO_MANY_CONNECTIONS);
+            self.log.event("refused", &[("client", V::D(&peer)), ("reply", V::B(trim_crlf(reply::TOO_MANY_CONNECTIONS)))]);
+            return;
+        }
+        let Some(mut out) = self.bufs.checkout() else {
+            let _ = sock.write(reply::TOO_MANY_CONNECTIONS);
+            return;
+        };
+        let _ = sock.set_nodelay(true);
+        self.generation = token::next_generation(self.generation);
+        let generation = self.generation;
+        let entry = self.conns.vacant_entry();
+        let key = entry.key();
+        if let Err(e) = self.poll.registry().register(&mut sock, token::make(Kind::Inbound, generation, key), Interest::READABLE | Interest::WRITABLE) {
+            self.log.event("accept_error", &[("error", V::D(&e))]);
+            self.bufs.checkin(out);
+            return;
+        }
+        let relay_allowed = self.cfg.allow.iter().any(|c| c.contains(peer.ip()));
+        let session = ServerSession::new(peer.ip(), relay_allowed);
+        session.greeting(&self.cfg.session, &mut out);
+        let deadline = self.now + self.cfg.command_timeout;
+        entry.insert(InboundConn {
+            sock,
+            peer,
+            session,
+            generation,
+            input: None,
+            output: Some(out),
+            readable: false,
+            writable: true,
+            eof: false,
+            closing: false,
+            waiting: None,
+            dirty: true,
+            deadline,
+            eod_at: None,
+        });
+        self.dirty.push((key, generation));
+        self.timers.arm(deadline, key, generation);
+        self.log.event("connect", &[("client", V::D(&peer)), ("relay", V::N(u64::from(relay_allowed)))]);
+    }
+
+    fn close(&mut self, key: usize, why: &str) {
+        if !self.conns.contains(key) {
+            return;
+        }
+        let mut conn = self.conns.remove(key);
+        let _ = self.poll.registry().deregister(&mut conn.sock);
+        conn.session.release_body(&mut self.bodies);
+        conn.release_buffers(&mut self.bufs);
+        self.log.event("disconnect", &[("client", V::D(&conn.peer)), ("reason", V::S(why))]);
+    }
+
+    fn on_signal(&mut self) {
+        let n = self.signals.drain();
+        if n == 0 {
+            return;
+        }
+        if self.shutdown.is_some() || n > 1 {
+            self.log.event("shutdown", &[("mode", V::S("immediate"))]);
+            self.force_exit = true;
+            return;
+        }
+        self.log.event("shutdown", &[("mode", V::S("graceful")), ("sessions", V::N(self.conns.len() as u64))]);
+        self.shutdown = Some(Instant::now() + self.cfg.shutdown_grace);
+        for mut l in self.listeners.drain(..) {
+            let _ = self.poll.registry().deregister(&mut l.sock);
+        }
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            self.drive(key);
+        }
+    }
+
+    /// After a signal: true once every session is gone, or the grace period is over (then the
+    /// remaining sessions get `421` and the spool is committed first).
+    fn shutdown_done(&mut self) -> bool {
+        let Some(deadline) = self.shutdown else { return self.force_exit };
+        if self.conns.is_empty() {
+            return true;
+        }
+        if !self.force_exit && Instant::now() < deadline {
+            return false;
+        }
+        // Out of time: answer what is committed, refuse the rest, flush once and go.
+        self.commit();
+        let keys: Vec<(usize, u32)> = self.conns.iter().map(|(k, c)| (k, c.generation)).collect();
+        for (key, generation) in keys {
+            let Server { conns, bufs, bodies, ids, cfg, wall_us, .. } = self;
+            let Some(conn) = conns.get_mut(key) else { continue };
+            if let Some(out) = InboundConn::output(&mut conn.output, bufs) {
+                let mut ctx = Ctx { cfg: &cfg.session, bodies, ids, now_unix_us: *wall_us };
+                conn.session.handle_shutdown(&mut ctx, true, out);
+            }
+            conn.closing = true;
+            conn.writable = true;
+            let _ = conn.flush(&mut self.bufs);
+            self.close(key, "shutdown");
+            let _ = generation;
+        }
+        true
+    }
+}
+
+fn trim_crlf(b: &[u8]) -> &[u8] {
+    b.strip_suffix(b"\r\n").unwrap_or(b)
+}

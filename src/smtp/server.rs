@@ -1,0 +1,894 @@
+//! Pure: the inbound SMTP session state machine (RFC 5321 §4.1, §4.3.2; PIPELINING RFC 2920;
+//! CHUNKING RFC 3030; SIZE RFC 1870; 8BITMIME RFC 6152; SMTPUTF8 RFC 6531; DSN RFC 3461).
+//!
+//! # Driving it
+//! 1. Write [`ServerSession::greeting`] to the output buffer.
+//! 2. On input, call [`ServerSession::handle_input`] with the buffered bytes; drop the
+//!    `consumed` prefix. It stops early when the output buffer is nearly full (backpressure),
+//!    when a message is complete ([`Event::Message`]) or when the session ends ([`Event::Close`]).
+//! 3. After [`Event::Message`], store [`ServerSession::message`] durably, call
+//!    [`ServerSession::release_body`], and once the store is durable (or failed) call
+//!    [`ServerSession::message_result`]; until then `handle_input` consumes nothing.
+//! 4. [`ServerSession::handle_timeout`] and [`ServerSession::handle_shutdown`] end the session
+//!    with a `421`.
+//!
+//! The session never reads the clock: the wall time for `Received:` and queue ids comes in
+//! through [`Ctx`].
+
+use std::io::Write as _;
+use std::net::IpAddr;
+
+use super::command::{self, Command, Path};
+use super::data::{bdat_take, DataScanner, Taint};
+use super::line::{next_line, skip_line, Framed};
+use super::reply::{self, seq, Fault};
+use crate::buf::{Buf, VecPool};
+use crate::message::{notify, BodyType, Envelope, IdGen, QueueId, Ret};
+
+/// Room the output buffer must have before another command is processed: the longest reply
+/// (the EHLO response) fits in it.
+pub const REPLY_ROOM: usize = 1024;
+
+/// Per-listener constants the session needs, rendered once at start.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Host name for the greeting, EHLO and `Received:`.
+    pub hostname: String,
+    /// `--max-message-size`.
+    pub max_message_size: u64,
+    /// `--max-recipients`.
+    pub max_recipients: usize,
+    /// Bad commands in a row before `421` and close.
+    pub max_bad_commands: u32,
+    /// `220 ... ESMTP` line.
+    pub greeting: Vec<u8>,
+    /// Whole multi-line EHLO reply.
+    pub ehlo: Vec<u8>,
+    /// HELO reply.
+    pub helo: Vec<u8>,
+}
+
+impl SessionConfig {
+    /// Renders the fixed replies for `hostname`.
+    pub fn new(hostname: &str, max_message_size: u64, max_recipients: usize) -> SessionConfig {
+        let greeting = format!("220 {hostname} ESMTP sluice\r\n").into_bytes();
+        let ehlo = format!(
+            "250-{hostname}\r\n250-PIPELINING\r\n250-SIZE {max_message_size}\r\n250-8BITMIME\r\n\
+             250-SMTPUTF8\r\n250-CHUNKING\r\n250-DSN\r\n250 ENHANCEDSTATUSCODES\r\n"
+        )
+        .into_bytes();
+        let helo = format!("250 {hostname}\r\n").into_bytes();
+        SessionConfig {
+            hostname: hostname.to_owned(),
+            max_message_size,
+            max_recipients,
+            max_bad_commands: 10,
+            greeting,
+            ehlo,
+            helo,
+        }
+    }
+}
+
+/// What a session needs from its surroundings for one call.
+pub struct Ctx<'a> {
+    /// Fixed configuration.
+    pub cfg: &'a SessionConfig,
+    /// Where message bodies come from and go back to.
+    pub bodies: &'a mut VecPool,
+    /// Queue id allocator.
+    pub ids: &'a mut IdGen,
+    /// Wall clock, microseconds since the Unix epoch.
+    pub now_unix_us: u64,
+}
+
+/// What the driver must act on after [`ServerSession::handle_input`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// A message is complete: store it, then call `message_result`.
+    Message,
+    /// Flush the output, then close the connection.
+    Close,
+}
+
+/// Result of one [`ServerSession::handle_input`] call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// Input bytes used.
+    pub consumed: usize,
+    /// Something for the driver to do; `None` means "give me more input (or output room)".
+    pub event: Option<Event>,
+}
+
+/// Which server timeout applies now (RFC 5321 §4.5.3.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeoutKind {
+    /// Waiting for a command.
+    Command,
+    /// Inside DATA or a BDAT chunk.
+    Data,
+    /// Waiting for the spool: no timeout applies.
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Command,
+    /// Discarding the rest of an overlong command line.
+    SkipLine,
+    Data,
+    /// Reading a BDAT chunk: octets still to read, LAST given, chunk refused before reading.
+    Bdat { remaining: u64, last: bool, refused: Option<Fault> },
+    /// Message complete, waiting for the spool.
+    Stored,
+    Closed,
+}
+
+/// Whether the transaction is using DATA or BDAT (they may not be mixed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transfer {
+    None,
+    Bdat,
+}
+
+/// One inbound SMTP session.
+#[derive(Debug)]
+pub struct ServerSession {
+    state: State,
+    esmtp: bool,
+    greeted: bool,
+    in_mail: bool,
+    transfer: Transfer,
+    relay_allowed: bool,
+    bad_in_row: u32,
+    envelope: Envelope,
+    body: Option<Vec<u8>>,
+    scanner: DataScanner,
+    bdat_size: u64,
+    queue_id: QueueId,
+    peer: IpAddr,
+    last_fault: Option<Fault>,
+}
+
+impl ServerSession {
+    /// A session for a client at `peer`; `relay_allowed` when the peer is in `--allow`.
+    pub fn new(peer: IpAddr, relay_allowed: bool) -> ServerSession {
+        let mut envelope = Envelope::default();
+        envelope.client_ip = peer;
+        ServerSession {
+            state: State::Command,
+            esmtp: false,
+            greeted: false,
+            in_mail: false,
+            transfer: Transfer::None,
+            relay_allowed,
+            bad_in_row: 0,
+            envelope,
+            body: None,
+            scanner: DataScanner::new(0),
+            bdat_size: 0,
+            queue_id: QueueId(0),
+            peer,
+            last_fault: None,
+        }
+    }
+
+    /// Writes the `220` greeting.
+    pub fn greeting(&self, cfg: &SessionConfig, out: &mut Buf) {
+        out.push(&cfg.greeting);
+    }
+
+    /// The timeout that applies in the current state.
+    pub fn timeout_kind(&self) -> TimeoutKind {
+        match self.state {
+            State::Data | State::Bdat { .. } => TimeoutKind::Data,
+            State::Stored | State::Closed => TimeoutKind::None,
+            State::Command | State::SkipLine => TimeoutKind::Command,
+        }
+    }
+
+    /// True after the session has ended (QUIT, 421).
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    /// True while a message is being received (DATA or BDAT in progress).
+    pub fn in_data(&self) -> bool {
+        matches!(self.state, State::Data | State::Bdat { .. }) || self.transfer == Transfer::Bdat
+    }
+
+    /// The most recent refusal since the last call, for the driver's log line.
+    pub fn take_last_fault(&mut self) -> Option<Fault> {
+        self.last_fault.take()
+    }
+
+    /// The envelope collected so far (for logging).
+    pub fn envelope(&self) -> &Envelope {
+        &self.envelope
+    }
+
+    /// Consumes as much of `input` as possible, writing replies to `out`.
+    pub fn handle_input(&mut self, ctx: &mut Ctx<'_>, input: &[u8], out: &mut Buf) -> Progress {
+        let mut used = 0;
+        loop {
+            let rest = &input[used..];
+            match self.state {
+                State::Closed => return Progress { consumed: input.len(), event: None },
+                State::Stored => return Progress { consumed: used, event: None },
+                State::Data => {
+                    let mut body = self.body.take().unwrap_or_default();
+                    let r = self.scanner.scan(rest, &mut body);
+                    self.body = Some(body);
+                    used += r.consumed;
+                    if !r.done {
+                        return Progress { consumed: used, event: None };
+                    }
+                    match self.scanner.taint() {
+                        None => {
+                            self.state = State::Stored;
+                            return Progress { consumed: used, event: Some(Event::Message) };
+                        }
+                        Some(t) => self.refuse_message(ctx, t, out),
+                    }
+                }
+                State::Bdat { mut remaining, last, refused } => {
+                    let mut body = self.body.take().unwrap_or_default();
+                    let limit = if refused.is_some() { 0 } else { ctx.cfg.max_message_size };
+                    let n = bdat_take(rest, &mut remaining, &mut self.bdat_size, limit, &mut body);
+                    self.body = Some(body);
+                    used += n;
+                    self.state = State::Bdat { remaining, last, refused };
+                    if remaining > 0 {
+                        return Progress { consumed: used, event: None };
+                    }
+                    if let Some(fault) = refused {
+                        self.state = State::Command;
+                        self.fault(fault, out);
+                        continue;
+                    }
+                    if self.bdat_size > ctx.cfg.max_message_size {
+                        self.refuse_message(ctx, Taint::TooBig, out);
+                        continue;
+                    }
+                    if last {
+                        self.state = State::Stored;
+                        return Progress { consumed: used, event: Some(Event::Message) };
+                    }
+                    self.state = State::Command;
+                    let _ = write!(Writer(out), "250 2.0.0 {n} octets received\r\n", n = self.bdat_size);
+                }
+                State::SkipLine => {
+                    let (n, ended) = skip_line(rest);
+                    used += n;
+                    if !ended {
+                        return Progress { consumed: used, event: None };
+                    }
+                    self.state = State::Command;
+                    if self.fault(Fault::LineTooLong, out) {
+                        return Progress { consumed: input.len(), event: Some(Event::Close) };
+                    }
+                }
+                State::Command => {
+                    if out.room() < REPLY_ROOM {
+                        return Progress { consumed: used, event: None };
+                    }
+                    match next_line(rest) {
+                        Framed::Partial => return Progress { consumed: used, event: None },
+                        Framed::Overlong { consumed, ended } => {
+                            used += consumed;
+                            if !ended {
+                                self.state = State::SkipLine;
+                                continue;
+                            }
+                            if self.fault(Fault::LineTooLong, out) {
+                                return Progress { consumed: input.len(), event: Some(Event::Close) };
+                            }
+                        }
+                        Framed::Line(line, n) => {
+                            used += n;
+                            if let Some(ev) = self.command(ctx, line, out) {
+                                if ev == Event::Close {
+                                    return Progress { consumed: input.len(), event: Some(ev) };
+                                }
+                                return Progress { consumed: used, event: Some(ev) };
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The complete message: its queue id, envelope and body (Received header first).
+    pub fn message(&self) -> (QueueId, &Envelope, &[u8]) {
+        (self.queue_id, &self.envelope, self.body.as_deref().unwrap_or(&[]))
+    }
+
+    /// Gives the body buffer back to the pool once the spool has a copy.
+    pub fn release_body(&mut self, bodies: &mut VecPool) {
+        if let Some(b) = self.body.take() {
+            bodies.give(b);
+        }
+    }
+
+    /// The spool result for the message reported by [`Event::Message`]: `Ok` writes the `250`
+    /// with the queue id; `Err(reply)` writes that reply. Either way the transaction ends.
+    pub fn message_result(&mut self, ctx: &mut Ctx<'_>, result: Result<(), &'static [u8]>, out: &mut Buf) {
+        if self.state != State::Stored {
+            return;
+        }
+        self.release_body(ctx.bodies);
+        match result {
+            Ok(()) => {
+                let id = self.queue_id.to_bytes();
+                out.push(b"250 2.0.0 Ok: queued as ");
+                out.push(&id);
+                out.push(b"\r\n");
+            }
+            Err(reply) => {
+                out.push(reply);
+            }
+        }
+        self.reset_transaction();
+        self.state = State::Command;
+    }
+
+    /// The client was idle too long: `421 4.4.2`, then close.
+    pub fn handle_timeout(&mut self, ctx: &mut Ctx<'_>, out: &mut Buf) {
+        self.release_body(ctx.bodies);
+        out.push(reply::TIMEOUT);
+        self.state = State::Closed;
+    }
+
+    /// The relay is shutting down. Sessions waiting for a command (or in any state when `force`)
+    /// get `421 4.3.0` and are closed; returns whether it closed. A session waiting for the
+    /// spool is never closed here: its message is about to be answered.
+    pub fn handle_shutdown(&mut self, ctx: &mut Ctx<'_>, force: bool, out: &mut Buf) -> bool {
+        let idle = matches!(self.state, State::Command | State::SkipLine) && !self.in_data();
+        if self.state == State::Stored || self.state == State::Closed || !(idle || force) {
+            return self.state == State::Closed;
+        }
+        self.release_body(ctx.bodies);
+        out.push(reply::SHUTDOWN);
+        self.state = State::Closed;
+        true
+    }
+
+    /// Writes a fault's reply; returns true when the bad-command limit closed the session.
+    fn fault(&mut self, fault: Fault, out: &mut Buf) -> bool {
+        self.last_fault = Some(fault);
+        out.push(fault.reply());
+        if fault.is_protocol_error() {
+            self.bad_in_row += 1;
+            if self.bad_in_row >= 10 {
+                out.push(reply::TOO_MANY_ERRORS);
+                self.state = State::Closed;
+                return true;
+            }
+        }
+        false
+    }
+
+    fn ok(&mut self, bytes: &[u8], out: &mut Buf) {
+        self.bad_in_row = 0;
+        out.push(bytes);
+    }
+
+    fn refuse_message(&mut self, ctx: &mut Ctx<'_>, taint: Taint, out: &mut Buf) {
+        self.release_body(ctx.bodies);
+        let fault = match taint {
+            Taint::BareLineEnding => Fault::BareLineEnding,
+            Taint::TooBig => Fault::TooBig,
+        };
+        self.last_fault = Some(fault);
+        out.push(fault.reply());
+        self.reset_transaction();
+        self.state = State::Command;
+    }
+
+    fn reset_transaction(&mut self) {
+        self.in_mail = false;
+        self.transfer = Transfer::None;
+        self.bdat_size = 0;
+        self.envelope.clear_transaction();
+    }
+
+    fn command(&mut self, ctx: &mut Ctx<'_>, line: &[u8], out: &mut Buf) -> Option<Event> {
+        let cmd = match command::parse(line) {
+            Ok(c) => c,
+            Err(f) => {
+                return self.fault(f, out).then_some(Event::Close);
+            }
+        };
+        let result = match cmd {
+            Command::Ehlo(name) | Command::Helo(name) => {
+                let esmtp = matches!(cmd, Command::Ehlo(_));
+                self.reset_transaction();
+                self.greeted = true;
+                self.esmtp = esmtp;
+                self.envelope.helo.clear();
+                self.envelope.helo.extend_from_slice(name);
+                self.ok(if esmtp { &ctx.cfg.ehlo } else { &ctx.cfg.helo }, out);
+                Ok(())
+            }
+            Command::Mail(path, params) => self.mail(ctx, path, params, out),
+            Command::Rcpt(path, params) => self.rcpt(ctx, path, params, out),
+            Command::Data => self.data(ctx, out),
+            Command::Bdat(size, last) => {
+                self.bdat(ctx, size, last, out);
+                Ok(())
+            }
+            Command::Rset => {
+                self.reset_transaction();
+                self.ok(reply::OK, out);
+                Ok(())
+            }
+            Command::Noop => {
+                self.ok(reply::OK, out);
+                Ok(())
+            }
+            Command::Quit => {
+                out.push(reply::BYE);
+                self.state = State::Closed;
+                return Some(Event::Close);
+            }
+            Command::Vrfy => {
+                self.ok(reply::VRFY, out);
+                Ok(())
+            }
+            Command::Expn => Err(Fault::ExpnDisabled),
+            Command::Help => {
+                self.ok(reply::HELP, out);
+                Ok(())
+            }
+            Command::StartTls(_) => Err(Fault::TlsUnavailable),
+            Command::Auth(_) => Err(Fault::AuthUnavailable),
+        };
+        match result {
+            Ok(()) => None,
+            Err(f) => self.fault(f, out).then_some(Event::Close),
+        }
+    }
+
+    fn mail(&mut self, ctx: &mut Ctx<'_>, path: Path<'_>, params: &[u8], out: &mut Buf) -> Result<(), Fault> {
+        if !self.greeted {
+            return Err(Fault::Sequence(seq::NEED_EHLO));
+        }
+        if self.in_mail {
+            return Err(Fault::Sequence(seq::NESTED_MAIL));
+        }
+        self.envelope.clear_transaction();
+        for (key, value) in command::params(params) {
+            // Parameters are only defined for EHLO sessions (RFC 5321 §4.1.2).
+            if !self.esmtp {
+                return Err(Fault::UnknownParameter);
+            }
+            if key.eq_ignore_ascii_case(b"SIZE") {
+                let size = value.and_then(command::parse_u64).ok_or(Fault::UnknownParameter)?;
+                if size > ctx.cfg.max_message_size {
+                    self.envelope.clear_transaction();
+                    return Err(Fault::TooBig);
+                }
+            } else if key.eq_ignore_ascii_case(b"BODY") {
+                let v = value.ok_or(Fault::UnknownParameter)?;
+                self.envelope.body_type = if v.eq_ignore_ascii_case(b"7BIT") {
+                    BodyType::SevenBit
+                } else if v.eq_ignore_ascii_case(b"8BITMIME") {
+                    BodyType::EightBitMime
+                } else if v.eq_ignore_ascii_case(b"BINARYMIME") {
+                    BodyType::BinaryMime
+                } else {
+                    return Err(Fault::UnknownParameter);
+                };
+            } else if key.eq_ignore_ascii_case(b"SMTPUTF8") && value.is_none() {
+                self.envelope.smtputf8 = true;
+            } else if key.eq_ignore_ascii_case(b"RET") {
+                let v = value.ok_or(Fault::UnknownParameter)?;
+                self.envelope.ret = if v.eq_ignore_ascii_case(b"FULL") {
+                    Ret::Full
+                } else if v.eq_ignore_ascii_case(b"HDRS") {
+                    Ret::Hdrs
+                } else {
+                    return Err(Fault::UnknownParameter);
+                };
+            } else if key.eq_ignore_ascii_case(b"ENVID") {
+                let v = value.ok_or(Fault::UnknownParameter)?;
+                if v.is_empty() || v.len() > 100 || !command::valid_xtext(v) {
+                    return Err(Fault::UnknownParameter);
+                }
+                self.envelope.envid.clear();
+                self.envelope.envid.extend_from_slice(v);
+            } else if key.eq_ignore_ascii_case(b"AUTH") {
+                // RFC 4954 §5: accepted and ignored until AUTH itself exists.
+                let v = value.ok_or(Fault::UnknownParameter)?;
+                if v != b"<>" && !command::valid_xtext(v) {
+                    return Err(Fault::UnknownParameter);
+                }
+            } else {
+                return Err(Fault::UnknownParameter);
+            }
+        }
+        if path.utf8 && !self.envelope.smtputf8 {
+            self.envelope.clear_transaction();
+            return Err(Fault::Utf8NotDeclared);
+        }
+        self.envelope.sender.extend_from_slice(path.addr);
+        self.in_mail = true;
+        self.ok(reply::SENDER_OK, out);
+        Ok(())
+    }
+
+    fn rcpt(&mut self, ctx: &mut Ctx<'_>, path: Path<'_>, params: &[u8], out: &mut Buf) -> Result<(), Fault> {
+        if !self.in_mail {
+            return Err(Fault::Sequence(seq::NEED_MAIL));
+        }
+        let mut notify_bits = 0u8;
+        let mut orcpt: &[u8] = b"";
+        for (key, value) in command::params(params) {
+            if !self.esmtp {
+                return Err(Fault::UnknownParameter);
+            }
+            if key.eq_ignore_ascii_case(b"NOTIFY") {
+                notify_bits = parse_notify(value.ok_or(Fault::UnknownParameter)?)?;
+            } else if key.eq_ignore_ascii_case(b"ORCPT") {
+                let v = value.ok_or(Fault::UnknownParameter)?;
+                // addr-type ";" xtext (RFC 3461 §4.2); the type is an atom such as rfc822.
+                let semi = memchr::memchr(b';', v).ok_or(Fault::UnknownParameter)?;
+                if semi == 0 || v.len() > 500 || !command::valid_xtext(&v[semi + 1..]) {
+                    return Err(Fault::UnknownParameter);
+                }
+                orcpt = v;
+            } else {
+                return Err(Fault::UnknownParameter);
+            }
+        }
+        if path.utf8 && !self.envelope.smtputf8 {
+            return Err(Fault::Utf8NotDeclared);
+        }
+        if !self.relay_allowed {
+            return Err(Fault::RelayDenied);
+        }
+        if self.envelope.rcpt_count() >= ctx.cfg.max_recipients {
+            return Err(Fault::TooManyRecipients);
+        }
+        self.envelope.push_rcpt(path.addr, orcpt, notify_bits);
+        self.ok(reply::RCPT_OK, out);
+        Ok(())
+    }
+
+    fn data(&mut self, ctx: &mut Ctx<'_>, out: &mut Buf) -> Result<(), Fault> {
+        if !self.in_mail {
+            return Err(Fault::Sequence(seq::NEED_MAIL));
+        }
+        if self.transfer == Transfer::Bdat {
+            return Err(Fault::Sequence(seq::DATA_AFTER_BDAT));
+        }
+        if self.envelope.rcpt_count() == 0 {
+            return Err(Fault::Sequence(seq::NEED_RCPT));
+        }
+        if self.envelope.body_type == BodyType::BinaryMime {
+            return Err(Fault::Sequence(seq::BINARY_NEEDS_BDAT));
+        }
+        self.start_body(ctx);
+        self.scanner = DataScanner::new(ctx.cfg.max_message_size);
+        self.state = State::Data;
+        self.ok(reply::START_DATA, out);
+        Ok(())
+    }
+
+    fn bdat(&mut self, ctx: &mut Ctx<'_>, size: u64, last: bool, out: &mut Buf) {
+        // The chunk is always read, even when refused, so the session stays in sync.
+        let refused = if !self.in_mail {
+            Some(Fault::Sequence(seq::NEED_MAIL))
+        } else if self.envelope.rcpt_count() == 0 {
+            Some(Fault::Sequence(seq::NEED_RCPT))
+        } else {
+            None
+        };
+        if refused.is_none() && self.transfer == Transfer::None {
+            self.transfer = Transfer::Bdat;
+            self.bdat_size = 0;
+            self.start_body(ctx);
+        }
+        self.bad_in_row = if refused.is_some() { self.bad_in_row } else { 0 };
+        self.state = State::Bdat { remaining: size, last, refused };
+        let _ = out;
+    }
+
+    /// Allocates the queue id and writes the `Received:` header (RFC 5321 §4.4) into a body
+    /// buffer from the pool.
+    fn start_body(&mut self, ctx: &mut Ctx<'_>) {
+        self.queue_id = ctx.ids.next(ctx.now_unix_us);
+        let mut body = self.body.take().unwrap_or_else(|| ctx.bodies.take());
+        body.clear();
+        write_received(&mut body, ctx.cfg, &self.envelope, self.peer, self.esmtp, self.queue_id, ctx.now_unix_us);
+        self.body = Some(body);
+    }
+}
+
+fn parse_notify(v: &[u8]) -> Result<u8, Fault> {
+    if v.eq_ignore_ascii_case(b"NEVER") {
+        return Ok(notify::NEVER);
+    }
+    let mut bits = 0;
+    for item in v.split(|&b| b == b',') {
+        bits |= if item.eq_ignore_ascii_case(b"SUCCESS") {
+            notify::SUCCESS
+        } else if item.eq_ignore_ascii_case(b"FAILURE") {
+            notify::FAILURE
+        } else if item.eq_ignore_ascii_case(b"DELAY") {
+            notify::DELAY
+        } else {
+            return Err(Fault::UnknownParameter);
+        };
+    }
+    Ok(bits)
+}
+
+/// `io::Write` over a `Buf` (for `write!` of the few formatted replies).
+struct Writer<'a>(&'a mut Buf);
+
+impl std::io::Write for Writer<'_> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        Ok(self.0.push(b))
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Writes the trace header:
+/// `Received: from HELO ([IP]) by HOST (sluice) with ESMTP id ID [for <rcpt>]; DATE`.
+pub fn write_received(
+    out: &mut Vec<u8>,
+    cfg: &SessionConfig,
+    env: &Envelope,
+    peer: IpAddr,
+    esmtp: bool,
+    id: QueueId,
+    now_unix_us: u64,
+) {
+    // RFC 3848 / RFC 6531 §3.7.3: the `with` keyword names the protocol actually used.
+    let with = match (esmtp, env.smtputf8) {
+        (false, _) => "SMTP",
+        (true, false) => "ESMTP",
+        (true, true) => "UTF8SMTP",
+    };
+    out.extend_from_slice(b"Received: from ");
+    out.extend_from_slice(&env.helo);
+    let _ = match peer {
+        IpAddr::V4(a) => write!(out, " ([{a}])"),
+        IpAddr::V6(a) => write!(out, " ([IPv6:{a}])"),
+    };
+    let _ = write!(out, "\r\n\tby {} (sluice) with {with} id ", cfg.hostname);
+    out.extend_from_slice(&id.to_bytes());
+    if env.rcpt_count() == 1 {
+        out.extend_from_slice(b"\r\n\tfor <");
+        out.extend_from_slice(env.rcpt(0).addr);
+        out.push(b'>');
+    }
+    out.extend_from_slice(b"; ");
+    rfc5322_date(out, now_unix_us / 1_000_000);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes an RFC 5322 §3.3 date in UTC, e.g. `Mon, 23 Nov 2026 10:35:18 +0000`.
+pub fn rfc5322_date(out: &mut Vec<u8>, unix_secs: u64) {
+    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    let days = (unix_secs / 86_400) as i64;
+    let secs = unix_secs % 86_400;
+    // Civil-from-days (proleptic Gregorian), after H. Hinnant's public-domain algorithm.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let _ = write!(
+        out,
+        "{}, {} {} {} {:02}:{:02}:{:02} +0000",
+        DAYS[(days.rem_euclid(7)) as usize],
+        day,
+        MONTHS[(month - 1) as usize],
+        year,
+        secs / 3600,
+        (secs / 60) % 60,
+        secs % 60
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buf::BufPool;
+    use proptest::prelude::*;
+
+    struct Harness {
+        cfg: SessionConfig,
+        bodies: VecPool,
+        ids: IdGen,
+        pool: BufPool,
+    }
+
+    /// Feeds `chunks` to a fresh session the way a driver would, storing every message at once;
+    /// returns all replies and all stored bodies.
+    fn drive(h: &mut Harness, chunks: &[&[u8]], relay: bool) -> (Vec<u8>, Vec<Vec<u8>>) {
+        let mut s = ServerSession::new("127.0.0.1".parse().unwrap(), relay);
+        let mut out = h.pool.checkout().unwrap();
+        let mut replies = Vec::new();
+        let mut stored = Vec::new();
+        s.greeting(&h.cfg, &mut out);
+        let mut pending: Vec<u8> = Vec::new();
+        for chunk in chunks {
+            pending.extend_from_slice(chunk);
+            loop {
+                let mut ctx = Ctx { cfg: &h.cfg, bodies: &mut h.bodies, ids: &mut h.ids, now_unix_us: 1_700_000_000_000_000 };
+                let p = s.handle_input(&mut ctx, &pending, &mut out);
+                pending.drain(..p.consumed);
+                replies.extend_from_slice(out.data());
+                let n = out.data().len();
+                out.consume(n);
+                match p.event {
+                    Some(Event::Message) => {
+                        stored.push(s.message().2.to_vec());
+                        s.message_result(&mut ctx, Ok(()), &mut out);
+                    }
+                    Some(Event::Close) => {
+                        replies.extend_from_slice(out.data());
+                        return (replies, stored);
+                    }
+                    None => break,
+                }
+            }
+        }
+        (replies, stored)
+    }
+
+    fn harness() -> Harness {
+        Harness {
+            cfg: SessionConfig::new("mx.test", 1000, 3),
+            bodies: VecPool::new(1 << 20),
+            ids: IdGen::default(),
+            pool: BufPool::new(16 * 1024, 4),
+        }
+    }
+
+    fn codes(replies: &[u8]) -> Vec<String> {
+        String::from_utf8_lossy(replies)
+            .split("\r\n")
+            .filter(|l| l.len() >= 4 && l.as_bytes()[3] == b' ')
+            .map(|l| l[..3].to_string())
+            .collect()
+    }
+
+    #[test]
+    fn full_transaction() {
+        let mut h = harness();
+        let (r, s) = drive(
+            &mut h,
+            &[b"EHLO c\r\nMAIL FROM:<a@b.example> SIZE=20\r\nRCPT TO:<x@y.example>\r\nDATA\r\nSubject: hi\r\n\r\n..body\r\n.\r\nQUIT\r\n"],
+            true,
+        );
+        assert_eq!(codes(&r), ["220", "250", "250", "250", "354", "250", "221"]);
+        assert_eq!(s.len(), 1);
+        let body = String::from_utf8(s[0].clone()).unwrap();
+        assert!(body.starts_with("Received: from c ([127.0.0.1])\r\n\tby mx.test (sluice) with ESMTP id "));
+        assert!(body.contains("\r\n\tfor <x@y.example>; Tue, 14 Nov 2023 22:13:20 +0000\r\n"));
+        assert!(body.ends_with("Subject: hi\r\n\r\n.body\r\n"));
+    }
+
+    #[test]
+    fn sequencing_and_limits() {
+        let mut h = harness();
+        let (r, _) = drive(
+            &mut h,
+            &[b"MAIL FROM:<a@b>\r\nEHLO c\r\nRCPT TO:<x@y>\r\nDATA\r\nMAIL FROM:<a@b> SIZE=5000\r\nMAIL FROM:<a@b> FOO=1\r\nMAIL FROM:<a@b>\r\nMAIL FROM:<a@b>\r\nRCPT TO:<1@y>\r\nRCPT TO:<2@y>\r\nRCPT TO:<3@y>\r\nRCPT TO:<4@y>\r\nEXPN x\r\nVRFY x\r\nHELP\r\nNOOP\r\nRSET\r\n"],
+            true,
+        );
+        assert_eq!(
+            codes(&r),
+            ["220", "503", "250", "503", "503", "552", "555", "250", "503", "250", "250", "250", "452", "502", "252", "214", "250", "250"]
+        );
+    }
+
+    #[test]
+    fn relay_denied() {
+        let mut h = harness();
+        let (r, _) = drive(&mut h, &[b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\n"], false);
+        assert!(String::from_utf8_lossy(&r).ends_with("554 5.7.1 Relay access denied\r\n"));
+    }
+
+    #[test]
+    fn bare_lf_refused_and_next_command_parsed() {
+        let mut h = harness();
+        let (r, s) = drive(
+            &mut h,
+            &[b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\nx\n.\r\nMAIL FROM:<evil@x>\r\n.\r\nNOOP\r\n"],
+            true,
+        );
+        assert_eq!(codes(&r), ["220", "250", "250", "250", "354", "550", "250"]);
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn too_big_data_keeps_session() {
+        let mut h = harness();
+        let big = vec![b'a'; 3000];
+        let (r, s) = drive(&mut h, &[b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\n", &big, b"\r\n.\r\nNOOP\r\n"], true);
+        assert_eq!(codes(&r), ["220", "250", "250", "250", "354", "552", "250"]);
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn bdat_chunks() {
+        let mut h = harness();
+        let (r, s) = drive(
+            &mut h,
+            &[b"EHLO c\r\nMAIL FROM:<a@b> BODY=BINARYMIME\r\nRCPT TO:<x@y>\r\nBDAT 5\r\nab\r\ncBDAT 3 LAST\r\nxyzDATA\r\nBDAT 2\r\nzzNOOP\r\n"],
+            true,
+        );
+        assert_eq!(codes(&r), ["220", "250", "250", "250", "250", "250", "503", "503", "250"]);
+        assert_eq!(s.len(), 1);
+        assert!(s[0].ends_with(b"ab\r\ncxyz"));
+    }
+
+    #[test]
+    fn overlong_line_and_error_limit() {
+        let mut h = harness();
+        let mut long = vec![b'x'; 2000];
+        long.extend_from_slice(b"\r\nNOOP\r\n");
+        let (r, _) = drive(&mut h, &[&long[..700], &long[700..]], true);
+        assert_eq!(codes(&r), ["220", "500", "250"]);
+        let junk = b"FOO\r\n".repeat(12);
+        let (r, _) = drive(&mut h, &[&junk], true);
+        let c = codes(&r);
+        assert_eq!(c.len(), 12);
+        assert_eq!(c[11], "421");
+    }
+
+    #[test]
+    fn utf8_needs_smtputf8() {
+        let mut h = harness();
+        let (r, _) = drive(
+            &mut h,
+            &["EHLO c\r\nMAIL FROM:<ü@b>\r\nMAIL FROM:<ü@b> SMTPUTF8\r\nRCPT TO:<ö@y>\r\n".as_bytes()],
+            true,
+        );
+        assert_eq!(codes(&r), ["220", "250", "553", "250", "250"]);
+    }
+
+    #[test]
+    fn date_rendering() {
+        let mut v = Vec::new();
+        rfc5322_date(&mut v, 0);
+        assert_eq!(v, b"Thu, 1 Jan 1970 00:00:00 +0000");
+        v.clear();
+        rfc5322_date(&mut v, 951_782_400); // 2000-02-29
+        assert_eq!(v, b"Tue, 29 Feb 2000 00:00:00 +0000");
+    }
+
+    proptest! {
+        /// Any split of one byte stream into reads gives identical replies and stored messages.
+        #[test]
+        fn split_invariance(cuts in proptest::collection::vec(0usize..400, 0..12), dots in 0usize..3) {
+            let mut stream = b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nRCPT TO:<z@y>\r\nDATA\r\n".to_vec();
+            for _ in 0..dots { stream.extend_from_slice(b"..x\r\n"); }
+            stream.extend_from_slice(b"line\r\n.\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nBDAT 4 LAST\r\nabcdNOOP\r\nQUIT\r\n");
+            let mut h = harness();
+            let whole = drive(&mut h, &[&stream], true);
+            let mut cuts = cuts;
+            cuts.push(0);
+            cuts.push(stream.len());
+            cuts.sort_unstable();
+            let parts: Vec<&[u8]> = cuts.windows(2).map(|w| &stream[w[0].min(stream.len())..w[1].min(stream.len())]).collect();
+            let mut h2 = harness();
+            let split = drive(&mut h2, &parts, true);
+            // Queue ids differ between runs only by allocation order, which is the same.
+            prop_assert_eq!(whole, split);
+        }
+    }
+}
