@@ -5,14 +5,14 @@ use std::io::{self, Write};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::cli::{QueueAction, QueueArgs};
-use crate::spool::{RcptStatus, Spool};
+use crate::spool::RcptStatus;
 
 /// Runs the `queue` subcommand, writing to `out`.
 pub fn run(args: &QueueArgs, out: &mut dyn Write) -> Result<(), Box<dyn std::error::Error>> {
     if !args.spool.is_dir() {
         return Err(format!("{}: no such spool directory", args.spool.display()).into());
     }
-    let rec = Spool::scan_read_only(&args.spool)?;
+    let (rec, envelopes) = crate::spool::queue_listing(&args.spool)?;
     let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     match args.action {
         QueueAction::Stats => {
@@ -23,7 +23,8 @@ pub fn run(args: &QueueArgs, out: &mut dyn Write) -> Result<(), Box<dyn std::err
                 .flat_map(|m| m.rcpts.iter())
                 .filter(|r| matches!(r.status, RcptStatus::Queued | RcptStatus::Deferred))
                 .count();
-            let deferred: usize = rec.messages.iter().flat_map(|m| m.rcpts.iter()).filter(|r| r.status == RcptStatus::Deferred).count();
+            let deferred: usize =
+                rec.messages.iter().flat_map(|m| m.rcpts.iter()).filter(|r| r.status == RcptStatus::Deferred).count();
             let bytes: u64 = rec.messages.iter().map(|m| m.loc.len).sum();
             if args.json {
                 writeln!(out, "{{\"messages\":{},\"recipients\":{rcpts},\"pending_recipients\":{pending},\"deferred_recipients\":{deferred},\"bytes\":{bytes}}}", rec.messages.len())?;
@@ -32,19 +33,49 @@ pub fn run(args: &QueueArgs, out: &mut dyn Write) -> Result<(), Box<dyn std::err
             }
         }
         QueueAction::List => {
-            for m in &rec.messages {
+            for (m, env) in rec.messages.iter().zip(&envelopes) {
                 let age_s = now_ms.saturating_sub(m.arrival_ms) / 1000;
+                let sender = if env.sender.is_empty() { "<>".into() } else { String::from_utf8_lossy(&env.sender) };
                 if args.json {
-                    write!(out, "{{\"id\":\"{}\",\"size\":{},\"age_s\":{age_s},\"recipients\":[", m.id, m.loc.len)?;
-                    for (i, r) in m.rcpts.iter().enumerate() {
+                    write!(
+                        out,
+                        "{{\"id\":\"{}\",\"sender\":{},\"size\":{},\"age_s\":{age_s},\"recipients\":[",
+                        m.id,
+                        json_str(sender.as_bytes()),
+                        m.loc.len
+                    )?;
+                    for (i, (r, addr)) in m.rcpts.iter().zip(env.rcpts()).enumerate() {
                         let sep = if i > 0 { "," } else { "" };
-                        write!(out, "{sep}{{\"status\":\"{}\",\"attempts\":{},\"next_attempt_ms\":{},\"last_reply\":{}}}", status(r.status), r.attempts, r.next_attempt_ms, json_str(&r.last_reply))?;
+                        write!(
+                            out,
+                            "{sep}{{\"address\":{},\"status\":\"{}\",\"attempts\":{},\"next_attempt_ms\":{},\"last_reply\":{}}}",
+                            json_str(addr.addr),
+                            status(r.status),
+                            r.attempts,
+                            r.next_attempt_ms,
+                            json_str(&r.last_reply)
+                        )?;
                     }
                     writeln!(out, "]}}")?;
                 } else {
-                    writeln!(out, "{}  size={}  age={age_s}s  recipients={}", m.id, m.loc.len, m.rcpts.len())?;
-                    for r in &m.rcpts {
-                        writeln!(out, "    {} attempts={} next_attempt_ms={} last_reply={}", status(r.status), r.attempts, r.next_attempt_ms, String::from_utf8_lossy(&r.last_reply))?;
+                    writeln!(
+                        out,
+                        "{}  from={sender}  size={}  age={age_s}s  recipients={}",
+                        m.id,
+                        m.loc.len,
+                        m.rcpts.len()
+                    )?;
+                    for (r, addr) in m.rcpts.iter().zip(env.rcpts()) {
+                        let next =
+                            if r.status == RcptStatus::Deferred { r.next_attempt_ms.to_string() } else { "-".into() };
+                        writeln!(
+                            out,
+                            "    {} {} attempts={} next_attempt_ms={next} last_reply={:?}",
+                            String::from_utf8_lossy(addr.addr),
+                            status(r.status),
+                            r.attempts,
+                            String::from_utf8_lossy(&r.last_reply)
+                        )?;
                     }
                 }
             }

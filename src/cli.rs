@@ -247,7 +247,9 @@ pub fn parse_cidr(s: &str) -> Result<Cidr, String> {
     let max = if addr.is_ipv4() { 32 } else { 128 };
     let prefix = match prefix {
         None => max,
-        Some(p) => p.parse::<u8>().ok().filter(|&p| p <= max).ok_or_else(|| format!("'{s}' has a bad prefix length"))?,
+        Some(p) => {
+            p.parse::<u8>().ok().filter(|&p| p <= max).ok_or_else(|| format!("'{s}' has a bad prefix length"))?
+        }
     };
     Ok(Cidr { addr, prefix })
 }

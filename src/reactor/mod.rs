@@ -105,7 +105,11 @@ impl Server {
             Ok(n) => log.event("limits", &[("nofile", V::N(n))]),
             Err(e) => log.event("limits", &[("error", V::D(&e))]),
         }
-        let opts = SpoolOptions { dir: cfg.spool.clone(), fsync: cfg.fsync, segment_size: cfg.segment_size.max(cfg.session.max_message_size + (1 << 20)) };
+        let opts = SpoolOptions {
+            dir: cfg.spool.clone(),
+            fsync: cfg.fsync,
+            segment_size: cfg.segment_size.max(cfg.session.max_message_size + (1 << 20)),
+        };
         let (spool, recovery) = Spool::open(opts).map_err(RunError::Spool)?;
         for w in &recovery.warnings {
             log.event("spool_warning", &[("detail", V::S(w))]);
@@ -116,9 +120,15 @@ impl Server {
         }
         let queued = recovery.messages.len() as u64;
         let rcpts: usize = recovery.messages.iter().map(|m| m.rcpts.len()).sum();
-        log.event("spool_recovered", &[("dir", V::D(&cfg.spool.display())), ("messages", V::N(queued)), ("recipients", V::N(rcpts as u64))]);
+        log.event(
+            "spool_recovered",
+            &[("dir", V::D(&cfg.spool.display())), ("messages", V::N(queued)), ("recipients", V::N(rcpts as u64))],
+        );
         if !cfg.fsync {
-            log.event("warning", &[("detail", V::S("--fsync never: accepted mail is NOT durable; for benchmarks only"))]);
+            log.event(
+                "warning",
+                &[("detail", V::S("--fsync never: accepted mail is NOT durable; for benchmarks only"))],
+            );
         }
         let poll = Poll::new().map_err(RunError::Poll)?;
         let mut listeners = Vec::new();
@@ -131,7 +141,8 @@ impl Server {
             log.event("listening", &[("addr", V::D(&addr))]);
             listeners.push(Listener { sock, addr, pending: true });
         }
-        let signals = signal::SignalSource::register(poll.registry(), token::make(Kind::Signal, 0, 0)).map_err(RunError::Poll)?;
+        let signals =
+            signal::SignalSource::register(poll.registry(), token::make(Kind::Signal, 0, 0)).map_err(RunError::Poll)?;
         log.flush();
         let limit = (cfg.max_connections * 2 + 64).min(1 << 20);
         Ok(Server {
@@ -248,7 +259,8 @@ impl Server {
     /// Reads, parses and appends for one connection until it would block, waits for the spool,
     /// hits backpressure, or spends its budget.
     fn drive(&mut self, key: usize) {
-        let Server { conns, bufs, bodies, ids, spool, cfg, log, waiting, dirty, again, now, wall_us, shutdown, .. } = self;
+        let Server { conns, bufs, bodies, ids, spool, cfg, log, waiting, dirty, again, now, wall_us, shutdown, .. } =
+            self;
         let Some(conn) = conns.get_mut(key) else { return };
         let mut failed = false;
         let mut rounds = 0;
@@ -268,15 +280,10 @@ impl Server {
                     again.push((key, conn.generation));
                     break;
                 };
-                let before = out.data().len();
                 let mut ctx = Ctx { cfg: &cfg.session, bodies, ids, now_unix_us: *wall_us };
                 let p = conn.session.handle_input(&mut ctx, inb.data(), out);
                 inb.consume(p.consumed);
                 progressed = p.consumed > 0;
-                if out.data().len() != before && !conn.dirty {
-                    conn.dirty = true;
-                    dirty.push((key, conn.generation));
-                }
                 if let Some(f) = conn.session.take_last_fault() {
                     log.event("refused", &[("client", V::D(&conn.peer)), ("reply", V::B(trim_crlf(f.reply())))]);
                 }
@@ -292,7 +299,11 @@ impl Server {
                             }
                             Err(e) => {
                                 log.event("spool_error", &[("id", V::D(&id)), ("error", V::D(&e))]);
-                                let reply = if matches!(e, SpoolError::NoSpace) { reply::SPOOL_FULL } else { reply::SPOOL_FAILED };
+                                let reply = if matches!(e, SpoolError::NoSpace) {
+                                    reply::SPOOL_FULL
+                                } else {
+                                    reply::SPOOL_FAILED
+                                };
                                 let mut ctx = Ctx { cfg: &cfg.session, bodies, ids, now_unix_us: *wall_us };
                                 conn.session.message_result(&mut ctx, Err(reply), out);
                             }
@@ -354,6 +365,10 @@ impl Server {
                 }
             }
         }
+        if conn.pending_output() > 0 && !conn.dirty {
+            conn.dirty = true;
+            dirty.push((key, conn.generation));
+        }
         if conn.input.as_ref().is_some_and(|b| b.is_empty()) {
             if let Some(b) = conn.input.take() {
                 bufs.checkin(b);
@@ -411,7 +426,10 @@ impl Server {
                         ("commit_us", V::N(latency_us)),
                     ],
                 ),
-                Err(_) => log.event("refused", &[("id", V::D(&id)), ("client", V::D(&conn.peer)), ("reply", V::B(trim_crlf(reply::SPOOL_FAILED)))]),
+                Err(_) => log.event(
+                    "refused",
+                    &[("id", V::D(&id)), ("client", V::D(&conn.peer)), ("reply", V::B(trim_crlf(reply::SPOOL_FAILED)))],
+                ),
             }
             let mut ctx = Ctx { cfg: &cfg.session, bodies, ids, now_unix_us: *wall_us };
             conn.session.message_result(&mut ctx, result.as_ref().map(|_| ()).map_err(|_| reply::SPOOL_FAILED), out);
@@ -505,7 +523,8 @@ impl Server {
         if self.conns.len() >= self.cfg.max_connections {
             // Best effort: the socket is fresh, so this small write nearly always fits.
             let _ = sock.write(reply::TOO_MANY_CONNECTIONS);
-            self.log.event("refused", &[("client", V::D(&peer)), ("reply", V::B(trim_crlf(reply::TOO_MANY_CONNECTIONS)))]);
+            self.log
+                .event("refused", &[("client", V::D(&peer)), ("reply", V::B(trim_crlf(reply::TOO_MANY_CONNECTIONS)))]);
             return;
         }
         let Some(mut out) = self.bufs.checkout() else {
@@ -517,7 +536,11 @@ impl Server {
         let generation = self.generation;
         let entry = self.conns.vacant_entry();
         let key = entry.key();
-        if let Err(e) = self.poll.registry().register(&mut sock, token::make(Kind::Inbound, generation, key), Interest::READABLE | Interest::WRITABLE) {
+        if let Err(e) = self.poll.registry().register(
+            &mut sock,
+            token::make(Kind::Inbound, generation, key),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
             self.log.event("accept_error", &[("error", V::D(&e))]);
             self.bufs.checkin(out);
             return;

@@ -64,11 +64,11 @@ pub fn parse(line: &[u8]) -> Result<Command<'_>, Fault> {
         Some(b' ') => Some(trim(&rest[1..])),
         Some(_) => None,
     };
-    if line.iter().any(|&b| b == 0) {
+    if memchr::memchr(0, line).is_some() {
         return Err(Fault::BadCommandBytes);
     }
     let no_arg = |cmd: Command<'static>, arg: Option<&[u8]>| match arg {
-        Some(a) if a.is_empty() => Ok(cmd),
+        Some([]) => Ok(cmd),
         Some(_) => Err(Fault::Syntax(syntax::NO_ARGS)),
         None => Err(Fault::UnknownCommand),
     };
@@ -132,13 +132,11 @@ pub fn parse(line: &[u8]) -> Result<Command<'_>, Fault> {
         QUIT => no_arg(Command::Quit, arg),
         VRFY => arg.map(|_| Command::Vrfy).ok_or(Fault::UnknownCommand),
         EXPN => arg.map(|_| Command::Expn).ok_or(Fault::UnknownCommand),
-        STAR if line.len() >= 8 && line[4..8].eq_ignore_ascii_case(b"ttls") => {
-            match line.get(8) {
-                None => Ok(Command::StartTls(b"")),
-                Some(b' ') => Ok(Command::StartTls(trim(&line[9..]))),
-                Some(_) => Err(Fault::UnknownCommand),
-            }
-        }
+        STAR if line.len() >= 8 && line[4..8].eq_ignore_ascii_case(b"ttls") => match line.get(8) {
+            None => Ok(Command::StartTls(b"")),
+            Some(b' ') => Ok(Command::StartTls(trim(&line[9..]))),
+            Some(_) => Err(Fault::UnknownCommand),
+        },
         AUTH => arg.map(Command::Auth).ok_or(Fault::UnknownCommand),
         _ => Err(Fault::UnknownCommand),
     }
@@ -195,8 +193,24 @@ const fn classes() -> [u8; 256] {
         }
         if matches!(
             b,
-            b'!' | b'#' | b'$' | b'%' | b'&' | b'\'' | b'*' | b'+' | b'-' | b'/' | b'=' | b'?'
-                | b'^' | b'_' | b'`' | b'{' | b'|' | b'}' | b'~'
+            b'!' | b'#'
+                | b'$'
+                | b'%'
+                | b'&'
+                | b'\''
+                | b'*'
+                | b'+'
+                | b'-'
+                | b'/'
+                | b'='
+                | b'?'
+                | b'^'
+                | b'_'
+                | b'`'
+                | b'{'
+                | b'|'
+                | b'}'
+                | b'~'
         ) {
             c |= ATEXT;
         }
@@ -424,9 +438,15 @@ mod tests {
         assert_eq!(parse(b"MAIL FROM:<a..b@c>"), Err(Fault::BadSender));
         assert_eq!(parse(b"RCPT TO:<postmaster>"), Ok(Command::Rcpt(path(b"postmaster"), b"")));
         assert_eq!(parse(b"RCPT TO:<>"), Err(Fault::BadRecipient));
-        assert_eq!(parse(b"RCPT TO:<@relay.example,@x.example:u@d.example>"), Ok(Command::Rcpt(path(b"u@d.example"), b"")));
+        assert_eq!(
+            parse(b"RCPT TO:<@relay.example,@x.example:u@d.example>"),
+            Ok(Command::Rcpt(path(b"u@d.example"), b""))
+        );
         assert_eq!(parse(b"RCPT TO:<\"john doe\"@d.example>"), Ok(Command::Rcpt(path(b"\"john doe\"@d.example"), b"")));
-        assert_eq!(parse(b"RCPT TO:<\"a>b\"@d.example> NOTIFY=NEVER"), Ok(Command::Rcpt(path(b"\"a>b\"@d.example"), b"NOTIFY=NEVER")));
+        assert_eq!(
+            parse(b"RCPT TO:<\"a>b\"@d.example> NOTIFY=NEVER"),
+            Ok(Command::Rcpt(path(b"\"a>b\"@d.example"), b"NOTIFY=NEVER"))
+        );
         assert_eq!(parse(b"RCPT TO:<u@[192.0.2.1]>"), Ok(Command::Rcpt(path(b"u@[192.0.2.1]"), b"")));
         assert_eq!(parse(b"RCPT TO:<u@[IPv6:2001:db8::1]>"), Ok(Command::Rcpt(path(b"u@[IPv6:2001:db8::1]"), b"")));
         assert_eq!(parse(b"RCPT TO:<u@[300.1.1.1]>"), Err(Fault::BadRecipient));

@@ -16,8 +16,7 @@ pub const START_DATA: &[u8] = b"354 End data with <CR><LF>.<CR><LF>\r\n";
 /// `252` to VRFY (RFC 5321 §3.5.3: we do not verify, but will try).
 pub const VRFY: &[u8] = b"252 2.1.5 Cannot VRFY user, but will accept message and attempt delivery\r\n";
 /// `214` to HELP.
-pub const HELP: &[u8] =
-    b"214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP; see RFC 5321\r\n";
+pub const HELP: &[u8] = b"214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP; see RFC 5321\r\n";
 /// `421` on an idle timeout (RFC 5321 §4.5.3.2).
 pub const TIMEOUT: &[u8] = b"421 4.4.2 Timeout exceeded, closing connection\r\n";
 /// `421` when the relay shuts down.
@@ -82,9 +81,7 @@ impl Fault {
             Fault::AuthUnavailable => b"503 5.5.1 Error: authentication not enabled\r\n",
             Fault::BadSender => b"501 5.1.7 Bad sender address syntax\r\n",
             Fault::BadRecipient => b"501 5.1.3 Bad recipient address syntax\r\n",
-            Fault::Utf8NotDeclared => {
-                b"553 5.6.7 Non-ASCII address requires the SMTPUTF8 parameter on MAIL\r\n"
-            }
+            Fault::Utf8NotDeclared => b"553 5.6.7 Non-ASCII address requires the SMTPUTF8 parameter on MAIL\r\n",
             Fault::UnknownParameter => b"555 5.5.4 Unsupported or malformed parameter\r\n",
             Fault::TooBig => b"552 5.3.4 Message size exceeds fixed limit\r\n",
             Fault::TooManyRecipients => b"452 4.5.3 Too many recipients\r\n",

@@ -118,7 +118,11 @@ enum State {
     SkipLine,
     Data,
     /// Reading a BDAT chunk: octets still to read, LAST given, chunk refused before reading.
-    Bdat { remaining: u64, last: bool, refused: Option<Fault> },
+    Bdat {
+        remaining: u64,
+        last: bool,
+        refused: Option<Fault>,
+    },
     /// Message complete, waiting for the spool.
     Stored,
     Closed,
@@ -726,7 +730,8 @@ mod tests {
         for chunk in chunks {
             pending.extend_from_slice(chunk);
             loop {
-                let mut ctx = Ctx { cfg: &h.cfg, bodies: &mut h.bodies, ids: &mut h.ids, now_unix_us: 1_700_000_000_000_000 };
+                let mut ctx =
+                    Ctx { cfg: &h.cfg, bodies: &mut h.bodies, ids: &mut h.ids, now_unix_us: 1_700_000_000_000_000 };
                 let p = s.handle_input(&mut ctx, &pending, &mut out);
                 pending.drain(..p.consumed);
                 replies.extend_from_slice(out.data());
@@ -791,7 +796,10 @@ mod tests {
         );
         assert_eq!(
             codes(&r),
-            ["220", "503", "250", "503", "503", "552", "555", "250", "503", "250", "250", "250", "452", "502", "252", "214", "250", "250"]
+            [
+                "220", "503", "250", "503", "503", "552", "555", "250", "503", "250", "250", "250", "452", "502",
+                "252", "214", "250", "250"
+            ]
         );
     }
 
@@ -818,7 +826,11 @@ mod tests {
     fn too_big_data_keeps_session() {
         let mut h = harness();
         let big = vec![b'a'; 3000];
-        let (r, s) = drive(&mut h, &[b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\n", &big, b"\r\n.\r\nNOOP\r\n"], true);
+        let (r, s) = drive(
+            &mut h,
+            &[b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\n", &big, b"\r\n.\r\nNOOP\r\n"],
+            true,
+        );
         assert_eq!(codes(&r), ["220", "250", "250", "250", "354", "552", "250"]);
         assert!(s.is_empty());
     }

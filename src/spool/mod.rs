@@ -1,0 +1,990 @@
+//! The durable spool: append-only, memory-mapped segment files with group commit.
+//!
+//! Owns every file in the spool directory: numbered segment files (`seg-<16 digits>.spool`)
+//! and a `lock` file that keeps a second relay out. Messages and per-recipient delivery
+//! outcomes are appended as checksummed records ([`format`](mod@format)) straight into the map of the
+//! active segment (`segment.rs`); [`Spool::commit`] makes everything appended so far durable in
+//! one `msync` + `fdatasync` per dirty segment (group commit), and only after it returns `Ok`
+//! may the relay answer 250 for those messages. [`Spool::open`] rebuilds the queue
+//! (`recover.rs`) and always starts a fresh active segment; older segments are read-only.
+//!
+//! A segment is deleted once no message in it has an unfinished recipient and no outcome
+//! record in it is still needed (see [`Spool::release_message`]); the active segment never is.
+//!
+//! It must never: report an append durable before its commit returned `Ok`; let a full disk
+//! surface as SIGBUS (space is preallocated, so it is [`SpoolError::NoSpace`] at creation);
+//! panic on any file content; or change a directory in [`Spool::scan_read_only`].
+//! Single-threaded: one `Spool` per directory, driven from the event loop.
+
+pub mod format;
+mod recover;
+mod segment;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::path::PathBuf;
+
+use crate::message::{Envelope, QueueId};
+
+use segment::{map_io, map_io_at, Segment};
+
+/// How the spool is opened.
+#[derive(Clone, Debug)]
+pub struct SpoolOptions {
+    /// Directory holding the segment files (created if missing).
+    pub dir: PathBuf,
+    /// `true`: `commit` makes data durable (msync + fdatasync); `false`: `commit` does nothing.
+    pub fsync: bool,
+    /// Preallocated size of a new segment; a record larger than this gets a segment of its own size.
+    pub segment_size: u64,
+}
+
+/// Where a message record lies: segment sequence number, byte offset of its record, record length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MessageLoc {
+    /// Segment sequence number.
+    pub segment: u64,
+    /// Offset of the record header in the segment.
+    pub offset: u64,
+    /// Whole record length including header and padding.
+    pub len: u64,
+}
+
+/// A ticket for an append not yet known durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Pending {
+    /// Segment the record went to.
+    pub segment: u64,
+    /// End offset of the record in that segment.
+    pub end: u64,
+}
+
+/// Final or temporary state of one recipient.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum RcptStatus {
+    /// No outcome recorded yet.
+    Queued = 0,
+    /// Accepted by the destination (final).
+    Delivered = 1,
+    /// Permanently failed (final).
+    Failed = 2,
+    /// Temporarily failed; retry at `next_attempt_ms`.
+    Deferred = 3,
+}
+
+/// One delivery outcome for one recipient, as the delivery side records it.
+#[derive(Clone, Copy, Debug)]
+pub struct Outcome<'a> {
+    /// Delivered, Failed or Deferred.
+    pub status: RcptStatus,
+    /// Attempts made so far, including this one.
+    pub attempts: u16,
+    /// Next attempt (Unix ms) for Deferred; 0 otherwise.
+    pub next_attempt_ms: u64,
+    /// When this outcome happened (Unix ms).
+    pub at_ms: u64,
+    /// The reply that decided it, e.g. `250 2.0.0 Ok` or `451 4.3.0 try later`.
+    pub reply: &'a [u8],
+    /// Remote host (name and address) that answered, empty if none.
+    pub remote: &'a [u8],
+}
+
+/// State of one recipient after recovery.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RcptState {
+    /// Latest status.
+    pub status: RcptStatus,
+    /// Attempts so far.
+    pub attempts: u16,
+    /// Next attempt (Unix ms) when Deferred.
+    pub next_attempt_ms: u64,
+    /// Last reply text, empty if none.
+    pub last_reply: Vec<u8>,
+}
+
+/// A message found by recovery with its recipient states.
+#[derive(Clone, Debug)]
+pub struct RecoveredMessage {
+    /// Queue id.
+    pub id: QueueId,
+    /// Where its record is.
+    pub loc: MessageLoc,
+    /// Arrival time, Unix ms.
+    pub arrival_ms: u64,
+    /// One state per recipient, in envelope order.
+    pub rcpts: Vec<RcptState>,
+    /// Segments holding outcome records of this message (one entry per outcome record).
+    pub outcome_segments: Vec<u64>,
+}
+
+/// What recovery found.
+#[derive(Debug, Default)]
+pub struct Recovery {
+    /// Messages with at least one recipient not final, in spool order.
+    pub messages: Vec<RecoveredMessage>,
+    /// Highest queue id seen anywhere (finished messages included).
+    pub max_id: Option<QueueId>,
+    /// Human-readable warnings (corrupt records skipped, torn tails cut), naming segment and offset.
+    pub warnings: Vec<String>,
+}
+
+/// A decoded message record borrowed from the spool map.
+#[derive(Debug)]
+pub struct MessageView<'a> {
+    /// Queue id.
+    pub id: QueueId,
+    /// Arrival, Unix ms.
+    pub arrival_ms: u64,
+    /// Envelope (owned copy of the small fields).
+    pub envelope: Envelope,
+    /// The body exactly as it will be sent (Received header first), dot-unstuffed.
+    pub body: &'a [u8],
+}
+
+/// Spool faults.
+#[derive(Debug)]
+pub enum SpoolError {
+    /// No space left (ENOSPC/EDQUOT) while growing or writing.
+    NoSpace,
+    /// Any other I/O error, with what was being done.
+    Io(&'static str, io::Error),
+    /// A record failed validation where one was expected.
+    Corrupt(&'static str),
+}
+
+impl fmt::Display for SpoolError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SpoolError::NoSpace => f.write_str("no space left on the spool device"),
+            SpoolError::Io(what, e) => write!(f, "{what}: {e}"),
+            SpoolError::Corrupt(what) => write!(f, "corrupt spool record: {what}"),
+        }
+    }
+}
+
+impl std::error::Error for SpoolError {}
+
+/// Every message record in a spool directory (finished or not) as (queue id, body), in spool
+/// order. Read-only and safe beside a running relay, like [`Spool::scan_read_only`]; for tests
+/// and inspection tools.
+pub fn read_messages(dir: &std::path::Path) -> Result<Vec<(QueueId, Vec<u8>)>, SpoolError> {
+    recover::read_messages(dir)
+}
+
+/// The read-only scan of `dir` with the envelope of each queued message (same order as
+/// `Recovery::messages`), for `sluice queue list`. Safe beside a running relay.
+pub fn queue_listing(dir: &std::path::Path) -> Result<(Recovery, Vec<Envelope>), SpoolError> {
+    recover::queue_listing(dir)
+}
+
+/// The spool: the active segment, the read-only older ones, and their reclamation counters.
+///
+/// Call order per event-loop turn: any number of `append_*`, then one [`Spool::commit`], then
+/// release the replies of the appends made before it (all of them on `Ok`, none on `Err`).
+pub struct Spool {
+    opts: SpoolOptions,
+    /// Every mapped segment by sequence number, the active one included.
+    segments: BTreeMap<u64, Slot>,
+    /// The segment taking appends; `None` after a failed commit until the next append.
+    active: Option<u64>,
+    /// Sequence number for the next segment created.
+    next_seq: u64,
+    /// Segments with bytes appended since the last commit, ascending, no duplicates.
+    dirty: Vec<u64>,
+    /// Segment of each message appended since the last commit, to undo its live count if the
+    /// commit fails (the relay then never queues, hence never releases, those messages).
+    batch_msgs: Vec<u64>,
+    /// A segment file was created since the last commit: its directory entry needs an fsync.
+    dir_dirty: bool,
+    /// Problems found while reclaiming (nowhere else to report them); see `take_warnings`.
+    warnings: Vec<String>,
+    /// Held for the life of the spool: the `flock` on `<dir>/lock`.
+    _lock: File,
+}
+
+/// One segment and its reclamation counters.
+struct Slot {
+    seg: Segment,
+    /// Messages in it with an unfinished recipient (including ones not yet committed).
+    live: u32,
+    /// Outcome records in it that must outlive their message's record.
+    pins: u32,
+    /// Later segments that each lose one pin when this one is deleted: outcomes of messages
+    /// in this segment that finished, which must stay on disk as long as the message record
+    /// does (or the message would be delivered again after a restart).
+    deferred: Vec<u64>,
+}
+
+impl Spool {
+    /// Opens (creating the directory if missing), recovers, and starts a fresh active segment.
+    ///
+    /// Fails if the directory cannot be created or written, or another process holds it.
+    /// Corrupt records and torn tails do not fail the open: they are skipped or cut, and
+    /// reported in [`Recovery::warnings`].
+    pub fn open(opts: SpoolOptions) -> Result<(Spool, Recovery), SpoolError> {
+        std::fs::create_dir_all(&opts.dir).map_err(|e| map_io_at("create spool directory", &opts.dir, e))?;
+        // Creating the lock file is also the writability check.
+        let lock = segment::lock_dir(&opts.dir)?;
+        let recovered = recover::recover(&opts.dir)?;
+        let mut segments = BTreeMap::new();
+        for k in recovered.segments {
+            let slot = Slot { seg: k.seg, live: k.live, pins: k.pins, deferred: k.deferred };
+            segments.insert(slot.seg.seq(), slot);
+        }
+        let mut spool = Spool {
+            opts,
+            segments,
+            active: None,
+            next_seq: recovered.max_seq + 1,
+            dirty: Vec::new(),
+            batch_msgs: Vec::new(),
+            dir_dirty: false,
+            warnings: Vec::new(),
+            _lock: lock,
+        };
+        // Never append to a recovered segment: its tail was judged by recovery, and a fresh
+        // file keeps new data away from anything that was damaged.
+        spool.start_segment(0)?;
+        // Make the new segment's header and directory entry durable now, so the first batch
+        // pays only for its own records.
+        spool.commit()?;
+        Ok((spool, recovered.recovery))
+    }
+
+    /// Reads a spool directory without changing it (for `sluice queue`), tolerating a relay
+    /// appending concurrently.
+    pub fn scan_read_only(dir: &std::path::Path) -> Result<Recovery, SpoolError> {
+        recover::scan_read_only(dir)
+    }
+
+    /// Appends a message record. Not durable until the next successful [`Spool::commit`].
+    ///
+    /// The record is encoded in place in the segment map. If the active segment lacks room it
+    /// is sealed and a new one of `max(segment_size, record)` bytes is started. An envelope
+    /// field longer than 65535 bytes is refused with `SpoolError::Io(_, InvalidInput)`.
+    pub fn append_message(
+        &mut self,
+        id: QueueId,
+        arrival_ms: u64,
+        env: &Envelope,
+        body: &[u8],
+    ) -> Result<(Pending, MessageLoc), SpoolError> {
+        let len = format::message_record_len(env, body).map_err(encode_error)?;
+        let (seq, off) =
+            self.append_with(len, |dst| format::encode_message(dst, id, arrival_ms, env, body).map_err(encode_error))?;
+        if let Some(slot) = self.segments.get_mut(&seq) {
+            slot.live += 1;
+        }
+        self.batch_msgs.push(seq);
+        let end = (off + len) as u64;
+        Ok((Pending { segment: seq, end }, MessageLoc { segment: seq, offset: off as u64, len: len as u64 }))
+    }
+
+    /// Appends an outcome record for recipient `rcpt` of message `id`. Pins the segment it lands
+    /// in until [`Spool::release_message`] names it.
+    ///
+    /// An outcome appended before a failed commit keeps its pin: pass its segment to
+    /// `release_message` like any other.
+    pub fn append_outcome(&mut self, id: QueueId, rcpt: u32, outcome: &Outcome<'_>) -> Result<Pending, SpoolError> {
+        let len = format::outcome_record_len(outcome).map_err(encode_error)?;
+        let (seq, off) =
+            self.append_with(len, |dst| format::encode_outcome(dst, id, rcpt, outcome).map_err(encode_error))?;
+        if let Some(slot) = self.segments.get_mut(&seq) {
+            slot.pins += 1;
+        }
+        Ok(Pending { segment: seq, end: (off + len) as u64 })
+    }
+
+    /// True when appends since the last commit exist.
+    pub fn has_uncommitted(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
+    /// Makes every append so far durable (no-op with `fsync: false`). On error the appends since
+    /// the last commit must be treated as not stored; the active segment is sealed.
+    ///
+    /// Syncs each dirty segment in order, including one sealed since the last commit because a
+    /// batch overflowed it, then the directory if a segment file was created. On error the
+    /// records of the failed batch may still be found by a later recovery (the relay then
+    /// delivers a message whose client saw 451: a duplicate, never a loss).
+    pub fn commit(&mut self) -> Result<(), SpoolError> {
+        if self.dirty.is_empty() && !self.dir_dirty {
+            return Ok(());
+        }
+        match self.sync_dirty() {
+            Ok(()) => {
+                self.batch_msgs.clear();
+                let synced = std::mem::take(&mut self.dirty);
+                self.reclaim_from(synced);
+                Ok(())
+            }
+            Err(e) => {
+                self.abandon_batch();
+                Err(e)
+            }
+        }
+    }
+
+    /// Decodes the message record at `loc` (checking its crc again: the bytes may have sat on
+    /// disk for days).
+    pub fn message(&self, loc: MessageLoc) -> Result<MessageView<'_>, SpoolError> {
+        let slot =
+            self.segments.get(&loc.segment).ok_or(SpoolError::Corrupt("message location names no open segment"))?;
+        let off = usize::try_from(loc.offset).map_err(|_| SpoolError::Corrupt("message offset out of range"))?;
+        let raw = format::record_at(slot.seg.bytes(), off)
+            .map_err(|_| SpoolError::Corrupt("message record fails validation"))?;
+        if raw.kind != format::RecordKind::Message || raw.len as u64 != loc.len {
+            return Err(SpoolError::Corrupt("message location does not hold a message record"));
+        }
+        format::decode_message(raw.payload).map_err(|_| SpoolError::Corrupt("message payload fails validation"))
+    }
+
+    /// All recipients of the message at `msg_segment` are final: drop its live count there and
+    /// one pin for each entry of `outcome_segments`; delete segments that are no longer needed.
+    ///
+    /// Pins on segments after `msg_segment` are dropped only when `msg_segment` itself is
+    /// deleted: until then the message record is still on disk and its final outcomes must stay
+    /// with it, or the next recovery would queue the message again.
+    pub fn release_message(&mut self, msg_segment: u64, outcome_segments: &[u64]) {
+        let mut touched = vec![msg_segment];
+        for &o in outcome_segments {
+            let later = o > msg_segment;
+            match self.segments.get_mut(&msg_segment) {
+                Some(slot) if later => slot.deferred.push(o),
+                // Same segment (they go together) or the message segment is already gone.
+                _ => {
+                    if let Some(s) = self.segments.get_mut(&o) {
+                        s.pins = s.pins.saturating_sub(1);
+                    }
+                    touched.push(o);
+                }
+            }
+        }
+        if let Some(slot) = self.segments.get_mut(&msg_segment) {
+            slot.live = slot.live.saturating_sub(1);
+        }
+        self.reclaim_from(touched);
+    }
+
+    /// Problems met while deleting reclaimed segments since the last call (an unlink that
+    /// failed leaves the file for the next recovery to judge). Empty in normal operation.
+    pub fn take_warnings(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.warnings)
+    }
+
+    /// Number of segment files the spool currently holds open (the active one included).
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// Sequence number of the active segment, if one is open.
+    pub fn active_segment(&self) -> Option<u64> {
+        self.active
+    }
+
+    /// Appends `len` bytes written by `fill` into the active segment (rolling over if needed)
+    /// and marks it dirty. Returns (segment, offset).
+    fn append_with(
+        &mut self,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), SpoolError>,
+    ) -> Result<(u64, usize), SpoolError> {
+        let room = self.active.and_then(|seq| self.segments.get(&seq)).is_some_and(|slot| slot.seg.remaining() >= len);
+        if !room {
+            self.seal_active();
+            self.start_segment(len)?;
+        }
+        let seq = self.active.ok_or(SpoolError::Corrupt("no active segment"))?;
+        let slot = self.segments.get_mut(&seq).ok_or(SpoolError::Corrupt("no active segment"))?;
+        let off = slot.seg.append_with(len, fill)?;
+        if self.dirty.last() != Some(&seq) {
+            self.dirty.push(seq);
+        }
+        Ok((seq, off))
+    }
+
+    /// Creates the next segment, big enough for a record of `record_len` bytes, and makes it
+    /// the active one.
+    fn start_segment(&mut self, record_len: usize) -> Result<(), SpoolError> {
+        let need = format::SEGMENT_HEADER_LEN + record_len;
+        let size = usize::try_from(self.opts.segment_size).unwrap_or(usize::MAX).max(need);
+        let seq = self.next_seq;
+        let seg = Segment::create(&self.opts.dir, seq, size)?;
+        // The header is appended data too: it must be durable before any record counts.
+        if self.dirty.last() != Some(&seq) {
+            self.dirty.push(seq);
+        }
+        self.next_seq = seq + 1;
+        self.dir_dirty = true;
+        self.segments.insert(seq, Slot { seg, live: 0, pins: 0, deferred: Vec::new() });
+        self.active = Some(seq);
+        Ok(())
+    }
+
+    /// Seals the active segment (if any); appends go to a new one from now on.
+    fn seal_active(&mut self) {
+        let Some(seq) = self.active.take() else {
+            return;
+        };
+        if let Some(slot) = self.segments.get_mut(&seq) {
+            if let Err(e) = slot.seg.seal() {
+                // Harmless for correctness: the unsealed tail is zeros, the clean end.
+                self.warnings.push(format!("{}: could not seal: {e}", slot.seg.name()));
+            }
+        }
+        self.reclaim_from(vec![seq]);
+    }
+
+    fn sync_dirty(&mut self) -> Result<(), SpoolError> {
+        let fsync = self.opts.fsync;
+        for seq in &self.dirty {
+            if let Some(slot) = self.segments.get_mut(seq) {
+                slot.seg.commit(fsync).map_err(|e| map_io("sync spool segment", e))?;
+            }
+        }
+        if self.dir_dirty {
+            if fsync {
+                // A new file's directory entry is not covered by the file's own fdatasync.
+                File::open(&self.opts.dir).and_then(|d| d.sync_all()).map_err(|e| map_io("sync spool directory", e))?;
+            }
+            self.dir_dirty = false;
+        }
+        Ok(())
+    }
+
+    /// After a failed commit: seal the active segment, stop tracking the batch's bytes, and
+    /// undo the live counts of its messages (the relay answers 451 and forgets them).
+    fn abandon_batch(&mut self) {
+        self.seal_active();
+        for seq in std::mem::take(&mut self.dirty) {
+            if let Some(slot) = self.segments.get_mut(&seq) {
+                slot.seg.forget_dirty();
+            }
+        }
+        let mut touched = Vec::new();
+        for seq in std::mem::take(&mut self.batch_msgs) {
+            if let Some(slot) = self.segments.get_mut(&seq) {
+                slot.live = slot.live.saturating_sub(1);
+            }
+            touched.push(seq);
+        }
+        self.reclaim_from(touched);
+    }
+
+    /// Deletes each listed segment that is no longer needed, then any whose last pin that
+    /// deletion dropped.
+    fn reclaim_from(&mut self, mut work: Vec<u64>) {
+        while let Some(seq) = work.pop() {
+            let Some(slot) = self.segments.get(&seq) else {
+                continue;
+            };
+            let needed = slot.live > 0
+                || slot.pins > 0
+                || slot.seg.is_dirty()
+                || slot.seg.remaining() > 0
+                || self.active == Some(seq);
+            if needed {
+                continue;
+            }
+            let Some(slot) = self.segments.remove(&seq) else {
+                continue;
+            };
+            for d in &slot.deferred {
+                if let Some(s) = self.segments.get_mut(d) {
+                    s.pins = s.pins.saturating_sub(1);
+                    work.push(*d);
+                }
+            }
+            if let Err(e) = slot.seg.remove() {
+                self.warnings.push(format!("could not remove a finished segment: {e}"));
+            }
+        }
+    }
+}
+
+impl Drop for Spool {
+    /// A clean shutdown leaves the active segment cut to its used length, so the next open
+    /// has no preallocated zeros to walk.
+    fn drop(&mut self) {
+        self.seal_active();
+    }
+}
+
+/// An encoder refusal (a field too long for its length prefix, a record over 4 GiB) is a
+/// property of the input, not of the disk.
+fn encode_error(e: format::FormatError) -> SpoolError {
+    SpoolError::Io("encode spool record", io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::{BodyType, Ret};
+    use std::path::Path;
+
+    /// A fresh directory under the system temp dir, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(tag: &str) -> TempDir {
+            use std::sync::atomic::{AtomicU32, Ordering};
+            static N: AtomicU32 = AtomicU32::new(0);
+            let n = N.fetch_add(1, Ordering::Relaxed);
+            let dir = std::env::temp_dir().join(format!("sluice-spool-{tag}-{}-{n}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            TempDir(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn opts(dir: &Path) -> SpoolOptions {
+        SpoolOptions { dir: dir.to_path_buf(), fsync: true, segment_size: 64 * 1024 }
+    }
+
+    fn env(rcpts: &[&str]) -> Envelope {
+        let mut e = Envelope::default();
+        e.sender = b"sender@example.org".to_vec();
+        e.envid = b"ENV1".to_vec();
+        e.ret = Ret::Full;
+        e.body_type = BodyType::EightBitMime;
+        e.smtputf8 = true;
+        e.client_ip = "192.0.2.7".parse().unwrap();
+        e.helo = b"client.example.org".to_vec();
+        e.auth_user = b"user".to_vec();
+        for r in rcpts {
+            e.push_rcpt(r.as_bytes(), b"", 0);
+        }
+        e
+    }
+
+    fn outcome(status: RcptStatus) -> Outcome<'static> {
+        Outcome { status, attempts: 1, next_attempt_ms: 0, at_ms: 5, reply: b"250 2.0.0 ok", remote: b"mx.example.net" }
+    }
+
+    fn seg_files(dir: &Path) -> Vec<u64> {
+        let mut v: Vec<u64> = std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|e| format::parse_segment_file_name(e.unwrap().file_name().to_str()?))
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    fn seg_path(dir: &Path, seq: u64) -> PathBuf {
+        dir.join(format::segment_file_name(seq))
+    }
+
+    #[test]
+    fn append_commit_reopen_recovers_bytes_and_envelope() {
+        let tmp = TempDir::new("reopen");
+        let e = env(&["a@x.example", "b@y.example"]);
+        let body: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+        let (loc, pending) = {
+            let (mut spool, rec) = Spool::open(opts(&tmp.0)).unwrap();
+            assert!(rec.messages.is_empty() && rec.max_id.is_none() && rec.warnings.is_empty());
+            assert!(!spool.has_uncommitted());
+            let (pending, loc) = spool.append_message(QueueId(42), 1000, &e, &body).unwrap();
+            assert!(spool.has_uncommitted());
+            spool.commit().unwrap();
+            assert!(!spool.has_uncommitted());
+            let view = spool.message(loc).unwrap();
+            assert_eq!(view.body, &body[..]);
+            (loc, pending)
+        };
+        assert_eq!(pending.segment, loc.segment);
+        assert_eq!(pending.end, loc.offset + loc.len);
+
+        let (spool, rec) = Spool::open(opts(&tmp.0)).unwrap();
+        assert!(rec.warnings.is_empty(), "{:?}", rec.warnings);
+        assert_eq!(rec.max_id, Some(QueueId(42)));
+        assert_eq!(rec.messages.len(), 1);
+        let m = &rec.messages[0];
+        assert_eq!((m.id, m.loc, m.arrival_ms), (QueueId(42), loc, 1000));
+        assert_eq!(m.rcpts.len(), 2);
+        assert!(m.rcpts.iter().all(|r| r.status == RcptStatus::Queued && r.attempts == 0));
+        let view = spool.message(m.loc).unwrap();
+        assert_eq!(view.id, QueueId(42));
+        assert_eq!(view.arrival_ms, 1000);
+        assert_eq!(view.body, &body[..]);
+        let got = &view.envelope;
+        assert_eq!(got.sender, e.sender);
+        assert_eq!(got.envid, e.envid);
+        assert_eq!((got.ret, got.body_type, got.smtputf8), (e.ret, e.body_type, e.smtputf8));
+        assert_eq!(got.client_ip, e.client_ip);
+        assert_eq!((&got.helo, &got.auth_user), (&e.helo, &e.auth_user));
+        assert!(got.rcpts().eq(e.rcpts()));
+        // The new active segment is not the recovered one.
+        assert!(spool.active_segment() > Some(loc.segment));
+    }
+
+    #[test]
+    fn outcomes_are_applied_on_recovery() {
+        let tmp = TempDir::new("outcomes");
+        {
+            let (mut spool, _) = Spool::open(opts(&tmp.0)).unwrap();
+            let e = env(&["a@x", "b@x", "c@x"]);
+            spool.append_message(QueueId(1), 10, &e, b"body").unwrap();
+            spool.append_outcome(QueueId(1), 0, &outcome(RcptStatus::Delivered)).unwrap();
+            spool.append_outcome(QueueId(1), 1, &outcome(RcptStatus::Failed)).unwrap();
+            let mut def = outcome(RcptStatus::Deferred);
+            def.attempts = 1;
+            def.reply = b"451 4.4.1 first";
+            spool.append_outcome(QueueId(1), 2, &def).unwrap();
+            def.attempts = 2;
+            def.next_attempt_ms = 777_000;
+            def.reply = b"451 4.4.1 second";
+            spool.append_outcome(QueueId(1), 2, &def).unwrap();
+            // An outcome for an id that no longer exists is ignored.
+            spool.append_outcome(QueueId(99), 0, &outcome(RcptStatus::Delivered)).unwrap();
+            spool.commit().unwrap();
+        }
+        let (_spool, rec) = Spool::open(opts(&tmp.0)).unwrap();
+        assert!(rec.warnings.is_empty(), "{:?}", rec.warnings);
+        assert_eq!(rec.max_id, Some(QueueId(99)));
+        let m = &rec.messages[0];
+        assert_eq!(m.rcpts[0].status, RcptStatus::Delivered);
+        assert_eq!(m.rcpts[1].status, RcptStatus::Failed);
+        let r = &m.rcpts[2];
+        assert_eq!(r.status, RcptStatus::Deferred);
+        assert_eq!(r.attempts, 2);
+        assert_eq!(r.next_attempt_ms, 777_000);
+        assert_eq!(r.last_reply, b"451 4.4.1 second");
+        assert_eq!(m.outcome_segments, vec![m.loc.segment; 4]);
+    }
+
+    #[test]
+    fn finished_messages_are_not_recovered_but_count_for_max_id() {
+        let tmp = TempDir::new("maxid");
+        {
+            let (mut spool, _) = Spool::open(opts(&tmp.0)).unwrap();
+            spool.append_message(QueueId(5), 0, &env(&["a@x"]), b"live").unwrap();
+            spool.append_message(QueueId(9), 0, &env(&["a@x"]), b"done").unwrap();
+            spool.append_outcome(QueueId(9), 0, &outcome(RcptStatus::Delivered)).unwrap();
+            spool.commit().unwrap();
+        }
+        let (_spool, rec) = Spool::open(opts(&tmp.0)).unwrap();
+        assert_eq!(rec.max_id, Some(QueueId(9)));
+        let ids: Vec<_> = rec.messages.iter().map(|m| m.id).collect();
+        assert_eq!(ids, [QueueId(5)]);
+    }
+
+    #[test]
+    fn torn_tail_is_cut_and_earlier_records_survive() {
+        for scribble in [false, true] {
+            let tmp = TempDir::new("torn");
+            let (first, last) = {
+                let (mut spool, _) = Spool::open(opts(&tmp.0)).unwrap();
+                let (_, a) = spool.append_message(QueueId(1), 0, &env(&["a@x"]), b"one").unwrap();
+                let (_, b) = spool.append_message(QueueId(2), 0, &env(&["a@x"]), &[7u8; 3000]).unwrap();
+                spool.commit().unwrap();
+                (a, b)
+            };
+            let path = seg_path(&tmp.0, last.segment);
+            let end = last.offset + last.len;
+            if scribble {
+                let mut bytes = std::fs::read(&path).unwrap();
+                bytes[end as usize - 100..end as usize].fill(0x5A);
+                std::fs::write(&path, bytes).unwrap();
+            } else {
+                let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+                f.set_len(end - 11).unwrap();
+            }
+            let (spool, rec) = Spool::open(opts(&tmp.0)).unwrap();
+            assert_eq!(rec.messages.len(), 1, "scribble={scribble}");
+            assert_eq!(rec.messages[0].loc, first);
+            assert_eq!(spool.message(first).unwrap().body, b"one");
+            assert_eq!(rec.warnings.len(), 1, "{:?}", rec.warnings);
+            let w = &rec.warnings[0];
+            let name = format::segment_file_name(last.segment);
+            assert!(w.contains("torn tail") && w.contains(&name), "{w}");
+            assert!(w.contains(&format!("offset {}", last.offset)), "{w}");
+            assert_eq!(std::fs::metadata(&path).unwrap().len(), last.offset);
+            drop(spool);
+            // Once cut, the next open is clean.
+            let (_spool, rec) = Spool::open(opts(&tmp.0)).unwrap();
+            assert!(rec.warnings.is_empty(), "{:?}", rec.warnings);
+            assert_eq!(rec.messages.len(), 1);
+        }
+    }
+
+    #[test]
+    fn corrupt_middle_record_is_skipped_with_a_warning() {
+        let tmp = TempDir::new("middle");
+        let locs: Vec<MessageLoc> = {
+            let (mut spool, _) = Spool::open(opts(&tmp.0)).unwrap();
+            let locs =
+                (1..=3).map(|i| spool.append_message(QueueId(i), 0, &env(&["a@x"]), b"body").unwrap().1).collect();
+            spool.commit().unwrap();
+            locs
+        };
+        let path = seg_path(&tmp.0, locs[1].segment);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[locs[1].offset as usize + 30] ^= 0xFF;
+        std::fs::write(&path, bytes).unwrap();
+        let (spool, rec) = Spool::open(opts(&tmp.0)).unwrap();
+        let ids: Vec<_> = rec.messages.iter().map(|m| m.id.0).collect();
+        assert_eq!(ids, [1, 3]);
+        assert_eq!(rec.warnings.len(), 1);
+        let w = &rec.warnings[0];
+        assert!(w.contains("corrupt record") && w.contains(&format!("offset {}", locs[1].offset)));
+        assert!(w.contains(&format::segment_file_name(locs[1].segment)), "{w}");
+        assert_eq!(spool.message(locs[2]).unwrap().id, QueueId(3));
+        assert!(matches!(spool.message(locs[1]), Err(SpoolError::Corrupt(_))));
+    }
+
+    #[test]
+    fn segments_roll_over_and_big_records_get_their_own() {
+        let tmp = TempDir::new("rollover");
+        let (mut spool, _) = Spool::open(opts(&tmp.0)).unwrap();
+        let first = spool.active_segment().unwrap();
+        let body = vec![1u8; 20 * 1024];
+        let locs: Vec<_> =
+            (0..4).map(|i| spool.append_message(QueueId(i), 0, &env(&["a@x"]), &body).unwrap().1).collect();
+        // Three 20 KiB records fit a 64 KiB segment; the fourth goes to the next one, and the
+        // overflowed segment is synced by the same commit.
+        assert_eq!(locs[2].segment, first);
+        assert_eq!(locs[3].segment, first + 1);
+        let big = vec![2u8; 200 * 1024];
+        let (_, big_loc) = spool.append_message(QueueId(10), 0, &env(&["a@x"]), &big).unwrap();
+        assert_eq!(big_loc.segment, first + 2);
+        spool.commit().unwrap();
+        assert!(!spool.has_uncommitted());
+        // Sealed segments are cut to their used length.
+        assert_eq!(std::fs::metadata(seg_path(&tmp.0, first)).unwrap().len(), locs[2].offset + locs[2].len);
+        assert_eq!(spool.message(big_loc).unwrap().body, &big[..]);
+        drop(spool);
+        let (spool, rec) = Spool::open(opts(&tmp.0)).unwrap();
+        assert!(rec.warnings.is_empty(), "{:?}", rec.warnings);
+        assert_eq!(rec.messages.len(), 5);
+        assert_eq!(spool.message(locs[3]).unwrap().body, &body[..]);
+    }
+
+    #[test]
+    fn reclamation_deletes_finished_segments_and_keeps_pinned_ones() {
+        let tmp = TempDir::new("reclaim");
+        let small = SpoolOptions { segment_size: 4096, ..opts(&tmp.0) };
+        let (mut spool, _) = Spool::open(small.clone()).unwrap();
+        let body = vec![0u8; 3000];
+        // Message 1 alone in segment A; message 2 alone in segment B.
+        let (_, l1) = spool.append_message(QueueId(1), 0, &env(&["a@x"]), &body).unwrap();
+        let (_, l2) = spool.append_message(QueueId(2), 0, &env(&["a@x"]), &body).unwrap();
+        assert_ne!(l1.segment, l2.segment);
+        // Outcome for message 1 lands in B (pins B), final.
+        let p = spool.append_outcome(QueueId(1), 0, &outcome(RcptStatus::Delivered)).unwrap();
+        assert_eq!(p.segment, l2.segment);
+        // Roll over again so B is sealed too.
+        let (_, l3) = spool.append_message(QueueId(3), 0, &env(&["a@x"]), &body).unwrap();
+        spool.commit().unwrap();
+        assert!(seg_path(&tmp.0, l1.segment).exists());
+
+        spool.release_message(l1.segment, &[p.segment]);
+        assert!(!seg_path(&tmp.0, l1.segment).exists(), "finished sealed segment deleted");
+        assert!(seg_path(&tmp.0, l2.segment).exists(), "live message keeps B");
+
+        spool.append_outcome(QueueId(2), 0, &outcome(RcptStatus::Failed)).unwrap();
+        spool.commit().unwrap();
+        spool.release_message(l2.segment, &[l3.segment]);
+        assert!(!seg_path(&tmp.0, l2.segment).exists());
+        // The active segment is never deleted, even with nothing live in it.
+        spool.append_outcome(QueueId(3), 0, &outcome(RcptStatus::Delivered)).unwrap();
+        spool.commit().unwrap();
+        spool.release_message(l3.segment, &[l3.segment]);
+        assert_eq!(spool.active_segment(), Some(l3.segment));
+        assert!(seg_path(&tmp.0, l3.segment).exists());
+        // A clean shutdown seals the active segment, which then holds nothing needed.
+        drop(spool);
+        assert!(seg_files(&tmp.0).is_empty());
+        let (spool, rec) = Spool::open(small).unwrap();
+        assert!(rec.messages.is_empty() && rec.max_id.is_none());
+        assert_eq!(seg_files(&tmp.0), vec![spool.active_segment().unwrap()]);
+    }
+
+    #[test]
+    fn final_outcomes_outlive_their_message_record() {
+        // Message 1 and 2 share segment A; message 1's final outcome lands in segment B.
+        // Releasing 1 must not free B while A (kept by 2) still holds message 1's record.
+        let tmp = TempDir::new("deferred");
+        let small = SpoolOptions { segment_size: 4096, ..opts(&tmp.0) };
+        let body = vec![0u8; 1500];
+        let (a, b) = {
+            let (mut spool, _) = Spool::open(small.clone()).unwrap();
+            let (_, l1) = spool.append_message(QueueId(1), 0, &env(&["a@x"]), &body).unwrap();
+            let (_, l2) = spool.append_message(QueueId(2), 0, &env(&["a@x"]), &body).unwrap();
+            assert_eq!(l1.segment, l2.segment);
+            let (_, l3) = spool.append_message(QueueId(3), 0, &env(&["a@x"]), &body).unwrap();
+            assert_ne!(l3.segment, l1.segment);
+            let p = spool.append_outcome(QueueId(1), 0, &outcome(RcptStatus::Delivered)).unwrap();
+            assert_eq!(p.segment, l3.segment);
+            spool.append_outcome(QueueId(3), 0, &outcome(RcptStatus::Delivered)).unwrap();
+            spool.append_message(QueueId(4), 0, &env(&["a@x"]), &vec![0u8; 3000]).unwrap();
+            spool.commit().unwrap();
+            spool.release_message(l1.segment, &[p.segment]);
+            spool.release_message(l3.segment, &[l3.segment]);
+            assert!(seg_path(&tmp.0, l1.segment).exists());
+            assert!(seg_path(&tmp.0, l3.segment).exists(), "B pinned by message 1's record");
+            (l1.segment, l3.segment)
+        };
+        let (mut spool, rec) = Spool::open(small.clone()).unwrap();
+        let ids: Vec<_> = rec.messages.iter().map(|m| m.id.0).collect();
+        assert_eq!(ids, [2, 4], "message 1 is not delivered again");
+        assert!(seg_path(&tmp.0, b).exists(), "recovery keeps the pin too");
+        let m2 = &rec.messages[0];
+        spool.append_outcome(QueueId(2), 0, &outcome(RcptStatus::Delivered)).unwrap();
+        spool.commit().unwrap();
+        spool.release_message(m2.loc.segment, &[spool.active_segment().unwrap()]);
+        assert!(!seg_path(&tmp.0, a).exists());
+        assert!(!seg_path(&tmp.0, b).exists(), "B freed with A");
+    }
+
+    #[test]
+    fn fsync_off_still_stores_and_recovers() {
+        let tmp = TempDir::new("nofsync");
+        let o = SpoolOptions { fsync: false, ..opts(&tmp.0) };
+        {
+            let (mut spool, _) = Spool::open(o.clone()).unwrap();
+            for i in 0..10 {
+                spool.append_message(QueueId(i), 0, &env(&["a@x"]), b"x").unwrap();
+                spool.commit().unwrap();
+                assert!(!spool.has_uncommitted());
+            }
+        }
+        let (_spool, rec) = Spool::open(o).unwrap();
+        assert_eq!(rec.messages.len(), 10);
+    }
+
+    #[test]
+    fn failed_commit_seals_and_forgets_the_batch() {
+        let tmp = TempDir::new("failcommit");
+        let (mut spool, _) = Spool::open(opts(&tmp.0)).unwrap();
+        let (_, l1) = spool.append_message(QueueId(1), 0, &env(&["a@x"]), b"x").unwrap();
+        let seq = l1.segment;
+        // What `commit` does when a sync fails.
+        spool.abandon_batch();
+        assert!(!spool.has_uncommitted());
+        assert_eq!(spool.active_segment(), None);
+        // Sealed, and its only message was undone: reclaimed at once.
+        assert!(!seg_path(&tmp.0, seq).exists());
+        let (_, l2) = spool.append_message(QueueId(2), 0, &env(&["a@x"]), b"y").unwrap();
+        assert!(l2.segment > seq);
+        spool.commit().unwrap();
+        assert_eq!(spool.message(l2).unwrap().body, b"y");
+    }
+
+    #[test]
+    fn read_only_scan_changes_nothing_and_tolerates_a_live_tail() {
+        let tmp = TempDir::new("readonly");
+        let (mut spool, _) = Spool::open(opts(&tmp.0)).unwrap();
+        let (_, l1) = spool.append_message(QueueId(1), 0, &env(&["a@x"]), b"one").unwrap();
+        spool.commit().unwrap();
+        // An append in progress: header written, body not yet checksummed.
+        spool.append_message(QueueId(2), 0, &env(&["a@x"]), b"two").unwrap();
+        let before: Vec<_> =
+            seg_files(&tmp.0).into_iter().map(|s| std::fs::metadata(seg_path(&tmp.0, s)).unwrap().len()).collect();
+        let rec = Spool::scan_read_only(&tmp.0).unwrap();
+        let ids: Vec<_> = rec.messages.iter().map(|m| m.id.0).collect();
+        assert_eq!(ids, [1, 2]);
+        assert!(rec.warnings.is_empty());
+        // Damage the tail of the live segment: still no warning, no change.
+        let path = seg_path(&tmp.0, l1.segment);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let end = (l1.offset + l1.len) as usize;
+        bytes[end + 20] ^= 0xFF;
+        std::fs::write(&path, &bytes).unwrap();
+        let rec = Spool::scan_read_only(&tmp.0).unwrap();
+        assert_eq!(rec.messages.len(), 1);
+        assert!(rec.warnings.is_empty());
+        let after: Vec<_> =
+            seg_files(&tmp.0).into_iter().map(|s| std::fs::metadata(seg_path(&tmp.0, s)).unwrap().len()).collect();
+        assert_eq!(before, after);
+        assert!(Spool::scan_read_only(&tmp.0.join("missing")).is_err());
+    }
+
+    #[test]
+    fn read_messages_lists_bodies_finished_or_not() {
+        let tmp = TempDir::new("readmsgs");
+        let (mut spool, _) = Spool::open(opts(&tmp.0)).unwrap();
+        spool.append_message(QueueId(1), 0, &env(&["a@x"]), b"one").unwrap();
+        spool.append_message(QueueId(2), 0, &env(&["a@x"]), b"two").unwrap();
+        spool.append_outcome(QueueId(1), 0, &outcome(RcptStatus::Delivered)).unwrap();
+        spool.commit().unwrap();
+        let got = read_messages(&tmp.0).unwrap();
+        assert_eq!(got, vec![(QueueId(1), b"one".to_vec()), (QueueId(2), b"two".to_vec())]);
+    }
+
+    #[test]
+    fn open_refuses_a_busy_or_unusable_directory() {
+        let tmp = TempDir::new("busy");
+        let (_spool, _) = Spool::open(opts(&tmp.0)).unwrap();
+        let Err(e) = Spool::open(opts(&tmp.0)) else { panic!("second open succeeded") };
+        assert!(e.to_string().contains("in use"), "{e}");
+        let file = tmp.0.join("plain-file");
+        std::fs::write(&file, b"").unwrap();
+        let Err(e) = Spool::open(opts(&file.join("sub"))) else { panic!("opened under a file") };
+        assert!(e.to_string().contains("plain-file"), "{e}");
+    }
+
+    #[test]
+    fn bad_locations_are_errors() {
+        let tmp = TempDir::new("badloc");
+        let (mut spool, _) = Spool::open(opts(&tmp.0)).unwrap();
+        let (_, loc) = spool.append_message(QueueId(1), 0, &env(&["a@x"]), b"x").unwrap();
+        let p = spool.append_outcome(QueueId(1), 0, &outcome(RcptStatus::Deferred)).unwrap();
+        for bad in [
+            MessageLoc { segment: 999, ..loc },
+            MessageLoc { offset: loc.offset + 8, ..loc },
+            MessageLoc { len: loc.len + 8, ..loc },
+            MessageLoc { offset: p.end - 8, ..loc },
+            MessageLoc { offset: u64::MAX, ..loc },
+            MessageLoc { offset: loc.offset + loc.len, ..loc },
+        ] {
+            assert!(matches!(spool.message(bad), Err(SpoolError::Corrupt(_))), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn oversized_envelope_field_is_refused_without_writing() {
+        let tmp = TempDir::new("oversize");
+        let (mut spool, _) = Spool::open(opts(&tmp.0)).unwrap();
+        let mut e = env(&["a@x"]);
+        e.helo = vec![b'h'; 70_000];
+        let r = spool.append_message(QueueId(1), 0, &e, b"x");
+        assert!(matches!(r, Err(SpoolError::Io(_, ref io)) if io.kind() == io::ErrorKind::InvalidInput));
+        assert!(!spool.has_uncommitted());
+    }
+
+    #[test]
+    fn header_only_and_zero_segments_are_removed_quietly() {
+        let tmp = TempDir::new("empties");
+        std::fs::create_dir_all(&tmp.0).unwrap();
+        std::fs::write(seg_path(&tmp.0, 3), [0u8; 4096]).unwrap();
+        std::fs::write(seg_path(&tmp.0, 4), format::encode_segment_header(4)).unwrap();
+        std::fs::write(tmp.0.join("unrelated.txt"), b"keep").unwrap();
+        let (spool, rec) = Spool::open(opts(&tmp.0)).unwrap();
+        assert!(rec.warnings.is_empty(), "{:?}", rec.warnings);
+        assert_eq!(spool.active_segment(), Some(5));
+        assert_eq!(seg_files(&tmp.0), vec![5]);
+        assert!(tmp.0.join("unrelated.txt").exists());
+    }
+
+    #[test]
+    fn segment_of_another_format_version_is_refused_untouched() {
+        let tmp = TempDir::new("version");
+        std::fs::create_dir_all(&tmp.0).unwrap();
+        let mut h = format::encode_segment_header(1);
+        h[8] = 99;
+        let crc = crc32c::crc32c(&h[0..28]);
+        h[28..32].copy_from_slice(&crc.to_le_bytes());
+        std::fs::write(seg_path(&tmp.0, 1), h).unwrap();
+        let Err(e) = Spool::open(opts(&tmp.0)) else { panic!("opened") };
+        assert!(e.to_string().contains("version 99"), "{e}");
+        assert_eq!(std::fs::read(seg_path(&tmp.0, 1)).unwrap(), h);
+    }
+}

@@ -1,0 +1,497 @@
+//! One memory-mapped, append-only segment file, and the spool's only `unsafe`.
+//!
+//! Owns the file descriptor and the `MAP_SHARED` mapping of one segment: creation with the
+//! space preallocated by `posix_fallocate` (so a full disk is reported as
+//! [`SpoolError::NoSpace`] when the segment is created, never as a SIGBUS on a later store into
+//! the map), appends copied straight into the map, durability (`msync(MS_SYNC)` of the dirty
+//! page range, then `fdatasync`), sealing (truncate to the used length, map read-only) and
+//! removal. It knows nothing of record contents beyond writing the segment header.
+//!
+//! It must never touch bytes at or past the file's length through the map (that is the SIGBUS
+//! case), and never let a slice of the map outlive the mapping (slices borrow `&self`).
+//! The spool directory is locked ([`lock_dir`]) so no other relay truncates our files.
+#![allow(unsafe_code)]
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::ptr;
+
+use super::format;
+use super::SpoolError;
+
+/// Calls a libc function and turns its failure report into `io::Error`.
+///
+/// - `syscall!(f(args))`: failure is `-1` with `errno` set.
+/// - `syscall!(@ptr f(args))`: failure is `MAP_FAILED` with `errno` set (mmap).
+/// - `syscall!(@errno f(args))`: the function returns the error number itself, 0 on success
+///   (posix_fallocate).
+///
+/// Every call site carries its own `// SAFETY:` comment for the arguments it passes.
+macro_rules! syscall {
+    ($fn:ident ( $($arg:expr),* $(,)? )) => {{
+        // SAFETY: the call site documents why the arguments are valid for this call.
+        let res = unsafe { libc::$fn($($arg),*) };
+        if res == -1 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(res)
+        }
+    }};
+    (@ptr $fn:ident ( $($arg:expr),* $(,)? )) => {{
+        // SAFETY: the call site documents why the arguments are valid for this call.
+        let res = unsafe { libc::$fn($($arg),*) };
+        if res == libc::MAP_FAILED {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(res)
+        }
+    }};
+    (@errno $fn:ident ( $($arg:expr),* $(,)? )) => {{
+        // SAFETY: the call site documents why the arguments are valid for this call.
+        let res = unsafe { libc::$fn($($arg),*) };
+        if res == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::from_raw_os_error(res))
+        }
+    }};
+}
+
+/// Classifies an I/O error once: a full device or quota is [`SpoolError::NoSpace`] (the relay
+/// answers 452), anything else is [`SpoolError::Io`] with what was being done.
+pub(crate) fn map_io(what: &'static str, e: io::Error) -> SpoolError {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => SpoolError::NoSpace,
+        _ => SpoolError::Io(what, e),
+    }
+}
+
+/// Like [`map_io`], but names the file in the message (for errors a human must act on).
+pub(crate) fn map_io_at(what: &'static str, path: &Path, e: io::Error) -> SpoolError {
+    match map_io(what, e) {
+        SpoolError::Io(what, e) => SpoolError::Io(what, io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
+        other => other,
+    }
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf only reads a system constant.
+    match syscall!(sysconf(libc::_SC_PAGESIZE)) {
+        Ok(n) if n > 0 => n as usize,
+        // 4 KiB is the smallest page size on every platform we run on; a smaller assumed page
+        // only makes msync's range start earlier than needed.
+        _ => 4096,
+    }
+}
+
+/// Takes an exclusive, non-blocking `flock` on `<dir>/lock`, creating it; this also proves the
+/// directory is writable. The lock lives as long as the returned file.
+pub(crate) fn lock_dir(dir: &Path) -> Result<File, SpoolError> {
+    let path = dir.join("lock");
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| map_io_at("spool directory is not writable", &path, e))?;
+    // SAFETY: the fd is open for the duration of the call; flock takes no pointers.
+    match syscall!(flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB)) {
+        Ok(_) => Ok(file),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(SpoolError::Io(
+            "spool directory is in use by another process",
+            io::Error::new(e.kind(), path.display().to_string()),
+        )),
+        Err(e) => Err(map_io_at("lock spool directory", &path, e)),
+    }
+}
+
+/// One segment file and its mapping.
+pub(crate) struct Segment {
+    seq: u64,
+    path: PathBuf,
+    file: File,
+    /// Start of the mapping; null when `map_len` is 0 (an empty file cannot be mapped).
+    ptr: *mut u8,
+    /// Length of the mapping. Never more than the file length, except after `seal`, whose
+    /// truncation leaves the tail of the map past EOF untouched forever.
+    map_len: usize,
+    /// Bytes in use: header plus records appended.
+    used: usize,
+    /// Bytes known durable (or, with fsync off, forgotten); `synced..used` is the dirty range.
+    synced: usize,
+    /// Mapped writable (active segment) rather than read-only.
+    writable: bool,
+}
+
+// SAFETY: the mapping is owned exclusively by this value (no other handle to `ptr` exists), so
+// moving it to another thread moves sole access with it; `Segment` is not `Sync`.
+unsafe impl Send for Segment {}
+
+impl Segment {
+    /// Creates segment `seq` in `dir` with `size` bytes preallocated, maps it read-write and
+    /// writes the segment header. The file is removed again if any step fails.
+    pub(crate) fn create(dir: &Path, seq: u64, size: usize) -> Result<Segment, SpoolError> {
+        let path = dir.join(format::segment_file_name(seq));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| map_io_at("create segment", &path, e))?;
+        match Self::init(file, &path, seq, size) {
+            Ok(seg) => Ok(seg),
+            Err(e) => {
+                // Best effort: a leftover preallocated file would hold only zeros and be
+                // removed by the next recovery anyway.
+                let _ = std::fs::remove_file(&path);
+                Err(e)
+            }
+        }
+    }
+
+    fn init(file: File, path: &Path, seq: u64, size: usize) -> Result<Segment, SpoolError> {
+        let size = size.max(format::SEGMENT_HEADER_LEN);
+        let len = libc::off_t::try_from(size)
+            .map_err(|_| SpoolError::Io("create segment", io::Error::other("segment size too large")))?;
+        loop {
+            // SAFETY: valid open fd; offset and length are non-negative.
+            match syscall!(@errno posix_fallocate(file.as_raw_fd(), 0, len)) {
+                Ok(()) => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(map_io_at("preallocate segment", path, e)),
+            }
+        }
+        let mut seg = Segment {
+            seq,
+            path: path.to_path_buf(),
+            file,
+            ptr: ptr::null_mut(),
+            map_len: 0,
+            used: 0,
+            synced: 0,
+            writable: true,
+        };
+        seg.map(size, true).map_err(|e| map_io_at("map segment", path, e))?;
+        let header = format::encode_segment_header(seq);
+        seg.append_with(header.len(), |dst| {
+            dst.copy_from_slice(&header);
+            Ok(())
+        })?;
+        Ok(seg)
+    }
+
+    /// Opens an existing segment file and maps all of it read-only. The fd is read-write so
+    /// recovery can cut a torn tail.
+    pub(crate) fn open(path: &Path, seq: u64) -> Result<Segment, SpoolError> {
+        let file =
+            OpenOptions::new().read(true).write(true).open(path).map_err(|e| map_io_at("open segment", path, e))?;
+        let len = file.metadata().map_err(|e| map_io_at("stat segment", path, e))?.len();
+        let len = usize::try_from(len)
+            .map_err(|_| SpoolError::Io("open segment", io::Error::other("segment larger than memory")))?;
+        let mut seg = Segment {
+            seq,
+            path: path.to_path_buf(),
+            file,
+            ptr: ptr::null_mut(),
+            map_len: 0,
+            used: len,
+            synced: len,
+            writable: false,
+        };
+        seg.map(len, false).map_err(|e| map_io_at("map segment", path, e))?;
+        Ok(seg)
+    }
+
+    /// Maps the first `len` bytes of the file (nothing for 0), replacing any current mapping.
+    fn map(&mut self, len: usize, writable: bool) -> io::Result<()> {
+        self.unmap();
+        if len == 0 {
+            return Ok(());
+        }
+        let prot = if writable { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
+        // SAFETY: a fresh mapping chosen by the kernel (null hint) over an open fd; the file is
+        // at least `len` bytes long (callers map the fallocated size or the fstat'd length).
+        let p = syscall!(@ptr mmap(
+            ptr::null_mut(),
+            len,
+            prot,
+            libc::MAP_SHARED,
+            self.file.as_raw_fd(),
+            0,
+        ))?;
+        self.ptr = p.cast();
+        self.map_len = len;
+        self.writable = writable;
+        Ok(())
+    }
+
+    fn unmap(&mut self) {
+        if !self.ptr.is_null() {
+            // SAFETY: `ptr`/`map_len` describe a mapping made by `map` and not yet unmapped;
+            // no slice of it outlives this call because slices borrow `self`.
+            let _ = syscall!(munmap(self.ptr.cast(), self.map_len));
+            self.ptr = ptr::null_mut();
+            self.map_len = 0;
+        }
+    }
+
+    /// Sequence number.
+    pub(crate) fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Path of the file.
+    #[cfg(test)]
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// File name for messages (`seg-….spool`).
+    pub(crate) fn name(&self) -> String {
+        format::segment_file_name(self.seq)
+    }
+
+    /// Bytes in use, from the start of the file (header included).
+    pub(crate) fn bytes(&self) -> &[u8] {
+        if self.ptr.is_null() {
+            return &[];
+        }
+        // SAFETY: `used <= map_len` always holds and `used` never exceeds the file length, so
+        // the range is mapped and backed by the file; the slice borrows `self`, which owns the
+        // mapping, and writes need `&mut self`, so no aliasing `&mut` exists meanwhile.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.used) }
+    }
+
+    /// Bytes used.
+    pub(crate) fn used(&self) -> usize {
+        self.used
+    }
+
+    /// Room left for records.
+    pub(crate) fn remaining(&self) -> usize {
+        if self.writable {
+            self.map_len - self.used
+        } else {
+            0
+        }
+    }
+
+    /// True when bytes were appended since the last [`Segment::commit`].
+    pub(crate) fn is_dirty(&self) -> bool {
+        self.synced < self.used
+    }
+
+    /// Reserves `len` bytes at the end of the used range, lets `fill` write them in place, and
+    /// returns their offset. If `fill` fails the bytes are zeroed again and nothing is used.
+    pub(crate) fn append_with(
+        &mut self,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), SpoolError>,
+    ) -> Result<usize, SpoolError> {
+        if len > self.remaining() {
+            return Err(SpoolError::Io("append to segment", io::Error::other("segment full")));
+        }
+        let off = self.used;
+        // SAFETY: `off + len <= map_len` (checked above), the mapping is writable (remaining()
+        // is 0 otherwise) and backed by preallocated file blocks; `&mut self` guarantees no
+        // other slice of the map is alive.
+        let dst = unsafe { std::slice::from_raw_parts_mut(self.ptr.add(off), len) };
+        match fill(dst) {
+            Ok(()) => {
+                self.used = off + len;
+                Ok(off)
+            }
+            Err(e) => {
+                // Keep the zero-word end marker valid for the space we handed out.
+                dst.fill(0);
+                Err(e)
+            }
+        }
+    }
+
+    /// Makes `synced..used` durable: `msync(MS_SYNC)` over the page-aligned dirty range (data
+    /// written through the map), then `fdatasync` (file size and any block metadata). With
+    /// `fsync == false` the range is only forgotten.
+    pub(crate) fn commit(&mut self, fsync: bool) -> io::Result<()> {
+        if !self.is_dirty() {
+            return Ok(());
+        }
+        if fsync && !self.ptr.is_null() {
+            // msync wants a page-aligned start.
+            let start = self.synced - self.synced % page_size();
+            // SAFETY: `start..used` lies within the live mapping (`used <= map_len`) and below
+            // EOF; msync reads no memory of ours besides the range it is given.
+            syscall!(msync(self.ptr.add(start).cast(), self.used - start, libc::MS_SYNC))?;
+            // SAFETY: valid open fd.
+            syscall!(fdatasync(self.file.as_raw_fd()))?;
+        }
+        self.synced = self.used;
+        Ok(())
+    }
+
+    /// Forgets the dirty range without syncing (after a failed commit the batch is abandoned).
+    pub(crate) fn forget_dirty(&mut self) {
+        self.synced = self.used;
+    }
+
+    /// Truncates the file to the used length and makes the map read-only; no further appends.
+    /// Dirty bytes below `used` stay in the map and can still be committed.
+    pub(crate) fn seal(&mut self) -> io::Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        self.writable = false;
+        if !self.ptr.is_null() {
+            // SAFETY: the range is exactly the live mapping; this only changes protections, so
+            // a stray write would fault instead of silently changing sealed data.
+            syscall!(mprotect(self.ptr.cast(), self.map_len, libc::PROT_READ))?;
+        }
+        self.file.set_len(self.used as u64)
+    }
+
+    /// Cuts the file to `len` bytes (a torn tail, or preallocated space nobody will use) and
+    /// remaps what is left read-only.
+    pub(crate) fn truncate(&mut self, len: usize) -> Result<(), SpoolError> {
+        // Unmap first: pages wholly past the new EOF would fault if ever touched.
+        self.unmap();
+        self.file.set_len(len as u64).map_err(|e| map_io_at("truncate segment", &self.path, e))?;
+        self.used = len;
+        self.synced = len;
+        self.map(len, false).map_err(|e| map_io_at("map segment", &self.path, e))
+    }
+
+    /// Unmaps and deletes the file.
+    pub(crate) fn remove(mut self) -> Result<(), SpoolError> {
+        self.unmap();
+        std::fs::remove_file(&self.path).map_err(|e| map_io_at("remove segment", &self.path, e))
+    }
+}
+
+impl Drop for Segment {
+    fn drop(&mut self) {
+        self.unmap();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("sluice-seg-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn no_space_is_classified_once() {
+        let e = io::Error::from_raw_os_error(libc::ENOSPC);
+        assert!(matches!(map_io("x", e), SpoolError::NoSpace));
+        let e = io::Error::from_raw_os_error(libc::EDQUOT);
+        assert!(matches!(map_io("x", e), SpoolError::NoSpace));
+        let e = io::Error::from_raw_os_error(libc::EIO);
+        assert!(matches!(map_io("x", e), SpoolError::Io("x", _)));
+        let e = io::Error::from_raw_os_error(libc::ENOSPC);
+        assert!(matches!(map_io_at("x", Path::new("/a"), e), SpoolError::NoSpace));
+        let e = io::Error::from_raw_os_error(libc::EACCES);
+        let SpoolError::Io(_, e) = map_io_at("x", Path::new("/a/b"), e) else { panic!() };
+        assert!(e.to_string().contains("/a/b"));
+    }
+
+    #[test]
+    fn create_append_commit_seal_reopen_remove() {
+        let dir = temp_dir("basic");
+        let mut seg = Segment::create(&dir, 3, 64 * 1024).unwrap();
+        assert_eq!(format::decode_segment_header(seg.bytes()), Ok(3));
+        assert_eq!(std::fs::metadata(seg.path()).unwrap().len(), 64 * 1024, "space is preallocated");
+        let off = seg
+            .append_with(16, |dst| {
+                dst.copy_from_slice(b"0123456789abcdef");
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(off, format::SEGMENT_HEADER_LEN);
+        assert!(seg.is_dirty());
+        seg.commit(true).unwrap();
+        assert!(!seg.is_dirty());
+        // A failing fill leaves nothing used.
+        let err = seg.append_with(8, |dst| {
+            dst.fill(7);
+            Err(SpoolError::Corrupt("test"))
+        });
+        assert!(err.is_err());
+        assert_eq!(seg.used(), format::SEGMENT_HEADER_LEN + 16);
+        seg.seal().unwrap();
+        assert_eq!(seg.remaining(), 0);
+        assert!(seg.append_with(8, |_| Ok(())).is_err());
+        let path = seg.path().to_path_buf();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 48);
+        drop(seg);
+
+        let seg = Segment::open(&path, 3).unwrap();
+        assert_eq!(&seg.bytes()[32..], b"0123456789abcdef");
+        seg.remove().unwrap();
+        assert!(!path.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn sealed_dirty_bytes_can_still_be_committed() {
+        let dir = temp_dir("sealdirty");
+        let mut seg = Segment::create(&dir, 1, 4096).unwrap();
+        seg.append_with(8, |d| {
+            d.fill(1);
+            Ok(())
+        })
+        .unwrap();
+        seg.seal().unwrap();
+        assert!(seg.is_dirty());
+        seg.commit(true).unwrap();
+        assert!(!seg.is_dirty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn empty_file_opens_and_truncate_remaps() {
+        let dir = temp_dir("empty");
+        let path = dir.join(format::segment_file_name(1));
+        std::fs::write(&path, b"").unwrap();
+        let seg = Segment::open(&path, 1).unwrap();
+        assert!(seg.bytes().is_empty());
+        drop(seg);
+        std::fs::write(&path, [9u8; 100]).unwrap();
+        let mut seg = Segment::open(&path, 1).unwrap();
+        seg.truncate(40).unwrap();
+        assert_eq!(seg.bytes(), &[9u8; 40][..]);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 40);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn create_refuses_an_existing_file() {
+        let dir = temp_dir("exists");
+        let _seg = Segment::create(&dir, 1, 4096).unwrap();
+        assert!(Segment::create(&dir, 1, 4096).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn lock_is_exclusive() {
+        let dir = temp_dir("lock");
+        let held = lock_dir(&dir).unwrap();
+        assert!(lock_dir(&dir).is_err());
+        drop(held);
+        assert!(lock_dir(&dir).is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

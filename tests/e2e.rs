@@ -1,0 +1,11 @@
+//! End-to-end tests: the real `sluice` binary driven over real TCP sockets, by our own line
+//! client and by third-party peers (Python smtplib, swaks, Postfix's smtp-source).
+
+mod e2e {
+    pub mod cli;
+    pub mod durability;
+    pub mod peers;
+    pub mod session;
+    pub mod smuggling;
+    pub mod support;
+}

@@ -1,0 +1,104 @@
+//! Command-line behaviour: bad flags exit 2 naming the flag; start-up errors exit 1.
+
+use super::support::*;
+use std::process::Command;
+
+fn serve(args: &[&str]) -> (i32, String) {
+    let dir = TempDir::new("cli");
+    let out = Command::new(sluice_bin())
+        .arg("serve")
+        .arg("--spool")
+        .arg(dir.path().join("s"))
+        .args(["--listen", "127.0.0.1:0"])
+        .args(args)
+        .output()
+        .unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn bad_flag_values_exit_2_naming_the_flag() {
+    for (flag, value) in [
+        ("--max-recipients", "many"),
+        ("--max-recipients", "0"),
+        ("--fsync", "sometimes"),
+        ("--allow", "10.0.0.0/40"),
+        ("--retry-schedule", "1m,5x"),
+        ("--max-queue-lifetime", "forever"),
+        ("--max-message-size", "5X"),
+        ("--listen", "nowhere"),
+        ("--dns", "not-an-addr"),
+        ("--relay-host", "bad host:x"),
+        ("--smtp-port", "70000"),
+        ("--log-format", "xml"),
+        ("--command-timeout", "0s"),
+        ("--hostname", "bad_host!"),
+    ] {
+        let (code, err) = serve(&[flag, value]);
+        assert_eq!(code, 2, "{flag} {value}: {err}");
+        assert!(err.contains(flag), "{flag} {value}: message should name the flag: {err}");
+    }
+    let (code, err) = serve(&["--listen-tls", "127.0.0.1:0"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--listen-tls"), "{err}");
+}
+
+#[test]
+fn unusable_spool_exits_1() {
+    let dir = TempDir::new("cli");
+    let file = dir.path().join("plain-file");
+    std::fs::write(&file, b"x").unwrap();
+    let out = Command::new(sluice_bin())
+        .arg("serve")
+        .arg("--spool")
+        .arg(file.join("spool"))
+        .args(["--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("spool"), "{err}");
+}
+
+#[test]
+fn listen_address_in_use_exits_1() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = TempDir::new("cli");
+    let out = Command::new(sluice_bin())
+        .arg("serve")
+        .arg("--spool")
+        .arg(dir.path().join("s"))
+        .args(["--listen", &addr])
+        .output()
+        .unwrap();
+    // SO_REUSEPORT lets two sluice processes share a port, but not a plain listener's.
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&addr));
+}
+
+#[test]
+fn queue_list_and_stats() {
+    let relay = Relay::start(&[]);
+    let mut c = relay.client();
+    c.expect("220");
+    c.expect_ok("EHLO c.test", "250");
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let r =
+            c.send_message("a@b.test", &["x@y.test", "z@y.test"], format!("Subject: {i}\r\n\r\nbody\r\n").as_bytes());
+        ids.push(queue_id(&r));
+    }
+    let (code, out, err) = queue_cmd(&relay.spool, &["list"]);
+    assert_eq!(code, 0, "{err}");
+    for id in &ids {
+        assert!(out.contains(id.as_str()), "{out}");
+    }
+    assert!(out.contains("x@y.test") && out.contains("a@b.test"), "{out}");
+    let (code, out, _) = queue_cmd(&relay.spool, &["stats", "--json"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("\"messages\":3") && out.contains("\"recipients\":6"), "{out}");
+    let (code, _, err) = queue_cmd(std::path::Path::new("/nonexistent/spool"), &["list"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("/nonexistent/spool"), "{err}");
+}

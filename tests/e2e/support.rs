@@ -1,0 +1,270 @@
+//! Test support: spawn `sluice serve` on 127.0.0.1 with a port chosen by the kernel and a
+//! temporary spool, a line-oriented SMTP client, and helpers to inspect the spool.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Path of the built `sluice` binary.
+pub fn sluice_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_sluice")
+}
+
+/// A directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "sluice-e2e-{}-{}-{}",
+            tag,
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running relay.
+pub struct Relay {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub spool: PathBuf,
+    pub log: Arc<Mutex<String>>,
+    _dir: Option<TempDir>,
+}
+
+impl Relay {
+    /// Starts a relay with its own temporary spool and the given extra flags.
+    pub fn start(extra: &[&str]) -> Relay {
+        let dir = TempDir::new("spool");
+        let spool = dir.path().join("spool");
+        let mut r = Relay::start_on(&spool, extra);
+        r._dir = Some(dir);
+        r
+    }
+
+    /// Starts a relay on an existing spool directory (for restarts).
+    pub fn start_on(spool: &Path, extra: &[&str]) -> Relay {
+        let mut cmd = Command::new(sluice_bin());
+        cmd.arg("serve").arg("--spool").arg(spool).args(["--hostname", "mx.test"]);
+        if !extra.contains(&"--listen") {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        cmd.args(extra).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn sluice");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(rest) = line.split("event=listening addr=").nth(1) {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(rest.trim().to_string());
+                    }
+                }
+                let mut l = log2.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(a) => a.parse().unwrap(),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("relay did not start; log:\n{}", log.lock().unwrap());
+            }
+        };
+        Relay { child, addr, spool: spool.to_path_buf(), log, _dir: None }
+    }
+
+    pub fn client(&self) -> Client {
+        Client::connect(self.addr)
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits (bounded) until the relay's log contains `needle`.
+    pub fn wait_log(&self, needle: &str) {
+        let t0 = Instant::now();
+        while !self.log().contains(needle) {
+            assert!(t0.elapsed() < Duration::from_secs(10), "log never showed {needle:?}:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, sig: &str) {
+        let st = Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status().unwrap();
+        assert!(st.success());
+    }
+
+    /// Waits for exit (bounded).
+    pub fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            if t0.elapsed() > within {
+                let _ = self.child.kill();
+                panic!("relay did not exit within {within:?}; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Takes the temp dir so it outlives this relay (for restarts on the same spool).
+    pub fn take_dir(&mut self) -> Option<TempDir> {
+        self._dir.take()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A blocking SMTP client that reads whole (multi-line) replies.
+pub struct Client {
+    pub stream: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr) -> Client {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let reader = BufReader::new(stream.try_clone().unwrap());
+        Client { stream, reader }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    /// Reads one reply (all its lines); "" on EOF.
+    pub fn reply(&mut self) -> String {
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            match self.reader.read_line(&mut line) {
+                Ok(0) => return all,
+                Ok(_) => {}
+                Err(e) => panic!("reading reply: {e}; so far: {all:?}"),
+            }
+            let last = line.len() < 4 || line.as_bytes()[3] == b' ';
+            all.push_str(&line);
+            if last {
+                return all;
+            }
+        }
+    }
+
+    /// Sends a command and returns its reply.
+    pub fn cmd(&mut self, line: &str) -> String {
+        self.send(format!("{line}\r\n").as_bytes());
+        self.reply()
+    }
+
+    /// Asserts that the next reply starts with `prefix`.
+    pub fn expect(&mut self, prefix: &str) -> String {
+        let r = self.reply();
+        assert!(r.starts_with(prefix), "expected {prefix:?}, got {r:?}");
+        r
+    }
+
+    /// True when the server has closed the connection (EOF within the read timeout).
+    pub fn closed(&mut self) -> bool {
+        let mut buf = [0u8; 256];
+        matches!(self.reader.read(&mut buf), Ok(0))
+    }
+
+    /// EHLO + MAIL + RCPT + DATA + body; returns the final reply.
+    pub fn send_message(&mut self, from: &str, to: &[&str], body: &[u8]) -> String {
+        self.expect_ok(&format!("MAIL FROM:<{from}>"), "250");
+        for t in to {
+            self.expect_ok(&format!("RCPT TO:<{t}>"), "250");
+        }
+        self.expect_ok("DATA", "354");
+        self.send(body);
+        self.send(b".\r\n");
+        self.reply()
+    }
+
+    pub fn expect_ok(&mut self, line: &str, code: &str) -> String {
+        let r = self.cmd(line);
+        assert!(r.starts_with(code), "{line:?} -> {r:?}");
+        r
+    }
+}
+
+/// The queue id out of a `250 2.0.0 Ok: queued as ID` reply.
+pub fn queue_id(reply: &str) -> String {
+    reply.trim_end().rsplit(' ').next().unwrap().to_string()
+}
+
+/// Runs `sluice queue --spool DIR ARGS...` and returns (status, stdout, stderr).
+pub fn queue_cmd(spool: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(sluice_bin()).arg("queue").arg("--spool").arg(spool).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Every message in the spool as (queue id, body bytes), via the library's read-only scan.
+pub fn spool_messages(spool: &Path) -> Vec<(String, Vec<u8>)> {
+    sluice::spool::read_messages(spool)
+        .expect("read spool")
+        .into_iter()
+        .map(|(id, body)| (id.to_string(), body))
+        .collect()
+}
+
+/// Whether a command exists on PATH.
+pub fn have(cmd: &str) -> bool {
+    Command::new("sh").arg("-c").arg(format!("command -v {cmd} >/dev/null 2>&1")).status().is_ok_and(|s| s.success())
+}
+
+/// Requires a third-party tool: on CI (CI=true) its absence fails the test, elsewhere it skips.
+pub fn require(cmd: &str) -> bool {
+    if have(cmd) {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{cmd} is required on CI (.ci/run installs it)");
+    }
+    eprintln!("skipping: {cmd} not installed");
+    false
+}
