@@ -28,6 +28,8 @@ pub struct InboundConn {
     pub output: Option<Buf>,
     /// Readable since the last `WouldBlock`.
     pub readable: bool,
+    /// The peer's FIN (or an error) was reported: keep reading until EOF is seen.
+    pub hup: bool,
     /// Writable since the last `WouldBlock`.
     pub writable: bool,
     /// The peer closed its side.

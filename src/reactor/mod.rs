@@ -11,6 +11,7 @@
 //!    that a connection flood cannot starve sessions already open.
 
 pub mod signal;
+pub mod syncer;
 pub mod timer;
 pub mod token;
 
@@ -84,8 +85,11 @@ pub struct Server {
     timers: timer::Timers,
     log: Logger,
     signals: signal::SignalSource,
-    /// Connections whose message waits for this turn's commit: (key, generation).
+    /// Connections whose message is appended but not yet in a commit: (key, generation).
     waiting: Vec<(usize, u32)>,
+    /// Connections whose message the sync thread is committing now.
+    syncing: Vec<(usize, u32)>,
+    syncer: syncer::Syncer,
     /// Connections with output to flush this turn.
     dirty: Vec<(usize, u32)>,
     /// Connections to drive again next turn (budget spent or buffers exhausted).
@@ -143,6 +147,8 @@ impl Server {
         }
         let signals =
             signal::SignalSource::register(poll.registry(), token::make(Kind::Signal, 0, 0)).map_err(RunError::Poll)?;
+        let waker = mio::Waker::new(poll.registry(), token::make(Kind::Waker, 0, 0)).map_err(RunError::Poll)?;
+        let syncer = syncer::Syncer::spawn(waker).map_err(RunError::Poll)?;
         log.flush();
         let limit = (cfg.max_connections * 2 + 64).min(1 << 20);
         Ok(Server {
@@ -158,6 +164,8 @@ impl Server {
             log,
             signals,
             waiting: Vec::new(),
+            syncing: Vec::new(),
+            syncer,
             dirty: Vec::new(),
             again: Vec::new(),
             shutdown: None,
@@ -197,6 +205,7 @@ impl Server {
                         }
                     }
                     Some((Kind::Signal, _, _)) => self.on_signal(),
+                    Some((Kind::Waker, _, _)) => self.on_sync_done(),
                     Some((Kind::Inbound, generation, key)) => {
                         let Some(conn) = self.conns.get_mut(key) else { continue };
                         if conn.generation != generation {
@@ -204,6 +213,9 @@ impl Server {
                         }
                         if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
                             conn.readable = true;
+                        }
+                        if ev.is_read_closed() || ev.is_error() {
+                            conn.hup = true;
                         }
                         if ev.is_writable() || ev.is_write_closed() || ev.is_error() {
                             conn.writable = true;
@@ -223,6 +235,8 @@ impl Server {
             self.accept();
             self.log.flush();
             if self.shutdown_done() {
+                self.commit_all_blocking();
+                self.flush_dirty();
                 self.log.event("stopped", &[("open_sessions", V::N(self.conns.len() as u64))]);
                 self.log.flush();
                 return Ok(());
@@ -236,7 +250,8 @@ impl Server {
     }
 
     fn poll_timeout(&self) -> Option<Duration> {
-        if !self.again.is_empty() || !self.waiting.is_empty() || self.spool.has_uncommitted() {
+        let commit_due = !self.waiting.is_empty() || self.spool.has_uncommitted();
+        if !self.again.is_empty() || (commit_due && !self.syncer.busy()) {
             return Some(Duration::ZERO);
         }
         if self.listeners.iter().any(|l| l.pending) && self.accept_retry.is_none() && self.shutdown.is_none() {
@@ -294,7 +309,7 @@ impl Server {
                             Ok(_) => {
                                 conn.session.release_body(bodies);
                                 conn.waiting = Some(id);
-                                conn.eod_at = Some(*now);
+                                conn.eod_at = Some(Instant::now());
                                 waiting.push((key, conn.generation));
                             }
                             Err(e) => {
@@ -344,6 +359,7 @@ impl Server {
                 break;
             };
             let space = inb.space();
+            let asked = space.len();
             if space.is_empty() {
                 // The session cannot consume (its output is full): wait for the client to read.
                 break;
@@ -351,6 +367,12 @@ impl Server {
             match socket::read(&mut conn.sock, space) {
                 IoResult::Done(n) => {
                     inb.fill(n);
+                    // A short read drained the socket: with edge-triggered epoll, new bytes
+                    // raise a new event, so the extra read that would return EAGAIN is skipped
+                    // (as tokio does). Not after a FIN was reported: then read on to see EOF.
+                    if n < asked && !conn.hup {
+                        conn.readable = false;
+                    }
                     let t = match conn.session.timeout_kind() {
                         TimeoutKind::Data => cfg.data_timeout,
                         TimeoutKind::Command | TimeoutKind::None => cfg.command_timeout,
@@ -393,29 +415,87 @@ impl Server {
         }
     }
 
-    /// Group commit, then the `250`s (or `451`s) for every message of this turn.
+    /// Group commit: hands every message appended so far to the sync thread as one batch
+    /// (unless one is already out: the next batch starts when it returns). With `--fsync never`
+    /// the batch is released at once.
     fn commit(&mut self) {
-        if self.waiting.is_empty() && !self.spool.has_uncommitted() {
+        if self.syncer.busy() || (self.waiting.is_empty() && !self.spool.has_uncommitted()) {
             return;
         }
-        let result = self.spool.commit();
-        if let Err(e) = &result {
-            self.log.event("spool_error", &[("during", V::S("commit")), ("error", V::D(e))]);
+        match self.spool.begin_commit() {
+            Ok(Some(job)) => {
+                self.syncer.submit(job);
+                debug_assert!(self.syncing.is_empty());
+                self.syncing = std::mem::take(&mut self.waiting);
+            }
+            Ok(None) => {
+                let batch = std::mem::take(&mut self.waiting);
+                self.release(batch, Ok(()));
+            }
+            Err(e) => {
+                self.log.event("spool_error", &[("during", V::S("commit")), ("error", V::D(&e))]);
+                let batch = std::mem::take(&mut self.waiting);
+                self.release(batch, Err(()));
+            }
         }
-        let waiting = std::mem::take(&mut self.waiting);
-        for &(key, generation) in &waiting {
-            let Server { conns, bufs, bodies, ids, cfg, log, dirty, now, wall_us, .. } = self;
+    }
+
+    /// The sync thread is back: release its batch, then start the next one.
+    fn on_sync_done(&mut self) {
+        while let Some(result) = self.syncer.try_result() {
+            self.finish_sync(result);
+        }
+        self.commit();
+    }
+
+    fn finish_sync(&mut self, result: Result<(), SpoolError>) {
+        let batch = std::mem::take(&mut self.syncing);
+        match self.spool.finish_commit(result) {
+            Ok(()) => self.release(batch, Ok(())),
+            Err(e) => {
+                self.log.event("spool_error", &[("during", V::S("commit")), ("error", V::D(&e))]);
+                // The spool abandoned this batch and every append made after it.
+                let newer = std::mem::take(&mut self.waiting);
+                self.release(batch, Err(()));
+                self.release(newer, Err(()));
+            }
+        }
+    }
+
+    /// Waits for the sync in flight and commits what is left, synchronously (shutdown only).
+    fn commit_all_blocking(&mut self) {
+        if let Some(result) = self.syncer.wait_result() {
+            self.finish_sync(result);
+        }
+        if !self.waiting.is_empty() || self.spool.has_uncommitted() {
+            let result = self.spool.commit();
+            let batch = std::mem::take(&mut self.waiting);
+            if let Err(e) = &result {
+                self.log.event("spool_error", &[("during", V::S("commit")), ("error", V::D(e))]);
+            }
+            self.release(batch, result.map_err(|_| ()));
+        }
+    }
+
+    /// Writes the `250` (or `451` when the commit failed) of every message in `batch`, then
+    /// lets those sessions go on with what they pipelined behind the message.
+    fn release(&mut self, batch: Vec<(usize, u32)>, result: Result<(), ()>) {
+        let committed_at = Instant::now();
+        for &(key, generation) in &batch {
+            let Server { conns, bufs, bodies, ids, cfg, log, dirty, wall_us, waiting, .. } = self;
             let Some(conn) = conns.get_mut(key).filter(|c| c.generation == generation) else { continue };
             let Some(id) = conn.waiting.take() else { continue };
             let Some(out) = InboundConn::output(&mut conn.output, bufs) else {
-                // No buffer for the reply: keep waiting, retry next turn.
-                conn.waiting = Some(id);
-                self.waiting.push((key, generation));
+                // No buffer for the reply: the message is durable (or refused); answer later.
+                if result.is_ok() {
+                    conn.waiting = Some(id);
+                    waiting.push((key, generation));
+                }
                 continue;
             };
             let env = conn.session.envelope();
-            let latency_us = conn.eod_at.map_or(0, |t| now.duration_since(t).as_micros() as u64);
-            match &result {
+            let latency_us = conn.eod_at.map_or(0, |t| committed_at.duration_since(t).as_micros() as u64);
+            match result {
                 Ok(()) => log.event(
                     "accepted",
                     &[
@@ -426,20 +506,20 @@ impl Server {
                         ("commit_us", V::N(latency_us)),
                     ],
                 ),
-                Err(_) => log.event(
+                Err(()) => log.event(
                     "refused",
                     &[("id", V::D(&id)), ("client", V::D(&conn.peer)), ("reply", V::B(trim_crlf(reply::SPOOL_FAILED)))],
                 ),
             }
             let mut ctx = Ctx { cfg: &cfg.session, bodies, ids, now_unix_us: *wall_us };
-            conn.session.message_result(&mut ctx, result.as_ref().map(|_| ()).map_err(|_| reply::SPOOL_FAILED), out);
+            conn.session.message_result(&mut ctx, result.map_err(|()| reply::SPOOL_FAILED), out);
             if !conn.dirty {
                 conn.dirty = true;
                 dirty.push((key, generation));
             }
         }
         // Pipelined commands behind the message can go on now.
-        for (key, generation) in waiting {
+        for (key, generation) in batch {
             self.drive_checked(key, generation);
         }
     }
@@ -557,6 +637,7 @@ impl Server {
             input: None,
             output: Some(out),
             readable: false,
+            hup: false,
             writable: true,
             eof: false,
             closing: false,
@@ -613,7 +694,7 @@ impl Server {
             return false;
         }
         // Out of time: answer what is committed, refuse the rest, flush once and go.
-        self.commit();
+        self.commit_all_blocking();
         let keys: Vec<(usize, u32)> = self.conns.iter().map(|(k, c)| (k, c.generation)).collect();
         for (key, generation) in keys {
             let Server { conns, bufs, bodies, ids, cfg, wall_us, .. } = self;

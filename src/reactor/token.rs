@@ -12,6 +12,8 @@ pub enum Kind {
     Inbound,
     /// The signal pipe.
     Signal,
+    /// The waker of the spool sync thread.
+    Waker,
     /// Reserved for outbound SMTP connections (delivery).
     Outbound,
     /// Reserved for the DNS socket.
@@ -31,6 +33,7 @@ pub fn make(kind: Kind, generation: u32, key: usize) -> Token {
         Kind::Signal => 3,
         Kind::Outbound => 4,
         Kind::Dns => 5,
+        Kind::Waker => 6,
     };
     Token(((k << KIND_SHIFT) | ((u64::from(generation) & GEN_MASK) << GEN_SHIFT) | (key as u64 & KEY_MASK)) as usize)
 }
@@ -44,6 +47,7 @@ pub fn split(t: Token) -> Option<(Kind, u32, usize)> {
         3 => Kind::Signal,
         4 => Kind::Outbound,
         5 => Kind::Dns,
+        6 => Kind::Waker,
         _ => return None,
     };
     Some((kind, ((v >> GEN_SHIFT) & GEN_MASK) as u32, (v & KEY_MASK) as usize))

@@ -180,6 +180,38 @@ pub fn queue_listing(dir: &std::path::Path) -> Result<(Recovery, Vec<Envelope>),
     recover::queue_listing(dir)
 }
 
+/// One group commit detached from the spool so that a sync thread can run it while the event
+/// loop goes on (see [`Spool::begin_commit`]). `Send`; holds no borrow of the spool.
+pub struct SyncJob {
+    ranges: Vec<segment::SyncRange>,
+    dir: Option<PathBuf>,
+}
+
+impl SyncJob {
+    /// Makes the job's ranges durable: msync + fdatasync per segment, then the directory if a
+    /// segment file was created. Blocking: run it off the event loop.
+    pub fn run(&self) -> Result<(), SpoolError> {
+        for r in &self.ranges {
+            r.run().map_err(|e| map_io("sync spool segment", e))?;
+        }
+        if let Some(dir) = &self.dir {
+            // A new file's directory entry is not covered by the file's own fdatasync.
+            File::open(dir).and_then(|d| d.sync_all()).map_err(|e| map_io("sync spool directory", e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Bookkeeping of the commit a [`SyncJob`] is running.
+struct InFlight {
+    /// (segment, `used` mark) made durable by the job.
+    marks: Vec<(u64, usize)>,
+    /// Segments of the messages in the batch (see `Spool::batch_msgs`).
+    msgs: Vec<u64>,
+    /// The job syncs the directory.
+    dir: bool,
+}
+
 /// The spool: the active segment, the read-only older ones, and their reclamation counters.
 ///
 /// Call order per event-loop turn: any number of `append_*`, then one [`Spool::commit`], then
@@ -199,6 +231,8 @@ pub struct Spool {
     batch_msgs: Vec<u64>,
     /// A segment file was created since the last commit: its directory entry needs an fsync.
     dir_dirty: bool,
+    /// The group commit handed out by [`Spool::begin_commit`] and not finished yet.
+    in_flight: Option<InFlight>,
     /// Problems found while reclaiming (nowhere else to report them); see `take_warnings`.
     warnings: Vec<String>,
     /// Held for the life of the spool: the `flock` on `<dir>/lock`.
@@ -242,6 +276,7 @@ impl Spool {
             dirty: Vec::new(),
             batch_msgs: Vec::new(),
             dir_dirty: false,
+            in_flight: None,
             warnings: Vec::new(),
             _lock: lock,
         };
@@ -311,6 +346,10 @@ impl Spool {
     /// records of the failed batch may still be found by a later recovery (the relay then
     /// delivers a message whose client saw 451: a duplicate, never a loss).
     pub fn commit(&mut self) -> Result<(), SpoolError> {
+        if self.in_flight.is_some() {
+            // The job's marks would race this sync's: finish the job first.
+            return Err(SpoolError::Io("commit", io::Error::other("a group commit is already in flight")));
+        }
         if self.dirty.is_empty() && !self.dir_dirty {
             return Ok(());
         }
@@ -322,6 +361,81 @@ impl Spool {
                 Ok(())
             }
             Err(e) => {
+                self.abandon_batch();
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts a group commit to run off the event loop: returns the [`SyncJob`] covering every
+    /// append so far, to be run on another thread, whose result goes to
+    /// [`Spool::finish_commit`]. Appends may go on meanwhile; they belong to the next commit.
+    /// `Ok(None)` when there is nothing to sync (or `fsync` is off: then the appends are
+    /// already as committed as they will be). One job at a time.
+    pub fn begin_commit(&mut self) -> Result<Option<SyncJob>, SpoolError> {
+        if self.in_flight.is_some() {
+            return Ok(None);
+        }
+        if !self.opts.fsync {
+            self.commit()?;
+            return Ok(None);
+        }
+        if self.dirty.is_empty() && !self.dir_dirty {
+            return Ok(None);
+        }
+        let mut ranges = Vec::new();
+        let mut marks = Vec::new();
+        for seq in &self.dirty {
+            if let Some(slot) = self.segments.get(seq) {
+                if let Some((range, mark)) = slot.seg.sync_range().map_err(|e| map_io("prepare spool sync", e))? {
+                    ranges.push(range);
+                    marks.push((*seq, mark));
+                }
+            }
+        }
+        let dir = self.dir_dirty.then(|| self.opts.dir.clone());
+        self.dir_dirty = false;
+        self.dirty.clear();
+        self.in_flight = Some(InFlight { marks, msgs: std::mem::take(&mut self.batch_msgs), dir: dir.is_some() });
+        Ok(Some(SyncJob { ranges, dir }))
+    }
+
+    /// True while a [`SyncJob`] is out.
+    pub fn commit_in_flight(&self) -> bool {
+        self.in_flight.is_some()
+    }
+
+    /// Takes the result of the job from [`Spool::begin_commit`]. `Ok`: its appends are durable.
+    /// `Err`: they, and every append made since, must be treated as not stored (the active
+    /// segment is sealed, as for a failed [`Spool::commit`]).
+    pub fn finish_commit(&mut self, result: Result<(), SpoolError>) -> Result<(), SpoolError> {
+        let Some(done) = self.in_flight.take() else {
+            return result;
+        };
+        match result {
+            Ok(()) => {
+                let mut synced = Vec::with_capacity(done.marks.len());
+                for (seq, mark) in done.marks {
+                    if let Some(slot) = self.segments.get_mut(&seq) {
+                        slot.seg.mark_synced(mark);
+                    }
+                    synced.push(seq);
+                }
+                self.reclaim_from(synced);
+                Ok(())
+            }
+            Err(e) => {
+                // Put the failed batch back so that abandoning covers it with the newer one.
+                let mut batch = done.msgs;
+                batch.append(&mut self.batch_msgs);
+                self.batch_msgs = batch;
+                for (seq, _) in done.marks {
+                    if !self.dirty.contains(&seq) {
+                        self.dirty.push(seq);
+                    }
+                }
+                self.dirty.sort_unstable();
+                self.dir_dirty |= done.dir;
                 self.abandon_batch();
                 Err(e)
             }
@@ -986,5 +1100,44 @@ mod tests {
         let Err(e) = Spool::open(opts(&tmp.0)) else { panic!("opened") };
         assert!(e.to_string().contains("version 99"), "{e}");
         assert_eq!(std::fs::read(seg_path(&tmp.0, 1)).unwrap(), h);
+    }
+
+    #[test]
+    fn detached_commit_covers_its_batch_and_appends_go_on_meanwhile() {
+        let dir = TempDir::new("job");
+        let (mut spool, _) = Spool::open(opts(&dir.0)).unwrap();
+        spool.append_message(QueueId(1), 1, &env(&["a@x.example"]), b"first\r\n").unwrap();
+        let job = spool.begin_commit().unwrap().expect("a job for the first batch");
+        assert!(spool.commit_in_flight());
+        assert!(spool.begin_commit().unwrap().is_none(), "one job at a time");
+        assert!(spool.commit().is_err(), "no synchronous commit under a job");
+        // Appends during the sync belong to the next batch.
+        spool.append_message(QueueId(2), 2, &env(&["b@x.example"]), b"second\r\n").unwrap();
+        let result = std::thread::spawn(move || job.run()).join().unwrap();
+        spool.finish_commit(result).unwrap();
+        assert!(spool.has_uncommitted(), "the second message still needs a commit");
+        let job = spool.begin_commit().unwrap().unwrap();
+        spool.finish_commit(job.run()).unwrap();
+        assert!(!spool.has_uncommitted() && !spool.commit_in_flight());
+        drop(spool);
+        let (_, rec) = Spool::open(opts(&dir.0)).unwrap();
+        assert_eq!(rec.messages.iter().map(|m| m.id.0).collect::<Vec<_>>(), vec![1, 2]);
+    }
+
+    #[test]
+    fn failed_detached_commit_abandons_both_batches() {
+        let dir = TempDir::new("jobfail");
+        let (mut spool, _) = Spool::open(opts(&dir.0)).unwrap();
+        let (_, loc1) = spool.append_message(QueueId(1), 1, &env(&["a@x.example"]), b"one\r\n").unwrap();
+        let _job = spool.begin_commit().unwrap().unwrap();
+        spool.append_message(QueueId(2), 2, &env(&["b@x.example"]), b"two\r\n").unwrap();
+        let err = SpoolError::Io("sync spool segment", io::Error::other("injected"));
+        assert!(spool.finish_commit(Err(err)).is_err());
+        assert!(!spool.has_uncommitted() && !spool.commit_in_flight());
+        // The spool goes on: the next append opens a new segment.
+        let (_, loc3) = spool.append_message(QueueId(3), 3, &env(&["c@x.example"]), b"three\r\n").unwrap();
+        assert_ne!(loc1.segment, loc3.segment);
+        let job = spool.begin_commit().unwrap().unwrap();
+        spool.finish_commit(job.run()).unwrap();
     }
 }

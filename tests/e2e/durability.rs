@@ -194,3 +194,75 @@ fn full_disk_gets_452_then_recovers() {
     let msgs = spool_messages(&spool);
     assert!(msgs.iter().any(|(_, b)| b.ends_with(b"fits\r\n")), "the first message survives");
 }
+
+/// Sends three marked messages, stops the relay with SIGTERM, and returns (spool dir guard,
+/// spool path, ids, the single segment file holding them).
+fn three_messages() -> (TempDir, std::path::PathBuf, Vec<String>, std::path::PathBuf) {
+    let dir = TempDir::new("damage");
+    let spool = dir.path().join("spool");
+    let mut relay = Relay::start_on(&spool, &[]);
+    let mut c = relay.client();
+    c.expect("220");
+    c.expect_ok("EHLO c.test", "250");
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let body = format!("Subject: m{i}\r\n\r\nMARKER-{i}-{}\r\n", "p".repeat(200));
+        ids.push(queue_id(&c.send_message("a@b.test", &["x@y.test"], body.as_bytes())));
+    }
+    drop(c);
+    relay.signal("TERM");
+    assert_eq!(relay.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    let segs: Vec<_> = std::fs::read_dir(&spool)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "spool"))
+        .filter(|p| std::fs::read(p).unwrap().windows(9).any(|w| w == b"MARKER-0-"))
+        .collect();
+    assert_eq!(segs.len(), 1, "{segs:?}");
+    (dir, spool, ids, segs[0].clone())
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> usize {
+    hay.windows(needle.len()).position(|w| w == needle).unwrap()
+}
+
+#[test]
+fn torn_tail_is_cut_and_the_rest_kept() {
+    let (_dir, spool, ids, seg) = three_messages();
+    let mut bytes = std::fs::read(&seg).unwrap();
+    // Cut the file in the middle of the third message, as a crash during its append would.
+    let cut = find(&bytes, b"MARKER-2-") + 50;
+    bytes.truncate(cut);
+    std::fs::write(&seg, &bytes).unwrap();
+    let relay = Relay::start_on(&spool, &[]);
+    relay.wait_log("event=spool_warning");
+    let log = relay.log();
+    assert!(log.contains("torn tail at offset"), "{log}");
+    assert!(log.contains(seg.file_name().unwrap().to_str().unwrap()), "the warning names the segment: {log}");
+    let (_, out, _) = queue_cmd(&spool, &["list"]);
+    assert!(out.contains(&ids[0]) && out.contains(&ids[1]), "{out}");
+    assert!(!out.contains(&ids[2]), "{out}");
+    assert!(std::fs::metadata(&seg).unwrap().len() < cut as u64, "the torn bytes are cut from the file");
+    // The relay goes on accepting after recovery.
+    let mut c = relay.client();
+    c.expect("220");
+    c.expect_ok("EHLO c.test", "250");
+    assert!(c.send_message("a@b.test", &["x@y.test"], b"Subject: after\r\n\r\nok\r\n").starts_with("250"));
+}
+
+#[test]
+fn corrupt_record_in_the_middle_is_skipped_with_a_warning() {
+    let (_dir, spool, ids, seg) = three_messages();
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let at = find(&bytes, b"MARKER-1-") + 20;
+    bytes[at] ^= 0x55;
+    std::fs::write(&seg, &bytes).unwrap();
+    let relay = Relay::start_on(&spool, &[]);
+    relay.wait_log("event=spool_warning");
+    let log = relay.log();
+    assert!(log.contains("corrupt record at offset"), "{log}");
+    let (_, out, err) = queue_cmd(&spool, &["list"]);
+    assert!(out.contains(&ids[0]) && out.contains(&ids[2]), "{out}");
+    assert!(!out.contains(&ids[1]), "{out}");
+    assert!(err.contains("corrupt record"), "queue list reports it too: {err}");
+}

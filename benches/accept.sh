@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Accept-path benchmark, compared in one run:
+#   smtp-source -s S -m M -l L -d  ->  smtp-sink            (the ceiling: a sink that stores nothing)
+#   smtp-source -s S -m M -l L -d  ->  sluice --fsync always (durable spool, group commit)
+# plus the relay's RSS with 1,000 idle connections and a 10,000-connection hold test.
+# Usage: benches/accept.sh [MESSAGES=20000] [SESSIONS=20] [SIZE=1024] [RUNS=3]
+# Needs Debian's postfix package (smtp-source, smtp-sink) and python3. Loopback only; every
+# process it starts is stopped by PID before it exits.
+set -euo pipefail
+M=${1:-20000}; S=${2:-20}; L=${3:-1024}; RUNS=${4:-3}
+cd "$(dirname "$0")/.."
+cargo build --release -q
+BIN=$PWD/target/release/sluice
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+WORK=$(mktemp -d /tmp/sluice-bench.XXXXXX)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
+trap cleanup EXIT
+TCK=$(getconf CLK_TCK)
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+now() { date +%s.%N; }
+cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
+median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+
+start_relay() { # $1 port, $2 spool, $3 log
+  "$BIN" serve --listen "127.0.0.1:$1" --spool "$2" --fsync always --hostname bench.test 2>"$3" &
+  RELAY=$!; PIDS+=("$RELAY"); wait_port "$1"
+}
+stop() { kill -TERM "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+
+sink_rates=(); relay_rates=(); cpu_us=(); p99s=()
+for run in $(seq "$RUNS"); do
+  P=$(free_port)
+  smtp-sink -u nobody "127.0.0.1:$P" 1000 & SINK=$!; PIDS+=("$SINK"); wait_port "$P"
+  t0=$(now); smtp-source -s "$S" -m "$M" -l "$L" -d "127.0.0.1:$P"; t1=$(now)
+  stop "$SINK"
+  sink_rates+=("$(echo "$M / ($t1 - $t0)" | bc -l)")
+
+  P=$(free_port); rm -rf "$WORK/spool"
+  start_relay "$P" "$WORK/spool" "$WORK/relay.log"
+  c0=$(cpu_ticks "$RELAY")
+  t0=$(now); smtp-source -s "$S" -m "$M" -l "$L" -d "127.0.0.1:$P"; t1=$(now)
+  c1=$(cpu_ticks "$RELAY")
+  stop "$RELAY"
+  n=$(grep -c 'event=accepted' "$WORK/relay.log")
+  [ "$n" -eq "$M" ] || { echo "relay accepted $n of $M messages" >&2; exit 1; }
+  relay_rates+=("$(echo "$M / ($t1 - $t0)" | bc -l)")
+  cpu_us+=("$(echo "($c1 - $c0) * 1000000 / $TCK / $M" | bc -l)")
+  p99s+=("$(grep -o 'commit_us=[0-9]*' "$WORK/relay.log" | cut -d= -f2 | sort -n | awk '{a[NR]=$1} END {print a[int(NR*0.99)]/1000}')")
+done
+
+# Idle connections: RSS of the relay holding 1,000 sessions that said nothing after the greeting,
+# then a 10,000-connection hold (each must get its 220).
+P=$(free_port); rm -rf "$WORK/spool"
+start_relay "$P" "$WORK/spool" "$WORK/idle.log"
+rss_before=$(awk '/VmRSS/ {print $2}' "/proc/$RELAY/status")
+hold() { # $1 connections; prints how many got a 220, then holds until stdin closes
+  python3 - "$P" "$1" <<'PY'
+import resource, socket, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_NOFILE, (n + 100, max(n + 100, resource.getrlimit(resource.RLIMIT_NOFILE)[1])))
+socks = []
+for _ in range(n):
+    s = socket.create_connection(("127.0.0.1", port)); socks.append(s)
+ok = 0
+for s in socks:
+    s.settimeout(10)
+    if s.recv(64).startswith(b"220"): ok += 1
+print(ok, flush=True)
+sys.stdin.read()
+PY
+}
+coproc H1 { hold 1000; }
+read -r idle_ok <&"${H1[0]}"
+rss_idle=$(awk '/VmRSS/ {print $2}' "/proc/$RELAY/status")
+eval "exec ${H1[1]}>&-"; wait "$H1_PID" 2>/dev/null || true
+coproc H2 { hold 10000; }
+read -r held <&"${H2[0]}"
+rss_10k=$(awk '/VmRSS/ {print $2}' "/proc/$RELAY/status")
+eval "exec ${H2[1]}>&-"; wait "$H2_PID" 2>/dev/null || true
+stop "$RELAY"
+
+sink_m=$(printf '%s\n' "${sink_rates[@]}" | median)
+relay_m=$(printf '%s\n' "${relay_rates[@]}" | median)
+cpu_m=$(printf '%s\n' "${cpu_us[@]}" | median)
+p99_m=$(printf '%s\n' "${p99s[@]}" | median)
+printf '\naccept benchmark: smtp-source -s %s -m %s -l %s -d, median of %s runs\n' "$S" "$M" "$L" "$RUNS"
+printf '| target | msg/s | ratio to smtp-sink | relay CPU us/msg | p99 end-of-data->commit ms |\n|---|---|---|---|---|\n'
+printf '| smtp-sink | %.0f | 1.00 | - | - |\n' "$sink_m"
+printf '| sluice --fsync always | %.0f | %.2f | %.1f | %.2f |\n' "$relay_m" "$(echo "$relay_m / $sink_m" | bc -l)" "$cpu_m" "$p99_m"
+printf 'per run: sink %s | sluice %s | cpu_us %s\n' "$(printf '%.0f ' "${sink_rates[@]}")" "$(printf '%.0f ' "${relay_rates[@]}")" "$(printf '%.1f ' "${cpu_us[@]}")"
+printf 'RSS: %s KiB at start, %s KiB with %s/1000 idle sessions, %s KiB with %s/10000 sessions held\n' "$rss_before" "$rss_idle" "$idle_ok" "$rss_10k" "$held"
