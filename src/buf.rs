@@ -19,10 +19,12 @@ impl Buf {
         &self.mem[self.start..self.end]
     }
 
-    /// Free space after the data; compacts first when that makes more room.
+    /// Free space after the data. Compacts first when the tail is under a quarter of the
+    /// capacity and consumed bytes at the front would give more: a read then never gets a
+    /// sliver of a buffer that is mostly free.
     #[inline]
     pub fn space(&mut self) -> &mut [u8] {
-        if self.start > 0 && self.end == self.mem.len() {
+        if self.start > 0 && self.mem.len() - self.end < self.mem.len() / 4 {
             self.compact();
         }
         &mut self.mem[self.end..]
@@ -46,12 +48,16 @@ impl Buf {
         }
     }
 
-    /// Appends as much of `bytes` as fits; returns how many were copied.
+    /// Appends as much of `bytes` as fits (compacting when that makes it fit); returns how
+    /// many were copied. Callers check [`Buf::room`] first so that replies are never cut.
     pub fn push(&mut self, bytes: &[u8]) -> usize {
-        let space = self.space();
+        if self.start > 0 && self.mem.len() - self.end < bytes.len() {
+            self.compact();
+        }
+        let space = &mut self.mem[self.end..];
         let n = bytes.len().min(space.len());
         space[..n].copy_from_slice(&bytes[..n]);
-        self.fill(n);
+        self.end += n;
         n
     }
 
@@ -173,6 +179,18 @@ mod tests {
         b.consume(6);
         assert!(b.is_empty());
         pool.checkin(b);
+    }
+
+    #[test]
+    fn push_uses_room_freed_at_the_front() {
+        let mut pool = BufPool::new(16, 1);
+        let mut b = pool.checkout().unwrap();
+        assert_eq!(b.push(b"0123456789abcd"), 14);
+        b.consume(12);
+        // Two bytes of tail space, fourteen free in all: the push must compact, not cut.
+        assert_eq!(b.room(), 14);
+        assert_eq!(b.push(b"250 2.0.0 Ok\r\n"), 14);
+        assert_eq!(b.data(), b"cd250 2.0.0 Ok\r\n");
     }
 
     #[test]

@@ -1,8 +1,352 @@
-//! `sluice-load`: the load generator, sink and test DNS for sluice (see issue "sluice-load").
-//! Not yet implemented: this binary only says so, and exits non-zero so that no script mistakes
-//! it for a working instrument.
+//! `sluice-load`: the load generator, fault-injecting SMTP sink, test DNS server and one-command
+//! benchmark for sluice (SPEC "sluice-load").
+//!
+//! Owns: the command line (clap) and the dispatch to [`send`], [`sink`], [`dns`] and [`bench`];
+//! the only place that exits the process. Exit status: 0 on success, 1 when a run failed
+//! (target unreachable, nothing accepted), 2 for a bad or not-yet-supported flag.
+
+mod bench;
+mod dns;
+mod report;
+mod send;
+mod sink;
+mod util;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use util::{parse_bytes, parse_duration, parse_probability};
+
+#[derive(Parser, Debug)]
+#[command(name = "sluice-load", version, about = "Load generator, SMTP sink, test DNS and benchmark for sluice")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Send mail to an SMTP server as fast as it takes it (or at a fixed rate).
+    Send(SendArgs),
+    /// An SMTP server that accepts and counts, with fault knobs.
+    Sink(SinkArgs),
+    /// An authoritative DNS responder for test domains.
+    Dns(DnsArgs),
+    /// Start sink, relay and sender on loopback and print one report.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub(crate) struct SendArgs {
+    /// Target SMTP server, IP:PORT.
+    #[arg(long)]
+    to: SocketAddr,
+    /// Concurrent connections.
+    #[arg(long, default_value_t = 10)]
+    connections: usize,
+    /// Messages to send in total (default 10000 unless --duration is given).
+    #[arg(long, conflicts_with = "duration")]
+    messages: Option<u64>,
+    /// Send for this long instead (e.g. 30s), then finish what is in flight.
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// Message size in bytes, or a distribution `SIZE:WEIGHT,...` (e.g. `1k:70,10k:25,1m:5`).
+    #[arg(long, default_value = "1024")]
+    size: String,
+    /// Send this file's exact bytes as every message instead of a generated one.
+    #[arg(long, conflicts_with = "size")]
+    body: Option<PathBuf>,
+    /// Recipients per message.
+    #[arg(long, default_value_t = 1)]
+    rcpts: usize,
+    /// Recipient domains, comma-separated; recipients are spread over them.
+    #[arg(long, default_value = "example.test", value_delimiter = ',')]
+    domains: Vec<String>,
+    /// Recipient local-part prefix (the recipient's index follows), e.g. `rej-` for the sink.
+    #[arg(long, default_value = "user")]
+    rcpt_prefix: String,
+    /// Envelope sender.
+    #[arg(long, default_value = "load@sluice-load.test")]
+    from: String,
+    /// Name sent in EHLO.
+    #[arg(long, default_value = "sluice-load.test")]
+    helo: String,
+    /// Messages per connection before QUIT and reconnect.
+    #[arg(long, default_value_t = u64::MAX, hide_default_value = true)]
+    per_connection: u64,
+    /// Open loop: start messages at this fixed rate (msg/s); latency counts from the schedule.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Do not pipeline even when the server offers PIPELINING.
+    #[arg(long)]
+    no_pipelining: bool,
+    /// Use BDAT (CHUNKING) instead of DATA when offered.
+    #[arg(long)]
+    bdat: bool,
+    /// STARTTLS (not yet supported).
+    #[arg(long)]
+    starttls: bool,
+    /// Implicit TLS (not yet supported).
+    #[arg(long)]
+    tls: bool,
+    /// AUTH USER:PASS (not yet supported).
+    #[arg(long)]
+    auth: Option<String>,
+    /// Sender threads, one event loop each.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Give up on a connection that has not answered for this long.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    timeout: Duration,
+    /// Print the report as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+    /// No progress line.
+    #[arg(long)]
+    quiet: bool,
+    /// Seed for the size draw.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+#[derive(Args, Debug)]
+struct SinkArgs {
+    /// Listening address (repeatable); port 0 picks a free port, logged on stderr.
+    #[arg(long, default_value = "127.0.0.1:2526")]
+    listen: Vec<SocketAddr>,
+    /// Name in the greeting.
+    #[arg(long, default_value = "sink.sluice-load.test")]
+    hostname: String,
+    /// Share of 4xx replies (0..1 or N%).
+    #[arg(long, default_value = "0", value_parser = parse_probability)]
+    tempfail_rate: f64,
+    /// Share of 5xx replies.
+    #[arg(long, default_value = "0", value_parser = parse_probability)]
+    permfail_rate: f64,
+    /// Where the fail rates apply.
+    #[arg(long, value_enum, default_value = "data")]
+    fail_at: sink::FailAt,
+    /// Delay before the reply to the end of data (e.g. 200ms).
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    delay: Duration,
+    /// Share of transactions whose connection is closed mid-DATA.
+    #[arg(long, default_value = "0", value_parser = parse_probability)]
+    drop_rate: f64,
+    /// Recipients per transaction before 452 4.5.3.
+    #[arg(long, default_value_t = 1000)]
+    max_rcpts: usize,
+    /// Save each accepted message as NNNNNNNN.env (envelope) and NNNNNNNN.msg (exact bytes).
+    #[arg(long)]
+    save: Option<PathBuf>,
+    /// Print the summary as JSON on stdout at exit.
+    #[arg(long)]
+    json: bool,
+    /// Period of the rate line on stderr; 0 for none.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    interval: Duration,
+    /// Exit by itself after this long.
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// Do not advertise PIPELINING.
+    #[arg(long)]
+    no_pipelining: bool,
+    /// Do not advertise CHUNKING.
+    #[arg(long)]
+    no_chunking: bool,
+    /// Offer STARTTLS (not yet supported).
+    #[arg(long)]
+    starttls: bool,
+    /// Seed for the fault draws.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+#[derive(Args, Debug)]
+struct DnsArgs {
+    /// UDP and TCP address; port 0 picks a free port, logged on stderr.
+    #[arg(long, default_value = "127.0.0.1:5353")]
+    listen: SocketAddr,
+    /// DOMAIN=IP: MX 10 mx.DOMAIN, and mx.DOMAIN A (or AAAA) IP. Repeatable.
+    #[arg(long)]
+    zone: Vec<String>,
+    /// DOMAIN=PREF:HOST: an MX record. Repeatable.
+    #[arg(long)]
+    mx: Vec<String>,
+    /// HOST=IP: an A (or AAAA) record. Repeatable.
+    #[arg(long)]
+    a: Vec<String>,
+    /// DOMAIN: a null MX (RFC 7505). Repeatable.
+    #[arg(long)]
+    nullmx: Vec<String>,
+    /// DOMAIN: SERVFAIL for it and everything under it. Repeatable.
+    #[arg(long)]
+    servfail: Vec<String>,
+    /// Time to live of every record, seconds.
+    #[arg(long, default_value_t = 300)]
+    ttl: u32,
+    /// Exit by itself after this long.
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+}
+
+/// Exits 2 with a message naming the flag, like clap does for a bad value.
+fn unsupported(flag: &str) -> ! {
+    eprintln!("sluice-load: {flag} is not yet supported (TLS and AUTH come with the TLS issue)");
+    std::process::exit(2);
+}
+
+/// `1024` or `1k:70,10k:25,...` → [(size, weight)].
+fn parse_size_spec(spec: &str) -> Result<Vec<(usize, u32)>> {
+    let mut out = Vec::new();
+    for part in spec.split(',').filter(|p| !p.trim().is_empty()) {
+        let (size, weight) = match part.split_once(':') {
+            Some((s, w)) => (s, w.trim().parse::<u32>().with_context(|| format!("--size {spec}: bad weight"))?),
+            None => (part, 1),
+        };
+        let size = parse_bytes(size).map_err(|e| anyhow::anyhow!("--size: {e}"))?;
+        if weight > 0 {
+            out.push((size, weight));
+        }
+    }
+    if out.is_empty() {
+        bail!("--size {spec}: no size with a positive weight");
+    }
+    Ok(out)
+}
+
+fn send_opts(a: &SendArgs) -> Result<send::SendOpts> {
+    if a.starttls {
+        unsupported("--starttls");
+    }
+    if a.tls {
+        unsupported("--tls");
+    }
+    if a.auth.is_some() {
+        unsupported("--auth");
+    }
+    if a.connections == 0 || a.rcpts == 0 || a.threads == 0 || a.per_connection == 0 {
+        bail!("--connections, --rcpts, --threads and --per-connection must be at least 1");
+    }
+    if a.domains.iter().all(|d| d.trim().is_empty()) {
+        bail!("--domains needs at least one domain");
+    }
+    if let Some(r) = a.rate {
+        if !(r.is_finite() && r > 0.0) {
+            bail!("--rate must be a positive number of messages per second");
+        }
+    }
+    let bodies = match &a.body {
+        Some(p) => {
+            let bytes = std::fs::read(p).with_context(|| format!("--body {}", p.display()))?;
+            vec![(send::Body::from_bytes(bytes), 1)]
+        }
+        None => parse_size_spec(&a.size)?.into_iter().map(|(s, w)| (send::Body::synthetic(s, &a.from), w)).collect(),
+    };
+    Ok(send::SendOpts {
+        to: a.to,
+        connections: a.connections,
+        messages: if a.duration.is_some() { a.messages } else { Some(a.messages.unwrap_or(10_000)) },
+        duration: a.duration,
+        bodies,
+        rcpts: a.rcpts,
+        domains: a.domains.iter().map(|d| d.trim().to_string()).filter(|d| !d.is_empty()).collect(),
+        rcpt_prefix: a.rcpt_prefix.clone(),
+        from: a.from.clone(),
+        helo: a.helo.clone(),
+        per_connection: a.per_connection,
+        rate: a.rate,
+        pipelining: !a.no_pipelining,
+        bdat: a.bdat,
+        threads: a.threads,
+        timeout: a.timeout,
+        seed: a.seed,
+    })
+}
+
+fn cmd_send(a: &SendArgs) -> Result<i32> {
+    let opts = send_opts(a)?;
+    let _ = sluice::net::socket::raise_nofile_limit();
+    let (stats, elapsed, samples) = send::run(&opts, a.quiet);
+    let target = a.to.to_string();
+    if a.json {
+        report::print_stdout(&report::send_json(&stats, elapsed, &target, &samples).to_string());
+    } else {
+        report::print_stdout(&report::send_text(&stats, elapsed, &target));
+    }
+    if stats.accepted > 0 {
+        return Ok(0);
+    }
+    let why = stats.last_error.as_deref().unwrap_or("no error recorded");
+    if stats.connections == 0 {
+        eprintln!("sluice-load send: could not reach {target}: {why}");
+    } else {
+        eprintln!("sluice-load send: {target} accepted no message ({} sent; last error: {why})", stats.sent);
+    }
+    Ok(1)
+}
+
+fn cmd_sink(a: SinkArgs) -> Result<i32> {
+    if a.starttls {
+        unsupported("--starttls");
+    }
+    sink::run(sink::SinkOpts {
+        listen: a.listen,
+        hostname: a.hostname,
+        tempfail_rate: a.tempfail_rate,
+        permfail_rate: a.permfail_rate,
+        fail_at: a.fail_at,
+        delay: a.delay,
+        drop_rate: a.drop_rate,
+        max_rcpts: a.max_rcpts,
+        save: a.save,
+        json: a.json,
+        interval: a.interval,
+        duration: a.duration,
+        pipelining: !a.no_pipelining,
+        chunking: !a.no_chunking,
+        seed: a.seed,
+    })?;
+    Ok(0)
+}
+
+fn cmd_dns(a: DnsArgs) -> Result<i32> {
+    let mut zone = dns::Zone::new(a.ttl);
+    for z in &a.zone {
+        zone.add_zone(z)?;
+    }
+    for m in &a.mx {
+        zone.add_mx(m)?;
+    }
+    for x in &a.a {
+        zone.add_a(x)?;
+    }
+    for n in &a.nullmx {
+        zone.add_nullmx(n);
+    }
+    for s in &a.servfail {
+        zone.add_servfail(s);
+    }
+    dns::run(a.listen, zone, a.duration)?;
+    Ok(0)
+}
 
 fn main() {
-    eprintln!("sluice-load: not yet implemented (send, sink, dns and bench are planned)");
-    std::process::exit(2);
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Cmd::Send(a) => cmd_send(&a),
+        Cmd::Sink(a) => cmd_sink(a),
+        Cmd::Dns(a) => cmd_dns(a),
+        Cmd::Bench(a) => bench::run(a),
+    };
+    match res {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("sluice-load: {e:#}");
+            // Flag-shaped errors (validation before anything ran) exit 2 like clap's own.
+            let msg = format!("{e:#}");
+            std::process::exit(if msg.starts_with("--") { 2 } else { 1 });
+        }
+    }
 }

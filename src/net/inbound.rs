@@ -10,7 +10,7 @@ use std::time::Instant;
 use crate::buf::{Buf, BufPool};
 use crate::message::QueueId;
 use crate::net::socket::{self, IoResult};
-use crate::smtp::server::ServerSession;
+use crate::smtp::server::{ServerSession, REPLY_ROOM};
 
 /// One inbound connection.
 pub struct InboundConn {
@@ -64,6 +64,16 @@ impl InboundConn {
             *output = pool.checkout();
         }
         output.as_mut()
+    }
+
+    /// Makes sure the output buffer exists and has room for one more reply, flushing first if
+    /// it is nearly full. False when the client is not reading or the pool is empty; when true,
+    /// `self.output` is `Some` with at least [`REPLY_ROOM`] free.
+    pub fn make_reply_room(&mut self, pool: &mut BufPool) -> bool {
+        if self.output.as_ref().is_some_and(|b| b.room() < REPLY_ROOM) && self.flush(pool) == Flush::Failed {
+            return false;
+        }
+        Self::output(&mut self.output, pool).is_some_and(|b| b.room() >= REPLY_ROOM)
     }
 
     /// Unsent output bytes.

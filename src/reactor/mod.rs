@@ -319,6 +319,12 @@ impl Server {
                                 } else {
                                     reply::SPOOL_FAILED
                                 };
+                                let Some(out) = conn.make_reply_room(bufs).then_some(conn.output.as_mut()).flatten()
+                                else {
+                                    // Cannot even say no: drop the session; nothing was stored.
+                                    failed = true;
+                                    break;
+                                };
                                 let mut ctx = Ctx { cfg: &cfg.session, bodies, ids, now_unix_us: *wall_us };
                                 conn.session.message_result(&mut ctx, Err(reply), out);
                             }
@@ -397,7 +403,7 @@ impl Server {
             }
         }
         if shutdown.is_some() && !conn.closing && conn.waiting.is_none() {
-            if let Some(out) = InboundConn::output(&mut conn.output, bufs) {
+            if let Some(out) = conn.make_reply_room(bufs).then_some(conn.output.as_mut()).flatten() {
                 let mut ctx = Ctx { cfg: &cfg.session, bodies, ids, now_unix_us: *wall_us };
                 if conn.session.handle_shutdown(&mut ctx, false, out) {
                     conn.closing = true;
@@ -481,15 +487,19 @@ impl Server {
     /// lets those sessions go on with what they pipelined behind the message.
     fn release(&mut self, batch: Vec<(usize, u32)>, result: Result<(), ()>) {
         let committed_at = Instant::now();
+        let mut unanswerable = Vec::new();
         for &(key, generation) in &batch {
             let Server { conns, bufs, bodies, ids, cfg, log, dirty, wall_us, waiting, .. } = self;
             let Some(conn) = conns.get_mut(key).filter(|c| c.generation == generation) else { continue };
             let Some(id) = conn.waiting.take() else { continue };
-            let Some(out) = InboundConn::output(&mut conn.output, bufs) else {
-                // No buffer for the reply: the message is durable (or refused); answer later.
+            let Some(out) = conn.make_reply_room(bufs).then_some(conn.output.as_mut()).flatten() else {
+                // No room for the reply yet. A durable message is answered on a later turn; a
+                // refused one is answered by closing (the client then retries it).
                 if result.is_ok() {
                     conn.waiting = Some(id);
                     waiting.push((key, generation));
+                } else {
+                    unanswerable.push(key);
                 }
                 continue;
             };
@@ -517,6 +527,9 @@ impl Server {
                 conn.dirty = true;
                 dirty.push((key, generation));
             }
+        }
+        for key in unanswerable {
+            self.close(key, "no_room_for_reply");
         }
         // Pipelined commands behind the message can go on now.
         for (key, generation) in batch {
@@ -555,7 +568,7 @@ impl Server {
             let Server { conns, bufs, bodies, ids, cfg, log, dirty, wall_us, timers, .. } = self;
             let Some(conn) = conns.get_mut(e.key) else { continue };
             log.event("timeout", &[("client", V::D(&conn.peer)), ("in_data", V::N(u64::from(conn.session.in_data())))]);
-            if let Some(out) = InboundConn::output(&mut conn.output, bufs) {
+            if let Some(out) = conn.make_reply_room(bufs).then_some(conn.output.as_mut()).flatten() {
                 let mut ctx = Ctx { cfg: &cfg.session, bodies, ids, now_unix_us: *wall_us };
                 conn.session.handle_timeout(&mut ctx, out);
             }
@@ -699,7 +712,7 @@ impl Server {
         for (key, generation) in keys {
             let Server { conns, bufs, bodies, ids, cfg, wall_us, .. } = self;
             let Some(conn) = conns.get_mut(key) else { continue };
-            if let Some(out) = InboundConn::output(&mut conn.output, bufs) {
+            if let Some(out) = conn.make_reply_room(bufs).then_some(conn.output.as_mut()).flatten() {
                 let mut ctx = Ctx { cfg: &cfg.session, bodies, ids, now_unix_us: *wall_us };
                 conn.session.handle_shutdown(&mut ctx, true, out);
             }

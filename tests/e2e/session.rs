@@ -231,3 +231,68 @@ fn max_connections_refuses_with_421() {
     }
     b.expect_ok("NOOP", "250");
 }
+
+#[test]
+fn a_client_that_does_not_read_is_not_read_from() {
+    let relay = Relay::start(&[]);
+    let mut c = relay.client();
+    c.expect("220");
+    // Pipeline NOOPs without reading a single reply: once the replies fill the socket buffers,
+    // the relay must stop reading, so our writes stall instead of its memory growing.
+    c.stream.set_nonblocking(true).unwrap();
+    let chunk = b"NOOP\r\n".repeat(1024);
+    let mut sent = 0usize;
+    let t0 = Instant::now();
+    let mut stalled_since: Option<Instant> = None;
+    while t0.elapsed() < Duration::from_secs(20) {
+        // Resume exactly where a partial write stopped, so the command stream stays intact.
+        match std::io::Write::write(&mut c.stream, &chunk[sent % 6..]) {
+            Ok(n) => {
+                sent += n;
+                stalled_since = None;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let since = *stalled_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > Duration::from_millis(500) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(stalled_since.is_some(), "writes never stalled after {sent} bytes");
+    assert!(sent < 64 << 20, "the relay kept reading {sent} bytes without its replies being read");
+    // Every command is still answered, in order, once we read.
+    c.stream.set_nonblocking(false).unwrap();
+    let reply = b"250 2.0.0 Ok\r\n";
+    let mut got = vec![0u8; sent / 6 * reply.len()];
+    std::io::Read::read_exact(&mut c.stream, &mut got).expect("all replies");
+    assert!(got.chunks(reply.len()).all(|r| r == reply), "every reply is a 250, in order");
+    if sent % 6 > 0 {
+        // Finish the command that was cut in the middle.
+        c.send(&b"NOOP\r\n"[sent % 6..]);
+        assert_eq!(c.reply(), "250 2.0.0 Ok\r\n");
+    }
+    c.expect_ok("QUIT", "221");
+}
+
+#[test]
+fn ipv6_listener_and_json_log() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("skipping: no IPv6 loopback here");
+        return;
+    }
+    let relay = Relay::start(&["--listen", "[::1]:0", "--log-format", "json"]);
+    assert!(relay.addr.is_ipv6());
+    let mut c = relay.client();
+    c.expect("220");
+    c.expect_ok("EHLO c.test", "250");
+    let r = c.send_message("a@b.test", &["x@y.test"], b"Subject: v6\r\n\r\nhi\r\n");
+    assert!(r.starts_with("250"), "{r}");
+    relay.wait_log("\"event\":\"accepted\"");
+    for line in relay.log().lines().filter(|l| l.starts_with('{')) {
+        assert!(line.ends_with('}') && line.contains("\"ts\":") && line.contains("\"event\":"), "{line}");
+    }
+    assert!(relay.log().contains("\"client\":\"[::1]:"), "{}", relay.log());
+}

@@ -77,7 +77,10 @@ impl Relay {
             let mut tx = Some(tx);
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                if let Some(rest) = line.split("event=listening addr=").nth(1) {
+                let listening = line.split("event=listening addr=").nth(1).or_else(|| {
+                    line.split("\"event\":\"listening\",\"addr\":\"").nth(1).map(|r| r.trim_end_matches("\"}"))
+                });
+                if let Some(rest) = listening {
                     if let Some(tx) = tx.take() {
                         let _ = tx.send(rest.trim().to_string());
                     }

@@ -1,0 +1,752 @@
+//! `sluice-load sink`: an SMTP server that accepts, counts and (on request) misbehaves.
+//!
+//! Owns: listeners and inbound sessions on one mio loop, a sink-specific session machine built
+//! on the relay's pure framing (`smtp::line`), command parser (`smtp::command`) and DATA
+//! scanner (`smtp::data`), fault injection, and the counters and summary. Must never: refuse
+//! bytes the relay's strict session would take (it is lenient on purpose: it measures, it does
+//! not police), allocate per message on the counting path, or block the loop (only `--save`
+//! writes files, synchronously, as a test aid).
+//!
+//! Faults, by flag: `--tempfail-rate`/`--permfail-rate` (at RCPT or after DATA, `--fail-at`),
+//! `--delay` before the reply to the end of data, `--drop-rate` (close mid-DATA without a
+//! reply), `--max-rcpts`. By recipient local part, so a test can script one message's fate:
+//!
+//! | prefix | effect |
+//! |---|---|
+//! | `rej-` | `550 5.1.1` at RCPT |
+//! | `tf<K>-` | `451 4.7.1` at RCPT for the first K attempts of that address (then accepted) |
+//! | `full-` | `452 4.2.2` at RCPT |
+//! | `datafail-` | accepted at RCPT, `554 5.6.0` after the data |
+//! | `datatf-` | accepted at RCPT, `451 4.3.0` after the data |
+//! | `drop-` | accepted at RCPT, connection closed mid-DATA |
+
+use crate::util::{log_listening, Rng};
+use anyhow::{Context, Result};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token};
+use serde_json::json;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
+use slab::Slab;
+use sluice::buf::{Buf, BufPool};
+use sluice::net::socket::{listener, read, write, IoResult};
+use sluice::smtp::command::{parse, Command};
+use sluice::smtp::data::{bdat_take, DataScanner};
+use sluice::smtp::line::{next_line, skip_line, Framed};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// Where `--tempfail-rate`/`--permfail-rate` strike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FailAt {
+    /// Per recipient, at RCPT.
+    Rcpt,
+    /// Per message, as the reply to the end of data.
+    Data,
+}
+
+/// Validated `sink` options.
+#[derive(Debug, Clone)]
+pub struct SinkOpts {
+    /// Listening addresses.
+    pub listen: Vec<SocketAddr>,
+    /// Name in the greeting and EHLO reply.
+    pub hostname: String,
+    /// Share of 4xx (per recipient or per message, see `fail_at`).
+    pub tempfail_rate: f64,
+    /// Share of 5xx.
+    pub permfail_rate: f64,
+    /// Where the rates apply.
+    pub fail_at: FailAt,
+    /// Delay before the reply to the end of data.
+    pub delay: Duration,
+    /// Share of transactions whose connection is closed mid-DATA.
+    pub drop_rate: f64,
+    /// Recipients per transaction before `452 4.5.3`.
+    pub max_rcpts: usize,
+    /// Save each accepted message here.
+    pub save: Option<PathBuf>,
+    /// Print the summary as JSON on stdout.
+    pub json: bool,
+    /// Period of the rate line on stderr (zero: none).
+    pub interval: Duration,
+    /// Exit by itself after this long.
+    pub duration: Option<Duration>,
+    /// Advertise PIPELINING.
+    pub pipelining: bool,
+    /// Advertise CHUNKING (BDAT).
+    pub chunking: bool,
+    /// PRNG seed for the fault draws.
+    pub seed: u64,
+}
+
+const SIGNAL: Token = Token(usize::MAX - 1);
+/// Listener tokens are `LISTENER_BASE + index`; connection tokens are slab keys below it.
+const LISTENER_BASE: usize = usize::MAX - 1024;
+
+const OK: &[u8] = b"250 2.0.0 Ok\r\n";
+const SENDER_OK: &[u8] = b"250 2.1.0 Sender ok\r\n";
+const RCPT_OK: &[u8] = b"250 2.1.5 Recipient ok\r\n";
+const QUEUED: &[u8] = b"250 2.0.0 Ok: queued by sluice-load sink\r\n";
+const CHUNK_OK: &[u8] = b"250 2.0.0 Chunk ok\r\n";
+const START_DATA: &[u8] = b"354 End data with <CR><LF>.<CR><LF>\r\n";
+const BYE: &[u8] = b"221 2.0.0 Bye\r\n";
+const NEED_EHLO: &[u8] = b"503 5.5.1 Error: send HELO/EHLO first\r\n";
+const NESTED_MAIL: &[u8] = b"503 5.5.1 Error: nested MAIL command\r\n";
+const NEED_MAIL: &[u8] = b"503 5.5.1 Error: need MAIL command\r\n";
+const NO_RCPTS: &[u8] = b"554 5.5.1 Error: no valid recipients\r\n";
+const TOO_MANY_RCPTS: &[u8] = b"452 4.5.3 Error: too many recipients\r\n";
+const USER_UNKNOWN: &[u8] = b"550 5.1.1 Recipient address rejected: User unknown\r\n";
+const TRY_LATER: &[u8] = b"451 4.7.1 Recipient temporarily refused, try again later\r\n";
+const MAILBOX_FULL: &[u8] = b"452 4.2.2 Mailbox full\r\n";
+const INJECTED_TEMP: &[u8] = b"451 4.3.0 Temporary failure (injected by sluice-load sink)\r\n";
+const INJECTED_PERM_RCPT: &[u8] = b"550 5.7.1 Recipient refused (injected by sluice-load sink)\r\n";
+const INJECTED_PERM_DATA: &[u8] = b"554 5.6.0 Message refused (injected by sluice-load sink)\r\n";
+const LINE_TOO_LONG: &[u8] = b"500 5.5.2 Error: line too long\r\n";
+const VRFY: &[u8] = b"252 2.1.5 Cannot VRFY user\r\n";
+
+#[derive(Debug)]
+enum Phase {
+    Command,
+    /// Discarding the rest of an overlong command line.
+    SkipLine,
+    Data(DataScanner),
+    /// Reading a BDAT chunk: octets left, LAST, and the reply if the transaction is refused.
+    Bdat {
+        remaining: u64,
+        last: bool,
+        refuse: Option<&'static [u8]>,
+    },
+}
+
+struct Conn {
+    /// Unique for the process lifetime (slab keys are reused; delayed replies check this).
+    id: u64,
+    sock: TcpStream,
+    input: Option<Buf>,
+    out: Vec<u8>,
+    out_pos: usize,
+    phase: Phase,
+    helo: bool,
+    mail: bool,
+    rcpts: u32,
+    /// Reply forced after the data by a recipient's local part.
+    data_reply: Option<&'static [u8]>,
+    drop: bool,
+    bdat_size: u64,
+    /// `MAIL FROM`/`RCPT TO` lines of the transaction, for `--save`.
+    env: Vec<u8>,
+    body: Vec<u8>,
+    /// Waiting for a delayed reply: no input is processed meanwhile.
+    paused: bool,
+    /// Close once the output is written.
+    closing: bool,
+}
+
+/// What the sink counted.
+#[derive(Debug, Default, Clone)]
+pub struct SinkStats {
+    /// Connections accepted.
+    pub connections: u64,
+    /// Messages accepted (2xx after the data).
+    pub messages: u64,
+    /// Recipients of accepted messages.
+    pub recipients: u64,
+    /// Message octets (unstuffed) of accepted messages.
+    pub bytes: u64,
+    /// Messages answered 4xx after the data.
+    pub tempfailed: u64,
+    /// Messages answered 5xx after the data.
+    pub rejected: u64,
+    /// Connections closed mid-DATA on purpose.
+    pub dropped: u64,
+    /// Recipients refused at RCPT.
+    pub rcpts_refused: u64,
+}
+
+struct Sink {
+    opts: SinkOpts,
+    ehlo_reply: Vec<u8>,
+    greeting: Vec<u8>,
+    helo_reply: Vec<u8>,
+    poll: Poll,
+    listeners: Vec<TcpListener>,
+    conns: Slab<Conn>,
+    pool: BufPool,
+    rng: Rng,
+    stats: SinkStats,
+    /// `tf<K>-` addresses: attempts seen so far.
+    attempts: HashMap<Vec<u8>, u32>,
+    /// Delayed replies: (due, connection key, reply).
+    timers: BinaryHeap<Reverse<(Instant, usize, usize)>>,
+    delayed: Slab<(u64, &'static [u8])>,
+    saved: u64,
+    next_id: u64,
+    /// Scratch body for DATA when not saving (never grows: the scanner's limit is 0).
+    scratch: Vec<u8>,
+}
+
+/// Runs the sink until SIGTERM/SIGINT or `--duration`; prints the summary.
+pub fn run(opts: SinkOpts) -> Result<SinkStats> {
+    let _ = sluice::net::socket::raise_nofile_limit();
+    let poll = Poll::new().context("epoll")?;
+    let mut listeners = Vec::new();
+    for (i, addr) in opts.listen.iter().enumerate() {
+        let mut l = listener(*addr).with_context(|| format!("--listen {addr}"))?;
+        poll.registry().register(&mut l, Token(LISTENER_BASE + i), Interest::READABLE)?;
+        log_listening("sink", l.local_addr()?);
+        listeners.push(l);
+    }
+    let mut signals = Signals::new([SIGTERM, SIGINT]).context("signal handler")?;
+    poll.registry().register(&mut signals, SIGNAL, Interest::READABLE)?;
+    if let Some(dir) = &opts.save {
+        std::fs::create_dir_all(dir).with_context(|| format!("--save {}", dir.display()))?;
+    }
+    let mut caps = String::new();
+    if opts.pipelining {
+        caps.push_str("250-PIPELINING\r\n");
+    }
+    caps.push_str("250-SIZE 0\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250-ENHANCEDSTATUSCODES\r\n");
+    if opts.chunking {
+        caps.push_str("250-CHUNKING\r\n");
+    }
+    let mut sink = Sink {
+        ehlo_reply: format!("250-{}\r\n{caps}250 HELP\r\n", opts.hostname).into_bytes(),
+        greeting: format!("220 {} ESMTP sluice-load sink\r\n", opts.hostname).into_bytes(),
+        helo_reply: format!("250 {}\r\n", opts.hostname).into_bytes(),
+        rng: Rng::new(opts.seed),
+        opts,
+        poll,
+        listeners,
+        conns: Slab::with_capacity(1024),
+        pool: BufPool::new(64 * 1024, usize::MAX),
+        stats: SinkStats::default(),
+        attempts: HashMap::new(),
+        timers: BinaryHeap::new(),
+        delayed: Slab::new(),
+        saved: 0,
+        next_id: 0,
+        scratch: Vec::new(),
+    };
+    let start = Instant::now();
+    let cpu0 = crate::util::thread_cpu_ns();
+    sink.run(&mut signals, start)?;
+    let elapsed = start.elapsed();
+    let cpu_s = (crate::util::thread_cpu_ns() - cpu0) as f64 / 1e9;
+    let st = &sink.stats;
+    let secs = elapsed.as_secs_f64().max(1e-9);
+    if sink.opts.json {
+        let v = json!({
+            "connections": st.connections, "messages": st.messages, "recipients": st.recipients,
+            "bytes": st.bytes, "tempfailed": st.tempfailed, "rejected": st.rejected,
+            "dropped": st.dropped, "rcpts_refused": st.rcpts_refused, "elapsed_s": secs,
+            "msgs_per_s": st.messages as f64 / secs, "cpu_s": cpu_s,
+        });
+        crate::report::print_stdout(&v.to_string());
+    }
+    eprintln!(
+        "sink summary: {} connections, {} messages, {} recipients, {} bytes, {} tempfailed, {} rejected, \
+         {} dropped, {} recipients refused, {:.3}s, CPU {:.3}s",
+        st.connections,
+        st.messages,
+        st.recipients,
+        st.bytes,
+        st.tempfailed,
+        st.rejected,
+        st.dropped,
+        st.rcpts_refused,
+        secs,
+        cpu_s
+    );
+    Ok(sink.stats)
+}
+
+impl Sink {
+    fn run(&mut self, signals: &mut Signals, start: Instant) -> Result<()> {
+        let mut events = Events::with_capacity(1024);
+        let deadline = self.opts.duration.map(|d| start + d);
+        let mut next_line = start + self.opts.interval;
+        let mut last_msgs = 0;
+        loop {
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                return Ok(());
+            }
+            if !self.opts.interval.is_zero() && now >= next_line {
+                let secs = self.opts.interval.as_secs_f64();
+                eprintln!(
+                    "sink: {} connections, {} messages ({:.0}/s), {} recipients, {} bytes",
+                    self.stats.connections,
+                    self.stats.messages,
+                    (self.stats.messages - last_msgs) as f64 / secs,
+                    self.stats.recipients,
+                    self.stats.bytes
+                );
+                last_msgs = self.stats.messages;
+                next_line = now + self.opts.interval;
+            }
+            self.fire_timers(now);
+            let mut wake = if self.opts.interval.is_zero() { now + Duration::from_secs(3600) } else { next_line };
+            if let Some(Reverse((t, _, _))) = self.timers.peek() {
+                wake = wake.min(*t);
+            }
+            if let Some(d) = deadline {
+                wake = wake.min(d);
+            }
+            if let Err(e) = self.poll.poll(&mut events, Some(wake.saturating_duration_since(now))) {
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e).context("poll");
+            }
+            for ev in events.iter() {
+                match ev.token() {
+                    SIGNAL => {
+                        if signals.pending().next().is_some() {
+                            return Ok(());
+                        }
+                    }
+                    Token(t) if t >= LISTENER_BASE => self.accept(t - LISTENER_BASE),
+                    Token(key) => self.drive(key),
+                }
+            }
+        }
+    }
+
+    fn accept(&mut self, li: usize) {
+        // Bounded: the listener's backlog is finite and each accept consumes one entry.
+        loop {
+            let Some(l) = self.listeners.get(li) else { return };
+            match l.accept() {
+                Ok((mut sock, _)) => {
+                    let _ = sock.set_nodelay(true);
+                    let entry = self.conns.vacant_entry();
+                    let key = entry.key();
+                    if key >= LISTENER_BASE
+                        || self
+                            .poll
+                            .registry()
+                            .register(&mut sock, Token(key), Interest::READABLE | Interest::WRITABLE)
+                            .is_err()
+                    {
+                        continue;
+                    }
+                    self.stats.connections += 1;
+                    let mut out = Vec::with_capacity(1024);
+                    out.extend_from_slice(&self.greeting);
+                    self.next_id += 1;
+                    entry.insert(Conn {
+                        id: self.next_id,
+                        sock,
+                        input: self.pool.checkout(),
+                        out,
+                        out_pos: 0,
+                        phase: Phase::Command,
+                        helo: false,
+                        mail: false,
+                        rcpts: 0,
+                        data_reply: None,
+                        drop: false,
+                        bdat_size: 0,
+                        env: Vec::new(),
+                        body: Vec::new(),
+                        paused: false,
+                        closing: false,
+                    });
+                    self.flush(key);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                // EMFILE and friends: drop this batch and try again on the next event.
+                Err(_) => return,
+            }
+        }
+    }
+
+    fn close(&mut self, key: usize) {
+        if self.conns.contains(key) {
+            let mut c = self.conns.remove(key);
+            let _ = self.poll.registry().deregister(&mut c.sock);
+            if let Some(b) = c.input.take() {
+                self.pool.checkin(b);
+            }
+        }
+    }
+
+    /// Reads to WouldBlock, processes what arrived, writes the replies.
+    fn drive(&mut self, key: usize) {
+        loop {
+            let Some(c) = self.conns.get_mut(key) else { return };
+            if c.out.len() > 256 * 1024 {
+                // A client that pipelines without reading its replies: stop reading until they
+                // drain (the kernel buffer then pushes back on the client).
+                self.flush(key);
+                match self.conns.get(key) {
+                    Some(c) if c.out.is_empty() => continue,
+                    _ => return,
+                }
+            }
+            if c.paused {
+                // A delayed reply is pending; `fire_timers` resumes reading.
+                break;
+            }
+            let Some(input) = c.input.as_mut() else { return };
+            match read(&mut c.sock, input.space()) {
+                IoResult::Done(n) => {
+                    input.fill(n);
+                    if !self.process(key) {
+                        return;
+                    }
+                }
+                IoResult::WouldBlock => break,
+                IoResult::Closed | IoResult::Error(_) => return self.close(key),
+            }
+        }
+        self.flush(key);
+    }
+
+    fn flush(&mut self, key: usize) {
+        let Some(c) = self.conns.get_mut(key) else { return };
+        while c.out_pos < c.out.len() {
+            match write(&mut c.sock, &c.out[c.out_pos..]) {
+                IoResult::Done(n) => c.out_pos += n,
+                IoResult::WouldBlock => return,
+                _ => return self.close(key),
+            }
+        }
+        c.out.clear();
+        c.out_pos = 0;
+        if c.closing {
+            self.close(key);
+        }
+    }
+
+    fn fire_timers(&mut self, now: Instant) {
+        while let Some(&Reverse((t, key, d))) = self.timers.peek() {
+            if t > now {
+                break;
+            }
+            self.timers.pop();
+            let (id, reply) = self.delayed.remove(d);
+            let Some(c) = self.conns.get_mut(key).filter(|c| c.id == id) else { continue };
+            c.out.extend_from_slice(reply);
+            c.paused = false;
+            // Commands pipelined behind the delayed reply are waiting in the input buffer.
+            if self.process(key) {
+                self.drive(key);
+            }
+        }
+    }
+
+    /// Acts on buffered input. Returns false if the connection was closed.
+    fn process(&mut self, key: usize) -> bool {
+        let Some(c) = self.conns.get_mut(key) else { return false };
+        let Some(mut input) = c.input.take() else { return false };
+        let alive = self.process_buf(key, &mut input);
+        match self.conns.get_mut(key) {
+            Some(c) => {
+                c.input = Some(input);
+                alive
+            }
+            None => {
+                self.pool.checkin(input);
+                false
+            }
+        }
+    }
+
+    fn process_buf(&mut self, key: usize, input: &mut Buf) -> bool {
+        loop {
+            let Some(c) = self.conns.get_mut(key) else { return false };
+            if c.paused || c.closing {
+                return true;
+            }
+            match &mut c.phase {
+                Phase::Command => match next_line(input.data()) {
+                    Framed::Line(line, n) => {
+                        // Commands are short: copy the line so that the handler may borrow
+                        // everything else mutably. Bounded by MAX_LINE, on the stack.
+                        let mut buf = [0u8; sluice::smtp::line::MAX_LINE];
+                        buf[..line.len()].copy_from_slice(line);
+                        let len = line.len();
+                        input.consume(n);
+                        self.command(key, &buf[..len]);
+                    }
+                    Framed::Partial => return true,
+                    Framed::Overlong { consumed, ended } => {
+                        input.consume(consumed);
+                        c.out.extend_from_slice(LINE_TOO_LONG);
+                        if !ended {
+                            c.phase = Phase::SkipLine;
+                        }
+                    }
+                },
+                Phase::SkipLine => {
+                    let (n, ended) = skip_line(input.data());
+                    if n == 0 {
+                        return true;
+                    }
+                    input.consume(n);
+                    if ended {
+                        c.phase = Phase::Command;
+                    }
+                }
+                Phase::Data(scanner) => {
+                    if c.drop && !input.is_empty() {
+                        self.stats.dropped += 1;
+                        self.close(key);
+                        return false;
+                    }
+                    let body = if self.opts.save.is_some() { &mut c.body } else { &mut self.scratch };
+                    let r = scanner.scan(input.data(), body);
+                    input.consume(r.consumed);
+                    if !r.done {
+                        return true;
+                    }
+                    let size = scanner.size();
+                    c.phase = Phase::Command;
+                    self.end_of_message(key, size);
+                }
+                Phase::Bdat { remaining, last, refuse } => {
+                    if c.drop && !input.is_empty() {
+                        self.stats.dropped += 1;
+                        self.close(key);
+                        return false;
+                    }
+                    let keep = self.opts.save.is_some() && refuse.is_none();
+                    let body = if keep { &mut c.body } else { &mut self.scratch };
+                    // A limit of 0 with the scratch vector counts without copying.
+                    let n = bdat_take(input.data(), remaining, &mut c.bdat_size, if keep { u64::MAX } else { 0 }, body);
+                    input.consume(n);
+                    if *remaining > 0 {
+                        return true;
+                    }
+                    let (last, refuse) = (*last, *refuse);
+                    c.phase = Phase::Command;
+                    if let Some(r) = refuse {
+                        c.out.extend_from_slice(r);
+                        self.reset_txn(key);
+                    } else if last {
+                        let size = c.bdat_size;
+                        self.end_of_message(key, size);
+                    } else {
+                        c.out.extend_from_slice(CHUNK_OK);
+                    }
+                }
+            }
+        }
+    }
+
+    fn reset_txn(&mut self, key: usize) {
+        if let Some(c) = self.conns.get_mut(key) {
+            c.mail = false;
+            c.rcpts = 0;
+            c.data_reply = None;
+            c.drop = false;
+            c.bdat_size = 0;
+            c.env.clear();
+            c.body.clear();
+        }
+    }
+
+    fn command(&mut self, key: usize, line: &[u8]) {
+        let opts = &self.opts;
+        let Some(c) = self.conns.get_mut(key) else { return };
+        let cmd = match parse(line) {
+            Ok(cmd) => cmd,
+            Err(fault) => {
+                c.out.extend_from_slice(fault.reply());
+                return;
+            }
+        };
+        match cmd {
+            Command::Ehlo(_) => {
+                c.helo = true;
+                c.out.extend_from_slice(&self.ehlo_reply);
+                self.reset_txn(key);
+            }
+            Command::Helo(_) => {
+                c.helo = true;
+                c.out.extend_from_slice(&self.helo_reply);
+                self.reset_txn(key);
+            }
+            Command::Mail(path, _) => {
+                let reply = if !c.helo {
+                    NEED_EHLO
+                } else if c.mail {
+                    NESTED_MAIL
+                } else {
+                    c.mail = true;
+                    if opts.save.is_some() {
+                        c.env.extend_from_slice(b"MAIL FROM:<");
+                        c.env.extend_from_slice(path.addr);
+                        c.env.extend_from_slice(b">\n");
+                    }
+                    SENDER_OK
+                };
+                c.out.extend_from_slice(reply);
+            }
+            Command::Rcpt(path, _) => {
+                let reply = self.rcpt(key, path.addr);
+                if let Some(c) = self.conns.get_mut(key) {
+                    c.out.extend_from_slice(reply);
+                }
+            }
+            Command::Data => {
+                if !c.mail {
+                    c.out.extend_from_slice(NEED_MAIL);
+                } else if c.rcpts == 0 {
+                    c.out.extend_from_slice(NO_RCPTS);
+                } else {
+                    c.out.extend_from_slice(START_DATA);
+                    c.drop |= self.rng.chance(opts.drop_rate);
+                    // Not saving: a limit of 0 makes the scanner count octets without copying.
+                    let limit = if opts.save.is_some() { u64::MAX } else { 0 };
+                    c.phase = Phase::Data(DataScanner::new(limit));
+                }
+            }
+            Command::Bdat(size, last) => {
+                let refuse = if !c.mail {
+                    Some(NEED_MAIL)
+                } else if c.rcpts == 0 {
+                    Some(NO_RCPTS)
+                } else {
+                    None
+                };
+                if refuse.is_none() && c.bdat_size == 0 {
+                    c.drop |= self.rng.chance(opts.drop_rate);
+                }
+                c.phase = Phase::Bdat { remaining: size, last, refuse };
+            }
+            Command::Rset => {
+                c.out.extend_from_slice(OK);
+                self.reset_txn(key);
+            }
+            Command::Noop | Command::Help => c.out.extend_from_slice(OK),
+            Command::Vrfy => c.out.extend_from_slice(VRFY),
+            Command::Quit => {
+                c.out.extend_from_slice(BYE);
+                c.closing = true;
+            }
+            Command::Expn | Command::StartTls(_) | Command::Auth(_) => {
+                c.out.extend_from_slice(b"502 5.5.1 Error: command not implemented\r\n");
+            }
+        }
+    }
+
+    /// Decides one RCPT: sequencing, `--max-rcpts`, local-part rules, then injected faults.
+    fn rcpt(&mut self, key: usize, addr: &[u8]) -> &'static [u8] {
+        let Some(c) = self.conns.get_mut(key) else { return OK };
+        if !c.mail {
+            return NEED_MAIL;
+        }
+        if c.rcpts as usize >= self.opts.max_rcpts {
+            self.stats.rcpts_refused += 1;
+            return TOO_MANY_RCPTS;
+        }
+        let local = match memchr::memrchr(b'@', addr) {
+            Some(at) => &addr[..at],
+            None => addr,
+        };
+        let refused = if local.starts_with(b"rej-") {
+            Some(USER_UNKNOWN)
+        } else if local.starts_with(b"full-") {
+            Some(MAILBOX_FULL)
+        } else if let Some(k) = tf_count(local) {
+            let n = self.attempts.entry(addr.to_ascii_lowercase()).or_insert(0);
+            *n += 1;
+            (*n <= k).then_some(TRY_LATER)
+        } else if self.opts.fail_at == FailAt::Rcpt && self.rng.chance(self.opts.permfail_rate) {
+            Some(INJECTED_PERM_RCPT)
+        } else if self.opts.fail_at == FailAt::Rcpt && self.rng.chance(self.opts.tempfail_rate) {
+            Some(INJECTED_TEMP)
+        } else {
+            None
+        };
+        if let Some(r) = refused {
+            self.stats.rcpts_refused += 1;
+            return r;
+        }
+        if local.starts_with(b"datafail-") {
+            c.data_reply = Some(INJECTED_PERM_DATA);
+        } else if local.starts_with(b"datatf-") {
+            c.data_reply.get_or_insert(INJECTED_TEMP);
+        } else if local.starts_with(b"drop-") {
+            c.drop = true;
+        }
+        c.rcpts += 1;
+        if self.opts.save.is_some() {
+            c.env.extend_from_slice(b"RCPT TO:<");
+            c.env.extend_from_slice(addr);
+            c.env.extend_from_slice(b">\n");
+        }
+        RCPT_OK
+    }
+
+    /// The reply to a complete message: forced, injected, or accepted (and saved); delayed
+    /// by `--delay`.
+    fn end_of_message(&mut self, key: usize, size: u64) {
+        let Some(c) = self.conns.get_mut(key) else { return };
+        let reply = if let Some(r) = c.data_reply {
+            r
+        } else if self.opts.fail_at == FailAt::Data && self.rng.chance(self.opts.permfail_rate) {
+            INJECTED_PERM_DATA
+        } else if self.opts.fail_at == FailAt::Data && self.rng.chance(self.opts.tempfail_rate) {
+            INJECTED_TEMP
+        } else {
+            QUEUED
+        };
+        match reply[0] {
+            b'2' => {
+                self.stats.messages += 1;
+                self.stats.recipients += u64::from(c.rcpts);
+                self.stats.bytes += size;
+                if let Some(dir) = &self.opts.save {
+                    self.saved += 1;
+                    let base = dir.join(format!("{:08}", self.saved));
+                    let ok = std::fs::write(base.with_extension("env"), &c.env).is_ok()
+                        && std::fs::File::create(base.with_extension("msg"))
+                            .and_then(|mut f| f.write_all(&c.body))
+                            .is_ok();
+                    if !ok {
+                        eprintln!("sink: cannot save message to {}", dir.display());
+                    }
+                }
+            }
+            b'4' => self.stats.tempfailed += 1,
+            _ => self.stats.rejected += 1,
+        }
+        if self.opts.delay.is_zero() {
+            c.out.extend_from_slice(reply);
+        } else {
+            c.paused = true;
+            let d = self.delayed.insert((c.id, reply));
+            self.timers.push(Reverse((Instant::now() + self.opts.delay, key, d)));
+        }
+        self.reset_txn(key);
+    }
+}
+
+/// `tf<K>-` → `Some(K)`.
+fn tf_count(local: &[u8]) -> Option<u32> {
+    let rest = local.strip_prefix(b"tf")?;
+    let dash = memchr::memchr(b'-', rest)?;
+    sluice::smtp::command::parse_u64(&rest[..dash]).map(|k| k.min(u64::from(u32::MAX)) as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tf_prefix() {
+        assert_eq!(tf_count(b"tf2-x"), Some(2));
+        assert_eq!(tf_count(b"tf10-"), Some(10));
+        assert_eq!(tf_count(b"tfx-"), None);
+        assert_eq!(tf_count(b"user"), None);
+    }
+}
