@@ -25,7 +25,7 @@ wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/n
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
 start_relay() { # $1 port, $2 spool, $3 log
-  "$BIN" serve --listen "127.0.0.1:$1" --spool "$2" --fsync always --hostname bench.test 2>"$3" &
+  "$BIN" serve --listen "127.0.0.1:$1" --spool "$2" --fsync always --hostname bench.test --hold --dns 127.0.0.1:1 2>"$3" &
   RELAY=$!; PIDS+=("$RELAY"); wait_port "$1"
 }
 stop() { kill -TERM "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }

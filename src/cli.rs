@@ -119,6 +119,10 @@ pub struct ServeArgs {
     /// On SIGTERM, how long sessions in the middle of a message may take to finish it.
     #[arg(long = "shutdown-grace", value_name = "DUR", default_value = "3s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+    /// Accept and queue, but deliver nothing (maintenance; benchmarks of the accept path).
+    /// Queued mail goes out once the relay runs without it.
+    #[arg(long)]
+    pub hold: bool,
     /// Preallocated size of each spool segment file.
     #[arg(long = "spool-segment-size", value_name = "BYTES", default_value = "64M", value_parser = parse_size)]
     pub spool_segment_size: u64,

@@ -35,6 +35,20 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Session constants and rendered replies.
     pub session: SessionConfig,
+    /// `--relay-host` as (host, port).
+    pub relay_host: Option<(String, u16)>,
+    /// `--smtp-port`.
+    pub smtp_port: u16,
+    /// `--domain-concurrency`.
+    pub domain_concurrency: u32,
+    /// `--retry-schedule`.
+    pub retry_schedule: Vec<Duration>,
+    /// `--max-queue-lifetime`.
+    pub max_queue_lifetime: Duration,
+    /// `--dns`, or the first nameserver of /etc/resolv.conf (None: no resolver available).
+    pub dns: Option<SocketAddr>,
+    /// `--hold`: no deliveries.
+    pub hold: bool,
 }
 
 /// A configuration problem, naming the flag.
@@ -86,6 +100,13 @@ impl Config {
             segment_size,
             log_format: a.log_format,
             session: SessionConfig::new(&hostname, a.max_message_size, a.max_recipients as usize),
+            relay_host: a.relay_host.as_ref().map(|h| (h.host.clone(), h.port.unwrap_or(25))),
+            smtp_port: a.smtp_port,
+            domain_concurrency: a.domain_concurrency,
+            retry_schedule: a.retry_schedule.0.clone(),
+            max_queue_lifetime: a.max_queue_lifetime,
+            dns: a.dns.or_else(crate::net::dns::system_nameserver),
+            hold: a.hold,
         })
     }
 }

@@ -356,6 +356,8 @@ impl Bench {
         let mut cmd = Command::new(bin);
         cmd.arg("serve")
             .args(["--listen", "127.0.0.1:0", "--hostname", "bench.sluice.test", "--fsync", &self.a.fsync])
+            // Accept-path scenarios: queue, never deliver, never touch the system resolver.
+            .args(["--hold", "--dns", "127.0.0.1:1"])
             .arg("--spool")
             .arg(spool);
         let p = Proc::spawn(cmd, "sluice serve")?;

@@ -1,4 +1,6 @@
 //! Socket drivers: the only code (with `reactor`) that does network I/O.
 
+pub mod dns;
 pub mod inbound;
+pub mod outbound;
 pub mod socket;

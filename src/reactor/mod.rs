@@ -24,12 +24,17 @@ use slab::Slab;
 
 use crate::buf::{BufPool, VecPool};
 use crate::config::Config;
+use crate::delivery::{self, Delivery, DeliveryConfig};
 use crate::log::{Logger, V};
 use crate::message::IdGen;
+use crate::message::QueueId;
 use crate::net::inbound::{Flush, InboundConn};
 use crate::net::socket::{self, IoResult};
+use crate::queue::schedule::RetryPolicy;
+use crate::smtp::client::ClientTimeouts;
 use crate::smtp::reply;
 use crate::smtp::server::{Ctx, Event, ServerSession, TimeoutKind};
+use crate::spool::{MessageLoc, RecoveredMessage};
 use crate::spool::{Spool, SpoolError, SpoolOptions};
 use token::Kind;
 
@@ -41,6 +46,18 @@ const ACCEPTS_PER_TURN: usize = 256;
 const ROUNDS_PER_DRIVE: usize = 64;
 /// How long a closing connection may take to drain its last replies.
 const LINGER: Duration = Duration::from_secs(10);
+
+/// A message appended to the spool whose `250` waits for a group commit.
+#[derive(Debug, Clone, Copy)]
+struct Waiter {
+    key: usize,
+    generation: u32,
+    id: QueueId,
+    loc: MessageLoc,
+    arrival_ms: u64,
+    /// Already handed to the delivery queue (only the reply is still owed).
+    queued: bool,
+}
 
 struct Listener {
     sock: mio::net::TcpListener,
@@ -86,14 +103,15 @@ pub struct Server {
     log: Logger,
     signals: signal::SignalSource,
     /// Connections whose message is appended but not yet in a commit: (key, generation).
-    waiting: Vec<(usize, u32)>,
+    waiting: Vec<Waiter>,
     /// Connections whose message the sync thread is committing now.
-    syncing: Vec<(usize, u32)>,
+    syncing: Vec<Waiter>,
     syncer: syncer::Syncer,
     /// Connections with output to flush this turn.
     dirty: Vec<(usize, u32)>,
     /// Connections to drive again next turn (budget spent or buffers exhausted).
     again: Vec<(usize, u32)>,
+    delivery: Delivery,
     shutdown: Option<Instant>,
     force_exit: bool,
     accept_retry: Option<Instant>,
@@ -150,8 +168,33 @@ impl Server {
         let waker = mio::Waker::new(poll.registry(), token::make(Kind::Waker, 0, 0)).map_err(RunError::Poll)?;
         let syncer = syncer::Syncer::spawn(waker).map_err(RunError::Poll)?;
         log.flush();
-        let limit = (cfg.max_connections * 2 + 64).min(1 << 20);
-        Ok(Server {
+        let limit = (cfg.max_connections * 2 + 4096).min(1 << 20);
+        let relay_ip = cfg.relay_host.as_ref().is_some_and(|(h, _)| h.parse::<std::net::IpAddr>().is_ok());
+        let dns = match (relay_ip || cfg.hold, cfg.dns) {
+            (true, _) => None,
+            (false, Some(server)) => {
+                let d = crate::net::dns::DnsConn::new(server, poll.registry(), crate::net::dns::DnsConn::reactor_token)
+                    .map_err(RunError::Poll)?;
+                log.event("dns", &[("server", V::D(&server))]);
+                Some(d)
+            }
+            (false, None) => {
+                log.event("warning", &[("detail", V::S("no DNS server (--dns, /etc/resolv.conf): deliveries wait"))]);
+                None
+            }
+        };
+        let delivery = Delivery::new(
+            DeliveryConfig {
+                relay_host: cfg.relay_host.clone(),
+                smtp_port: cfg.smtp_port,
+                domain_concurrency: cfg.domain_concurrency,
+                policy: RetryPolicy { schedule: cfg.retry_schedule.clone(), max_lifetime: cfg.max_queue_lifetime },
+                hostname: cfg.hostname.clone(),
+                timeouts: ClientTimeouts::default(),
+            },
+            dns,
+        );
+        let mut server = Server {
             poll,
             listeners,
             conns: Slab::with_capacity(1024),
@@ -173,8 +216,22 @@ impl Server {
             accept_retry: None,
             now: Instant::now(),
             wall_us: 0,
+            delivery,
             cfg,
-        })
+        };
+        server.tick();
+        server.enqueue_recovered(&recovery.messages);
+        Ok(server)
+    }
+
+    /// Hands recovered messages to the delivery queue.
+    fn enqueue_recovered(&mut self, messages: &[RecoveredMessage]) {
+        let Server { delivery, spool, log, ids, bufs, poll, now, wall_us, .. } = self;
+        let mut ctx =
+            delivery::Ctx { spool, log, ids, bufs, registry: poll.registry(), now: *now, wall_ms: *wall_us / 1000 };
+        for rec in messages {
+            delivery.enqueue(&mut ctx, rec);
+        }
     }
 
     /// The addresses actually bound (useful with port 0).
@@ -206,6 +263,19 @@ impl Server {
                     }
                     Some((Kind::Signal, _, _)) => self.on_signal(),
                     Some((Kind::Waker, _, _)) => self.on_sync_done(),
+                    Some((kind @ (Kind::Outbound | Kind::Dns), generation, key)) => {
+                        let Server { delivery, spool, log, ids, bufs, poll, now, wall_us, .. } = &mut self;
+                        let mut ctx = delivery::Ctx {
+                            spool,
+                            log,
+                            ids,
+                            bufs,
+                            registry: poll.registry(),
+                            now: *now,
+                            wall_ms: *wall_us / 1000,
+                        };
+                        delivery.on_event(&mut ctx, kind, generation, key, ev);
+                    }
                     Some((Kind::Inbound, generation, key)) => {
                         let Some(conn) = self.conns.get_mut(key) else { continue };
                         if conn.generation != generation {
@@ -230,6 +300,7 @@ impl Server {
                 }
             }
             self.commit();
+            self.pump_delivery();
             self.flush_dirty();
             self.expire_timers();
             self.accept();
@@ -242,6 +313,16 @@ impl Server {
                 return Ok(());
             }
         }
+    }
+
+    fn pump_delivery(&mut self) {
+        if self.cfg.hold {
+            return;
+        }
+        let Server { delivery, spool, log, ids, bufs, poll, now, wall_us, .. } = self;
+        let mut ctx =
+            delivery::Ctx { spool, log, ids, bufs, registry: poll.registry(), now: *now, wall_ms: *wall_us / 1000 };
+        delivery.pump(&mut ctx);
     }
 
     fn tick(&mut self) {
@@ -257,8 +338,14 @@ impl Server {
         if self.listeners.iter().any(|l| l.pending) && self.accept_retry.is_none() && self.shutdown.is_none() {
             return Some(Duration::ZERO);
         }
+        if self.delivery.has_work() && !self.cfg.hold {
+            return Some(Duration::ZERO);
+        }
         let now = Instant::now();
         let mut next = self.timers.next();
+        if let Some(t) = self.delivery.next_deadline(now, self.wall_us / 1000).filter(|_| !self.cfg.hold) {
+            next = Some(next.map_or(t, |n| n.min(t)));
+        }
         for t in [self.shutdown, self.accept_retry].into_iter().flatten() {
             next = Some(next.map_or(t, |n| n.min(t)));
         }
@@ -306,11 +393,18 @@ impl Server {
                     Some(Event::Message) => {
                         let (id, env, body) = conn.session.message();
                         match spool.append_message(id, *wall_us / 1000, env, body) {
-                            Ok(_) => {
+                            Ok((_, loc)) => {
                                 conn.session.release_body(bodies);
                                 conn.waiting = Some(id);
                                 conn.eod_at = Some(Instant::now());
-                                waiting.push((key, conn.generation));
+                                waiting.push(Waiter {
+                                    key,
+                                    generation: conn.generation,
+                                    id,
+                                    loc,
+                                    arrival_ms: *wall_us / 1000,
+                                    queued: false,
+                                });
                             }
                             Err(e) => {
                                 log.event("spool_error", &[("id", V::D(&id)), ("error", V::D(&e))]);
@@ -485,10 +579,22 @@ impl Server {
 
     /// Writes the `250` (or `451` when the commit failed) of every message in `batch`, then
     /// lets those sessions go on with what they pipelined behind the message.
-    fn release(&mut self, batch: Vec<(usize, u32)>, result: Result<(), ()>) {
+    fn release(&mut self, batch: Vec<Waiter>, result: Result<(), ()>) {
         let committed_at = Instant::now();
         let mut unanswerable = Vec::new();
-        for &(key, generation) in &batch {
+        let mut accepted = Vec::new();
+        for w in &batch {
+            // Durable: it goes to delivery whether or not its client is still there.
+            if result.is_ok() && !w.queued {
+                accepted.push(RecoveredMessage {
+                    id: w.id,
+                    loc: w.loc,
+                    arrival_ms: w.arrival_ms,
+                    rcpts: Vec::new(),
+                    outcome_segments: Vec::new(),
+                });
+            }
+            let (key, generation) = (w.key, w.generation);
             let Server { conns, bufs, bodies, ids, cfg, log, dirty, wall_us, waiting, .. } = self;
             let Some(conn) = conns.get_mut(key).filter(|c| c.generation == generation) else { continue };
             let Some(id) = conn.waiting.take() else { continue };
@@ -497,7 +603,7 @@ impl Server {
                 // refused one is answered by closing (the client then retries it).
                 if result.is_ok() {
                     conn.waiting = Some(id);
-                    waiting.push((key, generation));
+                    waiting.push(Waiter { queued: true, ..*w });
                 } else {
                     unanswerable.push(key);
                 }
@@ -531,9 +637,12 @@ impl Server {
         for key in unanswerable {
             self.close(key, "no_room_for_reply");
         }
+        if !accepted.is_empty() {
+            self.enqueue_recovered(&accepted);
+        }
         // Pipelined commands behind the message can go on now.
-        for (key, generation) in batch {
-            self.drive_checked(key, generation);
+        for w in batch {
+            self.drive_checked(w.key, w.generation);
         }
     }
 

@@ -1,7 +1,16 @@
-//! Pure: the server's reply table (RFC 5321 §4.2, enhanced codes RFC 3463 / RFC 2034).
+//! Pure: SMTP replies in both directions (RFC 5321 §4.2, enhanced codes RFC 3463 / RFC 2034).
 //!
-//! Every refusal the server can give is a [`Fault`]; [`Fault::reply`] is the one place that maps a
-//! fault to its code, enhanced code and text. Fixed replies are `&'static [u8]`, rendered once.
+//! Server side: every refusal the server can give is a [`Fault`]; [`Fault::reply`] is the one
+//! place that maps a fault to its code, enhanced code and text. Fixed replies are
+//! `&'static [u8]`, rendered once.
+//!
+//! Client side: [`parse_reply`] frames one (possibly multi-line) reply from the bytes where they
+//! lie and reports `Partial` until its last line is in; [`Capabilities::from_ehlo`] reads the
+//! extensions an EHLO reply advertises. Nothing here reads sockets or the clock.
+
+use std::fmt;
+
+use memchr::memchr;
 
 /// `221` to QUIT.
 pub const BYE: &[u8] = b"221 2.0.0 Bye\r\n";
@@ -136,4 +145,408 @@ pub mod syntax {
     pub const NO_ARGS: &str = "501 5.5.4 Syntax: no parameters allowed\r\n";
     /// BDAT without a valid size.
     pub const BDAT: &str = "501 5.5.4 Syntax: BDAT chunk-size [LAST]\r\n";
+}
+
+/// Longest reply line accepted from a server, CRLF included. RFC 5321 §4.5.3.1.5 sets 512, but
+/// real servers send longer text; past this cap the peer is not speaking SMTP.
+pub const MAX_REPLY_LINE: usize = 2048;
+
+/// Longest whole (multi-line) reply accepted from a server. EHLO replies are the longest seen in
+/// practice and stay far below it.
+pub const MAX_REPLY: usize = 64 * 1024;
+
+/// A reply received from (or synthesized on behalf of) a server (RFC 5321 §4.2).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    /// The three-digit reply code.
+    pub code: u16,
+    /// The RFC 3463 `class.subject.detail` enhanced code from the start of the first line's text,
+    /// when present and its class matches the code's first digit (RFC 2034 §4).
+    pub enhanced: Option<(u8, u16, u16)>,
+    /// The lines' texts joined with `\n` (lossy UTF-8), without the codes: the enhanced code is
+    /// removed from every line that repeats the first line's.
+    pub text: String,
+}
+
+impl Reply {
+    /// A reply made locally, e.g. a refusal decided before anything is sent.
+    pub fn new(code: u16, enhanced: Option<(u8, u16, u16)>, text: impl Into<String>) -> Reply {
+        Reply { code, enhanced, text: text.into() }
+    }
+
+    /// `2yz`: the command was accepted (RFC 5321 §4.2.1).
+    pub fn is_positive_completion(&self) -> bool {
+        (200..300).contains(&self.code)
+    }
+
+    /// `3yz`: go on (e.g. `354` to DATA).
+    pub fn is_intermediate(&self) -> bool {
+        (300..400).contains(&self.code)
+    }
+
+    /// `4yz`: transient negative completion; the same command may succeed later.
+    pub fn is_transient(&self) -> bool {
+        (400..500).contains(&self.code)
+    }
+
+    /// `5yz`: permanent negative completion.
+    pub fn is_permanent(&self) -> bool {
+        (500..600).contains(&self.code)
+    }
+}
+
+/// One line, for logs and DSN `Diagnostic-Code` fields: `550 5.1.1 text`, the lines of a
+/// multi-line reply separated by a space.
+impl fmt::Display for Reply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.code)?;
+        if let Some((c, s, d)) = self.enhanced {
+            write!(f, " {c}.{s}.{d}")?;
+        }
+        for (i, line) in self.text.split('\n').enumerate() {
+            if i == 0 && line.is_empty() {
+                continue;
+            }
+            write!(f, " {line}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What [`parse_reply`] found at the front of the input.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReplyParse {
+    /// A whole reply, and the bytes it used (through the last line's LF).
+    Complete {
+        /// The reply.
+        reply: Reply,
+        /// Bytes to drop from the input.
+        consumed: usize,
+    },
+    /// The last line has not arrived yet: read more and call again with the same bytes first.
+    Partial,
+    /// Not an SMTP reply: a line without a valid `ddd`+SP/`-` head, codes that change between
+    /// lines, a line over [`MAX_REPLY_LINE`] or a reply over [`MAX_REPLY`]. `consumed` runs
+    /// through the offending line (or all of the input when it has no end yet).
+    Malformed {
+        /// Bytes to drop.
+        consumed: usize,
+    },
+}
+
+/// Frames and parses one reply (RFC 5321 §4.2): `ddd-text` continuation lines, then `ddd text`
+/// (or a bare `ddd`). Lines end in CRLF; a bare LF is tolerated (RFC 5321 §4.5.3.1.5 asks
+/// clients to be liberal here, and nothing is smuggled through a reply).
+///
+/// The lines are framed and checked first without allocating; the text is built only once the
+/// reply is complete.
+pub fn parse_reply(input: &[u8]) -> ReplyParse {
+    let mut pos = 0;
+    let mut code = 0u16;
+    let mut lines = 0usize;
+    loop {
+        let rest = &input[pos..];
+        let window = &rest[..rest.len().min(MAX_REPLY_LINE)];
+        let Some(lf) = memchr(b'\n', window) else {
+            if rest.len() >= MAX_REPLY_LINE || !head_prefix_ok(rest) {
+                return ReplyParse::Malformed { consumed: input.len() };
+            }
+            return ReplyParse::Partial;
+        };
+        let end = pos + lf + 1;
+        let Some((c, last)) = line_head(strip_cr(&rest[..lf])) else {
+            return ReplyParse::Malformed { consumed: end };
+        };
+        if (lines > 0 && c != code) || end > MAX_REPLY {
+            return ReplyParse::Malformed { consumed: end };
+        }
+        code = c;
+        lines += 1;
+        pos = end;
+        if last {
+            break;
+        }
+    }
+    ReplyParse::Complete { reply: build_reply(code, &input[..pos]), consumed: pos }
+}
+
+/// Builds the [`Reply`] from framed, validated lines.
+fn build_reply(code: u16, framed: &[u8]) -> Reply {
+    let mut text = String::new();
+    let mut enhanced = None;
+    let lines = framed.strip_suffix(b"\n").unwrap_or(framed).split(|&b| b == b'\n');
+    for (i, line) in lines.enumerate() {
+        let line = strip_cr(line);
+        let mut t = line.get(4..).unwrap_or(b"");
+        if i == 0 {
+            if let Some((e, n)) = parse_enhanced(t) {
+                if u16::from(e.0) == code / 100 {
+                    enhanced = Some(e);
+                    t = &t[n..];
+                }
+            }
+        } else {
+            text.push('\n');
+            if let (Some(first), Some((e, n))) = (enhanced, parse_enhanced(t)) {
+                if e == first {
+                    t = &t[n..];
+                }
+            }
+        }
+        text.push_str(&String::from_utf8_lossy(t));
+    }
+    Reply { code, enhanced, text }
+}
+
+#[inline]
+fn strip_cr(line: &[u8]) -> &[u8] {
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+/// The code and "is last line" of a reply line: three digits, the first 2-5 (RFC 5321 §4.2),
+/// then SP, `-` or nothing.
+fn line_head(line: &[u8]) -> Option<(u16, bool)> {
+    if line.len() < 3 || !matches!(line[0], b'2'..=b'5') || !line[1].is_ascii_digit() || !line[2].is_ascii_digit() {
+        return None;
+    }
+    let code = u16::from(line[0] - b'0') * 100 + u16::from(line[1] - b'0') * 10 + u16::from(line[2] - b'0');
+    match line.get(3) {
+        None | Some(b' ') => Some((code, true)),
+        Some(b'-') => Some((code, false)),
+        _ => None,
+    }
+}
+
+/// Whether an unterminated line could still become a valid reply line: lets a peer that is
+/// not speaking SMTP be refused at once instead of after [`MAX_REPLY_LINE`] bytes.
+fn head_prefix_ok(part: &[u8]) -> bool {
+    part.iter().take(4).enumerate().all(|(i, &b)| match i {
+        0 => matches!(b, b'2'..=b'5'),
+        1 | 2 => b.is_ascii_digit(),
+        _ => matches!(b, b' ' | b'-' | b'\r'),
+    })
+}
+
+/// An RFC 3463 status code at the start of `t` (`class.subject.detail`, class 2, 4 or 5,
+/// subject and detail 1-3 digits) followed by SP or the end; returns it and the bytes it used
+/// including one following SP.
+fn parse_enhanced(t: &[u8]) -> Option<((u8, u16, u16), usize)> {
+    let class = *t.first()?;
+    if !matches!(class, b'2' | b'4' | b'5') || t.get(1) != Some(&b'.') {
+        return None;
+    }
+    let (subject, n1) = digits(&t[2..])?;
+    if t.get(2 + n1) != Some(&b'.') {
+        return None;
+    }
+    let (detail, n2) = digits(&t[3 + n1..])?;
+    let end = 3 + n1 + n2;
+    match t.get(end) {
+        None => Some(((class - b'0', subject, detail), end)),
+        Some(b' ') => Some(((class - b'0', subject, detail), end + 1)),
+        _ => None,
+    }
+}
+
+/// One to three leading ASCII digits as a number, and how many there were.
+fn digits(t: &[u8]) -> Option<(u16, usize)> {
+    let n = t.iter().take(3).take_while(|b| b.is_ascii_digit()).count();
+    if n == 0 || t.get(n).is_some_and(u8::is_ascii_digit) {
+        return None;
+    }
+    Some((t[..n].iter().fold(0u16, |acc, &b| acc * 10 + u16::from(b - b'0')), n))
+}
+
+/// The service extensions a server advertised in its EHLO reply (RFC 5321 §4.1.1.1, §2.2.2).
+/// After a HELO fallback everything is off.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// `PIPELINING` (RFC 2920).
+    pub pipelining: bool,
+    /// `SIZE [n]` (RFC 1870): `None` when not advertised, `Some(0)` when advertised without a
+    /// limit (no number, `0`, or a number that does not parse), else `Some(limit in octets)`.
+    pub size: Option<u64>,
+    /// `8BITMIME` (RFC 6152).
+    pub eightbitmime: bool,
+    /// `SMTPUTF8` (RFC 6531).
+    pub smtputf8: bool,
+    /// `CHUNKING` (RFC 3030): BDAT is available.
+    pub chunking: bool,
+    /// `BINARYMIME` (RFC 3030): `BODY=BINARYMIME` is accepted (needs CHUNKING too).
+    pub binarymime: bool,
+    /// `DSN` (RFC 3461): RET/ENVID/NOTIFY/ORCPT may be sent.
+    pub dsn: bool,
+    /// `STARTTLS` (RFC 3207).
+    pub starttls: bool,
+    /// `ENHANCEDSTATUSCODES` (RFC 2034).
+    pub enhancedstatuscodes: bool,
+    /// `AUTH` mechanisms (RFC 4954), upper-cased, in advertised order; also read from the old
+    /// `AUTH=` form.
+    pub auth: Vec<String>,
+}
+
+impl Capabilities {
+    /// Reads the keywords of a positive EHLO reply. The first line is the server's name and
+    /// greeting and is skipped; keywords are case-insensitive; unknown ones are ignored.
+    pub fn from_ehlo(reply: &Reply) -> Capabilities {
+        let mut caps = Capabilities::default();
+        for line in reply.text.split('\n').skip(1) {
+            // `AUTH=PLAIN LOGIN` is the pre-RFC 4954 spelling some servers still send.
+            let mut words = line.split(|c: char| c.is_ascii_whitespace() || c == '=').filter(|w| !w.is_empty());
+            let Some(keyword) = words.next() else { continue };
+            let is = |k: &str| keyword.eq_ignore_ascii_case(k);
+            if is("PIPELINING") {
+                caps.pipelining = true;
+            } else if is("SIZE") {
+                caps.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0));
+            } else if is("8BITMIME") {
+                caps.eightbitmime = true;
+            } else if is("SMTPUTF8") {
+                caps.smtputf8 = true;
+            } else if is("CHUNKING") {
+                caps.chunking = true;
+            } else if is("BINARYMIME") {
+                caps.binarymime = true;
+            } else if is("DSN") {
+                caps.dsn = true;
+            } else if is("STARTTLS") {
+                caps.starttls = true;
+            } else if is("ENHANCEDSTATUSCODES") {
+                caps.enhancedstatuscodes = true;
+            } else if is("AUTH") {
+                for mech in words {
+                    let mech = mech.to_ascii_uppercase();
+                    if !caps.auth.contains(&mech) {
+                        caps.auth.push(mech);
+                    }
+                }
+            }
+        }
+        caps
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn complete(input: &[u8]) -> (Reply, usize) {
+        match parse_reply(input) {
+            ReplyParse::Complete { reply, consumed } => (reply, consumed),
+            other => panic!("{:?}: {other:?}", String::from_utf8_lossy(input)),
+        }
+    }
+
+    #[test]
+    fn parse_table() {
+        // (input, code, enhanced, text, consumed)
+        type Row = (&'static [u8], u16, Option<(u8, u16, u16)>, &'static str, usize);
+        let table: &[Row] = &[
+            (b"220 mx.example ESMTP\r\n", 220, None, "mx.example ESMTP", 22),
+            (b"250 2.1.0 Sender ok\r\nNEXT", 250, Some((2, 1, 0)), "Sender ok", 21),
+            (b"354\r\n", 354, None, "", 5),
+            (b"250 \r\n", 250, None, "", 6),
+            (b"550 5.1.1\r\n", 550, Some((5, 1, 1)), "", 11),
+            (b"250 ok\n", 250, None, "ok", 7),
+            (
+                b"250-mx.example\r\n250-PIPELINING\r\n250 SIZE 1000\r\n",
+                250,
+                None,
+                "mx.example\nPIPELINING\nSIZE 1000",
+                47,
+            ),
+            (
+                b"550-5.1.1 The account\r\n550-5.1.1 does not exist\r\n550 5.1.1 https://help\r\n",
+                550,
+                Some((5, 1, 1)),
+                "The account\ndoes not exist\nhttps://help",
+                73,
+            ),
+            // Class must match the code; otherwise the text is kept as is.
+            (b"250 5.1.1 odd\r\n", 250, None, "5.1.1 odd", 15),
+            (b"452 4.5.3 Too many\r\n", 452, Some((4, 5, 3)), "Too many", 20),
+            (b"250 2.0.0queued\r\n", 250, None, "2.0.0queued", 17),
+            (b"250 2.0.1000 x\r\n", 250, None, "2.0.1000 x", 16),
+            (b"421 4.4.2 bye\r\n", 421, Some((4, 4, 2)), "bye", 15),
+            ("250 caf\u{e9}\r\n".as_bytes(), 250, None, "caf\u{e9}", 11),
+            (b"250 caf\xe9\r\n", 250, None, "caf\u{fffd}", 10),
+        ];
+        for &(input, code, enhanced, text, consumed) in table {
+            let (r, n) = complete(input);
+            assert_eq!((r.code, r.enhanced, r.text.as_str(), n), (code, enhanced, text, consumed), "{input:?}");
+        }
+    }
+
+    #[test]
+    fn partial_and_malformed() {
+        for input in [&b""[..], b"2", b"25", b"250", b"250 ok", b"250 ok\r", b"250-a\r\n", b"250-a\r\n250 b"] {
+            assert_eq!(parse_reply(input), ReplyParse::Partial, "{input:?}");
+        }
+        let table: &[(&[u8], usize)] = &[
+            (b"hello\r\n", 7),
+            (b"HTTP/1.1 400", 12),
+            (b"25x ok\r\n", 8),
+            (b"150 ok\r\n", 8),
+            (b"250_ok\r\n", 8),
+            (b"25\r\n", 4),
+            (b"250-a\r\n251 b\r\n", 14),
+            (b"250-a\r\nxyz\r\n", 12),
+        ];
+        for &(input, consumed) in table {
+            assert_eq!(parse_reply(input), ReplyParse::Malformed { consumed }, "{input:?}");
+        }
+        let mut long = b"250 ".to_vec();
+        long.resize(MAX_REPLY_LINE + 10, b'x');
+        assert_eq!(parse_reply(&long), ReplyParse::Malformed { consumed: long.len() });
+        let mut huge = Vec::new();
+        while huge.len() <= MAX_REPLY {
+            huge.extend_from_slice(b"250-0123456789012345678901234567890123456789\r\n");
+        }
+        huge.extend_from_slice(b"250 end\r\n");
+        assert!(matches!(parse_reply(&huge), ReplyParse::Malformed { .. }));
+    }
+
+    #[test]
+    fn display() {
+        let (r, _) = complete(b"550-5.1.1 No such\r\n550 5.1.1 user\r\n");
+        assert_eq!(r.to_string(), "550 5.1.1 No such user");
+        assert_eq!(Reply::new(354, None, "").to_string(), "354");
+        assert_eq!(Reply::new(250, None, "ok").to_string(), "250 ok");
+        assert!(r.is_permanent() && !r.is_transient() && !r.is_intermediate() && !r.is_positive_completion());
+        assert!(Reply::new(451, None, "").is_transient());
+        assert!(Reply::new(354, None, "").is_intermediate());
+        assert!(Reply::new(251, None, "").is_positive_completion());
+    }
+
+    #[test]
+    fn capabilities() {
+        let table: &[(&[u8], Capabilities)] = &[
+            (b"250 mx.example\r\n", Capabilities::default()),
+            (
+                b"250-mx.example PIPELINING SIZE 99\r\n250-pipelining\r\n250-Size 1000\r\n250-8BITMIME\r\n\
+                  250-SMTPUTF8\r\n250-CHUNKING\r\n250-BINARYMIME\r\n250-DSN\r\n250-STARTTLS\r\n\
+                  250-AUTH PLAIN login\r\n250-AUTH=LOGIN CRAM-MD5\r\n250-X-UNKNOWN 1\r\n250 ENHANCEDSTATUSCODES\r\n",
+                Capabilities {
+                    pipelining: true,
+                    size: Some(1000),
+                    eightbitmime: true,
+                    smtputf8: true,
+                    chunking: true,
+                    binarymime: true,
+                    dsn: true,
+                    starttls: true,
+                    enhancedstatuscodes: true,
+                    auth: vec!["PLAIN".into(), "LOGIN".into(), "CRAM-MD5".into()],
+                },
+            ),
+            (b"250-mx\r\n250 SIZE\r\n", Capabilities { size: Some(0), ..Capabilities::default() }),
+            (b"250-mx\r\n250 SIZE 0\r\n", Capabilities { size: Some(0), ..Capabilities::default() }),
+            (b"250-mx\r\n250 SIZE lots\r\n", Capabilities { size: Some(0), ..Capabilities::default() }),
+            (b"250-mx\r\n250-\r\n250 DSN\r\n", Capabilities { dsn: true, ..Capabilities::default() }),
+        ];
+        for (input, caps) in table {
+            let (r, _) = complete(input);
+            assert_eq!(&Capabilities::from_ehlo(&r), caps, "{:?}", String::from_utf8_lossy(input));
+        }
+    }
 }

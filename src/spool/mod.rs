@@ -52,6 +52,17 @@ pub struct MessageLoc {
     pub len: u64,
 }
 
+/// Where a message body lies inside a segment map (see [`Spool::message_with_body`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BodyLoc {
+    /// Segment sequence number.
+    pub segment: u64,
+    /// Offset of the first body byte in the segment.
+    pub start: usize,
+    /// Body length.
+    pub len: usize,
+}
+
 /// A ticket for an append not yet known durable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Pending {
@@ -454,6 +465,23 @@ impl Spool {
             return Err(SpoolError::Corrupt("message location does not hold a message record"));
         }
         format::decode_message(raw.payload).map_err(|_| SpoolError::Corrupt("message payload fails validation"))
+    }
+
+    /// Like [`Spool::message`], and also where the body lies, so that a delivery can stream it
+    /// in pieces with [`Spool::body`] without decoding (or checksumming) the record again.
+    pub fn message_with_body(&self, loc: MessageLoc) -> Result<(MessageView<'_>, BodyLoc), SpoolError> {
+        let view = self.message(loc)?;
+        let base = self.segments.get(&loc.segment).map_or(0, |s| s.seg.bytes().as_ptr() as usize);
+        // The body is a subslice of the segment's bytes: its offset is the pointer difference.
+        let start = (view.body.as_ptr() as usize).saturating_sub(base);
+        let body = BodyLoc { segment: loc.segment, start, len: view.body.len() };
+        Ok((view, body))
+    }
+
+    /// The body at `b` (from [`Spool::message_with_body`]); empty if the segment is gone. A
+    /// message's segment stays mapped while the message has an open recipient.
+    pub fn body(&self, b: BodyLoc) -> &[u8] {
+        self.segments.get(&b.segment).and_then(|s| s.seg.bytes().get(b.start..b.start + b.len)).unwrap_or(&[])
     }
 
     /// All recipients of the message at `msg_segment` are final: drop its live count there and

@@ -9,7 +9,7 @@ fn serve(args: &[&str]) -> (i32, String) {
         .arg("serve")
         .arg("--spool")
         .arg(dir.path().join("s"))
-        .args(["--listen", "127.0.0.1:0"])
+        .args(["--listen", "127.0.0.1:0", "--hold", "--dns", "127.0.0.1:1"])
         .args(args)
         .output()
         .unwrap();
@@ -52,7 +52,7 @@ fn unusable_spool_exits_1() {
         .arg("serve")
         .arg("--spool")
         .arg(file.join("spool"))
-        .args(["--listen", "127.0.0.1:0"])
+        .args(["--listen", "127.0.0.1:0", "--hold", "--dns", "127.0.0.1:1"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));

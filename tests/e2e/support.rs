@@ -67,6 +67,12 @@ impl Relay {
         if !extra.contains(&"--listen") {
             cmd.args(["--listen", "127.0.0.1:0"]);
         }
+        // Never let a test relay use the system resolver or leave loopback: a test that does
+        // not route mail itself (--dns/--relay-host) holds the queue, so accepted messages stay
+        // queued for it to inspect.
+        if !extra.contains(&"--dns") && !extra.contains(&"--relay-host") {
+            cmd.args(["--hold", "--dns", "127.0.0.1:1"]);
+        }
         cmd.args(extra).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn sluice");
         let stderr = child.stderr.take().unwrap();

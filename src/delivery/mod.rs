@@ -1,0 +1,791 @@
+//! Outbound delivery on the relay's loop: per-destination routes and connection pools, domain
+//! concurrency, connection reuse, outcomes written to the spool, retries and bounces.
+//!
+//! # Flow
+//! A committed message enters the [`Queue`]; each destination with ready work gets a route (the
+//! relay host, an address literal, or MX records from the resolver) and up to
+//! `--domain-concurrency` connections. A connection that becomes ready takes the next ready
+//! message for its destination (connection reuse) and carries all of that message's
+//! recipients for the destination in one transaction. Each recipient's outcome is appended to
+//! the spool before it counts; deferred recipients wait in the due queue; failed ones produce a
+//! DSN to the sender (never for the null sender), queued and delivered like any message.
+
+pub mod route;
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use mio::{Interest, Registry};
+use slab::Slab;
+
+use crate::buf::BufPool;
+use crate::dns::resolver::{DnsError, MxHost, MxPlan, Resolver};
+use crate::dsn::{self, Action, DsnInput, DsnRecipient};
+use crate::log::{Logger, V};
+use crate::message::{Envelope, IdGen, QueueId};
+use crate::net::dns::DnsConn;
+use crate::net::outbound::{ActiveJob, Io, OutboundConn};
+use crate::queue::schedule::{NextStep, RetryPolicy};
+use crate::queue::{DestId, Job, Queue};
+use crate::reactor::token::{self, Kind};
+use crate::smtp::client::{ClientConfig, ClientEvent, ClientSession, ClientTimeouts, TxRcpt, TxSpec};
+use crate::smtp::reply::Reply;
+use crate::spool::{Outcome, RecoveredMessage, Spool};
+use route::{status_code, synthetic, verdict, Verdict};
+
+/// Transactions on one connection before it says QUIT.
+const MAX_TRANSACTIONS_PER_CONN: u32 = 1000;
+/// How long an idle connection is kept for reuse.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Backoff after every address of a destination failed to connect.
+const DEST_BACKOFF_MS: u64 = 30_000;
+
+/// Delivery settings from the command line.
+#[derive(Debug, Clone)]
+pub struct DeliveryConfig {
+    /// `--relay-host`: (host, port).
+    pub relay_host: Option<(String, u16)>,
+    /// `--smtp-port`.
+    pub smtp_port: u16,
+    /// `--domain-concurrency`.
+    pub domain_concurrency: u32,
+    /// Retry schedule and lifetime.
+    pub policy: RetryPolicy,
+    /// Our name in EHLO, DSNs.
+    pub hostname: String,
+    /// Client timeouts.
+    pub timeouts: ClientTimeouts,
+}
+
+/// How to reach a destination.
+#[derive(Debug)]
+enum Route {
+    /// Not looked up yet.
+    Unknown,
+    /// A lookup is under way.
+    Resolving,
+    /// Addresses in the order to try, with their host names.
+    Ready { addrs: Vec<(Box<str>, SocketAddr)>, until_ms: u64 },
+    /// The lookup failed.
+    Failed { reply: Reply, permanent: bool, until_ms: u64 },
+}
+
+struct DestState {
+    route: Route,
+    /// Connections open or opening.
+    conns: u32,
+    /// Connections ready and without work.
+    idle: Vec<(usize, u32)>,
+    /// Round-robin position in the address list; consecutive connect failures.
+    next_addr: usize,
+    failures: usize,
+    /// No new connection before this time (Unix ms).
+    backoff_until_ms: u64,
+}
+
+/// What the delivery side needs from the loop for one call.
+pub struct Ctx<'a> {
+    /// The spool (outcome records, bounce messages, bodies).
+    pub spool: &'a mut Spool,
+    /// Event log.
+    pub log: &'a mut Logger,
+    /// Queue ids for bounces.
+    pub ids: &'a mut IdGen,
+    /// Buffers.
+    pub bufs: &'a mut BufPool,
+    /// Registry for new sockets.
+    pub registry: &'a Registry,
+    /// Monotonic now.
+    pub now: Instant,
+    /// Wall clock, Unix ms.
+    pub wall_ms: u64,
+}
+
+/// The delivery engine.
+pub struct Delivery {
+    cfg: DeliveryConfig,
+    /// The queue of undelivered recipients.
+    pub queue: Queue,
+    dests: Vec<DestState>,
+    conns: Slab<OutboundConn>,
+    generation: u32,
+    dns: Option<DnsConn>,
+    /// Destinations waiting for a lookup, by the resolver's canonical name.
+    lookups: HashMap<String, Vec<DestId>>,
+    next_sweep: Instant,
+}
+
+impl Delivery {
+    /// A delivery engine; `dns` is the resolver connection (None with a relay host that is an
+    /// IP address, where no lookup is ever needed).
+    pub fn new(cfg: DeliveryConfig, dns: Option<DnsConn>) -> Delivery {
+        let queue = Queue::new(cfg.relay_host.as_ref().map(|(h, _)| h.as_str()));
+        Delivery {
+            cfg,
+            queue,
+            dests: Vec::new(),
+            conns: Slab::new(),
+            generation: 0,
+            dns,
+            lookups: HashMap::new(),
+            next_sweep: Instant::now(),
+        }
+    }
+
+    fn dest_state(&mut self, dest: DestId) -> &mut DestState {
+        while self.dests.len() <= dest as usize {
+            self.dests.push(DestState {
+                route: Route::Unknown,
+                conns: 0,
+                idle: Vec::new(),
+                next_addr: 0,
+                failures: 0,
+                backoff_until_ms: 0,
+            });
+        }
+        &mut self.dests[dest as usize]
+    }
+
+    /// Queues a message that was just committed (or recovered).
+    pub fn enqueue(&mut self, ctx: &mut Ctx<'_>, rec: &RecoveredMessage) {
+        let env = match ctx.spool.message(rec.loc) {
+            Ok(view) => view.envelope,
+            Err(e) => {
+                ctx.log.event("spool_error", &[("id", V::D(&rec.id)), ("error", V::D(&e))]);
+                return;
+            }
+        };
+        if self.queue.insert(rec, &env, ctx.wall_ms).is_none() {
+            ctx.spool.release_message(rec.loc.segment, &rec.outcome_segments);
+        }
+    }
+
+    /// The earliest time something here needs attention.
+    pub fn next_deadline(&self, now: Instant, wall_ms: u64) -> Option<Instant> {
+        let mut next = self.dns.as_ref().and_then(|d| d.next_deadline());
+        let mut consider = |t: Instant| next = Some(next.map_or(t, |n: Instant| n.min(t)));
+        if let Some(due) = self.queue.next_due() {
+            consider(now + Duration::from_millis(due.saturating_sub(wall_ms)));
+        }
+        if !self.conns.is_empty() {
+            consider(self.next_sweep);
+        }
+        next
+    }
+
+    /// True when ready work could be started now (the loop should not sleep).
+    pub fn has_work(&self) -> bool {
+        self.queue.has_wanting()
+    }
+
+    /// One pass: due retries, DNS results, new connections and jobs, timeouts.
+    pub fn pump(&mut self, ctx: &mut Ctx<'_>) {
+        self.queue.promote_due(ctx.wall_ms);
+        self.dns_results(ctx);
+        for dest in self.queue.take_wanting() {
+            self.serve(ctx, dest);
+        }
+        if let Some(dns) = self.dns.as_mut() {
+            dns.flush(ctx.now);
+        }
+        if ctx.now >= self.next_sweep {
+            self.sweep(ctx);
+            self.next_sweep = ctx.now + Duration::from_millis(200);
+        }
+    }
+
+    /// Handles a readiness event for an outbound or DNS token.
+    pub fn on_event(&mut self, ctx: &mut Ctx<'_>, kind: Kind, generation: u32, key: usize, ev: &mio::event::Event) {
+        match kind {
+            Kind::Dns => {
+                if let Some(dns) = self.dns.as_mut() {
+                    dns.on_event(key, ctx.now);
+                }
+                self.dns_results(ctx);
+            }
+            Kind::Outbound => {
+                let Some(conn) = self.conns.get_mut(key).filter(|c| c.generation == generation) else { return };
+                if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                    conn.readable = true;
+                }
+                if ev.is_writable() || ev.is_write_closed() || ev.is_error() {
+                    conn.writable = true;
+                }
+                self.drive(ctx, key);
+            }
+            _ => {}
+        }
+    }
+
+    fn dns_results(&mut self, ctx: &mut Ctx<'_>) {
+        let Some(dns) = self.dns.as_mut() else { return };
+        let mut done = Vec::new();
+        while let Some(d) = dns.resolver_mut().poll_done() {
+            done.push(d);
+        }
+        while let Some(d) = dns.resolver_mut().poll_host_done() {
+            done.push(d);
+        }
+        for (name, result) in done {
+            let Some(dests) = self.lookups.remove(&name) else { continue };
+            for dest in dests {
+                self.set_route(ctx, dest, &name, result.clone());
+            }
+        }
+    }
+
+    /// Turns a lookup result into the destination's route.
+    fn set_route(&mut self, ctx: &mut Ctx<'_>, dest: DestId, name: &str, result: Result<MxPlan, DnsError>) {
+        let port = self.cfg.relay_host.as_ref().map_or(self.cfg.smtp_port, |(_, p)| *p);
+        let route = match result {
+            Ok(plan) => {
+                let addrs: Vec<(Box<str>, SocketAddr)> =
+                    plan.addresses().map(|(host, ip)| (Box::from(host), SocketAddr::new(ip, port))).collect();
+                Route::Ready { addrs, until_ms: ctx.wall_ms + 300_000 }
+            }
+            Err(e) => {
+                let text = format!("DNS lookup for {name}: {}", e.text());
+                ctx.log.event("dns", &[("domain", V::S(name)), ("error", V::S(&text))]);
+                Route::Failed {
+                    reply: synthetic(e.reply_code(), parse_enhanced(e.enhanced_code()), &text),
+                    permanent: e.is_permanent(),
+                    until_ms: ctx.wall_ms + 60_000,
+                }
+            }
+        };
+        self.dest_state(dest).route = route;
+        self.queue.want(dest);
+    }
+
+    /// Starts what can be started for one destination.
+    fn serve(&mut self, ctx: &mut Ctx<'_>, dest: DestId) {
+        // Hand ready jobs to idle connections first (connection reuse).
+        while self.queue.has_ready(dest) {
+            let Some((key, generation)) = self.dest_state(dest).idle.pop() else { break };
+            if self.conns.get(key).is_some_and(|c| c.generation == generation && c.active.is_none()) {
+                self.take_job(ctx, key);
+                // Send the new transaction's commands now: no socket event will ask for them.
+                self.drive(ctx, key);
+            }
+        }
+        if !self.queue.has_ready(dest) {
+            return;
+        }
+        let limit = self.cfg.domain_concurrency;
+        let wall_ms = ctx.wall_ms;
+        let state = self.dest_state(dest);
+        if wall_ms < state.backoff_until_ms {
+            return;
+        }
+        match &state.route {
+            Route::Ready { until_ms, .. } | Route::Failed { until_ms, .. }
+                if *until_ms <= wall_ms && state.conns == 0 =>
+            {
+                state.route = Route::Unknown;
+            }
+            _ => {}
+        }
+        match &self.dest_state(dest).route {
+            Route::Unknown => self.resolve(ctx, dest),
+            Route::Resolving => {}
+            Route::Failed { reply, permanent, .. } => {
+                let (reply, permanent) = (reply.clone(), *permanent);
+                // Every ready job of this destination gets the DNS verdict.
+                while let Some(job) = self.queue.pop_job(dest, wall_ms) {
+                    let outcome = if permanent { Verdict::Failed } else { Verdict::Deferred };
+                    self.settle_job(ctx, &job, None, &vec![(outcome, reply.clone()); job.rcpts.len()], "");
+                }
+            }
+            Route::Ready { addrs, .. } => {
+                if addrs.is_empty() {
+                    return;
+                }
+                let ready = self.queue.dest(dest).ready.len() as u32;
+                let state = &self.dests[dest as usize];
+                let want = ready.min(limit.saturating_sub(state.conns));
+                for _ in 0..want {
+                    self.connect(ctx, dest);
+                }
+            }
+        }
+    }
+
+    fn resolve(&mut self, ctx: &mut Ctx<'_>, dest: DestId) {
+        let name = self.queue.dest(dest).name.to_string();
+        let Some(dns) = self.dns.as_mut() else {
+            // Only an IP relay host runs without a resolver.
+            let result = match name.parse::<IpAddr>() {
+                Ok(ip) => Ok(MxPlan { hosts: vec![MxHost { name: name.clone(), preference: 0, addrs: vec![ip] }] }),
+                Err(_) => Err(DnsError::Timeout),
+            };
+            self.set_route(ctx, dest, &name, result);
+            return;
+        };
+        let poll = if self.cfg.relay_host.is_some() {
+            dns.resolver_mut().lookup_host_addrs(&name, ctx.now)
+        } else {
+            dns.resolver_mut().lookup_mx(&name, ctx.now)
+        };
+        match poll {
+            Poll::Ready(result) => self.set_route(ctx, dest, &name, result),
+            Poll::Pending => {
+                self.dest_state(dest).route = Route::Resolving;
+                let key = Resolver::canonical(&name).unwrap_or(name);
+                self.lookups.entry(key).or_default().push(dest);
+            }
+        }
+    }
+
+    /// Opens one connection to the destination's next address.
+    fn connect(&mut self, ctx: &mut Ctx<'_>, dest: DestId) {
+        let state = &mut self.dests[dest as usize];
+        let Route::Ready { addrs, .. } = &state.route else { return };
+        let index = state.next_addr % addrs.len();
+        let (host, addr) = addrs[index].clone();
+        state.next_addr = state.next_addr.wrapping_add(1);
+        let mut sock = match mio::net::TcpStream::connect(addr) {
+            Ok(s) => s,
+            Err(e) => {
+                ctx.log.event("connect_error", &[("host", V::S(&host)), ("ip", V::D(&addr)), ("error", V::D(&e))]);
+                self.connect_failed(ctx, dest, &host, addr, &e.to_string());
+                return;
+            }
+        };
+        self.generation = token::next_generation(self.generation);
+        let generation = self.generation;
+        let entry = self.conns.vacant_entry();
+        let key = entry.key();
+        if let Err(e) = ctx.registry.register(
+            &mut sock,
+            token::make(Kind::Outbound, generation, key),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            ctx.log.event("connect_error", &[("host", V::S(&host)), ("error", V::D(&e))]);
+            return;
+        }
+        let session = ClientSession::new(
+            ClientConfig { helo_name: self.cfg.hostname.clone(), timeouts: self.cfg.timeouts.clone() },
+            ctx.now,
+        );
+        entry.insert(OutboundConn {
+            sock,
+            peer: addr,
+            host,
+            dest,
+            generation,
+            session,
+            input: None,
+            output: None,
+            readable: false,
+            writable: false,
+            connected: false,
+            active: None,
+            transactions: 0,
+            idle_since: None,
+            addr_index: index,
+        });
+        self.dests[dest as usize].conns += 1;
+    }
+
+    /// A connection attempt failed before SMTP started: try the next address, or defer the
+    /// destination's ready work when every address failed.
+    fn connect_failed(&mut self, ctx: &mut Ctx<'_>, dest: DestId, host: &str, addr: SocketAddr, why: &str) {
+        let wall_ms = ctx.wall_ms;
+        let backoff =
+            DEST_BACKOFF_MS.min(self.cfg.policy.schedule.first().map_or(DEST_BACKOFF_MS, |d| d.as_millis() as u64));
+        let state = self.dest_state(dest);
+        state.failures += 1;
+        let n = match &state.route {
+            Route::Ready { addrs, .. } => addrs.len(),
+            _ => 1,
+        };
+        if state.failures < n {
+            self.queue.want(dest);
+            return;
+        }
+        state.failures = 0;
+        state.backoff_until_ms = wall_ms + backoff;
+        let reply = synthetic(451, (4, 4, 1), &format!("connect to {host}[{addr}]: {why}"));
+        while let Some(job) = self.queue.pop_job(dest, wall_ms) {
+            self.settle_job(ctx, &job, None, &vec![(Verdict::Deferred, reply.clone()); job.rcpts.len()], "");
+        }
+    }
+
+    /// Moves bytes and handles session events for one connection.
+    fn drive(&mut self, ctx: &mut Ctx<'_>, key: usize) {
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        if !conn.connected {
+            if !conn.writable {
+                return;
+            }
+            // A non-blocking connect is done when the socket is writable; it worked if it has
+            // a peer (take_error tells why not).
+            match conn.sock.take_error() {
+                Ok(None) if conn.sock.peer_addr().is_ok() => conn.connected = true,
+                Ok(None) => return,
+                Ok(Some(e)) | Err(e) => {
+                    let (dest, host, addr) = (conn.dest, conn.host.clone(), conn.peer);
+                    self.close(ctx, key);
+                    ctx.log.event("connect_error", &[("host", V::S(&host)), ("ip", V::D(&addr)), ("error", V::D(&e))]);
+                    self.connect_failed(ctx, dest, &host, addr, &e.to_string());
+                    return;
+                }
+            }
+            self.dests[conn.dest as usize].failures = 0;
+        }
+        for _ in 0..16 {
+            let Some(conn) = self.conns.get_mut(key) else { return };
+            let body = conn.active.as_ref().map_or(&[][..], |a| ctx.spool.body(a.body));
+            let wio = conn.write(ctx.bufs, body);
+            let rio = conn.read(ctx.bufs, ctx.now);
+            if rio == Io::Closed {
+                conn.session.handle_closed();
+            }
+            let mut progressed = false;
+            while let Some(ev) = self.conns.get_mut(key).and_then(|c| c.session.poll_event()) {
+                progressed = true;
+                self.on_session_event(ctx, key, ev);
+            }
+            if wio == Io::Failed || rio == Io::Failed {
+                self.conn_lost(ctx, key, "connection failed");
+                return;
+            }
+            if !progressed {
+                // Flush whatever the events produced (a new transaction's commands).
+                if let Some(conn) = self.conns.get_mut(key) {
+                    let body = conn.active.as_ref().map_or(&[][..], |a| ctx.spool.body(a.body));
+                    if conn.write(ctx.bufs, body) == Io::Failed {
+                        self.conn_lost(ctx, key, "connection failed");
+                    }
+                }
+                return;
+            }
+        }
+    }
+
+    fn on_session_event(&mut self, ctx: &mut Ctx<'_>, key: usize, ev: ClientEvent) {
+        match ev {
+            ClientEvent::Ready => self.take_job(ctx, key),
+            ClientEvent::TransactionDone(result) => {
+                let Some(conn) = self.conns.get_mut(key) else { return };
+                let Some(active) = conn.active.take() else { return };
+                conn.transactions += 1;
+                let remote = format!("{}[{}]", conn.host, conn.peer.ip());
+                let outcomes: Vec<(Verdict, Reply)> = result
+                    .rcpt_replies
+                    .iter()
+                    .map(|r| {
+                        if !r.is_positive_completion() {
+                            (verdict(r.code), r.clone())
+                        } else {
+                            match &result.data_reply {
+                                Some(d) => (verdict(d.code), d.clone()),
+                                None => (Verdict::Deferred, synthetic(451, (4, 3, 0), "no reply to the data")),
+                            }
+                        }
+                    })
+                    .collect();
+                self.settle_job(ctx, &active.job, Some(&active.attempts), &outcomes, &remote);
+            }
+            ClientEvent::Failed(failure) => {
+                let text = format!("{failure}");
+                self.conn_lost(ctx, key, &text);
+            }
+            ClientEvent::Closed => self.close(ctx, key),
+        }
+    }
+
+    /// Gives a ready connection the next job of its destination, or parks it as idle.
+    fn take_job(&mut self, ctx: &mut Ctx<'_>, key: usize) {
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        let dest = conn.dest;
+        if conn.transactions >= MAX_TRANSACTIONS_PER_CONN {
+            conn.session.quit();
+            return;
+        }
+        let Some(job) = self.queue.pop_job(dest, ctx.wall_ms) else {
+            conn.idle_since = Some(ctx.now);
+            let generation = conn.generation;
+            self.dest_state(dest).idle.push((key, generation));
+            return;
+        };
+        let Some(msg) = self.queue.msg(job.msg) else { return };
+        let (loc, id) = (msg.loc, msg.id);
+        let attempts: Vec<u16> = job.rcpts.iter().map(|&i| msg.rcpts[i as usize].attempts + 1).collect();
+        let (view, body) = match ctx.spool.message_with_body(loc) {
+            Ok(v) => v,
+            Err(e) => {
+                ctx.log.event("spool_error", &[("id", V::D(&id)), ("error", V::D(&e))]);
+                let reply = synthetic(451, (4, 3, 0), "message unreadable in the spool");
+                self.settle_job(ctx, &job, None, &vec![(Verdict::Deferred, reply); job.rcpts.len()], "");
+                return;
+            }
+        };
+        let env = &view.envelope;
+        let rcpts: Vec<TxRcpt<'_>> = job
+            .rcpts
+            .iter()
+            .map(|&i| {
+                let r = env.rcpt(i as usize);
+                TxRcpt { addr: r.addr, notify: r.notify, orcpt: r.orcpt }
+            })
+            .collect();
+        let spec = TxSpec {
+            sender: &env.sender,
+            rcpts,
+            body_len: body.len as u64,
+            body_type: env.body_type,
+            smtputf8: env.smtputf8,
+            ret: env.ret,
+            envid: &env.envid,
+        };
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        conn.idle_since = None;
+        conn.session.start_transaction(spec);
+        conn.active = Some(ActiveJob { job, body, attempts });
+    }
+
+    /// Records the outcome of every recipient of a job: spool outcome records, queue state,
+    /// attempt log lines, a bounce for failures, release of finished messages.
+    fn settle_job(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        job: &Job,
+        attempts: Option<&[u16]>,
+        outcomes: &[(Verdict, Reply)],
+        remote: &str,
+    ) {
+        let Some(msg) = self.queue.msg(job.msg).filter(|m| m.id == job.id) else { return };
+        let (id, arrival_ms, loc) = (msg.id, msg.arrival_ms, msg.loc);
+        let prior: Vec<u16> = job.rcpts.iter().map(|&i| msg.rcpts[i as usize].attempts).collect();
+        let env = match ctx.spool.message(loc) {
+            Ok(v) => v.envelope,
+            Err(_) => Envelope::default(),
+        };
+        // First decide every recipient's verdict (a deferral past the lifetime is a failure).
+        let mut decided: Vec<(u32, Verdict, Reply, u16, u64)> = Vec::with_capacity(job.rcpts.len());
+        for (n, &rcpt) in job.rcpts.iter().enumerate() {
+            let (mut v, mut reply) =
+                outcomes.get(n).cloned().unwrap_or((Verdict::Deferred, synthetic(451, (4, 3, 0), "no outcome")));
+            let tries = attempts.map_or(prior[n].saturating_add(1), |a| a[n]);
+            let mut next_ms = 0;
+            if v == Verdict::Deferred {
+                match self.cfg.policy.next_attempt(tries, arrival_ms, ctx.wall_ms) {
+                    NextStep::RetryAt(t) => next_ms = t,
+                    NextStep::Expire => {
+                        v = Verdict::Failed;
+                        reply = synthetic(550, (4, 4, 7), &format!("delivery time expired; last error: {reply}"));
+                    }
+                }
+            }
+            decided.push((rcpt, v, reply, tries, next_ms));
+        }
+        // The bounce goes into the spool before the failures it reports: any durable prefix of
+        // the spool that holds a failure then also holds its bounce.
+        let failed: Vec<(u32, Reply, Verdict)> =
+            decided.iter().filter(|d| d.1 == Verdict::Failed).map(|d| (d.0, d.2.clone(), d.1)).collect();
+        if !failed.is_empty() {
+            self.bounce(ctx, id, arrival_ms, loc, &env, &failed, remote);
+        }
+        let mut finished = false;
+        let mut reply_text = Vec::new();
+        for (rcpt, v, reply, tries, next_ms) in decided {
+            reply_text.clear();
+            let _ = write!(reply_text, "{reply}");
+            let outcome = Outcome {
+                status: v.status(),
+                attempts: tries,
+                next_attempt_ms: next_ms,
+                at_ms: ctx.wall_ms,
+                reply: &reply_text,
+                remote: remote.as_bytes(),
+            };
+            let addr = if (rcpt as usize) < env.rcpt_count() { env.rcpt(rcpt as usize).addr } else { b"" };
+            let outcome_name = match v {
+                Verdict::Delivered => "delivered",
+                Verdict::Deferred => "deferred",
+                Verdict::Failed => "failed",
+            };
+            ctx.log.event(
+                "delivery",
+                &[
+                    ("id", V::D(&id)),
+                    ("rcpt", V::B(addr)),
+                    ("domain", V::S(&self.queue.dest(job.dest).name)),
+                    ("remote", V::S(if remote.is_empty() { "-" } else { remote })),
+                    ("reply", V::B(&reply_text)),
+                    ("delay_ms", V::N(ctx.wall_ms.saturating_sub(arrival_ms))),
+                    ("attempt", V::N(u64::from(tries))),
+                    ("outcome", V::S(outcome_name)),
+                ],
+            );
+            match ctx.spool.append_outcome(id, rcpt, &outcome) {
+                Ok(p) => self.queue.add_outcome_segment(job.msg, p.segment),
+                Err(e) => ctx.log.event("spool_error", &[("id", V::D(&id)), ("error", V::D(&e))]),
+            }
+            finished = self.queue.settle(job.msg, rcpt, v.status(), tries, next_ms);
+        }
+        if finished {
+            if let Some(m) = self.queue.remove(job.msg) {
+                ctx.spool.release_message(m.loc.segment, &m.outcome_segments);
+            }
+        } else {
+            self.queue.reschedule(job.msg, ctx.wall_ms);
+        }
+    }
+
+    /// Queues a DSN to the sender for the failed recipients (RFC 3464), unless the sender is
+    /// null or every failed recipient asked for no failure notice.
+    #[allow(clippy::too_many_arguments)]
+    fn bounce(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        id: QueueId,
+        arrival_ms: u64,
+        loc: crate::spool::MessageLoc,
+        env: &Envelope,
+        failed: &[(u32, Reply, Verdict)],
+        remote: &str,
+    ) {
+        if !dsn::should_bounce(&env.sender) {
+            return;
+        }
+        let diags: Vec<String> = failed.iter().map(|(_, r, _)| format!("smtp; {r}")).collect();
+        let remote_mta = if remote.is_empty() { String::new() } else { format!("dns; {remote}") };
+        let recipients: Vec<DsnRecipient<'_>> = failed
+            .iter()
+            .zip(&diags)
+            .filter(|((i, _, _), _)| dsn::notify_wants(env.rcpt(*i as usize).notify, Action::Failed))
+            .map(|((i, r, _), diag)| {
+                let rv = env.rcpt(*i as usize);
+                DsnRecipient {
+                    final_recipient: rv.addr,
+                    original_recipient: rv.orcpt,
+                    action: Action::Failed,
+                    status: status_code(r),
+                    remote_mta: remote_mta.as_bytes(),
+                    diagnostic: diag.as_bytes(),
+                    last_attempt_unix: ctx.wall_ms / 1000,
+                }
+            })
+            .collect();
+        if recipients.is_empty() {
+            return;
+        }
+        let original = match ctx.spool.message(loc) {
+            Ok(v) => v.body.to_vec(),
+            Err(_) => Vec::new(),
+        };
+        let bounce_id = ctx.ids.next(ctx.wall_ms * 1000);
+        let mut body = Vec::with_capacity(original.len().min(1 << 20) + 2048);
+        dsn::build_dsn(
+            &DsnInput {
+                reporting_mta: &self.cfg.hostname,
+                original_envelope_id: &env.envid,
+                arrival_unix: arrival_ms / 1000,
+                now_unix: ctx.wall_ms / 1000,
+                sender: &env.sender,
+                queue_id: id,
+                recipients: &recipients,
+                original: &original,
+                ret: env.ret,
+                boundary_seed: bounce_id.0,
+            },
+            &mut body,
+        );
+        let mut benv = Envelope::default();
+        benv.helo.extend_from_slice(self.cfg.hostname.as_bytes());
+        benv.push_rcpt(&env.sender, b"", 0);
+        benv.client_ip = IpAddr::from([127, 0, 0, 1]);
+        match ctx.spool.append_message(bounce_id, ctx.wall_ms, &benv, &body) {
+            Ok((_, bloc)) => {
+                ctx.log.event("bounce", &[("id", V::D(&bounce_id)), ("for", V::D(&id)), ("to", V::B(&env.sender))]);
+                let rec = RecoveredMessage {
+                    id: bounce_id,
+                    loc: bloc,
+                    arrival_ms: ctx.wall_ms,
+                    rcpts: Vec::new(),
+                    outcome_segments: Vec::new(),
+                };
+                self.enqueue(ctx, &rec);
+            }
+            Err(e) => ctx.log.event("spool_error", &[("id", V::D(&bounce_id)), ("error", V::D(&e))]),
+        }
+    }
+
+    /// The connection is unusable: its job (if any) is deferred, the connection closed.
+    fn conn_lost(&mut self, ctx: &mut Ctx<'_>, key: usize, why: &str) {
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        let active = conn.active.take();
+        let remote = format!("{}[{}]", conn.host, conn.peer.ip());
+        self.close(ctx, key);
+        if let Some(a) = active {
+            let reply = synthetic(451, (4, 4, 2), &format!("lost connection with {remote}: {why}"));
+            self.settle_job(
+                ctx,
+                &a.job,
+                Some(&a.attempts),
+                &vec![(Verdict::Deferred, reply); a.job.rcpts.len()],
+                &remote,
+            );
+        }
+    }
+
+    fn close(&mut self, ctx: &mut Ctx<'_>, key: usize) {
+        if !self.conns.contains(key) {
+            return;
+        }
+        let mut conn = self.conns.remove(key);
+        let _ = ctx.registry.deregister(&mut conn.sock);
+        conn.release_buffers(ctx.bufs);
+        if let Some(a) = conn.active.take() {
+            self.queue.requeue(&a.job);
+        }
+        let dest = conn.dest;
+        let state = self.dest_state(dest);
+        state.conns = state.conns.saturating_sub(1);
+        state.idle.retain(|&(k, g)| !(k == key && g == conn.generation));
+        self.queue.want(dest);
+    }
+
+    /// Timeouts of sessions and idle connections (checked a few times a second).
+    fn sweep(&mut self, ctx: &mut Ctx<'_>) {
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            let Some(conn) = self.conns.get_mut(key) else { continue };
+            if conn.idle_since.is_some_and(|t| ctx.now.duration_since(t) >= IDLE_TIMEOUT) {
+                conn.idle_since = None;
+                conn.session.quit();
+                self.drive(ctx, key);
+                continue;
+            }
+            // The session's first deadline (the greeting) also bounds a connect that hangs.
+            if conn.session.next_deadline().is_some_and(|d| d <= ctx.now) {
+                conn.session.handle_timeout(ctx.now);
+                self.drive(ctx, key);
+            }
+        }
+        if let Some(dns) = self.dns.as_mut() {
+            dns.handle_timeout(ctx.now);
+        }
+        self.dns_results(ctx);
+    }
+
+    /// Outbound connections open now.
+    pub fn connections(&self) -> usize {
+        self.conns.len()
+    }
+}
+
+/// Parses `"5.1.10"` into its three numbers (`(4, 0, 0)` if it does not parse).
+fn parse_enhanced(s: &str) -> (u8, u16, u16) {
+    let mut it = s.split('.');
+    let mut next = || it.next().and_then(|p| p.parse::<u16>().ok());
+    match (next(), next(), next()) {
+        (Some(a), Some(b), Some(c)) => (a as u8, b, c),
+        _ => (4, 0, 0),
+    }
+}

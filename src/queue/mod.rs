@@ -1,0 +1,327 @@
+//! Pure: the in-memory delivery queue — messages × recipients grouped by destination.
+//!
+//! Bodies and envelopes stay in the spool; the queue keeps, per message, its spool location and
+//! one small entry per recipient (status, attempts, next attempt, destination index), so a
+//! backlog of a million recipients costs tens of megabytes, not gigabytes. Each destination has
+//! a FIFO of messages ready for it; deferred work waits in a [`schedule::DueQueue`] until its
+//! retry time. Nothing here does I/O or reads the clock.
+
+pub mod schedule;
+
+use std::collections::{HashMap, VecDeque};
+
+use slab::Slab;
+
+use crate::message::{Envelope, QueueId};
+use crate::spool::{MessageLoc, RcptStatus, RecoveredMessage};
+use schedule::DueQueue;
+
+/// Index of a message in the queue.
+pub type MsgKey = u32;
+/// Index of a destination.
+pub type DestId = u32;
+
+/// One recipient's delivery state (16 bytes).
+#[derive(Debug, Clone, Copy)]
+pub struct QRcpt {
+    /// Next attempt, Unix ms (0: now).
+    pub next_ms: u64,
+    /// Destination it belongs to.
+    pub dest: DestId,
+    /// Attempts made.
+    pub attempts: u16,
+    /// Latest status.
+    pub status: RcptStatus,
+    /// Part of a transaction under way.
+    pub in_flight: bool,
+}
+
+impl QRcpt {
+    fn open(&self) -> bool {
+        matches!(self.status, RcptStatus::Queued | RcptStatus::Deferred)
+    }
+}
+
+/// One queued message.
+#[derive(Debug)]
+pub struct QMsg {
+    /// Queue id.
+    pub id: QueueId,
+    /// Where its record is.
+    pub loc: MessageLoc,
+    /// Arrival, Unix ms.
+    pub arrival_ms: u64,
+    /// Recipients in envelope order.
+    pub rcpts: Box<[QRcpt]>,
+    /// Segments holding this message's outcome records (for spool reclamation).
+    pub outcome_segments: Vec<u64>,
+    /// Recipients not yet final.
+    pub open: u32,
+}
+
+/// A destination: a recipient domain (or the relay host).
+#[derive(Debug)]
+pub struct Dest {
+    /// Domain, lowercased (or the relay host name).
+    pub name: Box<str>,
+    /// Messages with recipients ready for this destination.
+    pub ready: VecDeque<(MsgKey, QueueId)>,
+}
+
+/// Work for one transaction: recipients of one message for one destination.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// The message.
+    pub msg: MsgKey,
+    /// Its id (guards against a reused key).
+    pub id: QueueId,
+    /// The destination.
+    pub dest: DestId,
+    /// Recipient indexes (envelope order).
+    pub rcpts: Vec<u32>,
+}
+
+/// The queue.
+#[derive(Debug, Default)]
+pub struct Queue {
+    msgs: Slab<QMsg>,
+    dests: Vec<Dest>,
+    by_name: HashMap<Box<str>, DestId>,
+    /// Destinations whose ready list may be non-empty (deduplicated by `wanted`).
+    wanting: Vec<DestId>,
+    wanted: Vec<bool>,
+    due: DueQueue<(MsgKey, QueueId, DestId)>,
+    /// Route every recipient to this one destination (relay host mode).
+    single: Option<DestId>,
+}
+
+/// The destination name of a recipient address: its domain lowercased (`postmaster` without a
+/// domain has none).
+pub fn domain_of(addr: &[u8]) -> Option<&[u8]> {
+    memchr::memrchr(b'@', addr).map(|at| &addr[at + 1..])
+}
+
+impl Queue {
+    /// An empty queue; with `single`, every recipient goes to that one destination.
+    pub fn new(single: Option<&str>) -> Queue {
+        let mut q = Queue::default();
+        if let Some(name) = single {
+            q.single = Some(q.dest_id(name.as_bytes()));
+        }
+        q
+    }
+
+    /// Interns a destination.
+    pub fn dest_id(&mut self, name: &[u8]) -> DestId {
+        let lower = String::from_utf8_lossy(name).to_lowercase().into_boxed_str();
+        if let Some(&id) = self.by_name.get(&lower) {
+            return id;
+        }
+        let id = self.dests.len() as DestId;
+        self.dests.push(Dest { name: lower.clone(), ready: VecDeque::new() });
+        self.wanted.push(false);
+        self.by_name.insert(lower, id);
+        id
+    }
+
+    /// The destination.
+    pub fn dest(&self, id: DestId) -> &Dest {
+        &self.dests[id as usize]
+    }
+
+    /// Number of destinations known.
+    pub fn dest_count(&self) -> usize {
+        self.dests.len()
+    }
+
+    /// A message.
+    pub fn msg(&self, key: MsgKey) -> Option<&QMsg> {
+        self.msgs.get(key as usize)
+    }
+
+    /// Messages queued.
+    pub fn len(&self) -> usize {
+        self.msgs.len()
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.msgs.is_empty()
+    }
+
+    /// Adds a message: its id, location, arrival and (when recovered) recipient states and
+    /// outcome segments come from `rec`; an empty `rec.rcpts` means every recipient is new.
+    /// Recipients already final stay so; due ones go to their destination's ready list, later
+    /// ones to the due queue. Returns `None` when nothing is left to deliver.
+    pub fn insert(&mut self, rec: &RecoveredMessage, env: &Envelope, now_ms: u64) -> Option<MsgKey> {
+        let states = if rec.rcpts.is_empty() { None } else { Some(&rec.rcpts[..]) };
+        let mut rcpts = Vec::with_capacity(env.rcpt_count());
+        let mut open = 0;
+        for (i, r) in env.rcpts().enumerate() {
+            let dest = match self.single {
+                Some(d) => d,
+                None => {
+                    let name = domain_of(r.addr).unwrap_or(b"");
+                    self.dest_id(name)
+                }
+            };
+            let (status, attempts, next_ms) = match states.and_then(|s| s.get(i)) {
+                Some(s) => (s.status, s.attempts, s.next_attempt_ms),
+                None => (RcptStatus::Queued, 0, 0),
+            };
+            let q = QRcpt { next_ms, dest, attempts, status, in_flight: false };
+            if q.open() {
+                open += 1;
+            }
+            rcpts.push(q);
+        }
+        if open == 0 {
+            return None;
+        }
+        let key = self.msgs.insert(QMsg {
+            id: rec.id,
+            loc: rec.loc,
+            arrival_ms: rec.arrival_ms,
+            rcpts: rcpts.into_boxed_slice(),
+            outcome_segments: rec.outcome_segments.clone(),
+            open,
+        }) as MsgKey;
+        self.schedule_open(key, now_ms);
+        Some(key)
+    }
+
+    /// Puts every open, idle recipient group of `key` on its destination's ready list (if due)
+    /// or in the due queue.
+    fn schedule_open(&mut self, key: MsgKey, now_ms: u64) {
+        let Some(m) = self.msgs.get(key as usize) else { return };
+        let id = m.id;
+        // Earliest time per destination among open, idle recipients.
+        let mut per_dest: Vec<(DestId, u64)> = Vec::new();
+        for r in m.rcpts.iter().filter(|r| r.open() && !r.in_flight) {
+            match per_dest.iter_mut().find(|(d, _)| *d == r.dest) {
+                Some((_, t)) => *t = (*t).min(r.next_ms),
+                None => per_dest.push((r.dest, r.next_ms)),
+            }
+        }
+        for (dest, at) in per_dest {
+            if at <= now_ms {
+                self.make_ready(dest, key, id);
+            } else {
+                self.due.push(at, (key, id, dest));
+            }
+        }
+    }
+
+    fn make_ready(&mut self, dest: DestId, key: MsgKey, id: QueueId) {
+        self.dests[dest as usize].ready.push_back((key, id));
+        if !self.wanted[dest as usize] {
+            self.wanted[dest as usize] = true;
+            self.wanting.push(dest);
+        }
+    }
+
+    /// Moves work whose retry time has come to the ready lists.
+    pub fn promote_due(&mut self, now_ms: u64) {
+        while let Some((key, id, dest)) = self.due.pop_due(now_ms) {
+            if self.msgs.get(key as usize).is_some_and(|m| m.id == id) {
+                self.make_ready(dest, key, id);
+            }
+        }
+    }
+
+    /// When the next deferred work is due (Unix ms).
+    pub fn next_due(&self) -> Option<u64> {
+        self.due.next_due()
+    }
+
+    /// Takes the list of destinations that may have ready work (the caller serves them and
+    /// calls [`Queue::want`] again for those it could not finish).
+    pub fn take_wanting(&mut self) -> Vec<DestId> {
+        for &d in &self.wanting {
+            self.wanted[d as usize] = false;
+        }
+        std::mem::take(&mut self.wanting)
+    }
+
+    /// True when some destination may have ready work.
+    pub fn has_wanting(&self) -> bool {
+        !self.wanting.is_empty()
+    }
+
+    /// Marks a destination as having ready work to look at.
+    pub fn want(&mut self, dest: DestId) {
+        if !self.wanted[dest as usize] {
+            self.wanted[dest as usize] = true;
+            self.wanting.push(dest);
+        }
+    }
+
+    /// True when `dest` has messages on its ready list.
+    pub fn has_ready(&self, dest: DestId) -> bool {
+        !self.dests[dest as usize].ready.is_empty()
+    }
+
+    /// The next job for `dest`: every open, idle, due recipient of the first ready message.
+    /// Marks them in flight.
+    pub fn pop_job(&mut self, dest: DestId, now_ms: u64) -> Option<Job> {
+        while let Some((key, id)) = self.dests[dest as usize].ready.pop_front() {
+            let Some(m) = self.msgs.get_mut(key as usize).filter(|m| m.id == id) else { continue };
+            let mut rcpts = Vec::new();
+            for (i, r) in m.rcpts.iter_mut().enumerate() {
+                if r.dest == dest && r.open() && !r.in_flight && r.next_ms <= now_ms {
+                    r.in_flight = true;
+                    rcpts.push(i as u32);
+                }
+            }
+            if !rcpts.is_empty() {
+                return Some(Job { msg: key, id, dest, rcpts });
+            }
+        }
+        None
+    }
+
+    /// Records the outcome of one recipient of a job. Returns true when the message has no
+    /// open recipient left (the caller then releases it with [`Queue::remove`]).
+    pub fn settle(&mut self, key: MsgKey, rcpt: u32, status: RcptStatus, attempts: u16, next_ms: u64) -> bool {
+        let Some(m) = self.msgs.get_mut(key as usize) else { return false };
+        let Some(r) = m.rcpts.get_mut(rcpt as usize) else { return false };
+        let was_open = r.open();
+        r.in_flight = false;
+        r.status = status;
+        r.attempts = attempts;
+        r.next_ms = next_ms;
+        if was_open && !r.open() {
+            m.open -= 1;
+        }
+        m.open == 0
+    }
+
+    /// After a job's recipients are settled: schedules what is still open (deferred).
+    pub fn reschedule(&mut self, key: MsgKey, now_ms: u64) {
+        self.schedule_open(key, now_ms);
+    }
+
+    /// Returns a job's recipients to the ready list untouched (e.g. the connection could not be
+    /// used and another will take them).
+    pub fn requeue(&mut self, job: &Job) {
+        let Some(m) = self.msgs.get_mut(job.msg as usize).filter(|m| m.id == job.id) else { return };
+        for &i in &job.rcpts {
+            if let Some(r) = m.rcpts.get_mut(i as usize) {
+                r.in_flight = false;
+            }
+        }
+        self.make_ready(job.dest, job.msg, job.id);
+    }
+
+    /// Records a segment holding an outcome record of `key`.
+    pub fn add_outcome_segment(&mut self, key: MsgKey, segment: u64) {
+        if let Some(m) = self.msgs.get_mut(key as usize) {
+            m.outcome_segments.push(segment);
+        }
+    }
+
+    /// Removes a finished message, returning it (for spool release).
+    pub fn remove(&mut self, key: MsgKey) -> Option<QMsg> {
+        self.msgs.try_remove(key as usize)
+    }
+}

@@ -1,0 +1,1743 @@
+//! Pure: the outbound SMTP client session (RFC 5321 §3, §4; PIPELINING RFC 2920; SIZE RFC 1870;
+//! 8BITMIME RFC 6152; SMTPUTF8 RFC 6531; DSN RFC 3461; CHUNKING/BINARYMIME RFC 3030).
+//!
+//! [`ClientSession`] owns the dialogue with one server: greeting, EHLO (HELO fallback), any
+//! number of transactions on the same connection, QUIT. It never touches a socket or reads the
+//! clock: replies come in as bytes, commands and the dot-stuffed message go out into the
+//! caller's [`Buf`], and time comes in as `now`. The driver in `crate::net` does the I/O.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::io::Write as _;
+use std::time::{Duration, Instant};
+
+use memchr::memmem;
+
+use super::reply::{parse_reply, Capabilities, Reply, ReplyParse};
+use crate::buf::Buf;
+use crate::message::{notify, BodyType, Ret};
+
+/// Client timeouts (RFC 5321 §4.5.3.1). Each runs from the last progress (a reply received or
+/// bytes handed to `out`), so a long pipelined batch or a large body never times out while it
+/// moves. All public so the driver can shorten them from flags.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientTimeouts {
+    /// Waiting for the `220` greeting (§4.5.3.1.1: 5 minutes).
+    pub greeting: Duration,
+    /// Waiting for the reply to EHLO, HELO, MAIL, RCPT, RSET or QUIT (§4.5.3.1.2-3: 5 minutes).
+    pub command: Duration,
+    /// Waiting for the `354` to DATA (§4.5.3.1.4: 2 minutes).
+    pub data_init: Duration,
+    /// Between two pieces of the message handed out (§4.5.3.1.5: 3 minutes per block).
+    pub data_block: Duration,
+    /// Waiting for the reply after the end of data (§4.5.3.1.6: 10 minutes).
+    pub data_end: Duration,
+}
+
+impl Default for ClientTimeouts {
+    fn default() -> ClientTimeouts {
+        ClientTimeouts {
+            greeting: Duration::from_secs(5 * 60),
+            command: Duration::from_secs(5 * 60),
+            data_init: Duration::from_secs(2 * 60),
+            data_block: Duration::from_secs(3 * 60),
+            data_end: Duration::from_secs(10 * 60),
+        }
+    }
+}
+
+/// Per-relay constants for outbound sessions.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// The name sent in EHLO/HELO (RFC 5321 §4.1.1.1): the relay's `--hostname`.
+    pub helo_name: String,
+    /// Per-phase timeouts.
+    pub timeouts: ClientTimeouts,
+}
+
+/// What the session is waiting for; names the timeout that applies (RFC 5321 §4.5.3.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// The `220` greeting.
+    Greeting,
+    /// The EHLO reply.
+    Ehlo,
+    /// The HELO reply (after EHLO was refused).
+    Helo,
+    /// The MAIL reply.
+    Mail,
+    /// A RCPT reply.
+    Rcpt,
+    /// The `354` to DATA.
+    DataInit,
+    /// Room to hand out the next piece of the message.
+    DataBlock,
+    /// The reply after the end of data (or to `BDAT ... LAST`).
+    DataEnd,
+    /// The RSET reply.
+    Rset,
+    /// The QUIT reply.
+    Quit,
+}
+
+impl Phase {
+    /// Lower-case name for log lines.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Greeting => "greeting",
+            Phase::Ehlo => "EHLO",
+            Phase::Helo => "HELO",
+            Phase::Mail => "MAIL",
+            Phase::Rcpt => "RCPT",
+            Phase::DataInit => "DATA",
+            Phase::DataBlock => "data block",
+            Phase::DataEnd => "end of data",
+            Phase::Rset => "RSET",
+            Phase::Quit => "QUIT",
+        }
+    }
+}
+
+/// Why a session died (connection level; the driver closes the socket).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureKind {
+    /// No reply (or no room to write) within the phase's timeout.
+    Timeout(Phase),
+    /// The peer closed the connection (outside QUIT).
+    Closed,
+    /// The peer broke the protocol: a malformed reply, a reply to no command, `354` without
+    /// recipients. Temporary: another attempt may reach a better-behaved host.
+    Protocol(&'static str),
+    /// `421` at any point, or another `4yz` greeting (RFC 5321 §3.8): try again later.
+    ServiceClosing,
+    /// A `5yz` greeting (RFC 5321 §3.1, e.g. `554 No SMTP service here`): permanent.
+    GreetingRefused,
+    /// HELO refused (after EHLO got `5yz`), or EHLO refused with a `4yz` other than `421`:
+    /// permanent when the reply is `5yz`.
+    HeloRefused,
+    /// `quit()` was called while the session was busy (greeting, EHLO or a transaction): the
+    /// session ends without a QUIT; whatever was in flight is deferred.
+    Aborted,
+}
+
+/// A connection-level failure: the session is dead. Recipients of a transaction in flight got
+/// no [`TxResult`]; the driver treats them as deferred (or bounced when [`Failure::is_permanent`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    /// The reply that caused it, when one did.
+    pub reply: Option<Reply>,
+    /// What happened.
+    pub kind: FailureKind,
+}
+
+impl Failure {
+    /// True when retrying the same server cannot help (a `5yz` greeting or HELO refusal).
+    pub fn is_permanent(&self) -> bool {
+        match self.kind {
+            FailureKind::GreetingRefused => true,
+            FailureKind::HeloRefused => self.reply.as_ref().is_some_and(Reply::is_permanent),
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            FailureKind::Timeout(p) => write!(f, "timeout waiting for {}", p.name())?,
+            FailureKind::Closed => f.write_str("connection closed by the server")?,
+            FailureKind::Protocol(what) => write!(f, "protocol error: {what}")?,
+            FailureKind::ServiceClosing => f.write_str("service closing")?,
+            FailureKind::GreetingRefused => f.write_str("greeting refused")?,
+            FailureKind::HeloRefused => f.write_str("EHLO/HELO refused")?,
+            FailureKind::Aborted => f.write_str("aborted locally")?,
+        }
+        if let Some(r) = &self.reply {
+            write!(f, ": {r}")?;
+        }
+        Ok(())
+    }
+}
+
+/// One recipient of a [`TxSpec`], as stored in the spool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TxRcpt<'a> {
+    /// Forward path without angle brackets.
+    pub addr: &'a [u8],
+    /// [`crate::message::notify`] bits; 0 sends no NOTIFY (RFC 3461 §4.1).
+    pub notify: u8,
+    /// ORCPT value as received (`addr-type;xtext`), empty for none (RFC 3461 §4.2).
+    pub orcpt: &'a [u8],
+}
+
+/// One transaction to run (RFC 5321 §3.3), borrowed for the [`ClientSession::start_transaction`]
+/// call only: the commands are rendered at once.
+#[derive(Clone, Debug)]
+pub struct TxSpec<'a> {
+    /// Reverse path without angle brackets; empty for the null sender `<>`.
+    pub sender: &'a [u8],
+    /// Recipients, in order; [`TxResult::rcpt_replies`] follows this order.
+    pub rcpts: Vec<TxRcpt<'a>>,
+    /// Message size in octets (without dot-stuffing), for `SIZE=` (RFC 1870 §6).
+    pub body_len: u64,
+    /// `BODY=` to declare (RFC 6152, RFC 3030).
+    pub body_type: BodyType,
+    /// The message needs SMTPUTF8 (RFC 6531 §3.4).
+    pub smtputf8: bool,
+    /// `RET=` (RFC 3461 §4.3).
+    pub ret: Ret,
+    /// `ENVID=` as received, in xtext; empty for none (RFC 3461 §4.4).
+    pub envid: &'a [u8],
+}
+
+/// How one transaction ended.
+///
+/// Recipient `i` was delivered when `rcpt_replies[i]` and `data_reply` are both `2yz`;
+/// [`TxResult::outcome`] gives the reply that decided each recipient's fate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TxResult {
+    /// The reply to MAIL (or the refusal synthesized before sending anything).
+    pub mail_reply: Reply,
+    /// One per [`TxSpec::rcpts`] entry, same order. When MAIL was refused, each is the MAIL reply.
+    pub rcpt_replies: Vec<Reply>,
+    /// The final reply after the data, or the refusal of DATA itself. `None` when MAIL failed
+    /// or no RCPT was accepted.
+    pub data_reply: Option<Reply>,
+}
+
+impl TxResult {
+    /// The reply that decided recipient `i`: its RCPT reply when refused, else the data reply.
+    pub fn outcome(&self, i: usize) -> &Reply {
+        let rcpt = &self.rcpt_replies[i];
+        match &self.data_reply {
+            Some(data) if rcpt.is_positive_completion() => data,
+            _ => rcpt,
+        }
+    }
+}
+
+/// What the driver must act on; see [`ClientSession::poll_event`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClientEvent {
+    /// Greeting and EHLO are done, or a transaction has ended: `start_transaction` or `quit`.
+    Ready,
+    /// A transaction ended (a [`ClientEvent::Ready`] follows once the connection is usable).
+    TransactionDone(TxResult),
+    /// The session is dead: close the connection.
+    Failed(Failure),
+    /// QUIT was answered (or the peer closed after QUIT): close the connection.
+    Closed,
+}
+
+impl std::error::Error for Failure {}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// Waiting for the `220`.
+    Greeting,
+    /// EHLO (`esmtp`) or HELO queued/sent.
+    Hello { esmtp: bool },
+    /// Idle between transactions.
+    Ready,
+    /// MAIL, RCPTs and (for DATA) DATA queued/sent; replies are matched by index.
+    Envelope,
+    /// Handing out the message (after `354`, or BDAT header plus chunk).
+    Body,
+    /// Waiting for the final reply.
+    DataEnd,
+    /// RSET queued/sent after a transaction that left the server mid-transaction.
+    Rset,
+    /// QUIT queued/sent.
+    Quit,
+    /// Failed or closed: everything is ignored.
+    Done,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Transfer {
+    Data,
+    Bdat,
+}
+
+/// The transaction in flight.
+#[derive(Debug)]
+struct Tx {
+    rcpts: usize,
+    transfer: Transfer,
+    mail_reply: Option<Reply>,
+    rcpt_replies: Vec<Reply>,
+    accepted: usize,
+}
+
+/// Where the message copy stands (see [`ClientSession::poll_transmit`]).
+#[derive(Debug, Clone, Copy)]
+struct BodyCursor {
+    /// Next body octet to hand out.
+    off: usize,
+    /// Next line-start dot at or after `off` (`body.len()` when none); `usize::MAX` until the
+    /// first call has seen the body (for BDAT: until the chunk header is rendered).
+    next_dot: usize,
+    /// Bytes of the end-of-data line already out.
+    tail: usize,
+}
+
+impl BodyCursor {
+    const START: BodyCursor = BodyCursor { off: 0, next_dot: usize::MAX, tail: 0 };
+}
+
+/// Outbound SMTP session with one server.
+///
+/// # Driving it
+/// Quinn-style: inputs are `handle_*`, outputs are `poll_*`. After every input, drain the
+/// outputs in this order:
+/// 1. [`ClientSession::new`] once the TCP connection is up (the server speaks first).
+/// 2. Bytes from the socket: [`ClientSession::handle_input`]; drop the returned prefix and keep
+///    the rest for the next call. The peer closing: [`ClientSession::handle_closed`]. The timer
+///    firing: [`ClientSession::handle_timeout`].
+/// 3. [`ClientSession::poll_event`] until `None`. On [`ClientEvent::Ready`] call
+///    [`ClientSession::start_transaction`] (or [`ClientSession::quit`]); on
+///    [`ClientEvent::Failed`] or [`ClientEvent::Closed`] close the socket.
+/// 4. While [`ClientSession::wants_write`], call [`ClientSession::poll_transmit`] with the
+///    transaction's stored message and flush `out` to the socket; call it again whenever
+///    `out` has room (the message is copied in pieces that fit).
+/// 5. Arm the timer with [`ClientSession::next_deadline`].
+///
+/// With PIPELINING, MAIL, every RCPT and DATA go out in one `poll_transmit` (RFC 2920 §3.1)
+/// when `out` has room; without it one command per round trip. Transactions reuse the
+/// connection: each ends in [`ClientEvent::TransactionDone`] then [`ClientEvent::Ready`].
+#[derive(Debug)]
+pub struct ClientSession {
+    cfg: ClientConfig,
+    state: State,
+    caps: Capabilities,
+    /// Commands rendered for the current step, back to back; `ends[i]` is the end of command `i`.
+    cmds: Vec<u8>,
+    ends: Vec<usize>,
+    /// Bytes of `cmds` handed to `out`.
+    written: usize,
+    /// Commands whose reply has been read.
+    answered: usize,
+    /// Write every queued command at once (PIPELINING) rather than one per reply.
+    pipelined: bool,
+    tx: Tx,
+    cursor: BodyCursor,
+    dot_finder: memmem::Finder<'static>,
+    /// Last progress seen with a time; the current phase's timeout runs from here.
+    since: Instant,
+    /// Progress happened where no `now` is given (output written, a transaction or QUIT
+    /// started): at the next deadline the timer restarts instead of expiring.
+    restart: bool,
+    events: VecDeque<ClientEvent>,
+}
+
+impl ClientSession {
+    /// A session on a freshly connected socket; waits for the greeting from `now`.
+    pub fn new(cfg: ClientConfig, now: Instant) -> ClientSession {
+        ClientSession {
+            cfg,
+            state: State::Greeting,
+            caps: Capabilities::default(),
+            cmds: Vec::new(),
+            ends: Vec::new(),
+            written: 0,
+            answered: 0,
+            pipelined: false,
+            tx: Tx { rcpts: 0, transfer: Transfer::Data, mail_reply: None, rcpt_replies: Vec::new(), accepted: 0 },
+            cursor: BodyCursor::START,
+            dot_finder: memmem::Finder::new(b"\n."),
+            since: now,
+            restart: false,
+            events: VecDeque::new(),
+        }
+    }
+
+    /// What the server advertised in its EHLO reply (all off after a HELO fallback).
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    /// True while the session is idle between transactions.
+    pub fn is_ready(&self) -> bool {
+        self.state == State::Ready
+    }
+
+    /// Reads as many whole replies from `input` as it holds; returns the bytes used (the rest,
+    /// an incomplete reply, must be offered again with more). After a failure everything is
+    /// consumed and ignored.
+    pub fn handle_input(&mut self, input: &[u8], now: Instant) -> usize {
+        let mut used = 0;
+        while self.state != State::Done {
+            match parse_reply(&input[used..]) {
+                ReplyParse::Partial => return used,
+                ReplyParse::Malformed { .. } => {
+                    self.fail(FailureKind::Protocol("malformed reply"), None);
+                }
+                ReplyParse::Complete { reply, consumed } => {
+                    used += consumed;
+                    self.since = now;
+                    self.restart = false;
+                    self.on_reply(reply);
+                }
+            }
+        }
+        input.len()
+    }
+
+    /// Call when `now` has reached [`ClientSession::next_deadline`]: the session fails with
+    /// [`FailureKind::Timeout`] (waiting for the QUIT reply, it just ends as [`ClientEvent::Closed`]).
+    ///
+    /// The session only learns the time here and in `handle_input`; progress made in between
+    /// (output written) restarts the timer at this call instead. So a phase expires after at
+    /// least its timeout without progress, and at most twice that.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let (Some(deadline), Some(phase)) = (self.next_deadline(), self.phase()) else { return };
+        if now < deadline {
+            return;
+        }
+        if self.restart {
+            self.since = now;
+            self.restart = false;
+        } else if phase == Phase::Quit {
+            self.close();
+        } else {
+            self.fail(FailureKind::Timeout(phase), None);
+        }
+    }
+
+    /// The peer closed the connection (read returned 0 or the socket failed).
+    pub fn handle_closed(&mut self) {
+        match self.state {
+            State::Done => {}
+            State::Quit => self.close(),
+            _ => self.fail(FailureKind::Closed, None),
+        }
+    }
+
+    /// The next thing for the driver to act on.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<ClientEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`ClientSession::handle_timeout`] must be called; `None` while idle or dead (an
+    /// idle pooled connection's lifetime is the driver's business). Right after
+    /// `start_transaction` or `quit` on a long-idle connection this may lie in the past: the
+    /// call it prompts only restarts the timer.
+    #[must_use]
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let t = &self.cfg.timeouts;
+        let timeout = match self.phase()? {
+            Phase::Greeting => t.greeting,
+            Phase::Ehlo | Phase::Helo | Phase::Mail | Phase::Rcpt | Phase::Rset | Phase::Quit => t.command,
+            Phase::DataInit => t.data_init,
+            Phase::DataBlock => t.data_block,
+            Phase::DataEnd => t.data_end,
+        };
+        Some(self.since + timeout)
+    }
+
+    /// True when [`ClientSession::poll_transmit`] has something to write.
+    #[must_use]
+    pub fn wants_write(&self) -> bool {
+        match self.state {
+            State::Hello { .. } | State::Envelope | State::Rset | State::Quit => self.written < self.write_limit(),
+            State::Body => true,
+            _ => false,
+        }
+    }
+
+    /// Writes what is due into `out`, as much as fits: queued commands (whole batches under
+    /// PIPELINING), then during DATA the next piece of the message.
+    ///
+    /// `body` is the transaction's stored message: CRLF line endings, not dot-stuffed. Pass the
+    /// same slice on every call of one transaction (it is ignored outside the data phase). The
+    /// copy is dot-stuffed on the way (RFC 5321 §4.5.2): `memmem` finds each `LF .` and the
+    /// runs between are copied whole, so a large body streams through a small `out` in calls
+    /// that each copy `out.room()` bytes. The end is `.` CRLF, preceded by a CRLF when the body
+    /// does not end with one. With BDAT (BINARYMIME) the body goes out raw after
+    /// `BDAT n LAST`.
+    pub fn poll_transmit(&mut self, body: &[u8], out: &mut Buf) {
+        if self.state == State::Body && self.tx.transfer == Transfer::Bdat && self.cursor.next_dot == usize::MAX {
+            // The whole body as one chunk (RFC 3030 §2): its length is known only now.
+            self.clear_cmds();
+            let _ = write!(self.cmds, "BDAT {} LAST\r\n", body.len());
+            self.ends.push(self.cmds.len());
+            self.pipelined = false;
+            self.cursor.next_dot = body.len();
+        }
+        let mut n = match self.state {
+            State::Hello { .. } | State::Envelope | State::Rset | State::Quit | State::Body => self.write_cmds(out),
+            _ => 0,
+        };
+        if self.state == State::Body && self.written == self.cmds.len() {
+            n += match self.tx.transfer {
+                Transfer::Data => self.write_stuffed(body, out),
+                Transfer::Bdat => self.write_raw(body, out),
+            };
+        }
+        if n > 0 {
+            self.restart = true;
+        }
+    }
+
+    /// Starts a transaction; only after [`ClientEvent::Ready`]. Refusals that can be decided
+    /// from the EHLO reply alone (SIZE over the server's limit, SMTPUTF8 or BINARYMIME not
+    /// offered) end it at once with a synthesized reply for every recipient, sending nothing.
+    ///
+    /// Called in any other state (a driver bug) it sends nothing either and reports the
+    /// transaction done with `451 4.3.0` for every recipient, so the job is retried.
+    pub fn start_transaction(&mut self, tx: TxSpec<'_>) {
+        let ready = self.state == State::Ready;
+        let refusal = if ready {
+            self.precheck(&tx)
+        } else {
+            Some(Reply::new(451, Some((4, 3, 0)), "Internal error: SMTP client session not ready"))
+        };
+        if let Some(refusal) = refusal {
+            self.events.push_back(ClientEvent::TransactionDone(TxResult {
+                rcpt_replies: vec![refusal.clone(); tx.rcpts.len()],
+                mail_reply: refusal,
+                data_reply: None,
+            }));
+            if ready {
+                self.events.push_back(ClientEvent::Ready);
+            }
+            return;
+        }
+        let transfer = if tx.body_type == BodyType::BinaryMime { Transfer::Bdat } else { Transfer::Data };
+        self.tx = Tx {
+            rcpts: tx.rcpts.len(),
+            transfer,
+            mail_reply: None,
+            rcpt_replies: Vec::with_capacity(tx.rcpts.len()),
+            accepted: 0,
+        };
+        self.clear_cmds();
+        self.render_mail(&tx);
+        for rcpt in &tx.rcpts {
+            self.render_rcpt(rcpt);
+        }
+        if transfer == Transfer::Data {
+            self.push_cmd(b"DATA\r\n");
+        }
+        self.pipelined = self.caps.pipelining;
+        self.state = State::Envelope;
+        self.restart = true;
+    }
+
+    /// Sends QUIT (RFC 5321 §4.1.1.10) when [`ClientEvent::Ready`]; ends in
+    /// [`ClientEvent::Closed`]. While busy it ends the session at once with
+    /// [`FailureKind::Aborted`]; once dead it does nothing.
+    pub fn quit(&mut self) {
+        match self.state {
+            State::Ready => {
+                self.queue_one(b"QUIT\r\n");
+                self.state = State::Quit;
+                self.restart = true;
+            }
+            State::Done | State::Quit => {}
+            _ => self.fail(FailureKind::Aborted, None),
+        }
+    }
+
+    /// The phase whose timeout runs now.
+    fn phase(&self) -> Option<Phase> {
+        Some(match self.state {
+            State::Greeting => Phase::Greeting,
+            State::Hello { esmtp: true } => Phase::Ehlo,
+            State::Hello { esmtp: false } => Phase::Helo,
+            State::Envelope => match self.answered {
+                0 => Phase::Mail,
+                i if i <= self.tx.rcpts => Phase::Rcpt,
+                _ => Phase::DataInit,
+            },
+            State::Body => Phase::DataBlock,
+            State::DataEnd => Phase::DataEnd,
+            State::Rset => Phase::Rset,
+            State::Quit => Phase::Quit,
+            State::Ready | State::Done => return None,
+        })
+    }
+
+    /// A refusal decided before sending anything, from the advertised extensions.
+    fn precheck(&self, tx: &TxSpec<'_>) -> Option<Reply> {
+        if tx.rcpts.is_empty() {
+            return Some(Reply::new(554, Some((5, 5, 1)), "No recipients"));
+        }
+        let fields = [tx.sender, tx.envid].into_iter().chain(tx.rcpts.iter().flat_map(|r| [r.addr, r.orcpt]));
+        for field in fields {
+            // The spool only holds what our server parsed, but a CR or LF here would inject a
+            // command: refuse rather than trust it.
+            if memchr::memchr2(b'\r', b'\n', field).is_some() {
+                return Some(Reply::new(501, Some((5, 5, 4)), "Envelope field contains CR or LF"));
+            }
+        }
+        if tx.smtputf8 && !self.caps.smtputf8 {
+            return Some(Reply::new(553, Some((5, 6, 7)), "Destination does not support SMTPUTF8"));
+        }
+        if tx.body_type == BodyType::BinaryMime && !(self.caps.chunking && self.caps.binarymime) {
+            return Some(Reply::new(554, Some((5, 6, 3)), "Destination does not support BINARYMIME and CHUNKING"));
+        }
+        match self.caps.size {
+            Some(limit) if limit > 0 && tx.body_len > limit => Some(Reply::new(
+                552,
+                Some((5, 3, 4)),
+                format!("Message too big for the destination (SIZE limit {limit})"),
+            )),
+            _ => None,
+        }
+    }
+
+    /// `MAIL FROM:<sender>` with the parameters the server advertised.
+    fn render_mail(&mut self, tx: &TxSpec<'_>) {
+        let c = &mut self.cmds;
+        c.extend_from_slice(b"MAIL FROM:<");
+        c.extend_from_slice(tx.sender);
+        c.push(b'>');
+        if self.caps.size.is_some() {
+            let _ = write!(c, " SIZE={}", tx.body_len);
+        }
+        match tx.body_type {
+            BodyType::SevenBit if self.caps.eightbitmime => c.extend_from_slice(b" BODY=7BIT"),
+            // Without 8BITMIME the message goes as is (no MIME downgrade, RFC 6152 §3).
+            BodyType::EightBitMime if self.caps.eightbitmime => c.extend_from_slice(b" BODY=8BITMIME"),
+            BodyType::BinaryMime => c.extend_from_slice(b" BODY=BINARYMIME"),
+            _ => {}
+        }
+        if tx.smtputf8 {
+            c.extend_from_slice(b" SMTPUTF8");
+        }
+        if self.caps.dsn {
+            match tx.ret {
+                Ret::Full => c.extend_from_slice(b" RET=FULL"),
+                Ret::Hdrs => c.extend_from_slice(b" RET=HDRS"),
+                Ret::Unspecified => {}
+            }
+            if !tx.envid.is_empty() {
+                c.extend_from_slice(b" ENVID=");
+                c.extend_from_slice(tx.envid);
+            }
+        }
+        c.extend_from_slice(b"\r\n");
+        self.ends.push(c.len());
+    }
+
+    /// `RCPT TO:<addr>` with NOTIFY/ORCPT when DSN is advertised.
+    fn render_rcpt(&mut self, r: &TxRcpt<'_>) {
+        let c = &mut self.cmds;
+        c.extend_from_slice(b"RCPT TO:<");
+        c.extend_from_slice(r.addr);
+        c.push(b'>');
+        if self.caps.dsn {
+            if r.notify & notify::NEVER != 0 {
+                c.extend_from_slice(b" NOTIFY=NEVER");
+            } else if r.notify != 0 {
+                let mut sep = b'=';
+                for (bit, name) in
+                    [(notify::SUCCESS, &b"SUCCESS"[..]), (notify::FAILURE, b"FAILURE"), (notify::DELAY, b"DELAY")]
+                {
+                    if r.notify & bit != 0 {
+                        if sep == b'=' {
+                            c.extend_from_slice(b" NOTIFY");
+                        }
+                        c.push(sep);
+                        c.extend_from_slice(name);
+                        sep = b',';
+                    }
+                }
+            }
+            if !r.orcpt.is_empty() {
+                c.extend_from_slice(b" ORCPT=");
+                c.extend_from_slice(r.orcpt);
+            }
+        }
+        c.extend_from_slice(b"\r\n");
+        self.ends.push(c.len());
+    }
+
+    fn clear_cmds(&mut self) {
+        self.cmds.clear();
+        self.ends.clear();
+        self.written = 0;
+        self.answered = 0;
+    }
+
+    fn push_cmd(&mut self, cmd: &[u8]) {
+        self.cmds.extend_from_slice(cmd);
+        self.ends.push(self.cmds.len());
+    }
+
+    /// Replaces the queue with one command.
+    fn queue_one(&mut self, cmd: &[u8]) {
+        self.clear_cmds();
+        self.push_cmd(cmd);
+        self.pipelined = false;
+    }
+
+    fn queue_hello(&mut self, esmtp: bool) {
+        self.clear_cmds();
+        self.cmds.extend_from_slice(if esmtp { b"EHLO " } else { b"HELO " });
+        self.cmds.extend_from_slice(self.cfg.helo_name.as_bytes());
+        self.cmds.extend_from_slice(b"\r\n");
+        self.ends.push(self.cmds.len());
+        self.pipelined = false;
+        self.state = State::Hello { esmtp };
+    }
+
+    /// How far into `cmds` may be written now: everything under PIPELINING, else only the
+    /// command whose reply is next.
+    fn write_limit(&self) -> usize {
+        if self.pipelined {
+            self.cmds.len()
+        } else {
+            self.ends.get(self.answered).copied().unwrap_or(self.written)
+        }
+    }
+
+    /// Commands completely written so far.
+    fn sent(&self) -> usize {
+        self.ends.partition_point(|&e| e <= self.written)
+    }
+
+    fn write_cmds(&mut self, out: &mut Buf) -> usize {
+        let limit = self.write_limit();
+        if self.written >= limit {
+            return 0;
+        }
+        let n = out.push(&self.cmds[self.written..limit]);
+        self.written += n;
+        n
+    }
+
+    /// Drops queued commands not yet started (a command already partly written must finish,
+    /// or the stream would desynchronise).
+    fn drop_unwritten(&mut self) {
+        let full = self.sent();
+        let full_end = if full == 0 { 0 } else { self.ends[full - 1] };
+        let started = if full < self.ends.len() && self.written > full_end { full + 1 } else { full };
+        self.ends.truncate(started);
+        self.cmds.truncate(self.ends.last().copied().unwrap_or(0));
+    }
+
+    /// Copies the next piece of the dot-stuffed message into `out`.
+    fn write_stuffed(&mut self, body: &[u8], out: &mut Buf) -> usize {
+        let len = body.len();
+        let mut cur = self.cursor;
+        let mut n = 0;
+        cur.off = cur.off.min(len);
+        if cur.next_dot == usize::MAX {
+            cur.next_dot = if body.first() == Some(&b'.') { 0 } else { self.find_dot(body, 0) };
+        }
+        loop {
+            if cur.off < cur.next_dot.min(len) {
+                // A run without line-start dots: copy what fits in one go.
+                let take = (cur.next_dot.min(len) - cur.off).min(out.room());
+                if take == 0 {
+                    break;
+                }
+                n += out.push(&body[cur.off..cur.off + take]);
+                cur.off += take;
+            } else if cur.off < len {
+                // At a line-start dot: the extra dot, then the next one is searched past this
+                // line start (`body[off]` is the dot, so the search cannot find it again and
+                // `next_dot` always moves forward).
+                if out.room() == 0 {
+                    break;
+                }
+                n += out.push(b".");
+                cur.next_dot = self.find_dot(body, cur.off);
+            } else {
+                let end: &[u8] = if len == 0 || body.ends_with(b"\r\n") { b".\r\n" } else { b"\r\n.\r\n" };
+                let k = out.push(&end[cur.tail.min(end.len())..]);
+                n += k;
+                cur.tail += k;
+                if cur.tail >= end.len() {
+                    self.state = State::DataEnd;
+                }
+                break;
+            }
+        }
+        self.cursor = cur;
+        n
+    }
+
+    /// The position of the first dot that starts a line after `from` (`body.len()` if none).
+    fn find_dot(&self, body: &[u8], from: usize) -> usize {
+        self.dot_finder.find(&body[from..]).map_or(body.len(), |i| from + i + 1)
+    }
+
+    /// Copies the next piece of a BDAT chunk (the raw body) into `out`.
+    fn write_raw(&mut self, body: &[u8], out: &mut Buf) -> usize {
+        let off = self.cursor.off.min(body.len());
+        let n = out.push(&body[off..]);
+        self.cursor.off = off + n;
+        if self.cursor.off == body.len() {
+            self.state = State::DataEnd;
+        }
+        n
+    }
+
+    fn on_reply(&mut self, reply: Reply) {
+        // RFC 5321 §3.8: 421 may come at any time and means the server is going away.
+        if reply.code == 421 && self.state != State::Quit {
+            return self.fail(FailureKind::ServiceClosing, Some(reply));
+        }
+        let outstanding = match self.state {
+            State::Greeting | State::DataEnd => true,
+            State::Hello { .. } | State::Envelope | State::Rset | State::Quit => self.answered < self.sent(),
+            State::Ready | State::Body | State::Done => false,
+        };
+        if !outstanding {
+            return self.fail(FailureKind::Protocol("reply to no command"), Some(reply));
+        }
+        self.answered += 1;
+        match self.state {
+            State::Greeting => {
+                if reply.is_positive_completion() {
+                    self.queue_hello(true);
+                } else if reply.is_permanent() {
+                    self.fail(FailureKind::GreetingRefused, Some(reply));
+                } else if reply.is_transient() {
+                    self.fail(FailureKind::ServiceClosing, Some(reply));
+                } else {
+                    self.fail(FailureKind::Protocol("unexpected greeting"), Some(reply));
+                }
+            }
+            State::Hello { esmtp } => {
+                if reply.is_positive_completion() {
+                    self.caps = if esmtp { Capabilities::from_ehlo(&reply) } else { Capabilities::default() };
+                    // STARTTLS seam (RFC 3207): when `self.caps.starttls` and the driver can do
+                    // TLS, send `STARTTLS` here instead of becoming ready, wait for its `220`, let
+                    // the driver switch the transport, then queue EHLO again and replace `caps`
+                    // with the post-TLS reply (§4.2: forget everything learnt before TLS).
+                    self.become_ready();
+                } else if esmtp && reply.is_permanent() {
+                    // RFC 5321 §4.1.4 / §3.2: an old server; fall back to HELO, no extensions.
+                    self.queue_hello(false);
+                } else {
+                    self.fail(FailureKind::HeloRefused, Some(reply));
+                }
+            }
+            State::Envelope => self.on_envelope_reply(reply),
+            State::DataEnd => {
+                self.finish_tx(Some(reply));
+                self.become_ready();
+            }
+            // Whatever RSET got, the transaction is gone (a 421 was handled above).
+            State::Rset => self.become_ready(),
+            State::Quit => self.close(),
+            State::Ready | State::Body | State::Done => {}
+        }
+    }
+
+    /// A reply to command `answered - 1` of the envelope batch: 0 is MAIL, `1..=rcpts` are the
+    /// RCPTs in order, `rcpts + 1` is DATA.
+    fn on_envelope_reply(&mut self, reply: Reply) {
+        let idx = self.answered - 1;
+        let rcpts = self.tx.rcpts;
+        // MAIL's reply, once in (idx > 0), decides how the rest are read.
+        let mail_ok = self.tx.mail_reply.as_ref().map_or(true, Reply::is_positive_completion);
+        if idx == 0 {
+            if !reply.is_positive_completion() {
+                // Every recipient shares the MAIL refusal; RCPTs already pipelined will be
+                // refused too and are only consumed, the rest is never sent.
+                self.tx.rcpt_replies = vec![reply.clone(); rcpts];
+                self.drop_unwritten();
+            }
+            self.tx.mail_reply = Some(reply);
+        } else if idx <= rcpts {
+            if mail_ok {
+                if reply.is_positive_completion() {
+                    self.tx.accepted += 1;
+                }
+                self.tx.rcpt_replies.push(reply);
+                if idx == rcpts && self.tx.accepted == 0 {
+                    // Nothing to deliver: DATA, if not yet out, is not sent at all.
+                    self.drop_unwritten();
+                }
+            }
+        } else if mail_ok && self.tx.accepted > 0 {
+            if reply.is_intermediate() {
+                self.cursor = BodyCursor::START;
+                self.clear_cmds();
+                self.state = State::Body;
+            } else {
+                // DATA refused: the server may still hold the envelope, so RSET.
+                self.finish_tx(Some(reply));
+                self.queue_rset();
+            }
+            return;
+        } else if reply.is_intermediate() {
+            // RFC 2920 §3.1: a server must refuse pipelined DATA without recipients. This one
+            // waits for a message we will not send; the dialogue cannot be resynchronised.
+            self.finish_tx(None);
+            return self.fail(FailureKind::Protocol("354 to DATA without accepted recipients"), Some(reply));
+        }
+        if self.answered < self.ends.len() {
+            return;
+        }
+        // Every queued command is answered.
+        if !self.tx.mail_reply.as_ref().is_some_and(Reply::is_positive_completion) {
+            self.finish_tx(None);
+            self.become_ready();
+        } else if self.tx.accepted == 0 {
+            self.finish_tx(None);
+            self.queue_rset();
+        } else {
+            // BDAT: one chunk, `BDAT n LAST` then the raw body, once its length is known.
+            self.cursor = BodyCursor::START;
+            self.clear_cmds();
+            self.state = State::Body;
+        }
+    }
+
+    fn queue_rset(&mut self) {
+        self.queue_one(b"RSET\r\n");
+        self.state = State::Rset;
+    }
+
+    fn finish_tx(&mut self, data_reply: Option<Reply>) {
+        let mail_reply = self.tx.mail_reply.take().unwrap_or_else(|| Reply::new(451, Some((4, 4, 0)), "no reply"));
+        let rcpt_replies = std::mem::take(&mut self.tx.rcpt_replies);
+        self.events.push_back(ClientEvent::TransactionDone(TxResult { mail_reply, rcpt_replies, data_reply }));
+    }
+
+    fn become_ready(&mut self) {
+        self.clear_cmds();
+        self.state = State::Ready;
+        self.events.push_back(ClientEvent::Ready);
+    }
+
+    fn close(&mut self) {
+        self.clear_cmds();
+        self.state = State::Done;
+        self.events.push_back(ClientEvent::Closed);
+    }
+
+    fn fail(&mut self, kind: FailureKind, reply: Option<Reply>) {
+        self.clear_cmds();
+        self.state = State::Done;
+        self.events.push_back(ClientEvent::Failed(Failure { reply, kind }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buf::{BufPool, VecPool};
+    use crate::message::IdGen;
+    use crate::smtp::data::DataScanner;
+    use crate::smtp::server::{Ctx, Event, ServerSession, SessionConfig};
+    use proptest::prelude::*;
+    // Fake time needs one real base instant; the session itself never reads the clock.
+    use std::time::Instant;
+
+    const FULL_EHLO: &str = "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n\
+                             250-DSN\r\n250 ENHANCEDSTATUSCODES\r\n";
+    const PLAIN_EHLO: &str = "250-mx.test\r\n250 8BITMIME\r\n";
+
+    fn timeouts() -> ClientTimeouts {
+        ClientTimeouts {
+            greeting: Duration::from_secs(10),
+            command: Duration::from_secs(20),
+            data_init: Duration::from_secs(30),
+            data_block: Duration::from_secs(40),
+            data_end: Duration::from_secs(50),
+        }
+    }
+
+    /// A scripted server: feeds canned replies and captures what the client writes.
+    struct Peer {
+        s: ClientSession,
+        now: Instant,
+        out: Buf,
+        events: Vec<ClientEvent>,
+    }
+
+    impl Peer {
+        fn connect() -> Peer {
+            let now = Instant::now();
+            let cfg = ClientConfig { helo_name: "relay.test".into(), timeouts: timeouts() };
+            let out = BufPool::new(16 * 1024, 1).checkout().unwrap();
+            Peer { s: ClientSession::new(cfg, now), now, out, events: Vec::new() }
+        }
+
+        /// Connected, greeted, EHLO answered with `ehlo`: ready.
+        fn ready(ehlo: &str) -> Peer {
+            let mut p = Peer::connect();
+            p.reply("220 mx.test ESMTP\r\n");
+            assert_eq!(p.send(b""), "EHLO relay.test\r\n");
+            p.reply(ehlo);
+            assert_eq!(p.take(), [ClientEvent::Ready]);
+            p
+        }
+
+        fn reply(&mut self, r: &str) {
+            self.now += Duration::from_millis(1);
+            let n = self.s.handle_input(r.as_bytes(), self.now);
+            assert_eq!(n, r.len(), "{r:?}");
+            self.drain();
+        }
+
+        fn drain(&mut self) {
+            while let Some(ev) = self.s.poll_event() {
+                self.events.push(ev);
+            }
+        }
+
+        /// One `poll_transmit`; returns what it wrote.
+        fn send(&mut self, body: &[u8]) -> String {
+            self.s.poll_transmit(body, &mut self.out);
+            let text = String::from_utf8_lossy(self.out.data()).into_owned();
+            let n = self.out.data().len();
+            self.out.consume(n);
+            self.drain();
+            text
+        }
+
+        fn take(&mut self) -> Vec<ClientEvent> {
+            std::mem::take(&mut self.events)
+        }
+
+        fn done(&mut self) -> TxResult {
+            let ev = self.take();
+            assert_eq!(ev.len(), 2, "{ev:?}");
+            assert_eq!(ev[1], ClientEvent::Ready);
+            match ev.into_iter().next() {
+                Some(ClientEvent::TransactionDone(r)) => r,
+                other => panic!("{other:?}"),
+            }
+        }
+
+        fn failed(&mut self) -> Failure {
+            match self.take().as_slice() {
+                [ClientEvent::Failed(f)] => f.clone(),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    fn rcpt(addr: &str) -> TxRcpt<'_> {
+        TxRcpt { addr: addr.as_bytes(), notify: 0, orcpt: b"" }
+    }
+
+    fn spec<'a>(rcpts: &[&'a str], body_len: u64) -> TxSpec<'a> {
+        TxSpec {
+            sender: b"a@x.test",
+            rcpts: rcpts.iter().map(|r| rcpt(r)).collect(),
+            body_len,
+            body_type: BodyType::Unspecified,
+            smtputf8: false,
+            ret: Ret::Unspecified,
+            envid: b"",
+        }
+    }
+
+    fn codes(replies: &[Reply]) -> Vec<u16> {
+        replies.iter().map(|r| r.code).collect()
+    }
+
+    #[test]
+    fn pipelined_transaction_in_one_write() {
+        let mut p = Peer::ready(FULL_EHLO);
+        assert!(p.s.capabilities().pipelining);
+        p.s.start_transaction(spec(&["b@y.test", "c@y.test"], 12));
+        assert!(p.s.wants_write());
+        assert_eq!(p.send(b""), "MAIL FROM:<a@x.test> SIZE=12\r\nRCPT TO:<b@y.test>\r\nRCPT TO:<c@y.test>\r\nDATA\r\n");
+        assert!(!p.s.wants_write());
+        assert_eq!(p.send(b""), "");
+        p.reply("250 2.1.0 ok\r\n250 2.1.5 ok\r\n250 2.1.5 ok\r\n354 go\r\n");
+        assert!(p.take().is_empty());
+        assert_eq!(p.send(b"Subject: x\r\n"), "Subject: x\r\n.\r\n");
+        p.reply("250 2.0.0 queued as 1\r\n");
+        let r = p.done();
+        assert_eq!(codes(&r.rcpt_replies), [250, 250]);
+        assert_eq!(r.data_reply.as_ref().unwrap().to_string(), "250 2.0.0 queued as 1");
+        assert_eq!(r.outcome(1).code, 250);
+        assert!(p.s.is_ready() && p.s.next_deadline().is_none());
+    }
+
+    #[test]
+    fn non_pipelined_step_by_step() {
+        let mut p = Peer::ready(PLAIN_EHLO);
+        p.s.start_transaction(spec(&["b@y.test", "c@y.test"], 3));
+        assert_eq!(p.send(b""), "MAIL FROM:<a@x.test>\r\n");
+        assert_eq!(p.send(b""), "");
+        p.reply("250 ok\r\n");
+        assert_eq!(p.send(b""), "RCPT TO:<b@y.test>\r\n");
+        assert_eq!(p.send(b""), "");
+        p.reply("250 ok\r\n");
+        assert_eq!(p.send(b""), "RCPT TO:<c@y.test>\r\n");
+        p.reply("250 ok\r\n");
+        assert_eq!(p.send(b""), "DATA\r\n");
+        p.reply("354 go\r\n");
+        assert_eq!(p.send(b"hi\r\n"), "hi\r\n.\r\n");
+        p.reply("250 ok\r\n");
+        assert_eq!(p.done().data_reply.unwrap().code, 250);
+    }
+
+    #[test]
+    fn helo_fallback_sends_no_extensions() {
+        let mut p = Peer::connect();
+        p.reply("220 old.test\r\n");
+        assert_eq!(p.send(b""), "EHLO relay.test\r\n");
+        p.reply("502 5.5.2 what\r\n");
+        assert_eq!(p.send(b""), "HELO relay.test\r\n");
+        p.reply("250 old.test\r\n");
+        assert_eq!(p.take(), [ClientEvent::Ready]);
+        assert_eq!(p.s.capabilities(), &Capabilities::default());
+        let mut tx = spec(&["b@y.test"], 3);
+        tx.body_type = BodyType::EightBitMime;
+        tx.ret = Ret::Full;
+        tx.envid = b"id1";
+        tx.rcpts[0].notify = notify::FAILURE;
+        p.s.start_transaction(tx);
+        assert_eq!(p.send(b""), "MAIL FROM:<a@x.test>\r\n");
+        p.reply("250 ok\r\n");
+        assert_eq!(p.send(b""), "RCPT TO:<b@y.test>\r\n");
+    }
+
+    #[test]
+    fn helo_refused_and_greeting_refused() {
+        let mut p = Peer::connect();
+        p.reply("220 x\r\n");
+        let _ = p.send(b"");
+        p.reply("500 no\r\n");
+        let _ = p.send(b"");
+        p.reply("550 go away\r\n");
+        let f = p.failed();
+        assert_eq!(f.kind, FailureKind::HeloRefused);
+        assert!(f.is_permanent());
+
+        let mut p = Peer::connect();
+        p.reply("220 x\r\n");
+        let _ = p.send(b"");
+        p.reply("450 later\r\n");
+        let f = p.failed();
+        assert_eq!(f.kind, FailureKind::HeloRefused);
+        assert!(!f.is_permanent());
+
+        let mut p = Peer::connect();
+        p.reply("554-No SMTP\r\n554 service here\r\n");
+        let f = p.failed();
+        assert_eq!(f.kind, FailureKind::GreetingRefused);
+        assert!(f.is_permanent());
+        assert_eq!(f.to_string(), "greeting refused: 554 No SMTP service here");
+
+        let mut p = Peer::connect();
+        p.reply("421 4.3.2 busy\r\n");
+        let f = p.failed();
+        assert_eq!(f.kind, FailureKind::ServiceClosing);
+        assert!(!f.is_permanent());
+    }
+
+    #[test]
+    fn mixed_rcpt_outcomes() {
+        let mut p = Peer::ready(FULL_EHLO);
+        p.s.start_transaction(spec(&["1@y", "2@y", "3@y"], 3));
+        let _ = p.send(b"");
+        p.reply("250 ok\r\n250 ok\r\n550 5.1.1 no such user\r\n451 4.7.1 greylisted\r\n354 go\r\n");
+        assert_eq!(p.send(b"abc"), "abc\r\n.\r\n");
+        p.reply("250 2.0.0 ok\r\n");
+        let r = p.done();
+        assert_eq!(codes(&r.rcpt_replies), [250, 550, 451]);
+        assert_eq!(r.rcpt_replies[1].enhanced, Some((5, 1, 1)));
+        assert_eq!([r.outcome(0).code, r.outcome(1).code, r.outcome(2).code], [250, 550, 451]);
+    }
+
+    #[test]
+    fn all_rcpts_refused_then_rset() {
+        // Pipelined: DATA went out and is refused; it is consumed, then RSET.
+        let mut p = Peer::ready(FULL_EHLO);
+        p.s.start_transaction(spec(&["1@y", "2@y"], 3));
+        assert!(p.send(b"").ends_with("DATA\r\n"));
+        p.reply("250 ok\r\n550 no\r\n550 no\r\n554 5.5.1 no valid recipients\r\n");
+        let ev = p.take();
+        match ev.as_slice() {
+            [ClientEvent::TransactionDone(r)] => {
+                assert_eq!(codes(&r.rcpt_replies), [550, 550]);
+                assert_eq!(r.data_reply, None);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(p.send(b"body"), "RSET\r\n");
+        p.reply("250 ok\r\n");
+        assert_eq!(p.take(), [ClientEvent::Ready]);
+
+        // Not pipelined: DATA is never sent.
+        let mut p = Peer::ready(PLAIN_EHLO);
+        p.s.start_transaction(spec(&["1@y"], 3));
+        let _ = p.send(b"");
+        p.reply("250 ok\r\n");
+        let _ = p.send(b"");
+        p.reply("550 no\r\n");
+        assert_eq!(p.take().len(), 1);
+        assert_eq!(p.send(b""), "RSET\r\n");
+        p.reply("250 ok\r\n");
+        assert_eq!(p.take(), [ClientEvent::Ready]);
+    }
+
+    #[test]
+    fn data_refused_after_accepted_rcpt() {
+        let mut p = Peer::ready(FULL_EHLO);
+        p.s.start_transaction(spec(&["1@y"], 3));
+        let _ = p.send(b"");
+        p.reply("250 ok\r\n250 ok\r\n451 4.3.0 try later\r\n");
+        match p.take().as_slice() {
+            [ClientEvent::TransactionDone(r)] => assert_eq!(r.outcome(0).code, 451),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(p.send(b""), "RSET\r\n");
+        p.reply("250 ok\r\n");
+        assert_eq!(p.take(), [ClientEvent::Ready]);
+    }
+
+    #[test]
+    fn mail_refused() {
+        let mut p = Peer::ready(FULL_EHLO);
+        p.s.start_transaction(spec(&["1@y", "2@y"], 3));
+        let _ = p.send(b"");
+        p.reply("452 4.3.1 full\r\n503 5.5.1 need MAIL\r\n503 5.5.1 need MAIL\r\n503 5.5.1 need MAIL\r\n");
+        let r = p.done();
+        assert_eq!(r.mail_reply.code, 452);
+        assert_eq!(r.rcpt_replies, vec![r.mail_reply.clone(); 2]);
+        assert_eq!(r.data_reply, None);
+        assert_eq!(p.send(b""), "");
+
+        let mut p = Peer::ready(PLAIN_EHLO);
+        p.s.start_transaction(spec(&["1@y", "2@y"], 3));
+        assert_eq!(p.send(b""), "MAIL FROM:<a@x.test>\r\n");
+        p.reply("550 5.7.1 sender rejected\r\n");
+        let r = p.done();
+        assert_eq!(codes(&r.rcpt_replies), [550, 550]);
+        assert_eq!(p.send(b""), "");
+    }
+
+    #[test]
+    fn service_closing_mid_transaction() {
+        let mut p = Peer::ready(PLAIN_EHLO);
+        p.s.start_transaction(spec(&["1@y", "2@y"], 3));
+        let _ = p.send(b"");
+        p.reply("250 ok\r\n");
+        let _ = p.send(b"");
+        p.reply("421 4.4.2 closing\r\nignored junk");
+        let f = p.failed();
+        assert_eq!(f.kind, FailureKind::ServiceClosing);
+        assert_eq!(f.reply.unwrap().enhanced, Some((4, 4, 2)));
+        assert_eq!(p.send(b""), "");
+        assert!(!p.s.wants_write() && p.s.next_deadline().is_none());
+        assert_eq!(p.s.handle_input(b"250 late\r\n", p.now), 10);
+    }
+
+    #[test]
+    fn protocol_errors() {
+        let mut p = Peer::ready(FULL_EHLO);
+        p.reply("HTTP/1.1 400 Bad Request\r\n");
+        assert_eq!(p.failed().kind, FailureKind::Protocol("malformed reply"));
+
+        let mut p = Peer::ready(FULL_EHLO);
+        p.reply("250 unsolicited\r\n");
+        assert_eq!(p.failed().kind, FailureKind::Protocol("reply to no command"));
+
+        let mut p = Peer::ready(FULL_EHLO);
+        p.reply("421 4.4.2 idle timeout\r\n");
+        assert_eq!(p.failed().kind, FailureKind::ServiceClosing);
+
+        // Pipelined DATA accepted although every RCPT was refused.
+        let mut p = Peer::ready(FULL_EHLO);
+        p.s.start_transaction(spec(&["1@y"], 3));
+        let _ = p.send(b"");
+        p.reply("250 ok\r\n550 no\r\n354 go\r\n");
+        let ev = p.take();
+        assert!(matches!(ev[0], ClientEvent::TransactionDone(_)));
+        assert!(matches!(&ev[1], ClientEvent::Failed(f) if matches!(f.kind, FailureKind::Protocol(_))));
+
+        let mut p = Peer::ready(FULL_EHLO);
+        p.s.start_transaction(spec(&["1@y"], 3));
+        let _ = p.send(b"");
+        p.s.handle_closed();
+        p.drain();
+        assert_eq!(p.failed().kind, FailureKind::Closed);
+    }
+
+    #[test]
+    fn partial_replies_are_kept() {
+        let mut p = Peer::connect();
+        assert_eq!(p.s.handle_input(b"220 mx", p.now), 0);
+        assert_eq!(p.s.handle_input(b"220 mx\r\n250-", p.now), 8);
+        assert!(p.s.poll_event().is_none());
+        assert_eq!(p.send(b""), "EHLO relay.test\r\n");
+    }
+
+    /// The deadline for `phase` is `since + expect`; it fires there (or, when output progress
+    /// is pending, one timeout later).
+    fn fire(p: &mut Peer, phase: Phase, expect: Duration) {
+        let d = p.s.next_deadline().unwrap();
+        assert_eq!(d, p.s.since + expect, "{phase:?}");
+        p.s.handle_timeout(d - Duration::from_millis(1));
+        p.drain();
+        assert!(p.events.is_empty());
+        p.s.handle_timeout(d);
+        p.drain();
+        if p.events.is_empty() {
+            let d2 = p.s.next_deadline().unwrap();
+            assert_eq!(d2, d + expect);
+            p.s.handle_timeout(d2);
+            p.drain();
+        }
+        assert_eq!(p.failed().kind, FailureKind::Timeout(phase));
+    }
+
+    #[test]
+    fn timeouts_for_each_phase() {
+        let t = timeouts();
+        let mut p = Peer::connect();
+        fire(&mut p, Phase::Greeting, t.greeting);
+
+        let mut p = Peer::connect();
+        p.reply("220 x\r\n");
+        let _ = p.send(b"");
+        fire(&mut p, Phase::Ehlo, t.command);
+
+        let mut p = Peer::connect();
+        p.reply("220 x\r\n");
+        let _ = p.send(b"");
+        p.reply("500 x\r\n");
+        fire(&mut p, Phase::Helo, t.command);
+
+        // Idle for a long time, then a transaction: the stale deadline only restarts the timer.
+        let mut p = Peer::ready(PLAIN_EHLO);
+        assert_eq!(p.s.next_deadline(), None);
+        p.s.start_transaction(spec(&["1@y"], 3));
+        let _ = p.send(b"");
+        fire(&mut p, Phase::Mail, t.command);
+
+        let mut p = Peer::ready(PLAIN_EHLO);
+        p.s.start_transaction(spec(&["1@y"], 3));
+        let _ = p.send(b"");
+        p.reply("250 ok\r\n");
+        fire(&mut p, Phase::Rcpt, t.command);
+
+        let mut p = Peer::ready(FULL_EHLO);
+        p.s.start_transaction(spec(&["1@y"], 3));
+        let _ = p.send(b"");
+        p.reply("250 ok\r\n250 ok\r\n");
+        fire(&mut p, Phase::DataInit, t.data_init);
+
+        // Data block: the output buffer stays full, so nothing moves.
+        let mut p = Peer::ready(FULL_EHLO);
+        p.s.start_transaction(spec(&["1@y"], 3));
+        let _ = p.send(b"");
+        p.reply("250 ok\r\n250 ok\r\n354 go\r\n");
+        let mut full = BufPool::new(64, 1).checkout().unwrap();
+        full.push(&[b'x'; 64]);
+        p.s.poll_transmit(b"abc\r\n", &mut full);
+        assert!(p.s.wants_write());
+        fire(&mut p, Phase::DataBlock, t.data_block);
+
+        let mut p = Peer::ready(FULL_EHLO);
+        p.s.start_transaction(spec(&["1@y"], 3));
+        let _ = p.send(b"");
+        p.reply("250 ok\r\n250 ok\r\n354 go\r\n");
+        let _ = p.send(b"abc\r\n");
+        fire(&mut p, Phase::DataEnd, t.data_end);
+
+        let mut p = Peer::ready(FULL_EHLO);
+        p.s.start_transaction(spec(&["1@y"], 3));
+        let _ = p.send(b"");
+        p.reply("250 ok\r\n550 no\r\n554 no\r\n");
+        let _ = p.take();
+        let _ = p.send(b"");
+        fire(&mut p, Phase::Rset, t.command);
+
+        // Waiting for the QUIT reply, a timeout just ends the session.
+        let mut p = Peer::ready(FULL_EHLO);
+        p.s.quit();
+        let _ = p.send(b"");
+        let d = p.s.next_deadline().unwrap();
+        p.s.handle_timeout(d);
+        p.s.handle_timeout(d + t.command);
+        p.drain();
+        assert_eq!(p.take(), [ClientEvent::Closed]);
+    }
+
+    #[test]
+    fn refusals_synthesized_without_sending() {
+        let mut p = Peer::ready(FULL_EHLO);
+        p.s.start_transaction(spec(&["1@y", "2@y"], 1001));
+        assert_eq!(p.send(b""), "");
+        let r = p.done();
+        assert_eq!(r.mail_reply.to_string(), "552 5.3.4 Message too big for the destination (SIZE limit 1000)");
+        assert_eq!(r.rcpt_replies, vec![r.mail_reply.clone(); 2]);
+        assert!(r.outcome(1).is_permanent());
+
+        // Exactly at the limit is fine.
+        p.s.start_transaction(spec(&["1@y"], 1000));
+        assert!(p.send(b"").starts_with("MAIL FROM:<a@x.test> SIZE=1000\r\n"));
+
+        let mut p = Peer::ready(PLAIN_EHLO);
+        let mut tx = spec(&["\u{fc}@y"], 3);
+        tx.smtputf8 = true;
+        p.s.start_transaction(tx);
+        assert_eq!(p.send(b""), "");
+        assert_eq!(p.done().rcpt_replies[0].to_string(), "553 5.6.7 Destination does not support SMTPUTF8");
+
+        let mut p = Peer::ready(FULL_EHLO);
+        let mut tx = spec(&["1@y"], 3);
+        tx.body_type = BodyType::BinaryMime;
+        p.s.start_transaction(tx);
+        assert_eq!(p.send(b""), "");
+        let r = p.done();
+        assert_eq!((r.mail_reply.code, r.mail_reply.enhanced), (554, Some((5, 6, 3))));
+
+        let mut p = Peer::ready(FULL_EHLO);
+        p.s.start_transaction(spec(&["1@y\r\nRSET"], 3));
+        assert_eq!(p.send(b""), "");
+        assert_eq!(p.done().mail_reply.code, 501);
+
+        // Not ready at all: a temporary failure for every recipient, nothing sent.
+        let mut p = Peer::connect();
+        p.s.start_transaction(spec(&["1@y"], 3));
+        p.drain();
+        match p.take().as_slice() {
+            [ClientEvent::TransactionDone(r)] => assert_eq!(r.rcpt_replies[0].code, 451),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(p.send(b""), "");
+    }
+
+    #[test]
+    fn smtputf8_and_body_params_when_advertised() {
+        let mut p = Peer::ready(FULL_EHLO);
+        let mut tx = spec(&["\u{fc}@y"], 3);
+        tx.smtputf8 = true;
+        tx.body_type = BodyType::EightBitMime;
+        p.s.start_transaction(tx);
+        assert_eq!(p.send(b""), "MAIL FROM:<a@x.test> SIZE=3 BODY=8BITMIME SMTPUTF8\r\nRCPT TO:<\u{fc}@y>\r\nDATA\r\n");
+    }
+
+    #[test]
+    fn dsn_params_only_when_advertised() {
+        let dsn_tx = || {
+            let mut tx = spec(&["1@y", "2@y", "3@y"], 3);
+            tx.ret = Ret::Hdrs;
+            tx.envid = b"QQ+2Bid";
+            tx.rcpts[0].notify = notify::SUCCESS | notify::FAILURE | notify::DELAY;
+            tx.rcpts[0].orcpt = b"rfc822;1@y";
+            tx.rcpts[1].notify = notify::NEVER;
+            tx.rcpts[2].notify = notify::DELAY;
+            tx
+        };
+        let mut p = Peer::ready(FULL_EHLO);
+        p.s.start_transaction(dsn_tx());
+        assert_eq!(
+            p.send(b""),
+            "MAIL FROM:<a@x.test> SIZE=3 RET=HDRS ENVID=QQ+2Bid\r\n\
+             RCPT TO:<1@y> NOTIFY=SUCCESS,FAILURE,DELAY ORCPT=rfc822;1@y\r\n\
+             RCPT TO:<2@y> NOTIFY=NEVER\r\nRCPT TO:<3@y> NOTIFY=DELAY\r\nDATA\r\n"
+        );
+        let mut p = Peer::ready("250-mx\r\n250 PIPELINING\r\n");
+        p.s.start_transaction(dsn_tx());
+        assert_eq!(p.send(b""), "MAIL FROM:<a@x.test>\r\nRCPT TO:<1@y>\r\nRCPT TO:<2@y>\r\nRCPT TO:<3@y>\r\nDATA\r\n");
+    }
+
+    #[test]
+    fn bdat_for_binarymime() {
+        let mut p = Peer::ready("250-mx\r\n250-PIPELINING\r\n250-CHUNKING\r\n250 BINARYMIME\r\n");
+        let mut tx = spec(&["1@y", "2@y"], 5);
+        tx.body_type = BodyType::BinaryMime;
+        p.s.start_transaction(tx);
+        assert_eq!(p.send(b""), "MAIL FROM:<a@x.test> BODY=BINARYMIME\r\nRCPT TO:<1@y>\r\nRCPT TO:<2@y>\r\n");
+        p.reply("250 ok\r\n550 no\r\n250 ok\r\n");
+        assert_eq!(p.send(b"\0.\n\r."), "BDAT 5 LAST\r\n\0.\n\r.");
+        p.reply("250 2.0.0 ok\r\n");
+        let r = p.done();
+        assert_eq!([r.outcome(0).code, r.outcome(1).code], [550, 250]);
+    }
+
+    #[test]
+    fn connection_reuse_and_quit() {
+        let mut p = Peer::ready(FULL_EHLO);
+        for i in 0..2 {
+            p.s.start_transaction(spec(&["1@y"], 3));
+            assert!(p.send(b"").starts_with("MAIL"));
+            p.reply("250 ok\r\n250 ok\r\n354 go\r\n");
+            assert_eq!(p.send(b"one\r\n"), "one\r\n.\r\n");
+            p.reply(&format!("250 2.0.0 queued {i}\r\n"));
+            assert_eq!(p.done().data_reply.unwrap().text, format!("queued {i}"));
+        }
+        p.s.quit();
+        assert_eq!(p.send(b""), "QUIT\r\n");
+        p.reply("221 2.0.0 bye\r\n");
+        assert_eq!(p.take(), [ClientEvent::Closed]);
+
+        // The peer closing after QUIT also ends it cleanly.
+        let mut p = Peer::ready(FULL_EHLO);
+        p.s.quit();
+        let _ = p.send(b"");
+        p.s.handle_closed();
+        p.drain();
+        assert_eq!(p.take(), [ClientEvent::Closed]);
+
+        // quit() while busy aborts.
+        let mut p = Peer::connect();
+        p.s.quit();
+        p.drain();
+        assert_eq!(p.failed().kind, FailureKind::Aborted);
+    }
+
+    /// Runs one transaction against a scripted server and returns what was written during
+    /// DATA, through an output buffer of `cap` bytes drained after every call.
+    fn stuffed(body: &[u8], cap: usize) -> Vec<u8> {
+        let mut p = Peer::ready("250-mx.test\r\n250-PIPELINING\r\n250 SIZE\r\n");
+        p.s.start_transaction(spec(&["1@y"], body.len() as u64));
+        let _ = p.send(b"");
+        p.reply("250 ok\r\n250 ok\r\n354 go\r\n");
+        let mut out = BufPool::new(cap, 1).checkout().unwrap();
+        let mut wire = Vec::new();
+        let mut calls = 0;
+        while p.s.wants_write() {
+            p.s.poll_transmit(body, &mut out);
+            assert!(!out.is_empty(), "no progress with an empty buffer");
+            // Every call but the last fills all the room there is.
+            assert!(!p.s.wants_write() || out.data().len() == cap);
+            wire.extend_from_slice(out.data());
+            out.consume(out.data().len());
+            calls += 1;
+        }
+        assert!(calls >= wire.len() / cap);
+        assert_eq!(p.s.phase(), Some(Phase::DataEnd));
+        wire
+    }
+
+    #[test]
+    fn dot_stuffing_table() {
+        let table: &[(&[u8], &[u8])] = &[
+            (b"", b".\r\n"),
+            (b"a\r\n", b"a\r\n.\r\n"),
+            (b"a", b"a\r\n.\r\n"),
+            (b"a\r", b"a\r\r\n.\r\n"),
+            (b".", b"..\r\n.\r\n"),
+            (b".\r\n", b"..\r\n.\r\n"),
+            (b".a\r\n", b"..a\r\n.\r\n"),
+            (b"a\r\n.\r\n", b"a\r\n..\r\n.\r\n"),
+            (b"a\r\n.", b"a\r\n..\r\n.\r\n"),
+            (b"..\r\n...\r\n", b"...\r\n....\r\n.\r\n"),
+            (b"\r\n.\r\n.\r\n", b"\r\n..\r\n..\r\n.\r\n"),
+            (b"a.b\r\n x.\r\n", b"a.b\r\n x.\r\n.\r\n"),
+        ];
+        for &(body, wire) in table {
+            for cap in [3, 4, 64, 16 * 1024] {
+                assert_eq!(stuffed(body, cap), wire, "{:?} through {cap}", String::from_utf8_lossy(body));
+            }
+        }
+    }
+
+    #[test]
+    fn large_body_streams_through_small_buffer() {
+        let mut body = Vec::new();
+        for i in 0..20_000 {
+            if i % 7 == 0 {
+                body.extend_from_slice(b".");
+            }
+            body.extend_from_slice(format!("line {i} of the message\r\n").as_bytes());
+        }
+        let small = stuffed(&body, 64);
+        assert_eq!(small, stuffed(&body, 16 * 1024));
+        let mut scanner = DataScanner::new(u64::MAX);
+        let mut back = Vec::new();
+        let r = scanner.scan(&small, &mut back);
+        assert!(r.done && r.consumed == small.len());
+        assert_eq!(back, body);
+    }
+
+    proptest! {
+        /// Stuffing on the way out, then the server's scanner unstuffing, gives the body back.
+        #[test]
+        fn stuffing_round_trips_through_data_scanner(
+            lines in proptest::collection::vec("[.a ]{0,6}", 0..30),
+            cap in 3usize..80,
+        ) {
+            let mut body = Vec::new();
+            for l in &lines {
+                body.extend_from_slice(l.as_bytes());
+                body.extend_from_slice(b"\r\n");
+            }
+            let wire = stuffed(&body, cap);
+            let mut scanner = DataScanner::new(u64::MAX);
+            let mut back = Vec::new();
+            let r = scanner.scan(&wire, &mut back);
+            prop_assert!(r.done);
+            prop_assert_eq!(r.consumed, wire.len());
+            prop_assert_eq!(scanner.taint(), None);
+            prop_assert_eq!(back, body);
+        }
+    }
+
+    proptest! {
+        /// However the server's bytes are split into reads, the client sees the same dialogue.
+        #[test]
+        fn input_split_invariance(cuts in proptest::collection::vec(0usize..120, 0..10)) {
+            let stream = b"250 2.1.0 ok\r\n250-2.1.5 first\r\n250 2.1.5 line\r\n550 5.1.1 no\r\n354 go\r\n";
+            let mut cuts = cuts;
+            cuts.extend([0, stream.len()]);
+            cuts.sort_unstable();
+            let mut p = Peer::ready(FULL_EHLO);
+            p.s.start_transaction(spec(&["1@y", "2@y"], 3));
+            let _ = p.send(b"");
+            let mut pending = Vec::new();
+            for w in cuts.windows(2) {
+                pending.extend_from_slice(&stream[w[0].min(stream.len())..w[1].min(stream.len())]);
+                let n = p.s.handle_input(&pending, p.now);
+                pending.drain(..n);
+            }
+            prop_assert!(pending.is_empty());
+            prop_assert_eq!(p.send(b"x\r\n"), "x\r\n.\r\n");
+            p.reply("250 ok\r\n");
+            let r = p.done();
+            prop_assert_eq!(codes(&r.rcpt_replies), [250, 550]);
+            prop_assert_eq!(r.rcpt_replies[0].text.as_str(), "first\nline");
+        }
+
+        /// Arbitrary server bytes never panic and never leave the session stuck with input it
+        /// cannot use.
+        #[test]
+        fn garbage_input_is_safe(input in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let mut p = Peer::ready(FULL_EHLO);
+            p.s.start_transaction(spec(&["1@y"], 3));
+            let _ = p.send(b"");
+            let n = p.s.handle_input(&input, p.now);
+            prop_assert!(n <= input.len());
+            let _ = p.send(b"abc");
+            p.drain();
+        }
+    }
+
+    /// Our client against our server, in memory (after quinn's `Pair::drive`): each round moves
+    /// every byte each side wrote to the other. Runs `txs` in turn, then QUIT; returns the
+    /// client's events and the server's stored messages.
+    fn pair(txs: Vec<(TxSpec<'_>, &[u8])>, client_cap: usize) -> (Vec<ClientEvent>, Vec<Vec<u8>>) {
+        let now = Instant::now();
+        let scfg = SessionConfig::new("mx.test", 1 << 20, 100);
+        let mut bodies = VecPool::new(1 << 20);
+        let mut ids = IdGen::default();
+        let mut server = ServerSession::new("127.0.0.1".parse().unwrap(), true);
+        let mut s_out = BufPool::new(16 * 1024, 1).checkout().unwrap();
+        let mut c_out = BufPool::new(client_cap, 1).checkout().unwrap();
+        let cfg = ClientConfig { helo_name: "relay.test".into(), timeouts: ClientTimeouts::default() };
+        let mut client = ClientSession::new(cfg, now);
+        let (mut to_client, mut to_server) = (Vec::new(), Vec::new());
+        let (mut events, mut stored) = (Vec::new(), Vec::new());
+        let mut pending = txs.into_iter();
+        let mut body: &[u8] = b"";
+        server.greeting(&scfg, &mut s_out);
+        for _ in 0..1_000_000 {
+            to_client.extend_from_slice(s_out.data());
+            s_out.consume(s_out.data().len());
+            let n = client.handle_input(&to_client, now);
+            to_client.drain(..n);
+            while let Some(ev) = client.poll_event() {
+                if ev == ClientEvent::Ready {
+                    match pending.next() {
+                        Some((tx, b)) => {
+                            body = b;
+                            client.start_transaction(tx);
+                        }
+                        None => client.quit(),
+                    }
+                }
+                let end = matches!(ev, ClientEvent::Closed | ClientEvent::Failed(_));
+                events.push(ev);
+                if end {
+                    return (events, stored);
+                }
+            }
+            client.poll_transmit(body, &mut c_out);
+            to_server.extend_from_slice(c_out.data());
+            c_out.consume(c_out.data().len());
+            loop {
+                let mut ctx =
+                    Ctx { cfg: &scfg, bodies: &mut bodies, ids: &mut ids, now_unix_us: 1_700_000_000_000_000 };
+                let p = server.handle_input(&mut ctx, &to_server, &mut s_out);
+                to_server.drain(..p.consumed);
+                match p.event {
+                    Some(Event::Message) => {
+                        stored.push(server.message().2.to_vec());
+                        server.message_result(&mut ctx, Ok(()), &mut s_out);
+                    }
+                    Some(Event::Close) | None => break,
+                }
+            }
+        }
+        panic!("no progress: {events:?}");
+    }
+
+    #[test]
+    fn against_the_real_server() {
+        let mut body1 = b"Subject: test\r\n\r\n.leading dot\r\n..two\r\n.\r\nend\r\n".to_vec();
+        body1.extend(std::iter::repeat(b"x.y\r\n.z\r\n").take(3000).flatten());
+        let body2 = "Subject: caf\u{e9}\r\n\r\nno final CRLF".as_bytes();
+        let mut tx1 = spec(&["b@y.test", "c@y.test"], body1.len() as u64);
+        tx1.ret = Ret::Hdrs;
+        tx1.envid = b"env+2B1";
+        tx1.rcpts[0].notify = notify::FAILURE | notify::DELAY;
+        tx1.rcpts[0].orcpt = b"rfc822;b@y.test";
+        tx1.body_type = BodyType::EightBitMime;
+        let mut tx2 = spec(&["\u{fc}@y.test"], body2.len() as u64);
+        tx2.smtputf8 = true;
+        for cap in [64, 16 * 1024] {
+            let (events, stored) = pair(vec![(tx1.clone(), &body1[..]), (tx2.clone(), body2)], cap);
+            let done: Vec<&TxResult> = events
+                .iter()
+                .filter_map(|e| match e {
+                    ClientEvent::TransactionDone(r) => Some(r),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(done.len(), 2, "{events:?}");
+            for r in &done {
+                assert!(r.rcpt_replies.iter().all(Reply::is_positive_completion), "{r:?}");
+                assert!(r.data_reply.as_ref().unwrap().text.starts_with("Ok: queued as "), "{r:?}");
+            }
+            assert_eq!(events.last(), Some(&ClientEvent::Closed));
+            assert_eq!(stored.len(), 2);
+            assert!(stored[0].starts_with(b"Received: "));
+            assert!(stored[0].ends_with(&body1), "stored body differs");
+            let mut with_crlf = body2.to_vec();
+            with_crlf.extend_from_slice(b"\r\n");
+            assert!(stored[1].ends_with(&with_crlf));
+        }
+    }
+
+    #[test]
+    fn real_server_refusals() {
+        // The real server caps recipients at 100 and refuses non-ASCII without SMTPUTF8.
+        let addrs: Vec<String> = (0..101).map(|i| format!("r{i}@y.test")).collect();
+        let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+        let (events, stored) = pair(vec![(spec(&refs, 4), &b"abc\r\n"[..])], 1024);
+        let r = match &events[1] {
+            ClientEvent::TransactionDone(r) => r,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(r.outcome(99).code, 250);
+        assert_eq!(r.outcome(100).to_string(), "452 4.5.3 Too many recipients");
+        assert_eq!(stored.len(), 1);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// Any body of CRLF lines, through any output size, arrives at the server unchanged.
+        #[test]
+        fn pair_round_trip(lines in proptest::collection::vec("[.a\u{e9} ]{0,8}", 0..40), cap in 8usize..300) {
+            let mut body = Vec::new();
+            for l in &lines {
+                body.extend_from_slice(l.as_bytes());
+                body.extend_from_slice(b"\r\n");
+            }
+            let (events, stored) = pair(vec![(spec(&["1@y.test"], body.len() as u64), &body[..])], cap);
+            prop_assert_eq!(events.last(), Some(&ClientEvent::Closed));
+            prop_assert_eq!(stored.len(), 1);
+            prop_assert!(stored[0].ends_with(&body));
+        }
+    }
+}

@@ -1,0 +1,278 @@
+//! Delivery over real sockets: the relay routes by `--relay-host` or by MX records from a test
+//! DNS server (`sluice-load dns`) to test MX hosts (`sluice-load sink`) on 127.0.0.x, retries
+//! temporary failures and bounces permanent ones with RFC 3464 DSNs. Loopback only; every test
+//! passes `--dns` to its own server.
+
+use super::support::*;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Path of the `sluice-load` binary, built beside `sluice` by `cargo test --workspace`.
+fn load_bin() -> Option<PathBuf> {
+    let p = Path::new(sluice_bin()).with_file_name("sluice-load");
+    if p.exists() {
+        return Some(p);
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("sluice-load is not built beside sluice: run `cargo test --workspace`");
+    }
+    eprintln!("skipping: sluice-load not built (run cargo test --workspace)");
+    None
+}
+
+/// A child `sluice-load` process (sink or dns), killed on drop.
+struct Aux {
+    child: Child,
+    addr: std::net::SocketAddr,
+    _dir: Option<TempDir>,
+    save: Option<PathBuf>,
+}
+
+impl Drop for Aux {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_aux(bin: &Path, args: &[String]) -> (Child, std::net::SocketAddr) {
+    let mut child = Command::new(bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn sluice-load");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut tx = Some(tx);
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if let Some(a) = line.split(" addr=").nth(1).filter(|_| line.contains("event=listening")) {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(a.trim().to_string());
+                }
+            }
+        }
+    });
+    let addr = rx.recv_timeout(Duration::from_secs(20)).expect("sluice-load did not start").parse().unwrap();
+    (child, addr)
+}
+
+/// A sink on `ip:port` saving what it accepts.
+fn sink(bin: &Path, listen: &str, extra: &[&str]) -> Aux {
+    let dir = TempDir::new("sink");
+    let save = dir.path().join("saved");
+    let mut args: Vec<String> = vec!["sink".into(), "--listen".into(), listen.into(), "--interval".into(), "0".into()];
+    args.push("--save".into());
+    args.push(save.display().to_string());
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let (child, addr) = spawn_aux(bin, &args);
+    Aux { child, addr, _dir: Some(dir), save: Some(save) }
+}
+
+fn dns(bin: &Path, zone: &[&str]) -> Aux {
+    let mut args: Vec<String> =
+        vec!["dns".into(), "--listen".into(), "127.0.0.1:0".into(), "--ttl".into(), "60".into()];
+    args.extend(zone.iter().map(|s| s.to_string()));
+    let (child, addr) = spawn_aux(bin, &args);
+    Aux { child, addr, _dir: None, save: None }
+}
+
+/// Saved messages of a sink: (envelope text, message bytes), in arrival order.
+fn saved(sink: &Aux) -> Vec<(String, Vec<u8>)> {
+    let Some(dir) = &sink.save else { return Vec::new() };
+    let mut names: Vec<PathBuf> =
+        std::fs::read_dir(dir).map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect()).unwrap_or_default();
+    names.retain(|p| p.extension().is_some_and(|e| e == "msg"));
+    names.sort();
+    names
+        .into_iter()
+        .map(|m| (std::fs::read_to_string(m.with_extension("env")).unwrap_or_default(), std::fs::read(&m).unwrap()))
+        .collect()
+}
+
+fn wait_saved(sink: &Aux, n: usize, within: Duration, relay: &Relay) -> Vec<(String, Vec<u8>)> {
+    let t0 = Instant::now();
+    loop {
+        let s = saved(sink);
+        if s.len() >= n {
+            return s;
+        }
+        assert!(t0.elapsed() < within, "sink got {} of {n} messages; relay log:\n{}", s.len(), relay.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A port free on 127.0.0.1 (the sinks then listen on 127.0.0.x with that port).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn send(relay: &Relay, from: &str, to: &[&str], body: &[u8]) -> String {
+    let mut c = relay.client();
+    c.expect("220");
+    c.expect_ok("EHLO c.test", "250");
+    let r = c.send_message(from, to, body);
+    assert!(r.starts_with("250 "), "{r}");
+    queue_id(&r)
+}
+
+#[test]
+fn relay_host_delivers_byte_exact_and_the_queue_empties() {
+    let Some(bin) = load_bin() else { return };
+    let sink = sink(&bin, "127.0.0.1:0", &[]);
+    let relay = Relay::start(&["--relay-host", &sink.addr.to_string(), "--dns", "127.0.0.1:9"]);
+    let body = "Subject: exact\r\n\r\n.leading dot\r\n..two dots\r\n8-bit: \u{e9}\u{e8}\r\n.\r\n".as_bytes();
+    let mut stuffed = Vec::new();
+    for line in body.split_inclusive(|&b| b == b'\n') {
+        if line.first() == Some(&b'.') {
+            stuffed.push(b'.');
+        }
+        stuffed.extend_from_slice(line);
+    }
+    let id = send(&relay, "a@src.test", &["x@dst.test", "y@dst.test"], &stuffed);
+    let got = wait_saved(&sink, 1, Duration::from_secs(20), &relay);
+    let (env, msg) = &got[0];
+    assert!(env.contains("a@src.test") && env.contains("x@dst.test") && env.contains("y@dst.test"), "{env}");
+    assert!(msg.starts_with(b"Received: from c.test"), "{}", String::from_utf8_lossy(msg));
+    assert!(msg.ends_with(body), "delivered bytes differ:\n{}", String::from_utf8_lossy(msg));
+    assert!(String::from_utf8_lossy(msg).contains(&id));
+    relay.wait_log("outcome=delivered");
+    let t0 = Instant::now();
+    loop {
+        let (_, out, _) = queue_cmd(&relay.spool, &["stats", "--json"]);
+        if out.contains("\"messages\":0") {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "queue never emptied: {out}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn mx_preference_fallback_and_implicit_mx() {
+    let Some(bin) = load_bin() else { return };
+    let port = free_port();
+    // mx1 (preference 10) is down; mx2 (20) answers. implicit.test has no MX, only an A record.
+    let mx2 = sink(&bin, &format!("127.0.0.4:{port}"), &[]);
+    let implicit = sink(&bin, &format!("127.0.0.5:{port}"), &[]);
+    let d = dns(
+        &bin,
+        &[
+            "--mx",
+            "multi.test=10:mx1.multi.test",
+            "--mx",
+            "multi.test=20:mx2.multi.test",
+            "--a",
+            "mx1.multi.test=127.0.0.3",
+            "--a",
+            "mx2.multi.test=127.0.0.4",
+            "--a",
+            "implicit.test=127.0.0.5",
+        ],
+    );
+    let relay = Relay::start(&["--dns", &d.addr.to_string(), "--smtp-port", &port.to_string()]);
+    send(&relay, "a@src.test", &["u@multi.test"], b"Subject: mx\r\n\r\nvia mx2\r\n");
+    send(&relay, "a@src.test", &["v@implicit.test"], b"Subject: implicit\r\n\r\nvia A\r\n");
+    let got = wait_saved(&mx2, 1, Duration::from_secs(20), &relay);
+    assert!(got[0].1.ends_with(b"via mx2\r\n"));
+    let got = wait_saved(&implicit, 1, Duration::from_secs(20), &relay);
+    assert!(got[0].1.ends_with(b"via A\r\n"));
+    relay.wait_log("remote=mx2.multi.test[127.0.0.4]");
+}
+
+#[test]
+fn permanent_failures_bounce_with_a_dsn_and_temporary_ones_retry() {
+    let Some(bin) = load_bin() else { return };
+    let port = free_port();
+    let dst = sink(&bin, &format!("127.0.0.6:{port}"), &[]);
+    let src = sink(&bin, &format!("127.0.0.7:{port}"), &[]);
+    let d = dns(&bin, &["--zone", "dst.test=127.0.0.6", "--zone", "src.test=127.0.0.7", "--nullmx", "nullmx.test"]);
+    let relay =
+        Relay::start(&["--dns", &d.addr.to_string(), "--smtp-port", &port.to_string(), "--retry-schedule", "1s,1s,2s"]);
+    // One transaction, mixed outcomes: ok, rejected (550 5.1.1), and 451 once then accepted.
+    let mut c = relay.client();
+    c.expect("220");
+    c.expect_ok("EHLO c.test", "250");
+    c.expect_ok("MAIL FROM:<sender@src.test> ENVID=env+2D42 RET=HDRS", "250");
+    c.expect_ok("RCPT TO:<ok@dst.test>", "250");
+    c.expect_ok("RCPT TO:<rej-gone@dst.test> NOTIFY=FAILURE ORCPT=rfc822;rej-gone@dst.test", "250");
+    c.expect_ok("RCPT TO:<tf1-later@dst.test>", "250");
+    c.expect_ok("RCPT TO:<nobody@nullmx.test>", "250");
+    c.expect_ok("DATA", "354");
+    c.send(b"Subject: mixed\r\nMessage-ID: <mixed@src.test>\r\n\r\nbody\r\n.\r\n");
+    let id = queue_id(&c.expect("250 2.0.0 Ok: queued as"));
+    // ok@ and (after one retry) tf1-later@ arrive at dst.
+    let got = wait_saved(&dst, 2, Duration::from_secs(30), &relay);
+    let rcpts: String = got.iter().map(|(e, _)| e.clone()).collect();
+    assert!(rcpts.contains("ok@dst.test") && rcpts.contains("tf1-later@dst.test"), "{rcpts}");
+    assert!(!rcpts.contains("rej-gone@dst.test"));
+    relay.wait_log("attempt=2 outcome=delivered");
+    // Bounces for rej-gone@ (5.1.1) and nobody@nullmx.test (5.1.10) reach the sender's MX.
+    let bounces = wait_saved(&src, 1, Duration::from_secs(30), &relay);
+    let all: String = bounces.iter().map(|(e, m)| format!("{e}\n{}", String::from_utf8_lossy(m))).collect();
+    assert!(all.contains("MAIL FROM:<>"), "bounces come from the null sender: {all}");
+    assert!(all.contains("sender@src.test"), "{all}");
+    assert!(all.contains("Content-Type: multipart/report; report-type=delivery-status"), "{all}");
+    assert!(all.contains("Reporting-MTA: dns; mx.test"), "{all}");
+    assert!(all.contains("Original-Envelope-Id: env-42"), "ENVID is xtext-decoded: {all}");
+    assert!(all.contains("Final-Recipient: rfc822; rej-gone@dst.test"), "{all}");
+    assert!(all.contains("Original-Recipient: rfc822; rej-gone@dst.test"), "{all}");
+    assert!(all.contains("Action: failed"), "{all}");
+    assert!(all.contains("Status: 5.1.1"), "{all}");
+    assert!(all.contains("Diagnostic-Code: smtp; 550 5.1.1"), "{all}");
+    assert!(all.contains("Status: 5.1.10") || all.contains("5.1.10"), "null MX bounces with 5.1.10: {all}");
+    assert!(all.contains("Message-ID: <mixed@src.test>"), "RET=HDRS returns the headers: {all}");
+    assert!(all.contains(&id));
+    // The bounce itself (null sender) never bounces: the queue drains.
+    let t0 = Instant::now();
+    loop {
+        let (_, out, _) = queue_cmd(&relay.spool, &["stats", "--json"]);
+        if out.contains("\"messages\":0") {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "queue never emptied: {out}\n{}", relay.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn connections_are_reused_and_a_down_destination_is_retried() {
+    let Some(bin) = load_bin() else { return };
+    let port = free_port();
+    let d = dns(&bin, &["--zone", "reuse.test=127.0.0.8"]);
+    let relay = Relay::start(&[
+        "--dns",
+        &d.addr.to_string(),
+        "--smtp-port",
+        &port.to_string(),
+        "--retry-schedule",
+        "1s",
+        "--domain-concurrency",
+        "2",
+    ]);
+    // The destination is down at first: the messages are deferred.
+    for i in 0..20 {
+        send(&relay, "a@src.test", &["r@reuse.test"], format!("Subject: {i}\r\n\r\nreuse\r\n").as_bytes());
+    }
+    relay.wait_log("outcome=deferred");
+    // Then it comes up: everything arrives, over at most a few connections.
+    let up = sink(&bin, &format!("127.0.0.8:{port}"), &["--json"]);
+    let got = wait_saved(&up, 20, Duration::from_secs(30), &relay);
+    assert_eq!(got.len(), 20);
+    let mut up = up;
+    let _ = Command::new("kill").arg("-TERM").arg(up.child.id().to_string()).status();
+    let out = std::mem::replace(&mut up.child, Command::new("true").spawn().unwrap()).wait_with_output().unwrap();
+    let summary = String::from_utf8_lossy(&out.stdout);
+    let conns: u64 = summary
+        .split("\"connections\":")
+        .nth(1)
+        .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no summary: {summary}"));
+    assert!(conns <= 4, "20 messages took {conns} connections: no reuse");
+}
