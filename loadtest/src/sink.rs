@@ -708,10 +708,12 @@ impl Sink {
                 if let Some(dir) = &self.opts.save {
                     self.saved += 1;
                     let base = dir.join(format!("{:08}", self.saved));
+                    // The message is written under a temporary name and renamed, so a reader
+                    // polling for `.msg` files never sees a partial one.
+                    let tmp = base.with_extension("part");
                     let ok = std::fs::write(base.with_extension("env"), &c.env).is_ok()
-                        && std::fs::File::create(base.with_extension("msg"))
-                            .and_then(|mut f| f.write_all(&c.body))
-                            .is_ok();
+                        && std::fs::File::create(&tmp).and_then(|mut f| f.write_all(&c.body)).is_ok()
+                        && std::fs::rename(&tmp, base.with_extension("msg")).is_ok();
                     if !ok {
                         eprintln!("sink: cannot save message to {}", dir.display());
                     }

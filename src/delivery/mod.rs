@@ -82,8 +82,10 @@ struct DestState {
     /// Round-robin position in the address list; consecutive connect failures.
     next_addr: usize,
     failures: usize,
-    /// No new connection before this time (Unix ms).
+    /// No new connection before this time (Unix ms): every address just failed.
     backoff_until_ms: u64,
+    /// Why (the last connection failure), given to work that arrives meanwhile.
+    backoff_reply: Option<Reply>,
 }
 
 /// What the delivery side needs from the loop for one call.
@@ -144,6 +146,7 @@ impl Delivery {
                 next_addr: 0,
                 failures: 0,
                 backoff_until_ms: 0,
+                backoff_reply: None,
             });
         }
         &mut self.dests[dest as usize]
@@ -278,6 +281,12 @@ impl Delivery {
         let wall_ms = ctx.wall_ms;
         let state = self.dest_state(dest);
         if wall_ms < state.backoff_until_ms {
+            // The destination is down: like Postfix's "delivery temporarily suspended", work
+            // arriving now is deferred with the last failure instead of hammering it again.
+            let reply = state.backoff_reply.clone().unwrap_or_else(|| synthetic(451, (4, 4, 1), "destination down"));
+            while let Some(job) = self.queue.pop_job(dest, wall_ms) {
+                self.settle_job(ctx, &job, None, &vec![(Verdict::Deferred, reply.clone()); job.rcpts.len()], "");
+            }
             return;
         }
         match &state.route {
@@ -409,6 +418,7 @@ impl Delivery {
         state.failures = 0;
         state.backoff_until_ms = wall_ms + backoff;
         let reply = synthetic(451, (4, 4, 1), &format!("connect to {host}[{addr}]: {why}"));
+        state.backoff_reply = Some(reply.clone());
         while let Some(job) = self.queue.pop_job(dest, wall_ms) {
             self.settle_job(ctx, &job, None, &vec![(Verdict::Deferred, reply.clone()); job.rcpts.len()], "");
         }

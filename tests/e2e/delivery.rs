@@ -276,3 +276,132 @@ fn connections_are_reused_and_a_down_destination_is_retried() {
         .unwrap_or_else(|| panic!("no summary: {summary}"));
     assert!(conns <= 4, "20 messages took {conns} connections: no reuse");
 }
+
+#[test]
+fn ten_mib_message_arrives_byte_exact() {
+    let Some(bin) = load_bin() else { return };
+    let sink = sink(&bin, "127.0.0.1:0", &[]);
+    let relay = Relay::start(&["--relay-host", &sink.addr.to_string(), "--dns", "127.0.0.1:9"]);
+    let mut body = b"Subject: big\r\n\r\n".to_vec();
+    let mut i = 0u32;
+    while body.len() < 10 << 20 {
+        // Every seventh line starts with a dot (stuffed on the wire, twice over the relay).
+        if i % 7 == 0 {
+            body.extend_from_slice(b".");
+        }
+        body.extend_from_slice(format!("line {i:08} {}\r\n", "x".repeat(60)).as_bytes());
+        i += 1;
+    }
+    let mut stuffed = Vec::with_capacity(body.len() + body.len() / 50);
+    for line in body.split_inclusive(|&b| b == b'\n') {
+        if line.first() == Some(&b'.') {
+            stuffed.push(b'.');
+        }
+        stuffed.extend_from_slice(line);
+    }
+    send(&relay, "a@src.test", &["big@dst.test"], &stuffed);
+    let got = wait_saved(&sink, 1, Duration::from_secs(60), &relay);
+    assert!(got[0].1.ends_with(&body), "10 MiB body differs after relaying");
+}
+
+#[test]
+fn queue_shows_attempts_and_expired_mail_bounces_once() {
+    let Some(_) = load_bin() else { return };
+    // The relay host is down for good (a closed loopback port): every attempt is deferred,
+    // then the message expires and bounces; the bounce (null sender) expires silently.
+    let relay = Relay::start(&[
+        "--relay-host",
+        "127.0.0.1:1",
+        "--dns",
+        "127.0.0.1:9",
+        "--retry-schedule",
+        "300ms",
+        "--max-queue-lifetime",
+        "3s",
+    ]);
+    let id = send(&relay, "a@src.test", &["gone@dst.test"], b"Subject: expire\r\n\r\nbye\r\n");
+    relay.wait_log("outcome=deferred");
+    let (_, list, _) = queue_cmd(&relay.spool, &["list"]);
+    assert!(list.contains(&id) && list.contains("gone@dst.test deferred attempts="), "{list}");
+    assert!(list.contains("451 4.4.1"), "last reply shown: {list}");
+    relay.wait_log("delivery time expired");
+    relay.wait_log("event=bounce id=");
+    let t0 = Instant::now();
+    loop {
+        let (_, out, _) = queue_cmd(&relay.spool, &["stats", "--json"]);
+        if out.contains("\"messages\":0") {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "queue never emptied: {out}\n{}", relay.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = relay.log();
+    assert_eq!(log.matches("event=bounce").count(), 1, "never a bounce for a bounce:\n{log}");
+    assert!(log.contains("outcome=failed"), "{log}");
+}
+
+#[test]
+fn kill_9_during_delivery_loses_no_recipient() {
+    let Some(bin) = load_bin() else { return };
+    let sink = sink(&bin, "127.0.0.1:0", &["--delay", "100ms"]);
+    let dir = TempDir::new("dkill");
+    let spool = dir.path().join("spool");
+    let args = [
+        "--relay-host".to_string(),
+        sink.addr.to_string(),
+        "--dns".into(),
+        "127.0.0.1:9".into(),
+        "--domain-concurrency".into(),
+        "1".into(),
+    ];
+    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let mut relay = Relay::start_on(&spool, &args);
+    let n = 40;
+    for i in 0..n {
+        send(&relay, "a@src.test", &["k@dst.test"], format!("Subject: kill-{i:03}\r\n\r\nbody\r\n").as_bytes());
+    }
+    // Let some go out, then crash in the middle of the deliveries.
+    let t0 = Instant::now();
+    while saved(&sink).len() < 5 {
+        assert!(t0.elapsed() < Duration::from_secs(20), "{}", relay.log());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    relay.kill9();
+    let before = saved(&sink).len();
+    assert!(before < n, "the crash came too late to mean anything");
+    let relay = Relay::start_on(&spool, &args);
+    let t0 = Instant::now();
+    loop {
+        let got = saved(&sink);
+        let mut subjects: Vec<String> = got
+            .iter()
+            .filter_map(|(_, m)| {
+                let t = String::from_utf8_lossy(m);
+                t.split("Subject: ").nth(1).map(|s| s.lines().next().unwrap_or("").to_string())
+            })
+            .collect();
+        subjects.sort();
+        subjects.dedup();
+        if subjects.len() == n {
+            // Only what was in flight at the crash (one connection) may arrive twice.
+            assert!(got.len() <= n + 1, "{} deliveries for {n} messages", got.len());
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "only {} of {n} arrived:\n{}", subjects.len(), relay.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn nxdomain_bounces_with_5_1_2() {
+    let Some(bin) = load_bin() else { return };
+    let port = free_port();
+    let src = sink(&bin, &format!("127.0.0.9:{port}"), &[]);
+    let d = dns(&bin, &["--zone", "src.test=127.0.0.9"]);
+    let relay = Relay::start(&["--dns", &d.addr.to_string(), "--smtp-port", &port.to_string()]);
+    send(&relay, "sender@src.test", &["x@no-such-domain.test"], b"Subject: nx\r\n\r\nbody\r\n");
+    let got = wait_saved(&src, 1, Duration::from_secs(20), &relay);
+    let text = String::from_utf8_lossy(&got[0].1);
+    assert!(text.contains("Final-Recipient: rfc822; x@no-such-domain.test"), "{text}");
+    assert!(text.contains("Status: 5.1.2"), "{text}");
+}
