@@ -119,6 +119,13 @@ pub struct ServeArgs {
     /// On SIGTERM, how long sessions in the middle of a message may take to finish it.
     #[arg(long = "shutdown-grace", value_name = "DUR", default_value = "3s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+    /// Delivery: time allowed for a TCP connect to an MX host before the next one is tried.
+    #[arg(long = "connect-timeout", value_name = "DUR", default_value = "30s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+    /// Delivery: cap on every SMTP client timeout (RFC 5321 §4.5.3.1: 5 min per command,
+    /// 10 min for the end of data); shorten it for tests or impatient operators.
+    #[arg(long = "smtp-timeout", value_name = "DUR", default_value = "10m", value_parser = parse_duration)]
+    pub smtp_timeout: Duration,
     /// Accept and queue, but deliver nothing (maintenance; benchmarks of the accept path).
     /// Queued mail goes out once the relay runs without it.
     #[arg(long)]

@@ -49,6 +49,10 @@ pub struct Config {
     pub dns: Option<SocketAddr>,
     /// `--hold`: no deliveries.
     pub hold: bool,
+    /// `--connect-timeout`.
+    pub connect_timeout: Duration,
+    /// `--smtp-timeout`: cap on each client phase timeout.
+    pub smtp_timeout: Duration,
 }
 
 /// A configuration problem, naming the flag.
@@ -107,6 +111,8 @@ impl Config {
             max_queue_lifetime: a.max_queue_lifetime,
             dns: a.dns.or_else(crate::net::dns::system_nameserver),
             hold: a.hold,
+            connect_timeout: a.connect_timeout,
+            smtp_timeout: a.smtp_timeout,
         })
     }
 }

@@ -58,6 +58,8 @@ pub struct DeliveryConfig {
     pub hostname: String,
     /// Client timeouts.
     pub timeouts: ClientTimeouts,
+    /// Time allowed for a TCP connect.
+    pub connect_timeout: Duration,
 }
 
 /// How to reach a destination.
@@ -79,8 +81,10 @@ struct DestState {
     conns: u32,
     /// Connections ready and without work.
     idle: Vec<(usize, u32)>,
-    /// Round-robin position in the address list; consecutive connect failures.
+    /// Address to connect to next: the first (most preferred) until it fails, then the next
+    /// one (RFC 5321 §5.1: backup MX hosts only when the better ones do not answer).
     next_addr: usize,
+    /// Consecutive connect failures.
     failures: usize,
     /// No new connection before this time (Unix ms): every address just failed.
     backoff_until_ms: u64,
@@ -259,7 +263,10 @@ impl Delivery {
                 }
             }
         };
-        self.dest_state(dest).route = route;
+        let state = self.dest_state(dest);
+        state.route = route;
+        state.next_addr = 0;
+        state.failures = 0;
         self.queue.want(dest);
     }
 
@@ -354,7 +361,6 @@ impl Delivery {
         let Route::Ready { addrs, .. } = &state.route else { return };
         let index = state.next_addr % addrs.len();
         let (host, addr) = addrs[index].clone();
-        state.next_addr = state.next_addr.wrapping_add(1);
         let mut sock = match mio::net::TcpStream::connect(addr) {
             Ok(s) => s,
             Err(e) => {
@@ -395,6 +401,7 @@ impl Delivery {
             transactions: 0,
             idle_since: None,
             addr_index: index,
+            created: ctx.now,
         });
         self.dests[dest as usize].conns += 1;
     }
@@ -407,6 +414,7 @@ impl Delivery {
             DEST_BACKOFF_MS.min(self.cfg.policy.schedule.first().map_or(DEST_BACKOFF_MS, |d| d.as_millis() as u64));
         let state = self.dest_state(dest);
         state.failures += 1;
+        state.next_addr = state.next_addr.wrapping_add(1);
         let n = match &state.route {
             Route::Ready { addrs, .. } => addrs.len(),
             _ => 1,
@@ -772,7 +780,15 @@ impl Delivery {
                 self.drive(ctx, key);
                 continue;
             }
-            // The session's first deadline (the greeting) also bounds a connect that hangs.
+            if !conn.connected && ctx.now.duration_since(conn.created) >= self.cfg.connect_timeout {
+                // A host that does not answer: try the next address (RFC 5321 §5.1).
+                let (dest, host, addr) = (conn.dest, conn.host.clone(), conn.peer);
+                self.close(ctx, key);
+                ctx.log
+                    .event("connect_error", &[("host", V::S(&host)), ("ip", V::D(&addr)), ("error", V::S("timeout"))]);
+                self.connect_failed(ctx, dest, &host, addr, "connection timed out");
+                continue;
+            }
             if conn.session.next_deadline().is_some_and(|d| d <= ctx.now) {
                 conn.session.handle_timeout(ctx.now);
                 self.drive(ctx, key);

@@ -56,6 +56,8 @@ pub struct OutboundConn {
     pub idle_since: Option<Instant>,
     /// Index of the address used in the destination's address list.
     pub addr_index: usize,
+    /// When the connect started (for the connect timeout).
+    pub created: Instant,
 }
 
 /// What moving bytes achieved.

@@ -190,7 +190,8 @@ impl Server {
                 domain_concurrency: cfg.domain_concurrency,
                 policy: RetryPolicy { schedule: cfg.retry_schedule.clone(), max_lifetime: cfg.max_queue_lifetime },
                 hostname: cfg.hostname.clone(),
-                timeouts: ClientTimeouts::default(),
+                timeouts: capped_timeouts(cfg.smtp_timeout),
+                connect_timeout: cfg.connect_timeout,
             },
             dns,
         );
@@ -832,6 +833,18 @@ impl Server {
             let _ = generation;
         }
         true
+    }
+}
+
+/// RFC 5321 §4.5.3.1 client timeouts, each capped at `cap` (`--smtp-timeout`).
+fn capped_timeouts(cap: Duration) -> ClientTimeouts {
+    let d = ClientTimeouts::default();
+    ClientTimeouts {
+        greeting: d.greeting.min(cap),
+        command: d.command.min(cap),
+        data_init: d.data_init.min(cap),
+        data_block: d.data_block.min(cap),
+        data_end: d.data_end.min(cap),
     }
 }
 
