@@ -165,7 +165,13 @@ impl Delivery {
                 return;
             }
         };
-        if self.queue.insert(rec, &env, ctx.wall_ms).is_none() {
+        self.enqueue_with(ctx, rec, &env);
+    }
+
+    /// Queues a message whose envelope the caller already has (the session that received it),
+    /// saving a decode of the record.
+    pub fn enqueue_with(&mut self, ctx: &mut Ctx<'_>, rec: &RecoveredMessage, env: &Envelope) {
+        if self.queue.insert(rec, env, ctx.wall_ms).is_none() {
             ctx.spool.release_message(rec.loc.segment, &rec.outcome_segments);
         }
     }

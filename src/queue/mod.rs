@@ -113,6 +113,13 @@ impl Queue {
 
     /// Interns a destination.
     pub fn dest_id(&mut self, name: &[u8]) -> DestId {
+        // Domains are compared case-insensitively (RFC 5321 §2.4). The common case, an ASCII
+        // name already in lower case and already known, is looked up without allocating.
+        if !name.iter().any(|b| b.is_ascii_uppercase()) {
+            if let Some(&id) = std::str::from_utf8(name).ok().and_then(|n| self.by_name.get(n)) {
+                return id;
+            }
+        }
         let lower = String::from_utf8_lossy(name).to_lowercase().into_boxed_str();
         if let Some(&id) = self.by_name.get(&lower) {
             return id;

@@ -585,19 +585,36 @@ impl Server {
         let mut unanswerable = Vec::new();
         let mut accepted = Vec::new();
         for w in &batch {
-            // Durable: it goes to delivery whether or not its client is still there.
+            let (key, generation) = (w.key, w.generation);
+            let Server {
+                conns, bufs, bodies, ids, cfg, log, dirty, wall_us, waiting, delivery, spool, poll, now, ..
+            } = self;
+            let conn = conns.get_mut(key).filter(|c| c.generation == generation);
+            // Durable: it goes to delivery whether or not its client is still there (with the
+            // session's envelope when there is one, else decoded from the spool).
             if result.is_ok() && !w.queued {
-                accepted.push(RecoveredMessage {
+                let rec = RecoveredMessage {
                     id: w.id,
                     loc: w.loc,
                     arrival_ms: w.arrival_ms,
                     rcpts: Vec::new(),
                     outcome_segments: Vec::new(),
-                });
+                };
+                let mut ctx = delivery::Ctx {
+                    spool,
+                    log,
+                    ids,
+                    bufs,
+                    registry: poll.registry(),
+                    now: *now,
+                    wall_ms: *wall_us / 1000,
+                };
+                match conn.as_ref().filter(|c| c.waiting == Some(w.id)) {
+                    Some(c) => delivery.enqueue_with(&mut ctx, &rec, c.session.envelope()),
+                    None => accepted.push(rec),
+                }
             }
-            let (key, generation) = (w.key, w.generation);
-            let Server { conns, bufs, bodies, ids, cfg, log, dirty, wall_us, waiting, .. } = self;
-            let Some(conn) = conns.get_mut(key).filter(|c| c.generation == generation) else { continue };
+            let Some(conn) = conn else { continue };
             let Some(id) = conn.waiting.take() else { continue };
             let Some(out) = conn.make_reply_room(bufs).then_some(conn.output.as_mut()).flatten() else {
                 // No room for the reply yet. A durable message is answered on a later turn; a
