@@ -198,15 +198,22 @@ impl Delivery {
     pub fn pump(&mut self, ctx: &mut Ctx<'_>) {
         self.queue.promote_due(ctx.wall_ms);
         self.dns_results(ctx);
+        if self.dns.as_ref().and_then(|d| d.next_deadline()).is_some_and(|t| t <= ctx.now) {
+            if let Some(dns) = self.dns.as_mut() {
+                dns.handle_timeout(ctx.now);
+            }
+            self.dns_results(ctx);
+        }
         for dest in self.queue.take_wanting() {
             self.serve(ctx, dest);
-        }
-        if let Some(dns) = self.dns.as_mut() {
-            dns.flush(ctx.now);
         }
         if ctx.now >= self.next_sweep {
             self.sweep(ctx);
             self.next_sweep = ctx.now + Duration::from_millis(200);
+        }
+        // Last, so that queries (and retries) made by anything above leave in this turn.
+        if let Some(dns) = self.dns.as_mut() {
+            dns.flush(ctx.now);
         }
     }
 
@@ -264,7 +271,9 @@ impl Delivery {
                 ctx.log.event("dns", &[("domain", V::S(name)), ("error", V::S(&text))]);
                 Route::Failed {
                     reply: synthetic(e.reply_code(), parse_enhanced(e.enhanced_code()), &text),
-                    permanent: e.is_permanent(),
+                    // A smarthost that does not resolve is our problem, not the recipient's:
+                    // defer (as Postfix does for its relayhost), never bounce.
+                    permanent: e.is_permanent() && self.cfg.relay_host.is_none(),
                     until_ms: ctx.wall_ms + 60_000,
                 }
             }
@@ -281,7 +290,11 @@ impl Delivery {
         // Hand ready jobs to idle connections first (connection reuse).
         while self.queue.has_ready(dest) {
             let Some((key, generation)) = self.dest_state(dest).idle.pop() else { break };
-            if self.conns.get(key).is_some_and(|c| c.generation == generation && c.active.is_none()) {
+            if self
+                .conns
+                .get(key)
+                .is_some_and(|c| c.generation == generation && c.active.is_none() && c.session.is_ready())
+            {
                 self.take_job(ctx, key);
                 // Send the new transaction's commands now: no socket event will ask for them.
                 self.drive(ctx, key);
@@ -371,7 +384,7 @@ impl Delivery {
             Ok(s) => s,
             Err(e) => {
                 ctx.log.event("connect_error", &[("host", V::S(&host)), ("ip", V::D(&addr)), ("error", V::D(&e))]);
-                self.connect_failed(ctx, dest, &host, addr, &e.to_string());
+                self.connect_failed(ctx, dest, index, &host, addr, &e.to_string());
                 return;
             }
         };
@@ -408,23 +421,38 @@ impl Delivery {
             idle_since: None,
             addr_index: index,
             created: ctx.now,
+            greeted: false,
         });
         self.dests[dest as usize].conns += 1;
     }
 
     /// A connection attempt failed before SMTP started: try the next address, or defer the
     /// destination's ready work when every address failed.
-    fn connect_failed(&mut self, ctx: &mut Ctx<'_>, dest: DestId, host: &str, addr: SocketAddr, why: &str) {
+    fn connect_failed(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        dest: DestId,
+        addr_index: usize,
+        host: &str,
+        addr: SocketAddr,
+        why: &str,
+    ) {
         let wall_ms = ctx.wall_ms;
         let backoff =
             DEST_BACKOFF_MS.min(self.cfg.policy.schedule.first().map_or(DEST_BACKOFF_MS, |d| d.as_millis() as u64));
         let state = self.dest_state(dest);
-        state.failures += 1;
-        state.next_addr = state.next_addr.wrapping_add(1);
         let n = match &state.route {
-            Route::Ready { addrs, .. } => addrs.len(),
+            Route::Ready { addrs, .. } => addrs.len().max(1),
             _ => 1,
         };
+        // Several connections to one address fail together: count the address once, and only
+        // while it is still the current one.
+        if addr_index % n != state.next_addr % n {
+            self.queue.want(dest);
+            return;
+        }
+        state.failures += 1;
+        state.next_addr = state.next_addr.wrapping_add(1);
         if state.failures < n {
             self.queue.want(dest);
             return;
@@ -451,14 +479,13 @@ impl Delivery {
                 Ok(None) if conn.sock.peer_addr().is_ok() => conn.connected = true,
                 Ok(None) => return,
                 Ok(Some(e)) | Err(e) => {
-                    let (dest, host, addr) = (conn.dest, conn.host.clone(), conn.peer);
+                    let (dest, host, addr, index) = (conn.dest, conn.host.clone(), conn.peer, conn.addr_index);
                     self.close(ctx, key);
                     ctx.log.event("connect_error", &[("host", V::S(&host)), ("ip", V::D(&addr)), ("error", V::D(&e))]);
-                    self.connect_failed(ctx, dest, &host, addr, &e.to_string());
+                    self.connect_failed(ctx, dest, index, &host, addr, &e.to_string());
                     return;
                 }
             }
-            self.dests[conn.dest as usize].failures = 0;
         }
         for _ in 0..16 {
             let Some(conn) = self.conns.get_mut(key) else { return };
@@ -492,7 +519,17 @@ impl Delivery {
 
     fn on_session_event(&mut self, ctx: &mut Ctx<'_>, key: usize, ev: ClientEvent) {
         match ev {
-            ClientEvent::Ready => self.take_job(ctx, key),
+            ClientEvent::Ready => {
+                if let Some(conn) = self.conns.get_mut(key) {
+                    if !conn.greeted {
+                        conn.greeted = true;
+                        // The host talks SMTP: the destination's failure count starts over.
+                        let dest = conn.dest;
+                        self.dest_state(dest).failures = 0;
+                    }
+                }
+                self.take_job(ctx, key)
+            }
             ClientEvent::TransactionDone(result) => {
                 let Some(conn) = self.conns.get_mut(key) else { return };
                 let Some(active) = conn.active.take() else { return };
@@ -502,7 +539,11 @@ impl Delivery {
                     .rcpt_replies
                     .iter()
                     .map(|r| {
-                        if !r.is_positive_completion() {
+                        if r.code == 552 && result.data_reply.is_none() {
+                            // RFC 5321 §4.5.3.1.10: 552 to RCPT means "too many recipients"
+                            // from old servers; treat it as 452 (try the rest later).
+                            (Verdict::Deferred, r.clone())
+                        } else if !r.is_positive_completion() {
                             (verdict(r.code), r.clone())
                         } else {
                             match &result.data_reply {
@@ -516,7 +557,20 @@ impl Delivery {
             }
             ClientEvent::Failed(failure) => {
                 let text = format!("{failure}");
-                self.conn_lost(ctx, key, &text);
+                match self.conns.get(key) {
+                    // Refused before it ever said it was ready (421 or 5xx greeting, refused
+                    // EHLO, closed): like a refused connect, try the next MX, then back off.
+                    Some(c) if !c.greeted => {
+                        let (dest, host, addr, index) = (c.dest, c.host.clone(), c.peer, c.addr_index);
+                        ctx.log.event(
+                            "connect_error",
+                            &[("host", V::S(&host)), ("ip", V::D(&addr)), ("error", V::S(&text))],
+                        );
+                        self.close(ctx, key);
+                        self.connect_failed(ctx, dest, index, &host, addr, &text);
+                    }
+                    _ => self.conn_lost(ctx, key, &text),
+                }
             }
             ClientEvent::Closed => self.close(ctx, key),
         }
@@ -538,13 +592,19 @@ impl Delivery {
         };
         let Some(msg) = self.queue.msg(job.msg) else { return };
         let (loc, id) = (msg.loc, msg.id);
-        let attempts: Vec<u16> = job.rcpts.iter().map(|&i| msg.rcpts[i as usize].attempts + 1).collect();
+        let attempts: Vec<u16> = job.rcpts.iter().map(|&i| msg.rcpts[i as usize].attempts.saturating_add(1)).collect();
         let (view, body) = match ctx.spool.message_with_body(loc) {
             Ok(v) => v,
             Err(e) => {
                 ctx.log.event("spool_error", &[("id", V::D(&id)), ("error", V::D(&e))]);
                 let reply = synthetic(451, (4, 3, 0), "message unreadable in the spool");
                 self.settle_job(ctx, &job, None, &vec![(Verdict::Deferred, reply); job.rcpts.len()], "");
+                // The connection is still good: park it for the next job.
+                if let Some(conn) = self.conns.get_mut(key) {
+                    conn.idle_since = Some(ctx.now);
+                    let generation = conn.generation;
+                    self.dest_state(dest).idle.push((key, generation));
+                }
                 return;
             }
         };
@@ -601,7 +661,7 @@ impl Delivery {
                     NextStep::RetryAt(t) => next_ms = t,
                     NextStep::Expire => {
                         v = Verdict::Failed;
-                        reply = synthetic(550, (4, 4, 7), &format!("delivery time expired; last error: {reply}"));
+                        reply = synthetic(550, (5, 4, 7), &format!("delivery time expired; last error: {reply}"));
                     }
                 }
             }
@@ -657,7 +717,7 @@ impl Delivery {
                 ctx.spool.release_message(m.loc.segment, &m.outcome_segments);
             }
         } else {
-            self.queue.reschedule(job.msg, ctx.wall_ms);
+            self.queue.reschedule(job.msg, job.dest, ctx.wall_ms);
         }
     }
 
@@ -783,16 +843,18 @@ impl Delivery {
             if conn.idle_since.is_some_and(|t| ctx.now.duration_since(t) >= IDLE_TIMEOUT) {
                 conn.idle_since = None;
                 conn.session.quit();
+                let (dest, generation) = (conn.dest, conn.generation);
+                self.dest_state(dest).idle.retain(|&(k, g)| !(k == key && g == generation));
                 self.drive(ctx, key);
                 continue;
             }
             if !conn.connected && ctx.now.duration_since(conn.created) >= self.cfg.connect_timeout {
                 // A host that does not answer: try the next address (RFC 5321 §5.1).
-                let (dest, host, addr) = (conn.dest, conn.host.clone(), conn.peer);
+                let (dest, host, addr, index) = (conn.dest, conn.host.clone(), conn.peer, conn.addr_index);
                 self.close(ctx, key);
                 ctx.log
                     .event("connect_error", &[("host", V::S(&host)), ("ip", V::D(&addr)), ("error", V::S("timeout"))]);
-                self.connect_failed(ctx, dest, &host, addr, "connection timed out");
+                self.connect_failed(ctx, dest, index, &host, addr, "connection timed out");
                 continue;
             }
             if conn.session.next_deadline().is_some_and(|d| d <= ctx.now) {

@@ -58,6 +58,8 @@ pub struct OutboundConn {
     pub addr_index: usize,
     /// When the connect started (for the connect timeout).
     pub created: Instant,
+    /// The server greeted and accepted EHLO/HELO at least once.
+    pub greeted: bool,
 }
 
 /// What moving bytes achieved.

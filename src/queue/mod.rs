@@ -193,18 +193,18 @@ impl Queue {
             outcome_segments: rec.outcome_segments.clone(),
             open,
         }) as MsgKey;
-        self.schedule_open(key, now_ms);
+        self.schedule_open(key, None, now_ms);
         Some(key)
     }
 
-    /// Puts every open, idle recipient group of `key` on its destination's ready list (if due)
-    /// or in the due queue.
-    fn schedule_open(&mut self, key: MsgKey, now_ms: u64) {
+    /// Puts every open, idle recipient group of `key` (of `only` that destination, when given)
+    /// on its destination's ready list (if due) or in the due queue.
+    fn schedule_open(&mut self, key: MsgKey, only: Option<DestId>, now_ms: u64) {
         let Some(m) = self.msgs.get(key as usize) else { return };
         let id = m.id;
         // Earliest time per destination among open, idle recipients.
         let mut per_dest: Vec<(DestId, u64)> = Vec::new();
-        for r in m.rcpts.iter().filter(|r| r.open() && !r.in_flight) {
+        for r in m.rcpts.iter().filter(|r| r.open() && !r.in_flight && only.map_or(true, |d| d == r.dest)) {
             match per_dest.iter_mut().find(|(d, _)| *d == r.dest) {
                 Some((_, t)) => *t = (*t).min(r.next_ms),
                 None => per_dest.push((r.dest, r.next_ms)),
@@ -303,9 +303,10 @@ impl Queue {
         m.open == 0
     }
 
-    /// After a job's recipients are settled: schedules what is still open (deferred).
-    pub fn reschedule(&mut self, key: MsgKey, now_ms: u64) {
-        self.schedule_open(key, now_ms);
+    /// After a job's recipients are settled: schedules what is still open for that job's
+    /// destination (the other destinations' recipients are already scheduled).
+    pub fn reschedule(&mut self, key: MsgKey, dest: DestId, now_ms: u64) {
+        self.schedule_open(key, Some(dest), now_ms);
     }
 
     /// Returns a job's recipients to the ready list untouched (e.g. the connection could not be

@@ -585,6 +585,9 @@ impl Server {
         let mut unanswerable = Vec::new();
         let mut accepted = Vec::new();
         for w in &batch {
+            // A waiter already queued is durable from an earlier commit: whatever this batch's
+            // fate, its answer is the 250 (a 451 would make the client send it twice).
+            let result = if w.queued { Ok(()) } else { result };
             let (key, generation) = (w.key, w.generation);
             let Server {
                 conns, bufs, bodies, ids, cfg, log, dirty, wall_us, waiting, delivery, spool, poll, now, ..

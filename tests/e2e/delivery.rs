@@ -176,10 +176,14 @@ fn mx_preference_fallback_and_implicit_mx() {
         ],
     );
     let relay = Relay::start(&["--dns", &d.addr.to_string(), "--smtp-port", &port.to_string()]);
-    send(&relay, "a@src.test", &["u@multi.test"], b"Subject: mx\r\n\r\nvia mx2\r\n");
+    // Several messages at once: every connection to mx1 fails, each failure must count once,
+    // and all of them must go to mx2 (not be deferred as if every MX were down).
+    for _ in 0..6 {
+        send(&relay, "a@src.test", &["u@multi.test"], b"Subject: mx\r\n\r\nvia mx2\r\n");
+    }
     send(&relay, "a@src.test", &["v@implicit.test"], b"Subject: implicit\r\n\r\nvia A\r\n");
-    let got = wait_saved(&mx2, 1, Duration::from_secs(20), &relay);
-    assert!(got[0].1.ends_with(b"via mx2\r\n"));
+    let got = wait_saved(&mx2, 6, Duration::from_secs(20), &relay);
+    assert!(got.iter().all(|(_, m)| m.ends_with(b"via mx2\r\n")));
     let got = wait_saved(&implicit, 1, Duration::from_secs(20), &relay);
     assert!(got[0].1.ends_with(b"via A\r\n"));
     relay.wait_log("remote=mx2.multi.test[127.0.0.4]");
@@ -404,4 +408,43 @@ fn nxdomain_bounces_with_5_1_2() {
     let text = String::from_utf8_lossy(&got[0].1);
     assert!(text.contains("Final-Recipient: rfc822; x@no-such-domain.test"), "{text}");
     assert!(text.contains("Status: 5.1.2"), "{text}");
+}
+
+#[test]
+fn a_server_refusing_at_the_greeting_is_not_hammered() {
+    let Some(_) = load_bin() else { return };
+    if !require("python3") {
+        return;
+    }
+    // A host that answers 421 and hangs up, counting connections.
+    let script = r#"
+import socket, sys, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", 0)); s.listen(64); s.settimeout(0.2)
+print(s.getsockname()[1], flush=True)
+n = 0; end = time.time() + 4
+while time.time() < end:
+    try:
+        c, _ = s.accept()
+    except socket.timeout:
+        continue
+    n += 1
+    c.sendall(b"421 busy.test Service not available\r\n"); c.close()
+print(n, flush=True)
+"#;
+    let mut py = Command::new("python3").arg("-c").arg(script).stdout(Stdio::piped()).spawn().unwrap();
+    let mut out = std::io::BufReader::new(py.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    let port = line.trim().to_string();
+    let relay =
+        Relay::start(&["--relay-host", &format!("127.0.0.1:{port}"), "--dns", "127.0.0.1:9", "--retry-schedule", "1s"]);
+    send(&relay, "a@src.test", &["x@dst.test"], b"Subject: busy\r\n\r\nbody\r\n");
+    line.clear();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    let _ = py.wait();
+    let conns: u32 = line.trim().parse().unwrap();
+    assert!((1..=12).contains(&conns), "{conns} connections in 4 s to a host that refuses at the greeting");
+    relay.wait_log("outcome=deferred");
+    assert!(relay.log().contains("421"), "the deferral says why: {}", relay.log());
 }
