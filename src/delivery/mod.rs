@@ -121,6 +121,9 @@ pub struct Delivery {
     dns: Option<DnsConn>,
     /// Destinations waiting for a lookup, by the resolver's canonical name.
     lookups: HashMap<String, Vec<DestId>>,
+    /// Connections that spent their per-call budget with work left (edge-triggered readiness
+    /// will not call again): driven on the next pass.
+    again: Vec<(usize, u32)>,
     next_sweep: Instant,
 }
 
@@ -137,6 +140,7 @@ impl Delivery {
             generation: 0,
             dns,
             lookups: HashMap::new(),
+            again: Vec::new(),
             next_sweep: Instant::now(),
         }
     }
@@ -191,13 +195,18 @@ impl Delivery {
 
     /// True when ready work could be started now (the loop should not sleep).
     pub fn has_work(&self) -> bool {
-        self.queue.has_wanting()
+        self.queue.has_wanting() || !self.again.is_empty()
     }
 
     /// One pass: due retries, DNS results, new connections and jobs, timeouts.
     pub fn pump(&mut self, ctx: &mut Ctx<'_>) {
         self.queue.promote_due(ctx.wall_ms);
         self.dns_results(ctx);
+        for (key, generation) in std::mem::take(&mut self.again) {
+            if self.conns.get(key).is_some_and(|c| c.generation == generation) {
+                self.drive(ctx, key);
+            }
+        }
         if self.dns.as_ref().and_then(|d| d.next_deadline()).is_some_and(|t| t <= ctx.now) {
             if let Some(dns) = self.dns.as_mut() {
                 dns.handle_timeout(ctx.now);
@@ -398,6 +407,8 @@ impl Delivery {
             Interest::READABLE | Interest::WRITABLE,
         ) {
             ctx.log.event("connect_error", &[("host", V::S(&host)), ("error", V::D(&e))]);
+            // A local problem: try again on a later pass rather than strand the ready work.
+            self.queue.want(dest);
             return;
         }
         let session = ClientSession::new(
@@ -487,8 +498,13 @@ impl Delivery {
                 }
             }
         }
-        for _ in 0..16 {
+        for round in 0..16 {
             let Some(conn) = self.conns.get_mut(key) else { return };
+            if round == 15 {
+                // Budget spent with work left: come back next pass, after other connections.
+                self.again.push((key, conn.generation));
+                return;
+            }
             let body = conn.active.as_ref().map_or(&[][..], |a| ctx.spool.body(a.body));
             let wio = conn.write(ctx.bufs, body);
             let rio = conn.read(ctx.bufs, ctx.now);
