@@ -1,24 +1,37 @@
 //! `sluice-load bench`: one command that starts the instruments and the relay on loopback,
 //! runs each scenario, and prints one report (text or `--json`).
 //!
-//! Owns: child processes (this binary's `sink` and `send`, the relay from the same build,
-//! Postfix's `smtp-source`/`smtp-sink` with `--compare-postfix`), their CPU time and memory from
-//! `/proc`, and the report. Must never: run longer than its bounds (every wait has a deadline),
-//! leave a child running (each is stopped by PID, on every path, by [`Proc`]'s `Drop`), listen
-//! anywhere but 127.0.0.1, or print a number it did not measure.
+//! Owns: child processes (this binary's `sink`, `dns` and `send`, the relay from the same
+//! build, Postfix's `smtp-source`/`smtp-sink` and a throw-away Postfix instance with
+//! `--compare-postfix`, see [`postfix`]), their CPU time and memory from `/proc`, and the
+//! report. Must never: run longer than its bounds (every wait has a deadline), leave a child
+//! running (each is stopped by PID, on every path, by [`Proc`]'s and [`postfix::Postfix`]'s
+//! `Drop`), listen anywhere but loopback (127.0.0.1, and 127.0.0.2.. for the MX sinks), let a
+//! relay use the system resolver (always `--dns` at our own server or a dead port), or print a
+//! number it did not measure.
 //!
 //! Scenarios ([`Scenario`]): the sender into the sink (what the instruments can do), the sender
-//! into the relay (accept only: spool, then `250`), and — once the relay delivers — end to end
-//! (relay with `--dns`/`--relay-host` pointing at the test DNS and sinks); until then that row
-//! says so instead of showing a number.
+//! into the relay (accept only: `--hold`, spool, then `250`), and end to end: sender → relay →
+//! sink, by `--route relay-host` (`--relay-host 127.0.0.1:SINK`) or `--route mx` (our `dns`
+//! serves d1..dN.bench.test with MX hosts 127.0.0.2.., where one sink process listens on one
+//! shared port; the relay gets `--dns` and `--smtp-port`), and the same through Postfix.
+//!
+//! End-to-end timing: the clock starts when the sender is spawned and stops when the sink logs
+//! `event=expected` (it was started with `--expect-recipients messages×rcpts`, and logs the
+//! line from the code path that counts the last recipient), so neither side polls. Relay CPU is
+//! `utime+stime` from `/proc/PID/stat` (the whole process, all threads, exited ones included),
+//! sampled before the sender starts and when the sink has everything.
 
-use crate::util::{children_cpu_us, process_cpu_ns, rss_kib};
+mod postfix;
+
+use crate::report::fmt_us;
+use crate::util::{children_cpu_us, proc_stat, process_cpu_ns, rss_kib};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::{json, Value};
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -52,9 +65,16 @@ pub struct BenchArgs {
     /// Also run Postfix's smtp-source into smtp-sink and into the relay.
     #[arg(long)]
     compare_postfix: bool,
-    /// How the relay routes in the end-to-end scenario (`mx` via the test DNS, or `relay-host`).
-    #[arg(long, default_value = "mx", value_parser = ["mx", "relay-host"])]
-    route: String,
+    /// How the relay routes in the end-to-end scenario: `mx` (via the test DNS to N sinks) or
+    /// `relay-host` (one sink); `mx,relay-host` runs both.
+    #[arg(long, default_value = "mx", value_delimiter = ',', value_parser = ["mx", "relay-host"])]
+    route: Vec<String>,
+    /// Recipient domains of the end-to-end runs (d1.bench.test..dN), one MX host each.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(1..=200))]
+    mx_domains: u8,
+    /// Skip the end-to-end scenarios.
+    #[arg(long)]
+    no_end_to_end: bool,
     /// The relay binary (default: `sluice` next to this binary).
     #[arg(long)]
     relay_bin: Option<PathBuf>,
@@ -86,8 +106,19 @@ enum Scenario {
     PostfixToSink,
     /// `smtp-source` → relay (accept only).
     PostfixToRelay,
-    /// Sender → relay → DNS + sinks. Needs outbound delivery.
-    EndToEnd,
+    /// `sluice-load send` → sluice → `sluice-load sink`, delivering by the route.
+    EndToEnd(Route),
+    /// `sluice-load send` → Postfix (`relayhost`) → `sluice-load sink`.
+    PostfixEndToEnd,
+}
+
+/// How the relay finds the sink in an end-to-end run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// `--relay-host 127.0.0.1:PORT`.
+    RelayHost,
+    /// MX lookup at our `dns`, one MX host (127.0.0.2..) per recipient domain.
+    Mx,
 }
 
 impl Scenario {
@@ -97,8 +128,14 @@ impl Scenario {
             Scenario::LoadToRelay => "sluice-load send -> sluice (accept)",
             Scenario::PostfixToSink => "smtp-source -> smtp-sink",
             Scenario::PostfixToRelay => "smtp-source -> sluice (accept)",
-            Scenario::EndToEnd => "end-to-end (send -> sluice -> sink)",
+            Scenario::EndToEnd(Route::RelayHost) => "send -> sluice (relay-host) -> sink",
+            Scenario::EndToEnd(Route::Mx) => "send -> sluice (mx) -> sinks",
+            Scenario::PostfixEndToEnd => "send -> Postfix (relayhost) -> sink",
         }
+    }
+
+    fn end_to_end(self) -> bool {
+        matches!(self, Scenario::EndToEnd(_) | Scenario::PostfixEndToEnd)
     }
 }
 
@@ -117,6 +154,44 @@ struct Measure {
     /// (p50, p90, p99, p99.9, max) of end of data → reply, µs; only `sluice-load send` has it.
     latency: Option<[u64; 5]>,
     throughput: Vec<(f64, u64)>,
+    /// End to end only: the sender's own rate (accept msg/s), while `rate` is end to end.
+    accept_rate: f64,
+    /// End to end only: (p50, p90, p99, max) of arrival → delivered per recipient, ms, from
+    /// the relay's log (`delay_ms` of sluice, `delay=` of Postfix).
+    delivery_ms: Option<[u64; 4]>,
+    /// End to end only: delivery attempts that were deferred (4xx or connection trouble).
+    deferred: u64,
+    /// End to end, sluice only: what `sluice queue stats` still counts once the sink has all.
+    queued_after: Option<u64>,
+}
+
+/// What a relay's `event=delivery` log lines said, tallied as they arrive.
+#[derive(Debug, Default)]
+struct Deliveries {
+    delivered: u64,
+    deferred: u64,
+    failed: u64,
+    /// `delay_ms` of every delivered recipient.
+    delays_ms: Vec<u64>,
+}
+
+impl Deliveries {
+    /// Tallies one `event=delivery ... delay_ms=N attempt=N outcome=X` line. The reply field
+    /// before them is quoted free text, so the fields are looked up from the end.
+    fn record(&mut self, line: &str) {
+        let field = |k: &str| line.rsplit_once(k).and_then(|(_, r)| r.split_whitespace().next());
+        match field(" outcome=") {
+            Some("delivered") => {
+                self.delivered += 1;
+                if let Some(d) = field(" delay_ms=").and_then(|d| d.parse().ok()) {
+                    self.delays_ms.push(d);
+                }
+            }
+            Some("deferred") => self.deferred += 1,
+            Some("failed") => self.failed += 1,
+            _ => {}
+        }
+    }
 }
 
 /// A child process that is stopped (by PID) when dropped, with its stderr collected and the
@@ -127,6 +202,10 @@ struct Proc {
     stderr: Arc<Mutex<String>>,
     stdout: Option<std::thread::JoinHandle<String>>,
     listening: mpsc::Receiver<SocketAddr>,
+    /// When each `event=expected` line (the sink's "all recipients are here") was read.
+    expected: mpsc::Receiver<Instant>,
+    /// The relay's delivery lines, tallied (they are not copied into `stderr`).
+    deliveries: Arc<Mutex<Deliveries>>,
 }
 
 impl Proc {
@@ -137,11 +216,26 @@ impl Proc {
         let mut out = child.stdout.take().context("stdout")?;
         let stderr = Arc::new(Mutex::new(String::new()));
         let (tx, rx) = mpsc::channel();
+        let (etx, erx) = mpsc::channel();
+        let deliveries = Arc::new(Mutex::new(Deliveries::default()));
         let log = stderr.clone();
+        let dl = deliveries.clone();
         // Drain stderr for the child's whole life: a full pipe would block it mid-benchmark.
         std::thread::spawn(move || {
             for line in BufReader::new(err).lines() {
                 let Ok(line) = line else { break };
+                if line.contains("event=expected") {
+                    let _ = etx.send(Instant::now());
+                }
+                if line.contains("event=delivery") {
+                    if let Ok(mut d) = dl.lock() {
+                        d.record(&line);
+                    }
+                    // One line per recipient: keep the log for what went wrong.
+                    if line.contains("outcome=delivered") {
+                        continue;
+                    }
+                }
                 if line.contains("event=listening") {
                     if let Some(a) = line.split("addr=").nth(1).and_then(|r| r.split_whitespace().next()) {
                         if let Ok(a) = a.parse() {
@@ -162,7 +256,15 @@ impl Proc {
             let _ = out.read_to_string(&mut s);
             s
         });
-        Ok(Proc { child, name: name.to_string(), stderr, stdout: Some(stdout), listening: rx })
+        Ok(Proc {
+            child,
+            name: name.to_string(),
+            stderr,
+            stdout: Some(stdout),
+            listening: rx,
+            expected: erx,
+            deliveries,
+        })
     }
 
     fn pid(&self) -> u32 {
@@ -173,6 +275,12 @@ impl Proc {
         self.listening.recv_timeout(timeout).map_err(|_| {
             anyhow::anyhow!("{} did not start listening within {timeout:?}; its log:\n{}", self.name, self.log())
         })
+    }
+
+    /// Waits for `n` listening lines (a sink with several `--listen`); bounded by `timeout`.
+    fn wait_listening_n(&self, n: usize, timeout: Duration) -> Result<Vec<SocketAddr>> {
+        let deadline = Instant::now() + timeout;
+        (0..n).map(|_| self.wait_listening(deadline.saturating_duration_since(Instant::now()))).collect()
     }
 
     fn log(&self) -> String {
@@ -270,24 +378,36 @@ pub fn run(a: BenchArgs) -> Result<i32> {
         Some(p)
     };
     let postfix = a.compare_postfix && {
-        let found = Path::new("/usr/sbin/smtp-source").exists() && Path::new("/usr/sbin/smtp-sink").exists();
+        let found =
+            ["/usr/sbin/smtp-source", "/usr/sbin/smtp-sink", postfix::POSTFIX].iter().all(|p| Path::new(p).exists());
         if !found {
-            eprintln!("bench: --compare-postfix: /usr/sbin/smtp-source or smtp-sink not found (apt install postfix)");
+            eprintln!(
+                "bench: --compare-postfix: /usr/sbin/postfix, smtp-source or smtp-sink not found (apt install postfix)"
+            );
             if std::env::var("CI").is_ok_and(|v| v == "true") {
-                bail!("--compare-postfix needs Postfix's smtp-source and smtp-sink");
+                bail!("--compare-postfix needs Postfix (postfix, smtp-source and smtp-sink)");
             }
         }
         found
     };
+    let mut routes: Vec<Route> = a.route.iter().map(|r| if r == "mx" { Route::Mx } else { Route::RelayHost }).collect();
+    routes.dedup();
     let b = Bench { a, me, relay_bin };
+    let e2e = b.relay_bin.is_some() && !b.a.no_end_to_end;
     let mut scenarios = vec![Scenario::LoadToSink];
     if b.relay_bin.is_some() {
         scenarios.push(Scenario::LoadToRelay);
+    }
+    if e2e {
+        scenarios.extend(routes.iter().map(|&r| Scenario::EndToEnd(r)));
     }
     if postfix {
         scenarios.push(Scenario::PostfixToSink);
         if b.relay_bin.is_some() {
             scenarios.push(Scenario::PostfixToRelay);
+        }
+        if e2e {
+            scenarios.push(Scenario::PostfixEndToEnd);
         }
     }
     let mut results: Vec<(Scenario, Vec<Measure>)> = scenarios.iter().map(|&s| (s, Vec::new())).collect();
@@ -351,15 +471,22 @@ impl Bench {
         Ok((p, addr))
     }
 
-    fn relay(&self, spool: &Path) -> Result<(Proc, SocketAddr)> {
+    /// The relay on a free port with a fresh spool. `deliver`: `None` for the accept-path
+    /// scenarios (`--hold`, and a dead DNS port so that nothing can reach the system resolver),
+    /// otherwise the routing flags of an end-to-end run.
+    fn relay(&self, spool: &Path, deliver: Option<&[String]>) -> Result<(Proc, SocketAddr)> {
         let bin = self.relay_bin.as_ref().context("no relay binary")?;
         let mut cmd = Command::new(bin);
         cmd.arg("serve")
             .args(["--listen", "127.0.0.1:0", "--hostname", "bench.sluice.test", "--fsync", &self.a.fsync])
-            // Accept-path scenarios: queue, never deliver, never touch the system resolver.
-            .args(["--hold", "--dns", "127.0.0.1:1"])
             .arg("--spool")
             .arg(spool);
+        match deliver {
+            None => cmd.args(["--hold", "--dns", "127.0.0.1:1"]),
+            // A deferral should not happen against our sink; if one does, a retry within the
+            // run's bounds beats waiting out the default first retry of a minute.
+            Some(route) => cmd.args(route).args(["--retry-schedule", "1s"]),
+        };
         let p = Proc::spawn(cmd, "sluice serve")?;
         let addr = p.wait_listening(Duration::from_secs(10))?;
         Ok((p, addr))
@@ -391,8 +518,9 @@ impl Bench {
         bail!("smtp-sink did not start")
     }
 
-    /// Runs our sender against `to`; returns its parsed JSON report.
-    fn load_send(&self, to: SocketAddr) -> Result<Value> {
+    /// Runs our sender against `to` (recipients spread over `domains`, if given); returns its
+    /// parsed JSON report.
+    fn load_send(&self, to: SocketAddr, domains: Option<&str>) -> Result<Value> {
         let mut cmd = Command::new(&self.me);
         cmd.args(["send", "--to", &to.to_string(), "--json", "--quiet"])
             .args(["--connections", &self.a.connections.to_string()])
@@ -400,6 +528,9 @@ impl Bench {
             .args(["--size", &self.a.size])
             .args(["--rcpts", &self.a.rcpts.to_string()])
             .args(["--threads", &self.a.threads.to_string()]);
+        if let Some(d) = domains {
+            cmd.args(["--domains", d]);
+        }
         let mut p = Proc::spawn(cmd, "sluice-load send")?;
         let (out, ok) = p.wait(self.a.timeout);
         let v: Value = serde_json::from_str(out.trim())
@@ -436,9 +567,9 @@ impl Bench {
             Scenario::LoadToSink | Scenario::LoadToRelay => {
                 let spool = TempDir::new("spool")?;
                 let (mut target, addr) =
-                    if s == Scenario::LoadToSink { self.sink()? } else { self.relay(&spool.0.join("spool"))? };
+                    if s == Scenario::LoadToSink { self.sink()? } else { self.relay(&spool.0.join("spool"), None)? };
                 let cpu0 = process_cpu_ns(target.pid());
-                let v = self.load_send(addr)?;
+                let v = self.load_send(addr, None)?;
                 let cpu = process_cpu_ns(target.pid()) - cpu0;
                 let (_, hwm) = rss_kib(target.pid());
                 let summary = target.stop(Duration::from_secs(10));
@@ -453,8 +584,6 @@ impl Bench {
                         bail!("sink counted {} messages, sender {accepted}", sv["messages"]);
                     }
                 }
-                let lat = &v["latency_end_of_data"];
-                let q = |k: &str| lat[k].as_u64().unwrap_or(0);
                 Ok(Measure {
                     accepted,
                     secs: v["elapsed_s"].as_f64().unwrap_or(0.0),
@@ -462,17 +591,18 @@ impl Bench {
                     sender_cpu_us: v["cpu_us_per_msg"].as_f64().unwrap_or(0.0),
                     target_cpu_us: cpu as f64 / 1e3 / n,
                     target_rss_kib: hwm,
-                    latency: Some([q("p50_us"), q("p90_us"), q("p99_us"), q("p99.9_us"), q("max_us")]),
-                    throughput: v["throughput"]
-                        .as_array()
-                        .map(|a| a.iter().map(|p| (p[0].as_f64().unwrap_or(0.0), p[1].as_u64().unwrap_or(0))).collect())
-                        .unwrap_or_default(),
+                    latency: Some(send_latency(&v)),
+                    throughput: send_throughput(&v),
+                    ..Measure::default()
                 })
             }
             Scenario::PostfixToSink | Scenario::PostfixToRelay => {
                 let spool = TempDir::new("spool")?;
-                let (mut target, addr) =
-                    if s == Scenario::PostfixToSink { self.smtp_sink()? } else { self.relay(&spool.0.join("spool"))? };
+                let (mut target, addr) = if s == Scenario::PostfixToSink {
+                    self.smtp_sink()?
+                } else {
+                    self.relay(&spool.0.join("spool"), None)?
+                };
                 let cpu0 = process_cpu_ns(target.pid());
                 let (secs, sender_cpu) = self.postfix_send(addr)?;
                 let cpu = process_cpu_ns(target.pid()) - cpu0;
@@ -485,12 +615,188 @@ impl Bench {
                     sender_cpu_us: sender_cpu as f64 / n,
                     target_cpu_us: cpu as f64 / 1e3 / n,
                     target_rss_kib: hwm,
-                    latency: None,
-                    throughput: Vec::new(),
+                    ..Measure::default()
                 })
             }
-            Scenario::EndToEnd => bail!("end-to-end: not available until the relay delivers"),
+            Scenario::EndToEnd(route) => self.end_to_end(Some(route)),
+            Scenario::PostfixEndToEnd => self.end_to_end(None),
         }
+    }
+
+    /// The end-to-end sink: one `sluice-load sink` that logs `event=expected` once `expected`
+    /// recipients are in; returns it and its port. For the MX route it listens on
+    /// 127.0.0.2..=127.0.0.(N+1) at one shared port (the relay has one `--smtp-port` for every
+    /// MX host). One process serves all N addresses so that the instrument costs the same on
+    /// both routes and `mx` vs `relay-host` compares the relay's routing, not the sinks.
+    fn e2e_sink(&self, route: Option<Route>, expected: u64) -> Result<(Proc, u16)> {
+        let mx = route == Some(Route::Mx);
+        let hosts: Vec<Ipv4Addr> = if mx {
+            (0..self.a.mx_domains).map(|i| Ipv4Addr::new(127, 0, 0, 2 + i)).collect()
+        } else {
+            vec![Ipv4Addr::LOCALHOST]
+        };
+        let mut last = None;
+        for _ in 0..10 {
+            // The kernel picks a port that is free on the first address; the others may (rarely)
+            // have it taken, then the sink exits and another port is tried.
+            let port = if mx { TcpListener::bind((hosts[0], 0))?.local_addr()?.port() } else { 0 };
+            let mut cmd = Command::new(&self.me);
+            cmd.args(["sink", "--json", "--interval", "0", "--expect-recipients", &expected.to_string()]);
+            for h in &hosts {
+                cmd.arg("--listen").arg(SocketAddr::from((*h, port)).to_string());
+            }
+            let p = Proc::spawn(cmd, "sluice-load sink")?;
+            match p.wait_listening_n(hosts.len(), Duration::from_secs(10)) {
+                Ok(addrs) => return Ok((p, addrs[0].port())),
+                Err(e) if mx => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("sink did not start")))
+    }
+
+    /// Our DNS, serving `dK.bench.test` MX `mx.dK.bench.test` A 127.0.0.(K+1).
+    fn dns(&self, domains: &[String]) -> Result<(Proc, SocketAddr)> {
+        let mut cmd = Command::new(&self.me);
+        cmd.args(["dns", "--listen", "127.0.0.1:0"]);
+        for (i, d) in domains.iter().enumerate() {
+            cmd.arg("--zone").arg(format!("{d}={}", Ipv4Addr::new(127, 0, 0, 2 + i as u8)));
+        }
+        let p = Proc::spawn(cmd, "sluice-load dns")?;
+        let addr = p.wait_listening(Duration::from_secs(10))?;
+        Ok((p, addr))
+    }
+
+    /// Messages still in the relay's spool (`sluice queue --spool DIR stats --json`).
+    fn queued(&self, spool: &Path) -> Option<u64> {
+        let out = Command::new(self.relay_bin.as_ref()?)
+            .arg("queue")
+            .arg("--spool")
+            .arg(spool)
+            .args(["stats", "--json"])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        serde_json::from_slice::<Value>(&out.stdout).ok()?["messages"].as_u64()
+    }
+
+    /// One end-to-end run: `sluice-load send` → relay → `sluice-load sink`. The relay is
+    /// sluice routing by `route`, or Postfix (relayhost) for `None`.
+    fn end_to_end(&self, route: Option<Route>) -> Result<Measure> {
+        let n = self.a.messages as f64;
+        let expected = self.a.messages * self.a.rcpts as u64;
+        let domains: Vec<String> = (1..=self.a.mx_domains).map(|i| format!("d{i}.bench.test")).collect();
+        let (mut sink, port) = self.e2e_sink(route, expected)?;
+        let sink_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let spool_dir = TempDir::new("spool")?;
+        let spool = spool_dir.0.join("spool");
+        let mut dns = None;
+        let (mut relay, mut pf, addr) = match route {
+            Some(Route::RelayHost) => {
+                // --dns at a dead port: a relay host given as an IP needs no resolver, and this
+                // makes sure the system one is never asked.
+                let flags = ["--relay-host", &sink_addr.to_string(), "--dns", "127.0.0.1:1"].map(String::from);
+                let (p, a) = self.relay(&spool, Some(&flags))?;
+                (Some(p), None, a)
+            }
+            Some(Route::Mx) => {
+                let (d, dns_addr) = self.dns(&domains)?;
+                dns = Some(d);
+                let flags = ["--dns", &dns_addr.to_string(), "--smtp-port", &port.to_string()].map(String::from);
+                let (p, a) = self.relay(&spool, Some(&flags))?;
+                (Some(p), None, a)
+            }
+            None => {
+                let pf = postfix::Postfix::start(sink_addr).context("cannot run Postfix from a temporary directory")?;
+                let a = pf.addr;
+                (None, Some(pf), a)
+            }
+        };
+        let cpu = |relay: &Option<Proc>, pf: &Option<postfix::Postfix>| match (relay, pf) {
+            (Some(r), _) => proc_stat(r.pid()).map_or(0, |s| s.cpu_us),
+            (None, Some(p)) => p.cpu_us(),
+            (None, None) => 0,
+        };
+        let cpu0 = cpu(&relay, &pf);
+        let t0 = Instant::now();
+        let v = self.load_send(addr, Some(&domains.join(",")))?;
+        let accepted = v["accepted"].as_u64().unwrap_or(0);
+        if accepted != self.a.messages {
+            bail!("{} of {} messages accepted (report: {v})", accepted, self.a.messages);
+        }
+        let done = sink.expected.recv_timeout(self.a.timeout.saturating_sub(t0.elapsed()));
+        let why = |relay: &Option<Proc>, pf: &Option<postfix::Postfix>| match (relay, pf) {
+            (Some(r), _) => {
+                let d = r.deliveries.lock().map(|d| (d.delivered, d.deferred, d.failed)).unwrap_or_default();
+                format!("relay delivered {}, deferred {}, failed {}; its log:\n{}", d.0, d.1, d.2, r.log())
+            }
+            (None, Some(p)) => format!("Postfix's log:\n{}", p.maillog_tail()),
+            (None, None) => String::new(),
+        };
+        let Ok(t1) = done else {
+            let summary = sink.stop(Duration::from_secs(5));
+            bail!(
+                "the sink did not get all {expected} recipients within {:?} (its summary: {}); {}",
+                self.a.timeout,
+                summary.trim(),
+                why(&relay, &pf)
+            );
+        };
+        let secs = (t1 - t0).as_secs_f64();
+        // The relay's bookkeeping after the last delivery (outcome records, queue file removal)
+        // is part of relaying: wait (bounded) until its queue is empty, then take the CPU sample.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut queued_after;
+        loop {
+            queued_after = match &pf {
+                Some(p) => Some(p.queued()),
+                None => self.queued(&spool),
+            };
+            if queued_after == Some(0) || Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let cpu1 = cpu(&relay, &pf);
+        let (rss, delays, deferred) = match (&relay, &pf) {
+            (Some(r), _) => {
+                let d = r.deliveries.lock().map(|d| (d.delays_ms.clone(), d.deferred)).unwrap_or_default();
+                (rss_kib(r.pid()).1, d.0, d.1)
+            }
+            (None, Some(p)) => (p.rss_kib(), p.delivery_delays_ms(), p.deferred()),
+            (None, None) => (0, Vec::new(), 0),
+        };
+        if let Some(r) = relay.as_mut() {
+            r.stop(Duration::from_secs(10));
+        }
+        if let Some(p) = pf.as_mut() {
+            p.stop();
+        }
+        if let Some(d) = dns.as_mut() {
+            d.stop(Duration::from_secs(2));
+        }
+        let summary = sink.stop(Duration::from_secs(10));
+        // Cross-check: the sink's own count, not just its "expected" line.
+        let sv: Value = serde_json::from_str(summary.trim()).unwrap_or(Value::Null);
+        let got = sv["recipients"].as_u64().unwrap_or(0);
+        if got < expected {
+            bail!("sink counted {got} of {expected} recipients (summary: {})", summary.trim());
+        }
+        Ok(Measure {
+            accepted,
+            secs,
+            rate: n / secs.max(1e-9),
+            sender_cpu_us: v["cpu_us_per_msg"].as_f64().unwrap_or(0.0),
+            target_cpu_us: cpu1.saturating_sub(cpu0) as f64 / n,
+            target_rss_kib: rss,
+            latency: Some(send_latency(&v)),
+            throughput: send_throughput(&v),
+            accept_rate: v["msgs_per_s"].as_f64().unwrap_or(0.0),
+            delivery_ms: percentiles(delays),
+            deferred,
+            queued_after,
+        })
     }
 
     fn report(&self, results: &[(Scenario, Vec<Measure>)]) -> Value {
@@ -499,7 +805,7 @@ impl Bench {
             .map(|(s, ms)| {
                 let (rate, lo, hi) = median(ms.iter().map(|m| m.rate).collect());
                 let last = ms.last().cloned().unwrap_or_default();
-                json!({
+                let mut row = json!({
                     "scenario": s.name(),
                     "runs": ms.len(),
                     "accepted": last.accepted, "elapsed_s": last.secs,
@@ -507,17 +813,35 @@ impl Bench {
                     "sender_cpu_us_per_msg": median(ms.iter().map(|m| m.sender_cpu_us).collect()).0,
                     "target_cpu_us_per_msg": median(ms.iter().map(|m| m.target_cpu_us).collect()).0,
                     "target_peak_rss_kib": last.target_rss_kib,
-                    "latency_end_of_data_us": last.latency.map(|l| json!({
+                    "latency_end_of_data_us": median_each(ms, |m| m.latency).map(|l| json!({
                         "p50": l[0], "p90": l[1], "p99": l[2], "p99.9": l[3], "max": l[4]})),
-                })
+                });
+                if s.end_to_end() {
+                    let (relay, route) = match s {
+                        Scenario::EndToEnd(Route::Mx) => ("sluice", "mx"),
+                        Scenario::EndToEnd(Route::RelayHost) => ("sluice", "relay-host"),
+                        _ => ("postfix", "relay-host"),
+                    };
+                    let extra = json!({
+                        "end_to_end": true, "relay": relay, "route": route,
+                        "accept_msgs_per_s": median(ms.iter().map(|m| m.accept_rate).collect()).0,
+                        "delivery_delay_ms": median_each(ms, |m| m.delivery_ms).map(|d| json!({
+                            "p50": d[0], "p90": d[1], "p99": d[2], "max": d[3]})),
+                        "deferred": ms.iter().map(|m| m.deferred).sum::<u64>(),
+                        "queued_after": last.queued_after,
+                    });
+                    if let (Some(r), Value::Object(e)) = (row.as_object_mut(), extra) {
+                        r.extend(e);
+                    }
+                }
+                row
             })
             .collect();
         json!({
             "messages": self.a.messages, "connections": self.a.connections, "size": self.a.size,
-            "rcpts": self.a.rcpts, "fsync": self.a.fsync, "route": self.a.route,
+            "rcpts": self.a.rcpts, "fsync": self.a.fsync, "route": self.a.route, "mx_domains": self.a.mx_domains,
             "results": rows,
-            "ratios": ratios(results).into_iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
-            "end_to_end": "not available until the relay delivers",
+            "ratios": ratios(results).into_iter().map(|(k, v)| (k, json!(v))).collect::<serde_json::Map<_, _>>(),
         })
     }
 
@@ -533,21 +857,17 @@ impl Bench {
             "{:<40} {:>10} {:>19} {:>10} {:>10} {:>9}  latency eod->reply p50/p99/p99.9",
             "scenario", "msg/s", "range", "send µs/m", "recv µs/m", "recv RSS"
         );
-        for (s, ms) in results {
+        let failed = |o: &mut String, s: &Scenario| {
+            let _ = writeln!(o, "{:<40} failed (see above)", s.name());
+        };
+        for (s, ms) in results.iter().filter(|(s, _)| !s.end_to_end()) {
             if ms.is_empty() {
-                let _ = writeln!(o, "{:<40} failed (see above)", s.name());
+                failed(&mut o, s);
                 continue;
             }
             let (rate, lo, hi) = median(ms.iter().map(|m| m.rate).collect());
-            let last = &ms[ms.len() - 1];
-            let lat = last.latency.map_or("-".to_string(), |l| {
-                format!(
-                    "{} / {} / {}",
-                    crate::report::fmt_us(l[0]),
-                    crate::report::fmt_us(l[2]),
-                    crate::report::fmt_us(l[3])
-                )
-            });
+            let lat = median_each(ms, |m| m.latency)
+                .map_or("-".to_string(), |l| format!("{} / {} / {}", fmt_us(l[0]), fmt_us(l[2]), fmt_us(l[3])));
             let _ = writeln!(
                 o,
                 "{:<40} {:>10.0} {:>19} {:>10.2} {:>10.2} {:>7}MB  {}",
@@ -556,11 +876,44 @@ impl Bench {
                 format!("{lo:.0}-{hi:.0}"),
                 median(ms.iter().map(|m| m.sender_cpu_us).collect()).0,
                 median(ms.iter().map(|m| m.target_cpu_us).collect()).0,
-                last.target_rss_kib / 1024,
+                ms[ms.len() - 1].target_rss_kib / 1024,
                 lat
             );
         }
-        let _ = writeln!(o, "{:<40} not available until the relay delivers", Scenario::EndToEnd.name());
+        if results.iter().any(|(s, _)| s.end_to_end()) {
+            let _ = writeln!(o, "end to end: msg/s from the first message sent until the sink has every recipient");
+            let _ = writeln!(
+                o,
+                "{:<40} {:>10} {:>15} {:>10} {:>10} {:>9}  {:<17} delivery p50/p99/max",
+                "scenario", "e2e msg/s", "range", "accept/s", "relay µs/m", "relay RSS", "accept p50/p99"
+            );
+        }
+        for (s, ms) in results.iter().filter(|(s, _)| s.end_to_end()) {
+            if ms.is_empty() {
+                failed(&mut o, s);
+                continue;
+            }
+            let (rate, lo, hi) = median(ms.iter().map(|m| m.rate).collect());
+            let lat = median_each(ms, |m| m.latency)
+                .map_or("-".to_string(), |l| format!("{} / {}", fmt_us(l[0]), fmt_us(l[2])));
+            let del = median_each(ms, |m| m.delivery_ms).map_or("-".to_string(), |d| {
+                format!("{} / {} / {}", fmt_us(d[0] * 1000), fmt_us(d[2] * 1000), fmt_us(d[3] * 1000))
+            });
+            let deferred: u64 = ms.iter().map(|m| m.deferred).sum();
+            let _ = writeln!(
+                o,
+                "{:<40} {:>10.0} {:>15} {:>10.0} {:>10.2} {:>7}MB  {:<17} {}{}",
+                s.name(),
+                rate,
+                format!("{lo:.0}-{hi:.0}"),
+                median(ms.iter().map(|m| m.accept_rate).collect()).0,
+                median(ms.iter().map(|m| m.target_cpu_us).collect()).0,
+                ms[ms.len() - 1].target_rss_kib / 1024,
+                lat,
+                del,
+                if deferred > 0 { format!(" ({deferred} deferred attempts)") } else { String::new() }
+            );
+        }
         for (k, v) in ratios(results) {
             let _ = writeln!(o, "{k}: {v:.2}x");
         }
@@ -569,24 +922,82 @@ impl Bench {
     }
 }
 
+/// Element-wise median over the runs that have the array (latency percentiles).
+fn median_each<const N: usize>(ms: &[Measure], f: impl Fn(&Measure) -> Option<[u64; N]>) -> Option<[u64; N]> {
+    let all: Vec<[u64; N]> = ms.iter().filter_map(f).collect();
+    if all.is_empty() {
+        return None;
+    }
+    Some(std::array::from_fn(|i| median(all.iter().map(|a| a[i] as f64).collect()).0 as u64))
+}
+
+/// (p50, p90, p99, max) of `v`, nearest rank; `None` when empty.
+fn percentiles(mut v: Vec<u64>) -> Option<[u64; 4]> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_unstable();
+    let at = |q: f64| v[((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
+    Some([at(0.50), at(0.90), at(0.99), v[v.len() - 1]])
+}
+
+/// (p50, p90, p99, p99.9, max) of end of data → reply from a `send --json` report, µs.
+fn send_latency(v: &Value) -> [u64; 5] {
+    let lat = &v["latency_end_of_data"];
+    ["p50_us", "p90_us", "p99_us", "p99.9_us", "max_us"].map(|k| lat[k].as_u64().unwrap_or(0))
+}
+
+/// (seconds, messages so far) samples from a `send --json` report.
+fn send_throughput(v: &Value) -> Vec<(f64, u64)> {
+    v["throughput"]
+        .as_array()
+        .map(|a| a.iter().map(|p| (p[0].as_f64().unwrap_or(0.0), p[1].as_u64().unwrap_or(0))).collect())
+        .unwrap_or_default()
+}
+
 /// The side-by-side ratios the report prints (only for pairs that both ran).
-fn ratios(results: &[(Scenario, Vec<Measure>)]) -> Vec<(&'static str, f64)> {
+fn ratios(results: &[(Scenario, Vec<Measure>)]) -> Vec<(String, f64)> {
     let get = |s: Scenario, f: fn(&Measure) -> f64| {
         results.iter().find(|(x, ms)| *x == s && !ms.is_empty()).map(|(_, ms)| median(ms.iter().map(f).collect()).0)
     };
+    let rate = |m: &Measure| m.rate;
+    let cpu = |m: &Measure| m.target_cpu_us;
     let mut out = Vec::new();
-    if let (Some(a), Some(b)) = (get(Scenario::LoadToSink, |m| m.rate), get(Scenario::PostfixToSink, |m| m.rate)) {
-        out.push(("instrument rate, sluice-load / smtp-source+smtp-sink", a / b));
+    let mut push = |k: &str, v: f64| out.push((k.to_string(), v));
+    if let (Some(a), Some(b)) = (get(Scenario::LoadToSink, rate), get(Scenario::PostfixToSink, rate)) {
+        push("instrument rate, sluice-load / smtp-source+smtp-sink", a / b);
     }
     if let (Some(a), Some(b)) =
         (get(Scenario::LoadToSink, |m| m.sender_cpu_us), get(Scenario::PostfixToSink, |m| m.sender_cpu_us))
     {
         if a > 0.0 {
-            out.push(("sender CPU per message, smtp-source / sluice-load", b / a));
+            push("sender CPU per message, smtp-source / sluice-load", b / a);
         }
     }
-    if let (Some(a), Some(b)) = (get(Scenario::LoadToRelay, |m| m.rate), get(Scenario::PostfixToRelay, |m| m.rate)) {
-        out.push(("relay accept rate, driven by sluice-load / by smtp-source", a / b));
+    if let (Some(a), Some(b)) = (get(Scenario::LoadToRelay, rate), get(Scenario::PostfixToRelay, rate)) {
+        push("relay accept rate, driven by sluice-load / by smtp-source", a / b);
+    }
+    let direct = get(Scenario::LoadToSink, rate);
+    let rh = get(Scenario::EndToEnd(Route::RelayHost), rate);
+    let mx = get(Scenario::EndToEnd(Route::Mx), rate);
+    for (name, e) in [("relay-host", rh), ("mx", mx)] {
+        if let (Some(e), Some(d)) = (e, direct) {
+            push(&format!("end-to-end rate ({name}) / direct sender->sink rate"), e / d);
+        }
+    }
+    if let (Some(m), Some(r)) = (mx, rh) {
+        push("end-to-end rate, mx / relay-host", m / r);
+    }
+    // Postfix relays by relayhost: compare with the same route when it ran.
+    let (route, ours) = if rh.is_some() { (Route::RelayHost, rh) } else { (Route::Mx, mx) };
+    let name = if route == Route::Mx { "mx" } else { "relay-host" };
+    if let (Some(a), Some(b)) = (ours, get(Scenario::PostfixEndToEnd, rate)) {
+        push(&format!("end-to-end rate, sluice ({name}) / Postfix"), a / b);
+    }
+    if let (Some(a), Some(b)) = (get(Scenario::EndToEnd(route), cpu), get(Scenario::PostfixEndToEnd, cpu)) {
+        if a > 0.0 {
+            push(&format!("relay CPU per message, Postfix / sluice ({name})"), b / a);
+        }
     }
     out
 }

@@ -161,6 +161,10 @@ struct SinkArgs {
     /// Seed for the fault draws.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Log `event=expected recipients=N messages=M` on stderr once N recipients have been
+    /// accepted (lets a parent stop an end-to-end clock without polling).
+    #[arg(long)]
+    expect_recipients: Option<u64>,
 }
 
 #[derive(Args, Debug)]
@@ -307,6 +311,7 @@ fn cmd_sink(a: SinkArgs) -> Result<i32> {
         pipelining: !a.no_pipelining,
         chunking: !a.no_chunking,
         seed: a.seed,
+        expect_recipients: a.expect_recipients,
     })?;
     Ok(0)
 }

@@ -82,6 +82,8 @@ pub struct SinkOpts {
     pub chunking: bool,
     /// PRNG seed for the fault draws.
     pub seed: u64,
+    /// Log `event=expected` on stderr the moment this many recipients have been accepted.
+    pub expect_recipients: Option<u64>,
 }
 
 const SIGNAL: Token = Token(usize::MAX - 1);
@@ -703,8 +705,19 @@ impl Sink {
         match reply[0] {
             b'2' => {
                 self.stats.messages += 1;
+                let before = self.stats.recipients;
                 self.stats.recipients += u64::from(c.rcpts);
                 self.stats.bytes += size;
+                // Logged from here, not from the periodic line, so that a parent timing a run
+                // (`bench` end to end) sees the moment the last recipient arrived, once.
+                if let Some(n) = self.opts.expect_recipients {
+                    if before < n && self.stats.recipients >= n {
+                        eprintln!(
+                            "event=expected recipients={} messages={}",
+                            self.stats.recipients, self.stats.messages
+                        );
+                    }
+                }
                 if let Some(dir) = &self.opts.save {
                     self.saved += 1;
                     let base = dir.join(format!("{:08}", self.saved));

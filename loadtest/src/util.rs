@@ -128,6 +128,67 @@ pub fn children_cpu_us() -> u64 {
     ticks * 10_000
 }
 
+/// The fields of one `/proc/PID/stat` line that `bench` accounts with.
+#[derive(Debug, Clone, Default)]
+pub struct ProcStat {
+    /// The parent's PID (field 4).
+    pub ppid: u32,
+    /// The command name (field 2, without the parentheses).
+    pub comm: String,
+    /// Single-letter state (field 3); `Z` is a zombie: exited, not yet reaped.
+    pub state: char,
+    /// `utime + stime` (fields 14 and 15): every thread of the process, living or exited, in µs.
+    pub cpu_us: u64,
+    /// `cutime + cstime` (fields 16 and 17): children it has waited for, in µs.
+    pub reaped_children_cpu_us: u64,
+}
+
+/// Reads `/proc/PID/stat`; `None` when the process is gone. Resolution is one clock tick
+/// (USER_HZ = 100 on every Linux ABI Rust targets, so 10 ms).
+pub fn proc_stat(pid: u32) -> Option<ProcStat> {
+    parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+fn parse_stat(stat: &str) -> Option<ProcStat> {
+    // The command name may contain spaces and parentheses: it ends at the *last* ')'.
+    let (head, rest) = stat.rsplit_once(')')?;
+    let comm = head.split_once('(')?.1.to_string();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After ')': field 3 (state) is index 0, ppid (4) is 1, utime (14) is 11, stime 12,
+    // cutime 13, cstime 14.
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    Some(ProcStat {
+        ppid: n(1) as u32,
+        comm,
+        state: f.first().and_then(|s| s.chars().next()).unwrap_or('?'),
+        cpu_us: (n(11) + n(12)) * 10_000,
+        reaped_children_cpu_us: (n(13) + n(14)) * 10_000,
+    })
+}
+
+/// Every live process: (PID, its stat line). A process that exits between the directory listing
+/// and the read is skipped.
+pub fn all_procs() -> Vec<(u32, ProcStat)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter_map(|pid| proc_stat(pid).map(|s| (pid, s)))
+        .collect()
+}
+
+/// `root` and everything below it in the process tree of `procs`.
+pub fn descendants(root: u32, procs: &[(u32, ProcStat)]) -> Vec<u32> {
+    let mut out = vec![root];
+    let mut i = 0;
+    // Breadth-first over parent links; bounded by the number of processes.
+    while i < out.len() && out.len() <= procs.len() {
+        let parent = out[i];
+        out.extend(procs.iter().filter(|(p, s)| s.ppid == parent && *p != parent).map(|(p, _)| *p));
+        i += 1;
+    }
+    out
+}
+
 /// Resident set size now and at its peak (`VmRSS`, `VmHWM`), in KiB, of process `pid`.
 pub fn rss_kib(pid: u32) -> (u64, u64) {
     let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return (0, 0) };
@@ -163,6 +224,16 @@ mod tests {
         assert!(parse_bytes("k").is_err());
         assert_eq!(parse_probability("5%").unwrap(), 0.05);
         assert!(parse_probability("1.5").is_err());
+    }
+
+    #[test]
+    fn stat_line() {
+        let s = parse_stat("42 (a (b) c) S 7 42 42 0 -1 4194560 1 0 0 0 150 25 3 4 20 0 1 0 1 2 3").unwrap();
+        assert_eq!((s.ppid, s.comm.as_str(), s.state), (7, "a (b) c", 'S'));
+        assert_eq!((s.cpu_us, s.reaped_children_cpu_us), (1_750_000, 70_000));
+        let procs =
+            vec![(1, ProcStat { ppid: 0, ..s.clone() }), (7, ProcStat { ppid: 1, ..s.clone() }), (42, s.clone())];
+        assert_eq!(descendants(7, &procs), vec![7, 42]);
     }
 
     #[test]
