@@ -661,10 +661,7 @@ impl Delivery {
         let Some(msg) = self.queue.msg(job.msg).filter(|m| m.id == job.id) else { return };
         let (id, arrival_ms, loc) = (msg.id, msg.arrival_ms, msg.loc);
         let prior: Vec<u16> = job.rcpts.iter().map(|&i| msg.rcpts[i as usize].attempts).collect();
-        let env = match ctx.spool.message(loc) {
-            Ok(v) => v.envelope,
-            Err(_) => Envelope::default(),
-        };
+        let env = ctx.spool.envelope(loc).unwrap_or_default();
         // First decide every recipient's verdict (a deferral past the lifetime is a failure).
         let mut decided: Vec<(u32, Verdict, Reply, u16, u64)> = Vec::with_capacity(job.rcpts.len());
         for (n, &rcpt) in job.rcpts.iter().enumerate() {
@@ -775,8 +772,17 @@ impl Delivery {
         if recipients.is_empty() {
             return;
         }
-        let original = match ctx.spool.message(loc) {
-            Ok(v) => v.body.to_vec(),
+        // The DSN returns the whole message only for RET=FULL; otherwise its header section.
+        let original = match ctx.spool.message_with_body(loc) {
+            Ok((_, b)) => {
+                let body = ctx.spool.body(b);
+                let end = if env.ret == crate::message::Ret::Full {
+                    body.len()
+                } else {
+                    memchr::memmem::find(body, b"\r\n\r\n").map_or(body.len(), |i| i + 4)
+                };
+                body[..end].to_vec()
+            }
             Err(_) => Vec::new(),
         };
         let bounce_id = ctx.ids.next(ctx.wall_ms * 1000);

@@ -467,6 +467,22 @@ impl Spool {
         format::decode_message(raw.payload).map_err(|_| SpoolError::Corrupt("message payload fails validation"))
     }
 
+    /// The envelope of the message at `loc`, decoded without checking the record's crc again
+    /// (see [`format::record_at_trusted`]): for settling delivery outcomes.
+    pub fn envelope(&self, loc: MessageLoc) -> Result<Envelope, SpoolError> {
+        let slot =
+            self.segments.get(&loc.segment).ok_or(SpoolError::Corrupt("message location names no open segment"))?;
+        let off = usize::try_from(loc.offset).map_err(|_| SpoolError::Corrupt("message offset out of range"))?;
+        let raw = format::record_at_trusted(slot.seg.bytes(), off)
+            .map_err(|_| SpoolError::Corrupt("message record fails validation"))?;
+        if raw.kind != format::RecordKind::Message {
+            return Err(SpoolError::Corrupt("message location does not hold a message record"));
+        }
+        format::decode_message(raw.payload)
+            .map(|v| v.envelope)
+            .map_err(|_| SpoolError::Corrupt("message payload fails validation"))
+    }
+
     /// Like [`Spool::message`], and also where the body lies, so that a delivery can stream it
     /// in pieces with [`Spool::body`] without decoding (or checksumming) the record again.
     pub fn message_with_body(&self, loc: MessageLoc) -> Result<(MessageView<'_>, BodyLoc), SpoolError> {
