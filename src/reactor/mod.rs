@@ -227,12 +227,11 @@ impl Server {
 
     /// Hands recovered messages to the delivery queue.
     fn enqueue_recovered(&mut self, messages: &[RecoveredMessage]) {
-        let Server { delivery, spool, log, ids, bufs, poll, now, wall_us, .. } = self;
-        let mut ctx =
-            delivery::Ctx { spool, log, ids, bufs, registry: poll.registry(), now: *now, wall_ms: *wall_us / 1000 };
-        for rec in messages {
-            delivery.enqueue(&mut ctx, rec);
-        }
+        self.with_delivery(|d, ctx| {
+            for rec in messages {
+                d.enqueue(ctx, rec);
+            }
+        });
     }
 
     /// The addresses actually bound (useful with port 0).
@@ -265,17 +264,7 @@ impl Server {
                     Some((Kind::Signal, _, _)) => self.on_signal(),
                     Some((Kind::Waker, _, _)) => self.on_sync_done(),
                     Some((kind @ (Kind::Outbound | Kind::Dns), generation, key)) => {
-                        let Server { delivery, spool, log, ids, bufs, poll, now, wall_us, .. } = &mut self;
-                        let mut ctx = delivery::Ctx {
-                            spool,
-                            log,
-                            ids,
-                            bufs,
-                            registry: poll.registry(),
-                            now: *now,
-                            wall_ms: *wall_us / 1000,
-                        };
-                        delivery.on_event(&mut ctx, kind, generation, key, ev);
+                        self.with_delivery(|d, ctx| d.on_event(ctx, kind, generation, key, ev));
                     }
                     Some((Kind::Inbound, generation, key)) => {
                         let Some(conn) = self.conns.get_mut(key) else { continue };
@@ -320,10 +309,15 @@ impl Server {
         if self.cfg.hold {
             return;
         }
+        self.with_delivery(|d, ctx| d.pump(ctx));
+    }
+
+    /// Runs `f` on the delivery engine with a context borrowed from the loop's other parts.
+    fn with_delivery<R>(&mut self, f: impl FnOnce(&mut Delivery, &mut delivery::Ctx<'_>) -> R) -> R {
         let Server { delivery, spool, log, ids, bufs, poll, now, wall_us, .. } = self;
         let mut ctx =
             delivery::Ctx { spool, log, ids, bufs, registry: poll.registry(), now: *now, wall_ms: *wall_us / 1000 };
-        delivery.pump(&mut ctx);
+        f(delivery, &mut ctx)
     }
 
     fn tick(&mut self) {

@@ -107,6 +107,19 @@ fn wait_saved(sink: &Aux, n: usize, within: Duration, relay: &Relay) -> Vec<(Str
     }
 }
 
+/// Waits (bounded) until `sluice queue stats` shows nothing queued.
+fn wait_queue_empty(relay: &Relay, within: Duration) {
+    let t0 = Instant::now();
+    loop {
+        let (_, out, _) = queue_cmd(&relay.spool, &["stats", "--json"]);
+        if out.contains("\"messages\":0") {
+            return;
+        }
+        assert!(t0.elapsed() < within, "queue never emptied: {out}\n{}", relay.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A port free on 127.0.0.1 (the sinks then listen on 127.0.0.x with that port).
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -142,15 +155,7 @@ fn relay_host_delivers_byte_exact_and_the_queue_empties() {
     assert!(msg.ends_with(body), "delivered bytes differ:\n{}", String::from_utf8_lossy(msg));
     assert!(String::from_utf8_lossy(msg).contains(&id));
     relay.wait_log("outcome=delivered");
-    let t0 = Instant::now();
-    loop {
-        let (_, out, _) = queue_cmd(&relay.spool, &["stats", "--json"]);
-        if out.contains("\"messages\":0") {
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(10), "queue never emptied: {out}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_queue_empty(&relay, Duration::from_secs(10));
 }
 
 #[test]
@@ -233,15 +238,7 @@ fn permanent_failures_bounce_with_a_dsn_and_temporary_ones_retry() {
     assert!(all.contains("Message-ID: <mixed@src.test>"), "RET=HDRS returns the headers: {all}");
     assert!(all.contains(&id));
     // The bounce itself (null sender) never bounces: the queue drains.
-    let t0 = Instant::now();
-    loop {
-        let (_, out, _) = queue_cmd(&relay.spool, &["stats", "--json"]);
-        if out.contains("\"messages\":0") {
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(20), "queue never emptied: {out}\n{}", relay.log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_queue_empty(&relay, Duration::from_secs(20));
 }
 
 #[test]
@@ -330,15 +327,7 @@ fn queue_shows_attempts_and_expired_mail_bounces_once() {
     assert!(list.contains("451 4.4.1"), "last reply shown: {list}");
     relay.wait_log("delivery time expired");
     relay.wait_log("event=bounce id=");
-    let t0 = Instant::now();
-    loop {
-        let (_, out, _) = queue_cmd(&relay.spool, &["stats", "--json"]);
-        if out.contains("\"messages\":0") {
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(20), "queue never emptied: {out}\n{}", relay.log());
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_queue_empty(&relay, Duration::from_secs(20));
     let log = relay.log();
     assert_eq!(log.matches("event=bounce").count(), 1, "never a bounce for a bounce:\n{log}");
     assert!(log.contains("outcome=failed"), "{log}");
