@@ -120,6 +120,22 @@ impl BufPool {
         }
     }
 
+    /// Returns the buffer held in `slot`, if any, leaving `None` (a connection giving up its
+    /// input or output chunk).
+    pub fn release(&mut self, slot: &mut Option<Buf>) {
+        if let Some(b) = slot.take() {
+            self.checkin(b);
+        }
+    }
+
+    /// Like [`BufPool::release`], but only when the buffer holds no data: idle connections keep
+    /// no buffer.
+    pub fn release_if_empty(&mut self, slot: &mut Option<Buf>) {
+        if slot.as_ref().is_some_and(Buf::is_empty) {
+            self.release(slot);
+        }
+    }
+
     /// Buffers currently checked out.
     pub fn outstanding(&self) -> usize {
         self.outstanding

@@ -86,9 +86,7 @@ impl InboundConn {
         loop {
             let Some(out) = self.output.as_mut() else { return Flush::Done };
             if out.is_empty() {
-                if let Some(b) = self.output.take() {
-                    pool.checkin(b);
-                }
+                pool.release(&mut self.output);
                 return Flush::Done;
             }
             if !self.writable {
@@ -107,11 +105,7 @@ impl InboundConn {
 
     /// Gives both buffers back.
     pub fn release_buffers(&mut self, pool: &mut BufPool) {
-        if let Some(b) = self.input.take() {
-            pool.checkin(b);
-        }
-        if let Some(b) = self.output.take() {
-            pool.checkin(b);
-        }
+        pool.release(&mut self.input);
+        pool.release(&mut self.output);
     }
 }

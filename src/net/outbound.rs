@@ -108,11 +108,7 @@ impl OutboundConn {
                 IoResult::Error(_) => return Io::Failed,
             }
         }
-        if self.input.as_ref().is_some_and(|b| b.is_empty()) {
-            if let Some(b) = self.input.take() {
-                pool.checkin(b);
-            }
-        }
+        pool.release_if_empty(&mut self.input);
         Io::Ok
     }
 
@@ -126,9 +122,7 @@ impl OutboundConn {
             let Some(out) = self.output.as_mut() else { return Io::Ok };
             self.session.poll_transmit(body, out);
             if out.is_empty() {
-                if let Some(b) = self.output.take() {
-                    pool.checkin(b);
-                }
+                pool.release(&mut self.output);
                 return Io::Ok;
             }
             if !self.writable {
@@ -147,11 +141,7 @@ impl OutboundConn {
 
     /// Gives both buffers back.
     pub fn release_buffers(&mut self, pool: &mut BufPool) {
-        if let Some(b) = self.input.take() {
-            pool.checkin(b);
-        }
-        if let Some(b) = self.output.take() {
-            pool.checkin(b);
-        }
+        pool.release(&mut self.input);
+        pool.release(&mut self.output);
     }
 }

@@ -486,11 +486,7 @@ impl Server {
             conn.dirty = true;
             dirty.push((key, conn.generation));
         }
-        if conn.input.as_ref().is_some_and(|b| b.is_empty()) {
-            if let Some(b) = conn.input.take() {
-                bufs.checkin(b);
-            }
-        }
+        bufs.release_if_empty(&mut conn.input);
         if shutdown.is_some() && !conn.closing && conn.waiting.is_none() {
             if let Some(out) = conn.make_reply_room(bufs).then_some(conn.output.as_mut()).flatten() {
                 let mut ctx = Ctx { cfg: &cfg.session, bodies, ids, now_unix_us: *wall_us };
