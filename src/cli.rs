@@ -41,6 +41,19 @@ pub enum FsyncMode {
     Never,
 }
 
+/// `--outbound-tls` levels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutboundTlsMode {
+    /// Never STARTTLS.
+    None,
+    /// STARTTLS when offered; no certificate check; plaintext if the handshake fails.
+    May,
+    /// TLS required; any certificate.
+    Encrypt,
+    /// TLS required with a verified certificate.
+    Verify,
+}
+
 /// `--log-format` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -130,6 +143,18 @@ pub struct ServeArgs {
     /// Queued mail goes out once the relay runs without it.
     #[arg(long)]
     pub hold: bool,
+    /// Time a client has to finish a TLS handshake (after STARTTLS or on a --listen-tls port).
+    #[arg(long = "tls-handshake-timeout", value_name = "DUR", default_value = "30s", value_parser = parse_duration)]
+    pub tls_handshake_timeout: Duration,
+    /// Delivery TLS policy, as Postfix's smtp_tls_security_level: `none`; `may` (STARTTLS when
+    /// offered, no certificate check, plaintext retry when the handshake fails); `encrypt`
+    /// (TLS required, failures are temporary); `verify` (TLS with a certificate valid for the
+    /// MX host name, checked against --tls-ca-file).
+    #[arg(long = "outbound-tls", value_enum, default_value = "may")]
+    pub outbound_tls: OutboundTlsMode,
+    /// CA bundle (PEM) for --outbound-tls verify.
+    #[arg(long = "tls-ca-file", value_name = "PEM", default_value = "/etc/ssl/certs/ca-certificates.crt")]
+    pub tls_ca_file: PathBuf,
     /// Preallocated size of each spool segment file.
     #[arg(long = "spool-segment-size", value_name = "BYTES", default_value = "64M", value_parser = parse_size)]
     pub spool_segment_size: u64,

@@ -5,7 +5,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::cli::{Cidr, FsyncMode, LogFormat, ServeArgs};
+use std::sync::Arc;
+
+use crate::cli::{Cidr, FsyncMode, LogFormat, OutboundTlsMode, ServeArgs};
+use crate::net::tls::{ClientTls, ServerTls, TlsError};
+use crate::smtp::auth::AuthFile;
 use crate::smtp::server::SessionConfig;
 
 /// Everything the relay needs to run, checked.
@@ -53,6 +57,18 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// `--smtp-timeout`: cap on each client phase timeout.
     pub smtp_timeout: Duration,
+    /// Implicit-TLS listeners.
+    pub listen_tls: Vec<SocketAddr>,
+    /// `--tls-cert` and `--tls-key` (paths kept for SIGHUP reloads) and the pair loaded at start.
+    pub tls: Option<(PathBuf, PathBuf, ServerTls)>,
+    /// `--tls-handshake-timeout`.
+    pub tls_handshake_timeout: Duration,
+    /// `--auth-file`, parsed.
+    pub auth: Option<Arc<AuthFile>>,
+    /// `--outbound-tls`.
+    pub outbound_tls: OutboundTlsMode,
+    /// The TLS client settings for deliveries (None with `--outbound-tls none`).
+    pub client_tls: Option<ClientTls>,
 }
 
 /// A configuration problem, naming the flag.
@@ -70,6 +86,16 @@ impl std::fmt::Display for ConfigError {
     }
 }
 
+impl ConfigError {
+    /// A certificate or key problem: the error names its flag (`--tls-cert ...: ...`).
+    fn tls(e: &TlsError) -> ConfigError {
+        let flag = e.flag();
+        let text = e.to_string();
+        let message = text.strip_prefix(flag).unwrap_or(&text).trim_start_matches(':').trim().to_owned();
+        ConfigError { flag, message }
+    }
+}
+
 impl Config {
     /// Validates the flags into a configuration.
     pub fn from_args(a: &ServeArgs) -> Result<Config, ConfigError> {
@@ -80,12 +106,27 @@ impl Config {
         if !a.listen_tls.is_empty() && a.tls_cert.is_none() {
             return err("--listen-tls", "an implicit-TLS listener needs --tls-cert and --tls-key");
         }
-        if a.tls_cert.is_some() || !a.listen_tls.is_empty() {
-            return err("--tls-cert", "TLS is not available in this build yet");
+        let tls = match (&a.tls_cert, &a.tls_key) {
+            (Some(cert), Some(key)) => {
+                let loaded = ServerTls::load(cert, key).map_err(|e| ConfigError::tls(&e))?;
+                Some((cert.clone(), key.clone(), loaded))
+            }
+            _ => None,
+        };
+        if a.auth_file.is_some() && tls.is_none() {
+            return err("--auth-file", "AUTH is only offered inside TLS: give --tls-cert and --tls-key too");
         }
-        if a.auth_file.is_some() {
-            return err("--auth-file", "AUTH is not available in this build yet");
-        }
+        let auth = match &a.auth_file {
+            Some(path) => Some(Arc::new(
+                AuthFile::load(path).map_err(|e| ConfigError { flag: "--auth-file", message: e.to_string() })?,
+            )),
+            None => None,
+        };
+        let client_tls = match a.outbound_tls {
+            OutboundTlsMode::None => None,
+            OutboundTlsMode::May | OutboundTlsMode::Encrypt => Some(ClientTls::unverified()),
+            OutboundTlsMode::Verify => Some(ClientTls::verified(&a.tls_ca_file).map_err(|e| ConfigError::tls(&e))?),
+        };
         let hostname = match &a.hostname {
             Some(h) => h.clone(),
             None => system_hostname(),
@@ -103,7 +144,8 @@ impl Config {
             shutdown_grace: a.shutdown_grace,
             segment_size,
             log_format: a.log_format,
-            session: SessionConfig::new(&hostname, a.max_message_size, a.max_recipients as usize),
+            session: SessionConfig::new(&hostname, a.max_message_size, a.max_recipients as usize)
+                .with_features(tls.is_some(), auth.is_some()),
             relay_host: a.relay_host.as_ref().map(|h| (h.host.clone(), h.port.unwrap_or(25))),
             smtp_port: a.smtp_port,
             domain_concurrency: a.domain_concurrency,
@@ -113,6 +155,12 @@ impl Config {
             hold: a.hold,
             connect_timeout: a.connect_timeout,
             smtp_timeout: a.smtp_timeout,
+            listen_tls: a.listen_tls.clone(),
+            tls,
+            tls_handshake_timeout: a.tls_handshake_timeout,
+            auth,
+            outbound_tls: a.outbound_tls,
+            client_tls,
         })
     }
 }

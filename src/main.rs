@@ -1,6 +1,7 @@
 //! The `sluice` binary: dispatches `serve`, `passwd` and `queue`. The only place that exits
 //! the process.
 
+use std::io::{BufRead as _, Write as _};
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -34,10 +35,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Passwd { user } => {
-            eprintln!("sluice passwd {user}: AUTH is not available in this build yet");
-            ExitCode::from(1)
-        }
+        Cmd::Passwd { user } => passwd(&user),
         Cmd::Queue(args) => match sluice::admin::run(&args, &mut std::io::stdout().lock()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -45,5 +43,45 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+    }
+}
+
+/// `sluice passwd USER`: reads one password line on stdin and prints `USER:PHC` for
+/// `--auth-file`. Exit 2 for a user name the file cannot hold, 1 for any other failure.
+fn passwd(user: &str) -> ExitCode {
+    // The auth file splits at the first ':', trims lines and skips those starting with '#'.
+    if user.is_empty() || user.contains(':') || user.starts_with('#') || user.chars().any(char::is_whitespace) {
+        eprintln!(
+            "sluice passwd: user name {user:?} must be non-empty, without ':' or whitespace, not starting with '#'"
+        );
+        return ExitCode::from(2);
+    }
+    let mut line = Vec::new();
+    if let Err(e) = std::io::stdin().lock().read_until(b'\n', &mut line) {
+        eprintln!("sluice passwd: cannot read the password from stdin: {e}");
+        return ExitCode::from(1);
+    }
+    let pass = line.strip_suffix(b"\n").map(|l| l.strip_suffix(b"\r").unwrap_or(l)).unwrap_or(&line);
+    let hash = if pass.is_empty() { None } else { Some(sluice::smtp::auth::hash_password(pass)) };
+    // Overwrite the password before the buffer is freed.
+    line.fill(0);
+    std::hint::black_box(&line);
+    let printed = match hash {
+        None => {
+            eprintln!("sluice passwd: empty password (write it as one line on stdin)");
+            return ExitCode::from(1);
+        }
+        Some(Err(e)) => {
+            eprintln!("sluice passwd: cannot hash the password: {e}");
+            return ExitCode::from(1);
+        }
+        Some(Ok(phc)) => writeln!(std::io::stdout().lock(), "{user}:{phc}"),
+    };
+    match printed {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sluice passwd: cannot write to stdout: {e}");
+            ExitCode::from(1)
+        }
     }
 }

@@ -9,4 +9,5 @@ mod e2e {
     pub mod session;
     pub mod smuggling;
     pub mod support;
+    pub mod tls;
 }

@@ -12,6 +12,8 @@
 
 pub mod route;
 
+use crate::cli::OutboundTlsMode;
+use crate::net::tls::ClientTls;
 use std::collections::HashMap;
 use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
@@ -60,6 +62,10 @@ pub struct DeliveryConfig {
     pub timeouts: ClientTimeouts,
     /// Time allowed for a TCP connect.
     pub connect_timeout: Duration,
+    /// `--outbound-tls`.
+    pub tls_mode: OutboundTlsMode,
+    /// TLS client settings (None when the mode is `none`).
+    pub tls: Option<ClientTls>,
 }
 
 /// How to reach a destination.

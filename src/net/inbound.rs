@@ -3,6 +3,11 @@
 //! The connection keeps mio readiness as two flags (edge-triggered: a flag stays set until a
 //! read or write returns `WouldBlock`). Idle connections hold no buffers: input and output
 //! chunks are checked out when bytes arrive or replies are produced, and returned when empty.
+//!
+//! With TLS a [`TlsSession`] sits between the socket and the buffers: `input` and `output`
+//! always hold plaintext, so the session and the DATA scanner never see a record. After
+//! STARTTLS the first `clear_out` bytes of `output` (the replies up to and including the
+//! `220`) still go out in the clear; everything after them goes through TLS.
 
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -10,6 +15,9 @@ use std::time::Instant;
 use crate::buf::{Buf, BufPool};
 use crate::message::QueueId;
 use crate::net::socket::{self, IoResult};
+use crate::net::tls::{TlsFlush, TlsRead, TlsSession};
+use crate::smtp::auth::Credentials;
+use crate::smtp::server::AuthOutcome;
 use crate::smtp::server::{ServerSession, REPLY_ROOM};
 
 /// One inbound connection.
@@ -44,6 +52,16 @@ pub struct InboundConn {
     pub deadline: Instant,
     /// Time of the end of data of the waiting message (for the latency log).
     pub eod_at: Option<Instant>,
+    /// TLS, once STARTTLS was accepted or from the first byte on an implicit-TLS listener.
+    pub tls: Option<TlsSession>,
+    /// Leading bytes of `output` still to be written in the clear (the STARTTLS `220`).
+    pub clear_out: usize,
+    /// The handshake outcome is logged and given to the session.
+    pub tls_announced: bool,
+    /// Credentials are out for verification.
+    pub auth_pending: bool,
+    /// An AUTH verdict held back (failures are answered slowly), given at `deadline`.
+    pub auth_delayed: Option<(AuthOutcome, Credentials)>,
 }
 
 /// What a flush achieved.
@@ -76,29 +94,67 @@ impl InboundConn {
         Self::output(&mut self.output, pool).is_some_and(|b| b.room() >= REPLY_ROOM)
     }
 
-    /// Unsent output bytes.
+    /// Unsent output bytes (plaintext; plus one when TLS has records to write).
     pub fn pending_output(&self) -> usize {
-        self.output.as_ref().map_or(0, |b| b.data().len())
+        let tls = self.tls.as_ref().is_some_and(|t| t.wants_write());
+        self.output.as_ref().map_or(0, |b| b.data().len()) + usize::from(tls)
+    }
+
+    /// Reads plaintext into `dst`: from the socket, or through TLS when it is on. A short
+    /// plain read means the socket is drained; through TLS only `WouldBlock` says so.
+    /// (Takes the fields, not `self`, so `dst` may be the connection's own input buffer.)
+    pub fn read(sock: &mut mio::net::TcpStream, tls: &mut Option<TlsSession>, dst: &mut [u8]) -> IoResult {
+        let Some(tls) = tls.as_mut() else { return socket::read(sock, dst) };
+        match tls.read(sock, dst) {
+            TlsRead::Data(n) => IoResult::Done(n),
+            TlsRead::WouldBlock => IoResult::WouldBlock,
+            TlsRead::Closed => IoResult::Closed,
+            TlsRead::Failed(e) => IoResult::Error(std::io::Error::other(e)),
+        }
     }
 
     /// Writes as much output as the socket takes; returns the buffer to the pool when empty.
     pub fn flush(&mut self, pool: &mut BufPool) -> Flush {
         loop {
-            let Some(out) = self.output.as_mut() else { return Flush::Done };
-            if out.is_empty() {
+            if !self.writable {
+                return if self.pending_output() > 0 { Flush::Partial } else { Flush::Done };
+            }
+            let Some(tls) = self.tls.as_mut().filter(|_| self.clear_out == 0) else {
+                // A plain connection, or the clear-text prefix before the switch to TLS.
+                let Some(out) = self.output.as_mut() else { return Flush::Done };
+                if out.is_empty() {
+                    pool.release(&mut self.output);
+                    return Flush::Done;
+                }
+                let len = if self.tls.is_some() { self.clear_out } else { out.data().len() };
+                match socket::write(&mut self.sock, &out.data()[..len]) {
+                    IoResult::Done(n) => {
+                        out.consume(n);
+                        self.clear_out -= n.min(self.clear_out);
+                    }
+                    IoResult::WouldBlock => self.writable = false,
+                    IoResult::Closed | IoResult::Error(_) => return Flush::Failed,
+                }
+                continue;
+            };
+            let mut took = 0;
+            if let Some(out) = self.output.as_mut().filter(|b| !b.is_empty()) {
+                took = tls.write(out.data());
+                out.consume(took);
+            }
+            match tls.flush(&mut self.sock) {
+                TlsFlush::Done => {}
+                TlsFlush::WouldBlock => self.writable = false,
+                TlsFlush::Failed(_) => return Flush::Failed,
+            }
+            let plain_left = self.output.as_ref().is_some_and(|b| !b.is_empty());
+            if !plain_left && !tls.wants_write() {
                 pool.release(&mut self.output);
                 return Flush::Done;
             }
-            if !self.writable {
+            if took == 0 && !tls.wants_write() {
+                // TLS holds all it will take until the handshake finishes.
                 return Flush::Partial;
-            }
-            match socket::write(&mut self.sock, out.data()) {
-                IoResult::Done(n) => out.consume(n),
-                IoResult::WouldBlock => {
-                    self.writable = false;
-                    return Flush::Partial;
-                }
-                IoResult::Closed | IoResult::Error(_) => return Flush::Failed,
             }
         }
     }

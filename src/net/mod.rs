@@ -4,3 +4,4 @@ pub mod dns;
 pub mod inbound;
 pub mod outbound;
 pub mod socket;
+pub mod tls;

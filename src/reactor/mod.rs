@@ -10,6 +10,7 @@
 //! 5. Expire timers (`421 4.4.2`), then accept new connections, a bounded number per turn so
 //!    that a connection flood cannot starve sessions already open.
 
+pub mod authwork;
 pub mod signal;
 pub mod syncer;
 pub mod timer;
@@ -18,6 +19,10 @@ pub mod token;
 use std::io::{self, Write as _};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
 
 use mio::{Events, Interest, Poll};
 use slab::Slab;
@@ -30,12 +35,15 @@ use crate::message::IdGen;
 use crate::message::QueueId;
 use crate::net::inbound::{Flush, InboundConn};
 use crate::net::socket::{self, IoResult};
+use crate::net::tls::{ServerTls, TlsSession};
 use crate::queue::schedule::RetryPolicy;
+use crate::smtp::auth::Credentials;
 use crate::smtp::client::ClientTimeouts;
 use crate::smtp::reply;
-use crate::smtp::server::{Ctx, Event, ServerSession, TimeoutKind};
+use crate::smtp::server::{AuthOutcome, Ctx, Event, ServerSession, TimeoutKind};
 use crate::spool::{MessageLoc, RecoveredMessage};
 use crate::spool::{Spool, SpoolError, SpoolOptions};
+use authwork::{AuthJob, AuthWorker};
 use token::Kind;
 
 /// Input/output chunk size.
@@ -63,7 +71,25 @@ struct Listener {
     sock: mio::net::TcpListener,
     addr: SocketAddr,
     pending: bool,
+    /// Implicit TLS: the handshake comes before the greeting.
+    tls: bool,
 }
+
+/// AUTH failures from one client address.
+#[derive(Debug, Clone, Copy)]
+struct AuthFailures {
+    count: u32,
+    last: Instant,
+}
+
+/// Failures from one address after which each further failure is answered more slowly.
+const AUTH_SLOW_AFTER: u32 = 3;
+/// Extra wait per failure past [`AUTH_SLOW_AFTER`].
+const AUTH_SLOW_STEP: Duration = Duration::from_millis(250);
+/// Failures from one address after which AUTH gets `421 4.7.0` and the session closes.
+const AUTH_BLOCK_AFTER: u32 = 10;
+/// An address's failure count is forgotten after this long without a failure.
+const AUTH_FAILURE_MEMORY: Duration = Duration::from_secs(15 * 60);
 
 /// Why the relay could not start or had to stop.
 #[derive(Debug)]
@@ -117,6 +143,12 @@ pub struct Server {
     accept_retry: Option<Instant>,
     now: Instant,
     wall_us: u64,
+    /// The certificate for new TLS sessions (replaced on SIGHUP).
+    tls: Option<ServerTls>,
+    /// Verifies AUTH credentials off the loop.
+    auth: Option<AuthWorker>,
+    /// Failed AUTH attempts per client address.
+    auth_failures: HashMap<IpAddr, AuthFailures>,
 }
 
 impl Server {
@@ -154,19 +186,28 @@ impl Server {
         }
         let poll = Poll::new().map_err(RunError::Poll)?;
         let mut listeners = Vec::new();
-        for (i, addr) in cfg.listen.iter().enumerate() {
-            let mut sock = socket::listener(*addr).map_err(|e| RunError::Listen(*addr, e))?;
-            let addr = sock.local_addr().unwrap_or(*addr);
+        let plain = cfg.listen.iter().map(|a| (*a, false));
+        for (i, (addr, tls)) in plain.chain(cfg.listen_tls.iter().map(|a| (*a, true))).enumerate() {
+            let mut sock = socket::listener(addr).map_err(|e| RunError::Listen(addr, e))?;
+            let addr = sock.local_addr().unwrap_or(addr);
             poll.registry()
                 .register(&mut sock, token::make(Kind::Listener, 0, i), Interest::READABLE)
                 .map_err(RunError::Poll)?;
-            log.event("listening", &[("addr", V::D(&addr))]);
-            listeners.push(Listener { sock, addr, pending: true });
+            log.event("listening", &[("addr", V::D(&addr)), ("tls", V::S(if tls { "implicit" } else { "starttls" }))]);
+            listeners.push(Listener { sock, addr, pending: true, tls });
         }
         let signals =
             signal::SignalSource::register(poll.registry(), token::make(Kind::Signal, 0, 0)).map_err(RunError::Poll)?;
-        let waker = mio::Waker::new(poll.registry(), token::make(Kind::Waker, 0, 0)).map_err(RunError::Poll)?;
-        let syncer = syncer::Syncer::spawn(waker).map_err(RunError::Poll)?;
+        // One waker per poll: the sync thread and the AUTH worker share it.
+        let waker = Arc::new(mio::Waker::new(poll.registry(), token::make(Kind::Waker, 0, 0)).map_err(RunError::Poll)?);
+        let syncer = syncer::Syncer::spawn(waker.clone()).map_err(RunError::Poll)?;
+        let auth = match &cfg.auth {
+            Some(users) => {
+                log.event("auth", &[("users", V::N(users.len() as u64))]);
+                Some(AuthWorker::spawn(users.clone(), waker).map_err(RunError::Poll)?)
+            }
+            None => None,
+        };
         log.flush();
         let limit = (cfg.max_connections * 2 + 4096).min(1 << 20);
         let relay_ip = cfg.relay_host.as_ref().is_some_and(|(h, _)| h.parse::<std::net::IpAddr>().is_ok());
@@ -192,6 +233,8 @@ impl Server {
                 hostname: cfg.hostname.clone(),
                 timeouts: capped_timeouts(cfg.smtp_timeout),
                 connect_timeout: cfg.connect_timeout,
+                tls_mode: cfg.outbound_tls,
+                tls: cfg.client_tls.clone(),
             },
             dns,
         );
@@ -218,6 +261,9 @@ impl Server {
             now: Instant::now(),
             wall_us: 0,
             delivery,
+            tls: cfg.tls.as_ref().map(|(_, _, t)| t.clone()),
+            auth,
+            auth_failures: HashMap::new(),
             cfg,
         };
         server.tick();
@@ -262,7 +308,10 @@ impl Server {
                         }
                     }
                     Some((Kind::Signal, _, _)) => self.on_signal(),
-                    Some((Kind::Waker, _, _)) => self.on_sync_done(),
+                    Some((Kind::Waker, _, _)) => {
+                        self.on_sync_done();
+                        self.on_auth_done();
+                    }
                     Some((kind @ (Kind::Outbound | Kind::Dns), generation, key)) => {
                         self.with_delivery(|d, ctx| d.on_event(ctx, kind, generation, key, ev));
                     }
@@ -356,8 +405,25 @@ impl Server {
     /// Reads, parses and appends for one connection until it would block, waits for the spool,
     /// hits backpressure, or spends its budget.
     fn drive(&mut self, key: usize) {
-        let Server { conns, bufs, bodies, ids, spool, cfg, log, waiting, dirty, again, now, wall_us, shutdown, .. } =
-            self;
+        let Server {
+            conns,
+            bufs,
+            bodies,
+            ids,
+            spool,
+            cfg,
+            log,
+            waiting,
+            dirty,
+            again,
+            now,
+            wall_us,
+            shutdown,
+            tls,
+            auth,
+            auth_failures,
+            ..
+        } = self;
         let Some(conn) = conns.get_mut(key) else { return };
         let mut failed = false;
         let mut rounds = 0;
@@ -425,6 +491,45 @@ impl Server {
                         conn.deadline = *now + LINGER;
                         break;
                     }
+                    Some(Event::StartTls) => {
+                        // The 220 and the replies before it go out in the clear; the client's
+                        // next bytes are its ClientHello.
+                        let Some(session) = tls.as_ref().map(TlsSession::server).and_then(Result::ok) else {
+                            failed = true;
+                            break;
+                        };
+                        conn.clear_out = conn.pending_output();
+                        conn.tls = Some(session);
+                        conn.deadline = *now + cfg.tls_handshake_timeout;
+                        log.event("starttls", &[("client", V::D(&conn.peer))]);
+                        continue;
+                    }
+                    Some(Event::Auth) => {
+                        let creds = conn.session.take_credentials();
+                        let blocked = auth_failures.get(&conn.peer.ip()).is_some_and(|f| {
+                            f.count >= AUTH_BLOCK_AFTER && now.duration_since(f.last) <= AUTH_FAILURE_MEMORY
+                        });
+                        if blocked {
+                            // No need to spend a hash on an address that is shut out.
+                            log.event("auth", &[("client", V::D(&conn.peer)), ("result", V::S("blocked"))]);
+                            if let Some(out) = conn.make_reply_room(bufs).then_some(conn.output.as_mut()).flatten() {
+                                conn.session.auth_result(AuthOutcome::Blocked, creds, out);
+                            }
+                            conn.closing = true;
+                            conn.deadline = *now + LINGER;
+                            break;
+                        }
+                        let Some(worker) = auth.as_mut() else {
+                            // Cannot happen (AUTH is only offered with a worker); refuse.
+                            if let Some(out) = conn.output.as_mut() {
+                                conn.session.auth_result(AuthOutcome::Rejected, creds, out);
+                            }
+                            continue;
+                        };
+                        conn.auth_pending = true;
+                        worker.submit(AuthJob { key, generation: conn.generation, creds });
+                        continue;
+                    }
                     None => {}
                 }
             }
@@ -459,13 +564,17 @@ impl Server {
                 // The session cannot consume (its output is full): wait for the client to read.
                 break;
             }
-            match socket::read(&mut conn.sock, space) {
+            let handshaking = conn.tls.as_ref().is_some_and(|t| t.is_handshaking());
+            let result = InboundConn::read(&mut conn.sock, &mut conn.tls, space);
+            let handshake_done = handshaking && conn.tls.as_ref().is_some_and(|t| !t.is_handshaking());
+            match result {
                 IoResult::Done(n) => {
                     inb.fill(n);
                     // A short read drained the socket: with edge-triggered epoll, new bytes
                     // raise a new event, so the extra read that would return EAGAIN is skipped
                     // (as tokio does). Not after a FIN was reported: then read on to see EOF.
-                    if n < asked && !conn.hup {
+                    // Through TLS a short read says nothing about the socket.
+                    if n < asked && !conn.hup && conn.tls.is_none() {
                         conn.readable = false;
                     }
                     let t = match conn.session.timeout_kind() {
@@ -476,10 +585,18 @@ impl Server {
                 }
                 IoResult::WouldBlock => conn.readable = false,
                 IoResult::Closed => conn.eof = true,
-                IoResult::Error(_) => {
+                IoResult::Error(e) => {
+                    if conn.tls.is_some() {
+                        log.event("tls_error", &[("client", V::D(&conn.peer)), ("error", V::D(&e))]);
+                        // Best effort: the alert rustls queued tells the client why.
+                        let _ = conn.flush(bufs);
+                    }
                     failed = true;
                     break;
                 }
+            }
+            if handshake_done {
+                announce_tls(conn, log);
             }
         }
         if conn.pending_output() > 0 && !conn.dirty {
@@ -537,6 +654,77 @@ impl Server {
             self.finish_sync(result);
         }
         self.commit();
+    }
+
+    /// Verdicts back from the AUTH worker: counts failures per client address, answers at
+    /// once, slowly, or with `421` once an address has failed too often.
+    fn on_auth_done(&mut self) {
+        let Some(worker) = self.auth.as_mut() else { return };
+        let mut verdicts = Vec::new();
+        worker.try_results(&mut verdicts);
+        let now = Instant::now();
+        for v in verdicts {
+            let Some(conn) = self.conns.get_mut(v.key).filter(|c| c.generation == v.generation) else { continue };
+            conn.auth_pending = false;
+            let ip = conn.peer.ip();
+            let user = String::from_utf8_lossy(&v.creds.user).into_owned();
+            if v.ok {
+                self.log.event("auth", &[("client", V::D(&conn.peer)), ("user", V::S(&user)), ("result", V::S("ok"))]);
+                self.answer_auth(v.key, AuthOutcome::Accepted, v.creds);
+                continue;
+            }
+            let failures = self.auth_failures.entry(ip).or_insert(AuthFailures { count: 0, last: now });
+            if now.duration_since(failures.last) > AUTH_FAILURE_MEMORY {
+                failures.count = 0;
+            }
+            failures.count += 1;
+            failures.last = now;
+            let count = failures.count;
+            self.log.event(
+                "auth",
+                &[
+                    ("client", V::D(&conn.peer)),
+                    ("user", V::S(&user)),
+                    ("result", V::S("failed")),
+                    ("failures", V::N(u64::from(count))),
+                ],
+            );
+            if count >= AUTH_BLOCK_AFTER {
+                self.answer_auth(v.key, AuthOutcome::Blocked, v.creds);
+            } else if count > AUTH_SLOW_AFTER {
+                // Each further failure waits a quarter second longer (up to 2 s) for its answer.
+                let delay = AUTH_SLOW_STEP * (count - AUTH_SLOW_AFTER).min(8);
+                conn.auth_delayed = Some((AuthOutcome::Rejected, v.creds));
+                conn.deadline = now + delay;
+                self.timers.arm(conn.deadline, v.key, v.generation);
+            } else {
+                self.answer_auth(v.key, AuthOutcome::Rejected, v.creds);
+            }
+        }
+        if self.auth_failures.len() > 100_000 {
+            self.auth_failures.retain(|_, f| now.duration_since(f.last) <= AUTH_FAILURE_MEMORY);
+        }
+    }
+
+    /// Writes an AUTH verdict and lets the session go on (or close).
+    fn answer_auth(&mut self, key: usize, outcome: AuthOutcome, creds: Credentials) {
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        let generation = conn.generation;
+        let Some(out) = conn.make_reply_room(&mut self.bufs).then_some(conn.output.as_mut()).flatten() else {
+            self.close(key, "no_room_for_reply");
+            return;
+        };
+        if conn.session.auth_result(outcome, creds, out) {
+            conn.closing = true;
+            conn.deadline = self.now + LINGER;
+        } else {
+            conn.deadline = self.now + self.cfg.command_timeout;
+        }
+        if !conn.dirty {
+            conn.dirty = true;
+            self.dirty.push((key, generation));
+        }
+        self.drive(key);
     }
 
     fn finish_sync(&mut self, result: Result<(), SpoolError>) {
@@ -631,6 +819,8 @@ impl Server {
                         ("from", V::B(&env.sender)),
                         ("rcpts", V::N(env.rcpt_count() as u64)),
                         ("commit_us", V::N(latency_us)),
+                        ("tls", V::S(if conn.session.is_tls() { "yes" } else { "no" })),
+                        ("user", V::B(conn.session.auth_user().unwrap_or(b"-"))),
                     ],
                 ),
                 Err(()) => log.event(
@@ -685,6 +875,16 @@ impl Server {
                 self.close(e.key, "linger_timeout");
                 continue;
             }
+            if conn.tls.as_ref().is_some_and(|t| t.is_handshaking()) {
+                // Nothing can be said inside an unfinished handshake.
+                self.log.event("tls_error", &[("client", V::D(&conn.peer)), ("error", V::S("handshake timeout"))]);
+                self.close(e.key, "tls_handshake_timeout");
+                continue;
+            }
+            if let Some((outcome, creds)) = conn.auth_delayed.take() {
+                self.answer_auth(e.key, outcome, creds);
+                continue;
+            }
             let Server { conns, bufs, bodies, ids, cfg, log, dirty, wall_us, timers, .. } = self;
             let Some(conn) = conns.get_mut(e.key) else { continue };
             log.event("timeout", &[("client", V::D(&conn.peer)), ("in_data", V::N(u64::from(conn.session.in_data())))]);
@@ -716,7 +916,8 @@ impl Server {
                 match self.listeners[i].sock.accept() {
                     Ok((sock, peer)) => {
                         budget -= 1;
-                        self.admit(sock, peer);
+                        let tls = self.listeners[i].tls;
+                        self.admit(sock, peer, tls);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.listeners[i].pending = false,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -732,7 +933,7 @@ impl Server {
         self.flush_dirty();
     }
 
-    fn admit(&mut self, mut sock: mio::net::TcpStream, peer: SocketAddr) {
+    fn admit(&mut self, mut sock: mio::net::TcpStream, peer: SocketAddr, implicit_tls: bool) {
         if self.conns.len() >= self.cfg.max_connections {
             // Best effort: the socket is fresh, so this small write nearly always fits.
             let _ = sock.write(reply::TOO_MANY_CONNECTIONS);
@@ -759,9 +960,24 @@ impl Server {
             return;
         }
         let relay_allowed = self.cfg.allow.iter().any(|c| c.contains(peer.ip()));
-        let session = ServerSession::new(peer.ip(), relay_allowed);
+        let mut session = ServerSession::new(peer.ip(), relay_allowed);
+        // On an implicit-TLS port the greeting waits in TLS until the handshake is done.
+        let tls = match self.tls.as_ref().filter(|_| implicit_tls).map(TlsSession::server) {
+            Some(Ok(t)) => {
+                session.tls_started();
+                Some(t)
+            }
+            Some(Err(e)) => {
+                self.log.event("tls_error", &[("client", V::D(&peer)), ("error", V::D(&e))]);
+                self.bufs.checkin(out);
+                let _ = self.poll.registry().deregister(&mut sock);
+                return;
+            }
+            None => None,
+        };
         session.greeting(&self.cfg.session, &mut out);
-        let deadline = self.now + self.cfg.command_timeout;
+        let timeout = if tls.is_some() { self.cfg.tls_handshake_timeout } else { self.cfg.command_timeout };
+        let deadline = self.now + timeout;
         entry.insert(InboundConn {
             sock,
             peer,
@@ -778,6 +994,11 @@ impl Server {
             dirty: true,
             deadline,
             eod_at: None,
+            tls,
+            clear_out: 0,
+            tls_announced: false,
+            auth_pending: false,
+            auth_delayed: None,
         });
         self.dirty.push((key, generation));
         self.timers.arm(deadline, key, generation);
@@ -789,6 +1010,11 @@ impl Server {
             return;
         }
         let mut conn = self.conns.remove(key);
+        if let Some(tls) = conn.tls.as_mut().filter(|t| !t.is_handshaking()) {
+            // Best effort close_notify, so the client sees a clean end rather than a truncation.
+            tls.close();
+            let _ = tls.flush(&mut conn.sock);
+        }
         let _ = self.poll.registry().deregister(&mut conn.sock);
         conn.session.release_body(&mut self.bodies);
         conn.release_buffers(&mut self.bufs);
@@ -796,7 +1022,10 @@ impl Server {
     }
 
     fn on_signal(&mut self) {
-        let n = self.signals.drain();
+        let (n, hup) = self.signals.drain();
+        if hup > 0 {
+            self.reload_tls();
+        }
         if n == 0 {
             return;
         }
@@ -813,6 +1042,22 @@ impl Server {
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for key in keys {
             self.drive(key);
+        }
+    }
+
+    /// SIGHUP: loads the certificate and key again. New sessions get the new pair; open ones
+    /// keep theirs; a pair that does not load is logged and the old one stays.
+    fn reload_tls(&mut self) {
+        let Some((cert, key, _)) = &self.cfg.tls else {
+            self.log.event("reload", &[("tls", V::S("not configured"))]);
+            return;
+        };
+        match ServerTls::load(cert, key) {
+            Ok(t) => {
+                self.tls = Some(t);
+                self.log.event("reload", &[("tls", V::S("ok")), ("cert", V::D(&cert.display()))]);
+            }
+            Err(e) => self.log.event("reload", &[("tls", V::S("failed, keeping the old pair")), ("error", V::D(&e))]),
         }
     }
 
@@ -855,6 +1100,21 @@ fn capped_timeouts(cap: Duration) -> ClientTimeouts {
         data_init: d.data_init.min(cap),
         data_block: d.data_block.min(cap),
         data_end: d.data_end.min(cap),
+    }
+}
+
+/// Logs a finished handshake and tells the session which version and cipher it got.
+fn announce_tls(conn: &mut InboundConn, log: &mut Logger) {
+    if conn.tls_announced {
+        return;
+    }
+    conn.tls_announced = true;
+    if let Some(info) = conn.tls.as_ref().and_then(|t| t.info()) {
+        conn.session.set_tls_info(info.version, info.cipher);
+        log.event(
+            "tls",
+            &[("client", V::D(&conn.peer)), ("version", V::S(info.version)), ("cipher", V::S(info.cipher))],
+        );
     }
 }
 

@@ -8,6 +8,7 @@
 //! nothing but the job it is handed.
 
 use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use mio::Waker;
@@ -26,7 +27,7 @@ pub struct Syncer {
 
 impl Syncer {
     /// Starts the thread; it wakes the loop with `waker` after each job.
-    pub fn spawn(waker: Waker) -> std::io::Result<Syncer> {
+    pub fn spawn(waker: Arc<Waker>) -> std::io::Result<Syncer> {
         let (jobs, job_rx) = channel::<SyncJob>();
         let (result_tx, results) = channel();
         let thread = std::thread::Builder::new().name("sluice-sync".into()).spawn(move || {

@@ -1665,7 +1665,7 @@ mod tests {
                         stored.push(server.message().2.to_vec());
                         server.message_result(&mut ctx, Ok(()), &mut s_out);
                     }
-                    Some(Event::Close) | None => break,
+                    Some(Event::Close | Event::StartTls | Event::Auth) | None => break,
                 }
             }
         }

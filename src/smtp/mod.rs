@@ -4,6 +4,7 @@
 //! Nothing here touches sockets, `mio` or the clock: bytes and time come in as arguments, bytes
 //! and events go out. The drivers in `crate::net` do the I/O.
 
+pub mod auth;
 pub mod client;
 pub mod command;
 pub mod data;

@@ -8,6 +8,7 @@
 //! lie and reports `Partial` until its last line is in; [`Capabilities::from_ehlo`] reads the
 //! extensions an EHLO reply advertises. Nothing here reads sockets or the clock.
 
+use super::auth::AuthFault;
 use std::fmt;
 
 use memchr::memchr;
@@ -39,6 +40,15 @@ pub const SPOOL_FAILED: &[u8] = b"451 4.3.0 Temporary local problem storing the 
 /// `452` when the spool is out of space.
 pub const SPOOL_FULL: &[u8] = b"452 4.3.1 Insufficient system storage, try again later\r\n";
 
+/// STARTTLS accepted (RFC 3207 §4): the handshake starts after this line.
+pub const READY_TLS: &[u8] = b"220 2.0.0 Ready to start TLS\r\n";
+/// AUTH succeeded (RFC 4954 §6).
+pub const AUTH_OK: &[u8] = b"235 2.7.0 Authentication successful\r\n";
+/// Wrong user or password: one reply for both, so users cannot be enumerated.
+pub const AUTH_FAILED: &[u8] = b"535 5.7.8 Authentication credentials invalid\r\n";
+/// Too many failed AUTH attempts from this address.
+pub const AUTH_BLOCKED: &[u8] = b"421 4.7.0 Too many failed authentication attempts, closing connection\r\n";
+
 /// Every reason the server refuses a command or a message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
@@ -58,6 +68,10 @@ pub enum Fault {
     TlsUnavailable,
     /// AUTH asked for but not offered.
     AuthUnavailable,
+    /// AUTH outside TLS (RFC 4954 §4, `538 5.7.11`).
+    AuthNeedsTls,
+    /// An AUTH exchange that broke down before any password was checked.
+    Auth(AuthFault),
     /// Malformed reverse path.
     BadSender,
     /// Malformed forward path.
@@ -88,6 +102,14 @@ impl Fault {
             Fault::ExpnDisabled => b"502 5.5.1 EXPN not available\r\n",
             Fault::TlsUnavailable => b"454 4.7.0 TLS not available\r\n",
             Fault::AuthUnavailable => b"503 5.5.1 Error: authentication not enabled\r\n",
+            Fault::AuthNeedsTls => b"538 5.7.11 Encryption required for requested authentication mechanism\r\n",
+            Fault::Auth(f) => match f {
+                AuthFault::Syntax => b"501 5.5.4 Syntax: AUTH mechanism [initial-response]\r\n",
+                AuthFault::UnknownMechanism => b"504 5.5.4 Unrecognized authentication type\r\n",
+                AuthFault::BadBase64 | AuthFault::Malformed => b"501 5.5.2 Cannot decode response\r\n",
+                AuthFault::Cancelled => b"501 5.0.0 Authentication cancelled\r\n",
+                AuthFault::TooLong => b"500 5.5.6 Authentication exchange line is too long\r\n",
+            },
             Fault::BadSender => b"501 5.1.7 Bad sender address syntax\r\n",
             Fault::BadRecipient => b"501 5.1.3 Bad recipient address syntax\r\n",
             Fault::Utf8NotDeclared => b"553 5.6.7 Non-ASCII address requires the SMTPUTF8 parameter on MAIL\r\n",
@@ -113,6 +135,7 @@ impl Fault {
                 | Fault::UnknownParameter
                 | Fault::BadSender
                 | Fault::BadRecipient
+                | Fault::Auth(_)
         )
     }
 }
@@ -131,6 +154,12 @@ pub mod seq {
     pub const DATA_AFTER_BDAT: &str = "503 5.5.1 Error: DATA not allowed after BDAT\r\n";
     /// DATA with BODY=BINARYMIME.
     pub const BINARY_NEEDS_BDAT: &str = "503 5.5.1 Error: BINARYMIME requires BDAT\r\n";
+    /// STARTTLS inside TLS.
+    pub const ALREADY_TLS: &str = "503 5.5.1 Error: TLS already active\r\n";
+    /// STARTTLS or AUTH inside a mail transaction.
+    pub const IN_TRANSACTION: &str = "503 5.5.1 Error: not allowed during a mail transaction\r\n";
+    /// A second successful AUTH.
+    pub const ALREADY_AUTH: &str = "503 5.5.1 Error: already authenticated\r\n";
 }
 
 /// Syntax replies (`501`).

@@ -18,6 +18,7 @@
 use std::io::Write as _;
 use std::net::IpAddr;
 
+use super::auth::{self, AuthFault, Credentials, Mechanism};
 use super::command::{self, Command, Path};
 use super::data::{bdat_take, DataScanner, Taint};
 use super::line::{next_line, skip_line, Framed};
@@ -46,27 +47,52 @@ pub struct SessionConfig {
     pub ehlo: Vec<u8>,
     /// HELO reply.
     pub helo: Vec<u8>,
+    /// STARTTLS is offered (a certificate is loaded).
+    pub starttls: bool,
+    /// AUTH is offered inside TLS (an auth file is loaded).
+    pub auth: bool,
+    /// EHLO reply inside TLS (no STARTTLS; AUTH when enabled).
+    pub ehlo_tls: Vec<u8>,
 }
 
 impl SessionConfig {
     /// Renders the fixed replies for `hostname`.
     pub fn new(hostname: &str, max_message_size: u64, max_recipients: usize) -> SessionConfig {
         let greeting = format!("220 {hostname} ESMTP sluice\r\n").into_bytes();
-        let ehlo = format!(
-            "250-{hostname}\r\n250-PIPELINING\r\n250-SIZE {max_message_size}\r\n250-8BITMIME\r\n\
-             250-SMTPUTF8\r\n250-CHUNKING\r\n250-DSN\r\n250 ENHANCEDSTATUSCODES\r\n"
-        )
-        .into_bytes();
         let helo = format!("250 {hostname}\r\n").into_bytes();
-        SessionConfig {
+        let mut cfg = SessionConfig {
             hostname: hostname.to_owned(),
             max_message_size,
             max_recipients,
             max_bad_commands: 10,
             greeting,
-            ehlo,
+            ehlo: Vec::new(),
             helo,
-        }
+            starttls: false,
+            auth: false,
+            ehlo_tls: Vec::new(),
+        };
+        cfg.render_ehlo();
+        cfg
+    }
+
+    /// Turns STARTTLS and AUTH on or off and renders the EHLO replies again.
+    pub fn with_features(mut self, starttls: bool, auth: bool) -> SessionConfig {
+        self.starttls = starttls;
+        self.auth = auth;
+        self.render_ehlo();
+        self
+    }
+
+    fn render_ehlo(&mut self) {
+        let common = format!(
+            "250-{}\r\n250-PIPELINING\r\n250-SIZE {}\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250-CHUNKING\r\n250-DSN\r\n",
+            self.hostname, self.max_message_size
+        );
+        let starttls = if self.starttls { "250-STARTTLS\r\n" } else { "" };
+        let auth = if self.auth { "250-AUTH PLAIN LOGIN\r\n" } else { "" };
+        self.ehlo = format!("{common}{starttls}250 ENHANCEDSTATUSCODES\r\n").into_bytes();
+        self.ehlo_tls = format!("{common}{auth}250 ENHANCEDSTATUSCODES\r\n").into_bytes();
     }
 }
 
@@ -89,6 +115,23 @@ pub enum Event {
     Message,
     /// Flush the output, then close the connection.
     Close,
+    /// `220` to STARTTLS is in the output: send it in the clear, then start the TLS handshake.
+    /// Everything the client pipelined behind STARTTLS has been discarded.
+    StartTls,
+    /// Credentials are complete: verify [`ServerSession::take_credentials`] (off the loop)
+    /// and answer with [`ServerSession::auth_result`].
+    Auth,
+}
+
+/// The answer to an AUTH attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthOutcome {
+    /// `235`: the session is authenticated.
+    Accepted,
+    /// `535 5.7.8`.
+    Rejected,
+    /// `421 4.7.0`: too many failures from this client; the session closes.
+    Blocked,
 }
 
 /// Result of one [`ServerSession::handle_input`] call.
@@ -125,7 +168,22 @@ enum State {
     },
     /// Message complete, waiting for the spool.
     Stored,
+    /// Waiting for the next line of an AUTH exchange.
+    AuthLine(AuthStep),
+    /// Credentials handed out for verification.
+    AuthWait,
     Closed,
+}
+
+/// Which AUTH response comes next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AuthStep {
+    /// The PLAIN message (after an empty `334`).
+    Plain,
+    /// LOGIN user name.
+    LoginUser,
+    /// LOGIN password.
+    LoginPass,
 }
 
 /// Whether the transaction is using DATA or BDAT (they may not be mixed).
@@ -152,6 +210,13 @@ pub struct ServerSession {
     queue_id: QueueId,
     peer: IpAddr,
     last_fault: Option<Fault>,
+    /// TLS is on (STARTTLS done or implicit TLS).
+    tls: bool,
+    /// Negotiated (version, cipher), for `Received:`.
+    tls_info: Option<(&'static str, &'static str)>,
+    /// AUTH succeeded; `creds.user` is the user.
+    authenticated: bool,
+    creds: Credentials,
 }
 
 impl ServerSession {
@@ -174,7 +239,65 @@ impl ServerSession {
             queue_id: QueueId(0),
             peer,
             last_fault: None,
+            tls: false,
+            tls_info: None,
+            authenticated: false,
+            creds: Credentials::new(),
         }
+    }
+
+    /// Marks the session as running inside TLS from the start (implicit-TLS listener).
+    pub fn tls_started(&mut self) {
+        self.tls = true;
+    }
+
+    /// Records the negotiated TLS version and cipher once the handshake is done.
+    pub fn set_tls_info(&mut self, version: &'static str, cipher: &'static str) {
+        self.tls_info = Some((version, cipher));
+    }
+
+    /// Whether TLS is on.
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
+    /// The authenticated user, if any.
+    pub fn auth_user(&self) -> Option<&[u8]> {
+        self.authenticated.then_some(&self.creds.user[..])
+    }
+
+    /// After [`Event::Auth`]: the credentials to verify (hand them back to `auth_result`).
+    pub fn take_credentials(&mut self) -> Credentials {
+        std::mem::take(&mut self.creds)
+    }
+
+    /// The verdict on the credentials of [`Event::Auth`]; writes `235`, `535` or `421` and
+    /// returns true when the session is now closed. Ignored unless an AUTH is pending.
+    pub fn auth_result(&mut self, outcome: AuthOutcome, mut creds: Credentials, out: &mut Buf) -> bool {
+        if self.state != State::AuthWait {
+            return self.state == State::Closed;
+        }
+        creds.clear_pass();
+        self.state = State::Command;
+        match outcome {
+            AuthOutcome::Accepted => {
+                self.creds = creds;
+                self.authenticated = true;
+                self.ok(reply::AUTH_OK, out);
+            }
+            AuthOutcome::Rejected => {
+                creds.clear();
+                self.creds = creds;
+                out.push(reply::AUTH_FAILED);
+            }
+            AuthOutcome::Blocked => {
+                creds.clear();
+                self.creds = creds;
+                out.push(reply::AUTH_BLOCKED);
+                self.state = State::Closed;
+            }
+        }
+        self.state == State::Closed
     }
 
     /// Writes the `220` greeting.
@@ -186,8 +309,8 @@ impl ServerSession {
     pub fn timeout_kind(&self) -> TimeoutKind {
         match self.state {
             State::Data | State::Bdat { .. } => TimeoutKind::Data,
-            State::Stored | State::Closed => TimeoutKind::None,
-            State::Command | State::SkipLine => TimeoutKind::Command,
+            State::Stored | State::Closed | State::AuthWait => TimeoutKind::None,
+            State::Command | State::SkipLine | State::AuthLine(_) => TimeoutKind::Command,
         }
     }
 
@@ -218,7 +341,32 @@ impl ServerSession {
             let rest = &input[used..];
             match self.state {
                 State::Closed => return Progress { consumed: input.len(), event: None },
-                State::Stored => return Progress { consumed: used, event: None },
+                State::Stored | State::AuthWait => return Progress { consumed: used, event: None },
+                State::AuthLine(step) => match next_line(rest) {
+                    Framed::Partial => return Progress { consumed: used, event: None },
+                    Framed::Overlong { consumed, ended } => {
+                        used += consumed;
+                        self.creds.clear();
+                        self.state = if ended { State::Command } else { State::SkipLine };
+                        if ended && self.fault(Fault::Auth(AuthFault::TooLong), out) {
+                            return Progress { consumed: input.len(), event: Some(Event::Close) };
+                        }
+                    }
+                    Framed::Line(line, n) => {
+                        used += n;
+                        match self.auth_step(step, line, out) {
+                            Ok(true) => return Progress { consumed: used, event: Some(Event::Auth) },
+                            Ok(false) => {}
+                            Err(f) => {
+                                self.creds.clear();
+                                self.state = State::Command;
+                                if self.fault(f, out) {
+                                    return Progress { consumed: input.len(), event: Some(Event::Close) };
+                                }
+                            }
+                        }
+                    }
+                },
                 State::Data => {
                     let mut body = self.body.take().unwrap_or_default();
                     let r = self.scanner.scan(rest, &mut body);
@@ -291,7 +439,9 @@ impl ServerSession {
                         Framed::Line(line, n) => {
                             used += n;
                             if let Some(ev) = self.command(ctx, line, out) {
-                                if ev == Event::Close {
+                                // After QUIT nothing more is read; after STARTTLS whatever
+                                // was pipelined behind it is discarded (RFC 3207 §4.2).
+                                if ev == Event::Close || ev == Event::StartTls {
                                     return Progress { consumed: input.len(), event: Some(ev) };
                                 }
                                 return Progress { consumed: used, event: Some(ev) };
@@ -348,7 +498,8 @@ impl ServerSession {
     /// get `421 4.3.0` and are closed; returns whether it closed. A session waiting for the
     /// spool is never closed here: its message is about to be answered.
     pub fn handle_shutdown(&mut self, ctx: &mut Ctx<'_>, force: bool, out: &mut Buf) -> bool {
-        let idle = matches!(self.state, State::Command | State::SkipLine) && !self.in_data();
+        let idle = matches!(self.state, State::Command | State::SkipLine | State::AuthLine(_) | State::AuthWait)
+            && !self.in_data();
         if self.state == State::Stored || self.state == State::Closed || !(idle || force) {
             return self.state == State::Closed;
         }
@@ -412,7 +563,8 @@ impl ServerSession {
                 self.esmtp = esmtp;
                 self.envelope.helo.clear();
                 self.envelope.helo.extend_from_slice(name);
-                self.ok(if esmtp { &ctx.cfg.ehlo } else { &ctx.cfg.helo }, out);
+                let ehlo = if self.tls { &ctx.cfg.ehlo_tls } else { &ctx.cfg.ehlo };
+                self.ok(if esmtp { ehlo } else { &ctx.cfg.helo }, out);
                 Ok(())
             }
             Command::Mail(path, params) => self.mail(ctx, path, params, out),
@@ -445,8 +597,34 @@ impl ServerSession {
                 self.ok(reply::HELP, out);
                 Ok(())
             }
-            Command::StartTls(_) => Err(Fault::TlsUnavailable),
-            Command::Auth(_) => Err(Fault::AuthUnavailable),
+            Command::StartTls(arg) => {
+                if !ctx.cfg.starttls {
+                    Err(Fault::TlsUnavailable)
+                } else if self.tls {
+                    Err(Fault::Sequence(seq::ALREADY_TLS))
+                } else if !arg.is_empty() {
+                    Err(Fault::Syntax(reply::syntax::NO_ARGS))
+                } else if self.in_mail {
+                    Err(Fault::Sequence(seq::IN_TRANSACTION))
+                } else {
+                    // RFC 3207 §4.2: back to the initial state; a new EHLO is required.
+                    self.reset_transaction();
+                    self.greeted = false;
+                    self.esmtp = false;
+                    self.envelope.helo.clear();
+                    self.tls = true;
+                    self.ok(reply::READY_TLS, out);
+                    return Some(Event::StartTls);
+                }
+            }
+            Command::Auth(arg) => match self.auth(ctx, arg, out) {
+                Ok(true) => return Some(Event::Auth),
+                Ok(false) => Ok(()),
+                Err(f) => {
+                    self.creds.clear();
+                    Err(f)
+                }
+            },
         };
         match result {
             Ok(()) => None,
@@ -549,7 +727,7 @@ impl ServerSession {
         if path.utf8 && !self.envelope.smtputf8 {
             return Err(Fault::Utf8NotDeclared);
         }
-        if !self.relay_allowed {
+        if !self.relay_allowed && !self.authenticated {
             return Err(Fault::RelayDenied);
         }
         if self.envelope.rcpt_count() >= ctx.cfg.max_recipients {
@@ -599,13 +777,68 @@ impl ServerSession {
         let _ = out;
     }
 
+    /// `AUTH mechanism [initial-response]`; true when the credentials are complete.
+    fn auth(&mut self, ctx: &Ctx<'_>, arg: &[u8], out: &mut Buf) -> Result<bool, Fault> {
+        if !ctx.cfg.auth {
+            return Err(Fault::AuthUnavailable);
+        }
+        if !self.tls {
+            return Err(Fault::AuthNeedsTls);
+        }
+        if !self.esmtp {
+            return Err(Fault::Sequence(seq::NEED_EHLO));
+        }
+        if self.authenticated {
+            return Err(Fault::Sequence(seq::ALREADY_AUTH));
+        }
+        if self.in_mail {
+            return Err(Fault::Sequence(seq::IN_TRANSACTION));
+        }
+        let (mech, initial) = auth::parse_auth(arg).map_err(Fault::Auth)?;
+        self.creds.clear();
+        let step = match (mech, initial) {
+            (Mechanism::Plain, Some(r)) => return self.auth_step(AuthStep::Plain, r, out),
+            (Mechanism::Plain, None) => {
+                out.push(auth::PLAIN_PROMPT);
+                AuthStep::Plain
+            }
+            (Mechanism::Login, Some(r)) => return self.auth_step(AuthStep::LoginUser, r, out),
+            (Mechanism::Login, None) => {
+                out.push(auth::LOGIN_USER_PROMPT);
+                AuthStep::LoginUser
+            }
+        };
+        self.state = State::AuthLine(step);
+        Ok(false)
+    }
+
+    /// One client response in an AUTH exchange; true when the credentials are complete.
+    fn auth_step(&mut self, step: AuthStep, line: &[u8], out: &mut Buf) -> Result<bool, Fault> {
+        if line == b"*" {
+            return Err(Fault::Auth(AuthFault::Cancelled));
+        }
+        match step {
+            AuthStep::Plain => auth::decode_plain(line, &mut self.creds).map_err(Fault::Auth)?,
+            AuthStep::LoginUser => {
+                auth::decode_line(line, &mut self.creds.user).map_err(Fault::Auth)?;
+                out.push(auth::LOGIN_PASS_PROMPT);
+                self.state = State::AuthLine(AuthStep::LoginPass);
+                return Ok(false);
+            }
+            AuthStep::LoginPass => auth::decode_line(line, &mut self.creds.pass).map_err(Fault::Auth)?,
+        }
+        self.state = State::AuthWait;
+        Ok(true)
+    }
+
     /// Allocates the queue id and writes the `Received:` header (RFC 5321 §4.4) into a body
     /// buffer from the pool.
     fn start_body(&mut self, ctx: &mut Ctx<'_>) {
         self.queue_id = ctx.ids.next(ctx.now_unix_us);
         let mut body = self.body.take().unwrap_or_else(|| ctx.bodies.take());
         body.clear();
-        write_received(&mut body, ctx.cfg, &self.envelope, self.peer, self.esmtp, self.queue_id, ctx.now_unix_us);
+        let trace = Trace { esmtp: self.esmtp, tls: self.tls_info, authenticated: self.authenticated };
+        write_received(&mut body, ctx.cfg, &self.envelope, self.peer, trace, self.queue_id, ctx.now_unix_us);
         self.body = Some(body);
     }
 }
@@ -641,22 +874,40 @@ impl std::io::Write for Writer<'_> {
     }
 }
 
+/// How the message came in, for the `with` clause of `Received:`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Trace {
+    /// EHLO (not HELO).
+    pub esmtp: bool,
+    /// TLS version and cipher.
+    pub tls: Option<(&'static str, &'static str)>,
+    /// AUTH succeeded.
+    pub authenticated: bool,
+}
+
 /// Writes the trace header:
-/// `Received: from HELO ([IP]) by HOST (sluice) with ESMTP id ID [for <rcpt>]; DATE`.
+/// `Received: from HELO ([IP]) [(using TLS)] by HOST (sluice) with ESMTP id ID [for <rcpt>]; DATE`.
 pub fn write_received(
     out: &mut Vec<u8>,
     cfg: &SessionConfig,
     env: &Envelope,
     peer: IpAddr,
-    esmtp: bool,
+    trace: Trace,
     id: QueueId,
     now_unix_us: u64,
 ) {
-    // RFC 3848 / RFC 6531 §3.7.3: the `with` keyword names the protocol actually used.
-    let with = match (esmtp, env.smtputf8) {
+    // RFC 3848 / RFC 6531 §3.7.3: the `with` keyword names the protocol actually used, with
+    // S for TLS and A for AUTH (ESMTPS, ESMTPSA, UTF8SMTPS, ...).
+    let base = match (trace.esmtp, env.smtputf8) {
         (false, _) => "SMTP",
         (true, false) => "ESMTP",
         (true, true) => "UTF8SMTP",
+    };
+    let suffix = match (trace.esmtp, trace.tls.is_some(), trace.authenticated) {
+        (false, _, _) | (true, false, false) => "",
+        (true, true, false) => "S",
+        (true, false, true) => "A",
+        (true, true, true) => "SA",
     };
     out.extend_from_slice(b"Received: from ");
     out.extend_from_slice(&env.helo);
@@ -664,7 +915,10 @@ pub fn write_received(
         IpAddr::V4(a) => write!(out, " ([{a}])"),
         IpAddr::V6(a) => write!(out, " ([IPv6:{a}])"),
     };
-    let _ = write!(out, "\r\n\tby {} (sluice) with {with} id ", cfg.hostname);
+    if let Some((version, cipher)) = trace.tls {
+        let _ = write!(out, "\r\n\t(using {version} with cipher {cipher})");
+    }
+    let _ = write!(out, "\r\n\tby {} (sluice) with {base}{suffix} id ", cfg.hostname);
     out.extend_from_slice(&id.to_bytes());
     if env.rcpt_count() == 1 {
         out.extend_from_slice(b"\r\n\tfor <");
@@ -746,6 +1000,7 @@ mod tests {
                         replies.extend_from_slice(out.data());
                         return (replies, stored);
                     }
+                    Some(Event::StartTls | Event::Auth) => unreachable!("neither is offered in these tests"),
                     None => break,
                 }
             }

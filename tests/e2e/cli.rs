@@ -102,3 +102,60 @@ fn queue_list_and_stats() {
     assert_eq!(code, 1);
     assert!(err.contains("/nonexistent/spool"), "{err}");
 }
+
+/// Runs `sluice passwd USER` with `stdin` piped in: (exit code, stdout, stderr).
+fn passwd(user: &str, stdin: &[u8]) -> (i32, String, String) {
+    use std::io::Write as _;
+    use std::process::Stdio;
+    let mut child = Command::new(sluice_bin())
+        .args(["passwd", user])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The child may exit before reading (bad user name): a broken pipe is fine.
+    let _ = child.stdin.take().unwrap().write_all(stdin);
+    let out = child.wait_with_output().unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+}
+
+#[test]
+fn passwd_prints_a_line_that_verifies() {
+    use sluice::smtp::auth::AuthFile;
+    for (input, pass) in
+        [(&b"s3cret pass\n"[..], &b"s3cret pass"[..]), (b"crlf\r\n", b"crlf"), (b"no-newline", b"no-newline")]
+    {
+        let (code, out, err) = passwd("alice@example.com", input);
+        assert_eq!(code, 0, "{err}");
+        assert!(out.starts_with("alice@example.com:$argon2id$") && out.ends_with('\n'), "{out}");
+        assert_eq!(out.lines().count(), 1, "{out}");
+        let users = AuthFile::parse(&out).unwrap();
+        assert!(users.verify(b"alice@example.com", pass), "{out}");
+        assert!(!users.verify(b"alice@example.com", b"wrong"));
+        if input != pass {
+            assert!(!users.verify(b"alice@example.com", input), "the line ending is not part of the password");
+        }
+    }
+}
+
+#[test]
+fn passwd_refuses_an_empty_password() {
+    for input in [&b""[..], b"\n", b"\r\n"] {
+        let (code, out, err) = passwd("alice", input);
+        assert_eq!(code, 1, "{input:?}: {err}");
+        assert!(out.is_empty(), "{out}");
+        assert!(err.contains("empty password"), "{err}");
+    }
+}
+
+#[test]
+fn passwd_refuses_a_bad_user_name() {
+    for user in ["", "a:b", "a b", "tab\tuser", "#comment"] {
+        let (code, out, err) = passwd(user, b"pw\n");
+        assert_eq!(code, 2, "{user:?}: {err}");
+        assert!(out.is_empty(), "{out}");
+        assert!(err.contains("user name"), "{err}");
+    }
+}

@@ -45,6 +45,8 @@ impl Drop for TempDir {
 pub struct Relay {
     pub child: Child,
     pub addr: SocketAddr,
+    /// Every listener in flag order: the --listen ones, then the --listen-tls ones.
+    pub addrs: Vec<SocketAddr>,
     pub spool: PathBuf,
     pub log: Arc<Mutex<String>>,
     _dir: Option<TempDir>,
@@ -87,8 +89,9 @@ impl Relay {
                     line.split("\"event\":\"listening\",\"addr\":\"").nth(1).map(|r| r.trim_end_matches("\"}"))
                 });
                 if let Some(rest) = listening {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(rest.trim().to_string());
+                    let addr = rest.split([' ', '"']).next().unwrap_or("").to_string();
+                    if tx.as_ref().is_some_and(|tx| tx.send(addr).is_err()) {
+                        tx = None;
                     }
                 }
                 let mut l = log2.lock().unwrap();
@@ -96,14 +99,19 @@ impl Relay {
                 l.push('\n');
             }
         });
-        let addr = match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(a) => a.parse().unwrap(),
-            Err(_) => {
-                let _ = child.kill();
-                panic!("relay did not start; log:\n{}", log.lock().unwrap());
+        let listeners = extra.iter().filter(|a| **a == "--listen" || **a == "--listen-tls").count()
+            + usize::from(!extra.contains(&"--listen"));
+        let mut addrs = Vec::new();
+        while addrs.len() < listeners {
+            match rx.recv_timeout(Duration::from_secs(20)) {
+                Ok(a) => addrs.push(a.parse().unwrap()),
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!("relay did not start; log:\n{}", log.lock().unwrap());
+                }
             }
-        };
-        Relay { child, addr, spool: spool.to_path_buf(), log, _dir: None }
+        }
+        Relay { child, addr: addrs[0], addrs, spool: spool.to_path_buf(), log, _dir: None }
     }
 
     pub fn client(&self) -> Client {
