@@ -1,0 +1,119 @@
+//! The costs TLS and AUTH add, per event: one full TLS handshake (server and client sides both
+//! run here, over in-memory pipes; the server's share is about half), the TLS record layer on a
+//! 1 KiB message each way, and one Argon2id verification (the AUTH worker's CPU per attempt).
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::path::PathBuf;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use sluice::net::tls::{ClientTls, ServerTls, TlsRead, TlsSession};
+use sluice::smtp::auth::{hash_password, AuthFile};
+
+/// One direction of an in-memory connection.
+#[derive(Default)]
+struct Pipe {
+    rx: VecDeque<u8>,
+    tx: Vec<u8>,
+}
+
+impl Read for Pipe {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.rx.is_empty() {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let n = buf.len().min(self.rx.len());
+        for (d, s) in buf.iter_mut().zip(self.rx.drain(..n)) {
+            *d = s;
+        }
+        Ok(n)
+    }
+}
+
+impl Write for Pipe {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.tx.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Moves bytes both ways until both sides are quiet; returns plaintext received by `b`.
+fn pump(a: &mut TlsSession, ap: &mut Pipe, b: &mut TlsSession, bp: &mut Pipe, scratch: &mut [u8]) -> usize {
+    let mut got = 0;
+    for _ in 0..20 {
+        let _ = a.flush(ap);
+        bp.rx.extend(ap.tx.drain(..));
+        let _ = b.flush(bp);
+        ap.rx.extend(bp.tx.drain(..));
+        while let TlsRead::Data(_) = a.read(ap, scratch) {}
+        while let TlsRead::Data(n) = b.read(bp, scratch) {
+            got += n;
+        }
+        if !a.wants_write() && !b.wants_write() && ap.rx.is_empty() && bp.rx.is_empty() {
+            break;
+        }
+    }
+    got
+}
+
+fn server_tls() -> ServerTls {
+    let dir = std::env::temp_dir().join(format!("sluice-bench-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["mx.example.test".into()]).unwrap();
+    let (cert, key): (PathBuf, PathBuf) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+    let tls = ServerTls::load(&cert, &key).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    tls
+}
+
+fn bench_tls(c: &mut Criterion) {
+    let server_cfg = server_tls();
+    let client_cfg = ClientTls::unverified();
+    let mut scratch = vec![0u8; 16 * 1024];
+    let mut group = c.benchmark_group("tls");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("handshake_both_sides", |b| {
+        b.iter(|| {
+            let mut s = TlsSession::server(&server_cfg).unwrap();
+            let mut c = TlsSession::client(&client_cfg, "mx.example.test").unwrap();
+            let (mut sp, mut cp) = (Pipe::default(), Pipe::default());
+            pump(&mut c, &mut cp, &mut s, &mut sp, &mut scratch);
+            assert!(!s.is_handshaking());
+        })
+    });
+    // Record layer: 1 KiB client → server (a message) and 100 bytes back (the reply).
+    let mut s = TlsSession::server(&server_cfg).unwrap();
+    let mut cl = TlsSession::client(&client_cfg, "mx.example.test").unwrap();
+    let (mut sp, mut cp) = (Pipe::default(), Pipe::default());
+    pump(&mut cl, &mut cp, &mut s, &mut sp, &mut scratch);
+    let msg = vec![b'x'; 1024];
+    group.throughput(Throughput::Bytes(1024));
+    group.bench_function("record_1k_message", |b| {
+        b.iter(|| {
+            cl.write(&msg);
+            s.write(&msg[..100]);
+            let got = pump(&mut cl, &mut cp, &mut s, &mut sp, &mut scratch);
+            assert_eq!(got, 1024);
+        })
+    });
+    group.finish();
+}
+
+fn bench_auth(c: &mut Criterion) {
+    let line = format!("alice:{}\n", hash_password(b"secret").unwrap());
+    let users = AuthFile::parse(&line).unwrap();
+    let mut group = c.benchmark_group("auth");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("argon2id_verify", |b| b.iter(|| assert!(users.verify(b"alice", b"secret"))));
+    group.bench_function("argon2id_unknown_user", |b| b.iter(|| assert!(!users.verify(b"mallory", b"secret"))));
+    group.finish();
+}
+
+criterion_group!(benches, bench_tls, bench_auth);
+criterion_main!(benches);
