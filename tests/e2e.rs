@@ -10,4 +10,5 @@ mod e2e {
     pub mod smuggling;
     pub mod support;
     pub mod tls;
+    pub mod tls_out;
 }

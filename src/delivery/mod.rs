@@ -9,6 +9,14 @@
 //! recipients for the destination in one transaction. Each recipient's outcome is appended to
 //! the spool before it counts; deferred recipients wait in the due queue; failed ones produce a
 //! DSN to the sender (never for the null sender), queued and delivered like any message.
+//!
+//! # TLS (`--outbound-tls`, RFC 3207)
+//! Each connection gets a [`TlsPolicy`]: `none` never asks; `may` uses STARTTLS when offered
+//! without checking the certificate, and when the handshake fails reconnects at once in
+//! plaintext to the same address (Postfix's `may`), remembering the address for a while;
+//! `encrypt` and `verify` (certificate checked against `--tls-ca-file` for the MX host name)
+//! treat a missing STARTTLS, a refusal or a failed handshake as a 4.7.x failure of that host.
+//! Attempt log lines carry `tls=TLSv1.x` or `tls=none`.
 
 pub mod route;
 
@@ -29,11 +37,13 @@ use crate::dsn::{self, Action, DsnInput, DsnRecipient};
 use crate::log::{Logger, V};
 use crate::message::{Envelope, IdGen, QueueId};
 use crate::net::dns::DnsConn;
-use crate::net::outbound::{ActiveJob, Io, OutboundConn};
+use crate::net::outbound::{new_conn, ActiveJob, Io, OutboundConn};
 use crate::queue::schedule::{NextStep, RetryPolicy};
 use crate::queue::{DestId, Job, Queue};
 use crate::reactor::token::{self, Kind};
-use crate::smtp::client::{ClientConfig, ClientEvent, ClientSession, ClientTimeouts, TxRcpt, TxSpec};
+use crate::smtp::client::{
+    ClientConfig, ClientEvent, ClientSession, ClientTimeouts, Failure, TlsPolicy, TxRcpt, TxSpec,
+};
 use crate::smtp::reply::Reply;
 use crate::spool::{Outcome, RecoveredMessage, Spool};
 use route::{status_code, synthetic, verdict, Verdict};
@@ -44,6 +54,10 @@ const MAX_TRANSACTIONS_PER_CONN: u32 = 1000;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Backoff after every address of a destination failed to connect.
 const DEST_BACKOFF_MS: u64 = 30_000;
+/// How long an address whose TLS handshake failed under `may` is spoken to in plaintext only.
+const TLS_BROKEN_MS: u64 = 10 * 60_000;
+/// Addresses remembered with a broken handshake, at most.
+const TLS_BROKEN_MAX: usize = 10_000;
 
 /// Delivery settings from the command line.
 #[derive(Debug, Clone)]
@@ -85,6 +99,9 @@ struct DestState {
     route: Route,
     /// Connections open or opening.
     conns: u32,
+    /// Of those, connections not ready yet (connecting, greeting, EHLO, STARTTLS): each will
+    /// take a ready job, so they count against the jobs that still need a connection.
+    opening: u32,
     /// Connections ready and without work.
     idle: Vec<(usize, u32)>,
     /// Address to connect to next: the first (most preferred) until it fails, then the next
@@ -131,6 +148,8 @@ pub struct Delivery {
     /// will not call again): driven on the next pass.
     again: Vec<(usize, u32)>,
     next_sweep: Instant,
+    /// Addresses whose TLS handshake failed under `may`, until (Unix ms): plaintext only.
+    tls_broken: HashMap<SocketAddr, u64>,
 }
 
 impl Delivery {
@@ -148,6 +167,7 @@ impl Delivery {
             lookups: HashMap::new(),
             again: Vec::new(),
             next_sweep: Instant::now(),
+            tls_broken: HashMap::new(),
         }
     }
 
@@ -156,6 +176,7 @@ impl Delivery {
             self.dests.push(DestState {
                 route: Route::Unknown,
                 conns: 0,
+                opening: 0,
                 idle: Vec::new(),
                 next_addr: 0,
                 failures: 0,
@@ -326,7 +347,14 @@ impl Delivery {
             // arriving now is deferred with the last failure instead of hammering it again.
             let reply = state.backoff_reply.clone().unwrap_or_else(|| synthetic(451, (4, 4, 1), "destination down"));
             while let Some(job) = self.queue.pop_job(dest, wall_ms) {
-                self.settle_job(ctx, &job, None, &vec![(Verdict::Deferred, reply.clone()); job.rcpts.len()], "");
+                self.settle_job(
+                    ctx,
+                    &job,
+                    None,
+                    &vec![(Verdict::Deferred, reply.clone()); job.rcpts.len()],
+                    "",
+                    "none",
+                );
             }
             return;
         }
@@ -346,7 +374,7 @@ impl Delivery {
                 // Every ready job of this destination gets the DNS verdict.
                 while let Some(job) = self.queue.pop_job(dest, wall_ms) {
                     let outcome = if permanent { Verdict::Failed } else { Verdict::Deferred };
-                    self.settle_job(ctx, &job, None, &vec![(outcome, reply.clone()); job.rcpts.len()], "");
+                    self.settle_job(ctx, &job, None, &vec![(outcome, reply.clone()); job.rcpts.len()], "", "none");
                 }
             }
             Route::Ready { addrs, .. } => {
@@ -355,7 +383,7 @@ impl Delivery {
                 }
                 let ready = self.queue.dest(dest).ready.len() as u32;
                 let state = &self.dests[dest as usize];
-                let want = ready.min(limit.saturating_sub(state.conns));
+                let want = ready.saturating_sub(state.opening).min(limit.saturating_sub(state.conns));
                 for _ in 0..want {
                     self.connect(ctx, dest);
                 }
@@ -395,11 +423,33 @@ impl Delivery {
         let Route::Ready { addrs, .. } = &state.route else { return };
         let index = state.next_addr % addrs.len();
         let (host, addr) = addrs[index].clone();
+        let policy = match self.cfg.tls_mode {
+            OutboundTlsMode::None => TlsPolicy::Off,
+            // A host whose handshake just failed gets plaintext at once (no doomed handshake
+            // before every delivery).
+            OutboundTlsMode::May if self.tls_broken.get(&addr).is_some_and(|&t| t > ctx.wall_ms) => TlsPolicy::Off,
+            OutboundTlsMode::May => TlsPolicy::Opportunistic,
+            OutboundTlsMode::Encrypt | OutboundTlsMode::Verify => TlsPolicy::Required,
+        };
+        self.open(ctx, dest, index, host, addr, policy);
+    }
+
+    /// Opens a connection to `addr` (entry `index` of the destination's route) with the given
+    /// STARTTLS policy.
+    fn open(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        dest: DestId,
+        index: usize,
+        host: Box<str>,
+        addr: SocketAddr,
+        policy: TlsPolicy,
+    ) {
         let mut sock = match mio::net::TcpStream::connect(addr) {
             Ok(s) => s,
             Err(e) => {
                 ctx.log.event("connect_error", &[("host", V::S(&host)), ("ip", V::D(&addr)), ("error", V::D(&e))]);
-                self.connect_failed(ctx, dest, index, &host, addr, &e.to_string());
+                self.connect_failed(ctx, dest, index, connect_reply(&host, addr, &e));
                 return;
             }
         };
@@ -417,43 +467,22 @@ impl Delivery {
             self.queue.want(dest);
             return;
         }
+        let policy = if self.cfg.tls.is_none() { TlsPolicy::Off } else { policy };
         let session = ClientSession::new(
-            ClientConfig { helo_name: self.cfg.hostname.clone(), timeouts: self.cfg.timeouts.clone() },
+            ClientConfig { helo_name: self.cfg.hostname.clone(), timeouts: self.cfg.timeouts.clone(), tls: policy },
             ctx.now,
         );
-        entry.insert(OutboundConn {
-            sock,
-            peer: addr,
-            host,
-            dest,
-            generation,
-            session,
-            input: None,
-            output: None,
-            readable: false,
-            writable: false,
-            connected: false,
-            active: None,
-            transactions: 0,
-            idle_since: None,
-            addr_index: index,
-            created: ctx.now,
-            greeted: false,
-        });
-        self.dests[dest as usize].conns += 1;
+        let tls_config = if policy == TlsPolicy::Off { None } else { self.cfg.tls.clone() };
+        entry.insert(new_conn(sock, addr, host, dest, generation, session, index, ctx.now, tls_config));
+        let state = self.dest_state(dest);
+        state.conns += 1;
+        state.opening += 1;
     }
 
-    /// A connection attempt failed before SMTP started: try the next address, or defer the
-    /// destination's ready work when every address failed.
-    fn connect_failed(
-        &mut self,
-        ctx: &mut Ctx<'_>,
-        dest: DestId,
-        addr_index: usize,
-        host: &str,
-        addr: SocketAddr,
-        why: &str,
-    ) {
+    /// A connection attempt failed before SMTP started (or before the session was ready,
+    /// TLS policy failures included): try the next address, or defer the destination's ready
+    /// work with `reply` when every address failed.
+    fn connect_failed(&mut self, ctx: &mut Ctx<'_>, dest: DestId, addr_index: usize, reply: Reply) {
         let wall_ms = ctx.wall_ms;
         let backoff =
             DEST_BACKOFF_MS.min(self.cfg.policy.schedule.first().map_or(DEST_BACKOFF_MS, |d| d.as_millis() as u64));
@@ -476,10 +505,9 @@ impl Delivery {
         }
         state.failures = 0;
         state.backoff_until_ms = wall_ms + backoff;
-        let reply = synthetic(451, (4, 4, 1), &format!("connect to {host}[{addr}]: {why}"));
         state.backoff_reply = Some(reply.clone());
         while let Some(job) = self.queue.pop_job(dest, wall_ms) {
-            self.settle_job(ctx, &job, None, &vec![(Verdict::Deferred, reply.clone()); job.rcpts.len()], "");
+            self.settle_job(ctx, &job, None, &vec![(Verdict::Deferred, reply.clone()); job.rcpts.len()], "", "none");
         }
     }
 
@@ -499,7 +527,7 @@ impl Delivery {
                     let (dest, host, addr, index) = (conn.dest, conn.host.clone(), conn.peer, conn.addr_index);
                     self.close(ctx, key);
                     ctx.log.event("connect_error", &[("host", V::S(&host)), ("ip", V::D(&addr)), ("error", V::D(&e))]);
-                    self.connect_failed(ctx, dest, index, &host, addr, &e.to_string());
+                    self.connect_failed(ctx, dest, index, connect_reply(&host, addr, &e));
                     return;
                 }
             }
@@ -514,10 +542,26 @@ impl Delivery {
             let body = conn.active.as_ref().map_or(&[][..], |a| ctx.spool.body(a.body));
             let wio = conn.write(ctx.bufs, body);
             let rio = conn.read(ctx.bufs, ctx.now);
-            if rio == Io::Closed {
+            if rio == Io::Closed || (!conn.greeted && (rio == Io::Failed || wio == Io::Failed)) {
+                // Before the session is ready a reset counts like a refusal (next MX, then
+                // back off), not as a lost connection that is simply reopened.
                 conn.session.handle_closed();
             }
             let mut progressed = false;
+            if let Some(info) = conn.take_tls_established() {
+                // The session queued EHLO again: another round writes it.
+                progressed = true;
+                let (host, peer) = (conn.host.clone(), conn.peer);
+                ctx.log.event(
+                    "tls",
+                    &[
+                        ("host", V::S(&host)),
+                        ("ip", V::D(&peer)),
+                        ("version", V::S(info.version)),
+                        ("cipher", V::S(info.cipher)),
+                    ],
+                );
+            }
             while let Some(ev) = self.conns.get_mut(key).and_then(|c| c.session.poll_event()) {
                 progressed = true;
                 self.on_session_event(ctx, key, ev);
@@ -541,13 +585,20 @@ impl Delivery {
 
     fn on_session_event(&mut self, ctx: &mut Ctx<'_>, key: usize, ev: ClientEvent) {
         match ev {
+            ClientEvent::StartTls => {
+                if let Some(conn) = self.conns.get_mut(key) {
+                    conn.start_tls(ctx.bufs);
+                }
+            }
             ClientEvent::Ready => {
                 if let Some(conn) = self.conns.get_mut(key) {
                     if !conn.greeted {
                         conn.greeted = true;
                         // The host talks SMTP: the destination's failure count starts over.
                         let dest = conn.dest;
-                        self.dest_state(dest).failures = 0;
+                        let state = self.dest_state(dest);
+                        state.failures = 0;
+                        state.opening = state.opening.saturating_sub(1);
                     }
                 }
                 self.take_job(ctx, key)
@@ -557,6 +608,7 @@ impl Delivery {
                 let Some(active) = conn.active.take() else { return };
                 conn.transactions += 1;
                 let remote = format!("{}[{}]", conn.host, conn.peer.ip());
+                let tls = conn.tls_version();
                 let outcomes: Vec<(Verdict, Reply)> = result
                     .rcpt_replies
                     .iter()
@@ -575,10 +627,14 @@ impl Delivery {
                         }
                     })
                     .collect();
-                self.settle_job(ctx, &active.job, Some(&active.attempts), &outcomes, &remote);
+                self.settle_job(ctx, &active.job, Some(&active.attempts), &outcomes, &remote, tls);
             }
+            ClientEvent::Failed(failure) if failure.tls_status().is_some() => self.tls_failed(ctx, key, &failure),
             ClientEvent::Failed(failure) => {
-                let text = format!("{failure}");
+                let text = match self.conns.get(key).and_then(|c| c.tls_error.as_ref()) {
+                    Some(e) => format!("{failure} (TLS: {e})"),
+                    None => format!("{failure}"),
+                };
                 match self.conns.get(key) {
                     // Refused before it ever said it was ready (421 or 5xx greeting, refused
                     // EHLO, closed): like a refused connect, try the next MX, then back off.
@@ -589,13 +645,57 @@ impl Delivery {
                             &[("host", V::S(&host)), ("ip", V::D(&addr)), ("error", V::S(&text))],
                         );
                         self.close(ctx, key);
-                        self.connect_failed(ctx, dest, index, &host, addr, &text);
+                        self.connect_failed(ctx, dest, index, connect_reply(&host, addr, &text));
                     }
                     _ => self.conn_lost(ctx, key, &text),
                 }
             }
             ClientEvent::Closed => self.close(ctx, key),
         }
+    }
+
+    /// The TLS policy failed on a connection (always before it was ready: STARTTLS comes
+    /// right after EHLO). Under `may` a failed handshake is retried at once in plaintext on
+    /// the same address, as Postfix does: no attempt is counted and the host is not marked
+    /// down; the address is remembered for [`TLS_BROKEN_MS`] so the next connections skip
+    /// the handshake. Otherwise (`encrypt`/`verify`) it is a 4.7.x failure of the host, handled
+    /// like a refused connect: next MX, then the ready work is deferred with that reply.
+    fn tls_failed(&mut self, ctx: &mut Ctx<'_>, key: usize, failure: &Failure) {
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        let (dest, host, addr, index) = (conn.dest, conn.host.clone(), conn.peer, conn.addr_index);
+        let detail = match &conn.tls_error {
+            Some(e) => format!("{failure}: {e}"),
+            None => failure.to_string(),
+        };
+        if conn.active.is_some() || conn.greeted {
+            // Not reachable (TLS only happens before the first job), but never strand a job.
+            return self.conn_lost(ctx, key, &detail);
+        }
+        self.close(ctx, key);
+        if failure.is_tls_handshake() && self.cfg.tls_mode == OutboundTlsMode::May {
+            ctx.log.event(
+                "tls_fallback",
+                &[
+                    ("host", V::S(&host)),
+                    ("ip", V::D(&addr)),
+                    ("error", V::S(&detail)),
+                    ("detail", V::S("TLS handshake failed; retrying in plaintext")),
+                ],
+            );
+            if self.tls_broken.len() >= TLS_BROKEN_MAX {
+                let now = ctx.wall_ms;
+                self.tls_broken.retain(|_, until| *until > now);
+            }
+            if self.tls_broken.len() < TLS_BROKEN_MAX {
+                self.tls_broken.insert(addr, ctx.wall_ms + TLS_BROKEN_MS);
+            }
+            self.open(ctx, dest, index, host, addr, TlsPolicy::Off);
+            return;
+        }
+        ctx.log.event("tls_error", &[("host", V::S(&host)), ("ip", V::D(&addr)), ("error", V::S(&detail))]);
+        let status = failure.tls_status().unwrap_or((4, 7, 0));
+        let reply = synthetic(451, status, &format!("{detail} ({host}[{addr}])"));
+        self.connect_failed(ctx, dest, index, reply);
     }
 
     /// Gives a ready connection the next job of its destination, or parks it as idle.
@@ -620,7 +720,7 @@ impl Delivery {
             Err(e) => {
                 ctx.log.event("spool_error", &[("id", V::D(&id)), ("error", V::D(&e))]);
                 let reply = synthetic(451, (4, 3, 0), "message unreadable in the spool");
-                self.settle_job(ctx, &job, None, &vec![(Verdict::Deferred, reply); job.rcpts.len()], "");
+                self.settle_job(ctx, &job, None, &vec![(Verdict::Deferred, reply); job.rcpts.len()], "", "none");
                 // The connection is still good: park it for the next job.
                 if let Some(conn) = self.conns.get_mut(key) {
                     conn.idle_since = Some(ctx.now);
@@ -663,6 +763,7 @@ impl Delivery {
         attempts: Option<&[u16]>,
         outcomes: &[(Verdict, Reply)],
         remote: &str,
+        tls: &str,
     ) {
         let Some(msg) = self.queue.msg(job.msg).filter(|m| m.id == job.id) else { return };
         let (id, arrival_ms, loc) = (msg.id, msg.arrival_ms, msg.loc);
@@ -719,6 +820,7 @@ impl Delivery {
                     ("rcpt", V::B(addr)),
                     ("domain", V::S(&self.queue.dest(job.dest).name)),
                     ("remote", V::S(if remote.is_empty() { "-" } else { remote })),
+                    ("tls", V::S(tls)),
                     ("reply", V::B(&reply_text)),
                     ("delay_ms", V::N(ctx.wall_ms.saturating_sub(arrival_ms))),
                     ("attempt", V::N(u64::from(tries))),
@@ -833,6 +935,7 @@ impl Delivery {
         let Some(conn) = self.conns.get_mut(key) else { return };
         let active = conn.active.take();
         let remote = format!("{}[{}]", conn.host, conn.peer.ip());
+        let tls = conn.tls_version();
         self.close(ctx, key);
         if let Some(a) = active {
             let reply = synthetic(451, (4, 4, 2), &format!("lost connection with {remote}: {why}"));
@@ -842,6 +945,7 @@ impl Delivery {
                 Some(&a.attempts),
                 &vec![(Verdict::Deferred, reply); a.job.rcpts.len()],
                 &remote,
+                tls,
             );
         }
     }
@@ -851,6 +955,7 @@ impl Delivery {
             return;
         }
         let mut conn = self.conns.remove(key);
+        conn.close_tls();
         let _ = ctx.registry.deregister(&mut conn.sock);
         conn.release_buffers(ctx.bufs);
         if let Some(a) = conn.active.take() {
@@ -859,6 +964,9 @@ impl Delivery {
         let dest = conn.dest;
         let state = self.dest_state(dest);
         state.conns = state.conns.saturating_sub(1);
+        if !conn.greeted {
+            state.opening = state.opening.saturating_sub(1);
+        }
         state.idle.retain(|&(k, g)| !(k == key && g == conn.generation));
         self.queue.want(dest);
     }
@@ -882,7 +990,7 @@ impl Delivery {
                 self.close(ctx, key);
                 ctx.log
                     .event("connect_error", &[("host", V::S(&host)), ("ip", V::D(&addr)), ("error", V::S("timeout"))]);
-                self.connect_failed(ctx, dest, index, &host, addr, "connection timed out");
+                self.connect_failed(ctx, dest, index, connect_reply(&host, addr, &"connection timed out"));
                 continue;
             }
             if conn.session.next_deadline().is_some_and(|d| d <= ctx.now) {
@@ -900,6 +1008,11 @@ impl Delivery {
     pub fn connections(&self) -> usize {
         self.conns.len()
     }
+}
+
+/// The deferral for a host that could not be reached (RFC 3463 X.4.1: no answer from host).
+fn connect_reply(host: &str, addr: SocketAddr, why: &dyn std::fmt::Display) -> Reply {
+    synthetic(451, (4, 4, 1), &format!("connect to {host}[{addr}]: {why}"))
 }
 
 /// Parses `"5.1.10"` into its three numbers (`(4, 0, 0)` if it does not parse).

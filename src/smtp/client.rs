@@ -5,6 +5,11 @@
 //! number of transactions on the same connection, QUIT. It never touches a socket or reads the
 //! clock: replies come in as bytes, commands and the dot-stuffed message go out into the
 //! caller's [`Buf`], and time comes in as `now`. The driver in `crate::net` does the I/O.
+//!
+//! STARTTLS (RFC 3207) is decided here and done by the driver: when the EHLO reply offers it
+//! and [`ClientConfig::tls`] asks for it, the session sends `STARTTLS` alone, and on `220`
+//! asks the driver to run the handshake ([`ClientEvent::StartTls`]); once told it is done it
+//! says EHLO again and forgets what it learnt in the clear (RFC 3207 §4.2).
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -46,13 +51,30 @@ impl Default for ClientTimeouts {
     }
 }
 
-/// Per-relay constants for outbound sessions.
+/// Whether a session uses STARTTLS (RFC 3207); the driver picks it per connection from
+/// `--outbound-tls` (and from what it remembers about the host).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsPolicy {
+    /// Never send STARTTLS (`--outbound-tls none`, or the plaintext retry after a handshake
+    /// failed under `may`).
+    Off,
+    /// STARTTLS when the server offers it; plaintext when it does not, or refuses the command
+    /// (`may`). A failed handshake ends the session: the driver retries in plaintext.
+    Opportunistic,
+    /// TLS or nothing (`encrypt`, `verify`): no STARTTLS offered, or STARTTLS refused, fails
+    /// the session with [`FailureKind::TlsNotOffered`] / [`FailureKind::TlsRefused`].
+    Required,
+}
+
+/// Per-connection constants for outbound sessions.
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
     /// The name sent in EHLO/HELO (RFC 5321 §4.1.1.1): the relay's `--hostname`.
     pub helo_name: String,
     /// Per-phase timeouts.
     pub timeouts: ClientTimeouts,
+    /// STARTTLS on this connection.
+    pub tls: TlsPolicy,
 }
 
 /// What the session is waiting for; names the timeout that applies (RFC 5321 §4.5.3.1).
@@ -64,6 +86,10 @@ pub enum Phase {
     Ehlo,
     /// The HELO reply (after EHLO was refused).
     Helo,
+    /// The reply to STARTTLS (RFC 3207 §4; the command timeout).
+    StartTls,
+    /// The driver's TLS handshake after `220` to STARTTLS (the command timeout).
+    TlsHandshake,
     /// The MAIL reply.
     Mail,
     /// A RCPT reply.
@@ -87,6 +113,8 @@ impl Phase {
             Phase::Greeting => "greeting",
             Phase::Ehlo => "EHLO",
             Phase::Helo => "HELO",
+            Phase::StartTls => "STARTTLS",
+            Phase::TlsHandshake => "TLS handshake",
             Phase::Mail => "MAIL",
             Phase::Rcpt => "RCPT",
             Phase::DataInit => "DATA",
@@ -118,6 +146,14 @@ pub enum FailureKind {
     /// `quit()` was called while the session was busy (greeting, EHLO or a transaction): the
     /// session ends without a QUIT; whatever was in flight is deferred.
     Aborted,
+    /// [`TlsPolicy::Required`] and the EHLO reply does not offer STARTTLS (or only HELO
+    /// worked).
+    TlsNotOffered,
+    /// [`TlsPolicy::Required`] and STARTTLS got something other than `220`.
+    TlsRefused,
+    /// The driver reported a failed TLS handshake (or the peer closed during it); the
+    /// driver knows the details.
+    TlsHandshake,
 }
 
 /// A connection-level failure: the session is dead. Recipients of a transaction in flight got
@@ -132,11 +168,29 @@ pub struct Failure {
 
 impl Failure {
     /// True when retrying the same server cannot help (a `5yz` greeting or HELO refusal).
+    /// TLS failures never are: the host may be fixed, and `may` retries in plaintext.
     pub fn is_permanent(&self) -> bool {
         match self.kind {
             FailureKind::GreetingRefused => true,
             FailureKind::HeloRefused => self.reply.as_ref().is_some_and(Reply::is_permanent),
             _ => false,
+        }
+    }
+
+    /// True when the TLS handshake itself failed or timed out (the case where `may` retries
+    /// the host in plaintext).
+    pub fn is_tls_handshake(&self) -> bool {
+        matches!(self.kind, FailureKind::TlsHandshake | FailureKind::Timeout(Phase::TlsHandshake))
+    }
+
+    /// For a failure of the TLS policy, the enhanced status code of the temporary failure
+    /// it causes (RFC 3463 §3.8: X.7.4 security features not supported, X.7.5 cryptographic
+    /// failure); `None` for other failures.
+    pub fn tls_status(&self) -> Option<(u8, u16, u16)> {
+        match self.kind {
+            FailureKind::TlsNotOffered | FailureKind::TlsRefused => Some((4, 7, 4)),
+            _ if self.is_tls_handshake() => Some((4, 7, 5)),
+            _ => None,
         }
     }
 }
@@ -151,6 +205,9 @@ impl fmt::Display for Failure {
             FailureKind::GreetingRefused => f.write_str("greeting refused")?,
             FailureKind::HeloRefused => f.write_str("EHLO/HELO refused")?,
             FailureKind::Aborted => f.write_str("aborted locally")?,
+            FailureKind::TlsNotOffered => f.write_str("TLS required but not offered by host")?,
+            FailureKind::TlsRefused => f.write_str("TLS required but STARTTLS refused by host")?,
+            FailureKind::TlsHandshake => f.write_str("TLS handshake failed")?,
         }
         if let Some(r) = &self.reply {
             write!(f, ": {r}")?;
@@ -223,6 +280,10 @@ pub enum ClientEvent {
     Ready,
     /// A transaction ended (a [`ClientEvent::Ready`] follows once the connection is usable).
     TransactionDone(TxResult),
+    /// The server answered `220` to STARTTLS (RFC 3207 §4): discard any plaintext not yet
+    /// read, start the TLS handshake on the socket, then call
+    /// [`ClientSession::handle_tls_established`] or [`ClientSession::handle_tls_failed`].
+    StartTls,
     /// The session is dead: close the connection.
     Failed(Failure),
     /// QUIT was answered (or the peer closed after QUIT): close the connection.
@@ -237,6 +298,10 @@ enum State {
     Greeting,
     /// EHLO (`esmtp`) or HELO queued/sent.
     Hello { esmtp: bool },
+    /// STARTTLS queued/sent, alone.
+    StartTls,
+    /// `220` to STARTTLS received; the driver runs the handshake. Input is discarded.
+    TlsHandshake,
     /// Idle between transactions.
     Ready,
     /// MAIL, RCPTs and (for DATA) DATA queued/sent; replies are matched by index.
@@ -302,6 +367,11 @@ impl BodyCursor {
 ///    `out` has room (the message is copied in pieces that fit).
 /// 5. Arm the timer with [`ClientSession::next_deadline`].
 ///
+/// On [`ClientEvent::StartTls`] the driver puts TLS between the socket and the byte streams
+/// (dropping unread plaintext), and reports the outcome with
+/// [`ClientSession::handle_tls_established`] (before feeding any decrypted input) or
+/// [`ClientSession::handle_tls_failed`]. Nothing is ever pipelined behind STARTTLS.
+///
 /// With PIPELINING, MAIL, every RCPT and DATA go out in one `poll_transmit` (RFC 2920 §3.1)
 /// when `out` has room; without it one command per round trip. Transactions reuse the
 /// connection: each ends in [`ClientEvent::TransactionDone`] then [`ClientEvent::Ready`].
@@ -328,6 +398,8 @@ pub struct ClientSession {
     /// started): at the next deadline the timer restarts instead of expiring.
     restart: bool,
     events: VecDeque<ClientEvent>,
+    /// The transport is TLS (the handshake after STARTTLS finished).
+    tls_on: bool,
 }
 
 impl ClientSession {
@@ -348,6 +420,42 @@ impl ClientSession {
             since: now,
             restart: false,
             events: VecDeque::new(),
+            tls_on: false,
+        }
+    }
+
+    /// True once the transport is TLS (STARTTLS and the handshake succeeded).
+    pub fn is_tls(&self) -> bool {
+        self.tls_on
+    }
+
+    /// True from the `220` to STARTTLS until the driver reports the handshake's outcome: the
+    /// driver must stop reading plaintext (it would be injected, RFC 3207 §5).
+    pub fn awaiting_tls(&self) -> bool {
+        self.state == State::TlsHandshake
+    }
+
+    /// The driver's TLS handshake finished: EHLO goes out again (through TLS) and the
+    /// capabilities learnt in the clear are forgotten (RFC 3207 §4.2). Ignored unless
+    /// [`ClientEvent::StartTls`] was the last thing asked.
+    pub fn handle_tls_established(&mut self, now: Instant) {
+        if self.state != State::TlsHandshake {
+            return;
+        }
+        self.tls_on = true;
+        self.caps = Capabilities::default();
+        self.since = now;
+        self.restart = false;
+        self.queue_hello(true);
+    }
+
+    /// The driver's TLS layer failed: during the handshake (or before it could start) the
+    /// session ends with [`FailureKind::TlsHandshake`] (the stream cannot go back to the
+    /// clear); later it is the connection breaking, as [`ClientSession::handle_closed`].
+    pub fn handle_tls_failed(&mut self) {
+        match self.state {
+            State::TlsHandshake => self.fail(FailureKind::TlsHandshake, None),
+            _ => self.handle_closed(),
         }
     }
 
@@ -367,6 +475,10 @@ impl ClientSession {
     pub fn handle_input(&mut self, input: &[u8], now: Instant) -> usize {
         let mut used = 0;
         while self.state != State::Done {
+            if self.state == State::TlsHandshake {
+                // Plaintext after the `220` to STARTTLS: injected, never a reply (RFC 3207 §5).
+                return input.len();
+            }
             match parse_reply(&input[used..]) {
                 ReplyParse::Partial => return used,
                 ReplyParse::Malformed { .. } => {
@@ -409,6 +521,7 @@ impl ClientSession {
         match self.state {
             State::Done => {}
             State::Quit => self.close(),
+            State::TlsHandshake => self.fail(FailureKind::TlsHandshake, None),
             _ => self.fail(FailureKind::Closed, None),
         }
     }
@@ -429,6 +542,8 @@ impl ClientSession {
         let timeout = match self.phase()? {
             Phase::Greeting => t.greeting,
             Phase::Ehlo | Phase::Helo | Phase::Mail | Phase::Rcpt | Phase::Rset | Phase::Quit => t.command,
+            // The handshake is a round trip or two, like a command.
+            Phase::StartTls | Phase::TlsHandshake => t.command,
             Phase::DataInit => t.data_init,
             Phase::DataBlock => t.data_block,
             Phase::DataEnd => t.data_end,
@@ -440,7 +555,9 @@ impl ClientSession {
     #[must_use]
     pub fn wants_write(&self) -> bool {
         match self.state {
-            State::Hello { .. } | State::Envelope | State::Rset | State::Quit => self.written < self.write_limit(),
+            State::Hello { .. } | State::StartTls | State::Envelope | State::Rset | State::Quit => {
+                self.written < self.write_limit()
+            }
             State::Body => true,
             _ => false,
         }
@@ -466,7 +583,9 @@ impl ClientSession {
             self.cursor.next_dot = body.len();
         }
         let mut n = match self.state {
-            State::Hello { .. } | State::Envelope | State::Rset | State::Quit | State::Body => self.write_cmds(out),
+            State::Hello { .. } | State::StartTls | State::Envelope | State::Rset | State::Quit | State::Body => {
+                self.write_cmds(out)
+            }
             _ => 0,
         };
         if self.state == State::Body && self.written == self.cmds.len() {
@@ -546,6 +665,8 @@ impl ClientSession {
             State::Greeting => Phase::Greeting,
             State::Hello { esmtp: true } => Phase::Ehlo,
             State::Hello { esmtp: false } => Phase::Helo,
+            State::StartTls => Phase::StartTls,
+            State::TlsHandshake => Phase::TlsHandshake,
             State::Envelope => match self.answered {
                 0 => Phase::Mail,
                 i if i <= self.tx.rcpts => Phase::Rcpt,
@@ -784,8 +905,10 @@ impl ClientSession {
         }
         let outstanding = match self.state {
             State::Greeting | State::DataEnd => true,
-            State::Hello { .. } | State::Envelope | State::Rset | State::Quit => self.answered < self.sent(),
-            State::Ready | State::Body | State::Done => false,
+            State::Hello { .. } | State::StartTls | State::Envelope | State::Rset | State::Quit => {
+                self.answered < self.sent()
+            }
+            State::Ready | State::Body | State::TlsHandshake | State::Done => false,
         };
         if !outstanding {
             return self.fail(FailureKind::Protocol("reply to no command"), Some(reply));
@@ -806,16 +929,25 @@ impl ClientSession {
             State::Hello { esmtp } => {
                 if reply.is_positive_completion() {
                     self.caps = if esmtp { Capabilities::from_ehlo(&reply) } else { Capabilities::default() };
-                    // STARTTLS seam (RFC 3207): when `self.caps.starttls` and the driver can do
-                    // TLS, send `STARTTLS` here instead of becoming ready, wait for its `220`, let
-                    // the driver switch the transport, then queue EHLO again and replace `caps`
-                    // with the post-TLS reply (§4.2: forget everything learnt before TLS).
-                    self.become_ready();
+                    self.after_hello();
                 } else if esmtp && reply.is_permanent() {
                     // RFC 5321 §4.1.4 / §3.2: an old server; fall back to HELO, no extensions.
                     self.queue_hello(false);
                 } else {
                     self.fail(FailureKind::HeloRefused, Some(reply));
+                }
+            }
+            State::StartTls => {
+                if reply.code == 220 {
+                    self.clear_cmds();
+                    self.state = State::TlsHandshake;
+                    self.events.push_back(ClientEvent::StartTls);
+                } else if self.cfg.tls == TlsPolicy::Required {
+                    self.fail(FailureKind::TlsRefused, Some(reply));
+                } else {
+                    // RFC 3207 §4: the server may refuse (454); go on in the clear with what
+                    // the EHLO reply offered.
+                    self.become_ready();
                 }
             }
             State::Envelope => self.on_envelope_reply(reply),
@@ -826,7 +958,24 @@ impl ClientSession {
             // Whatever RSET got, the transaction is gone (a 421 was handled above).
             State::Rset => self.become_ready(),
             State::Quit => self.close(),
-            State::Ready | State::Body | State::Done => {}
+            State::Ready | State::Body | State::TlsHandshake | State::Done => {}
+        }
+    }
+
+    /// EHLO/HELO accepted: STARTTLS first when the policy wants it and the transport is
+    /// still plain, else ready.
+    fn after_hello(&mut self) {
+        if self.tls_on || self.cfg.tls == TlsPolicy::Off {
+            return self.become_ready();
+        }
+        if self.caps.starttls {
+            // Alone and unpipelined (RFC 3207 §4.2): the server's next bytes are TLS.
+            self.queue_one(b"STARTTLS\r\n");
+            self.state = State::StartTls;
+        } else if self.cfg.tls == TlsPolicy::Required {
+            self.fail(FailureKind::TlsNotOffered, None);
+        } else {
+            self.become_ready();
         }
     }
 
@@ -956,8 +1105,12 @@ mod tests {
 
     impl Peer {
         fn connect() -> Peer {
+            Peer::connect_with(TlsPolicy::Off)
+        }
+
+        fn connect_with(tls: TlsPolicy) -> Peer {
             let now = Instant::now();
-            let cfg = ClientConfig { helo_name: "relay.test".into(), timeouts: timeouts() };
+            let cfg = ClientConfig { helo_name: "relay.test".into(), timeouts: timeouts(), tls };
             let out = BufPool::new(16 * 1024, 1).checkout().unwrap();
             Peer { s: ClientSession::new(cfg, now), now, out, events: Vec::new() }
         }
@@ -1035,6 +1188,160 @@ mod tests {
 
     fn codes(replies: &[Reply]) -> Vec<u16> {
         replies.iter().map(|r| r.code).collect()
+    }
+
+    const TLS_EHLO: &str = "250-mx.test\r\n250-PIPELINING\r\n250-STARTTLS\r\n250 8BITMIME\r\n";
+
+    /// Greeted and EHLO answered with `ehlo` under `tls`; returns what the client wrote next.
+    fn hello(tls: TlsPolicy, ehlo: &str) -> (Peer, String) {
+        let mut p = Peer::connect_with(tls);
+        p.reply("220 mx.test ESMTP\r\n");
+        assert_eq!(p.send(b""), "EHLO relay.test\r\n");
+        p.reply(ehlo);
+        let next = p.send(b"");
+        (p, next)
+    }
+
+    #[test]
+    fn starttls_then_ehlo_again_with_new_capabilities() {
+        for tls in [TlsPolicy::Opportunistic, TlsPolicy::Required] {
+            let (mut p, next) = hello(tls, TLS_EHLO);
+            // Alone, although the server pipelines; nothing is ready yet.
+            assert_eq!(next, "STARTTLS\r\n");
+            assert!(p.take().is_empty());
+            assert!(!p.s.wants_write());
+            assert_eq!(p.s.phase(), Some(Phase::StartTls));
+            assert_eq!(p.s.next_deadline(), Some(p.s.since + timeouts().command));
+            p.reply("220 2.0.0 Ready to start TLS\r\n");
+            assert_eq!(p.take(), [ClientEvent::StartTls]);
+            assert!(p.s.awaiting_tls() && !p.s.is_tls());
+            assert_eq!(p.s.phase(), Some(Phase::TlsHandshake));
+            // Plaintext behind the 220 is injected: swallowed, never read as a reply.
+            assert_eq!(p.s.handle_input(b"250 injected\r\n", p.now), 14);
+            p.drain();
+            assert!(p.take().is_empty());
+            assert_eq!(p.send(b""), "");
+            p.now += Duration::from_millis(5);
+            p.s.handle_tls_established(p.now);
+            assert!(p.s.is_tls() && !p.s.awaiting_tls());
+            assert_eq!(p.send(b""), "EHLO relay.test\r\n");
+            // The capabilities are the ones offered over TLS; STARTTLS is not sent twice.
+            p.reply("250-mx.test\r\n250-STARTTLS\r\n250 SIZE 500\r\n");
+            assert_eq!(p.take(), [ClientEvent::Ready]);
+            assert!(!p.s.capabilities().pipelining);
+            assert_eq!(p.s.capabilities().size, Some(500));
+            p.s.start_transaction(spec(&["1@y"], 3));
+            assert_eq!(p.send(b""), "MAIL FROM:<a@x.test> SIZE=3\r\n");
+        }
+    }
+
+    #[test]
+    fn starttls_not_offered() {
+        // may: plaintext; required: a temporary 4.7.4 failure; off: never asked.
+        let (mut p, next) = hello(TlsPolicy::Opportunistic, FULL_EHLO);
+        assert_eq!(next, "");
+        assert_eq!(p.take(), [ClientEvent::Ready]);
+        assert!(!p.s.is_tls());
+
+        let (mut p, next) = hello(TlsPolicy::Required, FULL_EHLO);
+        assert_eq!(next, "");
+        let f = p.failed();
+        assert_eq!(f.kind, FailureKind::TlsNotOffered);
+        assert!(!f.is_permanent() && !f.is_tls_handshake());
+        assert_eq!(f.tls_status(), Some((4, 7, 4)));
+        assert_eq!(f.to_string(), "TLS required but not offered by host");
+
+        let (mut p, next) = hello(TlsPolicy::Off, TLS_EHLO);
+        assert_eq!(next, "");
+        assert_eq!(p.take(), [ClientEvent::Ready]);
+
+        // Only HELO works: no extensions, so no TLS either.
+        let mut p = Peer::connect_with(TlsPolicy::Required);
+        p.reply("220 old.test\r\n");
+        let _ = p.send(b"");
+        p.reply("500 what\r\n");
+        assert_eq!(p.send(b""), "HELO relay.test\r\n");
+        p.reply("250 old.test\r\n");
+        assert_eq!(p.failed().kind, FailureKind::TlsNotOffered);
+    }
+
+    #[test]
+    fn starttls_refused() {
+        // may: on in the clear with what EHLO offered.
+        let (mut p, _) = hello(TlsPolicy::Opportunistic, TLS_EHLO);
+        p.reply("454 4.7.0 TLS not available due to temporary reason\r\n");
+        assert_eq!(p.take(), [ClientEvent::Ready]);
+        assert!(p.s.capabilities().pipelining && !p.s.is_tls());
+        p.s.start_transaction(spec(&["1@y"], 3));
+        assert_eq!(p.send(b""), "MAIL FROM:<a@x.test>\r\nRCPT TO:<1@y>\r\nDATA\r\n");
+
+        let (mut p, _) = hello(TlsPolicy::Required, TLS_EHLO);
+        p.reply("454 4.7.0 TLS not available due to temporary reason\r\n");
+        let f = p.failed();
+        assert_eq!(f.kind, FailureKind::TlsRefused);
+        assert_eq!(f.reply.as_ref().map(|r| r.code), Some(454));
+        assert_eq!(f.tls_status(), Some((4, 7, 4)));
+        assert!(!f.is_permanent());
+
+        // 421 is the server going away, whatever the policy.
+        let (mut p, _) = hello(TlsPolicy::Opportunistic, TLS_EHLO);
+        p.reply("421 4.3.2 bye\r\n");
+        assert_eq!(p.failed().kind, FailureKind::ServiceClosing);
+    }
+
+    #[test]
+    fn tls_handshake_failures() {
+        let started = || {
+            let (mut p, _) = hello(TlsPolicy::Opportunistic, TLS_EHLO);
+            p.reply("220 go\r\n");
+            assert_eq!(p.take(), [ClientEvent::StartTls]);
+            p
+        };
+        let mut p = started();
+        p.s.handle_tls_failed();
+        p.drain();
+        let f = p.failed();
+        assert_eq!(f.kind, FailureKind::TlsHandshake);
+        assert!(f.is_tls_handshake() && !f.is_permanent());
+        assert_eq!(f.tls_status(), Some((4, 7, 5)));
+        // Nothing more happens afterwards.
+        p.s.handle_tls_established(p.now);
+        p.s.handle_tls_failed();
+        p.drain();
+        assert!(p.take().is_empty());
+        assert_eq!(p.send(b""), "");
+
+        // The peer closing during the handshake is a handshake failure.
+        let mut p = started();
+        p.s.handle_closed();
+        p.drain();
+        assert!(p.failed().is_tls_handshake());
+
+        // The handshake runs on the command timeout.
+        let mut p = started();
+        fire(&mut p, Phase::TlsHandshake, timeouts().command);
+        let mut p = started();
+        let d = p.s.next_deadline().unwrap();
+        p.s.handle_timeout(d);
+        p.drain();
+        let f = p.failed();
+        assert!(f.is_tls_handshake());
+        assert_eq!(f.to_string(), "timeout waiting for TLS handshake");
+
+        // Waiting for the 220.
+        let (mut p, _) = hello(TlsPolicy::Opportunistic, TLS_EHLO);
+        fire(&mut p, Phase::StartTls, timeouts().command);
+
+        // A transaction cannot start before the session is ready again.
+        let mut p = started();
+        p.s.start_transaction(spec(&["1@y"], 3));
+        p.drain();
+        match p.take().as_slice() {
+            [ClientEvent::TransactionDone(r)] => assert_eq!(r.mail_reply.code, 451),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(p.send(b""), "");
+        assert!(p.s.awaiting_tls());
     }
 
     #[test]
@@ -1624,7 +1931,8 @@ mod tests {
         let mut server = ServerSession::new("127.0.0.1".parse().unwrap(), true);
         let mut s_out = BufPool::new(16 * 1024, 1).checkout().unwrap();
         let mut c_out = BufPool::new(client_cap, 1).checkout().unwrap();
-        let cfg = ClientConfig { helo_name: "relay.test".into(), timeouts: ClientTimeouts::default() };
+        let cfg =
+            ClientConfig { helo_name: "relay.test".into(), timeouts: ClientTimeouts::default(), tls: TlsPolicy::Off };
         let mut client = ClientSession::new(cfg, now);
         let (mut to_client, mut to_server) = (Vec::new(), Vec::new());
         let (mut events, mut stored) = (Vec::new(), Vec::new());
@@ -1665,7 +1973,9 @@ mod tests {
                         stored.push(server.message().2.to_vec());
                         server.message_result(&mut ctx, Ok(()), &mut s_out);
                     }
-                    Some(Event::Close | Event::StartTls | Event::Auth) | None => break,
+                    // Close, and events of features this server is not set up for
+                    // (STARTTLS, AUTH).
+                    _ => break,
                 }
             }
         }
