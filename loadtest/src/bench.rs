@@ -16,6 +16,12 @@
 //! serves d1..dN.bench.test with MX hosts 127.0.0.2.., where one sink process listens on one
 //! shared port; the relay gets `--dns` and `--smtp-port`), and the same through Postfix.
 //!
+//! TLS: with `--tls` every run of our sender uses STARTTLS (the relay gets a certificate
+//! generated with rcgen into a temporary directory, our sinks `--starttls`); `--compare-tls`
+//! runs the accept scenarios both ways in one bench and reports STARTTLS / plaintext against
+//! the SLA ([`TLS_SLA`]: STARTTLS accept rate at least half the plaintext one, with many
+//! messages per connection, which is what the sender does unless told otherwise).
+//!
 //! End-to-end timing: the clock starts when the sender is spawned and stops when the sink logs
 //! `event=expected` (it was started with `--expect-recipients messages×rcpts`, and logs the
 //! line from the code path that counts the last recipient), so neither side polls. Relay CPU is
@@ -81,9 +87,14 @@ pub struct BenchArgs {
     /// Skip the relay scenarios (instruments only).
     #[arg(long)]
     no_relay: bool,
-    /// TLS between sender and relay (not yet supported).
-    #[arg(long)]
+    /// STARTTLS between our sender and its target (sink or relay; the relay gets a generated
+    /// certificate), and our end-to-end sink offers it to the relay.
+    #[arg(long, conflicts_with = "compare_postfix")]
     tls: bool,
+    /// Run the accept scenarios (sender -> sink, sender -> relay) both plaintext and with
+    /// STARTTLS, and report the ratio against the SLA.
+    #[arg(long)]
+    compare_tls: bool,
     /// Give up on any one scenario after this long.
     #[arg(long, default_value = "300s", value_parser = crate::util::parse_duration)]
     timeout: Duration,
@@ -95,19 +106,30 @@ pub struct BenchArgs {
     plot: Option<PathBuf>,
 }
 
+/// The SLA of `--compare-tls`: the relay's accept rate with STARTTLS over plaintext.
+pub const TLS_SLA: f64 = 0.5;
+
+/// How our sender talks to its target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wire {
+    Plain,
+    /// `send --starttls`; the target has a certificate.
+    StartTls,
+}
+
 /// One row of the report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Scenario {
     /// `sluice-load send` → `sluice-load sink`.
-    LoadToSink,
+    LoadToSink(Wire),
     /// `sluice-load send` → relay (accept and spool only).
-    LoadToRelay,
+    LoadToRelay(Wire),
     /// `smtp-source` → `smtp-sink`.
     PostfixToSink,
     /// `smtp-source` → relay (accept only).
     PostfixToRelay,
     /// `sluice-load send` → sluice → `sluice-load sink`, delivering by the route.
-    EndToEnd(Route),
+    EndToEnd(Route, Wire),
     /// `sluice-load send` → Postfix (`relayhost`) → `sluice-load sink`.
     PostfixEndToEnd,
 }
@@ -124,18 +146,31 @@ enum Route {
 impl Scenario {
     fn name(self) -> &'static str {
         match self {
-            Scenario::LoadToSink => "sluice-load send -> sluice-load sink",
-            Scenario::LoadToRelay => "sluice-load send -> sluice (accept)",
+            Scenario::LoadToSink(Wire::Plain) => "sluice-load send -> sluice-load sink",
+            Scenario::LoadToSink(Wire::StartTls) => "sluice-load send -> sink (STARTTLS)",
+            Scenario::LoadToRelay(Wire::Plain) => "sluice-load send -> sluice (accept)",
+            Scenario::LoadToRelay(Wire::StartTls) => "sluice-load send -> sluice (STARTTLS)",
             Scenario::PostfixToSink => "smtp-source -> smtp-sink",
             Scenario::PostfixToRelay => "smtp-source -> sluice (accept)",
-            Scenario::EndToEnd(Route::RelayHost) => "send -> sluice (relay-host) -> sink",
-            Scenario::EndToEnd(Route::Mx) => "send -> sluice (mx) -> sinks",
+            Scenario::EndToEnd(Route::RelayHost, Wire::Plain) => "send -> sluice (relay-host) -> sink",
+            Scenario::EndToEnd(Route::Mx, Wire::Plain) => "send -> sluice (mx) -> sinks",
+            Scenario::EndToEnd(Route::RelayHost, Wire::StartTls) => "send -> sluice (relay-host, TLS) -> sink",
+            Scenario::EndToEnd(Route::Mx, Wire::StartTls) => "send -> sluice (mx, TLS) -> sinks",
             Scenario::PostfixEndToEnd => "send -> Postfix (relayhost) -> sink",
         }
     }
 
     fn end_to_end(self) -> bool {
-        matches!(self, Scenario::EndToEnd(_) | Scenario::PostfixEndToEnd)
+        matches!(self, Scenario::EndToEnd(..) | Scenario::PostfixEndToEnd)
+    }
+
+    /// How our sender talks in this scenario (`None`: smtp-source drives it).
+    fn wire(self) -> Option<Wire> {
+        match self {
+            Scenario::LoadToSink(w) | Scenario::LoadToRelay(w) | Scenario::EndToEnd(_, w) => Some(w),
+            Scenario::PostfixEndToEnd => Some(Wire::Plain),
+            Scenario::PostfixToSink | Scenario::PostfixToRelay => None,
+        }
     }
 }
 
@@ -153,6 +188,8 @@ struct Measure {
     target_rss_kib: u64,
     /// (p50, p90, p99, p99.9, max) of end of data → reply, µs; only `sluice-load send` has it.
     latency: Option<[u64; 5]>,
+    /// (p50, p99) of the sender's TLS handshakes, µs, when it used TLS.
+    handshake: Option<[u64; 2]>,
     throughput: Vec<(f64, u64)>,
     /// End to end only: the sender's own rate (accept msg/s), while `rate` is end to end.
     accept_rate: f64,
@@ -352,14 +389,12 @@ struct Bench {
     a: BenchArgs,
     me: PathBuf,
     relay_bin: Option<PathBuf>,
+    /// The relay's generated `--tls-cert`, `--tls-key` (and the directory holding them).
+    cert: Option<(TempDir, PathBuf, PathBuf)>,
 }
 
 /// Runs `bench`. Exit status 1 when a scenario that could run failed.
 pub fn run(a: BenchArgs) -> Result<i32> {
-    if a.tls {
-        eprintln!("sluice-load: --tls is not yet supported (TLS comes with the TLS issue)");
-        std::process::exit(2);
-    }
     if a.runs == 0 || a.messages == 0 || a.connections == 0 {
         bail!("--runs, --messages and --connections must be at least 1");
     }
@@ -392,14 +427,23 @@ pub fn run(a: BenchArgs) -> Result<i32> {
     };
     let mut routes: Vec<Route> = a.route.iter().map(|r| if r == "mx" { Route::Mx } else { Route::RelayHost }).collect();
     routes.dedup();
-    let b = Bench { a, me, relay_bin };
+    let cert = if (a.tls || a.compare_tls) && relay_bin.is_some() {
+        let dir = TempDir::new("cert")?;
+        let (cert, key) = crate::tls::write_self_signed(&dir.0, &["bench.sluice.test"])?;
+        Some((dir, cert, key))
+    } else {
+        None
+    };
+    let b = Bench { a, me, relay_bin, cert };
     let e2e = b.relay_bin.is_some() && !b.a.no_end_to_end;
-    let mut scenarios = vec![Scenario::LoadToSink];
+    let main = if b.a.tls { Wire::StartTls } else { Wire::Plain };
+    let accept_wires = if b.a.compare_tls { vec![Wire::Plain, Wire::StartTls] } else { vec![main] };
+    let mut scenarios: Vec<Scenario> = accept_wires.iter().map(|&w| Scenario::LoadToSink(w)).collect();
     if b.relay_bin.is_some() {
-        scenarios.push(Scenario::LoadToRelay);
+        scenarios.extend(accept_wires.iter().map(|&w| Scenario::LoadToRelay(w)));
     }
     if e2e {
-        scenarios.extend(routes.iter().map(|&r| Scenario::EndToEnd(r)));
+        scenarios.extend(routes.iter().map(|&r| Scenario::EndToEnd(r, main)));
     }
     if postfix {
         scenarios.push(Scenario::PostfixToSink);
@@ -463,9 +507,12 @@ fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
 }
 
 impl Bench {
-    fn sink(&self) -> Result<(Proc, SocketAddr)> {
+    fn sink(&self, wire: Wire) -> Result<(Proc, SocketAddr)> {
         let mut cmd = Command::new(&self.me);
         cmd.args(["sink", "--listen", "127.0.0.1:0", "--json", "--interval", "0"]);
+        if wire == Wire::StartTls {
+            cmd.arg("--starttls");
+        }
         let p = Proc::spawn(cmd, "sluice-load sink")?;
         let addr = p.wait_listening(Duration::from_secs(10))?;
         Ok((p, addr))
@@ -473,14 +520,19 @@ impl Bench {
 
     /// The relay on a free port with a fresh spool. `deliver`: `None` for the accept-path
     /// scenarios (`--hold`, and a dead DNS port so that nothing can reach the system resolver),
-    /// otherwise the routing flags of an end-to-end run.
-    fn relay(&self, spool: &Path, deliver: Option<&[String]>) -> Result<(Proc, SocketAddr)> {
+    /// otherwise the routing flags of an end-to-end run. With `Wire::StartTls` it gets the
+    /// generated certificate (and offers STARTTLS).
+    fn relay(&self, spool: &Path, deliver: Option<&[String]>, wire: Wire) -> Result<(Proc, SocketAddr)> {
         let bin = self.relay_bin.as_ref().context("no relay binary")?;
         let mut cmd = Command::new(bin);
         cmd.arg("serve")
             .args(["--listen", "127.0.0.1:0", "--hostname", "bench.sluice.test", "--fsync", &self.a.fsync])
             .arg("--spool")
             .arg(spool);
+        if wire == Wire::StartTls {
+            let (_, cert, key) = self.cert.as_ref().context("no generated certificate")?;
+            cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
+        }
         match deliver {
             None => cmd.args(["--hold", "--dns", "127.0.0.1:1"]),
             // A deferral should not happen against our sink; if one does, a retry within the
@@ -520,9 +572,14 @@ impl Bench {
 
     /// Runs our sender against `to` (recipients spread over `domains`, if given); returns its
     /// parsed JSON report.
-    fn load_send(&self, to: SocketAddr, domains: Option<&str>) -> Result<Value> {
+    fn load_send(&self, to: SocketAddr, domains: Option<&str>, wire: Wire) -> Result<Value> {
         let mut cmd = Command::new(&self.me);
-        cmd.args(["send", "--to", &to.to_string(), "--json", "--quiet"])
+        if wire == Wire::StartTls {
+            cmd.arg("send").arg("--starttls");
+        } else {
+            cmd.arg("send");
+        }
+        cmd.args(["--to", &to.to_string(), "--json", "--quiet"])
             .args(["--connections", &self.a.connections.to_string()])
             .args(["--messages", &self.a.messages.to_string()])
             .args(["--size", &self.a.size])
@@ -564,12 +621,13 @@ impl Bench {
     fn scenario(&self, s: Scenario) -> Result<Measure> {
         let n = self.a.messages as f64;
         match s {
-            Scenario::LoadToSink | Scenario::LoadToRelay => {
+            Scenario::LoadToSink(wire) | Scenario::LoadToRelay(wire) => {
                 let spool = TempDir::new("spool")?;
+                let to_sink = matches!(s, Scenario::LoadToSink(_));
                 let (mut target, addr) =
-                    if s == Scenario::LoadToSink { self.sink()? } else { self.relay(&spool.0.join("spool"), None)? };
+                    if to_sink { self.sink(wire)? } else { self.relay(&spool.0.join("spool"), None, wire)? };
                 let cpu0 = process_cpu_ns(target.pid());
-                let v = self.load_send(addr, None)?;
+                let v = self.load_send(addr, None, wire)?;
                 let cpu = process_cpu_ns(target.pid()) - cpu0;
                 let (_, hwm) = rss_kib(target.pid());
                 let summary = target.stop(Duration::from_secs(10));
@@ -577,11 +635,14 @@ impl Bench {
                 if accepted != self.a.messages {
                     bail!("{} of {} messages accepted (report: {v})", accepted, self.a.messages);
                 }
-                if s == Scenario::LoadToSink {
+                if to_sink {
                     // Cross-check: the sink counted exactly what the sender says was accepted.
                     let sv: Value = serde_json::from_str(summary.trim()).unwrap_or(Value::Null);
                     if sv["messages"].as_u64() != Some(accepted) {
                         bail!("sink counted {} messages, sender {accepted}", sv["messages"]);
+                    }
+                    if wire == Wire::StartTls && sv["tls_messages"].as_u64() != Some(accepted) {
+                        bail!("sink counted {} messages inside TLS of {accepted}", sv["tls_messages"]);
                     }
                 }
                 Ok(Measure {
@@ -592,6 +653,7 @@ impl Bench {
                     target_cpu_us: cpu as f64 / 1e3 / n,
                     target_rss_kib: hwm,
                     latency: Some(send_latency(&v)),
+                    handshake: send_handshake(&v),
                     throughput: send_throughput(&v),
                     ..Measure::default()
                 })
@@ -601,7 +663,7 @@ impl Bench {
                 let (mut target, addr) = if s == Scenario::PostfixToSink {
                     self.smtp_sink()?
                 } else {
-                    self.relay(&spool.0.join("spool"), None)?
+                    self.relay(&spool.0.join("spool"), None, Wire::Plain)?
                 };
                 let cpu0 = process_cpu_ns(target.pid());
                 let (secs, sender_cpu) = self.postfix_send(addr)?;
@@ -618,8 +680,8 @@ impl Bench {
                     ..Measure::default()
                 })
             }
-            Scenario::EndToEnd(route) => self.end_to_end(Some(route)),
-            Scenario::PostfixEndToEnd => self.end_to_end(None),
+            Scenario::EndToEnd(route, wire) => self.end_to_end(Some(route), wire),
+            Scenario::PostfixEndToEnd => self.end_to_end(None, Wire::Plain),
         }
     }
 
@@ -628,7 +690,7 @@ impl Bench {
     /// 127.0.0.2..=127.0.0.(N+1) at one shared port (the relay has one `--smtp-port` for every
     /// MX host). One process serves all N addresses so that the instrument costs the same on
     /// both routes and `mx` vs `relay-host` compares the relay's routing, not the sinks.
-    fn e2e_sink(&self, route: Option<Route>, expected: u64) -> Result<(Proc, u16)> {
+    fn e2e_sink(&self, route: Option<Route>, expected: u64, wire: Wire) -> Result<(Proc, u16)> {
         let mx = route == Some(Route::Mx);
         let hosts: Vec<Ipv4Addr> = if mx {
             (0..self.a.mx_domains).map(|i| Ipv4Addr::new(127, 0, 0, 2 + i)).collect()
@@ -642,6 +704,9 @@ impl Bench {
             let port = if mx { TcpListener::bind((hosts[0], 0))?.local_addr()?.port() } else { 0 };
             let mut cmd = Command::new(&self.me);
             cmd.args(["sink", "--json", "--interval", "0", "--expect-recipients", &expected.to_string()]);
+            if wire == Wire::StartTls {
+                cmd.arg("--starttls");
+            }
             for h in &hosts {
                 cmd.arg("--listen").arg(SocketAddr::from((*h, port)).to_string());
             }
@@ -682,12 +747,13 @@ impl Bench {
     }
 
     /// One end-to-end run: `sluice-load send` → relay → `sluice-load sink`. The relay is
-    /// sluice routing by `route`, or Postfix (relayhost) for `None`.
-    fn end_to_end(&self, route: Option<Route>) -> Result<Measure> {
+    /// sluice routing by `route`, or Postfix (relayhost) for `None`. With `Wire::StartTls` the
+    /// sender uses STARTTLS into the relay and the sink offers it to the relay.
+    fn end_to_end(&self, route: Option<Route>, wire: Wire) -> Result<Measure> {
         let n = self.a.messages as f64;
         let expected = self.a.messages * self.a.rcpts as u64;
         let domains: Vec<String> = (1..=self.a.mx_domains).map(|i| format!("d{i}.bench.test")).collect();
-        let (mut sink, port) = self.e2e_sink(route, expected)?;
+        let (mut sink, port) = self.e2e_sink(route, expected, wire)?;
         let sink_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         let spool_dir = TempDir::new("spool")?;
         let spool = spool_dir.0.join("spool");
@@ -697,14 +763,14 @@ impl Bench {
                 // --dns at a dead port: a relay host given as an IP needs no resolver, and this
                 // makes sure the system one is never asked.
                 let flags = ["--relay-host", &sink_addr.to_string(), "--dns", "127.0.0.1:1"].map(String::from);
-                let (p, a) = self.relay(&spool, Some(&flags))?;
+                let (p, a) = self.relay(&spool, Some(&flags), wire)?;
                 (Some(p), None, a)
             }
             Some(Route::Mx) => {
                 let (d, dns_addr) = self.dns(&domains)?;
                 dns = Some(d);
                 let flags = ["--dns", &dns_addr.to_string(), "--smtp-port", &port.to_string()].map(String::from);
-                let (p, a) = self.relay(&spool, Some(&flags))?;
+                let (p, a) = self.relay(&spool, Some(&flags), wire)?;
                 (Some(p), None, a)
             }
             None => {
@@ -720,7 +786,7 @@ impl Bench {
         };
         let cpu0 = cpu(&relay, &pf);
         let t0 = Instant::now();
-        let v = self.load_send(addr, Some(&domains.join(",")))?;
+        let v = self.load_send(addr, Some(&domains.join(",")), wire)?;
         let accepted = v["accepted"].as_u64().unwrap_or(0);
         if accepted != self.a.messages {
             bail!("{} of {} messages accepted (report: {v})", accepted, self.a.messages);
@@ -791,12 +857,22 @@ impl Bench {
             target_cpu_us: cpu1.saturating_sub(cpu0) as f64 / n,
             target_rss_kib: rss,
             latency: Some(send_latency(&v)),
+            handshake: send_handshake(&v),
             throughput: send_throughput(&v),
             accept_rate: v["msgs_per_s"].as_f64().unwrap_or(0.0),
             delivery_ms: percentiles(delays),
             deferred,
             queued_after,
         })
+    }
+
+    /// The wire of the scenarios that run once (end to end, and accept without --compare-tls).
+    fn main_wire(&self) -> Wire {
+        if self.a.tls {
+            Wire::StartTls
+        } else {
+            Wire::Plain
+        }
     }
 
     fn report(&self, results: &[(Scenario, Vec<Measure>)]) -> Value {
@@ -815,11 +891,13 @@ impl Bench {
                     "target_peak_rss_kib": last.target_rss_kib,
                     "latency_end_of_data_us": median_each(ms, |m| m.latency).map(|l| json!({
                         "p50": l[0], "p90": l[1], "p99": l[2], "p99.9": l[3], "max": l[4]})),
+                    "tls": s.wire() == Some(Wire::StartTls),
+                    "latency_handshake_us": median_each(ms, |m| m.handshake).map(|h| json!({"p50": h[0], "p99": h[1]})),
                 });
                 if s.end_to_end() {
                     let (relay, route) = match s {
-                        Scenario::EndToEnd(Route::Mx) => ("sluice", "mx"),
-                        Scenario::EndToEnd(Route::RelayHost) => ("sluice", "relay-host"),
+                        Scenario::EndToEnd(Route::Mx, _) => ("sluice", "mx"),
+                        Scenario::EndToEnd(Route::RelayHost, _) => ("sluice", "relay-host"),
                         _ => ("postfix", "relay-host"),
                     };
                     let extra = json!({
@@ -840,8 +918,10 @@ impl Bench {
         json!({
             "messages": self.a.messages, "connections": self.a.connections, "size": self.a.size,
             "rcpts": self.a.rcpts, "fsync": self.a.fsync, "route": self.a.route, "mx_domains": self.a.mx_domains,
+            "tls": self.a.tls, "compare_tls": self.a.compare_tls,
             "results": rows,
-            "ratios": ratios(results).into_iter().map(|(k, v)| (k, json!(v))).collect::<serde_json::Map<_, _>>(),
+            "ratios": ratios(results, self.main_wire()).into_iter().map(|(k, v)| (k, json!(v))).collect::<serde_json::Map<_, _>>(),
+            "tls_sla": tls_sla(results).map(|r| json!({"ratio": r, "min": TLS_SLA, "met": r >= TLS_SLA})),
         })
     }
 
@@ -849,8 +929,18 @@ impl Bench {
         let mut o = String::new();
         let _ = writeln!(
             o,
-            "bench: {} messages x {} B, {} rcpt(s), {} connections, relay --fsync {}, {} run(s)",
-            self.a.messages, self.a.size, self.a.rcpts, self.a.connections, self.a.fsync, self.a.runs
+            "bench: {} messages x {} B, {} rcpt(s), {} connections, relay --fsync {}, {} run(s){}",
+            self.a.messages,
+            self.a.size,
+            self.a.rcpts,
+            self.a.connections,
+            self.a.fsync,
+            self.a.runs,
+            match (self.a.tls, self.a.compare_tls) {
+                (true, _) => ", STARTTLS",
+                (false, true) => ", accept plaintext and STARTTLS",
+                (false, false) => "",
+            }
         );
         let _ = writeln!(
             o,
@@ -866,8 +956,11 @@ impl Bench {
                 continue;
             }
             let (rate, lo, hi) = median(ms.iter().map(|m| m.rate).collect());
-            let lat = median_each(ms, |m| m.latency)
+            let mut lat = median_each(ms, |m| m.latency)
                 .map_or("-".to_string(), |l| format!("{} / {} / {}", fmt_us(l[0]), fmt_us(l[2]), fmt_us(l[3])));
+            if let Some(h) = median_each(ms, |m| m.handshake) {
+                let _ = write!(lat, "  (handshake p50/p99 {} / {})", fmt_us(h[0]), fmt_us(h[1]));
+            }
             let _ = writeln!(
                 o,
                 "{:<40} {:>10.0} {:>19} {:>10.2} {:>10.2} {:>7}MB  {}",
@@ -914,8 +1007,12 @@ impl Bench {
                 if deferred > 0 { format!(" ({deferred} deferred attempts)") } else { String::new() }
             );
         }
-        for (k, v) in ratios(results) {
+        for (k, v) in ratios(results, self.main_wire()) {
             let _ = writeln!(o, "{k}: {v:.2}x");
+        }
+        if let Some(r) = tls_sla(results) {
+            let verdict = if r >= TLS_SLA { "met" } else { "MISSED" };
+            let _ = writeln!(o, "SLA: STARTTLS accept rate >= {TLS_SLA:.2}x plaintext: {verdict} ({r:.2}x)");
         }
         o.pop();
         o
@@ -947,6 +1044,24 @@ fn send_latency(v: &Value) -> [u64; 5] {
     ["p50_us", "p90_us", "p99_us", "p99.9_us", "max_us"].map(|k| lat[k].as_u64().unwrap_or(0))
 }
 
+/// (p50, p99) of the TLS handshakes from a `send --json` report, µs; `None` without TLS.
+fn send_handshake(v: &Value) -> Option<[u64; 2]> {
+    let h = &v["latency_handshake"];
+    (h["count"].as_u64().unwrap_or(0) > 0).then(|| ["p50_us", "p99_us"].map(|k| h[k].as_u64().unwrap_or(0)))
+}
+
+/// STARTTLS over plaintext accept rate of the relay, when `--compare-tls` ran both.
+fn tls_sla(results: &[(Scenario, Vec<Measure>)]) -> Option<f64> {
+    let rate = |s: Scenario| {
+        results
+            .iter()
+            .find(|(x, ms)| *x == s && !ms.is_empty())
+            .map(|(_, ms)| median(ms.iter().map(|m| m.rate).collect()).0)
+    };
+    let (tls, plain) = (rate(Scenario::LoadToRelay(Wire::StartTls))?, rate(Scenario::LoadToRelay(Wire::Plain))?);
+    (plain > 0.0).then(|| tls / plain)
+}
+
 /// (seconds, messages so far) samples from a `send --json` report.
 fn send_throughput(v: &Value) -> Vec<(f64, u64)> {
     v["throughput"]
@@ -956,7 +1071,7 @@ fn send_throughput(v: &Value) -> Vec<(f64, u64)> {
 }
 
 /// The side-by-side ratios the report prints (only for pairs that both ran).
-fn ratios(results: &[(Scenario, Vec<Measure>)]) -> Vec<(String, f64)> {
+fn ratios(results: &[(Scenario, Vec<Measure>)], main: Wire) -> Vec<(String, f64)> {
     let get = |s: Scenario, f: fn(&Measure) -> f64| {
         results.iter().find(|(x, ms)| *x == s && !ms.is_empty()).map(|(_, ms)| median(ms.iter().map(f).collect()).0)
     };
@@ -964,22 +1079,30 @@ fn ratios(results: &[(Scenario, Vec<Measure>)]) -> Vec<(String, f64)> {
     let cpu = |m: &Measure| m.target_cpu_us;
     let mut out = Vec::new();
     let mut push = |k: &str, v: f64| out.push((k.to_string(), v));
-    if let (Some(a), Some(b)) = (get(Scenario::LoadToSink, rate), get(Scenario::PostfixToSink, rate)) {
+    let (sink_plain, sink_tls) = (Scenario::LoadToSink(Wire::Plain), Scenario::LoadToSink(Wire::StartTls));
+    let (relay_plain, relay_tls) = (Scenario::LoadToRelay(Wire::Plain), Scenario::LoadToRelay(Wire::StartTls));
+    if let (Some(a), Some(b)) = (get(sink_tls, rate), get(sink_plain, rate)) {
+        push("instrument rate, STARTTLS / plaintext", a / b);
+    }
+    if let (Some(a), Some(b)) = (get(relay_tls, rate), get(relay_plain, rate)) {
+        push("relay accept rate, STARTTLS / plaintext", a / b);
+    }
+    if let (Some(a), Some(b)) = (get(sink_plain, rate), get(Scenario::PostfixToSink, rate)) {
         push("instrument rate, sluice-load / smtp-source+smtp-sink", a / b);
     }
     if let (Some(a), Some(b)) =
-        (get(Scenario::LoadToSink, |m| m.sender_cpu_us), get(Scenario::PostfixToSink, |m| m.sender_cpu_us))
+        (get(sink_plain, |m| m.sender_cpu_us), get(Scenario::PostfixToSink, |m| m.sender_cpu_us))
     {
         if a > 0.0 {
             push("sender CPU per message, smtp-source / sluice-load", b / a);
         }
     }
-    if let (Some(a), Some(b)) = (get(Scenario::LoadToRelay, rate), get(Scenario::PostfixToRelay, rate)) {
+    if let (Some(a), Some(b)) = (get(relay_plain, rate), get(Scenario::PostfixToRelay, rate)) {
         push("relay accept rate, driven by sluice-load / by smtp-source", a / b);
     }
-    let direct = get(Scenario::LoadToSink, rate);
-    let rh = get(Scenario::EndToEnd(Route::RelayHost), rate);
-    let mx = get(Scenario::EndToEnd(Route::Mx), rate);
+    let direct = get(Scenario::LoadToSink(main), rate);
+    let rh = get(Scenario::EndToEnd(Route::RelayHost, main), rate);
+    let mx = get(Scenario::EndToEnd(Route::Mx, main), rate);
     for (name, e) in [("relay-host", rh), ("mx", mx)] {
         if let (Some(e), Some(d)) = (e, direct) {
             push(&format!("end-to-end rate ({name}) / direct sender->sink rate"), e / d);
@@ -994,7 +1117,7 @@ fn ratios(results: &[(Scenario, Vec<Measure>)]) -> Vec<(String, f64)> {
     if let (Some(a), Some(b)) = (ours, get(Scenario::PostfixEndToEnd, rate)) {
         push(&format!("end-to-end rate, sluice ({name}) / Postfix"), a / b);
     }
-    if let (Some(a), Some(b)) = (get(Scenario::EndToEnd(route), cpu), get(Scenario::PostfixEndToEnd, cpu)) {
+    if let (Some(a), Some(b)) = (get(Scenario::EndToEnd(route, main), cpu), get(Scenario::PostfixEndToEnd, cpu)) {
         if a > 0.0 {
             push(&format!("relay CPU per message, Postfix / sluice ({name})"), b / a);
         }

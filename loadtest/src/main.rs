@@ -3,13 +3,14 @@
 //!
 //! Owns: the command line (clap) and the dispatch to [`send`], [`sink`], [`dns`] and [`bench`];
 //! the only place that exits the process. Exit status: 0 on success, 1 when a run failed
-//! (target unreachable, nothing accepted), 2 for a bad or not-yet-supported flag.
+//! (target unreachable, nothing accepted), 2 for a bad flag.
 
 mod bench;
 mod dns;
 mod report;
 mod send;
 mod sink;
+mod tls;
 mod util;
 
 use anyhow::{bail, Context, Result};
@@ -85,14 +86,17 @@ pub(crate) struct SendArgs {
     /// Use BDAT (CHUNKING) instead of DATA when offered.
     #[arg(long)]
     bdat: bool,
-    /// STARTTLS (not yet supported).
-    #[arg(long)]
+    /// EHLO, STARTTLS (RFC 3207), TLS handshake, EHLO again, then the transactions. The
+    /// server's certificate is not verified.
+    #[arg(long, conflicts_with = "tls")]
     starttls: bool,
-    /// Implicit TLS (not yet supported).
+    /// Implicit TLS from the first byte (a --listen-tls / port-465 style server); the
+    /// certificate is not verified.
     #[arg(long)]
     tls: bool,
-    /// AUTH USER:PASS (not yet supported).
-    #[arg(long)]
+    /// AUTH PLAIN (RFC 4954, initial response) as USER:PASS after the (post-TLS) EHLO; a 235
+    /// is required, any other reply fails the connection.
+    #[arg(long, value_name = "USER:PASS")]
     auth: Option<String>,
     /// Sender threads, one event loop each.
     #[arg(long, default_value_t = 1)]
@@ -113,9 +117,20 @@ pub(crate) struct SendArgs {
 
 #[derive(Args, Debug)]
 struct SinkArgs {
-    /// Listening address (repeatable); port 0 picks a free port, logged on stderr.
-    #[arg(long, default_value = "127.0.0.1:2526")]
+    /// Listening address (repeatable; 127.0.0.1:2526 when neither this nor --listen-tls is
+    /// given); port 0 picks a free port, logged on stderr.
+    #[arg(long)]
     listen: Vec<SocketAddr>,
+    /// Implicit-TLS listening address (repeatable; the port-465 style), with --tls-cert or a
+    /// generated certificate.
+    #[arg(long, value_name = "ADDR")]
+    listen_tls: Vec<SocketAddr>,
+    /// Server certificate chain (PEM); STARTTLS is offered when given.
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Name in the greeting.
     #[arg(long, default_value = "sink.sluice-load.test")]
     hostname: String,
@@ -137,7 +152,9 @@ struct SinkArgs {
     /// Recipients per transaction before 452 4.5.3.
     #[arg(long, default_value_t = 1000)]
     max_rcpts: usize,
-    /// Save each accepted message as NNNNNNNN.env (envelope) and NNNNNNNN.msg (exact bytes).
+    /// Save each accepted message as NNNNNNNN.env (envelope: `MAIL FROM:<..>` and `RCPT TO:<..>`
+    /// lines, then `TLS: VERSION CIPHER` when it came over TLS and `AUTH: USER` when the session
+    /// authenticated) and NNNNNNNN.msg (exact bytes).
     #[arg(long)]
     save: Option<PathBuf>,
     /// Print the summary as JSON on stdout at exit.
@@ -155,9 +172,17 @@ struct SinkArgs {
     /// Do not advertise CHUNKING.
     #[arg(long)]
     no_chunking: bool,
-    /// Offer STARTTLS (not yet supported).
+    /// Offer STARTTLS; without --tls-cert, with a self-signed certificate generated at start
+    /// for localhost, 127.0.0.1, ::1 and --hostname.
     #[arg(long)]
     starttls: bool,
+    /// Offer STARTTLS and answer 220, then break the handshake (garbage bytes, close), to test
+    /// a client's plaintext fallback.
+    #[arg(long)]
+    tls_fail: bool,
+    /// Accept AUTH PLAIN and LOGIN with any credentials (AUTH is refused with 503 otherwise).
+    #[arg(long)]
+    auth_any: bool,
     /// Seed for the fault draws.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -195,12 +220,6 @@ struct DnsArgs {
     duration: Option<Duration>,
 }
 
-/// Exits 2 with a message naming the flag, like clap does for a bad value.
-fn unsupported(flag: &str) -> ! {
-    eprintln!("sluice-load: {flag} is not yet supported (TLS and AUTH come with the TLS issue)");
-    std::process::exit(2);
-}
-
 /// `1024` or `1k:70,10k:25,...` → [(size, weight)].
 fn parse_size_spec(spec: &str) -> Result<Vec<(usize, u32)>> {
     let mut out = Vec::new();
@@ -220,16 +239,23 @@ fn parse_size_spec(spec: &str) -> Result<Vec<(usize, u32)>> {
     Ok(out)
 }
 
+/// `USER:PASS` → the whole `AUTH PLAIN <base64(NUL user NUL pass)>` command line (RFC 4616),
+/// rendered once.
+fn auth_plain_line(spec: &str) -> Result<Vec<u8>> {
+    use base64::Engine as _;
+    let Some((user, pass)) = spec.split_once(':') else { bail!("--auth: expected USER:PASS") };
+    if user.is_empty() {
+        bail!("--auth: the user name is empty");
+    }
+    let mut raw = Vec::with_capacity(spec.len() + 2);
+    raw.push(0);
+    raw.extend_from_slice(user.as_bytes());
+    raw.push(0);
+    raw.extend_from_slice(pass.as_bytes());
+    Ok(format!("AUTH PLAIN {}\r\n", base64::engine::general_purpose::STANDARD.encode(raw)).into_bytes())
+}
+
 fn send_opts(a: &SendArgs) -> Result<send::SendOpts> {
-    if a.starttls {
-        unsupported("--starttls");
-    }
-    if a.tls {
-        unsupported("--tls");
-    }
-    if a.auth.is_some() {
-        unsupported("--auth");
-    }
     if a.connections == 0 || a.rcpts == 0 || a.threads == 0 || a.per_connection == 0 {
         bail!("--connections, --rcpts, --threads and --per-connection must be at least 1");
     }
@@ -263,6 +289,14 @@ fn send_opts(a: &SendArgs) -> Result<send::SendOpts> {
         rate: a.rate,
         pipelining: !a.no_pipelining,
         bdat: a.bdat,
+        tls: if a.tls {
+            send::TlsMode::Implicit
+        } else if a.starttls {
+            send::TlsMode::StartTls
+        } else {
+            send::TlsMode::Plain
+        },
+        auth: a.auth.as_deref().map(auth_plain_line).transpose()?,
         threads: a.threads,
         timeout: a.timeout,
         seed: a.seed,
@@ -292,11 +326,25 @@ fn cmd_send(a: &SendArgs) -> Result<i32> {
 }
 
 fn cmd_sink(a: SinkArgs) -> Result<i32> {
-    if a.starttls {
-        unsupported("--starttls");
-    }
+    let tls = match (&a.tls_cert, &a.tls_key) {
+        // The seam's errors name the flag at fault (`--tls-cert ...`): they exit 2.
+        (Some(cert), Some(key)) => {
+            Some(sluice::net::tls::ServerTls::load(cert, key).map_err(|e| anyhow::anyhow!("{e}"))?)
+        }
+        _ if a.starttls || !a.listen_tls.is_empty() => Some(tls::self_signed_server(&[&a.hostname])?),
+        _ => None,
+    };
+    let listen = if a.listen.is_empty() && a.listen_tls.is_empty() {
+        vec![SocketAddr::from(([127, 0, 0, 1], 2526))]
+    } else {
+        a.listen
+    };
     sink::run(sink::SinkOpts {
-        listen: a.listen,
+        listen,
+        listen_tls: a.listen_tls,
+        tls,
+        tls_fail: a.tls_fail,
+        auth_any: a.auth_any,
         hostname: a.hostname,
         tempfail_rate: a.tempfail_rate,
         permfail_rate: a.permfail_rate,

@@ -51,6 +51,10 @@ pub struct Stats {
     pub connections: u64,
     /// Connection attempts that failed.
     pub connect_errors: u64,
+    /// Connections that failed before carrying mail: greeting, STARTTLS, TLS handshake, AUTH.
+    pub session_errors: u64,
+    /// TLS handshakes completed.
+    pub tls_sessions: u64,
     /// The last connection error, for the final message.
     pub last_error: Option<String>,
     /// Final replies by code (index = code, 0..600).
@@ -59,6 +63,8 @@ pub struct Stats {
     pub eod: Histogram<u64>,
     /// Whole transaction: MAIL written (or its scheduled time under `--rate`) to final reply.
     pub txn: Histogram<u64>,
+    /// TLS handshake: session start (STARTTLS's 220, or the connect) to handshake done.
+    pub handshake: Histogram<u64>,
     /// CPU time of the thread, nanoseconds.
     pub cpu_ns: u64,
 }
@@ -76,10 +82,13 @@ impl Default for Stats {
             bytes_accepted: 0,
             connections: 0,
             connect_errors: 0,
+            session_errors: 0,
+            tls_sessions: 0,
             last_error: None,
             codes: vec![0; 600],
             eod: new_histogram(),
             txn: new_histogram(),
+            handshake: new_histogram(),
             cpu_ns: 0,
         }
     }
@@ -111,6 +120,8 @@ impl Stats {
         self.bytes_accepted += o.bytes_accepted;
         self.connections += o.connections;
         self.connect_errors += o.connect_errors;
+        self.session_errors += o.session_errors;
+        self.tls_sessions += o.tls_sessions;
         if o.last_error.is_some() {
             self.last_error.clone_from(&o.last_error);
         }
@@ -119,6 +130,7 @@ impl Stats {
         }
         let _ = self.eod.add(&o.eod);
         let _ = self.txn.add(&o.txn);
+        let _ = self.handshake.add(&o.handshake);
         self.cpu_ns += o.cpu_ns;
     }
 }
@@ -258,12 +270,16 @@ pub fn send_json(st: &Stats, elapsed: Duration, target: &str, throughput: &[(f64
         "bytes_accepted": st.bytes_accepted,
         "connections": st.connections,
         "connect_errors": st.connect_errors,
+        "session_errors": st.session_errors,
+        "tls_sessions": st.tls_sessions,
+        "last_error": st.last_error,
         "codes": codes,
         "msgs_per_s": st.accepted as f64 / secs,
         "cpu_us_per_msg": if st.sent > 0 { st.cpu_ns as f64 / 1e3 / st.sent as f64 } else { 0.0 },
         "cpu_s": st.cpu_ns as f64 / 1e9,
         "latency_end_of_data": percentiles_json(&st.eod),
         "latency_transaction": percentiles_json(&st.txn),
+        "latency_handshake": percentiles_json(&st.handshake),
         "throughput": throughput.iter().map(|(t, n)| json!([t, n])).collect::<Vec<_>>(),
     })
 }
@@ -291,8 +307,17 @@ pub fn send_text(st: &Stats, elapsed: Duration, target: &str) -> String {
         st.connections,
         st.connect_errors
     );
+    if st.tls_sessions > 0 || st.session_errors > 0 {
+        let _ = writeln!(out, "TLS sessions {}, session setup failures {}", st.tls_sessions, st.session_errors);
+    }
+    if st.session_errors > 0 || st.connect_errors > 0 {
+        let _ = writeln!(out, "last error: {}", st.last_error.as_deref().unwrap_or("(none)"));
+    }
     let _ = writeln!(out, "latency end-of-data -> reply: {}", percentiles_text(&st.eod));
     let _ = write!(out, "latency transaction:          {}", percentiles_text(&st.txn));
+    if !st.handshake.is_empty() {
+        let _ = write!(out, "\nlatency TLS handshake:        {}", percentiles_text(&st.handshake));
+    }
     out
 }
 

@@ -12,10 +12,19 @@
 //! `--bdat` (RFC 3030) the whole transaction is one write: `MAIL RCPT.. BDAT n LAST` + octets.
 //! Without PIPELINING the commands go one at a time (RFC 5321 §4.1.4 lockstep).
 //!
+//! TLS goes through the relay's seam (`sluice::net::tls`), certificates unverified:
+//! `--starttls` does EHLO, STARTTLS (RFC 3207), the handshake and EHLO again before the first
+//! transaction; `--tls` starts the handshake on connect (implicit TLS). `--auth` sends one
+//! `AUTH PLAIN` with an initial response (RFC 4954 §4, rendered once) after the last EHLO.
+//! Until the session is open, any failure (refused STARTTLS or AUTH, failed handshake) fails
+//! the connection with the reply in the report and counts against the slot like a connect
+//! error, so a target that always refuses ends the run instead of spinning.
+//!
 //! Latency: "end of data" runs from the last octet of the message written to its final reply;
 //! "transaction" from the MAIL command written (or, under `--rate`, from the time the message
 //! was *scheduled*, so that a stalled target cannot hide its stall by slowing the sender down —
-//! coordinated omission) to the final reply.
+//! coordinated omission) to the final reply. "handshake" runs from the TLS session's start
+//! (the `220` to STARTTLS, or the TCP connect for `--tls`) to the end of the handshake.
 
 use crate::report::{self, Progress, Stats};
 use crate::util::{thread_cpu_ns, Rng};
@@ -25,12 +34,24 @@ use mio::net::TcpStream;
 use mio::{Events, Interest, Poll};
 use sluice::buf::{Buf, BufPool};
 use sluice::net::socket::{read, IoResult};
+use sluice::net::tls::{ClientTls, TlsError, TlsFlush, TlsRead, TlsSession};
 use sluice::reactor::token::{self, Kind};
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+
+/// How a connection gets TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    /// Plain SMTP.
+    Plain,
+    /// STARTTLS after the first EHLO (RFC 3207).
+    StartTls,
+    /// TLS from the first byte (RFC 8314 implicit TLS).
+    Implicit,
+}
 
 /// Everything `send` needs, validated.
 #[derive(Debug, Clone)]
@@ -63,6 +84,10 @@ pub struct SendOpts {
     pub pipelining: bool,
     /// Use BDAT when the server advertises CHUNKING.
     pub bdat: bool,
+    /// STARTTLS, implicit TLS or neither.
+    pub tls: TlsMode,
+    /// The `AUTH PLAIN ...` command line (with CRLF) to send after the last EHLO.
+    pub auth: Option<Vec<u8>>,
     /// Worker threads, one mio loop each.
     pub threads: usize,
     /// No reply for this long: the connection is dropped and its transactions counted lost.
@@ -150,6 +175,8 @@ enum Expect {
     EndData(u8),
     Bdat(u8),
     Rset,
+    StartTls,
+    Auth,
     Quit,
 }
 
@@ -158,7 +185,7 @@ enum State {
     /// No socket; (re)connect when `retry_at` passes and work remains.
     Idle,
     Connecting,
-    /// Greeting/EHLO exchange.
+    /// Greeting/EHLO (/STARTTLS/handshake/AUTH) exchange.
     Opening,
     /// Session open; transactions run.
     Open,
@@ -189,6 +216,13 @@ struct BodyWrite {
 
 struct Conn {
     sock: Option<TcpStream>,
+    /// The TLS session once STARTTLS succeeded (or from the connect, for `--tls`); boxed so
+    /// that plaintext connections stay small.
+    tls: Option<Box<TlsSession>>,
+    /// When the handshake in progress started; taken when it ends.
+    hs_start: Option<Instant>,
+    /// The last EHLO reply listed STARTTLS.
+    offers_starttls: bool,
     gen: u32,
     state: State,
     input: Option<Buf>,
@@ -211,6 +245,8 @@ struct Conn {
     need_rset: bool,
     last_io: Instant,
     retry_at: Instant,
+    /// Consecutive failures before a session opened (connect, greeting, TLS, AUTH); reset when
+    /// one opens.
     connect_failures: u32,
 }
 
@@ -249,6 +285,15 @@ pub fn run(opts: &SendOpts, quiet: bool) -> (Stats, Duration, Vec<(f64, u64)>) {
     (merged, start.elapsed(), samples)
 }
 
+/// One read from the connection, plain or through TLS, classified.
+enum Got {
+    Data(usize),
+    WouldBlock,
+    /// Orderly close (FIN, or close_notify, or a truncation once the session is up).
+    Closed,
+    Failed(String),
+}
+
 enum Claim {
     Go(Instant),
     Wait(Instant),
@@ -275,6 +320,10 @@ struct Worker<'a> {
     published: Stats,
     /// Earliest rate-scheduled start some connection waits for (found outside `scan`).
     wake: Instant,
+    /// Client TLS settings (no certificate check), made once, for `--starttls`/`--tls`.
+    client_tls: Option<ClientTls>,
+    /// The name sessions are opened for: the target's IP address (no SNI is sent for it).
+    server_name: String,
 }
 
 impl<'a> Worker<'a> {
@@ -296,6 +345,9 @@ impl<'a> Worker<'a> {
         let conns = (0..conns)
             .map(|_| Conn {
                 sock: None,
+                tls: None,
+                hs_start: None,
+                offers_starttls: false,
                 gen: 0,
                 state: State::Idle,
                 input: None,
@@ -337,6 +389,8 @@ impl<'a> Worker<'a> {
             recent: report::new_histogram(),
             published: Stats::default(),
             wake: now + Duration::from_secs(3600),
+            client_tls: (opts.tls != TlsMode::Plain).then(ClientTls::unverified),
+            server_name: opts.to.ip().to_string(),
         }
     }
 
@@ -467,12 +521,17 @@ impl<'a> Worker<'a> {
     /// Closes a connection after an error; its open transactions are counted lost.
     fn fail_conn(&mut self, ci: usize, why: String) {
         let was_connecting = self.conns[ci].state == State::Connecting;
+        let in_setup = self.conns[ci].state == State::Opening;
         let lost = u64::from(self.conns[ci].in_flight);
         self.stats.errors += lost;
         self.stats.last_error = Some(why);
         let c = &mut self.conns[ci];
         if was_connecting {
             self.stats.connect_errors += 1;
+            c.connect_failures += 1;
+        } else if in_setup {
+            // Greeting, STARTTLS, handshake or AUTH failed: the connection never carried mail.
+            self.stats.session_errors += 1;
             c.connect_failures += 1;
         }
         self.close(ci);
@@ -490,8 +549,15 @@ impl<'a> Worker<'a> {
     fn close(&mut self, ci: usize) {
         let c = &mut self.conns[ci];
         if let Some(mut s) = c.sock.take() {
+            if let Some(tls) = c.tls.as_mut() {
+                // Best effort close_notify: the socket is closed right after either way.
+                tls.close();
+                let _ = tls.flush(&mut s);
+            }
             let _ = self.poll.registry().deregister(&mut s);
         }
+        c.tls = None;
+        c.hs_start = None;
         if let Some(b) = c.input.take() {
             self.pool.checkin(b);
         }
@@ -527,11 +593,16 @@ impl<'a> Worker<'a> {
             }
             let _ = s.set_nodelay(true);
             c.state = State::Opening;
-            c.connect_failures = 0;
             c.last_io = now;
             c.expect.push_back(Expect::Greeting);
             c.input = self.pool.checkout();
             self.stats.connections += 1;
+            if self.opts.tls == TlsMode::Implicit {
+                // The client speaks first: its ClientHello goes out with the flush below.
+                if let Err(e) = self.start_tls(ci, now) {
+                    return self.fail_conn(ci, e);
+                }
+            }
         }
         // Read to WouldBlock (mio is edge-triggered), acting on each batch of replies.
         loop {
@@ -540,25 +611,100 @@ impl<'a> Worker<'a> {
             if input.room() == 0 {
                 return self.fail_conn(ci, "reply longer than the input buffer".into());
             }
-            match read(sock, input.space()) {
-                IoResult::Done(n) => {
+            let got = match c.tls.as_mut() {
+                None => match read(sock, input.space()) {
+                    IoResult::Done(n) => Got::Data(n),
+                    IoResult::WouldBlock => Got::WouldBlock,
+                    IoResult::Closed => Got::Closed,
+                    IoResult::Error(e) => Got::Failed(format!("read: {e}")),
+                },
+                Some(tls) => {
+                    let r = tls.read(sock, input.space());
+                    if !tls.is_handshaking() {
+                        if let Some(t0) = c.hs_start.take() {
+                            report::record(&mut self.stats.handshake, t0.elapsed());
+                            self.stats.tls_sessions += 1;
+                        }
+                    }
+                    match r {
+                        TlsRead::Data(n) => Got::Data(n),
+                        TlsRead::WouldBlock => Got::WouldBlock,
+                        TlsRead::Closed => Got::Closed,
+                        TlsRead::Failed(e) => {
+                            // An alert may be queued: let the server know, if the socket takes it.
+                            let _ = tls.flush(sock);
+                            // `hs_start` is taken when the handshake ends.
+                            match (c.hs_start.is_some(), e) {
+                                (true, TlsError::Truncated) => {
+                                    Got::Failed("TLS handshake failed: the server closed the connection".into())
+                                }
+                                (true, e) => Got::Failed(format!("TLS handshake failed: {e}")),
+                                // A server that closes after 221 without close_notify is common.
+                                (false, TlsError::Truncated) => Got::Closed,
+                                (false, e) => Got::Failed(format!("TLS: {e}")),
+                            }
+                        }
+                    }
+                }
+            };
+            match got {
+                Got::Data(n) => {
                     input.fill(n);
                     c.last_io = now;
                     if !self.on_input(ci, now) {
                         return;
                     }
                 }
-                IoResult::WouldBlock => break,
-                IoResult::Closed => {
+                Got::WouldBlock => break,
+                Got::Closed => {
                     if self.conns[ci].state == State::Quitting {
                         return self.after_quit(ci);
                     }
                     return self.fail_conn(ci, "connection closed by the server".into());
                 }
-                IoResult::Error(e) => return self.fail_conn(ci, format!("read: {e}")),
+                Got::Failed(why) => return self.fail_conn(ci, why),
             }
         }
         self.flush(ci);
+    }
+
+    /// Starts the client side of TLS on the connection (after STARTTLS's 220, or at connect).
+    fn start_tls(&mut self, ci: usize, now: Instant) -> Result<(), String> {
+        let Some(cfg) = &self.client_tls else { return Err("TLS is not configured".into()) };
+        let tls = TlsSession::client(cfg, &self.server_name).map_err(|e| format!("TLS: {e}"))?;
+        let c = &mut self.conns[ci];
+        c.tls = Some(Box::new(tls));
+        c.hs_start = Some(now);
+        Ok(())
+    }
+
+    /// After a successful EHLO: STARTTLS or AUTH when still due, else the session is open.
+    fn after_ehlo(&mut self, ci: usize, now: Instant) -> bool {
+        let c = &mut self.conns[ci];
+        if self.opts.tls == TlsMode::StartTls && c.tls.is_none() {
+            if !c.offers_starttls {
+                self.fail_conn(ci, "the server does not offer STARTTLS".into());
+                return false;
+            }
+            c.out.extend_from_slice(b"STARTTLS\r\n");
+            c.expect.push_back(Expect::StartTls);
+            return true;
+        }
+        if let Some(line) = &self.opts.auth {
+            c.out.extend_from_slice(line);
+            c.expect.push_back(Expect::Auth);
+            return true;
+        }
+        self.open(ci, now);
+        true
+    }
+
+    /// The session is ready for mail: transactions start.
+    fn open(&mut self, ci: usize, now: Instant) {
+        let c = &mut self.conns[ci];
+        c.state = State::Open;
+        c.connect_failures = 0;
+        self.next_txn(ci, now);
     }
 
     /// Frames replies in the input and acts on each. Returns false if the connection closed.
@@ -589,6 +735,23 @@ impl<'a> Worker<'a> {
                     c.pipelining = self.opts.pipelining;
                 } else if is(b"CHUNKING") {
                     c.chunking = self.opts.bdat;
+                } else if is(b"STARTTLS") {
+                    c.offers_starttls = true;
+                }
+            }
+            if !more {
+                // Setup replies that end the connection are reported with their text.
+                let fail = match c.expect.front() {
+                    Some(Expect::Greeting) if code != 220 => Some("greeting"),
+                    Some(Expect::Helo) if !(200..300).contains(&code) => Some("HELO refused"),
+                    Some(Expect::StartTls) if code != 220 => Some("STARTTLS refused"),
+                    Some(Expect::Auth) if code != 235 => Some("AUTH refused"),
+                    _ => None,
+                };
+                if let Some(what) = fail {
+                    let msg = format!("{what}: {}", String::from_utf8_lossy(line));
+                    self.fail_conn(ci, msg);
+                    return false;
                 }
             }
             input.consume(lf + 1);
@@ -610,30 +773,47 @@ impl<'a> Worker<'a> {
         let ok = (200..300).contains(&code);
         match exp {
             Expect::Greeting => {
-                if code != 220 {
-                    self.fail_conn(ci, format!("greeting {code}"));
-                    return false;
-                }
                 let c = &mut self.conns[ci];
                 c.pipelining = false;
                 c.chunking = false;
+                c.offers_starttls = false;
                 let _ = write!(c.out, "EHLO {}\r\n", self.opts.helo);
                 c.expect.push_back(Expect::Ehlo);
             }
-            Expect::Ehlo | Expect::Helo => {
-                if !ok {
-                    if exp == Expect::Helo {
-                        self.fail_conn(ci, format!("HELO refused with {code}"));
-                        return false;
-                    }
-                    let c = &mut self.conns[ci];
-                    let _ = write!(c.out, "HELO {}\r\n", self.opts.helo);
-                    c.expect.push_back(Expect::Helo);
-                    return true;
+            Expect::Ehlo if ok => return self.after_ehlo(ci, now),
+            Expect::Ehlo => {
+                if self.opts.tls == TlsMode::StartTls || self.opts.auth.is_some() {
+                    self.fail_conn(ci, format!("EHLO refused with {code}; STARTTLS and AUTH need it"));
+                    return false;
                 }
-                self.conns[ci].state = State::Open;
-                self.next_txn(ci, now);
+                let c = &mut self.conns[ci];
+                let _ = write!(c.out, "HELO {}\r\n", self.opts.helo);
+                c.expect.push_back(Expect::Helo);
             }
+            Expect::Helo => self.open(ci, now),
+            Expect::StartTls => {
+                // Nothing may follow the 220 in plaintext: it would be read as if it came over TLS
+                // (the injection of CVE-2011-0411, mirrored on the client side).
+                if self.conns[ci].input.as_ref().is_some_and(|b| !b.is_empty()) {
+                    self.fail_conn(ci, "the server sent data after its 220 to STARTTLS".into());
+                    return false;
+                }
+                if let Err(e) = self.start_tls(ci, now) {
+                    self.fail_conn(ci, e);
+                    return false;
+                }
+                // The session starts over: capabilities are learnt again (RFC 3207 §4.2).
+                let c = &mut self.conns[ci];
+                c.out.clear();
+                c.out_pos = 0;
+                c.split = 0;
+                c.pipelining = false;
+                c.chunking = false;
+                c.offers_starttls = false;
+                let _ = write!(c.out, "EHLO {}\r\n", self.opts.helo);
+                c.expect.push_back(Expect::Ehlo);
+            }
+            Expect::Auth => self.open(ci, now),
             Expect::Mail(s) => {
                 if !ok {
                     let c = &mut self.conns[ci];
@@ -845,6 +1025,14 @@ impl<'a> Worker<'a> {
         loop {
             let c = &mut self.conns[ci];
             let Some(sock) = c.sock.as_mut() else { return };
+            if let Some(tls) = c.tls.as_mut() {
+                // Ciphertext first: handshake messages, then records of what was handed over.
+                match tls.flush(sock) {
+                    TlsFlush::Done => {}
+                    TlsFlush::WouldBlock => return,
+                    TlsFlush::Failed(e) => return self.fail_conn(ci, format!("write: {e}")),
+                }
+            }
             let body_bytes: &[u8] = match c.body {
                 Some(b) => {
                     let body = &self.opts.bodies[b.body].0;
@@ -866,12 +1054,33 @@ impl<'a> Worker<'a> {
                 c.body = None;
                 return;
             }
-            let slices = [IoSlice::new(pre), IoSlice::new(body_bytes), IoSlice::new(post)];
-            let n = match sock.write_vectored(&slices) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return self.fail_conn(ci, format!("write: {e}")),
+            let n = match c.tls.as_mut() {
+                None => {
+                    let slices = [IoSlice::new(pre), IoSlice::new(body_bytes), IoSlice::new(post)];
+                    match sock.write_vectored(&slices) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => return self.fail_conn(ci, format!("write: {e}")),
+                    }
+                }
+                Some(tls) => {
+                    // The session encrypts what it takes, up to its buffer limit; the loop's
+                    // next turn writes the records out.
+                    let mut n = 0;
+                    for part in [pre, body_bytes, post] {
+                        let took = tls.write(part);
+                        n += took;
+                        if took < part.len() {
+                            break;
+                        }
+                    }
+                    if n == 0 {
+                        // Buffer full before the handshake ended: reading moves it on.
+                        return;
+                    }
+                    n
+                }
             };
             let (pre_len, body_len) = (pre.len(), body_bytes.len());
             let mut left = n;
@@ -895,7 +1104,10 @@ impl<'a> Worker<'a> {
                 c.out.clear();
                 c.out_pos = 0;
                 c.split = 0;
-                return;
+                if c.tls.is_none() {
+                    return;
+                }
+                // Handed to TLS, not yet written: the next turn flushes the records.
             }
         }
     }

@@ -19,9 +19,18 @@
 //! | `datafail-` | accepted at RCPT, `554 5.6.0` after the data |
 //! | `datatf-` | accepted at RCPT, `451 4.3.0` after the data |
 //! | `drop-` | accepted at RCPT, connection closed mid-DATA |
+//!
+//! TLS (RFC 3207) through the relay's seam `sluice::net::tls`: STARTTLS is offered when the
+//! sink has a certificate (`--tls-cert`/`--tls-key`, or one generated with `--starttls`);
+//! bytes pipelined behind STARTTLS are discarded, the session starts over after the handshake
+//! and STARTTLS is no longer offered. `--listen-tls` ports speak TLS from the first byte.
+//! `--tls-fail` answers `220` to STARTTLS and then sends garbage instead of a handshake, so
+//! that a client's plaintext fallback can be tested. AUTH (RFC 4954) PLAIN and LOGIN accept
+//! any credentials with `--auth-any` and are refused with `503` otherwise.
 
 use crate::util::{log_listening, Rng};
 use anyhow::{Context, Result};
+use base64::Engine as _;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use serde_json::json;
@@ -30,6 +39,7 @@ use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 use sluice::buf::{Buf, BufPool};
 use sluice::net::socket::{listener, read, write, IoResult};
+use sluice::net::tls::{ServerTls, TlsFlush, TlsRead, TlsSession};
 use sluice::smtp::command::{parse, Command};
 use sluice::smtp::data::{bdat_take, DataScanner};
 use sluice::smtp::line::{next_line, skip_line, Framed};
@@ -52,8 +62,16 @@ pub enum FailAt {
 /// Validated `sink` options.
 #[derive(Debug, Clone)]
 pub struct SinkOpts {
-    /// Listening addresses.
+    /// Listening addresses (plain SMTP, STARTTLS when `tls` is set).
     pub listen: Vec<SocketAddr>,
+    /// Implicit-TLS listening addresses (the port-465 style); need `tls`.
+    pub listen_tls: Vec<SocketAddr>,
+    /// Server certificate: STARTTLS is offered when set.
+    pub tls: Option<ServerTls>,
+    /// Offer STARTTLS, answer `220`, then break the handshake (garbage, then close).
+    pub tls_fail: bool,
+    /// Accept AUTH PLAIN and LOGIN with any credentials (refused with `503` otherwise).
+    pub auth_any: bool,
     /// Name in the greeting and EHLO reply.
     pub hostname: String,
     /// Share of 4xx (per recipient or per message, see `fail_at`).
@@ -110,6 +128,47 @@ const INJECTED_PERM_RCPT: &[u8] = b"550 5.7.1 Recipient refused (injected by slu
 const INJECTED_PERM_DATA: &[u8] = b"554 5.6.0 Message refused (injected by sluice-load sink)\r\n";
 const LINE_TOO_LONG: &[u8] = b"500 5.5.2 Error: line too long\r\n";
 const VRFY: &[u8] = b"252 2.1.5 Cannot VRFY user\r\n";
+const NOT_IMPLEMENTED: &[u8] = b"502 5.5.1 Error: command not implemented\r\n";
+const READY_TLS: &[u8] = b"220 2.0.0 Ready to start TLS\r\n";
+const TLS_ACTIVE: &[u8] = b"503 5.5.1 Error: TLS already active\r\n";
+const STARTTLS_SYNTAX: &[u8] = b"501 5.5.4 Syntax: STARTTLS\r\n";
+/// What `--tls-fail` sends instead of a ServerHello: not a TLS record.
+const TLS_GARBAGE: &[u8] = b"sluice-load sink --tls-fail: no TLS here\r\n";
+const AUTH_DISABLED: &[u8] = b"503 5.5.1 Error: authentication not enabled\r\n";
+const AUTH_AGAIN: &[u8] = b"503 5.5.1 Error: already authenticated\r\n";
+const AUTH_IN_TXN: &[u8] = b"503 5.5.1 Error: MAIL transaction in progress\r\n";
+const AUTH_MECH: &[u8] = b"504 5.5.4 Unrecognized authentication type\r\n";
+const AUTH_BAD: &[u8] = b"501 5.5.2 Error: malformed authentication response\r\n";
+const AUTH_CANCELLED: &[u8] = b"501 5.7.0 Authentication cancelled\r\n";
+const AUTH_OK: &[u8] = b"235 2.7.0 Authentication successful\r\n";
+/// RFC 4954 §4: an empty challenge.
+const AUTH_CONTINUE: &[u8] = b"334 \r\n";
+/// `Username:` and `Password:` in base64 (the LOGIN mechanism's customary prompts).
+const LOGIN_USER: &[u8] = b"334 VXNlcm5hbWU6\r\n";
+const LOGIN_PASS: &[u8] = b"334 UGFzc3dvcmQ6\r\n";
+
+/// Which line of an AUTH exchange (RFC 4954 §4) the client owes next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AuthStep {
+    /// The PLAIN response (`authzid NUL authcid NUL passwd`, base64).
+    Plain,
+    /// The LOGIN user name.
+    LoginUser,
+    /// The LOGIN password.
+    LoginPass,
+}
+
+/// A STARTTLS accepted (`220` queued) and waiting for the reply to be written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Upgrade {
+    None,
+    /// Start the server handshake once the `220` is out.
+    Handshake,
+    /// `--tls-fail`: once the `220` is out, wait for the ClientHello.
+    Break,
+    /// `--tls-fail`, `220` written: the client's first handshake bytes get garbage and a close.
+    Broken,
+}
 
 #[derive(Debug)]
 enum Phase {
@@ -117,6 +176,8 @@ enum Phase {
     /// Discarding the rest of an overlong command line.
     SkipLine,
     Data(DataScanner),
+    /// Reading a line of an AUTH exchange.
+    Auth(AuthStep),
     /// Reading a BDAT chunk: octets left, LAST, and the reply if the transaction is refused.
     Bdat {
         remaining: u64,
@@ -129,6 +190,16 @@ struct Conn {
     /// Unique for the process lifetime (slab keys are reused; delayed replies check this).
     id: u64,
     sock: TcpStream,
+    /// Set after STARTTLS or on a `--listen-tls` port: all I/O goes through it. Boxed: plain
+    /// connections stay small.
+    tls: Option<Box<TlsSession>>,
+    /// The handshake finished and was counted.
+    tls_up: bool,
+    upgrade: Upgrade,
+    /// AUTH succeeded on this session.
+    authed: bool,
+    /// The authenticated user name, for `--save` (empty when not authenticated).
+    user: Vec<u8>,
     input: Option<Buf>,
     out: Vec<u8>,
     out_pos: usize,
@@ -168,15 +239,26 @@ pub struct SinkStats {
     pub dropped: u64,
     /// Recipients refused at RCPT.
     pub rcpts_refused: u64,
+    /// Messages accepted inside TLS.
+    pub tls_messages: u64,
+    /// TLS handshakes completed (STARTTLS or implicit).
+    pub tls_connections: u64,
+    /// TLS handshakes that failed (including every `--tls-fail` one).
+    pub tls_failed: u64,
+    /// Successful AUTH exchanges.
+    pub authenticated: u64,
 }
 
 struct Sink {
     opts: SinkOpts,
     ehlo_reply: Vec<u8>,
+    /// The EHLO reply inside TLS: STARTTLS is no longer offered (RFC 3207 §4.2).
+    ehlo_reply_tls: Vec<u8>,
     greeting: Vec<u8>,
     helo_reply: Vec<u8>,
     poll: Poll,
-    listeners: Vec<TcpListener>,
+    /// Listeners and whether each speaks implicit TLS.
+    listeners: Vec<(TcpListener, bool)>,
     conns: Slab<Conn>,
     pool: BufPool,
     rng: Rng,
@@ -197,11 +279,13 @@ pub fn run(opts: SinkOpts) -> Result<SinkStats> {
     let _ = sluice::net::socket::raise_nofile_limit();
     let poll = Poll::new().context("epoll")?;
     let mut listeners = Vec::new();
-    for (i, addr) in opts.listen.iter().enumerate() {
-        let mut l = listener(*addr).with_context(|| format!("--listen {addr}"))?;
+    let all = opts.listen.iter().map(|a| (a, false)).chain(opts.listen_tls.iter().map(|a| (a, true)));
+    for (i, (addr, implicit)) in all.enumerate() {
+        let flag = if implicit { "--listen-tls" } else { "--listen" };
+        let mut l = listener(*addr).with_context(|| format!("{flag} {addr}"))?;
         poll.registry().register(&mut l, Token(LISTENER_BASE + i), Interest::READABLE)?;
-        log_listening("sink", l.local_addr()?);
-        listeners.push(l);
+        log_listening(if implicit { "sink-tls" } else { "sink" }, l.local_addr()?);
+        listeners.push((l, implicit));
     }
     let mut signals = Signals::new([SIGTERM, SIGINT]).context("signal handler")?;
     poll.registry().register(&mut signals, SIGNAL, Interest::READABLE)?;
@@ -216,8 +300,13 @@ pub fn run(opts: SinkOpts) -> Result<SinkStats> {
     if opts.chunking {
         caps.push_str("250-CHUNKING\r\n");
     }
+    if opts.auth_any {
+        caps.push_str("250-AUTH PLAIN LOGIN\r\n");
+    }
+    let starttls = if opts.tls.is_some() || opts.tls_fail { "250-STARTTLS\r\n" } else { "" };
     let mut sink = Sink {
-        ehlo_reply: format!("250-{}\r\n{caps}250 HELP\r\n", opts.hostname).into_bytes(),
+        ehlo_reply: format!("250-{}\r\n{caps}{starttls}250 HELP\r\n", opts.hostname).into_bytes(),
+        ehlo_reply_tls: format!("250-{}\r\n{caps}250 HELP\r\n", opts.hostname).into_bytes(),
         greeting: format!("220 {} ESMTP sluice-load sink\r\n", opts.hostname).into_bytes(),
         helo_reply: format!("250 {}\r\n", opts.hostname).into_bytes(),
         rng: Rng::new(opts.seed),
@@ -245,14 +334,17 @@ pub fn run(opts: SinkOpts) -> Result<SinkStats> {
         let v = json!({
             "connections": st.connections, "messages": st.messages, "recipients": st.recipients,
             "bytes": st.bytes, "tempfailed": st.tempfailed, "rejected": st.rejected,
-            "dropped": st.dropped, "rcpts_refused": st.rcpts_refused, "elapsed_s": secs,
+            "dropped": st.dropped, "rcpts_refused": st.rcpts_refused, "tls_messages": st.tls_messages,
+            "tls_connections": st.tls_connections, "tls_failed": st.tls_failed,
+            "authenticated": st.authenticated, "elapsed_s": secs,
             "msgs_per_s": st.messages as f64 / secs, "cpu_s": cpu_s,
         });
         crate::report::print_stdout(&v.to_string());
     }
     eprintln!(
         "sink summary: {} connections, {} messages, {} recipients, {} bytes, {} tempfailed, {} rejected, \
-         {} dropped, {} recipients refused, {:.3}s, CPU {:.3}s",
+         {} dropped, {} recipients refused, TLS {} connections ({} failed) {} messages, {} authenticated, \
+         {:.3}s, CPU {:.3}s",
         st.connections,
         st.messages,
         st.recipients,
@@ -261,6 +353,10 @@ pub fn run(opts: SinkOpts) -> Result<SinkStats> {
         st.rejected,
         st.dropped,
         st.rcpts_refused,
+        st.tls_connections,
+        st.tls_failed,
+        st.tls_messages,
+        st.authenticated,
         secs,
         cpu_s
     );
@@ -322,10 +418,21 @@ impl Sink {
     fn accept(&mut self, li: usize) {
         // Bounded: the listener's backlog is finite and each accept consumes one entry.
         loop {
-            let Some(l) = self.listeners.get(li) else { return };
+            let Some((l, implicit)) = self.listeners.get(li) else { return };
+            let implicit = *implicit;
             match l.accept() {
                 Ok((mut sock, _)) => {
                     let _ = sock.set_nodelay(true);
+                    // Implicit TLS: the session exists from the first byte; the greeting waits
+                    // in it until the handshake is done.
+                    let tls = match (implicit, &self.opts.tls) {
+                        (false, _) => None,
+                        (true, Some(cfg)) => match TlsSession::server(cfg) {
+                            Ok(t) => Some(Box::new(t)),
+                            Err(_) => continue,
+                        },
+                        (true, None) => continue,
+                    };
                     let entry = self.conns.vacant_entry();
                     let key = entry.key();
                     if key >= LISTENER_BASE
@@ -344,6 +451,11 @@ impl Sink {
                     entry.insert(Conn {
                         id: self.next_id,
                         sock,
+                        tls,
+                        tls_up: false,
+                        upgrade: Upgrade::None,
+                        authed: false,
+                        user: Vec::new(),
                         input: self.pool.checkout(),
                         out,
                         out_pos: 0,
@@ -383,6 +495,18 @@ impl Sink {
     fn drive(&mut self, key: usize) {
         loop {
             let Some(c) = self.conns.get_mut(key) else { return };
+            if c.upgrade == Upgrade::Broken {
+                return self.break_handshake(key);
+            }
+            if c.upgrade != Upgrade::None {
+                // STARTTLS accepted: nothing more is read in plaintext. The handshake starts
+                // (in `flush`) once the 220 is written; then reading goes on through TLS.
+                self.flush(key);
+                match self.conns.get(key) {
+                    Some(c) if matches!(c.upgrade, Upgrade::None | Upgrade::Broken) => continue,
+                    _ => return,
+                }
+            }
             if c.out.len() > 256 * 1024 {
                 // A client that pipelines without reading its replies: stop reading until they
                 // drain (the kernel buffer then pushes back on the client).
@@ -397,34 +521,127 @@ impl Sink {
                 break;
             }
             let Some(input) = c.input.as_mut() else { return };
-            match read(&mut c.sock, input.space()) {
-                IoResult::Done(n) => {
+            if input.room() == 0 {
+                break;
+            }
+            let got = match c.tls.as_mut() {
+                None => match read(&mut c.sock, input.space()) {
+                    IoResult::Done(n) => Some(n),
+                    IoResult::WouldBlock => None,
+                    IoResult::Closed | IoResult::Error(_) => return self.close(key),
+                },
+                Some(tls) => {
+                    let r = tls.read(&mut c.sock, input.space());
+                    if !c.tls_up && !tls.is_handshaking() {
+                        c.tls_up = true;
+                        self.stats.tls_connections += 1;
+                    }
+                    match r {
+                        TlsRead::Data(n) => Some(n),
+                        TlsRead::WouldBlock => None,
+                        TlsRead::Closed => return self.close(key),
+                        TlsRead::Failed(_) => {
+                            if !c.tls_up {
+                                self.stats.tls_failed += 1;
+                            }
+                            // A protocol error queues an alert: send it if the socket takes it.
+                            let _ = tls.flush(&mut c.sock);
+                            return self.close(key);
+                        }
+                    }
+                }
+            };
+            match got {
+                Some(n) => {
                     input.fill(n);
                     if !self.process(key) {
                         return;
                     }
                 }
-                IoResult::WouldBlock => break,
-                IoResult::Closed | IoResult::Error(_) => return self.close(key),
+                None => break,
             }
         }
         self.flush(key);
     }
 
+    /// Writes the replies (through TLS when on), then acts on what waited for them: a close
+    /// after QUIT, or the switch to TLS after STARTTLS's `220`.
     fn flush(&mut self, key: usize) {
         let Some(c) = self.conns.get_mut(key) else { return };
-        while c.out_pos < c.out.len() {
-            match write(&mut c.sock, &c.out[c.out_pos..]) {
-                IoResult::Done(n) => c.out_pos += n,
-                IoResult::WouldBlock => return,
-                _ => return self.close(key),
+        match c.tls.as_mut() {
+            None => {
+                while c.out_pos < c.out.len() {
+                    match write(&mut c.sock, &c.out[c.out_pos..]) {
+                        IoResult::Done(n) => c.out_pos += n,
+                        IoResult::WouldBlock => return,
+                        _ => return self.close(key),
+                    }
+                }
             }
+            Some(tls) => loop {
+                // Hand plaintext to the session (it takes less when its buffer is full), then
+                // push ciphertext (records, handshake messages) to the socket.
+                let took = tls.write(&c.out[c.out_pos..]);
+                c.out_pos += took;
+                match tls.flush(&mut c.sock) {
+                    TlsFlush::Done => {}
+                    TlsFlush::WouldBlock => return,
+                    TlsFlush::Failed(_) => return self.close(key),
+                }
+                if c.out_pos >= c.out.len() {
+                    break;
+                }
+                if took == 0 {
+                    // Buffered before the handshake finished: the next read moves it on.
+                    return;
+                }
+            },
         }
         c.out.clear();
         c.out_pos = 0;
         if c.closing {
-            self.close(key);
+            if let Some(tls) = c.tls.as_mut() {
+                tls.close();
+                let _ = tls.flush(&mut c.sock);
+            }
+            return self.close(key);
         }
+        match c.upgrade {
+            Upgrade::None => {}
+            Upgrade::Handshake => {
+                let Some(cfg) = &self.opts.tls else { return self.close(key) };
+                match TlsSession::server(cfg) {
+                    Ok(t) => c.tls = Some(Box::new(t)),
+                    Err(_) => return self.close(key),
+                }
+                // RFC 3207 §4.2: the session starts over; the server forgets what the client said.
+                c.upgrade = Upgrade::None;
+                c.helo = false;
+                c.authed = false;
+                c.user.clear();
+                self.reset_txn(key);
+            }
+            Upgrade::Break => c.upgrade = Upgrade::Broken,
+            Upgrade::Broken => {}
+        }
+    }
+
+    /// `--tls-fail`: answers the client's first handshake bytes with garbage (not a TLS record)
+    /// and closes, as a broken TLS stack would. Waiting for the ClientHello keeps the garbage
+    /// out of the segment that carries the `220`.
+    fn break_handshake(&mut self, key: usize) {
+        let Some(c) = self.conns.get_mut(key) else { return };
+        let Some(input) = c.input.as_mut() else { return self.close(key) };
+        match read(&mut c.sock, input.space()) {
+            IoResult::WouldBlock => return,
+            IoResult::Done(_) => {
+                // Best effort: the connection ends right after either way.
+                let _ = write(&mut c.sock, TLS_GARBAGE);
+            }
+            IoResult::Closed | IoResult::Error(_) => {}
+        }
+        self.stats.tls_failed += 1;
+        self.close(key);
     }
 
     fn fire_timers(&mut self, now: Instant) {
@@ -464,11 +681,11 @@ impl Sink {
     fn process_buf(&mut self, key: usize, input: &mut Buf) -> bool {
         loop {
             let Some(c) = self.conns.get_mut(key) else { return false };
-            if c.paused || c.closing {
+            if c.paused || c.closing || c.upgrade != Upgrade::None {
                 return true;
             }
             match &mut c.phase {
-                Phase::Command => match next_line(input.data()) {
+                Phase::Command | Phase::Auth(_) => match next_line(input.data()) {
                     Framed::Line(line, n) => {
                         // Commands are short: copy the line so that the handler may borrow
                         // everything else mutably. Bounded by MAX_LINE, on the stack.
@@ -476,15 +693,22 @@ impl Sink {
                         buf[..line.len()].copy_from_slice(line);
                         let len = line.len();
                         input.consume(n);
-                        self.command(key, &buf[..len]);
+                        match c.phase {
+                            Phase::Auth(step) => self.auth_line(key, step, &buf[..len]),
+                            _ => self.command(key, &buf[..len]),
+                        }
+                        if self.conns.get(key).is_some_and(|c| c.upgrade != Upgrade::None) {
+                            // Whatever was pipelined behind STARTTLS is plaintext that would
+                            // otherwise be read as if it came over TLS: discarded (CVE-2011-0411).
+                            input.consume(input.data().len());
+                            return true;
+                        }
                     }
                     Framed::Partial => return true,
                     Framed::Overlong { consumed, ended } => {
                         input.consume(consumed);
                         c.out.extend_from_slice(LINE_TOO_LONG);
-                        if !ended {
-                            c.phase = Phase::SkipLine;
-                        }
+                        c.phase = if ended { Phase::Command } else { Phase::SkipLine };
                     }
                 },
                 Phase::SkipLine => {
@@ -568,7 +792,7 @@ impl Sink {
         match cmd {
             Command::Ehlo(_) => {
                 c.helo = true;
-                c.out.extend_from_slice(&self.ehlo_reply);
+                c.out.extend_from_slice(if c.tls.is_some() { &self.ehlo_reply_tls } else { &self.ehlo_reply });
                 self.reset_txn(key);
             }
             Command::Helo(_) => {
@@ -634,10 +858,95 @@ impl Sink {
                 c.out.extend_from_slice(BYE);
                 c.closing = true;
             }
-            Command::Expn | Command::StartTls(_) | Command::Auth(_) => {
-                c.out.extend_from_slice(b"502 5.5.1 Error: command not implemented\r\n");
+            Command::StartTls(arg) => {
+                let reply = if opts.tls.is_none() && !opts.tls_fail {
+                    NOT_IMPLEMENTED
+                } else if c.tls.is_some() {
+                    TLS_ACTIVE
+                } else if !arg.is_empty() {
+                    STARTTLS_SYNTAX
+                } else {
+                    c.upgrade = if opts.tls_fail { Upgrade::Break } else { Upgrade::Handshake };
+                    READY_TLS
+                };
+                c.out.extend_from_slice(reply);
             }
+            Command::Auth(arg) => self.auth(key, arg),
+            Command::Expn => c.out.extend_from_slice(NOT_IMPLEMENTED),
         }
+    }
+
+    /// `AUTH mechanism [initial-response]` (RFC 4954 §4): PLAIN (RFC 4616) and LOGIN, any
+    /// credentials, with `--auth-any`.
+    fn auth(&mut self, key: usize, arg: &[u8]) {
+        let Some(c) = self.conns.get_mut(key) else { return };
+        let reply = if !self.opts.auth_any {
+            AUTH_DISABLED
+        } else if c.authed {
+            AUTH_AGAIN
+        } else if c.mail {
+            AUTH_IN_TXN
+        } else {
+            let (mech, initial) = match memchr::memchr(b' ', arg) {
+                Some(sp) => (&arg[..sp], Some(arg[sp + 1..].trim_ascii())),
+                None => (arg, None),
+            };
+            match (mech.to_ascii_uppercase().as_slice(), initial) {
+                (b"PLAIN", None) => {
+                    c.phase = Phase::Auth(AuthStep::Plain);
+                    AUTH_CONTINUE
+                }
+                (b"PLAIN", Some(resp)) => return self.auth_line(key, AuthStep::Plain, resp),
+                (b"LOGIN", None) => {
+                    c.phase = Phase::Auth(AuthStep::LoginUser);
+                    LOGIN_USER
+                }
+                (b"LOGIN", Some(resp)) => return self.auth_line(key, AuthStep::LoginUser, resp),
+                _ => AUTH_MECH,
+            }
+        };
+        c.out.extend_from_slice(reply);
+    }
+
+    /// One client line of an AUTH exchange: decodes it and answers (any credentials pass).
+    fn auth_line(&mut self, key: usize, step: AuthStep, line: &[u8]) {
+        let Some(c) = self.conns.get_mut(key) else { return };
+        c.phase = Phase::Command;
+        if line == b"*" {
+            c.out.extend_from_slice(AUTH_CANCELLED);
+            return;
+        }
+        // `=` is an empty response (RFC 4954 §4).
+        let decoded =
+            if line == b"=" { Ok(Vec::new()) } else { base64::engine::general_purpose::STANDARD.decode(line) };
+        let Ok(decoded) = decoded else {
+            c.out.extend_from_slice(AUTH_BAD);
+            return;
+        };
+        let user = match step {
+            AuthStep::LoginUser => {
+                c.user = decoded;
+                c.phase = Phase::Auth(AuthStep::LoginPass);
+                c.out.extend_from_slice(LOGIN_PASS);
+                return;
+            }
+            AuthStep::LoginPass => std::mem::take(&mut c.user),
+            // authzid NUL authcid NUL passwd (RFC 4616 §2).
+            AuthStep::Plain => {
+                let mut parts = decoded.split(|&b| b == 0);
+                match (parts.next(), parts.next(), parts.next(), parts.next()) {
+                    (Some(_), Some(authcid), Some(_), None) => authcid.to_vec(),
+                    _ => {
+                        c.out.extend_from_slice(AUTH_BAD);
+                        return;
+                    }
+                }
+            }
+        };
+        c.user = user;
+        c.authed = true;
+        self.stats.authenticated += 1;
+        c.out.extend_from_slice(AUTH_OK);
     }
 
     /// Decides one RCPT: sequencing, `--max-rcpts`, local-part rules, then injected faults.
@@ -705,6 +1014,9 @@ impl Sink {
         match reply[0] {
             b'2' => {
                 self.stats.messages += 1;
+                if c.tls.is_some() {
+                    self.stats.tls_messages += 1;
+                }
                 let before = self.stats.recipients;
                 self.stats.recipients += u64::from(c.rcpts);
                 self.stats.bytes += size;
@@ -721,6 +1033,15 @@ impl Sink {
                 if let Some(dir) = &self.opts.save {
                     self.saved += 1;
                     let base = dir.join(format!("{:08}", self.saved));
+                    // After the envelope: how the message came in, when it was not plain SMTP.
+                    if let Some(info) = c.tls.as_ref().and_then(|t| t.info()) {
+                        let _ = writeln!(c.env, "TLS: {} {}", info.version, info.cipher);
+                    }
+                    if c.authed {
+                        c.env.extend_from_slice(b"AUTH: ");
+                        c.env.extend_from_slice(&c.user);
+                        c.env.push(b'\n');
+                    }
                     // The message is written under a temporary name and renamed, so a reader
                     // polling for `.msg` files never sees a partial one.
                     let tmp = base.with_extension("part");

@@ -183,3 +183,43 @@ fn bench_end_to_end_postfix() {
     assert!(tmp_dirs() <= tmp_before, "the Postfix temp directory was not removed");
     assert_eq!(leftovers(), Vec::<String>::new(), "bench left children running");
 }
+
+/// `--compare-tls`: each accept scenario plaintext and with STARTTLS (the relay with a generated
+/// certificate), the ratios, and the SLA verdict when the relay rows ran.
+#[test]
+fn bench_compare_tls() {
+    let _serial = serial();
+    let relay = have_relay();
+    let mut args = vec![
+        "--messages",
+        "300",
+        "--connections",
+        "3",
+        "--fsync",
+        "never",
+        "--timeout",
+        "30s",
+        "--no-end-to-end",
+        "--compare-tls",
+    ];
+    if !relay {
+        args.push("--no-relay");
+    }
+    let v = bench(&args, Duration::from_secs(60));
+    let rows = v["results"].as_array().unwrap();
+    assert_eq!(rows.len(), 2 + 2 * usize::from(relay), "{v}");
+    for (i, r) in rows.iter().enumerate() {
+        let tls = i % 2 == 1;
+        assert_eq!(r["tls"], tls, "{r}");
+        assert_eq!(r["accepted"], 300, "{r}");
+        assert!(r["msgs_per_s"].as_f64().unwrap() > 0.0, "{r}");
+        assert_eq!(r["latency_handshake_us"].is_object(), tls, "{r}");
+    }
+    assert!(v["ratios"]["instrument rate, STARTTLS / plaintext"].as_f64().unwrap() > 0.0, "{v}");
+    if relay {
+        let r = v["ratios"]["relay accept rate, STARTTLS / plaintext"].as_f64().unwrap();
+        assert_eq!(v["tls_sla"]["ratio"].as_f64(), Some(r), "{v}");
+        assert_eq!(v["tls_sla"]["met"], r >= 0.5, "{v}");
+    }
+    assert_eq!(leftovers(), Vec::<String>::new(), "bench left children running");
+}
