@@ -58,6 +58,15 @@ const DEST_BACKOFF_MS: u64 = 30_000;
 const TLS_BROKEN_MS: u64 = 10 * 60_000;
 /// Addresses remembered with a broken handshake, at most.
 const TLS_BROKEN_MAX: usize = 10_000;
+/// Jobs given a verdict without an attempt per destination and pass (see `settle_ready`).
+const SETTLE_PER_PASS: usize = 1024;
+/// Pause of new connections after a local shortage (EMFILE, ENFILE, EADDRNOTAVAIL, ENOBUFS).
+const LOCAL_PAUSE: Duration = Duration::from_millis(200);
+
+/// A connect that failed for lack of a local resource, not because of the destination.
+fn is_local_shortage(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::EADDRNOTAVAIL | libc::ENOBUFS | libc::ENOMEM))
+}
 
 /// Delivery settings from the command line.
 #[derive(Debug, Clone)]
@@ -150,6 +159,8 @@ pub struct Delivery {
     next_sweep: Instant,
     /// Addresses whose TLS handshake failed under `may`, until (Unix ms): plaintext only.
     tls_broken: HashMap<SocketAddr, u64>,
+    /// New connections wait until then (this host ran out of sockets or ports).
+    local_pause_until: Option<Instant>,
 }
 
 impl Delivery {
@@ -168,6 +179,7 @@ impl Delivery {
             again: Vec::new(),
             next_sweep: Instant::now(),
             tls_broken: HashMap::new(),
+            local_pause_until: None,
         }
     }
 
@@ -217,12 +229,15 @@ impl Delivery {
         if !self.conns.is_empty() {
             consider(self.next_sweep);
         }
+        if let Some(t) = self.local_pause_until {
+            consider(t);
+        }
         next
     }
 
     /// True when ready work could be started now (the loop should not sleep).
     pub fn has_work(&self) -> bool {
-        self.queue.has_wanting() || !self.again.is_empty()
+        (self.queue.has_wanting() && self.local_pause_until.is_none()) || !self.again.is_empty()
     }
 
     /// One pass: due retries, DNS results, new connections and jobs, timeouts.
@@ -240,8 +255,13 @@ impl Delivery {
             }
             self.dns_results(ctx);
         }
-        for dest in self.queue.take_wanting() {
-            self.serve(ctx, dest);
+        if self.local_pause_until.is_some_and(|t| ctx.now >= t) {
+            self.local_pause_until = None;
+        }
+        if self.local_pause_until.is_none() {
+            for dest in self.queue.take_wanting() {
+                self.serve(ctx, dest);
+            }
         }
         if ctx.now >= self.next_sweep {
             self.sweep(ctx);
@@ -323,6 +343,11 @@ impl Delivery {
 
     /// Starts what can be started for one destination.
     fn serve(&mut self, ctx: &mut Ctx<'_>, dest: DestId) {
+        if self.local_pause_until.is_some_and(|t| ctx.now < t) {
+            // Keep it wanted; `next_deadline` wakes the loop when the pause ends.
+            self.queue.want(dest);
+            return;
+        }
         // Hand ready jobs to idle connections first (connection reuse).
         while self.queue.has_ready(dest) {
             let Some((key, generation)) = self.dest_state(dest).idle.pop() else { break };
@@ -346,16 +371,7 @@ impl Delivery {
             // The destination is down: like Postfix's "delivery temporarily suspended", work
             // arriving now is deferred with the last failure instead of hammering it again.
             let reply = state.backoff_reply.clone().unwrap_or_else(|| synthetic(451, (4, 4, 1), "destination down"));
-            while let Some(job) = self.queue.pop_job(dest, wall_ms) {
-                self.settle_job(
-                    ctx,
-                    &job,
-                    None,
-                    &vec![(Verdict::Deferred, reply.clone()); job.rcpts.len()],
-                    "",
-                    "none",
-                );
-            }
+            self.settle_ready(ctx, dest, Verdict::Deferred, &reply);
             return;
         }
         match &state.route {
@@ -372,10 +388,8 @@ impl Delivery {
             Route::Failed { reply, permanent, .. } => {
                 let (reply, permanent) = (reply.clone(), *permanent);
                 // Every ready job of this destination gets the DNS verdict.
-                while let Some(job) = self.queue.pop_job(dest, wall_ms) {
-                    let outcome = if permanent { Verdict::Failed } else { Verdict::Deferred };
-                    self.settle_job(ctx, &job, None, &vec![(outcome, reply.clone()); job.rcpts.len()], "", "none");
-                }
+                let outcome = if permanent { Verdict::Failed } else { Verdict::Deferred };
+                self.settle_ready(ctx, dest, outcome, &reply);
             }
             Route::Ready { addrs, .. } => {
                 if addrs.is_empty() {
@@ -447,6 +461,14 @@ impl Delivery {
     ) {
         let mut sock = match mio::net::TcpStream::connect(addr) {
             Ok(s) => s,
+            Err(e) if is_local_shortage(&e) => {
+                // Out of descriptors, ports or memory here: not the destination's fault. Pause
+                // new connections briefly instead of marking its address down.
+                ctx.log.event("connect_error", &[("host", V::S(&host)), ("ip", V::D(&addr)), ("error", V::D(&e))]);
+                self.local_pause_until = Some(ctx.now + LOCAL_PAUSE);
+                self.queue.want(dest);
+                return;
+            }
             Err(e) => {
                 ctx.log.event("connect_error", &[("host", V::S(&host)), ("ip", V::D(&addr)), ("error", V::D(&e))]);
                 self.connect_failed(ctx, dest, index, connect_reply(&host, addr, &e));
@@ -506,8 +528,19 @@ impl Delivery {
         state.failures = 0;
         state.backoff_until_ms = wall_ms + backoff;
         state.backoff_reply = Some(reply.clone());
-        while let Some(job) = self.queue.pop_job(dest, wall_ms) {
-            self.settle_job(ctx, &job, None, &vec![(Verdict::Deferred, reply.clone()); job.rcpts.len()], "", "none");
+        self.settle_ready(ctx, dest, Verdict::Deferred, &reply);
+    }
+
+    /// Gives ready jobs of `dest` the same verdict without trying them (a destination that is
+    /// down, a failed lookup), at most [`SETTLE_PER_PASS`] per call so that a large backlog
+    /// does not stall the loop; the rest is taken up on the next pass.
+    fn settle_ready(&mut self, ctx: &mut Ctx<'_>, dest: DestId, verdict: Verdict, reply: &Reply) {
+        for _ in 0..SETTLE_PER_PASS {
+            let Some(job) = self.queue.pop_job(dest, ctx.wall_ms) else { return };
+            self.settle_job(ctx, &job, None, &vec![(verdict, reply.clone()); job.rcpts.len()], "", "none");
+        }
+        if self.queue.has_ready(dest) {
+            self.queue.want(dest);
         }
     }
 

@@ -437,3 +437,44 @@ print(n, flush=True)
     relay.wait_log("outcome=deferred");
     assert!(relay.log().contains("421"), "the deferral says why: {}", relay.log());
 }
+
+#[test]
+fn a_large_backlog_for_a_down_destination_is_deferred_in_bounded_passes() {
+    let Some(bin) = load_bin() else { return };
+    let port = free_port();
+    let d = dns(&bin, &["--zone", "down.test=127.0.0.9"]);
+    // Held first, so the whole backlog is queued before the destination is tried.
+    let dir = TempDir::new("backlog");
+    let spool = dir.path().join("spool");
+    let n = 3000;
+    {
+        let relay = Relay::start_on(&spool, &["--hold", "--dns", &d.addr.to_string()]);
+        let out = Command::new(&bin)
+            .args(["send", "--to", &relay.addr.to_string(), "--messages", &n.to_string(), "--connections", "4"])
+            .args(["--domains", "down.test", "--json"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    // Nothing listens on 127.0.0.9:port: every connect is refused and the backlog is deferred
+    // in passes of at most 1,024, while sessions keep being served.
+    let relay = Relay::start_on(
+        &spool,
+        &["--dns", &d.addr.to_string(), "--smtp-port", &port.to_string(), "--retry-schedule", "1h"],
+    );
+    let mut c = relay.client();
+    c.expect("220");
+    let t0 = Instant::now();
+    while relay.log().matches("outcome=deferred").count() < n {
+        assert!(c.cmd("NOOP").starts_with("250"));
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "deferred {} of {n}",
+            relay.log().matches("outcome=deferred").count()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (code, out, err) = queue_cmd(&spool, &["stats", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&format!("\"messages\":{n}")), "{out}");
+}
