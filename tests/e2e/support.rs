@@ -269,6 +269,20 @@ pub fn spool_messages(spool: &Path) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
+/// Path of the `sluice-load` binary, built beside `sluice` by `cargo test --workspace`; on CI
+/// its absence fails the test, elsewhere the test skips.
+pub fn load_bin() -> Option<PathBuf> {
+    let p = Path::new(sluice_bin()).with_file_name("sluice-load");
+    if p.exists() {
+        return Some(p);
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("sluice-load is not built beside sluice: run `cargo test --workspace`");
+    }
+    eprintln!("skipping: sluice-load not built (run cargo test --workspace)");
+    None
+}
+
 /// Whether a command exists on PATH.
 pub fn have(cmd: &str) -> bool {
     Command::new("sh").arg("-c").arg(format!("command -v {cmd} >/dev/null 2>&1")).status().is_ok_and(|s| s.success())

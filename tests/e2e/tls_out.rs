@@ -12,18 +12,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Path of the `sluice-load` binary, built beside `sluice` by `cargo test --workspace`.
-fn load_bin() -> Option<PathBuf> {
-    let p = Path::new(sluice_bin()).with_file_name("sluice-load");
-    if p.exists() {
-        return Some(p);
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("sluice-load is not built beside sluice: run `cargo test --workspace`");
-    }
-    eprintln!("skipping: sluice-load not built (run cargo test --workspace)");
-    None
-}
 
 /// Python 3 with aiosmtpd: required on CI (.ci/run installs it), else the test skips.
 fn have_aiosmtpd() -> bool {
