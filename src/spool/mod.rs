@@ -398,7 +398,7 @@ impl Spool {
         let mut marks = Vec::new();
         for seq in &self.dirty {
             if let Some(slot) = self.segments.get(seq) {
-                if let Some((range, mark)) = slot.seg.sync_range().map_err(|e| map_io("prepare spool sync", e))? {
+                if let Some((range, mark)) = slot.seg.sync_range() {
                     ranges.push(range);
                     marks.push((*seq, mark));
                 }

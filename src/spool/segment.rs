@@ -18,6 +18,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::ptr;
+use std::sync::Arc;
 
 use super::format;
 use super::SpoolError;
@@ -114,7 +115,8 @@ pub(crate) fn lock_dir(dir: &Path) -> Result<File, SpoolError> {
 pub(crate) struct Segment {
     seq: u64,
     path: PathBuf,
-    file: File,
+    /// Shared with the [`SyncRange`]s handed to the sync thread (no `dup` per commit).
+    file: Arc<File>,
     /// Start of the mapping; null when `map_len` is 0 (an empty file cannot be mapped).
     ptr: *mut u8,
     /// Length of the mapping. Never more than the file length, except after `seal`, whose
@@ -170,7 +172,7 @@ impl Segment {
         let mut seg = Segment {
             seq,
             path: path.to_path_buf(),
-            file,
+            file: Arc::new(file),
             ptr: ptr::null_mut(),
             map_len: 0,
             used: 0,
@@ -197,7 +199,7 @@ impl Segment {
         let mut seg = Segment {
             seq,
             path: path.to_path_buf(),
-            file,
+            file: Arc::new(file),
             ptr: ptr::null_mut(),
             map_len: 0,
             used: len,
@@ -337,17 +339,17 @@ impl Segment {
 
     /// The dirty range as a [`SyncRange`] another thread can sync, and the `used` mark it
     /// covers (pass it to [`Segment::mark_synced`] once the range is durable). `None` if clean.
-    pub(crate) fn sync_range(&self) -> io::Result<Option<(SyncRange, usize)>> {
+    pub(crate) fn sync_range(&self) -> Option<(SyncRange, usize)> {
         if !self.is_dirty() {
-            return Ok(None);
+            return None;
         }
         let start = self.synced - self.synced % page_size();
         let range = SyncRange {
-            file: self.file.try_clone()?,
+            file: Arc::clone(&self.file),
             addr: if self.ptr.is_null() { 0 } else { self.ptr as usize + start },
             len: self.used - start,
         };
-        Ok(Some((range, self.used)))
+        Some((range, self.used))
     }
 
     /// Records that everything below `mark` is durable.
@@ -394,10 +396,10 @@ impl Segment {
 }
 
 /// A segment's dirty range, detached so that a sync thread can make it durable while the event
-/// loop goes on appending behind it: a duplicate of the file descriptor plus the address range
-/// of the mapping to `msync`.
+/// loop goes on appending behind it: the segment's file (shared) plus the address range of the
+/// mapping to `msync`.
 pub(crate) struct SyncRange {
-    file: File,
+    file: Arc<File>,
     /// Page-aligned start of the range in the mapping; 0 when nothing is mapped.
     addr: usize,
     len: usize,
