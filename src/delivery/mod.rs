@@ -46,7 +46,7 @@ use crate::smtp::client::{
 };
 use crate::smtp::reply::Reply;
 use crate::spool::{Outcome, RecoveredMessage, Spool};
-use route::{status_code, synthetic, verdict, Verdict};
+use route::{rcpt_outcome, status_code, synthetic, verdict, Verdict};
 
 /// Transactions on one connection before it says QUIT.
 const MAX_TRANSACTIONS_PER_CONN: u32 = 1000;
@@ -646,18 +646,10 @@ impl Delivery {
                     .rcpt_replies
                     .iter()
                     .map(|r| {
-                        if r.code == 552 && result.data_reply.is_none() {
-                            // RFC 5321 §4.5.3.1.10: 552 to RCPT means "too many recipients"
-                            // from old servers; treat it as 452 (try the rest later).
-                            (Verdict::Deferred, r.clone())
-                        } else if !r.is_positive_completion() {
-                            (verdict(r.code), r.clone())
-                        } else {
-                            match &result.data_reply {
-                                Some(d) => (verdict(d.code), d.clone()),
-                                None => (Verdict::Deferred, synthetic(451, (4, 3, 0), "no reply to the data")),
-                            }
-                        }
+                        rcpt_outcome(r, result.data_reply.is_some()).unwrap_or_else(|| match &result.data_reply {
+                            Some(d) => (verdict(d.code), d.clone()),
+                            None => (Verdict::Deferred, synthetic(451, (4, 3, 0), "no reply to the data")),
+                        })
                     })
                     .collect();
                 self.settle_job(ctx, &active.job, Some(&active.attempts), &outcomes, &remote, tls);
@@ -947,7 +939,7 @@ impl Delivery {
         benv.helo.extend_from_slice(self.cfg.hostname.as_bytes());
         benv.push_rcpt(&env.sender, b"", 0);
         benv.client_ip = IpAddr::from([127, 0, 0, 1]);
-        match ctx.spool.append_message(bounce_id, ctx.wall_ms, &benv, &body) {
+        match ctx.spool.append_generated_message(bounce_id, ctx.wall_ms, &benv, &body) {
             Ok((_, bloc)) => {
                 ctx.log.event("bounce", &[("id", V::D(&bounce_id)), ("for", V::D(&id)), ("to", V::B(&env.sender))]);
                 let rec = RecoveredMessage {
@@ -969,17 +961,22 @@ impl Delivery {
         let active = conn.active.take();
         let remote = format!("{}[{}]", conn.host, conn.peer.ip());
         let tls = conn.tls_version();
+        // A recipient already refused keeps that reply (a 5xx fails it now rather than after
+        // more attempts); the others are deferred with the lost connection.
+        let received: Vec<Reply> =
+            if active.is_some() { conn.session.rcpt_replies_so_far().to_vec() } else { Vec::new() };
         self.close(ctx, key);
         if let Some(a) = active {
-            let reply = synthetic(451, (4, 4, 2), &format!("lost connection with {remote}: {why}"));
-            self.settle_job(
-                ctx,
-                &a.job,
-                Some(&a.attempts),
-                &vec![(Verdict::Deferred, reply); a.job.rcpts.len()],
-                &remote,
-                tls,
-            );
+            let lost = synthetic(451, (4, 4, 2), &format!("lost connection with {remote}: {why}"));
+            let outcomes: Vec<(Verdict, Reply)> = (0..a.job.rcpts.len())
+                .map(|i| {
+                    received
+                        .get(i)
+                        .and_then(|r| rcpt_outcome(r, false))
+                        .unwrap_or_else(|| (Verdict::Deferred, lost.clone()))
+                })
+                .collect();
+            self.settle_job(ctx, &a.job, Some(&a.attempts), &outcomes, &remote, tls);
         }
     }
 

@@ -36,6 +36,19 @@ pub fn verdict(code: u16) -> Verdict {
     }
 }
 
+/// The verdict a reply to one RCPT settles by itself: `None` when the recipient was accepted
+/// (the reply to the data decides). A `552` before any data reply is "too many recipients" from
+/// an old server (RFC 5321 §4.5.3.1.10): deferred, like `452`, not failed.
+pub fn rcpt_outcome(reply: &Reply, data_answered: bool) -> Option<(Verdict, Reply)> {
+    if reply.is_positive_completion() {
+        None
+    } else if reply.code == 552 && !data_answered {
+        Some((Verdict::Deferred, reply.clone()))
+    } else {
+        Some((verdict(reply.code), reply.clone()))
+    }
+}
+
 /// The enhanced status code of a reply, or the class default (RFC 3463 §3: X.0.0).
 pub fn status_code(reply: &Reply) -> (u8, u16, u16) {
     match reply.enhanced {
@@ -52,6 +65,18 @@ pub fn synthetic(code: u16, enhanced: (u8, u16, u16), text: &str) -> Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rcpt_replies_settle_refusals_only() {
+        let ok = synthetic(250, (2, 1, 5), "ok");
+        let gone = synthetic(550, (5, 1, 1), "no such user");
+        let full = synthetic(552, (5, 5, 3), "too many recipients");
+        assert_eq!(rcpt_outcome(&ok, true), None);
+        assert_eq!(rcpt_outcome(&gone, false).map(|o| o.0), Some(Verdict::Failed));
+        assert_eq!(rcpt_outcome(&full, false).map(|o| o.0), Some(Verdict::Deferred));
+        assert_eq!(rcpt_outcome(&full, true).map(|o| o.0), Some(Verdict::Failed));
+        assert_eq!(rcpt_outcome(&synthetic(450, (4, 2, 1), "later"), false).map(|o| o.0), Some(Verdict::Deferred));
+    }
 
     #[test]
     fn classes() {

@@ -464,6 +464,13 @@ impl ClientSession {
         &self.caps
     }
 
+    /// The replies to the transaction's RCPTs received so far, in order (copies of MAIL's
+    /// refusal when MAIL was refused); empty once the transaction is done. For settling the
+    /// recipients when the connection dies mid-transaction: a refusal already received stands.
+    pub fn rcpt_replies_so_far(&self) -> &[Reply] {
+        &self.tx.rcpt_replies
+    }
+
     /// True while the session is idle between transactions.
     pub fn is_ready(&self) -> bool {
         self.state == State::Ready

@@ -311,6 +311,9 @@ impl Spool {
     /// The record is encoded in place in the segment map. If the active segment lacks room it
     /// is sealed and a new one of `max(segment_size, record)` bytes is started. An envelope
     /// field longer than 65535 bytes is refused with `SpoolError::Io(_, InvalidInput)`.
+    ///
+    /// A failed commit undoes the message's live count: its client is answered `451` and the
+    /// message is forgotten.
     pub fn append_message(
         &mut self,
         id: QueueId,
@@ -318,13 +321,42 @@ impl Spool {
         env: &Envelope,
         body: &[u8],
     ) -> Result<(Pending, MessageLoc), SpoolError> {
+        self.append_message_as(id, arrival_ms, env, body, true)
+    }
+
+    /// Appends a message the relay made itself (a bounce) and queues at once. Unlike
+    /// [`Spool::append_message`], a failed commit keeps it live: the delivery side still holds
+    /// it, so its segment must stay mapped until [`Spool::release_message`]. Its record may
+    /// then never reach the disk, but neither may the failure outcomes appended after it, so a
+    /// crash makes the next recovery retry the original recipients and bounce again: nothing
+    /// is lost either way.
+    pub fn append_generated_message(
+        &mut self,
+        id: QueueId,
+        arrival_ms: u64,
+        env: &Envelope,
+        body: &[u8],
+    ) -> Result<(Pending, MessageLoc), SpoolError> {
+        self.append_message_as(id, arrival_ms, env, body, false)
+    }
+
+    fn append_message_as(
+        &mut self,
+        id: QueueId,
+        arrival_ms: u64,
+        env: &Envelope,
+        body: &[u8],
+        undo_on_failure: bool,
+    ) -> Result<(Pending, MessageLoc), SpoolError> {
         let len = format::message_record_len(env, body).map_err(encode_error)?;
         let (seq, off) =
             self.append_with(len, |dst| format::encode_message(dst, id, arrival_ms, env, body).map_err(encode_error))?;
         if let Some(slot) = self.segments.get_mut(&seq) {
             slot.live += 1;
         }
-        self.batch_msgs.push(seq);
+        if undo_on_failure {
+            self.batch_msgs.push(seq);
+        }
         let end = (off + len) as u64;
         Ok((Pending { segment: seq, end }, MessageLoc { segment: seq, offset: off as u64, len: len as u64 }))
     }
@@ -1034,6 +1066,25 @@ mod tests {
         assert!(l2.segment > seq);
         spool.commit().unwrap();
         assert_eq!(spool.message(l2).unwrap().body, b"y");
+    }
+
+    #[test]
+    fn a_failed_commit_keeps_generated_messages_live() {
+        let tmp = TempDir::new("failgen");
+        let (mut spool, _) = Spool::open(opts(&tmp.0)).unwrap();
+        let (_, inbound) = spool.append_message(QueueId(1), 0, &env(&["a@x"]), b"in").unwrap();
+        let (_, bounce) = spool.append_generated_message(QueueId(2), 0, &env(&["b@x"]), b"bounce").unwrap();
+        assert_eq!(inbound.segment, bounce.segment);
+        let job = spool.begin_commit().unwrap().unwrap();
+        drop(job);
+        let err = SpoolError::Io("sync spool segment", io::Error::other("injected"));
+        assert!(spool.finish_commit(Err(err)).is_err());
+        // Sealed, but the queued bounce keeps the segment and its bytes.
+        assert!(seg_path(&tmp.0, bounce.segment).exists());
+        assert_eq!(spool.message(bounce).unwrap().body, b"bounce");
+        // Once the bounce is finished the segment goes.
+        spool.release_message(bounce.segment, &[]);
+        assert!(!seg_path(&tmp.0, bounce.segment).exists());
     }
 
     #[test]

@@ -229,6 +229,35 @@ fn permanent_failures_bounce_with_a_dsn_and_temporary_ones_retry() {
 }
 
 #[test]
+fn a_refusal_received_before_the_connection_drops_still_stands() {
+    let Some(bin) = load_bin() else { return };
+    let port = free_port();
+    // The destination refuses rej-*@ at RCPT, then closes in the middle of every DATA.
+    let dst = sink(&bin, &format!("127.0.0.6:{port}"), &["--drop-rate", "1"]);
+    let src = sink(&bin, &format!("127.0.0.7:{port}"), &[]);
+    let d = dns(&bin, &["--zone", "dst.test=127.0.0.6", "--zone", "src.test=127.0.0.7"]);
+    let relay = Relay::start(&["--dns", &d.addr.to_string(), "--smtp-port", &port.to_string()]);
+    let id = send(&relay, "sender@src.test", &["rej-gone@dst.test", "ok@dst.test"], b"Subject: drop\r\n\r\nx\r\n");
+    // The 550 to RCPT fails rej-gone@ at once, with its own reply; ok@ was accepted and only
+    // the data was lost with the connection: deferred.
+    relay.wait_log("rcpt=rej-gone@dst.test");
+    relay.wait_log("rcpt=ok@dst.test");
+    let log = relay.log();
+    let line = |rcpt: &str| {
+        log.lines().find(|l| l.contains("event=delivery") && l.contains(rcpt)).unwrap_or_default().to_string()
+    };
+    let rej = line("rcpt=rej-gone@dst.test");
+    assert!(rej.contains("outcome=failed") && rej.contains("550 5.1.1") && rej.contains(&id), "{log}");
+    let ok = line("rcpt=ok@dst.test");
+    assert!(ok.contains("outcome=deferred") && ok.contains("lost connection"), "{log}");
+    let bounces = wait_saved(&src, 1, Duration::from_secs(30), &relay);
+    let all: String = bounces.iter().map(|(_, m)| String::from_utf8_lossy(m).into_owned()).collect();
+    assert!(all.contains("Final-Recipient: rfc822; rej-gone@dst.test") && all.contains("Status: 5.1.1"), "{all}");
+    assert!(!all.contains("Final-Recipient: rfc822; ok@dst.test"), "{all}");
+    assert!(saved(&dst).is_empty());
+}
+
+#[test]
 fn connections_are_reused_and_a_down_destination_is_retried() {
     let Some(bin) = load_bin() else { return };
     let port = free_port();
