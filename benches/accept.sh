@@ -30,12 +30,15 @@ start_relay() { # $1 port, $2 spool, $3 log
 }
 stop() { kill -TERM "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 
-sink_rates=(); relay_rates=(); cpu_us=(); p99s=()
+sink_rates=(); sink_cpu=(); relay_rates=(); cpu_us=(); p99s=()
 for run in $(seq "$RUNS"); do
   P=$(free_port)
   smtp-sink -u nobody "127.0.0.1:$P" 1000 & SINK=$!; PIDS+=("$SINK"); wait_port "$P"
+  c0=$(cpu_ticks "$SINK")
   t0=$(now); smtp-source -s "$S" -m "$M" -l "$L" -d "127.0.0.1:$P"; t1=$(now)
+  c1=$(cpu_ticks "$SINK")
   stop "$SINK"
+  sink_cpu+=("$(echo "($c1 - $c0) * 1000000 / $TCK / $M" | bc -l)")
   sink_rates+=("$(echo "$M / ($t1 - $t0)" | bc -l)")
 
   P=$(free_port); rm -rf "$WORK/spool"
@@ -85,10 +88,11 @@ stop "$RELAY"
 sink_m=$(printf '%s\n' "${sink_rates[@]}" | median)
 relay_m=$(printf '%s\n' "${relay_rates[@]}" | median)
 cpu_m=$(printf '%s\n' "${cpu_us[@]}" | median)
+sink_cpu_m=$(printf '%s\n' "${sink_cpu[@]}" | median)
 p99_m=$(printf '%s\n' "${p99s[@]}" | median)
 printf '\naccept benchmark: smtp-source -s %s -m %s -l %s -d, median of %s runs\n' "$S" "$M" "$L" "$RUNS"
-printf '| target | msg/s | ratio to smtp-sink | relay CPU us/msg | p99 end-of-data->commit ms |\n|---|---|---|---|---|\n'
-printf '| smtp-sink | %.0f | 1.00 | - | - |\n' "$sink_m"
+printf '| target | msg/s | ratio to smtp-sink | server CPU us/msg | p99 end-of-data->commit ms |\n|---|---|---|---|---|\n'
+printf '| smtp-sink | %.0f | 1.00 | %.1f | - |\n' "$sink_m" "$sink_cpu_m"
 printf '| sluice --fsync always | %.0f | %.2f | %.1f | %.2f |\n' "$relay_m" "$(echo "$relay_m / $sink_m" | bc -l)" "$cpu_m" "$p99_m"
-printf 'per run: sink %s | sluice %s | cpu_us %s\n' "$(printf '%.0f ' "${sink_rates[@]}")" "$(printf '%.0f ' "${relay_rates[@]}")" "$(printf '%.1f ' "${cpu_us[@]}")"
+printf 'per run: sink %s | sluice %s | sink cpu_us %s | sluice cpu_us %s\n' "$(printf '%.0f ' "${sink_rates[@]}")" "$(printf '%.0f ' "${relay_rates[@]}")" "$(printf '%.1f ' "${sink_cpu[@]}")" "$(printf '%.1f ' "${cpu_us[@]}")"
 printf 'RSS: %s KiB at start, %s KiB with %s/1000 idle sessions, %s KiB with %s/10000 sessions held\n' "$rss_before" "$rss_idle" "$idle_ok" "$rss_10k" "$held"

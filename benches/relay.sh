@@ -32,12 +32,15 @@ DNS_PORT=$(free_port)
 "$LOAD" dns --listen "127.0.0.1:$DNS_PORT" --zone dest.test=127.0.0.1 2>"$WORK/dns.log" & PIDS+=("$!")
 wait_port "$DNS_PORT"
 
-direct=(); relay=(); accept=(); cpu_us=()
+direct=(); sink_cpu=(); relay=(); accept=(); cpu_us=()
 for run in $(seq "$RUNS"); do
   P=$(free_port)
   smtp-sink -u nobody "127.0.0.1:$P" 1000 & SINK=$!; PIDS+=("$SINK"); wait_port "$P"
+  c0=$(cpu_ticks "$SINK")
   t0=$(now); source_to "$P"; t1=$(now)
+  c1=$(cpu_ticks "$SINK")
   stop "$SINK"
+  sink_cpu+=("$(echo "($c1 - $c0) * 1000000 / $TCK / $M" | bc -l)")
   direct+=("$(echo "$M / ($t1 - $t0)" | bc -l)")
 
   Q=$(free_port); P=$(free_port); rm -rf "$WORK/spool"
@@ -66,9 +69,10 @@ direct_m=$(printf '%s\n' "${direct[@]}" | median)
 relay_m=$(printf '%s\n' "${relay[@]}" | median)
 accept_m=$(printf '%s\n' "${accept[@]}" | median)
 cpu_m=$(printf '%s\n' "${cpu_us[@]}" | median)
+sink_cpu_m=$(printf '%s\n' "${sink_cpu[@]}" | median)
 printf '\nrelay benchmark: smtp-source -s %s -m %s -l %s -r %s -d, median of %s runs\n' "$S" "$M" "$L" "$R" "$RUNS"
-printf '| path | msg/s | ratio to direct | relay CPU us/msg |\n|---|---|---|---|\n'
-printf '| smtp-source -> smtp-sink | %.0f | 1.00 | - |\n' "$direct_m"
+printf '| path | msg/s | ratio to direct | CPU us/msg (smtp-sink direct; sluice relayed) |\n|---|---|---|---|\n'
+printf '| smtp-source -> smtp-sink | %.0f | 1.00 | %.1f |\n' "$direct_m" "$sink_cpu_m"
 printf '| smtp-source -> sluice -> smtp-sink, end to end | %.0f | %.2f | %.1f |\n' "$relay_m" "$(echo "$relay_m / $direct_m" | bc -l)" "$cpu_m"
 printf '| (smtp-source done: sluice accept rate) | %.0f | %.2f | - |\n' "$accept_m" "$(echo "$accept_m / $direct_m" | bc -l)"
 printf 'per run: direct %s | end to end %s | cpu_us %s\n' "$(printf '%.0f ' "${direct[@]}")" "$(printf '%.0f ' "${relay[@]}")" "$(printf '%.1f ' "${cpu_us[@]}")"

@@ -89,6 +89,8 @@ pub struct DeliveryConfig {
     pub tls_mode: OutboundTlsMode,
     /// TLS client settings (None when the mode is `none`).
     pub tls: Option<ClientTls>,
+    /// Our own listening addresses: a mail exchanger there is this relay (mail loop).
+    pub own: Vec<SocketAddr>,
 }
 
 /// How to reach a destination.
@@ -159,6 +161,9 @@ pub struct Delivery {
     next_sweep: Instant,
     /// Addresses whose TLS handshake failed under `may`, until (Unix ms): plaintext only.
     tls_broken: HashMap<SocketAddr, u64>,
+    /// Whether an address is one of this machine's (asked once per address, for listeners on
+    /// a wildcard address).
+    local_ips: HashMap<IpAddr, bool>,
     /// New connections wait until then (this host ran out of sockets or ports).
     local_pause_until: Option<Instant>,
 }
@@ -167,7 +172,7 @@ impl Delivery {
     /// A delivery engine; `dns` is the resolver connection (None with a relay host that is an
     /// IP address, where no lookup is ever needed).
     pub fn new(cfg: DeliveryConfig, dns: Option<DnsConn>) -> Delivery {
-        let queue = Queue::new(cfg.relay_host.as_ref().map(|(h, _)| h.as_str()));
+        let queue = Queue::new(cfg.relay_host.as_ref().map(|(h, _)| h.as_str()), &cfg.hostname);
         Delivery {
             cfg,
             queue,
@@ -179,6 +184,7 @@ impl Delivery {
             again: Vec::new(),
             next_sweep: Instant::now(),
             tls_broken: HashMap::new(),
+            local_ips: HashMap::new(),
             local_pause_until: None,
         }
     }
@@ -316,8 +322,25 @@ impl Delivery {
     /// Turns a lookup result into the destination's route.
     fn set_route(&mut self, ctx: &mut Ctx<'_>, dest: DestId, name: &str, result: Result<MxPlan, DnsError>) {
         let port = self.cfg.relay_host.as_ref().map_or(self.cfg.smtp_port, |(_, p)| *p);
+        let result = result.map(|plan| {
+            let ours: Vec<IpAddr> =
+                plan.hosts.iter().flat_map(|h| h.addrs.iter()).copied().filter(|&ip| self.is_self(ip, port)).collect();
+            route::without_self(plan, &self.cfg.hostname, |ip| ours.contains(&ip))
+        });
         let route = match result {
-            Ok(plan) => {
+            Ok(None) => {
+                // RFC 5321 §5.1: we are the best mail exchanger left, so there is nowhere to
+                // send it (Postfix: "mail for X loops back to myself"). With a relay host it is
+                // our configuration that is wrong: defer, never bounce.
+                let text = format!("mail for {name} loops back to myself");
+                ctx.log.event("route", &[("domain", V::S(name)), ("error", V::S(&text))]);
+                Route::Failed {
+                    reply: synthetic(554, (5, 4, 6), &text),
+                    permanent: self.cfg.relay_host.is_none(),
+                    until_ms: ctx.wall_ms + 60_000,
+                }
+            }
+            Ok(Some(plan)) => {
                 let addrs: Vec<(Box<str>, SocketAddr)> =
                     plan.addresses().map(|(host, ip)| (Box::from(host), SocketAddr::new(ip, port))).collect();
                 Route::Ready { addrs, until_ms: ctx.wall_ms + 300_000 }
@@ -339,6 +362,24 @@ impl Delivery {
         state.next_addr = 0;
         state.failures = 0;
         self.queue.want(dest);
+    }
+
+    /// True when `ip:port` is where this relay listens: a listener on that address, or on the
+    /// wildcard address of its family while `ip` is one of this machine's (a socket can be
+    /// bound to it).
+    fn is_self(&mut self, ip: IpAddr, port: u16) -> bool {
+        let mut wildcard = false;
+        for l in self.cfg.own.iter().filter(|l| l.port() == port) {
+            if l.ip() == ip {
+                return true;
+            }
+            wildcard |= l.ip().is_unspecified() && l.is_ipv4() == ip.is_ipv4();
+        }
+        wildcard
+            && *self
+                .local_ips
+                .entry(ip)
+                .or_insert_with(|| ip.is_loopback() || std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok())
     }
 
     /// Starts what can be started for one destination.
@@ -375,9 +416,9 @@ impl Delivery {
             return;
         }
         match &state.route {
-            Route::Ready { until_ms, .. } | Route::Failed { until_ms, .. }
-                if *until_ms <= wall_ms && state.conns == 0 =>
-            {
+            // Looked up again when it expires, even while connections are open (they go on;
+            // new ones wait for the answer, usually from the resolver's cache).
+            Route::Ready { until_ms, .. } | Route::Failed { until_ms, .. } if *until_ms <= wall_ms => {
                 state.route = Route::Unknown;
             }
             _ => {}

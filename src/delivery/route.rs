@@ -1,6 +1,10 @@
 //! Pure: how a reply or a failure is classed (RFC 5321 §4.2.1, RFC 3463), and the synthetic
-//! replies the relay writes into outcomes when no server said anything.
+//! replies the relay writes into outcomes when no server said anything, and which mail
+//! exchangers are this relay itself.
 
+use std::net::IpAddr;
+
+use crate::dns::resolver::MxPlan;
 use crate::smtp::reply::Reply;
 use crate::spool::RcptStatus;
 
@@ -62,9 +66,55 @@ pub fn synthetic(code: u16, enhanced: (u8, u16, u16), text: &str) -> Reply {
     Reply { code, enhanced: Some(enhanced), text: text.to_owned() }
 }
 
+/// The plan without this relay and every host it must not hand mail to (RFC 5321 §5.1): when
+/// one of the hosts is us (our host name, or an address `is_self` names), only hosts with a
+/// strictly lower preference may be tried; `None` when none is left (the mail would loop back
+/// to us). A plan without us comes back unchanged.
+pub fn without_self(mut plan: MxPlan, hostname: &str, is_self: impl Fn(IpAddr) -> bool) -> Option<MxPlan> {
+    let hostname = hostname.trim_end_matches('.');
+    let ours = plan
+        .hosts
+        .iter()
+        .filter(|h| h.name.trim_end_matches('.').eq_ignore_ascii_case(hostname) || h.addrs.iter().any(|&a| is_self(a)))
+        .map(|h| h.preference)
+        .min();
+    if let Some(pref) = ours {
+        plan.hosts.retain(|h| h.preference < pref);
+    }
+    (!plan.hosts.is_empty()).then_some(plan)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dns::resolver::MxHost;
+
+    fn plan(hosts: &[(&str, u16, [u8; 4])]) -> MxPlan {
+        MxPlan {
+            hosts: hosts
+                .iter()
+                .map(|&(n, p, a)| MxHost { name: n.into(), preference: p, addrs: vec![IpAddr::from(a)] })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn our_own_mx_and_everything_after_it_is_dropped() {
+        let us = |a: IpAddr| a == IpAddr::from([192, 0, 2, 1]);
+        let p =
+            plan(&[("a.test", 10, [192, 0, 2, 9]), ("relay.test", 20, [192, 0, 2, 8]), ("c.test", 30, [192, 0, 2, 7])]);
+        // By name (case and a trailing dot do not matter): only the better MX is left.
+        let left = without_self(p.clone(), "RELAY.test.", us).unwrap();
+        assert_eq!(left.hosts.iter().map(|h| h.name.as_str()).collect::<Vec<_>>(), ["a.test"]);
+        // Not us at all: unchanged.
+        assert_eq!(without_self(p.clone(), "other.test", us), Some(p));
+        // By address, and we are the best MX: nothing to try, the mail would loop.
+        let p = plan(&[("mx1.test", 10, [192, 0, 2, 1]), ("mx2.test", 20, [192, 0, 2, 2])]);
+        assert_eq!(without_self(p, "relay.test", us), None);
+        // Equal preference with us is not better than us either.
+        let p = plan(&[("mx1.test", 10, [192, 0, 2, 5]), ("mx2.test", 10, [192, 0, 2, 1])]);
+        assert_eq!(without_self(p, "relay.test", us), None);
+    }
 
     #[test]
     fn rcpt_replies_settle_refusals_only() {

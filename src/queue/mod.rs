@@ -93,6 +93,9 @@ pub struct Queue {
     due: DueQueue<(MsgKey, QueueId, DestId)>,
     /// Route every recipient to this one destination (relay host mode).
     single: Option<DestId>,
+    /// Destination of an address without a domain (`<postmaster>`, RFC 5321 §4.5.1): this
+    /// relay's host name, whose mail exchanger's postmaster is ours.
+    local: DestId,
 }
 
 /// The destination name of a recipient address: its domain lowercased (`postmaster` without a
@@ -102,12 +105,14 @@ pub fn domain_of(addr: &[u8]) -> Option<&[u8]> {
 }
 
 impl Queue {
-    /// An empty queue; with `single`, every recipient goes to that one destination.
-    pub fn new(single: Option<&str>) -> Queue {
+    /// An empty queue; with `single`, every recipient goes to that one destination. An address
+    /// without a domain goes to `hostname` (ours).
+    pub fn new(single: Option<&str>, hostname: &str) -> Queue {
         let mut q = Queue::default();
         if let Some(name) = single {
             q.single = Some(q.dest_id(name.as_bytes()));
         }
+        q.local = q.dest_id(hostname.as_bytes());
         q
     }
 
@@ -167,10 +172,10 @@ impl Queue {
         for (i, r) in env.rcpts().enumerate() {
             let dest = match self.single {
                 Some(d) => d,
-                None => {
-                    let name = domain_of(r.addr).unwrap_or(b"");
-                    self.dest_id(name)
-                }
+                None => match domain_of(r.addr) {
+                    Some(name) => self.dest_id(name),
+                    None => self.local,
+                },
             };
             let (status, attempts, next_ms) = match states.and_then(|s| s.get(i)) {
                 Some(s) => (s.status, s.attempts, s.next_attempt_ms),

@@ -235,6 +235,7 @@ impl Server {
                 connect_timeout: cfg.connect_timeout,
                 tls_mode: cfg.outbound_tls,
                 tls: cfg.client_tls.clone(),
+                own: listeners.iter().map(|l| l.addr).collect(),
             },
             dns,
         );

@@ -727,7 +727,9 @@ impl ServerSession {
         if path.utf8 && !self.envelope.smtputf8 {
             return Err(Fault::Utf8NotDeclared);
         }
-        if !self.relay_allowed && !self.authenticated {
+        // RFC 5321 §4.5.1: mail to <postmaster> (no domain: ours) is accepted from anyone.
+        let postmaster = memchr::memchr(b'@', path.addr).is_none();
+        if !self.relay_allowed && !self.authenticated && !postmaster {
             return Err(Fault::RelayDenied);
         }
         if self.envelope.rcpt_count() >= ctx.cfg.max_recipients {
@@ -1063,6 +1065,11 @@ mod tests {
         let mut h = harness();
         let (r, _) = drive(&mut h, &[b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\n"], false);
         assert!(String::from_utf8_lossy(&r).ends_with("554 5.7.1 Relay access denied\r\n"));
+        // <postmaster> (ours: no domain) is accepted from anyone, RFC 5321 §4.5.1.
+        let mut h = harness();
+        let (r, _) =
+            drive(&mut h, &[b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<PostMaster>\r\nRCPT TO:<postmaster@y>\r\n"], false);
+        assert_eq!(codes(&r), ["220", "250", "250", "250", "554"]);
     }
 
     #[test]

@@ -258,6 +258,54 @@ fn a_refusal_received_before_the_connection_drops_still_stands() {
 }
 
 #[test]
+fn mail_exchangers_that_are_the_relay_itself_are_never_used() {
+    let Some(bin) = load_bin() else { return };
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let src = sink(&bin, &format!("127.0.0.7:{port}"), &[]);
+    let after = sink(&bin, &format!("127.0.0.8:{port}"), &[]);
+    #[rustfmt::skip]
+    let d = dns(&bin, &[
+        "--zone", "src.test=127.0.0.7",
+        // loop.test's best MX is this relay's own listening address.
+        "--mx", "loop.test=10:mx.loop.test", "--a", "mx.loop.test=127.0.0.1",
+        // named.test: a dead MX, then this relay by its host name (mx.test), then a working one
+        // that must not be used because it is worse than us.
+        "--mx", "named.test=10:dead.named.test", "--a", "dead.named.test=127.0.0.9",
+        "--mx", "named.test=20:mx.test", "--a", "mx.test=127.0.0.5",
+        "--mx", "named.test=30:after.named.test", "--a", "after.named.test=127.0.0.8",
+    ]);
+    let relay = Relay::start(&["--listen", &listen, "--dns", &d.addr.to_string(), "--smtp-port", &port.to_string()]);
+    let id = send(&relay, "sender@src.test", &["a@loop.test"], b"Subject: loop\r\n\r\nx\r\n");
+    send(&relay, "sender@src.test", &["b@named.test"], b"Subject: named\r\n\r\ny\r\n");
+    // loop.test bounces at once with 5.4.6, like Postfix's "loops back to myself".
+    let bounces = wait_saved(&src, 1, Duration::from_secs(30), &relay);
+    let all: String = bounces.iter().map(|(_, m)| String::from_utf8_lossy(m).into_owned()).collect();
+    assert!(all.contains("Final-Recipient: rfc822; a@loop.test") && all.contains("Status: 5.4.6"), "{all}");
+    assert!(all.contains("loops back to myself") && all.contains(&id), "{all}");
+    // named.test: only the dead MX is better than us, so the message waits for it.
+    relay.wait_log("rcpt=b@named.test");
+    let log = relay.log();
+    let line = log.lines().find(|l| l.contains("rcpt=b@named.test")).unwrap_or_default();
+    assert!(line.contains("outcome=deferred") && line.contains("127.0.0.9"), "{log}");
+    assert!(saved(&after).is_empty(), "a worse MX than us got the message:\n{log}");
+}
+
+#[test]
+fn postmaster_without_a_domain_goes_to_our_own_domain() {
+    let Some(bin) = load_bin() else { return };
+    let port = free_port();
+    let ours = sink(&bin, &format!("127.0.0.6:{port}"), &[]);
+    // The relay's host name is mx.test: its mail exchanger takes mail for our postmaster.
+    let d = dns(&bin, &["--zone", "mx.test=127.0.0.6"]);
+    let relay = Relay::start(&["--dns", &d.addr.to_string(), "--smtp-port", &port.to_string()]);
+    send(&relay, "someone@else.test", &["PostMaster"], b"Subject: hello postmaster\r\n\r\nhi\r\n");
+    let got = wait_saved(&ours, 1, Duration::from_secs(30), &relay);
+    assert!(got[0].0.contains("RCPT TO:<PostMaster>"), "{}", got[0].0);
+    assert!(String::from_utf8_lossy(&got[0].1).contains("Subject: hello postmaster"));
+}
+
+#[test]
 fn connections_are_reused_and_a_down_destination_is_retried() {
     let Some(bin) = load_bin() else { return };
     let port = free_port();
