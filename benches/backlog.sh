@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Backlog benchmark: N one-recipient messages queued while the destination is down, then the
+# relay restarted with the destination up. Reports the accept rate while queueing, the relay's
+# memory with the whole backlog queued, restart (recovery) time and memory, and the drain rate.
+# Usage: benches/backlog.sh [MESSAGES=1000000] [SIZE=1024] [CONNECTIONS=20]
+# Loopback only; needs python3 for a free port. Every process started is stopped by PID; the
+# spool (about MESSAGES x (SIZE + 200) bytes) is deleted at the end.
+set -euo pipefail
+N=${1:-1000000}; L=${2:-1024}; C=${3:-20}
+cd "$(dirname "$0")/.."
+cargo build --release -q --workspace
+BIN=$PWD/target/release/sluice
+LOAD=$PWD/target/release/sluice-load
+WORK=$(mktemp -d /tmp/sluice-backlog.XXXXXX)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do { kill -9 "$p" && wait "$p"; } 2>/dev/null || true; done; rm -rf "$WORK"; }
+trap cleanup EXIT
+ulimit -n 65536 2>/dev/null || true
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+now() { date +%s.%N; }
+kib() { awk "/^$2:/ {print \$2}" "/proc/$1/status"; }
+wait_log() { # $1 file, $2 pattern, $3 seconds
+  for _ in $(seq $(($3 * 20))); do grep -q "$2" "$1" && return 0; sleep 0.05; done
+  echo "timed out waiting for '$2' in $1" >&2; tail -5 "$1" >&2; return 1
+}
+
+DNS_PORT=$(free_port); SINK_PORT=$(free_port); RELAY_PORT=$(free_port)
+"$LOAD" dns --listen "127.0.0.1:$DNS_PORT" 2>"$WORK/dns.log" & PIDS+=("$!")
+relay() { # $1 log file
+  "$BIN" serve --listen "127.0.0.1:$RELAY_PORT" --spool "$WORK/spool" --fsync always --hostname bench.test \
+    --relay-host "127.0.0.1:$SINK_PORT" --dns "127.0.0.1:$DNS_PORT" --retry-schedule 5s 2>"$1" &
+  RELAY=$!; PIDS+=("$RELAY")
+}
+
+# 1. Destination down (nothing listens on SINK_PORT): everything is accepted and deferred.
+relay "$WORK/relay1.log"
+wait_log "$WORK/relay1.log" "event=listening" 20
+t0=$(now)
+"$LOAD" send --to "127.0.0.1:$RELAY_PORT" --connections "$C" --messages "$N" --size "$L" --quiet --json >"$WORK/send.json"
+t1=$(now)
+accepted=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["accepted"])' "$WORK/send.json")
+[ "$accepted" -eq "$N" ] || { echo "relay accepted $accepted of $N" >&2; exit 1; }
+sleep 2
+rss1=$(kib "$RELAY" VmRSS); anon1=$(kib "$RELAY" RssAnon)
+kill -TERM "$RELAY"; wait "$RELAY" || true
+spool_mb=$(du -sm "$WORK/spool" | cut -f1)
+# Let every deferral's next attempt (--retry-schedule 5s) come due, so the drain is not paced.
+sleep 6
+
+# 2. Destination up, relay restarted on the same spool: recovery, then the drain.
+"$LOAD" sink --listen "127.0.0.1:$SINK_PORT" --interval 0 --expect-recipients "$N" 2>"$WORK/sink.log" & PIDS+=("$!")
+wait_log "$WORK/sink.log" "event=listening" 20
+t2=$(now)
+relay "$WORK/relay2.log"
+wait_log "$WORK/relay2.log" "event=listening" 600
+t3=$(now)
+rss2=$(kib "$RELAY" VmRSS); anon2=$(kib "$RELAY" RssAnon)
+wait_log "$WORK/sink.log" "event=expected" 3600
+t4=$(now)
+sleep 1
+left=$(find "$WORK/spool" -name '*.spool' | wc -l)
+kill -TERM "$RELAY"; wait "$RELAY" || true
+
+printf '\nbacklog benchmark: %s messages of %s bytes, %s connections\n' "$N" "$L" "$C"
+printf 'queueing (destination down): %.0f msg/s; spool %s MB; relay RSS %s KiB (anonymous %s KiB, %.0f B per queued recipient)\n' \
+  "$(echo "$N / ($t1 - $t0)" | bc -l)" "$spool_mb" "$rss1" "$anon1" "$(echo "$anon1 * 1024 / $N" | bc -l)"
+printf 'restart: listening after %.2f s (recovery included); RSS %s KiB (anonymous %s KiB, %.0f B per queued recipient)\n' \
+  "$(echo "$t3 - $t2" | bc -l)" "$rss2" "$anon2" "$(echo "$anon2 * 1024 / $N" | bc -l)"
+printf 'drain: %.0f msg/s from restart until the sink had every recipient; spool files left afterwards: %s (the active segment stays)\n' \
+  "$(echo "$N / ($t4 - $t2)" | bc -l)" "$left"
