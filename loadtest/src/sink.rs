@@ -40,9 +40,11 @@ use slab::Slab;
 use sluice::buf::{Buf, BufPool};
 use sluice::net::socket::{listener, read, write, IoResult};
 use sluice::net::tls::{ServerTls, TlsFlush, TlsRead, TlsSession};
+use sluice::smtp::auth;
 use sluice::smtp::command::{parse, Command};
 use sluice::smtp::data::{bdat_take, DataScanner};
 use sluice::smtp::line::{next_line, skip_line, Framed};
+use sluice::smtp::reply;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::io::Write as _;
@@ -140,12 +142,6 @@ const AUTH_IN_TXN: &[u8] = b"503 5.5.1 Error: MAIL transaction in progress\r\n";
 const AUTH_MECH: &[u8] = b"504 5.5.4 Unrecognized authentication type\r\n";
 const AUTH_BAD: &[u8] = b"501 5.5.2 Error: malformed authentication response\r\n";
 const AUTH_CANCELLED: &[u8] = b"501 5.7.0 Authentication cancelled\r\n";
-const AUTH_OK: &[u8] = b"235 2.7.0 Authentication successful\r\n";
-/// RFC 4954 §4: an empty challenge.
-const AUTH_CONTINUE: &[u8] = b"334 \r\n";
-/// `Username:` and `Password:` in base64 (the LOGIN mechanism's customary prompts).
-const LOGIN_USER: &[u8] = b"334 VXNlcm5hbWU6\r\n";
-const LOGIN_PASS: &[u8] = b"334 UGFzc3dvcmQ6\r\n";
 
 /// Which line of an AUTH exchange (RFC 4954 §4) the client owes next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -894,12 +890,12 @@ impl Sink {
             match (mech.to_ascii_uppercase().as_slice(), initial) {
                 (b"PLAIN", None) => {
                     c.phase = Phase::Auth(AuthStep::Plain);
-                    AUTH_CONTINUE
+                    auth::PLAIN_PROMPT
                 }
                 (b"PLAIN", Some(resp)) => return self.auth_line(key, AuthStep::Plain, resp),
                 (b"LOGIN", None) => {
                     c.phase = Phase::Auth(AuthStep::LoginUser);
-                    LOGIN_USER
+                    auth::LOGIN_USER_PROMPT
                 }
                 (b"LOGIN", Some(resp)) => return self.auth_line(key, AuthStep::LoginUser, resp),
                 _ => AUTH_MECH,
@@ -927,7 +923,7 @@ impl Sink {
             AuthStep::LoginUser => {
                 c.user = decoded;
                 c.phase = Phase::Auth(AuthStep::LoginPass);
-                c.out.extend_from_slice(LOGIN_PASS);
+                c.out.extend_from_slice(auth::LOGIN_PASS_PROMPT);
                 return;
             }
             AuthStep::LoginPass => std::mem::take(&mut c.user),
@@ -946,7 +942,7 @@ impl Sink {
         c.user = user;
         c.authed = true;
         self.stats.authenticated += 1;
-        c.out.extend_from_slice(AUTH_OK);
+        c.out.extend_from_slice(reply::AUTH_OK);
     }
 
     /// Decides one RCPT: sequencing, `--max-rcpts`, local-part rules, then injected faults.

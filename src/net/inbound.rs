@@ -56,10 +56,6 @@ pub struct InboundConn {
     pub tls: Option<TlsSession>,
     /// Leading bytes of `output` still to be written in the clear (the STARTTLS `220`).
     pub clear_out: usize,
-    /// The handshake outcome is logged and given to the session.
-    pub tls_announced: bool,
-    /// Credentials are out for verification.
-    pub auth_pending: bool,
     /// An AUTH verdict held back (failures are answered slowly), given at `deadline`.
     pub auth_delayed: Option<(AuthOutcome, Credentials)>,
 }
@@ -92,6 +88,14 @@ impl InboundConn {
             return false;
         }
         Self::output(&mut self.output, pool).is_some_and(|b| b.room() >= REPLY_ROOM)
+    }
+
+    /// Puts the connection on the turn's list of connections to flush (once).
+    pub fn mark_dirty(&mut self, key: usize, list: &mut Vec<(usize, u32)>) {
+        if !self.dirty {
+            self.dirty = true;
+            list.push((key, self.generation));
+        }
     }
 
     /// Unsent output bytes (plaintext; plus one when TLS has records to write).

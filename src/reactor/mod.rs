@@ -328,9 +328,8 @@ impl Server {
                         }
                         if ev.is_writable() || ev.is_write_closed() || ev.is_error() {
                             conn.writable = true;
-                            if conn.pending_output() > 0 && !conn.dirty {
-                                conn.dirty = true;
-                                self.dirty.push((key, generation));
+                            if conn.pending_output() > 0 {
+                                conn.mark_dirty(key, &mut self.dirty);
                             }
                         }
                         self.drive(key);
@@ -526,7 +525,6 @@ impl Server {
                             }
                             continue;
                         };
-                        conn.auth_pending = true;
                         worker.submit(AuthJob { key, generation: conn.generation, creds });
                         continue;
                     }
@@ -599,9 +597,8 @@ impl Server {
                 announce_tls(conn, log);
             }
         }
-        if conn.pending_output() > 0 && !conn.dirty {
-            conn.dirty = true;
-            dirty.push((key, conn.generation));
+        if conn.pending_output() > 0 {
+            conn.mark_dirty(key, dirty);
         }
         bufs.release_if_empty(&mut conn.input);
         if shutdown.is_some() && !conn.closing && conn.waiting.is_none() {
@@ -609,10 +606,7 @@ impl Server {
                 let mut ctx = Ctx { cfg: &cfg.session, bodies, ids, now_unix_us: *wall_us };
                 if conn.session.handle_shutdown(&mut ctx, false, out) {
                     conn.closing = true;
-                    if !conn.dirty {
-                        conn.dirty = true;
-                        dirty.push((key, conn.generation));
-                    }
+                    conn.mark_dirty(key, dirty);
                 }
             }
         }
@@ -665,7 +659,6 @@ impl Server {
         let now = Instant::now();
         for v in verdicts {
             let Some(conn) = self.conns.get_mut(v.key).filter(|c| c.generation == v.generation) else { continue };
-            conn.auth_pending = false;
             let ip = conn.peer.ip();
             let user = String::from_utf8_lossy(&v.creds.user).into_owned();
             if v.ok {
@@ -709,7 +702,6 @@ impl Server {
     /// Writes an AUTH verdict and lets the session go on (or close).
     fn answer_auth(&mut self, key: usize, outcome: AuthOutcome, creds: Credentials) {
         let Some(conn) = self.conns.get_mut(key) else { return };
-        let generation = conn.generation;
         let Some(out) = conn.make_reply_room(&mut self.bufs).then_some(conn.output.as_mut()).flatten() else {
             self.close(key, "no_room_for_reply");
             return;
@@ -720,10 +712,7 @@ impl Server {
         } else {
             conn.deadline = self.now + self.cfg.command_timeout;
         }
-        if !conn.dirty {
-            conn.dirty = true;
-            self.dirty.push((key, generation));
-        }
+        conn.mark_dirty(key, &mut self.dirty);
         self.drive(key);
     }
 
@@ -830,10 +819,7 @@ impl Server {
             }
             let mut ctx = Ctx { cfg: &cfg.session, bodies, ids, now_unix_us: *wall_us };
             conn.session.message_result(&mut ctx, result.map_err(|()| reply::SPOOL_FAILED), out);
-            if !conn.dirty {
-                conn.dirty = true;
-                dirty.push((key, generation));
-            }
+            conn.mark_dirty(key, dirty);
         }
         for key in unanswerable {
             self.close(key, "no_room_for_reply");
@@ -895,10 +881,7 @@ impl Server {
             conn.closing = true;
             conn.deadline = now + LINGER;
             timers.arm(conn.deadline, e.key, e.generation);
-            if !conn.dirty {
-                conn.dirty = true;
-                dirty.push((e.key, e.generation));
-            }
+            conn.mark_dirty(e.key, dirty);
         }
         self.flush_dirty();
         if self.accept_retry.is_some_and(|t| t <= now) {
@@ -996,8 +979,6 @@ impl Server {
             eod_at: None,
             tls,
             clear_out: 0,
-            tls_announced: false,
-            auth_pending: false,
             auth_delayed: None,
         });
         self.dirty.push((key, generation));
@@ -1103,12 +1084,9 @@ fn capped_timeouts(cap: Duration) -> ClientTimeouts {
     }
 }
 
-/// Logs a finished handshake and tells the session which version and cipher it got.
+/// Logs a finished handshake and tells the session which version and cipher it got (called
+/// once, on the read that ends the handshake).
 fn announce_tls(conn: &mut InboundConn, log: &mut Logger) {
-    if conn.tls_announced {
-        return;
-    }
-    conn.tls_announced = true;
     if let Some(info) = conn.tls.as_ref().and_then(|t| t.info()) {
         conn.session.set_tls_info(info.version, info.cipher);
         log.event(

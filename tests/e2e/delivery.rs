@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-
 /// A child `sluice-load` process (sink or dns), killed on drop.
 struct Aux {
     child: Child,

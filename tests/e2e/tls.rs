@@ -171,8 +171,23 @@ fn starttls(addr: SocketAddr) -> TlsClient {
     TlsClient::handshake(c.stream).expect("handshake")
 }
 
+/// Put before every Python script: the modules they use and a client TLS context that accepts
+/// the test's self-signed certificate.
+const PY_PRELUDE: &str = "import hashlib, smtplib, socket, ssl, sys, threading, time
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+";
+
+/// `python3 -c PRELUDE+script args...`.
+fn python_cmd(script: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new("python3");
+    cmd.arg("-c").arg(format!("{PY_PRELUDE}{script}")).args(args);
+    cmd
+}
+
 fn python(script: &str, args: &[&str]) -> String {
-    let out = Command::new("python3").arg("-c").arg(script).args(args).output().unwrap();
+    let out = python_cmd(script, args).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "python failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     stdout
@@ -186,10 +201,6 @@ fn python_starttls_delivers_and_received_says_esmtps() {
     let dir = TempDir::new("tls-py");
     let relay = tls_relay(&dir, false, true);
     let script = r#"
-import smtplib, ssl, sys
-ctx = ssl.create_default_context()
-ctx.check_hostname = False
-ctx.verify_mode = ssl.CERT_NONE
 with smtplib.SMTP(sys.argv[1], int(sys.argv[2]), local_hostname="py.test") as s:
     s.ehlo()
     assert s.has_extn("starttls"), s.esmtp_features
@@ -220,10 +231,6 @@ fn python_implicit_tls_and_auth_relays_only_when_authenticated() {
     let relay = tls_relay(&dir, true, false);
     let tls_addr = relay.addrs[1];
     let script = r#"
-import smtplib, ssl, sys
-ctx = ssl.create_default_context()
-ctx.check_hostname = False
-ctx.verify_mode = ssl.CERT_NONE
 host, port = sys.argv[1], int(sys.argv[2])
 with smtplib.SMTP_SSL(host, port, context=ctx, local_hostname="py.test") as s:
     s.ehlo()
@@ -417,10 +424,6 @@ fn sighup_reloads_the_certificate_for_new_sessions_only() {
     let relay = tls_relay(&dir, false, true);
     let tls_addr = relay.addrs[1];
     let fingerprint = r#"
-import hashlib, socket, ssl, sys
-ctx = ssl.create_default_context()
-ctx.check_hostname = False
-ctx.verify_mode = ssl.CERT_NONE
 with socket.create_connection((sys.argv[1], int(sys.argv[2]))) as raw:
     with ctx.wrap_socket(raw, server_hostname="mx.test") as s:
         print(hashlib.sha256(s.getpeercert(binary_form=True)).hexdigest())
@@ -480,10 +483,6 @@ fn repeated_auth_failures_slow_down_then_block_only_that_address() {
     let relay = tls_relay(&dir, true, false);
     let tls_addr = relay.addrs[1];
     let script = r#"
-import smtplib, ssl, sys, time
-ctx = ssl.create_default_context()
-ctx.check_hostname = False
-ctx.verify_mode = ssl.CERT_NONE
 host, port = sys.argv[1], int(sys.argv[2])
 def session(src):
     s = smtplib.SMTP_SSL(host, port, context=ctx, source_address=(src, 0), timeout=20)
@@ -546,10 +545,6 @@ fn sessions_keep_being_served_while_auth_hashes_run() {
     // 127.0.0.x addresses so the brute-force limit does not cut them short; meanwhile a plain
     // session times NOOP round trips.
     let script = r#"
-import smtplib, ssl, sys, threading
-ctx = ssl.create_default_context()
-ctx.check_hostname = False
-ctx.verify_mode = ssl.CERT_NONE
 host, port = sys.argv[1], int(sys.argv[2])
 ready = threading.Barrier(101)
 def attempt(i):
@@ -571,8 +566,7 @@ print("done")
     probe.expect("220");
     probe.cmd("EHLO probe.test");
     let args = [tls_addr.ip().to_string(), tls_addr.port().to_string()];
-    let child =
-        Command::new("python3").arg("-c").arg(script).args(&args).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let child = python_cmd(script, &[&args[0], &args[1]]).stdout(std::process::Stdio::piped()).spawn().unwrap();
     // Wait until the worker is busy, then sample.
     let t0 = Instant::now();
     while !relay.log().contains("event=auth client") && t0.elapsed() < Duration::from_secs(30) {

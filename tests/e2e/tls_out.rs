@@ -12,7 +12,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-
 /// Python 3 with aiosmtpd: required on CI (.ci/run installs it), else the test skips.
 fn have_aiosmtpd() -> bool {
     if !require("python3") {
