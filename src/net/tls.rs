@@ -827,33 +827,42 @@ mod tests {
     use super::*;
     use std::collections::VecDeque;
 
-    /// An in-memory pipe end: reads from `rx`, writes to `tx`, `WouldBlock` when empty.
-    /// `chunk` (when not 0) caps the bytes one read or write moves, and `tx_cap` (when not
-    /// 0) makes writes block once `tx` holds that much, like a full socket.
+    /// An in-memory pipe end: reads from `rx`, writes to `tx`, `WouldBlock` when empty (or
+    /// EOF once `eof` is set). `chunk` (when not 0) caps the bytes one read or write moves;
+    /// `sizes` (when not empty) caps them call after call in turn, 0 being a `WouldBlock`;
+    /// and `tx_cap` (when not 0) makes writes block once `tx` holds that much, like a full
+    /// socket.
     #[derive(Default)]
     struct Pipe {
         rx: VecDeque<u8>,
         tx: Vec<u8>,
         chunk: usize,
         tx_cap: usize,
+        sizes: Vec<usize>,
+        turn: usize,
+        eof: bool,
     }
 
     impl Pipe {
-        fn cap(&self, n: usize) -> usize {
-            if self.chunk == 0 {
-                n
-            } else {
-                n.min(self.chunk)
+        fn cap(&mut self, n: usize) -> usize {
+            let mut n = if self.chunk == 0 { n } else { n.min(self.chunk) };
+            if !self.sizes.is_empty() {
+                n = n.min(self.sizes[self.turn % self.sizes.len()]);
+                self.turn += 1;
             }
+            n
         }
     }
 
     impl Read for Pipe {
         fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
             if self.rx.is_empty() {
-                return Err(io::ErrorKind::WouldBlock.into());
+                return if self.eof { Ok(0) } else { Err(io::ErrorKind::WouldBlock.into()) };
             }
             let n = self.cap(buf.len().min(self.rx.len()));
+            if n == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
             for (d, s) in buf.iter_mut().zip(self.rx.drain(..n)) {
                 *d = s;
             }
@@ -1022,12 +1031,28 @@ mod tests {
     /// Sends `a_out` (of which `a` has taken the first `a_sent` bytes already) from `a` to `b`
     /// and `b_out` from `b` to `a` through pipes that move little per call and fill up,
     /// reading with an odd-sized buffer; checks what each got, then both closes.
-    fn bulk(a: &mut TlsSession, b: &mut TlsSession, a_out: &[u8], mut a_sent: usize, b_out: &[u8]) {
-        let mut ap = Pipe { chunk: 1000, tx_cap: 5000, ..Pipe::default() };
-        let mut bp = Pipe { chunk: 1000, tx_cap: 5000, ..Pipe::default() };
+    fn bulk(a: &mut TlsSession, b: &mut TlsSession, a_out: &[u8], a_sent: usize, b_out: &[u8]) {
+        let ap = Pipe { chunk: 1000, tx_cap: 5000, ..Pipe::default() };
+        let bp = Pipe { chunk: 1000, tx_cap: 5000, ..Pipe::default() };
+        bulk_through(a, b, a_out, a_sent, b_out, ap, bp, 777);
+    }
+
+    /// [`bulk`] through the given pipes (`ap` is `a`'s socket), reading `read_len` bytes at most
+    /// per call.
+    #[allow(clippy::too_many_arguments)]
+    fn bulk_through(
+        a: &mut TlsSession,
+        b: &mut TlsSession,
+        a_out: &[u8],
+        mut a_sent: usize,
+        b_out: &[u8],
+        mut ap: Pipe,
+        mut bp: Pipe,
+        read_len: usize,
+    ) {
         let mut b_sent = 0;
         let (mut a_got, mut b_got) = (Vec::new(), Vec::new());
-        let mut buf = [0u8; 777];
+        let mut buf = vec![0u8; read_len];
         let (mut a_closed, mut b_closed) = (false, false);
         for _ in 0..100_000 {
             a_sent += a.write(&a_out[a_sent..]);
@@ -1278,6 +1303,423 @@ mod tests {
         for i in 0..100 {
             let stages = round(&mut client, &mut server);
             assert_eq!(stages, expect, "round {i}: [client send, server receive, server send, client receive]");
+        }
+    }
+
+    // --- Against rustls' buffered API as the peer: it does what our sessions never do (key
+    // updates, records of a few bytes, many tickets) and checks our records independently.
+
+    fn server_tls(name: &str) -> (ServerTls, PathBuf, PathBuf) {
+        let dir = tempdir(name);
+        let (cert, key) = pair_files(&dir);
+        (ServerTls::load(&cert, &key).unwrap(), cert, key)
+    }
+
+    /// A buffered rustls client (TLS 1.3 unless `tls12`) sending records of at most
+    /// `max_fragment` bytes.
+    fn peer_client(tls12: bool, max_fragment: Option<usize>) -> rustls::Connection {
+        let versions: &[&rustls::SupportedProtocolVersion] =
+            if tls12 { &[&rustls::version::TLS12] } else { &[&rustls::version::TLS13] };
+        let mut cfg = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(versions)
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCert { provider: provider() }))
+            .with_no_client_auth();
+        cfg.max_fragment_size = max_fragment;
+        let name = ServerName::try_from("mx.example.test").unwrap();
+        rustls::ClientConnection::new(Arc::new(cfg), name).unwrap().into()
+    }
+
+    /// A buffered rustls server sending `tickets` TLS 1.3 session tickets after the handshake,
+    /// in records of at most `max_fragment` bytes.
+    fn peer_server(cert: &Path, key: &Path, tickets: usize, max_fragment: Option<usize>) -> rustls::Connection {
+        let mut cfg = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(read_certs(cert, "--tls-cert").unwrap(), PrivateKeyDer::from_pem_file(key).unwrap())
+            .unwrap();
+        cfg.send_tls13_tickets = tickets;
+        cfg.max_fragment_size = max_fragment;
+        rustls::ServerConnection::new(Arc::new(cfg)).unwrap().into()
+    }
+
+    /// Hands `bytes` to the peer, which must take them without error.
+    fn peer_takes(peer: &mut rustls::Connection, bytes: &mut Vec<u8>) {
+        let mut rd = &bytes[..];
+        while !rd.is_empty() {
+            peer.read_tls(&mut rd).unwrap();
+            peer.process_new_packets().unwrap();
+        }
+        bytes.clear();
+    }
+
+    /// Everything the peer has to send.
+    fn peer_sends(peer: &mut rustls::Connection) -> Vec<u8> {
+        let mut out = Vec::new();
+        while peer.wants_write() {
+            peer.write_tls(&mut out).unwrap();
+        }
+        out
+    }
+
+    /// Plaintext the peer has received so far.
+    fn peer_reads(peer: &mut rustls::Connection) -> Vec<u8> {
+        let mut got = Vec::new();
+        let _ = peer.reader().read_to_end(&mut got);
+        got
+    }
+
+    /// Handshake between `ours` (on socket `p`) and `peer`; no application data expected.
+    fn peer_handshake(ours: &mut TlsSession, p: &mut Pipe, peer: &mut rustls::Connection) {
+        let mut buf = [0u8; 64];
+        for _ in 0..20 {
+            let _ = ours.flush(p);
+            peer_takes(peer, &mut p.tx);
+            p.rx.extend(peer_sends(peer));
+            match ours.read(p, &mut buf) {
+                TlsRead::WouldBlock => {}
+                other => panic!("{other:?}"),
+            }
+            if !ours.is_handshaking() && !peer.is_handshaking() && !ours.wants_write() && !peer.wants_write() {
+                return;
+            }
+        }
+        panic!("handshake stuck");
+    }
+
+    /// How many TLS records `wire` holds.
+    fn records(mut wire: &[u8]) -> usize {
+        let mut n = 0;
+        while wire.len() >= 5 {
+            let len = usize::from(u16::from_be_bytes([wire[3], wire[4]]));
+            wire = &wire[(5 + len).min(wire.len())..];
+            n += 1;
+        }
+        n
+    }
+
+    /// Reads with a `len`-byte buffer until something other than data comes back.
+    fn read_all(s: &mut TlsSession, p: &mut Pipe, len: usize) -> (Vec<u8>, TlsRead) {
+        let mut buf = vec![0u8; len];
+        let mut got = Vec::new();
+        loop {
+            match s.read(p, &mut buf) {
+                TlsRead::Data(n) => got.extend_from_slice(&buf[..n]),
+                other => return (got, other),
+            }
+        }
+    }
+
+    #[test]
+    fn many_records_in_one_read_records_split_over_reads_and_close_notify_behind_data() {
+        for tls12 in [false, true] {
+            let (tls, ..) = server_tls("records");
+            let mut server = TlsSession::server(&tls).unwrap();
+            let mut peer = peer_client(tls12, Some(32));
+            let mut sp = Pipe::default();
+            peer_handshake(&mut server, &mut sp, &mut peer);
+            // Some 20 KB in records of a few bytes each, all in the socket at once.
+            let data = pattern(20_000, 7);
+            peer.writer().write_all(&data).unwrap();
+            sp.rx.extend(peer_sends(&mut peer));
+            let wire: Vec<u8> = sp.rx.iter().copied().collect();
+            assert!(records(&wire) > 500, "{} records", records(&wire));
+            let (got, end) = read_all(&mut server, &mut sp, 100);
+            assert!(got == data && matches!(end, TlsRead::WouldBlock), "tls12 {tls12}: {} bytes, {end:?}", got.len());
+            // Full-size records, one byte per socket read.
+            let mut peer_big = peer_client(tls12, None);
+            let mut server = TlsSession::server(&tls).unwrap();
+            let mut sp = Pipe::default();
+            peer_handshake(&mut server, &mut sp, &mut peer_big);
+            let data = pattern(40_000, 8);
+            peer_big.writer().write_all(&data).unwrap();
+            sp.rx.extend(peer_sends(&mut peer_big));
+            sp.chunk = 1;
+            let (got, end) = read_all(&mut server, &mut sp, 4096);
+            assert!(got == data && matches!(end, TlsRead::WouldBlock), "tls12 {tls12}: {} bytes, {end:?}", got.len());
+            // Data and close_notify in one read: all of the data, then the clean close.
+            sp.chunk = 0;
+            peer_big.writer().write_all(b"QUIT\r\n").unwrap();
+            peer_big.send_close_notify();
+            sp.rx.extend(peer_sends(&mut peer_big));
+            let (got, end) = read_all(&mut server, &mut sp, 3);
+            assert_eq!(got, b"QUIT\r\n");
+            assert!(matches!(end, TlsRead::Closed), "{end:?}");
+            assert!(matches!(server.read(&mut sp, &mut [0; 8]), TlsRead::Closed));
+            // We may still answer, then close in turn.
+            assert_eq!(server.write(b"221 bye\r\n"), 9);
+            server.close();
+            assert!(matches!(server.flush(&mut sp), TlsFlush::Done));
+            peer_takes(&mut peer_big, &mut sp.tx);
+            assert_eq!(peer_reads(&mut peer_big), b"221 bye\r\n");
+            assert_eq!(server.write(b"late"), 0);
+        }
+    }
+
+    #[test]
+    fn key_updates_from_the_peer_are_answered_before_our_next_record() {
+        let (tls, cert, key) = server_tls("keyupdate");
+        let mut server = TlsSession::server(&tls).unwrap();
+        let mut peer = peer_client(false, None);
+        let mut sp = Pipe::default();
+        peer_handshake(&mut server, &mut sp, &mut peer);
+        key_updates(&mut server, &mut sp, &mut peer);
+        // The same with us as the client.
+        let mut client = TlsSession::client(&ClientTls::unverified(), "mx.example.test").unwrap();
+        let mut peer = peer_server(&cert, &key, 2, None);
+        let mut cp = Pipe::default();
+        peer_handshake(&mut client, &mut cp, &mut peer);
+        key_updates(&mut client, &mut cp, &mut peer);
+    }
+
+    /// The peer asks for key updates, sends data and reads our replies; then asks once more
+    /// and gets only our close_notify.
+    fn key_updates(ours: &mut TlsSession, p: &mut Pipe, peer: &mut rustls::Connection) {
+        // More updates than rustls allows without data in between (32): data resets its count.
+        for i in 0..40 {
+            peer.refresh_traffic_keys().unwrap();
+            if i % 4 == 0 {
+                // A second request before we answered the first: one answer does for both.
+                peer.refresh_traffic_keys().unwrap();
+            }
+            let msg = format!("NOOP {i}\r\n");
+            peer.writer().write_all(msg.as_bytes()).unwrap();
+            p.rx.extend(peer_sends(peer));
+            let (got, end) = read_all(ours, p, 4096);
+            assert!(got == msg.as_bytes() && matches!(end, TlsRead::WouldBlock), "{i}: {got:?} {end:?}");
+            // Our reply goes out under the new keys, after the key update the peer asked for
+            // (the peer fails to decrypt otherwise).
+            let reply = format!("250 {i}\r\n");
+            assert_eq!(ours.write(reply.as_bytes()), reply.len());
+            assert!(matches!(ours.flush(p), TlsFlush::Done));
+            peer_takes(peer, &mut p.tx);
+            assert_eq!(peer_reads(peer), reply.as_bytes());
+        }
+        // An update, then nothing but our close_notify: the answer goes first there too.
+        peer.refresh_traffic_keys().unwrap();
+        p.rx.extend(peer_sends(peer));
+        assert!(matches!(ours.read(p, &mut [0; 64]), TlsRead::WouldBlock));
+        ours.close();
+        assert!(matches!(ours.flush(p), TlsFlush::Done));
+        peer_takes(peer, &mut p.tx);
+        let mut rest = Vec::new();
+        assert_eq!(peer.reader().read_to_end(&mut rest).unwrap(), 0, "close_notify seen");
+    }
+
+    #[test]
+    fn session_tickets_and_data_in_one_read() {
+        let (_, cert, key) = server_tls("tickets");
+        // Whole records (rustls packs the eight tickets into one), then records of 40 bytes
+        // (each ticket split over several of them).
+        for (max_fragment, min_records) in [(None, 2), (Some(40), 20)] {
+            let mut peer = peer_server(&cert, &key, 8, max_fragment);
+            // Written before the handshake ends: goes out right behind the eight tickets.
+            peer.writer().write_all(b"220 mx.example.test ESMTP\r\n").unwrap();
+            let mut client = TlsSession::client(&ClientTls::unverified(), "mx.example.test").unwrap();
+            let mut cp = Pipe::default();
+            let mut got = Vec::new();
+            let mut last_records = 0;
+            for _ in 0..10 {
+                let _ = client.flush(&mut cp);
+                peer_takes(&mut peer, &mut cp.tx);
+                let bytes = peer_sends(&mut peer);
+                last_records = records(&bytes);
+                cp.rx.extend(bytes);
+                let (data, end) = read_all(&mut client, &mut cp, 5);
+                assert!(matches!(end, TlsRead::WouldBlock), "{end:?}");
+                got.extend(data);
+                if !got.is_empty() {
+                    break;
+                }
+            }
+            assert_eq!(got, b"220 mx.example.test ESMTP\r\n");
+            let Conn::Client(c) = &client.conn else { unreachable!() };
+            assert_eq!(c.tls13_tickets_received(), 8);
+            assert!(last_records >= min_records, "tickets and data came in one read of {last_records} records");
+            // And the session carries on.
+            assert_eq!(client.write(b"EHLO x\r\n"), 8);
+            assert!(matches!(client.flush(&mut cp), TlsFlush::Done));
+            peer_takes(&mut peer, &mut cp.tx);
+            assert_eq!(peer_reads(&mut peer), b"EHLO x\r\n");
+        }
+    }
+
+    #[test]
+    fn data_before_eof_mid_record_is_delivered_then_the_truncation() {
+        let (tls, ..) = server_tls("eofmid");
+        let mut server = TlsSession::server(&tls).unwrap();
+        let mut peer = peer_client(false, None);
+        let mut sp = Pipe::default();
+        peer_handshake(&mut server, &mut sp, &mut peer);
+        peer.writer().write_all(b"MAIL FROM:<a@example.test>\r\n").unwrap();
+        let first = peer_sends(&mut peer);
+        peer.writer().write_all(b"RCPT TO:<b@example.test>\r\n").unwrap();
+        let second = peer_sends(&mut peer);
+        sp.rx.extend(&first);
+        sp.rx.extend(&second[..second.len() / 2]);
+        sp.eof = true;
+        let (got, end) = read_all(&mut server, &mut sp, 4096);
+        assert_eq!(got, b"MAIL FROM:<a@example.test>\r\n");
+        assert!(matches!(end, TlsRead::Failed(TlsError::Truncated)), "{end:?}");
+        // EOF within a record header, and during the handshake, too.
+        for cut in [3, 0] {
+            let mut server = TlsSession::server(&tls).unwrap();
+            let mut sp = Pipe::default();
+            if cut > 0 {
+                let mut peer = peer_client(false, None);
+                peer_handshake(&mut server, &mut sp, &mut peer);
+                peer.writer().write_all(b"QUIT\r\n").unwrap();
+                sp.rx.extend(&peer_sends(&mut peer)[..cut]);
+            } else {
+                let mut peer = peer_client(false, None);
+                sp.rx.extend(&peer_sends(&mut peer)[..100]);
+            }
+            sp.eof = true;
+            let (got, end) = read_all(&mut server, &mut sp, 4096);
+            assert!(got.is_empty() && matches!(end, TlsRead::Failed(TlsError::Truncated)), "{cut}: {end:?}");
+        }
+    }
+
+    #[test]
+    fn oversized_records_and_endless_handshake_messages_are_refused_with_bounded_buffers() {
+        let (tls, ..) = server_tls("oversized");
+        // After the handshake: a record announcing more than TLS allows.
+        let mut server = TlsSession::server(&tls).unwrap();
+        let mut peer = peer_client(false, None);
+        let mut sp = Pipe::default();
+        peer_handshake(&mut server, &mut sp, &mut peer);
+        sp.rx.extend([0x17, 3, 3, 0x48, 0x01]);
+        sp.rx.extend([0u8; 20_000]);
+        let (got, end) = read_all(&mut server, &mut sp, 4096);
+        assert!(got.is_empty() && matches!(end, TlsRead::Failed(TlsError::Protocol(_))), "{end:?}");
+        assert_eq!(server.bufs.inc.buf.len(), INCOMING);
+        // During the handshake: a 64 KiB ClientHello in records of one byte each, which takes
+        // six times its size in the receive buffer.
+        let mut server = TlsSession::server(&tls).unwrap();
+        let mut sp = Pipe::default();
+        let mut hello = vec![1u8, 0x00, 0xff, 0xff];
+        hello.resize(4 + 0xffff, 0);
+        for b in hello {
+            sp.rx.extend([0x16, 3, 1, 0, 1, b]);
+        }
+        let (got, end) = read_all(&mut server, &mut sp, 4096);
+        assert!(got.is_empty() && matches!(end, TlsRead::Failed(TlsError::Protocol(_))), "{end:?}");
+        assert!(server.bufs.inc.buf.len() <= INCOMING_MAX);
+        assert!(matches!(server.read(&mut sp, &mut [0; 8]), TlsRead::Failed(_)));
+        // A handshake message above rustls' own limit is refused as soon as its header is in.
+        let mut server = TlsSession::server(&tls).unwrap();
+        let mut sp = Pipe::default();
+        sp.rx.extend([0x16, 3, 1, 0x40, 0, 1, 0x01, 0, 0]);
+        sp.rx.extend([0u8; 0x4000 - 4]);
+        let (_, end) = read_all(&mut server, &mut sp, 4096);
+        assert!(matches!(end, TlsRead::Failed(TlsError::Protocol(_))), "{end:?}");
+        assert_eq!(server.bufs.inc.buf.len(), INCOMING);
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(24))]
+
+            /// Whatever sizes the sockets move per call (including none: `WouldBlock`) and
+            /// however little each read asks for, both streams arrive whole and in order, and
+            /// both sides close cleanly.
+            #[test]
+            fn any_socket_split_delivers_both_streams(
+                mut a_sizes in proptest::collection::vec(0usize..3000, 0..6),
+                mut b_sizes in proptest::collection::vec(0usize..3000, 0..6),
+                read_len in 1usize..3000,
+                a_len in 0usize..60_000,
+                b_len in 0usize..30_000,
+                tls12 in any::<bool>(),
+            ) {
+                a_sizes.push(1);
+                b_sizes.push(4096);
+                let (server_tls, ..) = server_tls("split");
+                let client_tls = if tls12 {
+                    let cfg = ClientConfig::builder_with_provider(provider())
+                        .with_protocol_versions(&[&rustls::version::TLS12])
+                        .unwrap()
+                        .dangerous()
+                        .with_custom_certificate_verifier(Arc::new(AnyCert { provider: provider() }))
+                        .with_no_client_auth();
+                    ClientTls { config: Arc::new(cfg), verified: false }
+                } else {
+                    ClientTls::unverified()
+                };
+                let mut server = TlsSession::server(&server_tls).unwrap();
+                let mut client = TlsSession::client(&client_tls, "mx.example.test").unwrap();
+                let ap = Pipe { sizes: a_sizes, ..Pipe::default() };
+                let bp = Pipe { sizes: b_sizes, tx_cap: 20_000, ..Pipe::default() };
+                bulk_through(&mut client, &mut server, &pattern(a_len, 1), 0, &pattern(b_len, 2), ap, bp, read_len);
+            }
+
+            /// A byte of the peer's stream changed, or bytes dropped or added: never a panic,
+            /// never plaintext that was not sent (what comes out is a prefix of what was sent).
+            #[test]
+            fn damaged_streams_fail_cleanly(
+                at in any::<prop::sample::Index>(),
+                xor in 1u8..=255,
+                how in 0u8..3,
+                junk in proptest::collection::vec(any::<u8>(), 0..64),
+                during_handshake in any::<bool>(),
+                client_side in any::<bool>(),
+            ) {
+                let (tls, cert, key) = server_tls("damage");
+                // `server` is our session, either side.
+                let (mut server, mut peer) = if client_side {
+                    let client = TlsSession::client(&ClientTls::unverified(), "mx.example.test").unwrap();
+                    (client, peer_server(&cert, &key, 2, Some(512)))
+                } else {
+                    (TlsSession::server(&tls).unwrap(), peer_client(false, Some(512)))
+                };
+                let mut sp = Pipe::default();
+                let sent = pattern(3000, 9);
+                let mut stream = if during_handshake {
+                    if client_side {
+                        // The server's first flight, in answer to our ClientHello.
+                        let _ = server.flush(&mut sp);
+                        peer_takes(&mut peer, &mut sp.tx);
+                    }
+                    peer_sends(&mut peer)
+                } else {
+                    peer_handshake(&mut server, &mut sp, &mut peer);
+                    peer.writer().write_all(&sent).unwrap();
+                    peer_sends(&mut peer)
+                };
+                let i = at.index(stream.len());
+                match how {
+                    0 => stream[i] ^= xor,
+                    1 => stream.truncate(i),
+                    _ => {
+                        stream.splice(i..i, junk.iter().copied());
+                    }
+                }
+                sp.rx.extend(stream);
+                sp.eof = how == 1;
+                let mut got = Vec::new();
+                let mut buf = [0u8; 700];
+                for _ in 0..100 {
+                    match server.read(&mut sp, &mut buf) {
+                        TlsRead::Data(n) => got.extend_from_slice(&buf[..n]),
+                        TlsRead::WouldBlock => {
+                            let _ = server.flush(&mut sp);
+                            if during_handshake {
+                                break;
+                            }
+                            let _ = server.write(b"250 ok\r\n");
+                        }
+                        TlsRead::Closed | TlsRead::Failed(_) => break,
+                    }
+                }
+                let _ = server.flush(&mut sp);
+                prop_assert!(sent.starts_with(&got), "{} bytes out, not a prefix of what was sent", got.len());
+                prop_assert!(server.bufs.inc.buf.len() <= INCOMING_MAX);
+            }
         }
     }
 }
