@@ -312,12 +312,14 @@ impl TlsSession {
     pub fn read(&mut self, sock: &mut impl Read, dst: &mut [u8]) -> TlsRead {
         debug_assert!(!dst.is_empty());
         loop {
-            if let Some(e) = &self.bufs.failed {
-                return TlsRead::Failed(TlsError::Protocol(e.clone()));
-            }
+            // Plaintext from records authenticated before a failure (or decrypted by a write
+            // that then met bad input) is handed out first, as rustls' own reader does.
             let n = self.bufs.spill.take(dst);
             if n > 0 {
                 return TlsRead::Data(n);
+            }
+            if let Some(e) = &self.bufs.failed {
+                return TlsRead::Failed(TlsError::Protocol(e.clone()));
             }
             if self.bufs.peer_closed {
                 return TlsRead::Closed;
@@ -1580,6 +1582,36 @@ mod tests {
             let (got, end) = read_all(&mut server, &mut sp, 4096);
             assert!(got.is_empty() && matches!(end, TlsRead::Failed(TlsError::Truncated)), "{cut}: {end:?}");
         }
+    }
+
+    #[test]
+    fn data_authenticated_before_bad_input_is_delivered_then_the_failure() {
+        let (tls, ..) = server_tls("badtail");
+        let mut server = TlsSession::server(&tls).unwrap();
+        let mut peer = peer_client(false, None);
+        let mut sp = Pipe::default();
+        peer_handshake(&mut server, &mut sp, &mut peer);
+        peer.writer().write_all(b"RSET\r\n").unwrap();
+        sp.rx.extend(peer_sends(&mut peer));
+        peer.writer().write_all(b"NOOP\r\n").unwrap();
+        sp.rx.extend(peer_sends(&mut peer));
+        // A record that does not authenticate.
+        sp.rx.extend([0x17, 3, 3, 0, 32]);
+        sp.rx.extend([0xa5; 32]);
+        let mut buf = [0u8; 64];
+        assert!(matches!(server.read(&mut sp, &mut buf), TlsRead::Data(6)));
+        // Our reply makes rustls go on through the received records: NOOP, then the bad one.
+        assert_eq!(server.write(b"250 reset\r\n"), 0, "the session failed");
+        let (got, end) = read_all(&mut server, &mut sp, 4096);
+        assert_eq!(got, b"NOOP\r\n");
+        assert!(matches!(end, TlsRead::Failed(TlsError::Protocol(_))), "{end:?}");
+        // A bad_record_mac alert is queued for the peer.
+        assert!(server.wants_write());
+        assert!(matches!(server.flush(&mut sp), TlsFlush::Done));
+        let mut rd = &sp.tx[..];
+        peer.read_tls(&mut rd).unwrap();
+        let e = peer.process_new_packets().unwrap_err();
+        assert_eq!(e, rustls::Error::AlertReceived(rustls::AlertDescription::BadRecordMac));
     }
 
     #[test]
