@@ -348,6 +348,15 @@ impl TlsSession {
         }
     }
 
+    /// A read that returns plaintext stops before rustls shows its `WriteTraffic` state, so
+    /// the handshake may have ended (a client's Finished and first command in one read)
+    /// without `traffic` being set: then data must be encrypted now, not held.
+    fn note_handshake_done(&mut self) {
+        if !self.bufs.traffic && !self.is_handshaking() {
+            self.bufs.traffic = true;
+        }
+    }
+
     fn fail(&mut self, e: String) -> TlsRead {
         self.bufs.failed = Some(e.clone());
         TlsRead::Failed(TlsError::Protocol(e))
@@ -356,6 +365,7 @@ impl TlsSession {
     /// Takes plaintext to send (encrypted at once after the handshake, buffered before it);
     /// returns how many bytes it took, fewer than offered when its buffer is full.
     pub fn write(&mut self, src: &[u8]) -> usize {
+        self.note_handshake_done();
         let b = &mut self.bufs;
         if src.is_empty() || b.failed.is_some() || b.close != CloseNotify::No {
             return 0;
@@ -387,6 +397,7 @@ impl TlsSession {
             }
             out.clear();
             // Plaintext held during the handshake (or a close_notify) may now follow.
+            self.note_handshake_done();
             if !self.bufs.has_queued_work() {
                 return TlsFlush::Done;
             }
@@ -424,6 +435,7 @@ impl TlsSession {
         if self.bufs.close == CloseNotify::No {
             self.bufs.close = CloseNotify::Wanted;
         }
+        self.note_handshake_done();
         if self.bufs.has_queued_work() {
             let _ = with_conn!(&mut self.conn, c => drive(&mut ***c, &mut self.bufs, Job::Write(&[])));
         }
@@ -458,7 +470,8 @@ struct Buffers {
     spill: Spill,
     /// Plaintext written before rustls would encrypt it (during the handshake).
     early: Vec<u8>,
-    /// Application data may be sent (rustls has been seen in its `WriteTraffic` state).
+    /// Application data may be sent (rustls has been seen in its `WriteTraffic` state, or
+    /// the handshake is over).
     traffic: bool,
     close: CloseNotify,
     /// The peer sent `close_notify`.
@@ -1545,6 +1558,38 @@ mod tests {
             assert!(matches!(client.flush(&mut cp), TlsFlush::Done));
             peer_takes(&mut peer, &mut cp.tx);
             assert_eq!(peer_reads(&mut peer), b"EHLO x\r\n");
+        }
+    }
+
+    #[test]
+    fn a_reply_to_data_that_came_with_the_finished_message_goes_out_at_once() {
+        for tls12 in [false, true] {
+            let (tls, ..) = server_tls("finished");
+            let mut server = TlsSession::server(&tls).unwrap();
+            let mut peer = peer_client(tls12, None);
+            // Sent with the client's Finished, in one read.
+            peer.writer().write_all(b"EHLO client.example.test\r\n").unwrap();
+            let mut sp = Pipe::default();
+            let mut buf = [0u8; 256];
+            let n = loop {
+                let _ = server.flush(&mut sp);
+                peer_takes(&mut peer, &mut sp.tx);
+                sp.rx.extend(peer_sends(&mut peer));
+                match server.read(&mut sp, &mut buf) {
+                    TlsRead::Data(n) => break n,
+                    TlsRead::WouldBlock => {}
+                    other => panic!("{other:?}"),
+                }
+            };
+            assert_eq!(&buf[..n], b"EHLO client.example.test\r\n");
+            assert!(!server.is_handshaking());
+            // No further read (the socket is drained): the reply is encrypted and sent now.
+            assert_eq!(server.write(b"250 mx.example.test\r\n"), 21);
+            assert!(server.wants_write(), "tls12 {tls12}");
+            assert!(matches!(server.flush(&mut sp), TlsFlush::Done));
+            assert!(!server.wants_write());
+            peer_takes(&mut peer, &mut sp.tx);
+            assert_eq!(peer_reads(&mut peer), b"250 mx.example.test\r\n", "tls12 {tls12}");
         }
     }
 
