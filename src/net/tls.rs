@@ -625,6 +625,8 @@ impl Spill {
 trait Process {
     type Data;
     fn process<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data>;
+    /// rustls holds records of its own to encode (offered as `EncodeTlsData` next).
+    fn has_records(&self) -> bool;
 }
 
 impl Process for UnbufferedConnectionCommon<ServerConnectionData> {
@@ -632,12 +634,18 @@ impl Process for UnbufferedConnectionCommon<ServerConnectionData> {
     fn process<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data> {
         self.process_tls_records(incoming)
     }
+    fn has_records(&self) -> bool {
+        self.wants_write()
+    }
 }
 
 impl Process for UnbufferedConnectionCommon<ClientConnectionData> {
     type Data = ClientConnectionData;
     fn process<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data> {
         self.process_tls_records(incoming)
+    }
+    fn has_records(&self) -> bool {
+        self.wants_write()
     }
 }
 
@@ -815,10 +823,14 @@ fn encrypt<D>(traffic: &mut WriteTraffic<'_, D>, out: &mut Outgoing, src: &[u8])
 
 /// After a fatal error: queues the alert rustls made for the peer (if any) and returns the
 /// error's text.
+///
+/// Only while rustls holds records: it offers those before it looks at the input again, and
+/// looking again would meet the same bad bytes and raise a second fatal alert (which rustls
+/// asserts never happens: a debug build would panic on peer input).
 fn failed<C: Process>(conn: &mut C, b: &mut Buffers, e: rustls::Error) -> String {
     let msg = e.to_string();
     b.failed = Some(msg.clone());
-    loop {
+    while conn.has_records() {
         let status = conn.process(&mut b.inc.buf[b.inc.start..b.inc.end]);
         let Ok(ConnectionState::EncodeTlsData(mut encode)) = status.state else { break };
         let need = match encode.encode(b.out.spare()) {
