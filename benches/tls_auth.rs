@@ -1,6 +1,7 @@
 //! The costs TLS and AUTH add, per event: one full TLS handshake (server and client sides both
 //! run here, over in-memory pipes; the server's share is about half), the TLS record layer on a
-//! 1 KiB message each way, and one Argon2id verification (the AUTH worker's CPU per attempt).
+//! 1 KiB message each way and on a 64 KiB body in full-size records, and one Argon2id
+//! verification (the AUTH worker's CPU per attempt).
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -99,6 +100,22 @@ fn bench_tls(c: &mut Criterion) {
             s.write(&msg[..100]);
             let got = pump(&mut cl, &mut cp, &mut s, &mut sp, &mut scratch);
             assert_eq!(got, 1024);
+        })
+    });
+    // Full-size records: 64 KiB of message body (four 16 KiB records) and the reply.
+    let body = vec![b'y'; 64 * 1024];
+    group.throughput(Throughput::Bytes(body.len() as u64));
+    group.bench_function("record_64k_body", |b| {
+        b.iter(|| {
+            let mut sent = 0;
+            let mut got = 0;
+            while sent < body.len() {
+                sent += cl.write(&body[sent..]);
+                got += pump(&mut cl, &mut cp, &mut s, &mut sp, &mut scratch);
+            }
+            s.write(&msg[..100]);
+            got += pump(&mut cl, &mut cp, &mut s, &mut sp, &mut scratch);
+            assert_eq!(got, body.len());
         })
     });
     group.finish();

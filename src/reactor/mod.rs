@@ -39,6 +39,7 @@ use crate::net::tls::{ServerTls, TlsSession};
 use crate::queue::schedule::RetryPolicy;
 use crate::smtp::auth::Credentials;
 use crate::smtp::client::ClientTimeouts;
+use crate::smtp::line::MAX_AUTH_LINE;
 use crate::smtp::reply;
 use crate::smtp::server::{AuthOutcome, Ctx, Event, ServerSession, TimeoutKind};
 use crate::spool::{MessageLoc, RecoveredMessage};
@@ -46,8 +47,10 @@ use crate::spool::{Spool, SpoolError, SpoolOptions};
 use authwork::{AuthJob, AuthWorker};
 use token::Kind;
 
-/// Input/output chunk size.
+/// Input/output chunk size. Sessions frame lines where they lie in the input chunk, so the
+/// longest line, an AUTH line (RFC 4954 §4), must fit in one.
 const CHUNK: usize = 16 * 1024;
+const _: () = assert!(CHUNK >= MAX_AUTH_LINE);
 /// Connections accepted per turn at most.
 const ACCEPTS_PER_TURN: usize = 256;
 /// Read/parse rounds for one connection per turn before others get a go.

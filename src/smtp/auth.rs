@@ -25,11 +25,15 @@ use base64::alphabet;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use base64::Engine as _;
 
-/// Cap on a decoded client response (a PLAIN message, a LOGIN user name or password).
-pub const MAX_CREDENTIALS: usize = 1024;
+use super::line::MAX_AUTH_LINE;
 
-/// Cap on a base64 client response: the encoded length of [`MAX_CREDENTIALS`] bytes.
-pub const MAX_RESPONSE: usize = MAX_CREDENTIALS.div_ceil(3) * 4;
+/// Cap on a base64 client response: what fits on an AUTH line of [`MAX_AUTH_LINE`] octets
+/// with its CRLF (RFC 4954 §4).
+pub const MAX_RESPONSE: usize = MAX_AUTH_LINE - 2;
+
+/// Cap on a decoded client response (a PLAIN message, a LOGIN user name or password): the
+/// decoded length of [`MAX_RESPONSE`] base64 octets.
+pub const MAX_CREDENTIALS: usize = MAX_RESPONSE * 3 / 4;
 
 /// LOGIN's first challenge, `Username:` in base64.
 pub const LOGIN_USER_PROMPT: &[u8] = b"334 VXNlcm5hbWU6\r\n";

@@ -21,7 +21,7 @@ use std::net::IpAddr;
 use super::auth::{self, AuthFault, Credentials, Mechanism};
 use super::command::{self, Command, Path};
 use super::data::{bdat_take, DataScanner, Taint};
-use super::line::{next_line, skip_line, Framed};
+use super::line::{is_auth_command, next_line, next_line_within, skip_line, Framed, MAX_AUTH_LINE};
 use super::reply::{self, seq, Fault};
 use crate::buf::{Buf, VecPool};
 use crate::message::{notify, BodyType, Envelope, IdGen, QueueId, Ret};
@@ -157,8 +157,8 @@ pub enum TimeoutKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Command,
-    /// Discarding the rest of an overlong command line.
-    SkipLine,
+    /// Discarding the rest of an overlong line; the fault is reported once its LF is seen.
+    SkipLine(Fault),
     Data,
     /// Reading a BDAT chunk: octets still to read, LAST given, chunk refused before reading.
     Bdat {
@@ -310,7 +310,7 @@ impl ServerSession {
         match self.state {
             State::Data | State::Bdat { .. } => TimeoutKind::Data,
             State::Stored | State::Closed | State::AuthWait => TimeoutKind::None,
-            State::Command | State::SkipLine | State::AuthLine(_) => TimeoutKind::Command,
+            State::Command | State::SkipLine(_) | State::AuthLine(_) => TimeoutKind::Command,
         }
     }
 
@@ -342,13 +342,16 @@ impl ServerSession {
             match self.state {
                 State::Closed => return Progress { consumed: input.len(), event: None },
                 State::Stored | State::AuthWait => return Progress { consumed: used, event: None },
-                State::AuthLine(step) => match next_line(rest) {
+                // RFC 4954 §4: a response line may be up to 12,288 octets; a longer one ends the
+                // exchange with `500 5.5.6` once its end is found.
+                State::AuthLine(step) => match next_line_within(rest, MAX_AUTH_LINE) {
                     Framed::Partial => return Progress { consumed: used, event: None },
                     Framed::Overlong { consumed, ended } => {
                         used += consumed;
                         self.creds.clear();
-                        self.state = if ended { State::Command } else { State::SkipLine };
-                        if ended && self.fault(Fault::Auth(AuthFault::TooLong), out) {
+                        let fault = Fault::Auth(AuthFault::TooLong);
+                        self.state = if ended { State::Command } else { State::SkipLine(fault) };
+                        if ended && self.fault(fault, out) {
                             return Progress { consumed: input.len(), event: Some(Event::Close) };
                         }
                     }
@@ -409,14 +412,14 @@ impl ServerSession {
                     self.state = State::Command;
                     let _ = write!(Writer(out), "250 2.0.0 {n} octets received\r\n", n = self.bdat_size);
                 }
-                State::SkipLine => {
+                State::SkipLine(fault) => {
                     let (n, ended) = skip_line(rest);
                     used += n;
                     if !ended {
                         return Progress { consumed: used, event: None };
                     }
                     self.state = State::Command;
-                    if self.fault(Fault::LineTooLong, out) {
+                    if self.fault(fault, out) {
                         return Progress { consumed: input.len(), event: Some(Event::Close) };
                     }
                 }
@@ -424,15 +427,23 @@ impl ServerSession {
                     if out.room() < REPLY_ROOM {
                         return Progress { consumed: used, event: None };
                     }
-                    match next_line(rest) {
+                    let mut framed = next_line(rest);
+                    let mut too_long = Fault::LineTooLong;
+                    if matches!(framed, Framed::Overlong { .. }) && ctx.cfg.auth && is_auth_command(rest) {
+                        // RFC 4954 §4: AUTH with its initial response may be up to 12,288
+                        // octets; past that it gets `500 5.5.6` like a long response line.
+                        framed = next_line_within(rest, MAX_AUTH_LINE);
+                        too_long = Fault::Auth(AuthFault::TooLong);
+                    }
+                    match framed {
                         Framed::Partial => return Progress { consumed: used, event: None },
                         Framed::Overlong { consumed, ended } => {
                             used += consumed;
                             if !ended {
-                                self.state = State::SkipLine;
+                                self.state = State::SkipLine(too_long);
                                 continue;
                             }
-                            if self.fault(Fault::LineTooLong, out) {
+                            if self.fault(too_long, out) {
                                 return Progress { consumed: input.len(), event: Some(Event::Close) };
                             }
                         }
@@ -498,7 +509,7 @@ impl ServerSession {
     /// get `421 4.3.0` and are closed; returns whether it closed. A session waiting for the
     /// spool is never closed here: its message is about to be answered.
     pub fn handle_shutdown(&mut self, ctx: &mut Ctx<'_>, force: bool, out: &mut Buf) -> bool {
-        let idle = matches!(self.state, State::Command | State::SkipLine | State::AuthLine(_) | State::AuthWait)
+        let idle = matches!(self.state, State::Command | State::SkipLine(_) | State::AuthLine(_) | State::AuthWait)
             && !self.in_data();
         if self.state == State::Stored || self.state == State::Closed || !(idle || force) {
             return self.state == State::Closed;
@@ -1133,6 +1144,171 @@ mod tests {
             true,
         );
         assert_eq!(codes(&r), ["220", "250", "553", "250", "250"]);
+    }
+
+    /// A user name and password as the session handed them out.
+    type UserPass = (Vec<u8>, Vec<u8>);
+
+    /// A session inside TLS with AUTH offered, fed the way the reactor does it: each chunk is
+    /// read into one pooled 16 KiB input buffer as far as it has room, and parsed from there.
+    /// Every AUTH is accepted. Returns the replies and the credentials seen.
+    fn drive_auth(h: &mut Harness, chunks: &[&[u8]]) -> (Vec<u8>, Vec<UserPass>) {
+        let cfg = h.cfg.clone().with_features(true, true);
+        let mut s = ServerSession::new("127.0.0.1".parse().unwrap(), false);
+        s.tls_started();
+        let mut out = h.pool.checkout().unwrap();
+        let mut inb = h.pool.checkout().unwrap();
+        let (mut replies, mut seen) = (Vec::new(), Vec::new());
+        s.greeting(&cfg, &mut out);
+        for chunk in chunks {
+            let mut chunk = *chunk;
+            loop {
+                let space = inb.space();
+                let n = space.len().min(chunk.len());
+                space[..n].copy_from_slice(&chunk[..n]);
+                inb.fill(n);
+                chunk = &chunk[n..];
+                loop {
+                    let mut ctx =
+                        Ctx { cfg: &cfg, bodies: &mut h.bodies, ids: &mut h.ids, now_unix_us: 1_700_000_000_000_000 };
+                    let p = s.handle_input(&mut ctx, inb.data(), &mut out);
+                    inb.consume(p.consumed);
+                    match p.event {
+                        Some(Event::Auth) => {
+                            let creds = s.take_credentials();
+                            seen.push((creds.user.clone(), creds.pass.clone()));
+                            s.auth_result(AuthOutcome::Accepted, creds, &mut out);
+                        }
+                        Some(Event::Close) => {
+                            replies.extend_from_slice(out.data());
+                            h.pool.checkin(out);
+                            h.pool.checkin(inb);
+                            return (replies, seen);
+                        }
+                        None => break,
+                        Some(other) => unreachable!("{other:?}"),
+                    }
+                    replies.extend_from_slice(out.data());
+                    let n = out.data().len();
+                    out.consume(n);
+                }
+                replies.extend_from_slice(out.data());
+                let n = out.data().len();
+                out.consume(n);
+                if chunk.is_empty() {
+                    break;
+                }
+                assert!(n > 0 || !inb.space().is_empty(), "input buffer full and nothing consumed");
+            }
+        }
+        h.pool.checkin(out);
+        h.pool.checkin(inb);
+        (replies, seen)
+    }
+
+    fn b64(bytes: &[u8]) -> Vec<u8> {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD_NO_PAD.encode(bytes).into_bytes()
+    }
+
+    /// `AUTH PLAIN` with an initial response that makes the line exactly `octets` long with its
+    /// CRLF (for `u` and a password of `p`s); returns the line and the password.
+    fn plain_line(octets: usize) -> (Vec<u8>, Vec<u8>) {
+        let prefix = b"AUTH PLAIN ";
+        let b64_len = octets - prefix.len() - 2;
+        // Unpadded base64 of n bytes is ceil(4n/3) long; every length but 1 mod 4 is reachable.
+        let n = b64_len * 3 / 4;
+        assert_eq!((4 * n).div_ceil(3), b64_len, "no message encodes to {b64_len} octets");
+        let pass = vec![b'p'; n - 3];
+        let msg = [b"\0u\0".as_slice(), &pass].concat();
+        let line = [prefix.as_slice(), &b64(&msg), b"\r\n"].concat();
+        assert_eq!(line.len(), octets);
+        (line, pass)
+    }
+
+    #[test]
+    fn auth_initial_response_lines_up_to_12288_octets() {
+        let mut h = harness();
+        // ~5,000-byte password, and the longest line allowed; each split over small reads.
+        for octets in [6_700, MAX_AUTH_LINE] {
+            let (line, pass) = plain_line(octets);
+            let stream = [b"EHLO c\r\n".as_slice(), &line, b"NOOP\r\n"].concat();
+            for step in [stream.len(), 1000, 7] {
+                let chunks: Vec<&[u8]> = stream.chunks(step).collect();
+                let (r, seen) = drive_auth(&mut h, &chunks);
+                assert_eq!(codes(&r), ["220", "250", "235", "250"], "{octets} in reads of {step}");
+                assert_eq!(seen, [(b"u".to_vec(), pass.clone())]);
+            }
+        }
+        // One octet more: 500 5.5.6, whole or split, and the next command is read as one.
+        let (line, _) = plain_line(MAX_AUTH_LINE + 1);
+        let stream = [b"EHLO c\r\n".as_slice(), &line, b"NOOP\r\n"].concat();
+        for step in [stream.len(), 4096, 1000] {
+            let chunks: Vec<&[u8]> = stream.chunks(step).collect();
+            let (r, seen) = drive_auth(&mut h, &chunks);
+            assert_eq!(codes(&r), ["220", "250", "500", "250"], "reads of {step}");
+            assert!(String::from_utf8_lossy(&r).contains("500 5.5.6 "), "{}", String::from_utf8_lossy(&r));
+            assert!(seen.is_empty());
+        }
+        // Far longer and without CRLF for a while: discarded up to its end, one 500 5.5.6.
+        let mut huge = b"AUTH PLAIN ".to_vec();
+        huge.resize(100_000, b'A');
+        let stream = [b"EHLO c\r\n".as_slice(), &huge, b"\r\nNOOP\r\n"].concat();
+        let chunks: Vec<&[u8]> = stream.chunks(3000).collect();
+        let (r, _) = drive_auth(&mut h, &chunks);
+        assert_eq!(codes(&r), ["220", "250", "500", "250"]);
+        assert!(String::from_utf8_lossy(&r).contains("500 5.5.6 "));
+    }
+
+    #[test]
+    fn auth_response_lines_up_to_12288_octets() {
+        let mut h = harness();
+        let (line, pass) = plain_line(MAX_AUTH_LINE);
+        // After an empty challenge, the PLAIN message alone may take the whole 12,288 octets.
+        let response = &line[b"AUTH PLAIN ".len()..];
+        let stream = [b"EHLO c\r\nAUTH PLAIN\r\n".as_slice(), response, b"NOOP\r\n"].concat();
+        for step in [stream.len(), 999, 13] {
+            let chunks: Vec<&[u8]> = stream.chunks(step).collect();
+            let (r, seen) = drive_auth(&mut h, &chunks);
+            assert_eq!(codes(&r), ["220", "250", "334", "235", "250"], "reads of {step}");
+            assert_eq!(seen, [(b"u".to_vec(), pass.clone())]);
+        }
+        // LOGIN: a password line of exactly 12,288 octets (12,286 of base64 and CRLF).
+        let long_pass = vec![b'q'; (MAX_AUTH_LINE - 2) * 3 / 4];
+        let pass_line = [b64(&long_pass), b"\r\n".to_vec()].concat();
+        assert_eq!(pass_line.len(), MAX_AUTH_LINE);
+        let stream = [b"EHLO c\r\nAUTH LOGIN\r\n".as_slice(), &b64(b"user"), b"\r\n", &pass_line, b"NOOP\r\n"].concat();
+        let chunks: Vec<&[u8]> = stream.chunks(5000).collect();
+        let (r, seen) = drive_auth(&mut h, &chunks);
+        assert_eq!(codes(&r), ["220", "250", "334", "334", "235", "250"]);
+        assert_eq!(seen, [(b"user".to_vec(), long_pass)]);
+        // A response line one octet over, or far over (its end seen only reads later): one
+        // 500 5.5.6, the exchange is over and the next command is read as one.
+        for len in [MAX_AUTH_LINE + 1, 40_000] {
+            let over = [b"A".repeat(len - 2), b"\r\n".to_vec()].concat();
+            let stream = [b"EHLO c\r\nAUTH LOGIN\r\n".as_slice(), &over, b"NOOP\r\n"].concat();
+            let chunks: Vec<&[u8]> = stream.chunks(4000).collect();
+            let (r, seen) = drive_auth(&mut h, &chunks);
+            assert_eq!(codes(&r), ["220", "250", "334", "500", "250"], "{len}");
+            assert!(String::from_utf8_lossy(&r).contains("500 5.5.6 "));
+            assert!(seen.is_empty());
+        }
+    }
+
+    #[test]
+    fn other_commands_keep_the_512_octet_limit() {
+        let mut h = harness();
+        let long_noop = [b"NOOP ".as_slice(), &[b'x'; 600], b"\r\n"].concat();
+        let long_mail = [b"MAIL FROM:<".as_slice(), &[b'a'; 600], b"@example.test>\r\n"].concat();
+        let stream = [b"EHLO c\r\n".as_slice(), &long_noop, &long_mail, b"NOOP\r\n"].concat();
+        let (r, _) = drive_auth(&mut h, &[&stream]);
+        assert_eq!(codes(&r), ["220", "250", "500", "500", "250"]);
+        assert_eq!(String::from_utf8_lossy(&r).matches("500 5.5.2 ").count(), 2);
+        // Without AUTH offered, a long AUTH line is just a long line.
+        let (line, _) = plain_line(2000);
+        let (r, _) = drive(&mut h, &[b"EHLO c\r\n", &line, b"NOOP\r\n"], true);
+        assert_eq!(codes(&r), ["220", "250", "500", "250"]);
+        assert!(String::from_utf8_lossy(&r).contains("500 5.5.2 "));
     }
 
     #[test]

@@ -41,8 +41,13 @@ fn b64(s: &[u8]) -> String {
 /// A relay with a certificate, an implicit-TLS listener and (optionally) AUTH; loopback may
 /// relay only when `allow_loopback`.
 fn tls_relay(dir: &TempDir, auth: bool, allow_loopback: bool) -> Relay {
+    let users = auth.then(|| auth_file(dir.path()));
+    tls_relay_with(dir, users.as_deref(), allow_loopback)
+}
+
+/// [`tls_relay`] with AUTH from the given auth file, if any.
+fn tls_relay_with(dir: &TempDir, users: Option<&Path>, allow_loopback: bool) -> Relay {
     let (cert, key) = cert_pair(dir.path(), "a");
-    let users = auth_file(dir.path());
     let mut args: Vec<String> = vec![
         "--listen".into(),
         "127.0.0.1:0".into(),
@@ -55,7 +60,7 @@ fn tls_relay(dir: &TempDir, auth: bool, allow_loopback: bool) -> Relay {
         "--tls-handshake-timeout".into(),
         "2s".into(),
     ];
-    if auth {
+    if let Some(users) = users {
         args.extend(["--auth-file".into(), users.display().to_string()]);
     }
     if !allow_loopback {
@@ -300,6 +305,87 @@ fn auth_before_tls_is_refused_and_auth_exchanges_follow_rfc_4954() {
     assert!(t.cmd("MAIL FROM:<a@example.test>").starts_with("250"));
     assert!(t.cmd("RCPT TO:<b@example.test>").starts_with("250"));
     assert!(t.cmd("QUIT").starts_with("221"));
+}
+
+/// An auth-file line made by `sluice passwd USER` with `pass` on its stdin.
+fn passwd_line(user: &str, pass: &[u8]) -> String {
+    use std::process::Stdio;
+    let mut child = Command::new(sluice_bin())
+        .args(["passwd", user])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(pass).unwrap();
+    stdin.write_all(b"\n").unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "sluice passwd: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// RFC 4954 §4: AUTH lines may be up to 12,288 octets. A ~5,000-byte password fits both the
+/// AUTH command line (PLAIN with an initial response, some 6,700 octets) and a response line
+/// (PLAIN after an empty challenge, LOGIN), through STARTTLS and implicit TLS; a password too
+/// long for that gets `500 5.5.6` and the session carries on.
+#[test]
+fn python_smtplib_authenticates_with_a_5000_byte_password() {
+    if !require("python3") {
+        return;
+    }
+    let dir = TempDir::new("tls-longpw");
+    let pass: String = (0..5000).map(|i| char::from(b"abcdefghijklmnopqrstuvwxyz0123456789+/-_.!"[i % 42])).collect();
+    let users = dir.path().join("users");
+    std::fs::write(&users, passwd_line("carol", pass.as_bytes())).unwrap();
+    let relay = tls_relay_with(&dir, Some(&users), false);
+    let script = r#"
+host, port, tls_port, pw = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+assert len(pw) == 5000
+def send(s, subject):
+    r = s.sendmail("a@example.test", ["b@example.test"], b"Subject: " + subject + b"\r\n\r\nhi\r\n")
+    assert r == {}, r
+# STARTTLS, then PLAIN with the initial response on the AUTH line itself.
+with smtplib.SMTP(host, port, local_hostname="py.test") as s:
+    s.starttls(context=ctx)
+    s.ehlo()
+    s.user, s.password = "carol", pw
+    code, resp = s.auth("PLAIN", s.auth_plain)
+    assert code == 235, (code, resp)
+    send(s, b"plain-initial")
+# Implicit TLS: PLAIN after an empty challenge, and LOGIN: the password on a response line.
+for mech, auth in [("PLAIN", "auth_plain"), ("LOGIN", "auth_login")]:
+    with smtplib.SMTP_SSL(host, tls_port, context=ctx) as s:
+        s.ehlo()
+        s.user, s.password = "carol", pw
+        code, resp = s.auth(mech, getattr(s, auth), initial_response_ok=False)
+        assert code == 235, (mech, code, resp)
+        send(s, mech.encode())
+# Over 12,288 octets: 500 5.5.6 for each mechanism smtplib tries, then the session goes on.
+with smtplib.SMTP_SSL(host, tls_port, context=ctx) as s:
+    try:
+        s.login("carol", pw * 2)
+        sys.exit("a 10,000-byte password went through")
+    except smtplib.SMTPAuthenticationError as e:
+        assert e.smtp_code == 500 and b"5.5.6" in e.smtp_error, e
+    assert s.noop()[0] == 250
+    s.login("carol", pw)
+    send(s, b"after-too-long")
+print("ok")
+"#;
+    let (host, port, tls_port) =
+        (relay.addr.ip().to_string(), relay.addr.port().to_string(), relay.addrs[1].port().to_string());
+    let out = python_cmd(script, &[&host, &port, &tls_port, &pass]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.trim() == "ok",
+        "{stdout}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        relay.log()
+    );
+    assert_eq!(spool_messages(&relay.spool).len(), 4);
+    assert!(relay.log().contains("user=carol"), "{}", relay.log());
 }
 
 #[test]
