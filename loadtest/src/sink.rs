@@ -731,7 +731,7 @@ impl Sink {
                     }
                     let size = scanner.size();
                     c.phase = Phase::Command;
-                    self.end_of_message(key, size);
+                    self.end_of_message(key, size, "DATA");
                 }
                 Phase::Bdat { remaining, last, refuse } => {
                     if c.drop && !input.is_empty() {
@@ -754,7 +754,7 @@ impl Sink {
                         self.reset_txn(key);
                     } else if last {
                         let size = c.bdat_size;
-                        self.end_of_message(key, size);
+                        self.end_of_message(key, size, "BDAT");
                     } else {
                         c.out.extend_from_slice(CHUNK_OK);
                     }
@@ -994,9 +994,9 @@ impl Sink {
         RCPT_OK
     }
 
-    /// The reply to a complete message: forced, injected, or accepted (and saved); delayed
-    /// by `--delay`.
-    fn end_of_message(&mut self, key: usize, size: u64) {
+    /// The reply to a complete message that came by `transfer` (DATA or BDAT): forced,
+    /// injected, or accepted (and saved); delayed by `--delay`.
+    fn end_of_message(&mut self, key: usize, size: u64, transfer: &str) {
         let Some(c) = self.conns.get_mut(key) else { return };
         let reply = if let Some(r) = c.data_reply {
             r
@@ -1029,7 +1029,8 @@ impl Sink {
                 if let Some(dir) = &self.opts.save {
                     self.saved += 1;
                     let base = dir.join(format!("{:08}", self.saved));
-                    // After the envelope: how the message came in, when it was not plain SMTP.
+                    // After the envelope: how the message came in.
+                    let _ = writeln!(c.env, "TRANSFER: {transfer}");
                     if let Some(info) = c.tls.as_ref().and_then(|t| t.info()) {
                         let _ = writeln!(c.env, "TLS: {} {}", info.version, info.cipher);
                     }
