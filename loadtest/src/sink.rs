@@ -8,8 +8,8 @@
 //! writes files, synchronously, as a test aid).
 //!
 //! Faults, by flag: `--tempfail-rate`/`--permfail-rate` (at RCPT or after DATA, `--fail-at`),
-//! `--delay` before the reply to the end of data, `--drop-rate` (close mid-DATA without a
-//! reply), `--max-rcpts`. By recipient local part, so a test can script one message's fate:
+//! `--delay` before the reply to the end of data, `--drop-rate` (close mid-DATA or mid-BDAT
+//! chunk without a reply to the message; replies already given go out first), `--max-rcpts`. By recipient local part, so a test can script one message's fate:
 //!
 //! | prefix | effect |
 //! |---|---|
@@ -719,8 +719,7 @@ impl Sink {
                 }
                 Phase::Data(scanner) => {
                     if c.drop && !input.is_empty() {
-                        self.stats.dropped += 1;
-                        self.close(key);
+                        self.drop_mid_message(key);
                         return false;
                     }
                     let body = if self.opts.save.is_some() { &mut c.body } else { &mut self.scratch };
@@ -735,8 +734,7 @@ impl Sink {
                 }
                 Phase::Bdat { remaining, last, refuse } => {
                     if c.drop && !input.is_empty() {
-                        self.stats.dropped += 1;
-                        self.close(key);
+                        self.drop_mid_message(key);
                         return false;
                     }
                     let keep = self.opts.save.is_some() && refuse.is_none();
@@ -761,6 +759,17 @@ impl Sink {
                 }
             }
         }
+    }
+
+    /// `--drop-rate`/`drop-`: the connection dies in the middle of the message, which gets no
+    /// reply. The replies already given (to an envelope pipelined ahead of a BDAT chunk) are
+    /// written first, so the client learns the RCPT outcomes it would have had before DATA.
+    fn drop_mid_message(&mut self, key: usize) {
+        self.stats.dropped += 1;
+        if let Some(c) = self.conns.get_mut(key) {
+            c.closing = true;
+        }
+        self.flush(key);
     }
 
     fn reset_txn(&mut self, key: usize) {
