@@ -153,8 +153,8 @@ struct SinkArgs {
     #[arg(long, default_value_t = 1000)]
     max_rcpts: usize,
     /// Save each accepted message as NNNNNNNN.env (envelope: `MAIL FROM:<..>` and `RCPT TO:<..>`
-    /// lines, then `TLS: VERSION CIPHER` when it came over TLS and `AUTH: USER` when the session
-    /// authenticated) and NNNNNNNN.msg (exact bytes).
+    /// lines, then `TRANSFER: DATA|BDAT`, `TLS: VERSION CIPHER` when it came over TLS and
+    /// `AUTH: USER` when the session authenticated) and NNNNNNNN.msg (exact bytes).
     #[arg(long)]
     save: Option<PathBuf>,
     /// Print the summary as JSON on stdout at exit.

@@ -8,8 +8,8 @@
 //! writes files, synchronously, as a test aid).
 //!
 //! Faults, by flag: `--tempfail-rate`/`--permfail-rate` (at RCPT or after DATA, `--fail-at`),
-//! `--delay` before the reply to the end of data, `--drop-rate` (close mid-DATA without a
-//! reply), `--max-rcpts`. By recipient local part, so a test can script one message's fate:
+//! `--delay` before the reply to the end of data, `--drop-rate` (close mid-DATA or mid-BDAT
+//! chunk without a reply to the message; replies already given go out first), `--max-rcpts`. By recipient local part, so a test can script one message's fate:
 //!
 //! | prefix | effect |
 //! |---|---|
@@ -719,8 +719,7 @@ impl Sink {
                 }
                 Phase::Data(scanner) => {
                     if c.drop && !input.is_empty() {
-                        self.stats.dropped += 1;
-                        self.close(key);
+                        self.drop_mid_message(key);
                         return false;
                     }
                     let body = if self.opts.save.is_some() { &mut c.body } else { &mut self.scratch };
@@ -731,12 +730,11 @@ impl Sink {
                     }
                     let size = scanner.size();
                     c.phase = Phase::Command;
-                    self.end_of_message(key, size);
+                    self.end_of_message(key, size, "DATA");
                 }
                 Phase::Bdat { remaining, last, refuse } => {
                     if c.drop && !input.is_empty() {
-                        self.stats.dropped += 1;
-                        self.close(key);
+                        self.drop_mid_message(key);
                         return false;
                     }
                     let keep = self.opts.save.is_some() && refuse.is_none();
@@ -754,13 +752,24 @@ impl Sink {
                         self.reset_txn(key);
                     } else if last {
                         let size = c.bdat_size;
-                        self.end_of_message(key, size);
+                        self.end_of_message(key, size, "BDAT");
                     } else {
                         c.out.extend_from_slice(CHUNK_OK);
                     }
                 }
             }
         }
+    }
+
+    /// `--drop-rate`/`drop-`: the connection dies in the middle of the message, which gets no
+    /// reply. The replies already given (to an envelope pipelined ahead of a BDAT chunk) are
+    /// written first, so the client learns the RCPT outcomes it would have had before DATA.
+    fn drop_mid_message(&mut self, key: usize) {
+        self.stats.dropped += 1;
+        if let Some(c) = self.conns.get_mut(key) {
+            c.closing = true;
+        }
+        self.flush(key);
     }
 
     fn reset_txn(&mut self, key: usize) {
@@ -994,9 +1003,9 @@ impl Sink {
         RCPT_OK
     }
 
-    /// The reply to a complete message: forced, injected, or accepted (and saved); delayed
-    /// by `--delay`.
-    fn end_of_message(&mut self, key: usize, size: u64) {
+    /// The reply to a complete message that came by `transfer` (DATA or BDAT): forced,
+    /// injected, or accepted (and saved); delayed by `--delay`.
+    fn end_of_message(&mut self, key: usize, size: u64, transfer: &str) {
         let Some(c) = self.conns.get_mut(key) else { return };
         let reply = if let Some(r) = c.data_reply {
             r
@@ -1029,7 +1038,8 @@ impl Sink {
                 if let Some(dir) = &self.opts.save {
                     self.saved += 1;
                     let base = dir.join(format!("{:08}", self.saved));
-                    // After the envelope: how the message came in, when it was not plain SMTP.
+                    // After the envelope: how the message came in.
+                    let _ = writeln!(c.env, "TRANSFER: {transfer}");
                     if let Some(info) = c.tls.as_ref().and_then(|t| t.info()) {
                         let _ = writeln!(c.env, "TLS: {} {}", info.version, info.cipher);
                     }

@@ -82,9 +82,13 @@ fn saved_messages_are_byte_exact_in_every_mode() {
                 }
                 Some("env") => {
                     let env = std::fs::read_to_string(&p).unwrap();
+                    let transfer = if send_flags.contains(&"--bdat") { "BDAT" } else { "DATA" };
                     assert_eq!(
                         env,
-                        "MAIL FROM:<load@sluice-load.test>\nRCPT TO:<user0@example.test>\nRCPT TO:<user1@example.test>\n"
+                        format!(
+                            "MAIL FROM:<load@sluice-load.test>\nRCPT TO:<user0@example.test>\n\
+                             RCPT TO:<user1@example.test>\nTRANSFER: {transfer}\n"
+                        )
                     );
                 }
                 _ => panic!("unexpected file {}", p.display()),

@@ -84,7 +84,13 @@ fn saved_messages_over_tls_are_byte_exact_and_marked() {
                 Some("env") => {
                     let env = std::fs::read_to_string(&p).unwrap();
                     let (envelope, tls) = env.split_once("TLS: ").unwrap_or_else(|| panic!("no TLS line: {env:?}"));
-                    assert_eq!(envelope, "MAIL FROM:<load@sluice-load.test>\nRCPT TO:<user0@example.test>\n");
+                    let transfer = if send_flags.contains(&"--bdat") { "BDAT" } else { "DATA" };
+                    assert_eq!(
+                        envelope,
+                        format!(
+                            "MAIL FROM:<load@sluice-load.test>\nRCPT TO:<user0@example.test>\nTRANSFER: {transfer}\n"
+                        )
+                    );
                     assert!(tls.starts_with("TLSv1.") && tls.ends_with('\n'), "{env:?}");
                 }
                 _ => panic!("unexpected file {}", p.display()),

@@ -293,6 +293,7 @@ impl Delivery {
                 if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
                     conn.readable = true;
                 }
+                conn.hup |= ev.is_read_closed() || ev.is_error();
                 if ev.is_writable() || ev.is_write_closed() || ev.is_error() {
                     conn.writable = true;
                 }

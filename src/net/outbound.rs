@@ -53,6 +53,8 @@ pub struct OutboundConn {
     pub readable: bool,
     /// Writable since the last `WouldBlock`.
     pub writable: bool,
+    /// The peer's FIN (or a socket error) was reported: read on to EOF, even after a short read.
+    pub hup: bool,
     /// The TCP connect has completed.
     pub connected: bool,
     /// The transaction in progress.
@@ -126,7 +128,10 @@ impl OutboundConn {
                         inb.fill(n);
                         let used = self.session.handle_input(inb.data(), now);
                         inb.consume(used);
-                        if n < asked {
+                        // A short read drained the socket: new bytes raise a new edge. Not after
+                        // a FIN was reported with them (replies then close, in one event): no
+                        // edge follows, so read on to see EOF.
+                        if n < asked && !self.hup {
                             self.readable = false;
                         }
                     }
@@ -307,6 +312,7 @@ pub fn new_conn(
         output: None,
         readable: false,
         writable: false,
+        hup: false,
         connected: false,
         active: None,
         transactions: 0,

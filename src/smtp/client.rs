@@ -10,6 +10,12 @@
 //! and [`ClientConfig::tls`] asks for it, the session sends `STARTTLS` alone, and on `220`
 //! asks the driver to run the handshake ([`ClientEvent::StartTls`]); once told it is done it
 //! says EHLO again and forgets what it learnt in the clear (RFC 3207 §4.2).
+//!
+//! The message goes as one chunk, `BDAT n LAST` and the raw stored body, whenever the server
+//! offers CHUNKING (RFC 3030), whatever its `BODY=` type; else by DATA, dot-stuffed. With
+//! PIPELINING too and a body of at most [`PIPELINED_CHUNK_MAX`] octets, the chunk follows MAIL
+//! and the RCPTs in the same batch, so a transaction costs one round trip instead of two (no
+//! wait for `354`, nor for the envelope replies before a `BDAT`).
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -21,6 +27,15 @@ use memchr::memmem;
 use super::reply::{parse_reply, Capabilities, Reply, ReplyParse};
 use crate::buf::Buf;
 use crate::message::{notify, BodyType, Ret};
+
+/// Largest body sent as `BDAT n LAST` right behind MAIL and the RCPTs, before any of their
+/// replies (RFC 2920 §3.1; RFC 3030 §4.2: the server must read and discard a chunk whose
+/// envelope it refused, and answer it with an error). A refused envelope thus wastes at most
+/// this many octets of the link, about what a socket send buffer holds anyway; in exchange the
+/// usual message (well under this) costs one round trip. A larger body takes many round trips
+/// of its own to transfer, so waiting for the envelope replies first costs it little in share,
+/// while the waste on a refusal would grow with its size.
+pub const PIPELINED_CHUNK_MAX: u64 = 64 * 1024;
 
 /// Client timeouts (RFC 5321 §4.5.3.1). Each runs from the last progress (a reply received or
 /// bytes handed to `out`), so a long pipelined batch or a large body never times out while it
@@ -35,7 +50,8 @@ pub struct ClientTimeouts {
     pub data_init: Duration,
     /// Between two pieces of the message handed out (§4.5.3.1.5: 3 minutes per block).
     pub data_block: Duration,
-    /// Waiting for the reply after the end of data (§4.5.3.1.6: 10 minutes).
+    /// Waiting for the reply after the end of data (§4.5.3.1.6: 10 minutes); also for the
+    /// reply to `BDAT n LAST`, and for every reply of a pipelined batch once its chunk is out.
     pub data_end: Duration,
 }
 
@@ -98,7 +114,8 @@ pub enum Phase {
     DataInit,
     /// Room to hand out the next piece of the message.
     DataBlock,
-    /// The reply after the end of data (or to `BDAT ... LAST`).
+    /// The reply after the end of data (or to `BDAT ... LAST`; with the chunk pipelined, any
+    /// reply of the batch once the whole chunk is out).
     DataEnd,
     /// The RSET reply.
     Rset,
@@ -235,7 +252,8 @@ pub struct TxSpec<'a> {
     pub sender: &'a [u8],
     /// Recipients, in order; [`TxResult::rcpt_replies`] follows this order.
     pub rcpts: Vec<TxRcpt<'a>>,
-    /// Message size in octets (without dot-stuffing), for `SIZE=` (RFC 1870 §6).
+    /// Message size in octets (without dot-stuffing), for `SIZE=` (RFC 1870 §6); it also
+    /// decides whether a `BDAT` chunk is pipelined ([`PIPELINED_CHUNK_MAX`]).
     pub body_len: u64,
     /// `BODY=` to declare (RFC 6152, RFC 3030).
     pub body_type: BodyType,
@@ -304,9 +322,11 @@ enum State {
     TlsHandshake,
     /// Idle between transactions.
     Ready,
-    /// MAIL, RCPTs and (for DATA) DATA queued/sent; replies are matched by index.
+    /// MAIL, RCPTs and DATA (or `BDAT n LAST` and its chunk, [`Transfer::BdatPipelined`])
+    /// queued/sent; replies are matched by index.
     Envelope,
-    /// Handing out the message (after `354`, or BDAT header plus chunk).
+    /// Handing out the message (after `354`, or BDAT header plus chunk once the envelope
+    /// replies are in).
     Body,
     /// Waiting for the final reply.
     DataEnd,
@@ -318,10 +338,16 @@ enum State {
     Done,
 }
 
+/// How the message goes out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Transfer {
+    /// `DATA`, `354`, the dot-stuffed message, `.` (no CHUNKING).
     Data,
+    /// `BDAT n LAST` and the raw message once the envelope replies are in (CHUNKING, but no
+    /// PIPELINING or a body over [`PIPELINED_CHUNK_MAX`]).
     Bdat,
+    /// `BDAT n LAST` and the raw message in the envelope's batch, before any reply.
+    BdatPipelined,
 }
 
 /// The transaction in flight.
@@ -339,15 +365,18 @@ struct Tx {
 struct BodyCursor {
     /// Next body octet to hand out.
     off: usize,
-    /// Next line-start dot at or after `off` (`body.len()` when none); `usize::MAX` until the
-    /// first call has seen the body (for BDAT: until the chunk header is rendered).
+    /// DATA: next line-start dot at or after `off` (`body.len()` when none); `usize::MAX`
+    /// until the first call has seen the body.
     next_dot: usize,
-    /// Bytes of the end-of-data line already out.
+    /// DATA: bytes of the end-of-data line already out.
     tail: usize,
+    /// BDAT: the chunk's length, once `BDAT n LAST` is queued (it is known only from the body
+    /// handed to `poll_transmit`).
+    chunk: Option<usize>,
 }
 
 impl BodyCursor {
-    const START: BodyCursor = BodyCursor { off: 0, next_dot: usize::MAX, tail: 0 };
+    const START: BodyCursor = BodyCursor { off: 0, next_dot: usize::MAX, tail: 0, chunk: None };
 }
 
 /// Outbound SMTP session with one server.
@@ -373,8 +402,10 @@ impl BodyCursor {
 /// [`ClientSession::handle_tls_failed`]. Nothing is ever pipelined behind STARTTLS.
 ///
 /// With PIPELINING, MAIL, every RCPT and DATA go out in one `poll_transmit` (RFC 2920 §3.1)
-/// when `out` has room; without it one command per round trip. Transactions reuse the
-/// connection: each ends in [`ClientEvent::TransactionDone`] then [`ClientEvent::Ready`].
+/// when `out` has room — or, when the server offers CHUNKING too and the body is at most
+/// [`PIPELINED_CHUNK_MAX`], MAIL, every RCPT, `BDAT n LAST` and the body; without PIPELINING
+/// one command per round trip. Transactions reuse the connection: each ends in
+/// [`ClientEvent::TransactionDone`] then [`ClientEvent::Ready`].
 #[derive(Debug)]
 pub struct ClientSession {
     cfg: ClientConfig,
@@ -562,6 +593,7 @@ impl ClientSession {
     #[must_use]
     pub fn wants_write(&self) -> bool {
         match self.state {
+            State::Envelope if self.chunk_in_batch() => !self.chunk_out(),
             State::Hello { .. } | State::StartTls | State::Envelope | State::Rset | State::Quit => {
                 self.written < self.write_limit()
             }
@@ -571,23 +603,33 @@ impl ClientSession {
     }
 
     /// Writes what is due into `out`, as much as fits: queued commands (whole batches under
-    /// PIPELINING), then during DATA the next piece of the message.
+    /// PIPELINING), then in the data phase the next piece of the message.
     ///
     /// `body` is the transaction's stored message: CRLF line endings, not dot-stuffed. Pass the
-    /// same slice on every call of one transaction (it is ignored outside the data phase). The
-    /// copy is dot-stuffed on the way (RFC 5321 §4.5.2): `memmem` finds each `LF .` and the
-    /// runs between are copied whole, so a large body streams through a small `out` in calls
-    /// that each copy `out.room()` bytes. The end is `.` CRLF, preceded by a CRLF when the body
-    /// does not end with one. With BDAT (BINARYMIME) the body goes out raw after
-    /// `BDAT n LAST`.
+    /// same slice on every call of one transaction, from the first call after
+    /// [`ClientSession::start_transaction`] on (a pipelined `BDAT` gives its length then); it
+    /// is ignored outside a transaction. By DATA the copy is dot-stuffed on the way
+    /// (RFC 5321 §4.5.2): `memmem` finds each `LF .` and the runs between are copied whole, so
+    /// a large body streams through a small `out` in calls that each copy `out.room()` bytes.
+    /// The end is `.` CRLF, preceded by a CRLF when the body does not end with one. By BDAT
+    /// (RFC 3030 §2) the body goes out raw, as it is, after `BDAT <body.len()> LAST`, in
+    /// pieces of `out.room()` bytes as well.
     pub fn poll_transmit(&mut self, body: &[u8], out: &mut Buf) {
-        if self.state == State::Body && self.tx.transfer == Transfer::Bdat && self.cursor.next_dot == usize::MAX {
-            // The whole body as one chunk (RFC 3030 §2): its length is known only now.
-            self.clear_cmds();
-            let _ = write!(self.cmds, "BDAT {} LAST\r\n", body.len());
-            self.ends.push(self.cmds.len());
-            self.pipelined = false;
-            self.cursor.next_dot = body.len();
+        if self.cursor.chunk.is_none() {
+            match (self.state, self.tx.transfer) {
+                // After the envelope replies: the chunk is the only command.
+                (State::Body, Transfer::Bdat) => {
+                    self.clear_cmds();
+                    self.pipelined = false;
+                    self.queue_chunk(body.len());
+                }
+                // Behind MAIL and the RCPTs, before any reply (none can have come yet: nothing
+                // was written before this first call).
+                (State::Envelope, Transfer::BdatPipelined) if self.ends.len() == self.tx.rcpts + 1 => {
+                    self.queue_chunk(body.len());
+                }
+                _ => {}
+            }
         }
         let mut n = match self.state {
             State::Hello { .. } | State::StartTls | State::Envelope | State::Rset | State::Quit | State::Body => {
@@ -595,10 +637,15 @@ impl ClientSession {
             }
             _ => 0,
         };
-        if self.state == State::Body && self.written == self.cmds.len() {
+        let body_due = match self.state {
+            State::Body => true,
+            State::Envelope => self.chunk_in_batch(),
+            _ => false,
+        };
+        if body_due && self.written == self.cmds.len() {
             n += match self.tx.transfer {
                 Transfer::Data => self.write_stuffed(body, out),
-                Transfer::Bdat => self.write_raw(body, out),
+                Transfer::Bdat | Transfer::BdatPipelined => self.write_raw(body, out),
             };
         }
         if n > 0 {
@@ -630,7 +677,14 @@ impl ClientSession {
             }
             return;
         }
-        let transfer = if tx.body_type == BodyType::BinaryMime { Transfer::Bdat } else { Transfer::Data };
+        // BINARYMIME needs CHUNKING (checked above); other bodies use it when offered.
+        let transfer = if !self.caps.chunking {
+            Transfer::Data
+        } else if self.caps.pipelining && tx.body_len <= PIPELINED_CHUNK_MAX {
+            Transfer::BdatPipelined
+        } else {
+            Transfer::Bdat
+        };
         self.tx = Tx {
             rcpts: tx.rcpts.len(),
             transfer,
@@ -646,6 +700,8 @@ impl ClientSession {
         if transfer == Transfer::Data {
             self.push_cmd(b"DATA\r\n");
         }
+        // A pipelined `BDAT n LAST` joins the batch at the first `poll_transmit`.
+        self.cursor = BodyCursor::START;
         self.pipelined = self.caps.pipelining;
         self.state = State::Envelope;
         self.restart = true;
@@ -674,6 +730,15 @@ impl ClientSession {
             State::Hello { esmtp: false } => Phase::Helo,
             State::StartTls => Phase::StartTls,
             State::TlsHandshake => Phase::TlsHandshake,
+            // While the chunk goes out, writing is what must progress; once it is out, every
+            // reply still due may wait on the server taking in the message.
+            State::Envelope if self.chunk_in_batch() => {
+                if self.chunk_out() {
+                    Phase::DataEnd
+                } else {
+                    Phase::DataBlock
+                }
+            }
             State::Envelope => match self.answered {
                 0 => Phase::Mail,
                 i if i <= self.tx.rcpts => Phase::Rcpt,
@@ -822,9 +887,36 @@ impl ClientSession {
         }
     }
 
-    /// Commands completely written so far.
+    /// Commands completely written so far (a pipelined `BDAT` with its whole chunk: its reply
+    /// comes only after the chunk, RFC 3030 §2).
     fn sent(&self) -> usize {
-        self.ends.partition_point(|&e| e <= self.written)
+        let n = self.ends.partition_point(|&e| e <= self.written);
+        if n == self.ends.len() && self.chunk_in_batch() && !self.chunk_out() {
+            n - 1
+        } else {
+            n
+        }
+    }
+
+    /// Queues `BDAT len LAST`: the whole message as one chunk (RFC 3030 §2).
+    fn queue_chunk(&mut self, len: usize) {
+        let _ = write!(self.cmds, "BDAT {len} LAST\r\n");
+        self.ends.push(self.cmds.len());
+        self.cursor.chunk = Some(len);
+    }
+
+    /// The envelope batch carries `BDAT n LAST` and its chunk, and still will (it is dropped
+    /// with the rest of the unwritten batch when MAIL or every RCPT is refused in time).
+    fn chunk_in_batch(&self) -> bool {
+        self.state == State::Envelope
+            && self.tx.transfer == Transfer::BdatPipelined
+            && self.cursor.chunk.is_some()
+            && self.ends.len() == self.tx.rcpts + 2
+    }
+
+    /// Every octet of the queued commands and of the chunk is in `out`.
+    fn chunk_out(&self) -> bool {
+        self.written == self.cmds.len() && self.cursor.chunk.is_some_and(|len| self.cursor.off >= len)
     }
 
     fn write_cmds(&mut self, out: &mut Buf) -> usize {
@@ -894,12 +986,16 @@ impl ClientSession {
         self.dot_finder.find(&body[from..]).map_or(body.len(), |i| from + i + 1)
     }
 
-    /// Copies the next piece of a BDAT chunk (the raw body) into `out`.
+    /// Copies the next piece of a BDAT chunk (the raw body, never stuffed) into `out`.
     fn write_raw(&mut self, body: &[u8], out: &mut Buf) -> usize {
-        let off = self.cursor.off.min(body.len());
-        let n = out.push(&body[off..]);
+        // The length announced, even if `body` were (wrongly) a different slice now: the
+        // server counts octets, so a short chunk would stall it rather than desynchronise.
+        let len = self.cursor.chunk.unwrap_or(0);
+        let end = len.min(body.len());
+        let off = self.cursor.off.min(end);
+        let n = out.push(&body[off..end]);
         self.cursor.off = off + n;
-        if self.cursor.off == body.len() {
+        if self.cursor.off >= len && self.state == State::Body {
             self.state = State::DataEnd;
         }
         n
@@ -959,8 +1055,16 @@ impl ClientSession {
             }
             State::Envelope => self.on_envelope_reply(reply),
             State::DataEnd => {
+                let ok = reply.is_positive_completion();
                 self.finish_tx(Some(reply));
-                self.become_ready();
+                if ok || self.tx.transfer == Transfer::Data {
+                    // After the end of data the transaction is over, whatever the reply.
+                    self.become_ready();
+                } else {
+                    // RFC 3030 §2-3: a refused BDAT fails the transaction and leaves the
+                    // server's state indeterminate; RSET clears it.
+                    self.queue_rset();
+                }
             }
             // Whatever RSET got, the transaction is gone (a 421 was handled above).
             State::Rset => self.become_ready(),
@@ -987,7 +1091,7 @@ impl ClientSession {
     }
 
     /// A reply to command `answered - 1` of the envelope batch: 0 is MAIL, `1..=rcpts` are the
-    /// RCPTs in order, `rcpts + 1` is DATA.
+    /// RCPTs in order, `rcpts + 1` is DATA or a pipelined `BDAT n LAST`.
     fn on_envelope_reply(&mut self, reply: Reply) {
         let idx = self.answered - 1;
         let rcpts = self.tx.rcpts;
@@ -1008,10 +1112,26 @@ impl ClientSession {
                 }
                 self.tx.rcpt_replies.push(reply);
                 if idx == rcpts && self.tx.accepted == 0 {
-                    // Nothing to deliver: DATA, if not yet out, is not sent at all.
+                    // Nothing to deliver: DATA or BDAT, if not yet out, is not sent at all.
                     self.drop_unwritten();
                 }
             }
+        } else if self.tx.transfer == Transfer::BdatPipelined {
+            // The reply to `BDAT n LAST`, after its whole chunk. It is the data reply when the
+            // envelope held; else the server read and discarded the chunk (RFC 3030 §4.2) and
+            // answered with an error that only needs consuming.
+            let envelope_ok = mail_ok && self.tx.accepted > 0;
+            let ok = envelope_ok && reply.is_positive_completion();
+            self.finish_tx(envelope_ok.then_some(reply));
+            if ok {
+                self.become_ready();
+            } else {
+                // RFC 3030 §2-3: after a refused BDAT the server's state is indeterminate (it
+                // may still hold MAIL, or even a message after a refused MAIL from a broken
+                // server): RSET.
+                self.queue_rset();
+            }
+            return;
         } else if mail_ok && self.tx.accepted > 0 {
             if reply.is_intermediate() {
                 self.cursor = BodyCursor::START;
@@ -1040,7 +1160,8 @@ impl ClientSession {
             self.finish_tx(None);
             self.queue_rset();
         } else {
-            // BDAT: one chunk, `BDAT n LAST` then the raw body, once its length is known.
+            // BDAT after the envelope replies: one chunk, `BDAT n LAST` then the raw body,
+            // queued by the next `poll_transmit`, which knows the length.
             self.cursor = BodyCursor::START;
             self.clear_cmds();
             self.state = State::Body;
@@ -1572,6 +1693,17 @@ mod tests {
         p.s.handle_closed();
         p.drain();
         assert_eq!(p.failed().kind, FailureKind::Closed);
+
+        // A reply to a pipelined BDAT before its chunk is out answers no command.
+        let mut p = Peer::ready(CHUNKING_EHLO);
+        p.s.start_transaction(spec(&["1@y"], 100));
+        let mut out = BufPool::new(80, 1).checkout().unwrap();
+        p.s.poll_transmit(&[b'z'; 100], &mut out);
+        p.reply("250 ok\r\n250 ok\r\n");
+        assert!(p.take().is_empty());
+        p.reply("250 ok\r\n");
+        let ev = p.take();
+        assert!(matches!(&ev[..], [ClientEvent::Failed(f)] if f.kind == FailureKind::Protocol("reply to no command")));
     }
 
     #[test]
@@ -1663,6 +1795,33 @@ mod tests {
         let _ = p.take();
         let _ = p.send(b"");
         fire(&mut p, Phase::Rset, t.command);
+
+        // Pipelined BDAT: the batch stalls on a full buffer (data block), then, all out, waits
+        // on the data-end timeout; so does a BDAT after the envelope.
+        let mut p = Peer::ready(CHUNKING_EHLO);
+        p.s.start_transaction(spec(&["1@y"], 3));
+        let mut full = BufPool::new(64, 1).checkout().unwrap();
+        full.push(&[b'x'; 60]);
+        p.s.poll_transmit(b"abc", &mut full);
+        assert!(p.s.wants_write());
+        fire(&mut p, Phase::DataBlock, t.data_block);
+        let mut p = Peer::ready(CHUNKING_EHLO);
+        p.s.start_transaction(spec(&["1@y"], 3));
+        let _ = p.send(b"abc");
+        fire(&mut p, Phase::DataEnd, t.data_end);
+        let mut p = Peer::ready(CHUNKING_EHLO);
+        p.s.start_transaction(spec(&["1@y"], 3));
+        let _ = p.send(b"abc");
+        p.reply("250 ok\r\n250 ok\r\n");
+        fire(&mut p, Phase::DataEnd, t.data_end);
+        let mut p = Peer::ready("250-mx.test\r\n250 CHUNKING\r\n");
+        p.s.start_transaction(spec(&["1@y"], 3));
+        let _ = p.send(b"abc");
+        p.reply("250 ok\r\n");
+        let _ = p.send(b"abc");
+        p.reply("250 ok\r\n");
+        assert_eq!(p.send(b"abc"), "BDAT 3 LAST\r\nabc");
+        fire(&mut p, Phase::DataEnd, t.data_end);
 
         // Waiting for the QUIT reply, a timeout just ends the session.
         let mut p = Peer::ready(FULL_EHLO);
@@ -1757,16 +1916,263 @@ mod tests {
 
     #[test]
     fn bdat_for_binarymime() {
-        let mut p = Peer::ready("250-mx\r\n250-PIPELINING\r\n250-CHUNKING\r\n250 BINARYMIME\r\n");
-        let mut tx = spec(&["1@y", "2@y"], 5);
-        tx.body_type = BodyType::BinaryMime;
-        p.s.start_transaction(tx);
-        assert_eq!(p.send(b""), "MAIL FROM:<a@x.test> BODY=BINARYMIME\r\nRCPT TO:<1@y>\r\nRCPT TO:<2@y>\r\n");
-        p.reply("250 ok\r\n550 no\r\n250 ok\r\n");
+        let binary = || {
+            let mut tx = spec(&["1@y", "2@y"], 5);
+            tx.body_type = BodyType::BinaryMime;
+            tx
+        };
+        // Without PIPELINING: the envelope step by step, then the chunk.
+        let mut p = Peer::ready("250-mx\r\n250-CHUNKING\r\n250 BINARYMIME\r\n");
+        p.s.start_transaction(binary());
+        assert_eq!(p.send(b"\0.\n\r."), "MAIL FROM:<a@x.test> BODY=BINARYMIME\r\n");
+        p.reply("250 ok\r\n");
+        assert_eq!(p.send(b"\0.\n\r."), "RCPT TO:<1@y>\r\n");
+        p.reply("550 no\r\n");
+        assert_eq!(p.send(b"\0.\n\r."), "RCPT TO:<2@y>\r\n");
+        p.reply("250 ok\r\n");
         assert_eq!(p.send(b"\0.\n\r."), "BDAT 5 LAST\r\n\0.\n\r.");
         p.reply("250 2.0.0 ok\r\n");
         let r = p.done();
         assert_eq!([r.outcome(0).code, r.outcome(1).code], [550, 250]);
+
+        // With PIPELINING: all in one batch.
+        let mut p = Peer::ready("250-mx\r\n250-PIPELINING\r\n250-CHUNKING\r\n250 BINARYMIME\r\n");
+        p.s.start_transaction(binary());
+        assert_eq!(
+            p.send(b"\0.\n\r."),
+            "MAIL FROM:<a@x.test> BODY=BINARYMIME\r\nRCPT TO:<1@y>\r\nRCPT TO:<2@y>\r\nBDAT 5 LAST\r\n\0.\n\r."
+        );
+        p.reply("250 ok\r\n550 no\r\n250 ok\r\n250 2.0.0 ok\r\n");
+        let r = p.done();
+        assert_eq!([r.outcome(0).code, r.outcome(1).code], [550, 250]);
+    }
+
+    const CHUNKING_EHLO: &str = "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 1000000\r\n250-8BITMIME\r\n\
+                                 250-CHUNKING\r\n250 ENHANCEDSTATUSCODES\r\n";
+
+    #[test]
+    fn pipelined_bdat_in_one_write() {
+        let body = b"Subject: x\r\n\r\n.dot\r\n\r\n.\r\n";
+        let mut p = Peer::ready(CHUNKING_EHLO);
+        let mut tx = spec(&["1@y", "2@y", "3@y"], body.len() as u64);
+        tx.body_type = BodyType::EightBitMime;
+        p.s.start_transaction(tx);
+        assert_eq!(p.s.phase(), Some(Phase::Mail));
+        assert!(p.s.wants_write());
+        // No 354 to wait for and no envelope reply either: the body follows the envelope, raw.
+        let wire = p.send(body);
+        assert_eq!(
+            wire,
+            format!(
+                "MAIL FROM:<a@x.test> SIZE={n} BODY=8BITMIME\r\nRCPT TO:<1@y>\r\nRCPT TO:<2@y>\r\nRCPT TO:<3@y>\r\n\
+                 BDAT {n} LAST\r\n{}",
+                String::from_utf8_lossy(body),
+                n = body.len()
+            )
+        );
+        assert!(!p.s.wants_write());
+        assert_eq!(p.send(body), "");
+        // Every reply of the batch now waits on the server taking the message in.
+        assert_eq!(p.s.phase(), Some(Phase::DataEnd));
+        assert_eq!(p.s.next_deadline(), Some(p.s.since + timeouts().data_end));
+        p.reply("250 2.1.0 ok\r\n250 2.1.5 ok\r\n550 5.1.1 no such user\r\n");
+        assert!(p.take().is_empty());
+        p.reply("451 4.7.1 later\r\n250 2.0.0 queued as 1\r\n");
+        let r = p.done();
+        assert_eq!(codes(&r.rcpt_replies), [250, 550, 451]);
+        assert_eq!(r.data_reply.as_ref().unwrap().to_string(), "250 2.0.0 queued as 1");
+        assert_eq!([r.outcome(0).code, r.outcome(1).code, r.outcome(2).code], [250, 550, 451]);
+        assert!(p.s.is_ready() && p.s.next_deadline().is_none());
+        // The next transaction starts clean.
+        p.s.start_transaction(spec(&["4@y"], 2));
+        assert_eq!(p.send(b"ab"), "MAIL FROM:<a@x.test> SIZE=2\r\nRCPT TO:<4@y>\r\nBDAT 2 LAST\r\nab");
+        p.reply("250 ok\r\n250 ok\r\n250 ok\r\n");
+        assert_eq!(p.done().outcome(0).code, 250);
+    }
+
+    #[test]
+    fn pipelined_bdat_refusals_are_consumed_then_rset() {
+        // Every RCPT refused: the BDAT error is consumed, the server may still hold MAIL.
+        let mut p = Peer::ready(CHUNKING_EHLO);
+        p.s.start_transaction(spec(&["1@y", "2@y"], 3));
+        assert!(p.send(b"abc").ends_with("BDAT 3 LAST\r\nabc"));
+        p.reply("250 ok\r\n550 no\r\n452 full\r\n554 5.5.1 no valid recipients\r\n");
+        match p.take().as_slice() {
+            [ClientEvent::TransactionDone(r)] => {
+                assert_eq!(r.mail_reply.code, 250);
+                assert_eq!(codes(&r.rcpt_replies), [550, 452]);
+                assert_eq!(r.data_reply, None);
+                assert_eq!(r.outcome(1).code, 452);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(p.send(b"abc"), "RSET\r\n");
+        assert_eq!(p.s.phase(), Some(Phase::Rset));
+        p.reply("250 ok\r\n");
+        assert_eq!(p.take(), [ClientEvent::Ready]);
+        p.s.start_transaction(spec(&["3@y"], 2));
+        assert_eq!(p.send(b"ok"), "MAIL FROM:<a@x.test> SIZE=2\r\nRCPT TO:<3@y>\r\nBDAT 2 LAST\r\nok");
+        p.reply("250 ok\r\n250 ok\r\n250 ok\r\n");
+        assert_eq!(p.done().outcome(0).code, 250);
+
+        // MAIL refused: every recipient shares its reply; RCPT and BDAT errors are consumed.
+        let mut p = Peer::ready(CHUNKING_EHLO);
+        p.s.start_transaction(spec(&["1@y", "2@y"], 3));
+        let _ = p.send(b"abc");
+        p.reply("553 5.1.8 bad sender\r\n503 5.5.1 need MAIL\r\n503 5.5.1 need MAIL\r\n");
+        assert!(p.take().is_empty());
+        p.reply("503 5.5.1 need MAIL\r\n");
+        match p.take().as_slice() {
+            [ClientEvent::TransactionDone(r)] => {
+                assert_eq!(r.mail_reply.code, 553);
+                assert_eq!(r.rcpt_replies, vec![r.mail_reply.clone(); 2]);
+                assert_eq!(r.data_reply, None);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(p.send(b""), "RSET\r\n");
+        p.reply("250 ok\r\n");
+        assert_eq!(p.take(), [ClientEvent::Ready]);
+
+        // Envelope accepted, message refused: the BDAT reply decides, then RSET (RFC 3030 §2).
+        let mut p = Peer::ready(CHUNKING_EHLO);
+        p.s.start_transaction(spec(&["1@y"], 3));
+        let _ = p.send(b"abc");
+        p.reply("250 ok\r\n250 ok\r\n554 5.6.0 content refused\r\n");
+        match p.take().as_slice() {
+            [ClientEvent::TransactionDone(r)] => assert_eq!(r.outcome(0).to_string(), "554 5.6.0 content refused"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(p.send(b""), "RSET\r\n");
+        p.reply("250 ok\r\n");
+        assert_eq!(p.take(), [ClientEvent::Ready]);
+
+        // A broken server accepting the chunk of a refused envelope: nothing is delivered.
+        let mut p = Peer::ready(CHUNKING_EHLO);
+        p.s.start_transaction(spec(&["1@y"], 3));
+        let _ = p.send(b"abc");
+        p.reply("250 ok\r\n550 no\r\n250 2.0.0 queued anyway\r\n");
+        match p.take().as_slice() {
+            [ClientEvent::TransactionDone(r)] => assert_eq!((r.outcome(0).code, r.data_reply.as_ref()), (550, None)),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(p.send(b""), "RSET\r\n");
+    }
+
+    #[test]
+    fn pipelined_bdat_refusal_in_time_saves_the_chunk() {
+        // The batch goes out through a small buffer; how far it got decides what follows.
+        let body = vec![b'z'; 100];
+        let envelope = "MAIL FROM:<a@x.test> SIZE=100\r\nRCPT TO:<1@y>\r\n";
+        let header = "BDAT 100 LAST\r\n";
+        // (octets out before the refusal arrives, the rest of the wire after it, RSET)
+        let cases = [
+            (envelope.len(), String::new(), false),
+            (envelope.len() + 3, format!("{}{}", &header[3..], "z".repeat(100)), true),
+            (envelope.len() + header.len() + 10, "z".repeat(90), true),
+        ];
+        for (before, rest, rset) in cases {
+            let mut p = Peer::ready(CHUNKING_EHLO);
+            p.s.start_transaction(spec(&["1@y"], 100));
+            let mut out = BufPool::new(before, 1).checkout().unwrap();
+            p.s.poll_transmit(&body, &mut out);
+            assert_eq!(out.data().len(), before);
+            assert!(p.s.wants_write());
+            // Stalled with the chunk unfinished, writing is what must progress.
+            assert_eq!(p.s.phase(), Some(Phase::DataBlock));
+            p.reply("550 5.7.1 sender refused\r\n");
+            let mut wire = String::new();
+            while p.s.wants_write() {
+                wire.push_str(&p.send(&body));
+            }
+            assert_eq!(wire, rest, "{before}");
+            p.reply("503 5.5.1 need MAIL\r\n");
+            if rset {
+                p.reply("503 5.5.1 need MAIL\r\n");
+            }
+            let ev = p.take();
+            assert!(matches!(&ev[0], ClientEvent::TransactionDone(r) if r.outcome(0).code == 550), "{ev:?}");
+            if rset {
+                assert_eq!(ev.len(), 1);
+                assert_eq!(p.send(&body), "RSET\r\n");
+            } else {
+                assert_eq!(ev[1], ClientEvent::Ready);
+            }
+        }
+
+        // Every RCPT refused before the chunk started: BDAT is never sent, RSET is.
+        let mut p = Peer::ready(CHUNKING_EHLO);
+        p.s.start_transaction(spec(&["1@y"], 100));
+        let mut out = BufPool::new(envelope.len(), 1).checkout().unwrap();
+        p.s.poll_transmit(&body, &mut out);
+        p.reply("250 ok\r\n550 no\r\n");
+        assert!(matches!(p.take().as_slice(), [ClientEvent::TransactionDone(r)] if r.outcome(0).code == 550));
+        assert_eq!(p.send(&body), "RSET\r\n");
+    }
+
+    #[test]
+    fn large_bdat_waits_for_the_envelope() {
+        // Over the threshold: MAIL and RCPTs pipelined, the chunk only once they are accepted.
+        let over: Vec<u8> = (0..PIPELINED_CHUNK_MAX + 1).map(|i| b"ab.\r\n"[i as usize % 5]).collect();
+        let mut p = Peer::ready(CHUNKING_EHLO);
+        p.s.start_transaction(spec(&["1@y", "2@y"], over.len() as u64));
+        assert_eq!(
+            p.send(&over),
+            format!("MAIL FROM:<a@x.test> SIZE={}\r\nRCPT TO:<1@y>\r\nRCPT TO:<2@y>\r\n", over.len())
+        );
+        assert!(!p.s.wants_write());
+        assert_eq!(p.s.phase(), Some(Phase::Mail));
+        p.reply("250 ok\r\n250 ok\r\n");
+        assert!(!p.s.wants_write());
+        p.reply("550 no\r\n");
+        assert!(p.s.wants_write());
+        // Through the 16 KiB buffer in pieces, raw.
+        let mut wire = Vec::new();
+        let mut calls = 0;
+        while p.s.wants_write() {
+            wire.extend_from_slice(p.send(&over).as_bytes());
+            calls += 1;
+        }
+        assert!(calls > 4);
+        let mut want = format!("BDAT {} LAST\r\n", over.len()).into_bytes();
+        want.extend_from_slice(&over);
+        assert_eq!(wire, want);
+        assert_eq!(p.s.phase(), Some(Phase::DataEnd));
+        p.reply("452 4.3.1 no room\r\n");
+        let ev = p.take();
+        assert!(matches!(&ev[..], [ClientEvent::TransactionDone(r)] if r.outcome(0).code == 452), "{ev:?}");
+        // A refused BDAT leaves the server's state indeterminate.
+        assert_eq!(p.send(b""), "RSET\r\n");
+        p.reply("250 ok\r\n");
+        assert_eq!(p.take(), [ClientEvent::Ready]);
+
+        // Exactly at the threshold it is still pipelined.
+        let at = vec![b'q'; PIPELINED_CHUNK_MAX as usize];
+        let mut p = Peer::ready(CHUNKING_EHLO);
+        p.s.start_transaction(spec(&["1@y"], at.len() as u64));
+        assert!(p.send(&at).contains(&format!("RCPT TO:<1@y>\r\nBDAT {} LAST\r\nqqq", at.len())));
+        assert!(p.s.wants_write());
+    }
+
+    #[test]
+    fn no_chunking_means_data_and_no_pipelining_means_lockstep() {
+        // CHUNKING without PIPELINING: one command per reply, then the chunk, whatever the size.
+        let mut p = Peer::ready("250-mx.test\r\n250 CHUNKING\r\n");
+        p.s.start_transaction(spec(&["1@y"], 4));
+        assert_eq!(p.send(b".\r\n."), "MAIL FROM:<a@x.test>\r\n");
+        p.reply("250 ok\r\n");
+        assert_eq!(p.send(b".\r\n."), "RCPT TO:<1@y>\r\n");
+        p.reply("250 ok\r\n");
+        assert_eq!(p.send(b".\r\n."), "BDAT 4 LAST\r\n.\r\n.");
+        assert_eq!(p.s.phase(), Some(Phase::DataEnd));
+        p.reply("250 ok\r\n");
+        assert_eq!(p.done().outcome(0).code, 250);
+        // PIPELINING without CHUNKING: DATA, dot-stuffed.
+        let mut p = Peer::ready(FULL_EHLO);
+        p.s.start_transaction(spec(&["1@y"], 4));
+        assert!(p.send(b".\r\n.").ends_with("DATA\r\n"));
+        p.reply("250 ok\r\n250 ok\r\n354 go\r\n");
+        assert_eq!(p.send(b".\r\n."), "..\r\n..\r\n.\r\n");
     }
 
     #[test]
@@ -1913,6 +2319,46 @@ mod tests {
             prop_assert_eq!(r.rcpt_replies[0].text.as_str(), "first\nline");
         }
 
+        /// The same for a pipelined BDAT batch, whose replies all come after the chunk; the
+        /// chunk goes out through any buffer size.
+        #[test]
+        fn bdat_input_split_invariance(
+            cuts in proptest::collection::vec(0usize..140, 0..10),
+            cap in 8usize..200,
+        ) {
+            let stream: &[u8] = b"250 2.1.0 ok\r\n250-2.1.5 first\r\n250 2.1.5 line\r\n550 5.1.1 no\r\n\
+                                  250 2.1.5 ok\r\n250 2.0.0 queued\r\n";
+            let body = b"Subject: s\r\n\r\n.\r\n..\r\n\r\n.\r\n";
+            let mut cuts = cuts;
+            cuts.extend([0, stream.len()]);
+            cuts.sort_unstable();
+            let mut p = Peer::ready(CHUNKING_EHLO);
+            p.s.start_transaction(spec(&["1@y", "2@y", "3@y"], body.len() as u64));
+            let mut out = BufPool::new(cap, 1).checkout().unwrap();
+            let mut wire = Vec::new();
+            while p.s.wants_write() {
+                p.s.poll_transmit(body, &mut out);
+                wire.extend_from_slice(out.data());
+                out.consume(out.data().len());
+            }
+            let mut tail = b"RCPT TO:<3@y>\r\nBDAT 26 LAST\r\n".to_vec();
+            tail.extend_from_slice(body);
+            prop_assert!(wire.ends_with(&tail));
+            let mut pending = Vec::new();
+            for w in cuts.windows(2) {
+                pending.extend_from_slice(&stream[w[0].min(stream.len())..w[1].min(stream.len())]);
+                let n = p.s.handle_input(&pending, p.now);
+                pending.drain(..n);
+            }
+            prop_assert!(pending.is_empty());
+            p.drain();
+            let r = p.done();
+            prop_assert_eq!(codes(&r.rcpt_replies), [250, 550, 250]);
+            prop_assert_eq!(r.rcpt_replies[0].text.as_str(), "first\nline");
+            prop_assert_eq!(r.data_reply.map(|d| d.code), Some(250));
+            prop_assert!(p.s.is_ready());
+        }
+
         /// Arbitrary server bytes never panic and never leave the session stuck with input it
         /// cannot use.
         #[test]
@@ -1927,12 +2373,58 @@ mod tests {
         }
     }
 
-    /// Our client against our server, in memory (after quinn's `Pair::drive`): each round moves
-    /// every byte each side wrote to the other. Runs `txs` in turn, then QUIT; returns the
-    /// client's events and the server's stored messages.
+    /// What a [`pair_on`] run produced.
+    struct Run {
+        /// The client's events.
+        events: Vec<ClientEvent>,
+        /// The server's stored messages (with our `Received:` header).
+        stored: Vec<Vec<u8>>,
+        /// Every byte the client wrote.
+        wire: Vec<u8>,
+    }
+
+    impl Run {
+        fn results(&self) -> Vec<&TxResult> {
+            self.events
+                .iter()
+                .filter_map(|e| match e {
+                    ClientEvent::TransactionDone(r) => Some(r),
+                    _ => None,
+                })
+                .collect()
+        }
+
+        fn count(&self, needle: &[u8]) -> usize {
+            memmem::find_iter(&self.wire, needle).count()
+        }
+    }
+
+    /// Our server's settings (`max_size` octets), its EHLO reply edited by `(from, to)`
+    /// replacements: the client then sees fewer extensions (or no SIZE limit) than the server
+    /// really has.
+    fn server_cfg(max_size: u64, edits: &[(&str, &str)]) -> SessionConfig {
+        let mut cfg = SessionConfig::new("mx.test", max_size, 100);
+        let mut ehlo = String::from_utf8(cfg.ehlo.clone()).unwrap();
+        for (from, to) in edits {
+            assert!(ehlo.contains(from), "{ehlo:?} has no {from:?}");
+            ehlo = ehlo.replace(from, to);
+        }
+        cfg.ehlo = ehlo.into_bytes();
+        cfg
+    }
+
+    const NO_CHUNKING: &[(&str, &str)] = &[("250-CHUNKING\r\n", "")];
+
+    /// [`pair_on`] against our server as configured by default.
     fn pair(txs: Vec<(TxSpec<'_>, &[u8])>, client_cap: usize) -> (Vec<ClientEvent>, Vec<Vec<u8>>) {
+        let run = pair_on(&SessionConfig::new("mx.test", 1 << 20, 100), txs, client_cap);
+        (run.events, run.stored)
+    }
+
+    /// Our client against our server, in memory (after quinn's `Pair::drive`): each round moves
+    /// every byte each side wrote to the other. Runs `txs` in turn, then QUIT.
+    fn pair_on(scfg: &SessionConfig, txs: Vec<(TxSpec<'_>, &[u8])>, client_cap: usize) -> Run {
         let now = Instant::now();
-        let scfg = SessionConfig::new("mx.test", 1 << 20, 100);
         let mut bodies = VecPool::new(1 << 20);
         let mut ids = IdGen::default();
         let mut server = ServerSession::new("127.0.0.1".parse().unwrap(), true);
@@ -1942,10 +2434,10 @@ mod tests {
             ClientConfig { helo_name: "relay.test".into(), timeouts: ClientTimeouts::default(), tls: TlsPolicy::Off };
         let mut client = ClientSession::new(cfg, now);
         let (mut to_client, mut to_server) = (Vec::new(), Vec::new());
-        let (mut events, mut stored) = (Vec::new(), Vec::new());
+        let (mut events, mut stored, mut wire) = (Vec::new(), Vec::new(), Vec::new());
         let mut pending = txs.into_iter();
         let mut body: &[u8] = b"";
-        server.greeting(&scfg, &mut s_out);
+        server.greeting(scfg, &mut s_out);
         for _ in 0..1_000_000 {
             to_client.extend_from_slice(s_out.data());
             s_out.consume(s_out.data().len());
@@ -1964,15 +2456,15 @@ mod tests {
                 let end = matches!(ev, ClientEvent::Closed | ClientEvent::Failed(_));
                 events.push(ev);
                 if end {
-                    return (events, stored);
+                    return Run { events, stored, wire };
                 }
             }
             client.poll_transmit(body, &mut c_out);
             to_server.extend_from_slice(c_out.data());
+            wire.extend_from_slice(c_out.data());
             c_out.consume(c_out.data().len());
             loop {
-                let mut ctx =
-                    Ctx { cfg: &scfg, bodies: &mut bodies, ids: &mut ids, now_unix_us: 1_700_000_000_000_000 };
+                let mut ctx = Ctx { cfg: scfg, bodies: &mut bodies, ids: &mut ids, now_unix_us: 1_700_000_000_000_000 };
                 let p = server.handle_input(&mut ctx, &to_server, &mut s_out);
                 to_server.drain(..p.consumed);
                 match p.event {
@@ -2002,28 +2494,113 @@ mod tests {
         tx1.body_type = BodyType::EightBitMime;
         let mut tx2 = spec(&["\u{fc}@y.test"], body2.len() as u64);
         tx2.smtputf8 = true;
-        for cap in [64, 16 * 1024] {
-            let (events, stored) = pair(vec![(tx1.clone(), &body1[..]), (tx2.clone(), body2)], cap);
-            let done: Vec<&TxResult> = events
-                .iter()
-                .filter_map(|e| match e {
-                    ClientEvent::TransactionDone(r) => Some(r),
-                    _ => None,
-                })
-                .collect();
-            assert_eq!(done.len(), 2, "{events:?}");
-            for r in &done {
-                assert!(r.rcpt_replies.iter().all(Reply::is_positive_completion), "{r:?}");
-                assert!(r.data_reply.as_ref().unwrap().text.starts_with("Ok: queued as "), "{r:?}");
+        for chunking in [true, false] {
+            let scfg = server_cfg(1 << 20, if chunking { &[] } else { NO_CHUNKING });
+            for cap in [64, 16 * 1024] {
+                let run = pair_on(&scfg, vec![(tx1.clone(), &body1[..]), (tx2.clone(), body2)], cap);
+                let done = run.results();
+                assert_eq!(done.len(), 2, "{:?}", run.events);
+                for r in &done {
+                    assert!(r.rcpt_replies.iter().all(Reply::is_positive_completion), "{r:?}");
+                    assert!(r.data_reply.as_ref().unwrap().text.starts_with("Ok: queued as "), "{r:?}");
+                }
+                assert_eq!(run.events.last(), Some(&ClientEvent::Closed));
+                assert_eq!((run.count(b"BDAT "), run.count(b"DATA\r\n")), if chunking { (2, 0) } else { (0, 2) });
+                assert_eq!(run.count(b"RSET"), 0);
+                let stored = &run.stored;
+                assert_eq!(stored.len(), 2);
+                assert!(stored[0].starts_with(b"Received: "));
+                assert!(stored[0].ends_with(&body1), "stored body differs");
+                // BDAT carries the body as it is; DATA must end it with CRLF before the dot.
+                let mut with_crlf = body2.to_vec();
+                if !chunking {
+                    with_crlf.extend_from_slice(b"\r\n");
+                }
+                assert!(stored[1].ends_with(&with_crlf));
             }
-            assert_eq!(events.last(), Some(&ClientEvent::Closed));
-            assert_eq!(stored.len(), 2);
-            assert!(stored[0].starts_with(b"Received: "));
-            assert!(stored[0].ends_with(&body1), "stored body differs");
-            let mut with_crlf = body2.to_vec();
-            with_crlf.extend_from_slice(b"\r\n");
-            assert!(stored[1].ends_with(&with_crlf));
         }
+    }
+
+    /// The first transaction's result, the stored messages and the client's bytes, for each
+    /// transaction run in turn against our server (pipelined BDAT when the body is small).
+    fn bdat_run(scfg: &SessionConfig, txs: Vec<(TxSpec<'_>, &[u8])>, cap: usize) -> Run {
+        let n = txs.len();
+        let run = pair_on(scfg, txs, cap);
+        assert_eq!(run.results().len(), n, "{:?}", run.events);
+        assert_eq!(run.events.last(), Some(&ClientEvent::Closed), "{:?}", run.events);
+        run
+    }
+
+    #[test]
+    fn real_server_pipelined_bdat_refusals() {
+        // SIZE is advertised without a limit, so the client declares 2000 octets and the server
+        // (limit 1000) refuses MAIL; it refuses non-ASCII recipients without SMTPUTF8.
+        let scfg = server_cfg(1000, &[("250-SIZE 1000\r\n", "250-SIZE\r\n")]);
+        let big = vec![b'x'; 2000];
+        let good = b"Subject: ok\r\n\r\nfine\r\n";
+        let cases: Vec<(TxSpec<'_>, &[u8])> = vec![
+            (spec(&["1@y.test", "2@y.test"], big.len() as u64), &big),
+            (spec(&["\u{fc}@y.test", "\u{f6}@y.test"], good.len() as u64), good),
+            (spec(&["\u{fc}@y.test", "3@y.test"], good.len() as u64), good),
+            (spec(&["4@y.test"], good.len() as u64), good),
+        ];
+        for cap in [40, 16 * 1024] {
+            let run = bdat_run(&scfg, cases.clone(), cap);
+            let r = run.results();
+            // MAIL refused: every recipient gets its reply; the chunk was read and discarded.
+            assert_eq!(r[0].mail_reply.code, 552);
+            assert_eq!(codes(&r[0].rcpt_replies), [552, 552]);
+            assert_eq!(r[0].data_reply, None);
+            // Every RCPT refused.
+            assert_eq!(r[1].mail_reply.code, 250);
+            assert_eq!(codes(&r[1].rcpt_replies), [553, 553]);
+            assert_eq!(r[1].data_reply, None);
+            // One refused, one delivered.
+            assert_eq!([r[2].outcome(0).code, r[2].outcome(1).code], [553, 250]);
+            assert_eq!(r[3].outcome(0).code, 250);
+            // Everything went in the envelope's batch; each failed transaction ended in RSET.
+            // Each failed transaction whose chunk went out ends in RSET. Through a 40-octet
+            // buffer the MAIL refusal arrives before the batch is out: the second RCPT and the
+            // chunk are never sent, and there is no transaction to reset.
+            let (chunks, rsets) = if cap == 40 { (3, 1) } else { (4, 2) };
+            assert_eq!(run.count(b"BDAT "), chunks);
+            assert_eq!(run.count(b"RSET\r\n"), rsets);
+            assert_eq!(run.stored.len(), 2);
+            assert!(run.stored.iter().all(|m| m.ends_with(good)));
+        }
+    }
+
+    #[test]
+    fn bdat_is_byte_exact_and_never_stuffed() {
+        let mut body = b".\r\n..\r\n.lead\r\nmid\r\n.\r\nafter\r\n\r\n.\r\n\r\n.".to_vec();
+        body.extend(std::iter::repeat(b"\r\n.\r\n.x\r\n").take(500).flatten());
+        body.extend_from_slice(b"\r\n.\r\n");
+        let big: Vec<u8> = body.iter().copied().cycle().take(PIPELINED_CHUNK_MAX as usize + 7).collect();
+        let scfg = SessionConfig::new("mx.test", 1 << 20, 100);
+        for b in [&body, &big] {
+            for cap in [64, 4096, 16 * 1024] {
+                let run = bdat_run(&scfg, vec![(spec(&["1@y.test"], b.len() as u64), b)], cap);
+                assert_eq!(run.results()[0].outcome(0).code, 250);
+                let mut chunk = format!("BDAT {} LAST\r\n", b.len()).into_bytes();
+                chunk.extend_from_slice(b);
+                assert_eq!(memmem::find_iter(&run.wire, &chunk).count(), 1, "the chunk is the body, unstuffed");
+                assert_eq!(run.count(b"DATA\r\n"), 0);
+                assert!(run.stored[0].ends_with(b));
+            }
+        }
+    }
+
+    #[test]
+    fn real_server_large_bdat_waits_for_the_envelope() {
+        let body: Vec<u8> = b"0123456789abcd\r\n".iter().copied().cycle().take(300_000).collect();
+        let run = bdat_run(
+            &SessionConfig::new("mx.test", 1 << 20, 100),
+            vec![(spec(&["1@y.test"], body.len() as u64), &body), (spec(&["2@y.test"], 3), b"ab\r")],
+            1000,
+        );
+        assert!(run.results().iter().all(|r| r.outcome(0).code == 250));
+        assert_eq!(run.count(b"BDAT 300000 LAST\r\n"), 1);
+        assert!(run.stored[0].ends_with(&body) && run.stored[1].ends_with(b"ab\r"));
     }
 
     #[test]
@@ -2045,16 +2622,22 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(64))]
         /// Any body of CRLF lines, through any output size, arrives at the server unchanged.
         #[test]
-        fn pair_round_trip(lines in proptest::collection::vec("[.a\u{e9} ]{0,8}", 0..40), cap in 8usize..300) {
+        fn pair_round_trip(
+            lines in proptest::collection::vec("[.a\u{e9} ]{0,8}", 0..40),
+            cap in 8usize..300,
+            chunking in any::<bool>(),
+        ) {
             let mut body = Vec::new();
             for l in &lines {
                 body.extend_from_slice(l.as_bytes());
                 body.extend_from_slice(b"\r\n");
             }
-            let (events, stored) = pair(vec![(spec(&["1@y.test"], body.len() as u64), &body[..])], cap);
-            prop_assert_eq!(events.last(), Some(&ClientEvent::Closed));
-            prop_assert_eq!(stored.len(), 1);
-            prop_assert!(stored[0].ends_with(&body));
+            let scfg = server_cfg(1 << 20, if chunking { &[] } else { NO_CHUNKING });
+            let run = pair_on(&scfg, vec![(spec(&["1@y.test"], body.len() as u64), &body[..])], cap);
+            prop_assert_eq!(run.events.last(), Some(&ClientEvent::Closed));
+            prop_assert_eq!(run.count(b"BDAT "), usize::from(chunking));
+            prop_assert_eq!(run.stored.len(), 1);
+            prop_assert!(run.stored[0].ends_with(&body));
         }
     }
 }

@@ -369,6 +369,68 @@ fn ten_mib_message_arrives_byte_exact() {
     assert!(got[0].1.ends_with(&body), "10 MiB body differs after relaying");
 }
 
+/// Dot-stuffs `body` for DATA (RFC 5321 §4.5.2).
+fn stuff(body: &[u8]) -> Vec<u8> {
+    let mut stuffed = Vec::with_capacity(body.len() + body.len() / 50);
+    for line in body.split_inclusive(|&b| b == b'\n') {
+        if line.first() == Some(&b'.') {
+            stuffed.push(b'.');
+        }
+        stuffed.extend_from_slice(line);
+    }
+    stuffed
+}
+
+#[test]
+fn chunking_destinations_get_bdat_byte_exact_and_others_data() {
+    let Some(bin) = load_bin() else { return };
+    let port = free_port();
+    // Both sinks save; only the first offers CHUNKING. Each saved envelope says how the message
+    // came (`TRANSFER: BDAT|DATA`).
+    let chunk = sink(&bin, &format!("127.0.0.21:{port}"), &[]);
+    let plain = sink(&bin, &format!("127.0.0.22:{port}"), &["--no-chunking"]);
+    let d = dns(&bin, &["--zone", "chunk.test=127.0.0.21", "--zone", "plain.test=127.0.0.22"]);
+    let relay = Relay::start(&["--dns", &d.addr.to_string(), "--smtp-port", &port.to_string()]);
+    // Lines that are a lone dot or start with one, i.e. "CRLF . CRLF" inside the message: by
+    // BDAT they must go raw (a stuffed dot would stay in the message), by DATA stuffed.
+    let dots = b"Subject: dots\r\n\r\n.\r\n..\r\n.leading\r\nmid\r\n.\r\n\r\n.\r\n.\r\nend\r\n".to_vec();
+    let mut big = b"Subject: big\r\n\r\n".to_vec();
+    let mut i = 0u32;
+    while big.len() < 3 << 20 {
+        big.extend_from_slice(if i % 5 == 0 { b".\r\n" } else { b"" });
+        big.extend_from_slice(format!(".line {i:08} {}\r\n", "y".repeat(50)).as_bytes());
+        i += 1;
+    }
+    for body in [&dots, &big] {
+        send(&relay, "a@src.test", &["x@chunk.test", "y@chunk.test", "z@plain.test"], &stuff(body));
+    }
+    // Every recipient refused (the chunk is read and discarded, then RSET), and one of two.
+    send(&relay, "a@src.test", &["rej-1@chunk.test", "rej-2@chunk.test"], b"Subject: none\r\n\r\nno\r\n");
+    send(&relay, "a@src.test", &["rej-3@chunk.test", "w@chunk.test"], b"Subject: half\r\n\r\nhalf\r\n");
+    let got = wait_saved(&chunk, 3, Duration::from_secs(60), &relay);
+    let by_plain = wait_saved(&plain, 2, Duration::from_secs(60), &relay);
+    wait_queue_empty(&relay, Duration::from_secs(30));
+    assert_eq!((saved(&chunk).len(), saved(&plain).len()), (3, 2));
+    for (env, _) in &got {
+        assert!(env.contains("TRANSFER: BDAT\n"), "{env}");
+    }
+    for (env, _) in &by_plain {
+        assert!(env.contains("TRANSFER: DATA\n"), "{env}");
+    }
+    for saved in [&got, &by_plain] {
+        let find = |b: &[u8]| saved.iter().find(|(_, m)| m.ends_with(b)).map(|(env, _)| env.clone());
+        assert!(find(&dots).is_some(), "message with dot lines differs after relaying");
+        assert!(find(&big).is_some(), "3 MiB message differs after relaying");
+    }
+    let half = got.iter().find(|(_, m)| m.ends_with(b"\r\nhalf\r\n")).expect("half delivered");
+    assert!(half.0.contains("<w@chunk.test>") && !half.0.contains("rej-"), "{}", half.0);
+    let log = relay.log();
+    for rcpt in ["rej-1@chunk.test", "rej-2@chunk.test", "rej-3@chunk.test"] {
+        let refused = |l: &&str| l.contains(rcpt) && l.contains("550 5.1.1") && l.contains("outcome=failed");
+        assert!(log.lines().any(|l| refused(&l)), "{rcpt}:\n{log}");
+    }
+}
+
 #[test]
 fn queue_shows_attempts_and_expired_mail_bounces_once() {
     let Some(_) = load_bin() else { return };
