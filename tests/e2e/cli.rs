@@ -103,24 +103,6 @@ fn queue_list_and_stats() {
     assert!(err.contains("/nonexistent/spool"), "{err}");
 }
 
-/// Runs `sluice passwd USER` with `stdin` piped in: (exit code, stdout, stderr).
-fn passwd(user: &str, stdin: &[u8]) -> (i32, String, String) {
-    use std::io::Write as _;
-    use std::process::Stdio;
-    let mut child = Command::new(sluice_bin())
-        .args(["passwd", user])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // The child may exit before reading (bad user name): a broken pipe is fine.
-    let _ = child.stdin.take().unwrap().write_all(stdin);
-    let out = child.wait_with_output().unwrap();
-    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
-}
-
 #[test]
 fn passwd_prints_a_line_that_verifies() {
     use sluice::smtp::auth::AuthFile;

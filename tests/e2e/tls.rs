@@ -309,21 +309,9 @@ fn auth_before_tls_is_refused_and_auth_exchanges_follow_rfc_4954() {
 
 /// An auth-file line made by `sluice passwd USER` with `pass` on its stdin.
 fn passwd_line(user: &str, pass: &[u8]) -> String {
-    use std::process::Stdio;
-    let mut child = Command::new(sluice_bin())
-        .args(["passwd", user])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(pass).unwrap();
-    stdin.write_all(b"\n").unwrap();
-    drop(stdin);
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "sluice passwd: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
+    let (code, out, err) = passwd(user, &[pass, b"\n"].concat());
+    assert_eq!(code, 0, "sluice passwd: {err}");
+    out
 }
 
 /// RFC 4954 §4: AUTH lines may be up to 12,288 octets. A ~5,000-byte password fits both the
