@@ -45,12 +45,15 @@ fn bench(args: &[&str], limit: Duration) -> Value {
 
 /// Processes the bench may have started that are still alive: anything with a bench temp
 /// directory (relay spool) in its command line, and our sink/dns started by the bench.
+/// Only binaries of this build count: another build's benchmarks may run on the same machine.
 fn leftovers() -> Vec<String> {
+    let build_dir = Path::new(bin()).parent().map(|d| d.display().to_string()).unwrap_or_default();
     std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
         .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
         .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|s| s.starts_with(&format!("{build_dir}/")))
         .filter(|s| {
             s.contains("sluice-bench-")
                 || (s.contains("sluice-load")
