@@ -48,8 +48,10 @@ fn size_distribution_threads_and_per_connection() {
     let bytes = r["bytes_accepted"].as_u64().unwrap();
     // Both sizes were drawn: strictly between all-small and all-large.
     assert!(bytes > 200 * 1024 && bytes < 200 * 3072, "{bytes}");
-    // 10 messages per connection: 20 connections in all.
-    assert_eq!(sum["connections"], 20);
+    // At most 10 messages per connection: 20 connections, or a few more when the last messages
+    // are spread over fresh connections while others are still busy.
+    let conns = sum["connections"].as_u64().unwrap();
+    assert!((20..=24).contains(&conns), "{sum}");
 }
 
 #[test]
