@@ -143,7 +143,8 @@ pub struct ServeArgs {
     /// Queued mail goes out once the relay runs without it.
     #[arg(long)]
     pub hold: bool,
-    /// Time a client has to finish a TLS handshake (after STARTTLS or on a --listen-tls port).
+    /// Time a client has to finish a TLS handshake (after STARTTLS or on a --listen-tls port),
+    /// and a destination has to finish one after its 220 to our STARTTLS.
     #[arg(long = "tls-handshake-timeout", value_name = "DUR", default_value = "30s", value_parser = parse_duration)]
     pub tls_handshake_timeout: Duration,
     /// Delivery TLS policy, as Postfix's smtp_tls_security_level: `none`; `may` (STARTTLS when

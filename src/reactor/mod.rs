@@ -234,7 +234,7 @@ impl Server {
                 domain_concurrency: cfg.domain_concurrency,
                 policy: RetryPolicy { schedule: cfg.retry_schedule.clone(), max_lifetime: cfg.max_queue_lifetime },
                 hostname: cfg.hostname.clone(),
-                timeouts: capped_timeouts(cfg.smtp_timeout),
+                timeouts: capped_timeouts(cfg.smtp_timeout, cfg.tls_handshake_timeout),
                 connect_timeout: cfg.connect_timeout,
                 tls_mode: cfg.outbound_tls,
                 tls: cfg.client_tls.clone(),
@@ -1076,8 +1076,9 @@ impl Server {
     }
 }
 
-/// RFC 5321 §4.5.3.1 client timeouts, each capped at `cap` (`--smtp-timeout`).
-fn capped_timeouts(cap: Duration) -> ClientTimeouts {
+/// RFC 5321 §4.5.3.1 client timeouts, each capped at `cap` (`--smtp-timeout`), and the
+/// STARTTLS handshake's (`--tls-handshake-timeout`, as for inbound handshakes).
+fn capped_timeouts(cap: Duration, tls_handshake: Duration) -> ClientTimeouts {
     let d = ClientTimeouts::default();
     ClientTimeouts {
         greeting: d.greeting.min(cap),
@@ -1085,6 +1086,7 @@ fn capped_timeouts(cap: Duration) -> ClientTimeouts {
         data_init: d.data_init.min(cap),
         data_block: d.data_block.min(cap),
         data_end: d.data_end.min(cap),
+        tls_handshake,
     }
 }
 

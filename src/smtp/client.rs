@@ -53,6 +53,8 @@ pub struct ClientTimeouts {
     /// Waiting for the reply after the end of data (§4.5.3.1.6: 10 minutes); also for the
     /// reply to `BDAT n LAST`, and for every reply of a pipelined batch once its chunk is out.
     pub data_end: Duration,
+    /// The TLS handshake after the `220` to STARTTLS (`--tls-handshake-timeout`, 30 s).
+    pub tls_handshake: Duration,
 }
 
 impl Default for ClientTimeouts {
@@ -63,6 +65,7 @@ impl Default for ClientTimeouts {
             data_init: Duration::from_secs(2 * 60),
             data_block: Duration::from_secs(3 * 60),
             data_end: Duration::from_secs(10 * 60),
+            tls_handshake: Duration::from_secs(30),
         }
     }
 }
@@ -580,8 +583,8 @@ impl ClientSession {
         let timeout = match self.phase()? {
             Phase::Greeting => t.greeting,
             Phase::Ehlo | Phase::Helo | Phase::Mail | Phase::Rcpt | Phase::Rset | Phase::Quit => t.command,
-            // The handshake is a round trip or two, like a command.
-            Phase::StartTls | Phase::TlsHandshake => t.command,
+            Phase::StartTls => t.command,
+            Phase::TlsHandshake => t.tls_handshake,
             Phase::DataInit => t.data_init,
             Phase::DataBlock => t.data_block,
             Phase::DataEnd => t.data_end,
@@ -1220,6 +1223,7 @@ mod tests {
             data_init: Duration::from_secs(30),
             data_block: Duration::from_secs(40),
             data_end: Duration::from_secs(50),
+            tls_handshake: Duration::from_secs(5),
         }
     }
 
@@ -1445,9 +1449,17 @@ mod tests {
         p.drain();
         assert!(p.failed().is_tls_handshake());
 
-        // The handshake runs on the command timeout.
+        // The handshake runs on its own timeout (--tls-handshake-timeout), not the command one.
         let mut p = started();
-        fire(&mut p, Phase::TlsHandshake, timeouts().command);
+        fire(&mut p, Phase::TlsHandshake, timeouts().tls_handshake);
+        // Once it is done, EHLO is back on the command timeout.
+        let mut p = started();
+        assert_eq!(p.s.next_deadline(), Some(p.now + timeouts().tls_handshake));
+        p.now += Duration::from_secs(1);
+        p.s.handle_tls_established(p.now);
+        assert_eq!(p.send(b""), "EHLO relay.test\r\n");
+        assert_eq!(p.s.phase(), Some(Phase::Ehlo));
+        assert_eq!(p.s.next_deadline(), Some(p.now + timeouts().command));
         let mut p = started();
         let d = p.s.next_deadline().unwrap();
         p.s.handle_timeout(d);
