@@ -14,21 +14,15 @@ BIN=$PWD/target/release/sluice
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 WORK=$(mktemp -d /tmp/sluice-bench.XXXXXX)
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
+# shellcheck source=benches/lib.sh
+source "$PWD/benches/lib.sh"
 trap cleanup EXIT
 TCK=$(getconf CLK_TCK)
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-now() { date +%s.%N; }
-cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
-wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
 start_relay() { # $1 port, $2 spool, $3 log
   "$BIN" serve --listen "127.0.0.1:$1" --spool "$2" --fsync always --hostname bench.test --hold --dns 127.0.0.1:1 2>"$3" &
   RELAY=$!; PIDS+=("$RELAY"); wait_port "$1"
 }
-stop() { kill -TERM "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 
 sink_rates=(); sink_cpu=(); relay_rates=(); cpu_us=(); p99s=()
 for run in $(seq "$RUNS"); do

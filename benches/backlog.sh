@@ -14,12 +14,11 @@ BIN=$PWD/target/release/sluice
 LOAD=$PWD/target/release/sluice-load
 WORK=$(mktemp -d /tmp/sluice-backlog.XXXXXX)
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do { kill -9 "$p" && wait "$p"; } 2>/dev/null || true; done; rm -rf "$WORK"; }
+# shellcheck source=benches/lib.sh
+source "$PWD/benches/lib.sh"
 trap cleanup EXIT
 ulimit -n 65536 2>/dev/null || true
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-now() { date +%s.%N; }
 kib() { awk "/^$2:/ {print \$2}" "/proc/$1/status"; }
 wait_log() { # $1 file, $2 pattern, $3 seconds
   for _ in $(seq $(($3 * 20))); do grep -q "$2" "$1" && return 0; sleep 0.05; done

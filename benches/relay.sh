@@ -15,17 +15,12 @@ BIN=$PWD/target/release/sluice
 LOAD=$PWD/target/release/sluice-load
 WORK=$(mktemp -d /tmp/sluice-relay-bench.XXXXXX)
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do { kill -9 "$p" && wait "$p"; } 2>/dev/null || true; done; rm -rf "$WORK"; }
+# shellcheck source=benches/lib.sh
+source "$PWD/benches/lib.sh"
 trap cleanup EXIT
 TCK=$(getconf CLK_TCK)
 TOTAL=$((M * R))
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-now() { date +%s.%N; }
-cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
-wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
-stop() { kill -TERM "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 source_to() { smtp-source -s "$S" -m "$M" -l "$L" -r "$R" -d -f sender@bench.test -t rcpt@dest.test "127.0.0.1:$1"; }
 
 DNS_PORT=$(free_port)
