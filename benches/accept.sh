@@ -2,6 +2,8 @@
 # Accept-path benchmark, compared in one run:
 #   smtp-source -s S -m M -l L -d  ->  smtp-sink            (the ceiling: a sink that stores nothing)
 #   smtp-source -s S -m M -l L -d  ->  sluice --fsync always (durable spool, group commit)
+#   smtp-source -s S -m M -l L -d  ->  sluice --fsync never  (same work without the disk syncs:
+#                                       what the durability costs, for comparison only)
 # plus the relay's RSS with 1,000 idle connections and a 10,000-connection hold test.
 # Usage: benches/accept.sh [MESSAGES=20000] [SESSIONS=20] [SIZE=1024] [RUNS=3]
 # Needs Debian's postfix package (smtp-source, smtp-sink) and python3. Loopback only; every
@@ -19,12 +21,12 @@ source "$PWD/benches/lib.sh"
 trap cleanup EXIT
 TCK=$(getconf CLK_TCK)
 
-start_relay() { # $1 port, $2 spool, $3 log
-  "$BIN" serve --listen "127.0.0.1:$1" --spool "$2" --fsync always --hostname bench.test --hold --dns 127.0.0.1:1 2>"$3" &
+start_relay() { # $1 port, $2 spool, $3 log, [$4 fsync policy, default always]
+  "$BIN" serve --listen "127.0.0.1:$1" --spool "$2" --fsync "${4:-always}" --hostname bench.test --hold --dns 127.0.0.1:1 2>"$3" &
   RELAY=$!; PIDS+=("$RELAY"); wait_port "$1"
 }
 
-sink_rates=(); sink_cpu=(); relay_rates=(); cpu_us=(); p99s=()
+sink_rates=(); sink_cpu=(); relay_rates=(); cpu_us=(); p99s=(); never_rates=(); never_cpu=()
 for run in $(seq "$RUNS"); do
   P=$(free_port)
   smtp-sink -u nobody "127.0.0.1:$P" 1000 & SINK=$!; PIDS+=("$SINK"); wait_port "$P"
@@ -46,6 +48,15 @@ for run in $(seq "$RUNS"); do
   relay_rates+=("$(echo "$M / ($t1 - $t0)" | bc -l)")
   cpu_us+=("$(echo "($c1 - $c0) * 1000000 / $TCK / $M" | bc -l)")
   p99s+=("$(grep -o 'commit_us=[0-9]*' "$WORK/relay.log" | cut -d= -f2 | sort -n | awk '{a[NR]=$1} END {print a[int(NR*0.99)]/1000}')")
+
+  P=$(free_port); rm -rf "$WORK/spool"
+  start_relay "$P" "$WORK/spool" "$WORK/never.log" never
+  c0=$(cpu_ticks "$RELAY")
+  t0=$(now); smtp-source -s "$S" -m "$M" -l "$L" -d "127.0.0.1:$P"; t1=$(now)
+  c1=$(cpu_ticks "$RELAY")
+  stop "$RELAY"
+  never_rates+=("$(echo "$M / ($t1 - $t0)" | bc -l)")
+  never_cpu+=("$(echo "($c1 - $c0) * 1000000 / $TCK / $M" | bc -l)")
 done
 
 # Idle connections: RSS of the relay holding 1,000 sessions that said nothing after the greeting,
@@ -88,5 +99,7 @@ printf '\naccept benchmark: smtp-source -s %s -m %s -l %s -d, median of %s runs\
 printf '| target | msg/s | ratio to smtp-sink | server CPU us/msg | p99 end-of-data->commit ms |\n|---|---|---|---|---|\n'
 printf '| smtp-sink | %.0f | 1.00 | %.1f | - |\n' "$sink_m" "$sink_cpu_m"
 printf '| sluice --fsync always | %.0f | %.2f | %.1f | %.2f |\n' "$relay_m" "$(echo "$relay_m / $sink_m" | bc -l)" "$cpu_m" "$p99_m"
+never_m=$(printf '%s\n' "${never_rates[@]}" | median)
+printf '| sluice --fsync never (not durable) | %.0f | %.2f | %.1f | - |\n' "$never_m" "$(echo "$never_m / $sink_m" | bc -l)" "$(printf '%s\n' "${never_cpu[@]}" | median)"
 printf 'per run: sink %s | sluice %s | sink cpu_us %s | sluice cpu_us %s\n' "$(printf '%.0f ' "${sink_rates[@]}")" "$(printf '%.0f ' "${relay_rates[@]}")" "$(printf '%.1f ' "${sink_cpu[@]}")" "$(printf '%.1f ' "${cpu_us[@]}")"
 printf 'RSS: %s KiB at start, %s KiB with %s/1000 idle sessions, %s KiB with %s/10000 sessions held\n' "$rss_before" "$rss_idle" "$idle_ok" "$rss_10k" "$held"
