@@ -2,8 +2,8 @@
 //!
 //! Owns every file in the spool directory: numbered segment files (`seg-<16 digits>.spool`)
 //! and a `lock` file that keeps a second relay out. Messages and per-recipient delivery
-//! outcomes are appended as checksummed records ([`format`](mod@format)) straight into the map of the
-//! active segment (`segment.rs`); [`Spool::commit`] makes everything appended so far durable in
+//! outcomes are appended as checksummed records ([`format`](mod@format)) to the active segment
+//! (`segment.rs`: small records straight into its map, large ones by `pwrite`); [`Spool::commit`] makes everything appended so far durable in
 //! one `msync` + `fdatasync` per dirty segment (group commit), and only after it returns `Ok`
 //! may the relay answer 250 for those messages. [`Spool::open`] rebuilds the queue
 //! (`recover.rs`) and always starts a fresh active segment; older segments are read-only.

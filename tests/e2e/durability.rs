@@ -37,10 +37,11 @@ fn kill_9_never_loses_an_acknowledged_message() {
                             break 'conn;
                         }
                         n += 1;
-                        let body = format!(
-                            "Subject: r{round} w{w} n{n}\r\n\r\n{}\r\n..dot\r\n",
-                            "z".repeat((n as usize * 37) % 3000)
-                        );
+                        // Every fifth body is over 16 KiB: the spool writes those with pwrite
+                        // rather than through the map.
+                        let fill =
+                            if n % 5 == 0 { 16 * 1024 + (n as usize * 997) % 50_000 } else { (n as usize * 37) % 3000 };
+                        let body = format!("Subject: r{round} w{w} n{n}\r\n\r\n{}\r\n..dot\r\n", "z".repeat(fill));
                         let unstuffed = body.replace("\r\n..dot", "\r\n.dot").into_bytes();
                         if !c.cmd("MAIL FROM:<a@b.test>").starts_with("250")
                             || !c.cmd("RCPT TO:<x@y.test>").starts_with("250")
