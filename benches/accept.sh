@@ -12,7 +12,8 @@ set -euo pipefail
 M=${1:-20000}; S=${2:-20}; L=${3:-1024}; RUNS=${4:-3}
 cd "$(dirname "$0")/.."
 cargo build --release -q
-BIN=$PWD/target/release/sluice
+TARGET=${CARGO_TARGET_DIR:-$PWD/target}
+BIN=${SLUICE_BIN:-$TARGET/release/sluice}  # SLUICE_BIN: another build to measure
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 WORK=$(mktemp -d /tmp/sluice-bench.XXXXXX)
 PIDS=()

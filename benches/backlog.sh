@@ -10,8 +10,9 @@ set -euo pipefail
 N=${1:-1000000}; L=${2:-1024}; C=${3:-20}
 cd "$(dirname "$0")/.."
 cargo build --release -q --workspace
-BIN=$PWD/target/release/sluice
-LOAD=$PWD/target/release/sluice-load
+TARGET=${CARGO_TARGET_DIR:-$PWD/target}
+BIN=${SLUICE_BIN:-$TARGET/release/sluice}  # SLUICE_BIN: another build to measure
+LOAD=$TARGET/release/sluice-load
 WORK=$(mktemp -d /tmp/sluice-backlog.XXXXXX)
 PIDS=()
 # shellcheck source=benches/lib.sh

@@ -11,8 +11,9 @@ set -euo pipefail
 M=${1:-20000}; S=${2:-20}; L=${3:-1024}; R=${4:-1}; RUNS=${5:-3}
 cd "$(dirname "$0")/.."
 cargo build --release -q --workspace
-BIN=$PWD/target/release/sluice
-LOAD=$PWD/target/release/sluice-load
+TARGET=${CARGO_TARGET_DIR:-$PWD/target}
+BIN=${SLUICE_BIN:-$TARGET/release/sluice}  # SLUICE_BIN: another build to measure
+LOAD=$TARGET/release/sluice-load
 WORK=$(mktemp -d /tmp/sluice-relay-bench.XXXXXX)
 PIDS=()
 # shellcheck source=benches/lib.sh
