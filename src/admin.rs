@@ -1,5 +1,6 @@
-//! `sluice queue --spool DIR list|stats`: a read-only view of a spool, safe beside a running
-//! relay (it never truncates, deletes or locks anything).
+//! `sluice queue --spool DIR list|stats|flush`: a read-only view of a spool, safe beside a
+//! running relay (it never truncates, deletes or locks anything), and the flush request to the
+//! relay running on it.
 
 use std::io::{self, Write};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -7,14 +8,29 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::cli::{QueueAction, QueueArgs};
 use crate::spool::RcptStatus;
 
+/// Asks the relay holding the spool's lock to flush its queue (SIGUSR1).
+fn flush(spool: &std::path::Path, out: &mut dyn Write) -> Result<(), Box<dyn std::error::Error>> {
+    let Some(pid) = crate::spool::relay_pid(spool)? else {
+        return Err(format!("no relay is running on {}", spool.display()).into());
+    };
+    crate::reactor::signal::request_flush(pid).map_err(|e| format!("signal relay process {pid}: {e}"))?;
+    writeln!(out, "flush requested from the relay (process {pid}); it logs event=flush")?;
+    Ok(())
+}
+
 /// Runs the `queue` subcommand, writing to `out`.
 pub fn run(args: &QueueArgs, out: &mut dyn Write) -> Result<(), Box<dyn std::error::Error>> {
     if !args.spool.is_dir() {
         return Err(format!("{}: no such spool directory", args.spool.display()).into());
     }
+    if args.action == QueueAction::Flush {
+        return flush(&args.spool, out);
+    }
     let (rec, envelopes) = crate::spool::queue_listing(&args.spool)?;
     let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     match args.action {
+        // Answered above, without reading the spool.
+        QueueAction::Flush => {}
         QueueAction::Stats => {
             let rcpts: usize = rec.messages.iter().map(|m| m.rcpts.len()).sum();
             let pending: usize = rec

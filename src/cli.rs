@@ -182,6 +182,9 @@ pub enum QueueAction {
     List,
     /// Totals.
     Stats,
+    /// Ask the relay running on this spool (SIGUSR1) to retry every deferred recipient now
+    /// and to forget which destinations it found down.
+    Flush,
 }
 
 /// An IP network in CIDR notation.

@@ -1080,6 +1080,28 @@ impl Delivery {
     pub fn connections(&self) -> usize {
         self.conns.len()
     }
+
+    /// A queue flush (`sluice queue flush`, SIGUSR1): every deferred job is due now, and every
+    /// destination is tried afresh — its connect backoff and failure count forgotten, a failed
+    /// route looked up again. Returns (jobs made due, destinations that were held back).
+    pub fn flush(&mut self, now_ms: u64) -> (usize, usize) {
+        let due = self.queue.flush(now_ms);
+        let mut reset = 0;
+        for state in &mut self.dests {
+            let failed_route = matches!(state.route, Route::Failed { .. });
+            if state.backoff_until_ms > 0 || state.failures > 0 || failed_route {
+                reset += 1;
+            }
+            state.backoff_until_ms = 0;
+            state.backoff_reply = None;
+            state.failures = 0;
+            state.next_addr = 0;
+            if failed_route {
+                state.route = Route::Unknown;
+            }
+        }
+        (due, reset)
+    }
 }
 
 /// The deferral for a host that could not be reached (RFC 3463 X.4.1: no answer from host).

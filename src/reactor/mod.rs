@@ -1007,9 +1007,12 @@ impl Server {
     }
 
     fn on_signal(&mut self) {
-        let (n, hup) = self.signals.drain();
+        let signal::Received { stop: n, hup, flush } = self.signals.drain();
         if hup > 0 {
             self.reload_tls();
+        }
+        if flush > 0 {
+            self.flush_queue();
         }
         if n == 0 {
             return;
@@ -1028,6 +1031,18 @@ impl Server {
         for key in keys {
             self.drive(key);
         }
+    }
+
+    /// SIGUSR1 (`sluice queue flush`): every deferred recipient is due now and no destination
+    /// is taken for down any more (like Postfix's `postqueue -f`). With `--hold` nothing is
+    /// delivered, so it only says so.
+    fn flush_queue(&mut self) {
+        if self.cfg.hold {
+            self.log.event("flush", &[("detail", V::S("--hold: nothing is delivered"))]);
+            return;
+        }
+        let (jobs, dests) = self.delivery.flush(self.wall_us / 1000);
+        self.log.event("flush", &[("jobs_due", V::N(jobs as u64)), ("destinations_reset", V::N(dests as u64))]);
     }
 
     /// SIGHUP: loads the certificate and key again. New sessions get the new pair; open ones

@@ -191,6 +191,12 @@ pub fn queue_listing(dir: &std::path::Path) -> Result<(Recovery, Vec<Envelope>),
     recover::queue_listing(dir)
 }
 
+/// The process id of the relay running on the spool in `dir` (the holder of its lock), or
+/// `None` when none runs there; for `sluice queue flush`.
+pub fn relay_pid(dir: &std::path::Path) -> Result<Option<u32>, SpoolError> {
+    segment::locking_pid(dir)
+}
+
 /// One group commit detached from the spool so that a sync thread can run it while the event
 /// loop goes on (see [`Spool::begin_commit`]). `Send`; holds no borrow of the spool.
 pub struct SyncJob {

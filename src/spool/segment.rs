@@ -90,7 +90,8 @@ fn page_size() -> usize {
 }
 
 /// Takes an exclusive, non-blocking `flock` on `<dir>/lock`, creating it; this also proves the
-/// directory is writable. The lock lives as long as the returned file.
+/// directory is writable. The lock lives as long as the returned file, which holds our process
+/// id (for `sluice queue flush`, see [`locking_pid`]).
 pub(crate) fn lock_dir(dir: &Path) -> Result<File, SpoolError> {
     let path = dir.join("lock");
     let file = OpenOptions::new()
@@ -103,12 +104,42 @@ pub(crate) fn lock_dir(dir: &Path) -> Result<File, SpoolError> {
         .map_err(|e| map_io_at("spool directory is not writable", &path, e))?;
     // SAFETY: the fd is open for the duration of the call; flock takes no pointers.
     match syscall!(flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB)) {
-        Ok(_) => Ok(file),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(SpoolError::Io(
-            "spool directory is in use by another process",
-            io::Error::new(e.kind(), path.display().to_string()),
-        )),
-        Err(e) => Err(map_io_at("lock spool directory", &path, e)),
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            return Err(SpoolError::Io(
+                "spool directory is in use by another process",
+                io::Error::new(e.kind(), path.display().to_string()),
+            ))
+        }
+        Err(e) => return Err(map_io_at("lock spool directory", &path, e)),
+    }
+    let pid = format!("{}\n", std::process::id());
+    file.set_len(0)
+        .and_then(|()| file.write_all_at(pid.as_bytes(), 0))
+        .map_err(|e| map_io_at("write process id to spool lock", &path, e))?;
+    Ok(file)
+}
+
+/// The process id of the relay holding `<dir>/lock`, or `None` when no process holds it (no
+/// relay runs on this spool; a stale id left in the file is never returned).
+pub(crate) fn locking_pid(dir: &Path) -> Result<Option<u32>, SpoolError> {
+    let path = dir.join("lock");
+    let file = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(map_io_at("open spool lock", &path, e)),
+    };
+    // SAFETY: the fd is open for the duration of the call; flock takes no pointers.
+    match syscall!(flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB)) {
+        // We got it, so nobody holds it (and dropping the file releases it again).
+        Ok(_) => return Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+        Err(e) => return Err(map_io_at("lock spool directory", &path, e)),
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| map_io_at("read spool lock", &path, e))?;
+    match text.trim().parse::<u32>() {
+        Ok(pid) if pid > 0 => Ok(Some(pid)),
+        _ => Err(SpoolError::Io("spool lock holds no process id", io::Error::other(path.display().to_string()))),
     }
 }
 
@@ -613,9 +644,12 @@ mod tests {
     #[test]
     fn lock_is_exclusive() {
         let dir = temp_dir("lock");
+        assert_eq!(locking_pid(&dir).unwrap(), None, "no lock file yet");
         let held = lock_dir(&dir).unwrap();
         assert!(lock_dir(&dir).is_err());
+        assert_eq!(locking_pid(&dir).unwrap(), Some(std::process::id()));
         drop(held);
+        assert_eq!(locking_pid(&dir).unwrap(), None, "the id left in the file is stale");
         assert!(lock_dir(&dir).is_ok());
         std::fs::remove_dir_all(&dir).unwrap();
     }

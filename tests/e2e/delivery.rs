@@ -121,6 +121,34 @@ fn send(relay: &Relay, from: &str, to: &[&str], body: &[u8]) -> String {
     queue_id(&r)
 }
 
+/// `sluice queue flush` (SIGUSR1 to the relay holding the spool's lock): a recipient deferred
+/// for an hour, to a destination the relay holds for down, is tried again at once.
+#[test]
+fn queue_flush_retries_deferred_mail_at_once() {
+    let Some(bin) = load_bin() else { return };
+    let target = format!("127.0.0.1:{}", free_port());
+    let relay = Relay::start(&["--relay-host", &target, "--dns", "127.0.0.1:9", "--retry-schedule", "1h"]);
+    let id = send(&relay, "a@src.test", &["x@dst.test"], b"Subject: flush\r\n\r\nbody\r\n");
+    relay.wait_log("outcome=deferred");
+    let sink = sink(&bin, &target, &[]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(saved(&sink).is_empty(), "delivered before the flush: the retry was due in an hour");
+    let (code, out, err) = queue_cmd(&relay.spool, &["flush"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("flush requested"), "{out}");
+    relay.wait_log("event=flush");
+    relay.wait_log("outcome=delivered");
+    let got = saved(&sink);
+    assert_eq!(got.len(), 1, "{}", relay.log());
+    assert!(got[0].1.ends_with(b"body\r\n"), "{:?}", String::from_utf8_lossy(&got[0].1));
+    assert!(relay.log().contains(&format!("id={id}")), "{}", relay.log());
+    // No relay on a spool: a clear error, nothing signalled.
+    let idle = TempDir::new("noflush");
+    let (code, _, err) = queue_cmd(idle.path(), &["flush"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no relay is running"), "{err}");
+}
+
 #[test]
 fn relay_host_delivers_byte_exact_and_the_queue_empties() {
     let Some(bin) = load_bin() else { return };
