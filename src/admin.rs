@@ -1,6 +1,6 @@
 //! `sluice queue --spool DIR list|stats|flush`: a read-only view of a spool, safe beside a
-//! running relay (it never truncates, deletes or locks anything), and the flush request to the
-//! relay running on it.
+//! running relay (it never truncates, deletes or locks anything), and the flush request
+//! (SIGUSR1) to the relay holding the spool's lock.
 
 use std::io::{self, Write};
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -1084,8 +1084,8 @@ impl Delivery {
     /// A queue flush (`sluice queue flush`, SIGUSR1): every deferred job is due now, and every
     /// destination is tried afresh — its connect backoff and failure count forgotten, a failed
     /// route looked up again. Returns (jobs made due, destinations that were held back).
-    pub fn flush(&mut self, now_ms: u64) -> (usize, usize) {
-        let due = self.queue.flush(now_ms);
+    pub fn flush(&mut self) -> (usize, usize) {
+        let due = self.queue.flush();
         let mut reset = 0;
         for state in &mut self.dests {
             let failed_route = matches!(state.route, Route::Failed { .. });

@@ -241,14 +241,15 @@ impl Queue {
         }
     }
 
-    /// A queue flush: every waiting recipient is due at `now_ms` and its message goes on its
-    /// destination's ready list. Returns how many (message, destination) jobs were waiting.
-    pub fn flush(&mut self, now_ms: u64) -> usize {
+    /// A queue flush: every waiting recipient is due now (`next_ms` 0, so a clock stepping
+    /// back cannot strand it) and its message goes on its destination's ready list. Returns
+    /// how many (message, destination) jobs were waiting.
+    pub fn flush(&mut self) -> usize {
         let mut moved = 0;
         while let Some((key, id, dest)) = self.due.pop_due(u64::MAX) {
             let Some(m) = self.msgs.get_mut(key as usize).filter(|m| m.id == id) else { continue };
             for r in m.rcpts.iter_mut().filter(|r| r.dest == dest && r.open() && !r.in_flight) {
-                r.next_ms = r.next_ms.min(now_ms);
+                r.next_ms = 0;
             }
             self.make_ready(dest, key, id);
             moved += 1;

@@ -167,6 +167,12 @@ impl Server {
             fsync: cfg.fsync,
             segment_size: cfg.segment_size.max(cfg.session.max_message_size + (1 << 20)),
         };
+        // Signals are caught before the spool is locked (its lock names us): a flush request
+        // (SIGUSR1) or SIGTERM during a long recovery waits for the loop instead of killing
+        // the process.
+        let poll = Poll::new().map_err(RunError::Poll)?;
+        let signals =
+            signal::SignalSource::register(poll.registry(), token::make(Kind::Signal, 0, 0)).map_err(RunError::Poll)?;
         let (spool, recovery) = Spool::open(opts).map_err(RunError::Spool)?;
         for w in &recovery.warnings {
             log.event("spool_warning", &[("detail", V::S(w))]);
@@ -187,7 +193,6 @@ impl Server {
                 &[("detail", V::S("--fsync never: accepted mail is NOT durable; for benchmarks only"))],
             );
         }
-        let poll = Poll::new().map_err(RunError::Poll)?;
         let mut listeners = Vec::new();
         let plain = cfg.listen.iter().map(|a| (*a, false));
         for (i, (addr, tls)) in plain.chain(cfg.listen_tls.iter().map(|a| (*a, true))).enumerate() {
@@ -199,8 +204,6 @@ impl Server {
             log.event("listening", &[("addr", V::D(&addr)), ("tls", V::S(if tls { "implicit" } else { "starttls" }))]);
             listeners.push(Listener { sock, addr, pending: true, tls });
         }
-        let signals =
-            signal::SignalSource::register(poll.registry(), token::make(Kind::Signal, 0, 0)).map_err(RunError::Poll)?;
         // One waker per poll: the sync thread and the AUTH worker share it.
         let waker = Arc::new(mio::Waker::new(poll.registry(), token::make(Kind::Waker, 0, 0)).map_err(RunError::Poll)?);
         let syncer = syncer::Syncer::spawn(waker.clone()).map_err(RunError::Poll)?;
@@ -1041,7 +1044,7 @@ impl Server {
             self.log.event("flush", &[("detail", V::S("--hold: nothing is delivered"))]);
             return;
         }
-        let (jobs, dests) = self.delivery.flush(self.wall_us / 1000);
+        let (jobs, dests) = self.delivery.flush();
         self.log.event("flush", &[("jobs_due", V::N(jobs as u64)), ("destinations_reset", V::N(dests as u64))]);
     }
 

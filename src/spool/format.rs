@@ -4,7 +4,8 @@
 //! crc32c checksums and the segment file names. It never does I/O, never reads the clock and
 //! never panics on any input: every read is bounds-checked and returns a [`FormatError`].
 //! Encoders write into a caller's slice of exactly [`message_record_len`] /
-//! [`outcome_record_len`] bytes (the segment map), so no record is staged in a heap buffer.
+//! [`outcome_record_len`] bytes (the segment map, or for large records the segment's reused
+//! staging buffer written with one `pwrite`), so no record is built piece by piece.
 //!
 //! All integers are little-endian. Records start at 8-byte aligned offsets; a zero word where a
 //! record header would be marks the clean end of a segment (preallocated space reads as zeros).
@@ -186,7 +187,8 @@ pub const fn padded_record_len(payload_len: usize) -> usize {
 // Format: { magic "SLRC" [4] | kind u8 | version u8 | reserved u16 = 0 | payload_len u32 |
 //           crc32c u32 over bytes 4..12 of this header then the payload } payload | zero pad to 8
 /// Writes the record header into `dst[..16]` and zero padding after the payload, then seals
-/// the record with a crc computed over the bytes as they lie in `dst` (the segment map).
+/// the record with a crc computed over the bytes as they lie in `dst` (the segment map or the
+/// segment's staging buffer).
 /// `dst` is the whole padded record; the payload must already be in place.
 fn frame_record(dst: &mut [u8], kind: RecordKind, payload_len: usize) -> Result<(), FormatError> {
     if dst.len() != padded_record_len(payload_len) {
@@ -349,7 +351,8 @@ pub fn message_record_len(env: &Envelope, body: &[u8]) -> Result<usize, FormatEr
 //           rcpt_count u32 | rcpt_count x { notify u8 | addr u16+bytes | orcpt u16+bytes } |
 //           body_len u64 | body } zero pad to 8
 /// Encodes a message record into `dst`, which must be exactly [`message_record_len`] bytes
-/// (normally a reserved range of the segment map). The crc is computed over `dst` itself.
+/// (a reserved range of the segment map, or the staging buffer of a large record). The crc is
+/// computed over `dst` itself.
 pub fn encode_message(
     dst: &mut [u8],
     id: QueueId,

@@ -121,26 +121,38 @@ pub(crate) fn lock_dir(dir: &Path) -> Result<File, SpoolError> {
 }
 
 /// The process id of the relay holding `<dir>/lock`, or `None` when no process holds it (no
-/// relay runs on this spool; a stale id left in the file is never returned).
+/// relay runs on this spool). Read from the kernel's lock table (`/proc/locks`), not from the
+/// file: probing with a lock of our own could make a relay starting at that instant fail, and
+/// the id in the file is stale until the new holder has rewritten it.
 pub(crate) fn locking_pid(dir: &Path) -> Result<Option<u32>, SpoolError> {
+    use std::os::unix::fs::MetadataExt;
     let path = dir.join("lock");
-    let file = match File::open(&path) {
-        Ok(f) => f,
+    let meta = match std::fs::metadata(&path) {
+        Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(map_io_at("open spool lock", &path, e)),
+        Err(e) => return Err(map_io_at("stat spool lock", &path, e)),
     };
-    // SAFETY: the fd is open for the duration of the call; flock takes no pointers.
-    match syscall!(flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB)) {
-        // We got it, so nobody holds it (and dropping the file releases it again).
-        Ok(_) => return Ok(None),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-        Err(e) => return Err(map_io_at("lock spool directory", &path, e)),
-    }
-    let text = std::fs::read_to_string(&path).map_err(|e| map_io_at("read spool lock", &path, e))?;
-    match text.trim().parse::<u32>() {
-        Ok(pid) if pid > 0 => Ok(Some(pid)),
-        _ => Err(SpoolError::Io("spool lock holds no process id", io::Error::other(path.display().to_string()))),
-    }
+    let table = std::fs::read_to_string("/proc/locks").map_err(|e| map_io("read /proc/locks", e))?;
+    Ok(flock_holder(&table, libc::major(meta.dev()) as u64, libc::minor(meta.dev()) as u64, meta.ino()))
+}
+
+/// The pid holding an exclusive `flock` on the file `major:minor:inode`, from the text of
+/// `/proc/locks` (lines like `1: FLOCK  ADVISORY  WRITE 4242 fd:00:1312 0 EOF`; device numbers
+/// in hex, the inode in decimal; blocked waiters are marked `->` and skipped).
+fn flock_holder(table: &str, major: u64, minor: u64, ino: u64) -> Option<u32> {
+    table.lines().find_map(|line| {
+        let mut f = line.split_whitespace().skip(1);
+        if f.next()? != "FLOCK" || f.next()? != "ADVISORY" || f.next()? != "WRITE" {
+            return None;
+        }
+        let pid = f.next()?.parse::<u32>().ok()?;
+        let mut id = f.next()?.split(':');
+        let (maj, min, inode) = (id.next()?, id.next()?, id.next()?);
+        let same = u64::from_str_radix(maj, 16).ok()? == major
+            && u64::from_str_radix(min, 16).ok()? == minor
+            && inode.parse::<u64>().ok()? == ino;
+        (same && pid > 0).then_some(pid)
+    })
 }
 
 /// Records of at least this many bytes are written with `pwrite` rather than copied into the
@@ -361,7 +373,13 @@ impl Segment {
             }
             let src = &mut stage[..len];
             fill(src)?;
-            self.file.write_all_at(src, off as u64).map_err(|e| map_io_at("write to segment", &self.path, e))?;
+            if let Err(e) = self.file.write_all_at(src, off as u64) {
+                // Part of it may be in the file: zero it again, or a crash before the next
+                // append covered it would leave bytes past the last record for recovery.
+                // SAFETY: as below: `off + len <= map_len`, writable, preallocated, `&mut self`.
+                unsafe { std::slice::from_raw_parts_mut(self.ptr.add(off), len) }.fill(0);
+                return Err(map_io_at("write to segment", &self.path, e));
+            }
             self.used = off + len;
             return Ok(off);
         }
@@ -562,6 +580,20 @@ mod tests {
     }
 
     #[test]
+    fn the_flock_holder_is_read_from_the_lock_table() {
+        let table = "1: POSIX  ADVISORY  WRITE 11 fd:00:77 0 EOF\n\
+                     2: FLOCK  ADVISORY  READ 12 fd:00:77 0 EOF\n\
+                     3: FLOCK  ADVISORY  WRITE 13 fd:01:77 0 EOF\n\
+                     3: -> FLOCK  ADVISORY  WRITE 14 fd:00:77 0 EOF\n\
+                     4: FLOCK  ADVISORY  WRITE 15 fd:00:78 0 EOF\n\
+                     5: FLOCK  ADVISORY  WRITE 16 fd:00:77 0 EOF\n";
+        assert_eq!(flock_holder(table, 0xfd, 0, 77), Some(16));
+        assert_eq!(flock_holder(table, 0xfd, 1, 77), Some(13));
+        assert_eq!(flock_holder(table, 0xfd, 0, 79), None);
+        assert_eq!(flock_holder("", 0xfd, 0, 77), None);
+    }
+
+    #[test]
     fn large_records_are_written_with_pwrite_and_read_back_through_the_map() {
         let dir = temp_dir("pwrite");
         let mut seg = Segment::create(&dir, 2, 4 * PWRITE_MIN).unwrap();
@@ -649,7 +681,7 @@ mod tests {
         assert!(lock_dir(&dir).is_err());
         assert_eq!(locking_pid(&dir).unwrap(), Some(std::process::id()));
         drop(held);
-        assert_eq!(locking_pid(&dir).unwrap(), None, "the id left in the file is stale");
+        assert_eq!(locking_pid(&dir).unwrap(), None, "released: the id left in the file is stale");
         assert!(lock_dir(&dir).is_ok());
         std::fs::remove_dir_all(&dir).unwrap();
     }

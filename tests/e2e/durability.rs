@@ -70,6 +70,7 @@ fn kill_9_never_loses_an_acknowledged_message() {
     }
     let acked = acked.lock().unwrap();
     assert!(acked.len() > 20, "too few messages acknowledged to mean anything: {}", acked.len());
+    assert!(acked.values().any(|b| b.len() > 16 * 1024), "no large (pwrite) message was acknowledged");
     let stored = spool_messages(&spool);
     let mut seen: HashMap<&str, usize> = HashMap::new();
     for (id, _) in &stored {
