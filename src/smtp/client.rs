@@ -2623,6 +2623,12 @@ mod tests {
     /// Our client against our server, in memory (after quinn's `Pair::drive`): each round moves
     /// every byte each side wrote to the other. Runs `txs` in turn, then QUIT.
     fn pair_on(scfg: &SessionConfig, txs: Vec<(TxSpec<'_>, &[u8])>, client_cap: usize) -> Run {
+        pair_with(scfg, txs, client_cap, false)
+    }
+
+    /// [`pair_on`]; with `queue_next`, each next transaction is queued behind the current one
+    /// as soon as the client can take it (RFC 2920 §3.1), as the driver does.
+    fn pair_with(scfg: &SessionConfig, txs: Vec<(TxSpec<'_>, &[u8])>, client_cap: usize, queue_next: bool) -> Run {
         let now = Instant::now();
         let mut bodies = VecPool::new(1 << 20);
         let mut ids = IdGen::default();
@@ -2636,6 +2642,7 @@ mod tests {
         let (mut events, mut stored, mut wire) = (Vec::new(), Vec::new(), Vec::new());
         let mut pending = txs.into_iter();
         let mut body: &[u8] = b"";
+        let mut next_body: Option<&[u8]> = None;
         server.greeting(scfg, &mut s_out);
         for _ in 0..1_000_000 {
             to_client.extend_from_slice(s_out.data());
@@ -2652,10 +2659,28 @@ mod tests {
                         None => client.quit(),
                     }
                 }
+                if matches!(ev, ClientEvent::TransactionDone(_)) {
+                    if let Some(b) = next_body.take() {
+                        body = b;
+                    }
+                }
                 let end = matches!(ev, ClientEvent::Closed | ClientEvent::Failed(_));
                 events.push(ev);
                 if end {
                     return Run { events, stored, wire };
+                }
+            }
+            while queue_next && client.can_queue_next() {
+                let Some((tx, b)) = pending.next() else { break };
+                let n = tx.rcpts.len();
+                match client.queue_next(tx) {
+                    Ok(()) => next_body = Some(b),
+                    // Settled at once, as the driver does; the next one is tried.
+                    Err(r) => events.push(ClientEvent::TransactionDone(TxResult {
+                        mail_reply: r.clone(),
+                        rcpt_replies: vec![r; n],
+                        data_reply: None,
+                    })),
                 }
             }
             client.poll_transmit(body, &mut c_out);
@@ -2716,6 +2741,54 @@ mod tests {
                     with_crlf.extend_from_slice(b"\r\n");
                 }
                 assert!(stored[1].ends_with(&with_crlf));
+            }
+        }
+    }
+
+    #[test]
+    fn real_server_next_transactions_pipelined() {
+        // Messages with dot lines, one without a final CRLF, one over the server's SIZE limit
+        // (refused from EHLO alone) and one large enough that a BDAT for it waits for its
+        // envelope: every stored message byte-exact, in order, each next envelope behind the
+        // previous message's end.
+        let mut big = b"Subject: big\r\n\r\n".to_vec();
+        big.extend(std::iter::repeat(b".x\r\n..y\r\n").take(20_000).flatten());
+        let bodies: Vec<Vec<u8>> = vec![
+            b"Subject: 1\r\n\r\n.one\r\n".to_vec(),
+            b"Subject: 2\r\n\r\n.\r\ntwo".to_vec(),
+            vec![b'x'; 300_000],
+            big,
+            b"Subject: 5\r\n\r\nfive\r\n".to_vec(),
+        ];
+        for chunking in [true, false] {
+            let scfg = server_cfg(250_000, if chunking { &[] } else { NO_CHUNKING });
+            for cap in [64, 16 * 1024] {
+                let txs = bodies.iter().map(|b| (spec(&["b@y.test", "c@y.test"], b.len() as u64), &b[..])).collect();
+                let run = pair_with(&scfg, txs, cap, true);
+                let done = run.results();
+                assert_eq!(done.len(), 5, "{:?}", run.events);
+                // The refusal is settled when it is queued, so before the one ahead of it.
+                assert_eq!(done.iter().filter(|r| r.mail_reply.code == 552).count(), 1);
+                for r in done.iter().filter(|r| r.mail_reply.code != 552) {
+                    assert!(r.data_reply.as_ref().unwrap().text.starts_with("Ok: queued as "), "{r:?}");
+                }
+                // One Ready after the greeting, one when the last transaction is done.
+                assert_eq!(run.events.iter().filter(|e| **e == ClientEvent::Ready).count(), 2, "{:?}", run.events);
+                assert_eq!(run.events.last(), Some(&ClientEvent::Closed));
+                assert_eq!(run.count(b"RSET"), 0);
+                assert_eq!(run.stored.len(), 4);
+                for (stored, body) in run.stored.iter().zip(bodies.iter().enumerate().filter(|(i, _)| *i != 2)) {
+                    let mut want = body.1.clone();
+                    if !chunking && !want.ends_with(b"\r\n") {
+                        want.extend_from_slice(b"\r\n");
+                    }
+                    assert!(stored.ends_with(&want), "message {} differs", body.0);
+                }
+                if chunking {
+                    assert_eq!(run.count(b"\r\n.one\r\nMAIL FROM:"), 1);
+                } else {
+                    assert_eq!(run.count(b".\r\nMAIL FROM:"), 3, "{}", String::from_utf8_lossy(&run.wire));
+                }
             }
         }
     }
