@@ -1059,9 +1059,11 @@ impl Delivery {
     /// The connection is unusable: its job (if any) is deferred, the connection closed.
     fn conn_lost(&mut self, ctx: &mut Ctx<'_>, key: usize, why: &str) {
         let Some(conn) = self.conns.get_mut(key) else { return };
+        // The queued transaction (`next`) is left to `close`, which requeues it: none of its
+        // replies was read and its message never went out (it would have been `active`), so it
+        // was not attempted. Deferring it instead would tie it to the active job's retry times,
+        // and a message that always breaks the connection would take it down every time.
         let active = conn.active.take();
-        // The queued transaction got no reply at all: every recipient is deferred.
-        let next = conn.next.take();
         let remote = format!("{}[{}]", conn.host, conn.peer.ip());
         let tls = conn.tls_version();
         // A recipient already refused keeps that reply (a 5xx fails it now rather than after
@@ -1080,17 +1082,6 @@ impl Delivery {
                 })
                 .collect();
             self.settle_job(ctx, &a.job, Some(&a.attempts), &outcomes, &remote, tls);
-        }
-        if let Some(n) = next {
-            let lost = synthetic(451, (4, 4, 2), &format!("lost connection with {remote}: {why}"));
-            self.settle_job(
-                ctx,
-                &n.job,
-                Some(&n.attempts),
-                &vec![(Verdict::Deferred, lost); n.job.rcpts.len()],
-                &remote,
-                tls,
-            );
         }
     }
 

@@ -693,3 +693,45 @@ fn a_backlog_goes_pipelined_over_one_connection_with_refusals_settled() {
     eprintln!("{pipelined} MAIL commands (of {N} messages, retries, bounces) behind an end of data");
     assert!(pipelined as usize >= N / 4, "only {pipelined} MAIL commands rode behind an end of data");
 }
+
+#[test]
+fn a_connection_lost_with_a_transaction_queued_holds_back_only_the_broken_message() {
+    // The sink closes the connection in the middle of `drop-` messages while the next
+    // transaction is queued behind them: the broken one is deferred (again and again), the
+    // queued one goes on over a new connection, and every other message arrives exactly once.
+    let Some(bin) = load_bin() else { return };
+    let port = free_port();
+    let host = format!("127.0.0.32:{port}");
+    let relay = Relay::start(&[
+        "--relay-host",
+        &host,
+        "--dns",
+        "127.0.0.1:9",
+        "--retry-schedule",
+        "1s",
+        "--domain-concurrency",
+        "1",
+    ]);
+    let up = sink(&bin, &host, &["--no-chunking", "--delay", "100ms"]);
+    let mut bodies = Vec::new();
+    for i in 0..16 {
+        let to = if i % 5 == 2 { format!("drop-{i}@pipe.test") } else { format!("r{i}@pipe.test") };
+        let body = format!("Subject: {i}\r\n\r\nlost and found {i}\r\n").into_bytes();
+        send(&relay, "a@src.test", &[&to], &body);
+        bodies.push((i, to, body));
+    }
+    let want = bodies.iter().filter(|(_, to, _)| !to.starts_with("drop-")).count();
+    wait_saved(&up, want, Duration::from_secs(60), &relay);
+    // Retries of the dropped ones go on; nothing may arrive twice meanwhile.
+    std::thread::sleep(Duration::from_millis(1500));
+    let got = saved(&up);
+    for (i, to, body) in &bodies {
+        let n = got.iter().filter(|(_, m)| m.ends_with(body)).count();
+        assert_eq!(n, usize::from(!to.starts_with("drop-")), "message {i} ({to}) arrived {n} times");
+    }
+    let log = relay.log();
+    for (_, to, _) in bodies.iter().filter(|(_, to, _)| to.starts_with("drop-")) {
+        let mine: Vec<&str> = log.lines().filter(|l| l.contains(&format!("rcpt={to} "))).collect();
+        assert!(!mine.is_empty() && mine.iter().all(|l| l.contains("outcome=deferred")), "{to}:\n{log}");
+    }
+}
