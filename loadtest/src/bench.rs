@@ -81,6 +81,9 @@ pub struct BenchArgs {
     /// Skip the end-to-end scenarios.
     #[arg(long)]
     no_end_to_end: bool,
+    /// The end-to-end sink does not offer CHUNKING: the relay sends by DATA (as to most MTAs).
+    #[arg(long)]
+    sink_no_chunking: bool,
     /// The relay binary (default: `sluice` next to this binary).
     #[arg(long)]
     relay_bin: Option<PathBuf>,
@@ -706,6 +709,9 @@ impl Bench {
             cmd.args(["sink", "--json", "--interval", "0", "--expect-recipients", &expected.to_string()]);
             if wire == Wire::StartTls {
                 cmd.arg("--starttls");
+            }
+            if self.a.sink_no_chunking {
+                cmd.arg("--no-chunking");
             }
             for h in &hosts {
                 cmd.arg("--listen").arg(SocketAddr::from((*h, port)).to_string());

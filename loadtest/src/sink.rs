@@ -207,6 +207,8 @@ struct Conn {
     data_reply: Option<&'static [u8]>,
     drop: bool,
     bdat_size: u64,
+    /// A message ended in the bytes of the last read (for `mail_after_data`).
+    eod_in_batch: bool,
     /// `MAIL FROM`/`RCPT TO` lines of the transaction, for `--save`.
     env: Vec<u8>,
     body: Vec<u8>,
@@ -243,6 +245,9 @@ pub struct SinkStats {
     pub tls_failed: u64,
     /// Successful AUTH exchanges.
     pub authenticated: u64,
+    /// MAIL commands read in the same batch of input as the end of the previous message: the
+    /// client pipelined the next transaction behind the message (RFC 2920 §3.1).
+    pub mail_after_data: u64,
 }
 
 struct Sink {
@@ -332,7 +337,7 @@ pub fn run(opts: SinkOpts) -> Result<SinkStats> {
             "bytes": st.bytes, "tempfailed": st.tempfailed, "rejected": st.rejected,
             "dropped": st.dropped, "rcpts_refused": st.rcpts_refused, "tls_messages": st.tls_messages,
             "tls_connections": st.tls_connections, "tls_failed": st.tls_failed,
-            "authenticated": st.authenticated, "elapsed_s": secs,
+            "authenticated": st.authenticated, "mail_after_data": st.mail_after_data, "elapsed_s": secs,
             "msgs_per_s": st.messages as f64 / secs, "cpu_s": cpu_s,
         });
         crate::report::print_stdout(&v.to_string());
@@ -462,6 +467,7 @@ impl Sink {
                         data_reply: None,
                         drop: false,
                         bdat_size: 0,
+                        eod_in_batch: false,
                         env: Vec::new(),
                         body: Vec::new(),
                         paused: false,
@@ -550,6 +556,9 @@ impl Sink {
             match got {
                 Some(n) => {
                     input.fill(n);
+                    // Bytes of a new read: a MAIL in them did not come with an end of data
+                    // processed before (a delayed reply's pause resumes on the old bytes).
+                    c.eod_in_batch = false;
                     if !self.process(key) {
                         return;
                     }
@@ -730,6 +739,7 @@ impl Sink {
                     }
                     let size = scanner.size();
                     c.phase = Phase::Command;
+                    c.eod_in_batch = true;
                     self.end_of_message(key, size, "DATA");
                 }
                 Phase::Bdat { remaining, last, refuse } => {
@@ -747,6 +757,7 @@ impl Sink {
                     }
                     let (last, refuse) = (*last, *refuse);
                     c.phase = Phase::Command;
+                    c.eod_in_batch = last;
                     if let Some(r) = refuse {
                         c.out.extend_from_slice(r);
                         self.reset_txn(key);
@@ -806,6 +817,9 @@ impl Sink {
                 self.reset_txn(key);
             }
             Command::Mail(path, _) => {
+                if c.eod_in_batch {
+                    self.stats.mail_after_data += 1;
+                }
                 let reply = if !c.helo {
                     NEED_EHLO
                 } else if c.mail {

@@ -645,6 +645,10 @@ impl Delivery {
                 self.conn_lost(ctx, key, "connection failed");
                 return;
             }
+            if self.fill_next(ctx, key) {
+                // Its commands go out behind the current message: another round writes them.
+                progressed = true;
+            }
             if !progressed {
                 // Flush whatever the events produced (a new transaction's commands).
                 if let Some(conn) = self.conns.get_mut(key) {
@@ -681,6 +685,8 @@ impl Delivery {
             ClientEvent::TransactionDone(result) => {
                 let Some(conn) = self.conns.get_mut(key) else { return };
                 let Some(active) = conn.active.take() else { return };
+                // The queued transaction (if any) is the session's current one now.
+                conn.active = conn.next.take();
                 conn.transactions += 1;
                 let remote = format!("{}[{}]", conn.host, conn.peer.ip());
                 let tls = conn.tls_version();
@@ -779,7 +785,42 @@ impl Delivery {
             self.dest_state(dest).idle.push((key, generation));
             return;
         };
-        let Some(msg) = self.queue.msg(job.msg) else { return };
+        self.begin_job(ctx, key, job, false);
+    }
+
+    /// Queues the destination's next ready job behind the connection's transaction in
+    /// progress (RFC 2920 §3.1), when the session can take one and the connection's
+    /// transaction budget allows; true when one was queued. A job refused from the EHLO
+    /// reply alone is settled at once and the next one tried.
+    fn fill_next(&mut self, ctx: &mut Ctx<'_>, key: usize) -> bool {
+        loop {
+            let Some(conn) = self.conns.get_mut(key) else { return false };
+            // Counting the active transaction and the one to queue.
+            if conn.next.is_some()
+                || conn.active.is_none()
+                || !conn.session.can_queue_next()
+                || conn.transactions.saturating_add(2) > MAX_TRANSACTIONS_PER_CONN
+            {
+                return false;
+            }
+            let dest = conn.dest;
+            let Some(job) = self.queue.pop_job(dest, ctx.wall_ms) else { return false };
+            if self.begin_job(ctx, key, job, true) {
+                return true;
+            }
+        }
+    }
+
+    /// Starts `job` on the connection (`next`: queues it behind the active one); true when the
+    /// session took it. A message unreadable in the spool, or (queued) refused from the EHLO
+    /// reply alone, is settled here.
+    fn begin_job(&mut self, ctx: &mut Ctx<'_>, key: usize, job: Job, next: bool) -> bool {
+        let Some(conn) = self.conns.get(key) else {
+            self.queue.requeue(&job);
+            return false;
+        };
+        let dest = conn.dest;
+        let Some(msg) = self.queue.msg(job.msg) else { return false };
         let (loc, id) = (msg.loc, msg.id);
         let attempts: Vec<u16> = job.rcpts.iter().map(|&i| msg.rcpts[i as usize].attempts.saturating_add(1)).collect();
         let (view, body) = match ctx.spool.message_with_body(loc) {
@@ -788,13 +829,13 @@ impl Delivery {
                 ctx.log.event("spool_error", &[("id", V::D(&id)), ("error", V::D(&e))]);
                 let reply = synthetic(451, (4, 3, 0), "message unreadable in the spool");
                 self.settle_job(ctx, &job, None, &vec![(Verdict::Deferred, reply); job.rcpts.len()], "", "none");
-                // The connection is still good: park it for the next job.
-                if let Some(conn) = self.conns.get_mut(key) {
+                // The connection is still good: park it for the next job (unless it is busy).
+                if let Some(conn) = self.conns.get_mut(key).filter(|_| !next) {
                     conn.idle_since = Some(ctx.now);
                     let generation = conn.generation;
                     self.dest_state(dest).idle.push((key, generation));
                 }
-                return;
+                return false;
             }
         };
         let env = &view.envelope;
@@ -815,10 +856,28 @@ impl Delivery {
             ret: env.ret,
             envid: &env.envid,
         };
-        let Some(conn) = self.conns.get_mut(key) else { return };
-        conn.idle_since = None;
-        conn.session.start_transaction(spec);
-        conn.active = Some(ActiveJob { job, body, attempts });
+        let Some(conn) = self.conns.get_mut(key) else { return false };
+        if !next {
+            conn.idle_since = None;
+            conn.session.start_transaction(spec);
+            conn.active = Some(ActiveJob { job, body, attempts });
+            return true;
+        }
+        match conn.session.queue_next(spec) {
+            Ok(()) => {
+                conn.next = Some(ActiveJob { job, body, attempts });
+                true
+            }
+            Err(refusal) => {
+                // As start_transaction's refusals: the same reply for every recipient.
+                let remote = format!("{}[{}]", conn.host, conn.peer.ip());
+                let tls = conn.tls_version();
+                let outcome = rcpt_outcome(&refusal, false)
+                    .unwrap_or_else(|| (Verdict::Deferred, synthetic(451, (4, 3, 0), "transaction not queued")));
+                self.settle_job(ctx, &job, Some(&attempts), &vec![outcome; job.rcpts.len()], &remote, tls);
+                false
+            }
+        }
     }
 
     /// Records the outcome of every recipient of a job: spool outcome records, queue state,
@@ -1000,6 +1059,10 @@ impl Delivery {
     /// The connection is unusable: its job (if any) is deferred, the connection closed.
     fn conn_lost(&mut self, ctx: &mut Ctx<'_>, key: usize, why: &str) {
         let Some(conn) = self.conns.get_mut(key) else { return };
+        // The queued transaction (`next`) is left to `close`, which requeues it: none of its
+        // replies was read and its message never went out (it would have been `active`), so it
+        // was not attempted. Deferring it instead would tie it to the active job's retry times,
+        // and a message that always breaks the connection would take it down every time.
         let active = conn.active.take();
         let remote = format!("{}[{}]", conn.host, conn.peer.ip());
         let tls = conn.tls_version();
@@ -1030,7 +1093,7 @@ impl Delivery {
         conn.close_tls();
         let _ = ctx.registry.deregister(&mut conn.sock);
         conn.release_buffers(ctx.bufs);
-        if let Some(a) = conn.active.take() {
+        for a in [conn.active.take(), conn.next.take()].into_iter().flatten() {
             self.queue.requeue(&a.job);
         }
         let dest = conn.dest;

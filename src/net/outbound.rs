@@ -59,6 +59,9 @@ pub struct OutboundConn {
     pub connected: bool,
     /// The transaction in progress.
     pub active: Option<ActiveJob>,
+    /// The transaction queued behind it (RFC 2920 §3.1, `ClientSession::queue_next`); it
+    /// becomes `active` at the active one's `TransactionDone`.
+    pub next: Option<ActiveJob>,
     /// Transactions completed on this connection.
     pub transactions: u32,
     /// Idle (Ready, no job) since.
@@ -315,6 +318,7 @@ pub fn new_conn(
         hup: false,
         connected: false,
         active: None,
+        next: None,
         transactions: 0,
         idle_since: None,
         addr_index,

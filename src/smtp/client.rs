@@ -15,7 +15,10 @@
 //! offers CHUNKING (RFC 3030), whatever its `BODY=` type; else by DATA, dot-stuffed. With
 //! PIPELINING too and a body of at most [`PIPELINED_CHUNK_MAX`] octets, the chunk follows MAIL
 //! and the RCPTs in the same batch, so a transaction costs one round trip instead of two (no
-//! wait for `354`, nor for the envelope replies before a `BDAT`).
+//! wait for `354`, nor for the envelope replies before a `BDAT`). With PIPELINING the next
+//! transaction's envelope may also follow the end of the current message in the same write
+//! (RFC 2920 §3.1, [`ClientSession::queue_next`]), so a stream of DATA messages costs one
+//! round trip each as well.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -361,6 +364,10 @@ struct Tx {
     mail_reply: Option<Reply>,
     rcpt_replies: Vec<Reply>,
     accepted: usize,
+    /// Its MAIL went out behind a `BDAT` the server then refused: the server's state was
+    /// indeterminate (RFC 3030 §2), so a refused MAIL may be about the previous transaction
+    /// (`503` nested MAIL) and is only taken as a temporary failure.
+    suspect: bool,
 }
 
 /// Where the message copy stands (see [`ClientSession::poll_transmit`]).
@@ -408,7 +415,12 @@ impl BodyCursor {
 /// when `out` has room — or, when the server offers CHUNKING too and the body is at most
 /// [`PIPELINED_CHUNK_MAX`], MAIL, every RCPT, `BDAT n LAST` and the body; without PIPELINING
 /// one command per round trip. Transactions reuse the connection: each ends in
-/// [`ClientEvent::TransactionDone`] then [`ClientEvent::Ready`].
+/// [`ClientEvent::TransactionDone`] then [`ClientEvent::Ready`] — unless another was queued
+/// behind it with [`ClientSession::queue_next`] (PIPELINING only): its commands go out in the
+/// same write as the end of the current message, its replies are read after the current
+/// one's, and it becomes current with no `Ready` in between, so each message costs one round
+/// trip. On a failure the queued transaction ends with the current one (its recipients got
+/// no reply at all).
 #[derive(Debug)]
 pub struct ClientSession {
     cfg: ClientConfig,
@@ -434,6 +446,18 @@ pub struct ClientSession {
     events: VecDeque<ClientEvent>,
     /// The transport is TLS (the handshake after STARTTLS finished).
     tls_on: bool,
+    /// The transaction queued behind the current one ([`ClientSession::queue_next`]); its
+    /// commands are rendered in `next_cmds`/`next_ends`, and `next_written` of them are in
+    /// `out`. No reply of it is read while it is queued: replies come in order, and it
+    /// becomes the current transaction as soon as the current one ends.
+    next: Option<Tx>,
+    next_cmds: Vec<u8>,
+    next_ends: Vec<usize>,
+    next_written: usize,
+    /// The queued transaction became current, but the driver has not polled the
+    /// [`ClientEvent::TransactionDone`] of the one before: the body it would pass to
+    /// `poll_transmit` is still the old one, so nothing is written until it has.
+    body_stale: bool,
 }
 
 impl ClientSession {
@@ -448,7 +472,19 @@ impl ClientSession {
             written: 0,
             answered: 0,
             pipelined: false,
-            tx: Tx { rcpts: 0, transfer: Transfer::Data, mail_reply: None, rcpt_replies: Vec::new(), accepted: 0 },
+            tx: Tx {
+                rcpts: 0,
+                transfer: Transfer::Data,
+                mail_reply: None,
+                rcpt_replies: Vec::new(),
+                accepted: 0,
+                suspect: false,
+            },
+            next: None,
+            next_cmds: Vec::new(),
+            next_ends: Vec::new(),
+            next_written: 0,
+            body_stale: false,
             cursor: BodyCursor::START,
             dot_finder: memmem::Finder::new(b"\n."),
             since: now,
@@ -570,7 +606,13 @@ impl ClientSession {
     /// The next thing for the driver to act on.
     #[must_use]
     pub fn poll_event(&mut self) -> Option<ClientEvent> {
-        self.events.pop_front()
+        let ev = self.events.pop_front();
+        if matches!(ev, Some(ClientEvent::TransactionDone(_))) {
+            // At most one promotion can wait on the driver: it queues the next transaction
+            // only after taking the event of the one before.
+            self.body_stale = false;
+        }
+        ev
     }
 
     /// When [`ClientSession::handle_timeout`] must be called; `None` while idle or dead (an
@@ -595,14 +637,15 @@ impl ClientSession {
     /// True when [`ClientSession::poll_transmit`] has something to write.
     #[must_use]
     pub fn wants_write(&self) -> bool {
-        match self.state {
+        let current = match self.state {
             State::Envelope if self.chunk_in_batch() => !self.chunk_out(),
             State::Hello { .. } | State::StartTls | State::Envelope | State::Rset | State::Quit => {
                 self.written < self.write_limit()
             }
             State::Body => true,
             _ => false,
-        }
+        };
+        current || self.next_due()
     }
 
     /// Writes what is due into `out`, as much as fits: queued commands (whole batches under
@@ -617,7 +660,16 @@ impl ClientSession {
     /// The end is `.` CRLF, preceded by a CRLF when the body does not end with one. By BDAT
     /// (RFC 3030 §2) the body goes out raw, as it is, after `BDAT <body.len()> LAST`, in
     /// pieces of `out.room()` bytes as well.
+    ///
+    /// With a transaction queued behind ([`ClientSession::queue_next`]), its commands follow
+    /// in the same `out` once every octet of the current message is in (RFC 2920 §3.1: the
+    /// message content may be the first "command" of a group). When it has become current,
+    /// nothing is written until the driver has polled the [`ClientEvent::TransactionDone`] of
+    /// the one before (and so passes the new transaction's body).
     pub fn poll_transmit(&mut self, body: &[u8], out: &mut Buf) {
+        if self.body_stale {
+            return;
+        }
         if self.cursor.chunk.is_none() {
             match (self.state, self.tx.transfer) {
                 // After the envelope replies: the chunk is the only command.
@@ -628,7 +680,11 @@ impl ClientSession {
                 }
                 // Behind MAIL and the RCPTs, before any reply (none can have come yet: nothing
                 // was written before this first call).
-                (State::Envelope, Transfer::BdatPipelined) if self.ends.len() == self.tx.rcpts + 1 => {
+                // A transaction that was queued behind the previous one has its MAIL and RCPTs
+                // out already, and maybe some replies in: no chunk once the envelope failed.
+                (State::Envelope, Transfer::BdatPipelined)
+                    if self.ends.len() == self.tx.rcpts + 1 && self.envelope_alive() =>
+                {
                     self.queue_chunk(body.len());
                 }
                 _ => {}
@@ -650,6 +706,11 @@ impl ClientSession {
                 Transfer::Data => self.write_stuffed(body, out),
                 Transfer::Bdat | Transfer::BdatPipelined => self.write_raw(body, out),
             };
+        }
+        if self.next_due() {
+            let k = out.push(&self.next_cmds[self.next_written..]);
+            self.next_written += k;
+            n += k;
         }
         if n > 0 {
             self.restart = true;
@@ -680,34 +741,109 @@ impl ClientSession {
             }
             return;
         }
-        // BINARYMIME needs CHUNKING (checked above); other bodies use it when offered.
-        let transfer = if !self.caps.chunking {
+        self.tx = self.new_tx(&tx);
+        self.clear_cmds();
+        render_envelope(&self.caps, &tx, self.tx.transfer, &mut self.cmds, &mut self.ends);
+        self.cursor = BodyCursor::START;
+        self.pipelined = self.caps.pipelining;
+        self.state = State::Envelope;
+        self.restart = true;
+    }
+
+    /// True when [`ClientSession::queue_next`] would take a transaction: the server offered
+    /// PIPELINING, a transaction is in progress, and none is queued yet.
+    #[must_use]
+    pub fn can_queue_next(&self) -> bool {
+        self.caps.pipelining
+            && self.next.is_none()
+            && matches!(self.state, State::Envelope | State::Body | State::DataEnd)
+    }
+
+    /// Queues the transaction to run after the current one (RFC 2920 §3.1), only when
+    /// [`ClientSession::can_queue_next`]. Its MAIL, RCPTs and DATA (or MAIL and RCPTs, for a
+    /// pipelined `BDAT`) go out right behind the end of the current message, in the same
+    /// write, so each message costs one round trip. When the current transaction ends, its
+    /// [`ClientEvent::TransactionDone`] is followed by no [`ClientEvent::Ready`]: the queued
+    /// one is current (and another may be queued). Until the driver has polled that event,
+    /// `poll_transmit` writes nothing, so the body it passes is always the current one's.
+    ///
+    /// A refusal decidable from the EHLO reply alone (as in
+    /// [`ClientSession::start_transaction`]) is returned at once and nothing is queued; so is
+    /// `451 4.3.0` when nothing may be queued now (a driver bug).
+    pub fn queue_next(&mut self, tx: TxSpec<'_>) -> Result<(), Reply> {
+        if !self.can_queue_next() {
+            return Err(Reply::new(451, Some((4, 3, 0)), "Internal error: no transaction can be queued now"));
+        }
+        if let Some(refusal) = self.precheck(&tx) {
+            return Err(refusal);
+        }
+        self.next = Some(self.new_tx(&tx));
+        self.next_cmds.clear();
+        self.next_ends.clear();
+        self.next_written = 0;
+        render_envelope(&self.caps, &tx, self.tx_transfer(&tx), &mut self.next_cmds, &mut self.next_ends);
+        Ok(())
+    }
+
+    /// How a transaction's message goes out; BINARYMIME needs CHUNKING (checked by
+    /// `precheck`), other bodies use it when offered.
+    fn tx_transfer(&self, tx: &TxSpec<'_>) -> Transfer {
+        if !self.caps.chunking {
             Transfer::Data
         } else if self.caps.pipelining && tx.body_len <= PIPELINED_CHUNK_MAX {
             Transfer::BdatPipelined
         } else {
             Transfer::Bdat
-        };
-        self.tx = Tx {
+        }
+    }
+
+    fn new_tx(&self, tx: &TxSpec<'_>) -> Tx {
+        Tx {
             rcpts: tx.rcpts.len(),
-            transfer,
+            transfer: self.tx_transfer(tx),
             mail_reply: None,
             rcpt_replies: Vec::with_capacity(tx.rcpts.len()),
             accepted: 0,
-        };
-        self.clear_cmds();
-        self.render_mail(&tx);
-        for rcpt in &tx.rcpts {
-            self.render_rcpt(rcpt);
+            suspect: false,
         }
-        if transfer == Transfer::Data {
-            self.push_cmd(b"DATA\r\n");
-        }
-        // A pipelined `BDAT n LAST` joins the batch at the first `poll_transmit`.
+    }
+
+    /// The queued transaction's commands may go out now: every octet of the current message
+    /// is in `out` (after `.` CRLF, or the whole `BDAT` chunk), and its data reply is all
+    /// that the current transaction still waits for. Never behind a DATA without its `354`.
+    fn next_due(&self) -> bool {
+        self.next.is_some()
+            && self.next_written < self.next_cmds.len()
+            && match self.state {
+                State::DataEnd => true,
+                State::Envelope => self.chunk_in_batch() && self.chunk_out(),
+                _ => false,
+            }
+    }
+
+    /// Neither MAIL refused nor every RCPT refused (so far).
+    fn envelope_alive(&self) -> bool {
+        let t = &self.tx;
+        t.mail_reply.as_ref().map_or(true, Reply::is_positive_completion)
+            && (t.rcpt_replies.len() < t.rcpts || t.accepted > 0)
+    }
+
+    /// Makes the queued transaction current, its commands written so far accounted for.
+    fn promote(&mut self, tx: Tx) {
+        std::mem::swap(&mut self.cmds, &mut self.next_cmds);
+        std::mem::swap(&mut self.ends, &mut self.next_ends);
+        self.written = self.next_written;
+        self.answered = 0;
+        self.next_cmds.clear();
+        self.next_ends.clear();
+        self.next_written = 0;
+        self.tx = tx;
         self.cursor = BodyCursor::START;
-        self.pipelined = self.caps.pipelining;
+        self.pipelined = true;
         self.state = State::Envelope;
-        self.restart = true;
+        // Promoted by the previous transaction's last reply (not by an RSET's, after the
+        // driver took the result): the driver's current body is still the previous one.
+        self.body_stale = self.events.iter().any(|e| matches!(e, ClientEvent::TransactionDone(_)));
     }
 
     /// Sends QUIT (RFC 5321 §4.1.1.10) when [`ClientEvent::Ready`]; ends in
@@ -782,73 +918,6 @@ impl ClientSession {
             )),
             _ => None,
         }
-    }
-
-    /// `MAIL FROM:<sender>` with the parameters the server advertised.
-    fn render_mail(&mut self, tx: &TxSpec<'_>) {
-        let c = &mut self.cmds;
-        c.extend_from_slice(b"MAIL FROM:<");
-        c.extend_from_slice(tx.sender);
-        c.push(b'>');
-        if self.caps.size.is_some() {
-            let _ = write!(c, " SIZE={}", tx.body_len);
-        }
-        match tx.body_type {
-            BodyType::SevenBit if self.caps.eightbitmime => c.extend_from_slice(b" BODY=7BIT"),
-            // Without 8BITMIME the message goes as is (no MIME downgrade, RFC 6152 §3).
-            BodyType::EightBitMime if self.caps.eightbitmime => c.extend_from_slice(b" BODY=8BITMIME"),
-            BodyType::BinaryMime => c.extend_from_slice(b" BODY=BINARYMIME"),
-            _ => {}
-        }
-        if tx.smtputf8 {
-            c.extend_from_slice(b" SMTPUTF8");
-        }
-        if self.caps.dsn {
-            match tx.ret {
-                Ret::Full => c.extend_from_slice(b" RET=FULL"),
-                Ret::Hdrs => c.extend_from_slice(b" RET=HDRS"),
-                Ret::Unspecified => {}
-            }
-            if !tx.envid.is_empty() {
-                c.extend_from_slice(b" ENVID=");
-                c.extend_from_slice(tx.envid);
-            }
-        }
-        c.extend_from_slice(b"\r\n");
-        self.ends.push(c.len());
-    }
-
-    /// `RCPT TO:<addr>` with NOTIFY/ORCPT when DSN is advertised.
-    fn render_rcpt(&mut self, r: &TxRcpt<'_>) {
-        let c = &mut self.cmds;
-        c.extend_from_slice(b"RCPT TO:<");
-        c.extend_from_slice(r.addr);
-        c.push(b'>');
-        if self.caps.dsn {
-            if r.notify & notify::NEVER != 0 {
-                c.extend_from_slice(b" NOTIFY=NEVER");
-            } else if r.notify != 0 {
-                let mut sep = b'=';
-                for (bit, name) in
-                    [(notify::SUCCESS, &b"SUCCESS"[..]), (notify::FAILURE, b"FAILURE"), (notify::DELAY, b"DELAY")]
-                {
-                    if r.notify & bit != 0 {
-                        if sep == b'=' {
-                            c.extend_from_slice(b" NOTIFY");
-                        }
-                        c.push(sep);
-                        c.extend_from_slice(name);
-                        sep = b',';
-                    }
-                }
-            }
-            if !r.orcpt.is_empty() {
-                c.extend_from_slice(b" ORCPT=");
-                c.extend_from_slice(r.orcpt);
-            }
-        }
-        c.extend_from_slice(b"\r\n");
-        self.ends.push(c.len());
     }
 
     fn clear_cmds(&mut self) {
@@ -1101,6 +1170,12 @@ impl ClientSession {
         // MAIL's reply, once in (idx > 0), decides how the rest are read.
         let mail_ok = self.tx.mail_reply.as_ref().map_or(true, Reply::is_positive_completion);
         if idx == 0 {
+            let reply = if self.tx.suspect && reply.is_permanent() {
+                // Maybe `503` to a nested MAIL, the refused BDAT's transaction still open.
+                Reply::new(451, Some((4, 5, 0)), format!("MAIL refused after a refused BDAT: {reply}"))
+            } else {
+                reply
+            };
             if !reply.is_positive_completion() {
                 // Every recipient shares the MAIL refusal; RCPTs already pipelined will be
                 // refused too and are only consumed, the rest is never sent.
@@ -1157,21 +1232,39 @@ impl ClientSession {
         }
         // Every queued command is answered.
         if !self.tx.mail_reply.as_ref().is_some_and(Reply::is_positive_completion) {
+            let suspect = self.tx.suspect;
             self.finish_tx(None);
-            self.become_ready();
+            if suspect {
+                // The server may still hold the refused BDAT's transaction.
+                self.queue_rset();
+            } else {
+                self.become_ready();
+            }
         } else if self.tx.accepted == 0 {
             self.finish_tx(None);
             self.queue_rset();
         } else {
             // BDAT after the envelope replies: one chunk, `BDAT n LAST` then the raw body,
-            // queued by the next `poll_transmit`, which knows the length.
+            // queued by the next `poll_transmit`, which knows the length. (Also for a pipelined
+            // BDAT whose envelope, sent behind the previous message, was answered whole before
+            // its chunk could join the batch.)
+            self.tx.transfer = Transfer::Bdat;
             self.cursor = BodyCursor::START;
             self.clear_cmds();
             self.state = State::Body;
         }
     }
 
+    /// RSET after a transaction that may have left the server mid-transaction; or, when the
+    /// queued transaction's MAIL already went out behind the refused `BDAT`, no RSET (it
+    /// cannot go before that MAIL) and the queued one goes on, its MAIL reply suspect.
     fn queue_rset(&mut self) {
+        if self.next_written > 0 {
+            if let Some(mut tx) = self.next.take() {
+                tx.suspect = true;
+                return self.promote(tx);
+            }
+        }
         self.queue_one(b"RSET\r\n");
         self.state = State::Rset;
     }
@@ -1182,23 +1275,117 @@ impl ClientSession {
         self.events.push_back(ClientEvent::TransactionDone(TxResult { mail_reply, rcpt_replies, data_reply }));
     }
 
+    /// The current transaction is over and the server idle: the queued one, if any, becomes
+    /// current (no [`ClientEvent::Ready`]), else the session is ready.
     fn become_ready(&mut self) {
+        if let Some(tx) = self.next.take() {
+            return self.promote(tx);
+        }
         self.clear_cmds();
         self.state = State::Ready;
         self.events.push_back(ClientEvent::Ready);
     }
 
     fn close(&mut self) {
+        self.drop_next();
         self.clear_cmds();
         self.state = State::Done;
         self.events.push_back(ClientEvent::Closed);
     }
 
+    /// Forgets the queued transaction: the driver settles it with the failure (nothing of it
+    /// was answered).
+    fn drop_next(&mut self) {
+        self.next = None;
+        self.next_cmds.clear();
+        self.next_ends.clear();
+        self.next_written = 0;
+    }
+
     fn fail(&mut self, kind: FailureKind, reply: Option<Reply>) {
+        self.drop_next();
         self.clear_cmds();
         self.state = State::Done;
         self.events.push_back(ClientEvent::Failed(Failure { reply, kind }));
     }
+}
+
+/// A transaction's commands into `c` (command `i` ends at `ends[i]`): MAIL, every RCPT, and
+/// DATA when the message goes by DATA (a `BDAT` is queued once the body's length is at hand).
+fn render_envelope(caps: &Capabilities, tx: &TxSpec<'_>, transfer: Transfer, c: &mut Vec<u8>, ends: &mut Vec<usize>) {
+    render_mail(caps, tx, c, ends);
+    for rcpt in &tx.rcpts {
+        render_rcpt(caps, rcpt, c, ends);
+    }
+    if transfer == Transfer::Data {
+        c.extend_from_slice(b"DATA\r\n");
+        ends.push(c.len());
+    }
+}
+
+/// `MAIL FROM:<sender>` with the parameters the server advertised.
+fn render_mail(caps: &Capabilities, tx: &TxSpec<'_>, c: &mut Vec<u8>, ends: &mut Vec<usize>) {
+    c.extend_from_slice(b"MAIL FROM:<");
+    c.extend_from_slice(tx.sender);
+    c.push(b'>');
+    if caps.size.is_some() {
+        let _ = write!(c, " SIZE={}", tx.body_len);
+    }
+    match tx.body_type {
+        BodyType::SevenBit if caps.eightbitmime => c.extend_from_slice(b" BODY=7BIT"),
+        // Without 8BITMIME the message goes as is (no MIME downgrade, RFC 6152 §3).
+        BodyType::EightBitMime if caps.eightbitmime => c.extend_from_slice(b" BODY=8BITMIME"),
+        BodyType::BinaryMime => c.extend_from_slice(b" BODY=BINARYMIME"),
+        _ => {}
+    }
+    if tx.smtputf8 {
+        c.extend_from_slice(b" SMTPUTF8");
+    }
+    if caps.dsn {
+        match tx.ret {
+            Ret::Full => c.extend_from_slice(b" RET=FULL"),
+            Ret::Hdrs => c.extend_from_slice(b" RET=HDRS"),
+            Ret::Unspecified => {}
+        }
+        if !tx.envid.is_empty() {
+            c.extend_from_slice(b" ENVID=");
+            c.extend_from_slice(tx.envid);
+        }
+    }
+    c.extend_from_slice(b"\r\n");
+    ends.push(c.len());
+}
+
+/// `RCPT TO:<addr>` with NOTIFY/ORCPT when DSN is advertised.
+fn render_rcpt(caps: &Capabilities, r: &TxRcpt<'_>, c: &mut Vec<u8>, ends: &mut Vec<usize>) {
+    c.extend_from_slice(b"RCPT TO:<");
+    c.extend_from_slice(r.addr);
+    c.push(b'>');
+    if caps.dsn {
+        if r.notify & notify::NEVER != 0 {
+            c.extend_from_slice(b" NOTIFY=NEVER");
+        } else if r.notify != 0 {
+            let mut sep = b'=';
+            for (bit, name) in
+                [(notify::SUCCESS, &b"SUCCESS"[..]), (notify::FAILURE, b"FAILURE"), (notify::DELAY, b"DELAY")]
+            {
+                if r.notify & bit != 0 {
+                    if sep == b'=' {
+                        c.extend_from_slice(b" NOTIFY");
+                    }
+                    c.push(sep);
+                    c.extend_from_slice(name);
+                    sep = b',';
+                }
+            }
+        }
+        if !r.orcpt.is_empty() {
+            c.extend_from_slice(b" ORCPT=");
+            c.extend_from_slice(r.orcpt);
+        }
+    }
+    c.extend_from_slice(b"\r\n");
+    ends.push(c.len());
 }
 
 #[cfg(test)]
@@ -2436,6 +2623,12 @@ mod tests {
     /// Our client against our server, in memory (after quinn's `Pair::drive`): each round moves
     /// every byte each side wrote to the other. Runs `txs` in turn, then QUIT.
     fn pair_on(scfg: &SessionConfig, txs: Vec<(TxSpec<'_>, &[u8])>, client_cap: usize) -> Run {
+        pair_with(scfg, txs, client_cap, false)
+    }
+
+    /// [`pair_on`]; with `queue_next`, each next transaction is queued behind the current one
+    /// as soon as the client can take it (RFC 2920 §3.1), as the driver does.
+    fn pair_with(scfg: &SessionConfig, txs: Vec<(TxSpec<'_>, &[u8])>, client_cap: usize, queue_next: bool) -> Run {
         let now = Instant::now();
         let mut bodies = VecPool::new(1 << 20);
         let mut ids = IdGen::default();
@@ -2449,6 +2642,7 @@ mod tests {
         let (mut events, mut stored, mut wire) = (Vec::new(), Vec::new(), Vec::new());
         let mut pending = txs.into_iter();
         let mut body: &[u8] = b"";
+        let mut next_body: Option<&[u8]> = None;
         server.greeting(scfg, &mut s_out);
         for _ in 0..1_000_000 {
             to_client.extend_from_slice(s_out.data());
@@ -2465,10 +2659,28 @@ mod tests {
                         None => client.quit(),
                     }
                 }
+                if matches!(ev, ClientEvent::TransactionDone(_)) {
+                    if let Some(b) = next_body.take() {
+                        body = b;
+                    }
+                }
                 let end = matches!(ev, ClientEvent::Closed | ClientEvent::Failed(_));
                 events.push(ev);
                 if end {
                     return Run { events, stored, wire };
+                }
+            }
+            while queue_next && client.can_queue_next() {
+                let Some((tx, b)) = pending.next() else { break };
+                let n = tx.rcpts.len();
+                match client.queue_next(tx) {
+                    Ok(()) => next_body = Some(b),
+                    // Settled at once, as the driver does; the next one is tried.
+                    Err(r) => events.push(ClientEvent::TransactionDone(TxResult {
+                        mail_reply: r.clone(),
+                        rcpt_replies: vec![r; n],
+                        data_reply: None,
+                    })),
                 }
             }
             client.poll_transmit(body, &mut c_out);
@@ -2529,6 +2741,54 @@ mod tests {
                     with_crlf.extend_from_slice(b"\r\n");
                 }
                 assert!(stored[1].ends_with(&with_crlf));
+            }
+        }
+    }
+
+    #[test]
+    fn real_server_next_transactions_pipelined() {
+        // Messages with dot lines, one without a final CRLF, one over the server's SIZE limit
+        // (refused from EHLO alone) and one large enough that a BDAT for it waits for its
+        // envelope: every stored message byte-exact, in order, each next envelope behind the
+        // previous message's end.
+        let mut big = b"Subject: big\r\n\r\n".to_vec();
+        big.extend(std::iter::repeat(b".x\r\n..y\r\n").take(20_000).flatten());
+        let bodies: Vec<Vec<u8>> = vec![
+            b"Subject: 1\r\n\r\n.one\r\n".to_vec(),
+            b"Subject: 2\r\n\r\n.\r\ntwo".to_vec(),
+            vec![b'x'; 300_000],
+            big,
+            b"Subject: 5\r\n\r\nfive\r\n".to_vec(),
+        ];
+        for chunking in [true, false] {
+            let scfg = server_cfg(250_000, if chunking { &[] } else { NO_CHUNKING });
+            for cap in [64, 16 * 1024] {
+                let txs = bodies.iter().map(|b| (spec(&["b@y.test", "c@y.test"], b.len() as u64), &b[..])).collect();
+                let run = pair_with(&scfg, txs, cap, true);
+                let done = run.results();
+                assert_eq!(done.len(), 5, "{:?}", run.events);
+                // The refusal is settled when it is queued, so before the one ahead of it.
+                assert_eq!(done.iter().filter(|r| r.mail_reply.code == 552).count(), 1);
+                for r in done.iter().filter(|r| r.mail_reply.code != 552) {
+                    assert!(r.data_reply.as_ref().unwrap().text.starts_with("Ok: queued as "), "{r:?}");
+                }
+                // One Ready after the greeting, one when the last transaction is done.
+                assert_eq!(run.events.iter().filter(|e| **e == ClientEvent::Ready).count(), 2, "{:?}", run.events);
+                assert_eq!(run.events.last(), Some(&ClientEvent::Closed));
+                assert_eq!(run.count(b"RSET"), 0);
+                assert_eq!(run.stored.len(), 4);
+                for (stored, body) in run.stored.iter().zip(bodies.iter().enumerate().filter(|(i, _)| *i != 2)) {
+                    let mut want = body.1.clone();
+                    if !chunking && !want.ends_with(b"\r\n") {
+                        want.extend_from_slice(b"\r\n");
+                    }
+                    assert!(stored.ends_with(&want), "message {} differs", body.0);
+                }
+                if chunking {
+                    assert_eq!(run.count(b"\r\n.one\r\nMAIL FROM:"), 1);
+                } else {
+                    assert_eq!(run.count(b".\r\nMAIL FROM:"), 3, "{}", String::from_utf8_lossy(&run.wire));
+                }
             }
         }
     }
@@ -2651,5 +2911,240 @@ mod tests {
             prop_assert_eq!(run.stored.len(), 1);
             prop_assert!(run.stored[0].ends_with(&body));
         }
+    }
+
+    // Pipelining the next transaction behind the end of the current message (RFC 2920 §3.1).
+
+    fn tx_done(ev: &ClientEvent) -> &TxResult {
+        match ev {
+            ClientEvent::TransactionDone(r) => r,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Ready, one DATA transaction to `1@y` started and its envelope answered with `354`, and
+    /// one to `2@y` queued behind it.
+    fn two_in_flight() -> Peer {
+        let mut p = Peer::ready(FULL_EHLO);
+        p.s.start_transaction(spec(&["1@y"], 4));
+        assert!(p.s.can_queue_next());
+        p.s.queue_next(spec(&["2@y"], 4)).unwrap();
+        assert!(!p.s.can_queue_next());
+        // Nothing of the queued one before the current message is out.
+        assert_eq!(p.send(b""), "MAIL FROM:<a@x.test> SIZE=4\r\nRCPT TO:<1@y>\r\nDATA\r\n");
+        assert!(!p.s.wants_write());
+        p.reply("250 ok\r\n250 ok\r\n354 go\r\n");
+        assert!(p.take().is_empty());
+        p
+    }
+
+    #[test]
+    fn next_transaction_rides_behind_the_end_of_data() {
+        let mut p = two_in_flight();
+        // One write: the message, its end, and the next envelope up to DATA.
+        assert_eq!(p.send(b"m1\r\n"), "m1\r\n.\r\nMAIL FROM:<a@x.test> SIZE=4\r\nRCPT TO:<2@y>\r\nDATA\r\n");
+        assert!(!p.s.wants_write());
+        assert_eq!(p.s.phase(), Some(Phase::DataEnd));
+        // One read: the first message's reply, then the second's envelope replies.
+        p.reply("250 2.0.0 queued as 1\r\n250 ok\r\n250 ok\r\n354 go\r\n");
+        let ev = p.take();
+        assert_eq!(ev.len(), 1, "no Ready while a transaction is queued: {ev:?}");
+        assert_eq!(tx_done(&ev[0]).data_reply.as_ref().unwrap().to_string(), "250 2.0.0 queued as 1");
+        // The second is current; a third may be queued behind it.
+        assert!(p.s.can_queue_next());
+        p.s.queue_next(spec(&["3@y"], 4)).unwrap();
+        assert_eq!(p.send(b"m2\r\n"), "m2\r\n.\r\nMAIL FROM:<a@x.test> SIZE=4\r\nRCPT TO:<3@y>\r\nDATA\r\n");
+        p.reply("250 2.0.0 queued as 2\r\n250 ok\r\n250 ok\r\n354 go\r\n");
+        let ev = p.take();
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        assert_eq!(tx_done(&ev[0]).outcome(0).to_string(), "250 2.0.0 queued as 2");
+        assert_eq!(p.send(b"m3\r\n"), "m3\r\n.\r\n");
+        p.reply("250 2.0.0 queued as 3\r\n");
+        assert_eq!(p.done().outcome(0).to_string(), "250 2.0.0 queued as 3");
+        assert!(p.s.is_ready() && !p.s.can_queue_next());
+    }
+
+    #[test]
+    fn next_waits_until_the_driver_took_the_previous_result() {
+        let mut p = two_in_flight();
+        let _ = p.send(b"m1\r\n");
+        // The driver has not polled the first TransactionDone: the body it would pass is
+        // still the first one's, so nothing is written.
+        let r = "250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n";
+        assert_eq!(p.s.handle_input(r.as_bytes(), p.now), r.len());
+        p.s.poll_transmit(b"m1\r\n", &mut p.out);
+        assert!(p.out.is_empty());
+        p.drain();
+        assert_eq!(p.take().len(), 1);
+        assert_eq!(p.send(b"m2\r\n"), "m2\r\n.\r\n");
+    }
+
+    #[test]
+    fn next_delivered_after_the_current_message_is_refused() {
+        let mut p = two_in_flight();
+        let _ = p.send(b"m1\r\n");
+        p.reply("554 5.7.1 content rejected\r\n250 ok\r\n250 ok\r\n354 go\r\n");
+        let ev = p.take();
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        assert_eq!(tx_done(&ev[0]).outcome(0).code, 554);
+        assert_eq!(p.send(b"m2\r\n"), "m2\r\n.\r\n");
+        p.reply("250 ok\r\n");
+        assert_eq!(p.done().outcome(0).code, 250);
+    }
+
+    #[test]
+    fn data_refused_means_no_body_then_rset_then_next() {
+        let mut p = Peer::ready(FULL_EHLO);
+        p.s.start_transaction(spec(&["1@y"], 4));
+        p.s.queue_next(spec(&["2@y"], 4)).unwrap();
+        let _ = p.send(b"m1\r\n");
+        p.reply("250 ok\r\n250 ok\r\n451 4.3.0 not now\r\n");
+        let ev = p.take();
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        assert_eq!(tx_done(&ev[0]).outcome(0).code, 451);
+        // No body, and the next transaction only after the RSET's reply.
+        assert_eq!(p.send(b"m1\r\n"), "RSET\r\n");
+        assert_eq!(p.send(b"m1\r\n"), "");
+        p.reply("250 ok\r\n");
+        assert!(p.take().is_empty());
+        assert_eq!(p.send(b"m2\r\n"), "MAIL FROM:<a@x.test> SIZE=4\r\nRCPT TO:<2@y>\r\nDATA\r\n");
+        p.reply("250 ok\r\n250 ok\r\n354 go\r\n");
+        assert_eq!(p.send(b"m2\r\n"), "m2\r\n.\r\n");
+        p.reply("250 ok\r\n");
+        assert_eq!(p.done().outcome(0).code, 250);
+    }
+
+    #[test]
+    fn next_mail_refused() {
+        let mut p = two_in_flight();
+        let _ = p.send(b"m1\r\n");
+        p.reply("250 ok\r\n550 5.7.1 sender refused\r\n503 5.5.1 no MAIL\r\n503 5.5.1 no valid recipients\r\n");
+        let ev = p.take();
+        assert_eq!(ev.len(), 3, "{ev:?}");
+        assert_eq!(tx_done(&ev[0]).outcome(0).code, 250);
+        let r = tx_done(&ev[1]);
+        assert_eq!((r.mail_reply.code, r.outcome(0).code, r.data_reply.is_none()), (550, 550, true));
+        assert_eq!(ev[2], ClientEvent::Ready);
+        assert_eq!(p.send(b""), "");
+    }
+
+    #[test]
+    fn closed_between_the_current_reply_and_the_next_ones() {
+        let mut p = two_in_flight();
+        let _ = p.send(b"m1\r\n");
+        p.reply("250 ok\r\n");
+        assert_eq!(tx_done(&p.take()[0]).outcome(0).code, 250);
+        p.s.handle_closed();
+        p.drain();
+        assert_eq!(p.failed().kind, FailureKind::Closed);
+        // Nothing was answered for the second: the driver defers it whole.
+        assert!(p.s.rcpt_replies_so_far().is_empty());
+        assert!(!p.s.can_queue_next() && !p.s.wants_write());
+    }
+
+    #[test]
+    fn timeout_with_two_in_flight() {
+        let mut p = two_in_flight();
+        let _ = p.send(b"m1\r\n");
+        // The current transaction's phase rules.
+        fire(&mut p, Phase::DataEnd, timeouts().data_end);
+        assert!(!p.s.wants_write());
+
+        // Closed with the second queued but not yet out: one Failed, nothing more.
+        let mut p = two_in_flight();
+        p.s.handle_closed();
+        p.drain();
+        assert_eq!(p.failed().kind, FailureKind::Closed);
+        assert_eq!(p.send(b"m1\r\n"), "");
+    }
+
+    #[test]
+    fn next_with_pipelined_bdat() {
+        let mut p = Peer::ready(CHUNKING_EHLO);
+        p.s.start_transaction(spec(&["1@y"], 2));
+        p.s.queue_next(spec(&["2@y"], 3)).unwrap();
+        // The next MAIL and RCPTs follow the whole chunk; its own BDAT waits for its turn.
+        assert_eq!(
+            p.send(b"ab"),
+            "MAIL FROM:<a@x.test> SIZE=2\r\nRCPT TO:<1@y>\r\nBDAT 2 LAST\r\nab\
+             MAIL FROM:<a@x.test> SIZE=3\r\nRCPT TO:<2@y>\r\n"
+        );
+        assert!(!p.s.wants_write());
+        p.reply("250 ok\r\n250 ok\r\n250 2.0.0 queued as 1\r\n250 ok\r\n");
+        let ev = p.take();
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        assert_eq!(tx_done(&ev[0]).outcome(0).to_string(), "250 2.0.0 queued as 1");
+        assert_eq!(p.send(b"cde"), "BDAT 3 LAST\r\ncde");
+        p.reply("250 ok\r\n250 2.0.0 queued as 2\r\n");
+        assert_eq!(p.done().outcome(0).to_string(), "250 2.0.0 queued as 2");
+    }
+
+    #[test]
+    fn next_behind_a_refused_bdat() {
+        // The next MAIL is out behind a chunk the server refuses: no RSET can go before it, and
+        // a refusal of that MAIL may be about the old transaction, so it only defers.
+        let mut p = Peer::ready(CHUNKING_EHLO);
+        p.s.start_transaction(spec(&["1@y"], 2));
+        p.s.queue_next(spec(&["2@y"], 3)).unwrap();
+        let _ = p.send(b"ab");
+        p.reply("250 ok\r\n250 ok\r\n554 5.6.0 bad chunk\r\n503 5.5.1 nested MAIL\r\n503 5.5.1 sequence\r\n");
+        let ev = p.take();
+        assert_eq!(ev.len(), 2, "{ev:?}");
+        assert_eq!(tx_done(&ev[0]).outcome(0).code, 554);
+        let r = tx_done(&ev[1]);
+        assert_eq!((r.mail_reply.code, r.outcome(0).code), (451, 451));
+        assert!(r.outcome(0).to_string().contains("503 5.5.1 nested MAIL"));
+        assert_eq!(p.send(b""), "RSET\r\n");
+        p.reply("250 ok\r\n");
+        assert_eq!(p.take(), [ClientEvent::Ready]);
+
+        // The server had reset: the next goes on as usual.
+        let mut p = Peer::ready(CHUNKING_EHLO);
+        p.s.start_transaction(spec(&["1@y"], 2));
+        p.s.queue_next(spec(&["2@y"], 3)).unwrap();
+        let _ = p.send(b"ab");
+        p.reply("250 ok\r\n250 ok\r\n554 5.6.0 bad chunk\r\n250 ok\r\n250 ok\r\n");
+        assert_eq!(p.take().len(), 1);
+        assert_eq!(p.send(b"cde"), "BDAT 3 LAST\r\ncde");
+        p.reply("250 ok\r\n");
+        assert_eq!(p.done().outcome(0).code, 250);
+    }
+
+    #[test]
+    fn next_bdat_envelope_refused_sends_no_chunk() {
+        let mut p = Peer::ready(CHUNKING_EHLO);
+        p.s.start_transaction(spec(&["1@y"], 2));
+        p.s.queue_next(spec(&["2@y"], 3)).unwrap();
+        let _ = p.send(b"ab");
+        // The second's MAIL refusal is in before its chunk could be queued.
+        p.reply("250 ok\r\n250 ok\r\n250 ok\r\n550 5.7.1 no\r\n");
+        assert_eq!(p.take().len(), 1);
+        assert_eq!(p.send(b"cde"), "");
+        p.reply("503 5.5.1 no MAIL\r\n");
+        let r = p.done();
+        assert_eq!(r.outcome(0).code, 550);
+    }
+
+    #[test]
+    fn queue_next_refusals() {
+        // Without PIPELINING nothing is queued: lockstep as before.
+        let mut p = Peer::ready(PLAIN_EHLO);
+        p.s.start_transaction(spec(&["1@y"], 3));
+        assert!(!p.s.can_queue_next());
+        assert_eq!(p.s.queue_next(spec(&["2@y"], 3)).unwrap_err().code, 451);
+        assert_eq!(p.send(b""), "MAIL FROM:<a@x.test>\r\n");
+        // Not while idle, nor twice.
+        let mut p = Peer::ready(FULL_EHLO);
+        assert!(!p.s.can_queue_next());
+        assert_eq!(p.s.queue_next(spec(&["2@y"], 3)).unwrap_err().code, 451);
+        p.s.start_transaction(spec(&["1@y"], 3));
+        p.s.queue_next(spec(&["2@y"], 3)).unwrap();
+        assert_eq!(p.s.queue_next(spec(&["3@y"], 3)).unwrap_err().code, 451);
+        // What EHLO alone decides comes back at once (SIZE 1000 here).
+        let mut p = Peer::ready(FULL_EHLO);
+        p.s.start_transaction(spec(&["1@y"], 3));
+        assert_eq!(p.s.queue_next(spec(&["2@y"], 5000)).unwrap_err().code, 552);
+        assert!(p.s.can_queue_next());
+        assert!(p.take().is_empty());
     }
 }

@@ -633,3 +633,134 @@ fn a_large_backlog_for_a_down_destination_is_deferred_in_bounded_passes() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains(&format!("\"messages\":{n}")), "{out}");
 }
+
+/// Stops a sink with SIGTERM and returns one number of its `--json` summary.
+fn sink_summary(mut sink: Aux, field: &str) -> u64 {
+    let _ = Command::new("kill").arg("-TERM").arg(sink.child.id().to_string()).status();
+    let out = std::mem::replace(&mut sink.child, Command::new("true").spawn().unwrap()).wait_with_output().unwrap();
+    let summary = String::from_utf8_lossy(&out.stdout);
+    summary
+        .split(&format!("\"{field}\":"))
+        .nth(1)
+        .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in summary: {summary}"))
+}
+
+#[test]
+fn a_backlog_goes_pipelined_over_one_connection_with_refusals_settled() {
+    // RFC 2920 §3.1: to a DATA server with PIPELINING, each next transaction's envelope rides
+    // behind the previous message's end of data. Some recipients are refused at RCPT (550),
+    // some messages after the data (554), some recipients once at RCPT (451, then accepted):
+    // every message must arrive exactly once, byte-exact, with exactly its accepted recipients.
+    let Some(bin) = load_bin() else { return };
+    let port = free_port();
+    let host = format!("127.0.0.31:{port}");
+    let relay = Relay::start(&[
+        "--relay-host",
+        &host,
+        "--dns",
+        "127.0.0.1:9",
+        "--retry-schedule",
+        "1s",
+        "--domain-concurrency",
+        "1",
+    ]);
+    // Each end of data waits 100 ms for its reply: the messages pile up behind the one
+    // connection while they come in.
+    let up = sink(&bin, &host, &["--no-chunking", "--json", "--delay", "100ms"]);
+    const N: usize = 40;
+    let mut bodies = Vec::new();
+    for i in 0..N {
+        let rcpts: Vec<String> = match i % 7 {
+            3 => vec![format!("rej-{i}@pipe.test"), format!("ok{i}@pipe.test")],
+            5 => vec![format!("datafail-{i}@pipe.test")],
+            6 => vec![format!("tf1-{i}@pipe.test")],
+            _ => vec![format!("r{i}@pipe.test")],
+        };
+        let body = format!("Subject: {i}\r\n\r\n.dot line {i}\r\nbody {i} {}\r\n", "z".repeat(i * 37)).into_bytes();
+        let to: Vec<&str> = rcpts.iter().map(String::as_str).collect();
+        send(&relay, "a@src.test", &to, &stuff(&body));
+        bodies.push((i, rcpts, body));
+    }
+    let delivered = bodies.iter().filter(|(i, _, _)| i % 7 != 5).count();
+    let bounces = bodies.iter().filter(|(i, _, _)| i % 7 == 3 || i % 7 == 5).count();
+    wait_saved(&up, delivered + bounces, Duration::from_secs(60), &relay);
+    wait_queue_empty(&relay, Duration::from_secs(30));
+    let got = saved(&up);
+    assert_eq!(got.len(), delivered + bounces);
+    for (i, rcpts, body) in &bodies {
+        let copies: Vec<&(String, Vec<u8>)> = got.iter().filter(|(_, m)| m.ends_with(body)).collect();
+        if i % 7 == 5 {
+            assert!(copies.is_empty(), "message {i} was refused after the data but arrived");
+            continue;
+        }
+        assert_eq!(copies.len(), 1, "message {i} arrived {} times", copies.len());
+        let env = &copies[0].0;
+        assert!(env.contains("TRANSFER: DATA\n"), "{env}");
+        for r in rcpts {
+            assert_eq!(env.contains(&format!("<{r}>")), !r.starts_with("rej-"), "message {i}, {r}: {env}");
+        }
+    }
+    // The bounces: one per message with a failed recipient, to the sender, from <>.
+    let dsns: Vec<&String> = got.iter().filter(|(env, _)| env.contains("MAIL FROM:<>")).map(|(e, _)| e).collect();
+    assert_eq!(dsns.len(), bounces);
+    assert!(dsns.iter().all(|e| e.contains("<a@src.test>")));
+    let log = relay.log();
+    for (i, rcpts, _) in &bodies {
+        let r = &rcpts[0];
+        let line = |what: &str| log.lines().any(|l| l.contains(&format!("rcpt={r} ")) && l.contains(what));
+        match i % 7 {
+            3 => assert!(line("550 5.1.1") && line("outcome=failed"), "{r}:\n{log}"),
+            5 => assert!(line("554 5.6.0") && line("outcome=failed"), "{r}:\n{log}"),
+            6 => assert!(line("451 4.7.1") && line("outcome=deferred") && line("outcome=delivered"), "{r}:\n{log}"),
+            _ => assert!(line("outcome=delivered"), "{r}:\n{log}"),
+        }
+    }
+    // Pipelined: many MAIL commands came in the same read as the previous end of data.
+    let pipelined = sink_summary(up, "mail_after_data");
+    eprintln!("{pipelined} MAIL commands (of {N} messages, retries, bounces) behind an end of data");
+    assert!(pipelined as usize >= N / 4, "only {pipelined} MAIL commands rode behind an end of data");
+}
+
+#[test]
+fn a_connection_lost_with_a_transaction_queued_holds_back_only_the_broken_message() {
+    // The sink closes the connection in the middle of `drop-` messages while the next
+    // transaction is queued behind them: the broken one is deferred (again and again), the
+    // queued one goes on over a new connection, and every other message arrives exactly once.
+    let Some(bin) = load_bin() else { return };
+    let port = free_port();
+    let host = format!("127.0.0.32:{port}");
+    let relay = Relay::start(&[
+        "--relay-host",
+        &host,
+        "--dns",
+        "127.0.0.1:9",
+        "--retry-schedule",
+        "1s",
+        "--domain-concurrency",
+        "1",
+    ]);
+    let up = sink(&bin, &host, &["--no-chunking", "--delay", "100ms"]);
+    let mut bodies = Vec::new();
+    for i in 0..16 {
+        let to = if i % 5 == 2 { format!("drop-{i}@pipe.test") } else { format!("r{i}@pipe.test") };
+        let body = format!("Subject: {i}\r\n\r\nlost and found {i}\r\n").into_bytes();
+        send(&relay, "a@src.test", &[&to], &body);
+        bodies.push((i, to, body));
+    }
+    let want = bodies.iter().filter(|(_, to, _)| !to.starts_with("drop-")).count();
+    wait_saved(&up, want, Duration::from_secs(60), &relay);
+    // Retries of the dropped ones go on; nothing may arrive twice meanwhile.
+    std::thread::sleep(Duration::from_millis(1500));
+    let got = saved(&up);
+    for (i, to, body) in &bodies {
+        let n = got.iter().filter(|(_, m)| m.ends_with(body)).count();
+        assert_eq!(n, usize::from(!to.starts_with("drop-")), "message {i} ({to}) arrived {n} times");
+    }
+    let log = relay.log();
+    for (_, to, _) in bodies.iter().filter(|(_, to, _)| to.starts_with("drop-")) {
+        let mine: Vec<&str> = log.lines().filter(|l| l.contains(&format!("rcpt={to} "))).collect();
+        assert!(!mine.is_empty() && mine.iter().all(|l| l.contains("outcome=deferred")), "{to}:\n{log}");
+    }
+}
