@@ -647,6 +647,11 @@ fn sink_summary(mut sink: Aux, field: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {field} in summary: {summary}"))
 }
 
+/// A relay sending everything to `host` over at most one connection, retrying after 1 s.
+fn one_connection_relay(host: &str) -> Relay {
+    Relay::start(&["--relay-host", host, "--dns", "127.0.0.1:9", "--retry-schedule", "1s", "--domain-concurrency", "1"])
+}
+
 #[test]
 fn a_backlog_goes_pipelined_over_one_connection_with_refusals_settled() {
     // RFC 2920 §3.1: to a DATA server with PIPELINING, each next transaction's envelope rides
@@ -656,16 +661,7 @@ fn a_backlog_goes_pipelined_over_one_connection_with_refusals_settled() {
     let Some(bin) = load_bin() else { return };
     let port = free_port();
     let host = format!("127.0.0.31:{port}");
-    let relay = Relay::start(&[
-        "--relay-host",
-        &host,
-        "--dns",
-        "127.0.0.1:9",
-        "--retry-schedule",
-        "1s",
-        "--domain-concurrency",
-        "1",
-    ]);
+    let relay = one_connection_relay(&host);
     // Each end of data waits 100 ms for its reply: the messages pile up behind the one
     // connection while they come in.
     let up = sink(&bin, &host, &["--no-chunking", "--json", "--delay", "100ms"]);
@@ -731,16 +727,7 @@ fn a_connection_lost_with_a_transaction_queued_holds_back_only_the_broken_messag
     let Some(bin) = load_bin() else { return };
     let port = free_port();
     let host = format!("127.0.0.32:{port}");
-    let relay = Relay::start(&[
-        "--relay-host",
-        &host,
-        "--dns",
-        "127.0.0.1:9",
-        "--retry-schedule",
-        "1s",
-        "--domain-concurrency",
-        "1",
-    ]);
+    let relay = one_connection_relay(&host);
     let up = sink(&bin, &host, &["--no-chunking", "--delay", "100ms"]);
     let mut bodies = Vec::new();
     for i in 0..16 {
