@@ -4,6 +4,7 @@
 # restarted with the destination up. Reports the accept rate while queueing, the relay's
 # memory with the whole backlog queued, restart (recovery) time and memory, and the drain rate.
 # Usage: benches/backlog.sh [MESSAGES=1000000] [SIZE=1024] [CONNECTIONS=20]
+# SINK_FLAGS: extra flags for the sink (e.g. --no-chunking: the relay delivers by DATA).
 # Loopback only; needs python3 for a free port. Every process started is stopped by PID; the
 # spool (about MESSAGES x (SIZE + 200) bytes) is deleted at the end.
 set -euo pipefail
@@ -49,7 +50,8 @@ kill -TERM "$RELAY"; wait "$RELAY" || true
 spool_mb=$(du -sm "$WORK/spool" | cut -f1)
 
 # 2. Destination up, relay restarted on the same spool: recovery, then the drain.
-"$LOAD" sink --listen "127.0.0.1:$SINK_PORT" --interval 0 --expect-recipients "$N" 2>"$WORK/sink.log" & PIDS+=("$!")
+# shellcheck disable=SC2086  # SINK_FLAGS is split into words on purpose
+"$LOAD" sink --listen "127.0.0.1:$SINK_PORT" --interval 0 --expect-recipients "$N" ${SINK_FLAGS:-} 2>"$WORK/sink.log" & PIDS+=("$!")
 wait_log "$WORK/sink.log" "event=listening" 20
 t2=$(now)
 relay "$WORK/relay2.log"
