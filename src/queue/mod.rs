@@ -242,17 +242,22 @@ impl Queue {
     }
 
     /// A queue flush: every waiting recipient is due now (`next_ms` 0, so a clock stepping
-    /// back cannot strand it) and its message goes on its destination's ready list. Returns
-    /// how many (message, destination) jobs were waiting.
+    /// back cannot strand it) and its message goes on its destination's ready list — also one
+    /// whose sibling for the same destination is in flight (it has no due entry: it is
+    /// scheduled again, now at once, when that job settles). Returns how many (message,
+    /// destination) jobs were waiting.
     pub fn flush(&mut self) -> usize {
-        let mut moved = 0;
-        while let Some((key, id, dest)) = self.due.pop_due(u64::MAX) {
-            let Some(m) = self.msgs.get_mut(key as usize).filter(|m| m.id == id) else { continue };
-            for r in m.rcpts.iter_mut().filter(|r| r.dest == dest && r.open() && !r.in_flight) {
+        for (_, m) in self.msgs.iter_mut() {
+            for r in m.rcpts.iter_mut().filter(|r| r.open() && !r.in_flight) {
                 r.next_ms = 0;
             }
-            self.make_ready(dest, key, id);
-            moved += 1;
+        }
+        let mut moved = 0;
+        while let Some((key, id, dest)) = self.due.pop_due(u64::MAX) {
+            if self.msgs.get(key as usize).is_some_and(|m| m.id == id) {
+                self.make_ready(dest, key, id);
+                moved += 1;
+            }
         }
         moved
     }
@@ -352,5 +357,68 @@ impl Queue {
     /// Removes a finished message, returning it (for spool release).
     pub fn remove(&mut self, key: MsgKey) -> Option<QMsg> {
         self.msgs.try_remove(key as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::RcptState;
+
+    fn msg(id: u64, rcpts: &[(&str, u64)]) -> (RecoveredMessage, Envelope) {
+        let mut env = Envelope::default();
+        for (addr, _) in rcpts {
+            env.push_rcpt(addr.as_bytes(), b"", 0);
+        }
+        let states = rcpts
+            .iter()
+            .map(|&(_, next)| RcptState {
+                status: RcptStatus::Deferred,
+                attempts: 1,
+                next_attempt_ms: next,
+                last_reply: Vec::new(),
+            })
+            .collect();
+        let rec = RecoveredMessage {
+            id: QueueId(id),
+            loc: MessageLoc { segment: 1, offset: 0, len: 0 },
+            arrival_ms: 0,
+            rcpts: states,
+            outcome_segments: Vec::new(),
+        };
+        (rec, env)
+    }
+
+    #[test]
+    fn a_flush_makes_every_waiting_recipient_due_at_once() {
+        let now = 1_000;
+        let hour = now + 3_600_000;
+        let mut q = Queue::new(None, "mx.test");
+        let (a, env_a) = msg(1, &[("x@a.test", hour), ("y@b.test", hour)]);
+        let ka = q.insert(&a, &env_a, now).unwrap();
+        let (dest_a, dest_b) = (q.dest_id(b"a.test"), q.dest_id(b"b.test"));
+        assert!(q.pop_job(dest_a, now).is_none(), "nothing is due for an hour");
+        assert_eq!(q.flush(), 2, "one job per destination was waiting");
+        assert_eq!(q.pop_job(dest_a, now).map(|j| (j.msg, j.rcpts)), Some((ka, vec![0])));
+        assert_eq!(q.pop_job(dest_b, now).map(|j| (j.msg, j.rcpts)), Some((ka, vec![1])));
+        assert_eq!(q.flush(), 0, "both in flight: nothing waits");
+    }
+
+    #[test]
+    fn a_flush_reaches_a_recipient_whose_sibling_is_in_flight() {
+        let now = 1_000;
+        let hour = now + 3_600_000;
+        let mut q = Queue::new(None, "mx.test");
+        // Same destination: r0 due now, r1 in an hour. The job takes r0 only, and r1 has no due
+        // entry of its own (it is scheduled again when r0's job settles).
+        let (m, env) = msg(1, &[("x@a.test", 0), ("y@a.test", hour)]);
+        let key = q.insert(&m, &env, now).unwrap();
+        let dest = q.dest_id(b"a.test");
+        assert_eq!(q.pop_job(dest, now).map(|j| j.rcpts), Some(vec![0]));
+        assert_eq!(q.flush(), 0);
+        // r0 is deferred for an hour; r1, flushed meanwhile, is due at once.
+        q.settle(key, 0, RcptStatus::Deferred, 1, hour);
+        q.reschedule(key, dest, now);
+        assert_eq!(q.pop_job(dest, now).map(|j| j.rcpts), Some(vec![1]));
     }
 }
