@@ -232,13 +232,17 @@ impl Queue {
         }
     }
 
-    /// Moves work whose retry time has come to the ready lists.
-    pub fn promote_due(&mut self, now_ms: u64) {
+    /// Moves work whose retry time has come to the ready lists; returns how many (message,
+    /// destination) jobs moved.
+    pub fn promote_due(&mut self, now_ms: u64) -> usize {
+        let mut moved = 0;
         while let Some((key, id, dest)) = self.due.pop_due(now_ms) {
             if self.msgs.get(key as usize).is_some_and(|m| m.id == id) {
                 self.make_ready(dest, key, id);
+                moved += 1;
             }
         }
+        moved
     }
 
     /// A queue flush: every waiting recipient is due now (`next_ms` 0, so a clock stepping
@@ -252,14 +256,7 @@ impl Queue {
                 r.next_ms = 0;
             }
         }
-        let mut moved = 0;
-        while let Some((key, id, dest)) = self.due.pop_due(u64::MAX) {
-            if self.msgs.get(key as usize).is_some_and(|m| m.id == id) {
-                self.make_ready(dest, key, id);
-                moved += 1;
-            }
-        }
-        moved
+        self.promote_due(u64::MAX)
     }
 
     /// When the next deferred work is due (Unix ms).
