@@ -688,7 +688,7 @@ impl Delivery {
                 // The queued transaction (if any) is the session's current one now.
                 conn.active = conn.next.take();
                 conn.transactions += 1;
-                let remote = format!("{}[{}]", conn.host, conn.peer.ip());
+                let remote = conn.remote();
                 let tls = conn.tls_version();
                 let outcomes: Vec<(Verdict, Reply)> = result
                     .rcpt_replies
@@ -870,7 +870,7 @@ impl Delivery {
             }
             Err(refusal) => {
                 // As start_transaction's refusals: the same reply for every recipient.
-                let remote = format!("{}[{}]", conn.host, conn.peer.ip());
+                let remote = conn.remote();
                 let tls = conn.tls_version();
                 let outcome = rcpt_outcome(&refusal, false)
                     .unwrap_or_else(|| (Verdict::Deferred, synthetic(451, (4, 3, 0), "transaction not queued")));
@@ -1064,7 +1064,7 @@ impl Delivery {
         // was not attempted. Deferring it instead would tie it to the active job's retry times,
         // and a message that always breaks the connection would take it down every time.
         let active = conn.active.take();
-        let remote = format!("{}[{}]", conn.host, conn.peer.ip());
+        let remote = conn.remote();
         let tls = conn.tls_version();
         // A recipient already refused keeps that reply (a 5xx fails it now rather than after
         // more attempts); the others are deferred with the lost connection.

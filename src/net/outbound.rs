@@ -263,6 +263,11 @@ impl OutboundConn {
         self.tls_info
     }
 
+    /// `host[ip]` of the peer, as attempt log lines and DSNs name the remote MTA.
+    pub fn remote(&self) -> String {
+        format!("{}[{}]", self.host, self.peer.ip())
+    }
+
     /// `TLSv1.3` or the like once TLS is up, else `none` (for attempt log lines).
     pub fn tls_version(&self) -> &'static str {
         self.tls_info.map_or("none", |i| i.version)
