@@ -955,6 +955,18 @@ mod tests {
         }
     }
 
+    /// A server and an unverifying client, in files under a temp dir named after `tag`, with
+    /// the handshake done over two pipes: (server, client, server's pipe, client's pipe).
+    fn handshaken(tag: &str) -> (TlsSession, TlsSession, Pipe, Pipe) {
+        let dir = tempdir(tag);
+        let (cert, key) = pair_files(&dir);
+        let mut server = TlsSession::server(&ServerTls::load(&cert, &key).unwrap()).unwrap();
+        let mut client = TlsSession::client(&ClientTls::unverified(), "mx.example.test").unwrap();
+        let (mut sp, mut cp) = (Pipe::default(), Pipe::default());
+        pump(&mut client, &mut cp, &mut server, &mut sp, &mut Vec::new(), &mut Vec::new());
+        (server, client, sp, cp)
+    }
+
     #[test]
     fn handshake_and_data_both_ways() {
         let dir = tempdir("hs");
@@ -1018,13 +1030,7 @@ mod tests {
 
     #[test]
     fn truncation_is_reported() {
-        let dir = tempdir("trunc");
-        let (cert, key) = pair_files(&dir);
-        let mut server = TlsSession::server(&ServerTls::load(&cert, &key).unwrap()).unwrap();
-        let mut client = TlsSession::client(&ClientTls::unverified(), "mx.example.test").unwrap();
-        let (mut sp, mut cp) = (Pipe::default(), Pipe::default());
-        let (mut s_got, mut c_got) = (Vec::new(), Vec::new());
-        pump(&mut client, &mut cp, &mut server, &mut sp, &mut c_got, &mut s_got);
+        let (mut server, ..) = handshaken("trunc");
         // EOF without close_notify.
         let mut eof = io::empty();
         let mut buf = [0u8; 64];
@@ -1266,13 +1272,7 @@ mod tests {
     /// file allocated would show.
     #[test]
     fn steady_state_records_allocate_only_in_rustls() {
-        let dir = tempdir("alloc");
-        let (cert, key) = pair_files(&dir);
-        let mut server = TlsSession::server(&ServerTls::load(&cert, &key).unwrap()).unwrap();
-        let mut client = TlsSession::client(&ClientTls::unverified(), "mx.example.test").unwrap();
-        let (mut sp, mut cp) = (Pipe::default(), Pipe::default());
-        let (mut s_got, mut c_got) = (Vec::new(), Vec::new());
-        pump(&mut client, &mut cp, &mut server, &mut sp, &mut c_got, &mut s_got);
+        let (mut server, mut client, mut sp, mut cp) = handshaken("alloc");
         assert!(!server.is_handshaking() && !client.is_handshaking());
         assert_eq!(server.info().unwrap().version, "TLSv1.3");
         // The pipes keep their capacity once grown.

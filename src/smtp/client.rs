@@ -1481,6 +1481,15 @@ mod tests {
             }
         }
 
+        /// Exactly one `TransactionDone` and nothing else (an RSET or a queued transaction
+        /// follows, or the session waits on TLS).
+        fn done_alone(&mut self) -> TxResult {
+            match self.take().as_slice() {
+                [ClientEvent::TransactionDone(r)] => r.clone(),
+                other => panic!("{other:?}"),
+            }
+        }
+
         fn failed(&mut self) -> Failure {
             match self.take().as_slice() {
                 [ClientEvent::Failed(f)] => f.clone(),
@@ -1663,10 +1672,8 @@ mod tests {
         let mut p = started();
         p.s.start_transaction(spec(&["1@y"], 3));
         p.drain();
-        match p.take().as_slice() {
-            [ClientEvent::TransactionDone(r)] => assert_eq!(r.mail_reply.code, 451),
-            other => panic!("{other:?}"),
-        }
+        let r = p.done_alone();
+        assert_eq!(r.mail_reply.code, 451);
         assert_eq!(p.send(b""), "");
         assert!(p.s.awaiting_tls());
     }
@@ -1786,14 +1793,9 @@ mod tests {
         p.s.start_transaction(spec(&["1@y", "2@y"], 3));
         assert!(p.send(b"").ends_with("DATA\r\n"));
         p.reply("250 ok\r\n550 no\r\n550 no\r\n554 5.5.1 no valid recipients\r\n");
-        let ev = p.take();
-        match ev.as_slice() {
-            [ClientEvent::TransactionDone(r)] => {
-                assert_eq!(codes(&r.rcpt_replies), [550, 550]);
-                assert_eq!(r.data_reply, None);
-            }
-            other => panic!("{other:?}"),
-        }
+        let r = p.done_alone();
+        assert_eq!(codes(&r.rcpt_replies), [550, 550]);
+        assert_eq!(r.data_reply, None);
         assert_eq!(p.send(b"body"), "RSET\r\n");
         p.reply("250 ok\r\n");
         assert_eq!(p.take(), [ClientEvent::Ready]);
@@ -1817,10 +1819,8 @@ mod tests {
         p.s.start_transaction(spec(&["1@y"], 3));
         let _ = p.send(b"");
         p.reply("250 ok\r\n250 ok\r\n451 4.3.0 try later\r\n");
-        match p.take().as_slice() {
-            [ClientEvent::TransactionDone(r)] => assert_eq!(r.outcome(0).code, 451),
-            other => panic!("{other:?}"),
-        }
+        let r = p.done_alone();
+        assert_eq!(r.outcome(0).code, 451);
         assert_eq!(p.send(b""), "RSET\r\n");
         p.reply("250 ok\r\n");
         assert_eq!(p.take(), [ClientEvent::Ready]);
@@ -2071,10 +2071,8 @@ mod tests {
         let mut p = Peer::connect();
         p.s.start_transaction(spec(&["1@y"], 3));
         p.drain();
-        match p.take().as_slice() {
-            [ClientEvent::TransactionDone(r)] => assert_eq!(r.rcpt_replies[0].code, 451),
-            other => panic!("{other:?}"),
-        }
+        let r = p.done_alone();
+        assert_eq!(r.rcpt_replies[0].code, 451);
         assert_eq!(p.send(b""), "");
     }
 
@@ -2196,15 +2194,11 @@ mod tests {
         p.s.start_transaction(spec(&["1@y", "2@y"], 3));
         assert!(p.send(b"abc").ends_with("BDAT 3 LAST\r\nabc"));
         p.reply("250 ok\r\n550 no\r\n452 full\r\n554 5.5.1 no valid recipients\r\n");
-        match p.take().as_slice() {
-            [ClientEvent::TransactionDone(r)] => {
-                assert_eq!(r.mail_reply.code, 250);
-                assert_eq!(codes(&r.rcpt_replies), [550, 452]);
-                assert_eq!(r.data_reply, None);
-                assert_eq!(r.outcome(1).code, 452);
-            }
-            other => panic!("{other:?}"),
-        }
+        let r = p.done_alone();
+        assert_eq!(r.mail_reply.code, 250);
+        assert_eq!(codes(&r.rcpt_replies), [550, 452]);
+        assert_eq!(r.data_reply, None);
+        assert_eq!(r.outcome(1).code, 452);
         assert_eq!(p.send(b"abc"), "RSET\r\n");
         assert_eq!(p.s.phase(), Some(Phase::Rset));
         p.reply("250 ok\r\n");
@@ -2221,14 +2215,10 @@ mod tests {
         p.reply("553 5.1.8 bad sender\r\n503 5.5.1 need MAIL\r\n503 5.5.1 need MAIL\r\n");
         assert!(p.take().is_empty());
         p.reply("503 5.5.1 need MAIL\r\n");
-        match p.take().as_slice() {
-            [ClientEvent::TransactionDone(r)] => {
-                assert_eq!(r.mail_reply.code, 553);
-                assert_eq!(r.rcpt_replies, vec![r.mail_reply.clone(); 2]);
-                assert_eq!(r.data_reply, None);
-            }
-            other => panic!("{other:?}"),
-        }
+        let r = p.done_alone();
+        assert_eq!(r.mail_reply.code, 553);
+        assert_eq!(r.rcpt_replies, vec![r.mail_reply.clone(); 2]);
+        assert_eq!(r.data_reply, None);
         assert_eq!(p.send(b""), "RSET\r\n");
         p.reply("250 ok\r\n");
         assert_eq!(p.take(), [ClientEvent::Ready]);
@@ -2238,10 +2228,8 @@ mod tests {
         p.s.start_transaction(spec(&["1@y"], 3));
         let _ = p.send(b"abc");
         p.reply("250 ok\r\n250 ok\r\n554 5.6.0 content refused\r\n");
-        match p.take().as_slice() {
-            [ClientEvent::TransactionDone(r)] => assert_eq!(r.outcome(0).to_string(), "554 5.6.0 content refused"),
-            other => panic!("{other:?}"),
-        }
+        let r = p.done_alone();
+        assert_eq!(r.outcome(0).to_string(), "554 5.6.0 content refused");
         assert_eq!(p.send(b""), "RSET\r\n");
         p.reply("250 ok\r\n");
         assert_eq!(p.take(), [ClientEvent::Ready]);
@@ -2251,10 +2239,8 @@ mod tests {
         p.s.start_transaction(spec(&["1@y"], 3));
         let _ = p.send(b"abc");
         p.reply("250 ok\r\n550 no\r\n250 2.0.0 queued anyway\r\n");
-        match p.take().as_slice() {
-            [ClientEvent::TransactionDone(r)] => assert_eq!((r.outcome(0).code, r.data_reply.as_ref()), (550, None)),
-            other => panic!("{other:?}"),
-        }
+        let r = p.done_alone();
+        assert_eq!((r.outcome(0).code, r.data_reply.as_ref()), (550, None));
         assert_eq!(p.send(b""), "RSET\r\n");
     }
 
