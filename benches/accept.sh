@@ -27,37 +27,37 @@ start_relay() { # $1 port, $2 spool, $3 log, [$4 fsync policy, default always]
   RELAY=$!; PIDS+=("$RELAY"); wait_port "$1"
 }
 
+# Runs smtp-source into port $1 and stops server $2 afterwards; sets RATE (msg/s) and CPU (the
+# server's utime+stime per message, µs).
+measure() {
+  local c0 c1 t0 t1
+  c0=$(cpu_ticks "$2")
+  t0=$(now); smtp-source -s "$S" -m "$M" -l "$L" -d "127.0.0.1:$1"; t1=$(now)
+  c1=$(cpu_ticks "$2")
+  stop "$2"
+  RATE=$(echo "$M / ($t1 - $t0)" | bc -l)
+  CPU=$(echo "($c1 - $c0) * 1000000 / $TCK / $M" | bc -l)
+}
+
 sink_rates=(); sink_cpu=(); relay_rates=(); cpu_us=(); p99s=(); never_rates=(); never_cpu=()
 for run in $(seq "$RUNS"); do
   P=$(free_port)
   smtp-sink -u nobody "127.0.0.1:$P" 1000 & SINK=$!; PIDS+=("$SINK"); wait_port "$P"
-  c0=$(cpu_ticks "$SINK")
-  t0=$(now); smtp-source -s "$S" -m "$M" -l "$L" -d "127.0.0.1:$P"; t1=$(now)
-  c1=$(cpu_ticks "$SINK")
-  stop "$SINK"
-  sink_cpu+=("$(echo "($c1 - $c0) * 1000000 / $TCK / $M" | bc -l)")
-  sink_rates+=("$(echo "$M / ($t1 - $t0)" | bc -l)")
+  measure "$P" "$SINK"
+  sink_rates+=("$RATE"); sink_cpu+=("$CPU")
 
   P=$(free_port); rm -rf "$WORK/spool"
   start_relay "$P" "$WORK/spool" "$WORK/relay.log"
-  c0=$(cpu_ticks "$RELAY")
-  t0=$(now); smtp-source -s "$S" -m "$M" -l "$L" -d "127.0.0.1:$P"; t1=$(now)
-  c1=$(cpu_ticks "$RELAY")
-  stop "$RELAY"
+  measure "$P" "$RELAY"
   n=$(grep -c 'event=accepted' "$WORK/relay.log")
   [ "$n" -eq "$M" ] || { echo "relay accepted $n of $M messages" >&2; exit 1; }
-  relay_rates+=("$(echo "$M / ($t1 - $t0)" | bc -l)")
-  cpu_us+=("$(echo "($c1 - $c0) * 1000000 / $TCK / $M" | bc -l)")
+  relay_rates+=("$RATE"); cpu_us+=("$CPU")
   p99s+=("$(grep -o 'commit_us=[0-9]*' "$WORK/relay.log" | cut -d= -f2 | sort -n | awk '{a[NR]=$1} END {print a[int(NR*0.99)]/1000}')")
 
   P=$(free_port); rm -rf "$WORK/spool"
   start_relay "$P" "$WORK/spool" "$WORK/never.log" never
-  c0=$(cpu_ticks "$RELAY")
-  t0=$(now); smtp-source -s "$S" -m "$M" -l "$L" -d "127.0.0.1:$P"; t1=$(now)
-  c1=$(cpu_ticks "$RELAY")
-  stop "$RELAY"
-  never_rates+=("$(echo "$M / ($t1 - $t0)" | bc -l)")
-  never_cpu+=("$(echo "($c1 - $c0) * 1000000 / $TCK / $M" | bc -l)")
+  measure "$P" "$RELAY"
+  never_rates+=("$RATE"); never_cpu+=("$CPU")
 done
 
 # Idle connections: RSS of the relay holding 1,000 sessions that said nothing after the greeting,
