@@ -2324,8 +2324,7 @@ mod tests {
         assert_eq!(wire, want);
         assert_eq!(p.s.phase(), Some(Phase::DataEnd));
         p.reply("452 4.3.1 no room\r\n");
-        let ev = p.take();
-        assert!(matches!(&ev[..], [ClientEvent::TransactionDone(r)] if r.outcome(0).code == 452), "{ev:?}");
+        assert_eq!(p.done_alone().outcome(0).code, 452);
         // A refused BDAT leaves the server's state indeterminate.
         assert_eq!(p.send(b""), "RSET\r\n");
         p.reply("250 ok\r\n");
@@ -2933,17 +2932,14 @@ mod tests {
         assert_eq!(p.s.phase(), Some(Phase::DataEnd));
         // One read: the first message's reply, then the second's envelope replies.
         p.reply("250 2.0.0 queued as 1\r\n250 ok\r\n250 ok\r\n354 go\r\n");
-        let ev = p.take();
-        assert_eq!(ev.len(), 1, "no Ready while a transaction is queued: {ev:?}");
-        assert_eq!(tx_done(&ev[0]).data_reply.as_ref().unwrap().to_string(), "250 2.0.0 queued as 1");
+        // No Ready while a transaction is queued.
+        assert_eq!(p.done_alone().data_reply.as_ref().unwrap().to_string(), "250 2.0.0 queued as 1");
         // The second is current; a third may be queued behind it.
         assert!(p.s.can_queue_next());
         p.s.queue_next(spec(&["3@y"], 4)).unwrap();
         assert_eq!(p.send(b"m2\r\n"), "m2\r\n.\r\nMAIL FROM:<a@x.test> SIZE=4\r\nRCPT TO:<3@y>\r\nDATA\r\n");
         p.reply("250 2.0.0 queued as 2\r\n250 ok\r\n250 ok\r\n354 go\r\n");
-        let ev = p.take();
-        assert_eq!(ev.len(), 1, "{ev:?}");
-        assert_eq!(tx_done(&ev[0]).outcome(0).to_string(), "250 2.0.0 queued as 2");
+        assert_eq!(p.done_alone().outcome(0).to_string(), "250 2.0.0 queued as 2");
         assert_eq!(p.send(b"m3\r\n"), "m3\r\n.\r\n");
         p.reply("250 2.0.0 queued as 3\r\n");
         assert_eq!(p.done().outcome(0).to_string(), "250 2.0.0 queued as 3");
@@ -2970,9 +2966,7 @@ mod tests {
         let mut p = two_in_flight();
         let _ = p.send(b"m1\r\n");
         p.reply("554 5.7.1 content rejected\r\n250 ok\r\n250 ok\r\n354 go\r\n");
-        let ev = p.take();
-        assert_eq!(ev.len(), 1, "{ev:?}");
-        assert_eq!(tx_done(&ev[0]).outcome(0).code, 554);
+        assert_eq!(p.done_alone().outcome(0).code, 554);
         assert_eq!(p.send(b"m2\r\n"), "m2\r\n.\r\n");
         p.reply("250 ok\r\n");
         assert_eq!(p.done().outcome(0).code, 250);
@@ -2985,9 +2979,7 @@ mod tests {
         p.s.queue_next(spec(&["2@y"], 4)).unwrap();
         let _ = p.send(b"m1\r\n");
         p.reply("250 ok\r\n250 ok\r\n451 4.3.0 not now\r\n");
-        let ev = p.take();
-        assert_eq!(ev.len(), 1, "{ev:?}");
-        assert_eq!(tx_done(&ev[0]).outcome(0).code, 451);
+        assert_eq!(p.done_alone().outcome(0).code, 451);
         // No body, and the next transaction only after the RSET's reply.
         assert_eq!(p.send(b"m1\r\n"), "RSET\r\n");
         assert_eq!(p.send(b"m1\r\n"), "");
@@ -3057,9 +3049,7 @@ mod tests {
         );
         assert!(!p.s.wants_write());
         p.reply("250 ok\r\n250 ok\r\n250 2.0.0 queued as 1\r\n250 ok\r\n");
-        let ev = p.take();
-        assert_eq!(ev.len(), 1, "{ev:?}");
-        assert_eq!(tx_done(&ev[0]).outcome(0).to_string(), "250 2.0.0 queued as 1");
+        assert_eq!(p.done_alone().outcome(0).to_string(), "250 2.0.0 queued as 1");
         assert_eq!(p.send(b"cde"), "BDAT 3 LAST\r\ncde");
         p.reply("250 ok\r\n250 2.0.0 queued as 2\r\n");
         assert_eq!(p.done().outcome(0).to_string(), "250 2.0.0 queued as 2");
