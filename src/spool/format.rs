@@ -9,6 +9,15 @@
 //!
 //! All integers are little-endian. Records start at 8-byte aligned offsets; a zero word where a
 //! record header would be marks the clean end of a segment (preallocated space reads as zeros).
+//!
+//! Why a per-segment salt (format version 2): crc32c has no secret, so a client could embed
+//! well-formed records in a message body; a recovery that resynchronised inside a damaged
+//! record would bring them to life. Every version-2 segment header carries a random salt: its
+//! low half is the magic of every record in that segment, its high half seeds every record
+//! checksum, so bytes a client chose cannot form a valid record (2^-64 per try). Each record
+//! header also carries a check of its own ([`Probe::Damaged`]), so that a damaged payload
+//! behind an intact header is skipped by its stated length, never searched. Version-1
+//! segments (magic `SLRC`, unseeded crc, no header check) are still read.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -19,14 +28,19 @@ use super::{MessageView, Outcome, RcptStatus};
 
 /// First bytes of every segment file.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"SLUICESG";
-/// Segment format version written by this build; other versions are refused, never rewritten.
-pub const FORMAT_VERSION: u32 = 1;
-/// Length of the segment header; the first record starts here.
-pub const SEGMENT_HEADER_LEN: usize = 32;
-/// First bytes of every record header. Non-zero, so a zero word can mean "end of segment".
-pub const RECORD_MAGIC: [u8; 4] = *b"SLRC";
-/// Record layout version carried in each record header.
-pub const RECORD_VERSION: u8 = 1;
+/// Segment format version written by this build; [`LEGACY_VERSION`] is still read, any other
+/// is refused, never rewritten.
+pub const FORMAT_VERSION: u32 = 2;
+/// The unsalted format of earlier builds.
+pub const LEGACY_VERSION: u32 = 1;
+/// Length of one copy of the segment header.
+const HEADER_COPY_LEN: usize = 32;
+/// Length of the segment header written by this build (two copies of the 32-byte header, so
+/// that one damaged copy does not lose the salt, hence the whole segment); the first record
+/// starts here. Version-1 segments have one copy ([`HEADER_COPY_LEN`]).
+pub const SEGMENT_HEADER_LEN: usize = 2 * HEADER_COPY_LEN;
+/// First bytes of every record header in a version-1 segment.
+pub const LEGACY_RECORD_MAGIC: [u8; 4] = *b"SLRC";
 /// Length of the record header that precedes each payload.
 pub const RECORD_HEADER_LEN: usize = 16;
 /// Records start at multiples of this (relative to the start of the file).
@@ -47,6 +61,52 @@ const OUTCOME_FIXED_LEN: usize = 8 + 4 + 1 + 2 + 8 + 8;
 const FLAG_SMTPUTF8: u8 = 1;
 const IP_V4: u8 = 4;
 const IP_V6: u8 = 6;
+
+/// What the records of one segment are framed with, from its header (see the module doc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordKey {
+    /// First bytes of every record header. Never a zero word, so a zero word can mean "end".
+    pub magic: [u8; 4],
+    /// Initial value of every record checksum.
+    pub seed: u32,
+    /// Record layout version: 1 (legacy: no header check) or 2.
+    pub version: u8,
+}
+
+impl RecordKey {
+    /// The framing of version-1 segments.
+    pub const LEGACY: RecordKey = RecordKey { magic: LEGACY_RECORD_MAGIC, seed: 0, version: 1 };
+
+    /// The framing that `salt` gives a version-2 segment. `None` for a salt whose magic half
+    /// is unusable (a zero word, or the legacy magic): draw another.
+    pub fn from_salt(salt: u64) -> Option<RecordKey> {
+        let magic = (salt as u32).to_le_bytes();
+        if magic == [0; 4] || magic == LEGACY_RECORD_MAGIC {
+            return None;
+        }
+        Some(RecordKey { magic, seed: (salt >> 32) as u32, version: 2 })
+    }
+
+    fn salt(&self) -> u64 {
+        u64::from(u32::from_le_bytes(self.magic)) | u64::from(self.seed) << 32
+    }
+
+    /// The version-2 header check: 16 bits of a seeded crc over magic, kind, version, length.
+    fn header_check(&self, h: &[u8]) -> u16 {
+        crc32c::crc32c_append(crc32c::crc32c_append(self.seed ^ 0x5bd1_e995, &h[0..6]), &h[8..12]) as u16
+    }
+}
+
+/// A decoded segment header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SegmentHeader {
+    /// Sequence number named by the header.
+    pub seq: u64,
+    /// How its records are framed.
+    pub key: RecordKey,
+    /// Where its first record starts.
+    pub len: usize,
+}
 
 /// Kinds of record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -140,39 +200,75 @@ pub fn parse_segment_file_name(name: &str) -> Option<u64> {
 // ---------------------------------------------------------------------------------------------
 // Segment header
 
-// Format: { magic "SLUICESG" [8] | version u32 | flags u32 = 0 | seq u64 | reserved u32 = 0 |
-//           crc32c u32 over bytes 0..28 }
-/// The header that opens segment `seq`.
-pub fn encode_segment_header(seq: u64) -> [u8; SEGMENT_HEADER_LEN] {
+// Format: { magic "SLUICESG" [8] | version u32 = 2 | salt_lo u32 | seq u64 | salt_hi u32 |
+//           crc32c u32 over bytes 0..28 } twice (bytes 0..32 and 32..64).
+//           Version 1: the same 32 bytes once, with salt_lo = salt_hi = 0.
+/// The header that opens segment `seq`, whose records are framed with `key` (from
+/// [`RecordKey::from_salt`]).
+pub fn encode_segment_header(seq: u64, key: &RecordKey) -> [u8; SEGMENT_HEADER_LEN] {
+    let salt = key.salt();
     let mut h = [0u8; SEGMENT_HEADER_LEN];
     h[0..8].copy_from_slice(&SEGMENT_MAGIC);
     h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    h[12..16].copy_from_slice(&(salt as u32).to_le_bytes());
     h[16..24].copy_from_slice(&seq.to_le_bytes());
+    h[24..28].copy_from_slice(&((salt >> 32) as u32).to_le_bytes());
     let crc = crc32c::crc32c(&h[0..28]);
     h[28..32].copy_from_slice(&crc.to_le_bytes());
+    h.copy_within(0..HEADER_COPY_LEN, HEADER_COPY_LEN);
     h
 }
 
-/// Validates a segment header and returns the sequence number it names.
-pub fn decode_segment_header(bytes: &[u8]) -> Result<u64, FormatError> {
-    let h = bytes.get(..SEGMENT_HEADER_LEN).ok_or(FormatError::Truncated("segment header"))?;
+/// Validates a segment header (either copy of a version-2 one) and returns what it names.
+pub fn decode_segment_header(bytes: &[u8]) -> Result<SegmentHeader, FormatError> {
+    let first = decode_header_copy(bytes);
+    match first {
+        Ok(h) => Ok(h),
+        // A sound header of another version is final: its records are not ours to judge.
+        Err(e @ FormatError::UnsupportedVersion(_)) => Err(e),
+        // The second copy only exists in version 2; it is used when the first is damaged.
+        Err(e) => match bytes.get(HEADER_COPY_LEN..).map(decode_header_copy) {
+            Some(Ok(h)) if h.key.version == 2 => Ok(h),
+            _ => Err(e),
+        },
+    }
+}
+
+fn decode_header_copy(bytes: &[u8]) -> Result<SegmentHeader, FormatError> {
+    let h = bytes.get(..HEADER_COPY_LEN).ok_or(FormatError::Truncated("segment header"))?;
     if h[0..8] != SEGMENT_MAGIC {
         return Err(FormatError::BadMagic);
     }
     let mut r = Reader::new(&h[8..]);
     let version = r.u32("segment version")?;
-    let _flags = r.u32("segment flags")?;
+    let salt_lo = r.u32("segment salt")?;
     let seq = r.u64("segment seq")?;
-    let _reserved = r.u32("segment reserved")?;
+    let salt_hi = r.u32("segment salt")?;
     let crc = r.u32("segment crc")?;
     if crc != crc32c::crc32c(&h[0..28]) {
         return Err(FormatError::BadChecksum);
     }
     // Checked after the crc: a torn header should read as damage, not as a future version.
-    if version != FORMAT_VERSION {
-        return Err(FormatError::UnsupportedVersion(version));
+    match version {
+        FORMAT_VERSION => {
+            let key = RecordKey::from_salt(u64::from(salt_lo) | u64::from(salt_hi) << 32)
+                .ok_or(FormatError::BadValue("segment salt"))?;
+            Ok(SegmentHeader { seq, key, len: SEGMENT_HEADER_LEN })
+        }
+        LEGACY_VERSION => Ok(SegmentHeader { seq, key: RecordKey::LEGACY, len: HEADER_COPY_LEN }),
+        v => Err(FormatError::UnsupportedVersion(v)),
     }
-    Ok(seq)
+}
+
+/// The version-1 header of segment `seq` (for tests of the upgrade path).
+pub fn encode_legacy_segment_header(seq: u64) -> [u8; HEADER_COPY_LEN] {
+    let mut h = [0u8; HEADER_COPY_LEN];
+    h[0..8].copy_from_slice(&SEGMENT_MAGIC);
+    h[8..12].copy_from_slice(&LEGACY_VERSION.to_le_bytes());
+    h[16..24].copy_from_slice(&seq.to_le_bytes());
+    let crc = crc32c::crc32c(&h[0..28]);
+    h[28..32].copy_from_slice(&crc.to_le_bytes());
+    h
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -184,27 +280,31 @@ pub const fn padded_record_len(payload_len: usize) -> usize {
     (RECORD_HEADER_LEN + payload_len + RECORD_ALIGN - 1) & !(RECORD_ALIGN - 1)
 }
 
-// Format: { magic "SLRC" [4] | kind u8 | version u8 | reserved u16 = 0 | payload_len u32 |
-//           crc32c u32 over bytes 4..12 of this header then the payload } payload | zero pad to 8
+// Format: { magic [4] (the segment's) | kind u8 | version u8 | header_check u16 | payload_len u32 |
+//           crc32c u32 seeded with the segment's seed, over bytes 4..12 of this header then the
+//           payload } payload | zero pad to 8
+//           header_check: low 16 bits of a seeded crc32c over bytes 0..6 and 8..12 (version 2;
+//           0 in version 1, whose magic is "SLRC" and whose crc is unseeded).
 /// Writes the record header into `dst[..16]` and zero padding after the payload, then seals
 /// the record with a crc computed over the bytes as they lie in `dst` (the segment map or the
 /// segment's staging buffer).
 /// `dst` is the whole padded record; the payload must already be in place.
-fn frame_record(dst: &mut [u8], kind: RecordKind, payload_len: usize) -> Result<(), FormatError> {
+fn frame_record(dst: &mut [u8], key: &RecordKey, kind: RecordKind, payload_len: usize) -> Result<(), FormatError> {
     if dst.len() != padded_record_len(payload_len) {
         return Err(FormatError::WrongBufferLen);
     }
     let len32 = u32::try_from(payload_len).map_err(|_| FormatError::TooLarge)?;
     let (header, rest) = dst.split_at_mut(RECORD_HEADER_LEN);
-    header[0..4].copy_from_slice(&RECORD_MAGIC);
+    header[0..4].copy_from_slice(&key.magic);
     header[4] = kind as u8;
-    header[5] = RECORD_VERSION;
-    header[6..8].fill(0);
+    header[5] = key.version;
     header[8..12].copy_from_slice(&len32.to_le_bytes());
+    let check = if key.version >= 2 { key.header_check(header) } else { 0 };
+    header[6..8].copy_from_slice(&check.to_le_bytes());
     let (payload, pad) = rest.split_at_mut(payload_len);
     // Space can be reused after a failed append, so padding is written, not assumed zero.
     pad.fill(0);
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&header[4..12]), payload);
+    let crc = crc32c::crc32c_append(crc32c::crc32c_append(key.seed, &header[4..12]), payload);
     header[12..16].copy_from_slice(&crc.to_le_bytes());
     Ok(())
 }
@@ -227,13 +327,22 @@ pub enum Probe<'a> {
     Zero,
     /// A record with a valid frame and checksum.
     Record(RawRecord<'a>),
-    /// Something that is not a valid record.
+    /// A header of this segment that passes its own check, whose payload fails its checksum:
+    /// the damage spans exactly `len` bytes, and nothing inside them may be read as a record
+    /// (they are a client's bytes).
+    Damaged {
+        /// Whole record length the header states (header and padding included).
+        len: usize,
+        /// What failed.
+        err: FormatError,
+    },
+    /// Not a record header of this segment.
     Bad(FormatError),
 }
 
 /// Looks at the record framing at `off` in `seg` (the segment bytes from the file start):
-/// magic, version, length within `seg`, crc over the bytes. Never panics.
-pub fn probe_record(seg: &[u8], off: usize) -> Probe<'_> {
+/// magic, header check, version, length within `seg`, crc over the bytes. Never panics.
+pub fn probe_record<'a>(seg: &'a [u8], off: usize, key: &RecordKey) -> Probe<'a> {
     let Some(rest) = seg.get(off..) else {
         return Probe::Zero;
     };
@@ -242,28 +351,44 @@ pub fn probe_record(seg: &[u8], off: usize) -> Probe<'_> {
     if word.iter().all(|&b| b == 0) {
         return Probe::Zero;
     }
-    match read_record(rest) {
+    let header = match read_header(rest, key) {
+        Ok(h) => h,
+        Err(e) => return Probe::Bad(e),
+    };
+    match check_payload(rest, key, &header) {
         Ok(r) => Probe::Record(r),
-        Err(e) => Probe::Bad(e),
+        Err(err) => Probe::Damaged { len: header.len, err },
     }
 }
 
-/// Validates the record that starts at `rec[0]` and lies within `rec`.
-fn read_record(rec: &[u8]) -> Result<RawRecord<'_>, FormatError> {
-    read_record_checked(rec, true)
+/// A record header that is this segment's and self-consistent.
+struct Header {
+    kind: RecordKind,
+    payload_len: usize,
+    len: usize,
+    crc: u32,
 }
 
-fn read_record_checked(rec: &[u8], verify_crc: bool) -> Result<RawRecord<'_>, FormatError> {
+/// Checks the header at `rec[0]`: magic, header check (version 2), version, kind, and that the
+/// stated length lies within `rec`. Only a header that passes may have its length trusted.
+fn read_header(rec: &[u8], key: &RecordKey) -> Result<Header, FormatError> {
     let header = rec.get(..RECORD_HEADER_LEN).ok_or(FormatError::Truncated("record header"))?;
-    if header[0..4] != RECORD_MAGIC {
+    if header[0..4] != key.magic {
         return Err(FormatError::BadMagic);
     }
     let mut r = Reader::new(&header[4..]);
     let kind = r.u8("record kind")?;
     let version = r.u8("record version")?;
-    let _reserved = r.u16("record reserved")?;
+    let check = r.u16("record header check")?;
     let payload_len = r.u32("record length")? as usize;
     let crc = r.u32("record crc")?;
+    if key.version >= 2 && check != key.header_check(header) {
+        return Err(FormatError::BadChecksum);
+    }
+    if version != key.version {
+        return Err(FormatError::UnsupportedRecordVersion(version));
+    }
+    let kind = RecordKind::from_u8(kind).ok_or(FormatError::UnknownKind(kind))?;
     if payload_len > MAX_PAYLOAD_LEN {
         return Err(FormatError::BadLength);
     }
@@ -271,29 +396,33 @@ fn read_record_checked(rec: &[u8], verify_crc: bool) -> Result<RawRecord<'_>, Fo
     if len > rec.len() {
         return Err(FormatError::BadLength);
     }
-    let payload = &rec[RECORD_HEADER_LEN..RECORD_HEADER_LEN + payload_len];
-    if verify_crc && crc != crc32c::crc32c_append(crc32c::crc32c(&header[4..12]), payload) {
+    Ok(Header { kind, payload_len, len, crc })
+}
+
+/// Verifies the payload checksum of a record whose header passed [`read_header`].
+fn check_payload<'a>(rec: &'a [u8], key: &RecordKey, h: &Header) -> Result<RawRecord<'a>, FormatError> {
+    let payload = &rec[RECORD_HEADER_LEN..RECORD_HEADER_LEN + h.payload_len];
+    if h.crc != crc32c::crc32c_append(crc32c::crc32c_append(key.seed, &rec[4..12]), payload) {
         return Err(FormatError::BadChecksum);
     }
-    // After the crc, so that random damage reports as a checksum fault.
-    if version != RECORD_VERSION {
-        return Err(FormatError::UnsupportedRecordVersion(version));
-    }
-    let kind = RecordKind::from_u8(kind).ok_or(FormatError::UnknownKind(kind))?;
-    Ok(RawRecord { kind, payload, len })
+    Ok(RawRecord { kind: h.kind, payload, len: h.len })
 }
 
 /// Reads the record at `off` of `seg`, checking framing but not the crc: for a record this
 /// process already verified (at recovery, or when it wrote it) and reads again per delivery
 /// attempt, where checksumming a large body again would be wasted work.
-pub fn record_at_trusted(seg: &[u8], off: usize) -> Result<RawRecord<'_>, FormatError> {
-    read_record_checked(seg.get(off..).ok_or(FormatError::BadLength)?, false)
+pub fn record_at_trusted<'a>(seg: &'a [u8], off: usize, key: &RecordKey) -> Result<RawRecord<'a>, FormatError> {
+    let rec = seg.get(off..).ok_or(FormatError::BadLength)?;
+    let h = read_header(rec, key)?;
+    Ok(RawRecord { kind: h.kind, payload: &rec[RECORD_HEADER_LEN..RECORD_HEADER_LEN + h.payload_len], len: h.len })
 }
 
 /// Reads the record at `off` of `seg`, checking framing and crc (used to fetch a message by its
 /// known location).
-pub fn record_at(seg: &[u8], off: usize) -> Result<RawRecord<'_>, FormatError> {
-    read_record(seg.get(off..).ok_or(FormatError::BadLength)?)
+pub fn record_at<'a>(seg: &'a [u8], off: usize, key: &RecordKey) -> Result<RawRecord<'a>, FormatError> {
+    let rec = seg.get(off..).ok_or(FormatError::BadLength)?;
+    let h = read_header(rec, key)?;
+    check_payload(rec, key, &h)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -355,6 +484,7 @@ pub fn message_record_len(env: &Envelope, body: &[u8]) -> Result<usize, FormatEr
 /// computed over `dst` itself.
 pub fn encode_message(
     dst: &mut [u8],
+    key: &RecordKey,
     id: QueueId,
     arrival_ms: u64,
     env: &Envelope,
@@ -396,7 +526,7 @@ pub fn encode_message(
     w.u64(body.len() as u64)?;
     w.bytes(body)?;
     w.finish()?;
-    frame_record(dst, RecordKind::Message, payload_len)
+    frame_record(dst, key, RecordKind::Message, payload_len)
 }
 
 /// Reads the fixed part of a message payload: id, arrival, flags, body type, ret, client ip.
@@ -507,7 +637,13 @@ pub fn outcome_record_len(o: &Outcome<'_>) -> Result<usize, FormatError> {
 // Format: { record header (kind = 2) | id u64 | rcpt u32 | status u8 | attempts u16 |
 //           next_attempt_ms u64 | at_ms u64 | reply u16+bytes | remote u16+bytes } zero pad to 8
 /// Encodes an outcome record into `dst`, which must be exactly [`outcome_record_len`] bytes.
-pub fn encode_outcome(dst: &mut [u8], id: QueueId, rcpt: u32, o: &Outcome<'_>) -> Result<(), FormatError> {
+pub fn encode_outcome(
+    dst: &mut [u8],
+    key: &RecordKey,
+    id: QueueId,
+    rcpt: u32,
+    o: &Outcome<'_>,
+) -> Result<(), FormatError> {
     let payload_len = outcome_payload_len(o)?;
     if dst.len() != padded_record_len(payload_len) {
         return Err(FormatError::WrongBufferLen);
@@ -522,7 +658,7 @@ pub fn encode_outcome(dst: &mut [u8], id: QueueId, rcpt: u32, o: &Outcome<'_>) -
     w.str16(o.reply)?;
     w.str16(o.remote)?;
     w.finish()?;
-    frame_record(dst, RecordKind::Outcome, payload_len)
+    frame_record(dst, key, RecordKind::Outcome, payload_len)
 }
 
 /// Decodes an outcome payload, strings borrowed.
@@ -674,10 +810,16 @@ mod tests {
         env
     }
 
+    const KEY: RecordKey = RecordKey { magic: *b"k3y!", seed: 0x1234_5678, version: 2 };
+
     fn encode_msg(id: u64, env: &Envelope, body: &[u8]) -> Vec<u8> {
+        encode_msg_with(&KEY, id, env, body)
+    }
+
+    fn encode_msg_with(key: &RecordKey, id: u64, env: &Envelope, body: &[u8]) -> Vec<u8> {
         let len = message_record_len(env, body).unwrap();
         let mut buf = vec![0xAA; len];
-        encode_message(&mut buf, QueueId(id), 77, env, body).unwrap();
+        encode_message(&mut buf, key, QueueId(id), 77, env, body).unwrap();
         buf
     }
 
@@ -713,15 +855,58 @@ mod tests {
 
     #[test]
     fn segment_header_round_trip_and_damage() {
-        let h = encode_segment_header(9);
-        assert_eq!(decode_segment_header(&h), Ok(9));
+        let h = encode_segment_header(9, &KEY);
+        let want = SegmentHeader { seq: 9, key: KEY, len: SEGMENT_HEADER_LEN };
+        assert_eq!(decode_segment_header(&h), Ok(want));
         assert_eq!(decode_segment_header(&h[..20]), Err(FormatError::Truncated("segment header")));
+        // One damaged copy: the other one still gives the salt.
         let mut bad = h;
         bad[17] ^= 1;
+        assert_eq!(decode_segment_header(&bad), Ok(want));
+        bad[HEADER_COPY_LEN + 17] ^= 1;
         assert_eq!(decode_segment_header(&bad), Err(FormatError::BadChecksum));
         bad = h;
         bad[0] = b'X';
+        assert_eq!(decode_segment_header(&bad), Ok(want));
+        bad[HEADER_COPY_LEN] = b'X';
         assert_eq!(decode_segment_header(&bad), Err(FormatError::BadMagic));
+        // Version 1: one copy, the legacy framing.
+        let legacy = encode_legacy_segment_header(4);
+        assert_eq!(
+            decode_segment_header(&legacy),
+            Ok(SegmentHeader { seq: 4, key: RecordKey::LEGACY, len: HEADER_COPY_LEN })
+        );
+        // Unusable salts are refused, so a key always has a non-zero, non-legacy magic.
+        assert_eq!(RecordKey::from_salt(0xFFFF_0000_0000), None);
+        assert_eq!(RecordKey::from_salt(u64::from(u32::from_le_bytes(*b"SLRC"))), None);
+        assert_eq!(RecordKey::from_salt(KEY.salt()), Some(KEY));
+    }
+
+    #[test]
+    fn legacy_records_still_read() {
+        let env = sample_env();
+        let rec = encode_msg_with(&RecordKey::LEGACY, 3, &env, b"old\r\n");
+        assert_eq!(&rec[0..4], b"SLRC");
+        assert_eq!(&rec[6..8], &[0, 0], "version 1 has no header check");
+        let Probe::Record(raw) = probe_record(&rec, 0, &RecordKey::LEGACY) else { panic!("not a record") };
+        assert_eq!(decode_message(raw.payload).unwrap().body, b"old\r\n");
+        assert!(matches!(probe_record(&rec, 0, &KEY), Probe::Bad(FormatError::BadMagic)));
+    }
+
+    #[test]
+    fn a_record_forged_for_another_salt_is_never_valid() {
+        // What a client could embed in a body: a well-formed record under the legacy framing
+        // or under a guessed salt. Neither frames a record of this segment.
+        let env = sample_env();
+        let guessed = RecordKey { seed: KEY.seed ^ 1, ..KEY };
+        for key in [RecordKey::LEGACY, guessed] {
+            let forged = encode_msg_with(&key, 66, &env, b"forged\r\n");
+            assert!(!matches!(probe_record(&forged, 0, &KEY), Probe::Record(_)), "{key:?}");
+        }
+        // A guessed seed with the right magic passes the magic but not the header check (or,
+        // 1 time in 65536, fails the payload crc): never a record.
+        let forged = encode_msg_with(&guessed, 66, &env, b"forged\r\n");
+        assert!(!matches!(probe_record(&forged, 0, &KEY), Probe::Record(_)));
     }
 
     #[test]
@@ -730,7 +915,7 @@ mod tests {
         let body = b"Received: from x\r\n\r\nhello\r\n";
         let rec = encode_msg(5, &env, body);
         assert_eq!(rec.len() % RECORD_ALIGN, 0);
-        let Probe::Record(raw) = probe_record(&rec, 0) else { panic!("not a record") };
+        let Probe::Record(raw) = probe_record(&rec, 0, &KEY) else { panic!("not a record") };
         assert_eq!(raw.kind, RecordKind::Message);
         assert_eq!(raw.len, rec.len());
         let view = decode_message(raw.payload).unwrap();
@@ -740,11 +925,16 @@ mod tests {
         assert_env_eq(&view.envelope, &env);
         let sum = message_summary(raw.payload).unwrap();
         assert_eq!(sum, MessageSummary { id: QueueId(5), arrival_ms: 77, rcpt_count: 2 });
-        // Every single-bit flip in the header or payload is caught.
+        // Every single-bit flip is caught: in the header as a bad header (its length is not
+        // to be trusted), in the payload as damage of exactly this record's length.
         for i in 0..RECORD_HEADER_LEN + raw.payload.len() {
             let mut bad = rec.clone();
             bad[i] ^= 0x10;
-            assert!(matches!(probe_record(&bad, 0), Probe::Bad(_)), "flip at {i}");
+            match probe_record(&bad, 0, &KEY) {
+                Probe::Bad(_) if i < 12 => {}
+                Probe::Damaged { len, err: FormatError::BadChecksum } if i >= 12 => assert_eq!(len, rec.len()),
+                other => panic!("flip at {i}: {other:?}"),
+            }
         }
     }
 
@@ -759,8 +949,8 @@ mod tests {
             remote: b"mx.example.net [192.0.2.1]",
         };
         let mut buf = vec![0u8; outcome_record_len(&o).unwrap()];
-        encode_outcome(&mut buf, QueueId(8), 1, &o).unwrap();
-        let Probe::Record(raw) = probe_record(&buf, 0) else { panic!("not a record") };
+        encode_outcome(&mut buf, &KEY, QueueId(8), 1, &o).unwrap();
+        let Probe::Record(raw) = probe_record(&buf, 0, &KEY) else { panic!("not a record") };
         assert_eq!(raw.kind, RecordKind::Outcome);
         let d = decode_outcome(raw.payload).unwrap();
         assert_eq!((d.id, d.rcpt), (QueueId(8), 1));
@@ -774,11 +964,12 @@ mod tests {
 
     #[test]
     fn zero_word_is_the_end_and_short_garbage_is_bad() {
-        assert!(matches!(probe_record(&[0u8; 64], 8), Probe::Zero));
-        assert!(matches!(probe_record(&[0u8; 3], 0), Probe::Zero));
-        assert!(matches!(probe_record(&[], 0), Probe::Zero));
-        assert!(matches!(probe_record(&[1, 0, 0], 0), Probe::Bad(_)));
-        assert!(matches!(probe_record(b"SLRC\x01\x01\0\0", 0), Probe::Bad(FormatError::Truncated(_))));
+        assert!(matches!(probe_record(&[0u8; 64], 8, &KEY), Probe::Zero));
+        assert!(matches!(probe_record(&[0u8; 3], 0, &KEY), Probe::Zero));
+        assert!(matches!(probe_record(&[], 0, &KEY), Probe::Zero));
+        assert!(matches!(probe_record(&[1, 0, 0], 0, &KEY), Probe::Bad(_)));
+        let key = RecordKey::LEGACY;
+        assert!(matches!(probe_record(b"SLRC\x01\x01\0\0", 0, &key), Probe::Bad(FormatError::Truncated(_))));
     }
 
     #[test]
@@ -787,7 +978,7 @@ mod tests {
         env.helo = vec![b'h'; 70_000];
         assert_eq!(message_record_len(&env, b""), Err(FormatError::FieldTooLong("helo")));
         let mut buf = vec![0u8; 64];
-        assert!(encode_message(&mut buf, QueueId(1), 0, &env, b"").is_err());
+        assert!(encode_message(&mut buf, &KEY, QueueId(1), 0, &env, b"").is_err());
     }
 
     #[test]
@@ -795,7 +986,7 @@ mod tests {
         let env = sample_env();
         let len = message_record_len(&env, b"x").unwrap();
         let mut buf = vec![0u8; len + 8];
-        assert_eq!(encode_message(&mut buf, QueueId(1), 0, &env, b"x"), Err(FormatError::WrongBufferLen));
+        assert_eq!(encode_message(&mut buf, &KEY, QueueId(1), 0, &env, b"x"), Err(FormatError::WrongBufferLen));
     }
 
     fn arb_field() -> impl Strategy<Value = Vec<u8>> {
@@ -840,8 +1031,8 @@ mod tests {
         ) {
             let len = message_record_len(&env, &body).unwrap();
             let mut buf = vec![0x55; len];
-            encode_message(&mut buf, QueueId(id), arrival, &env, &body).unwrap();
-            let raw = record_at(&buf, 0).unwrap();
+            encode_message(&mut buf, &KEY, QueueId(id), arrival, &env, &body).unwrap();
+            let raw = record_at(&buf, 0, &KEY).unwrap();
             prop_assert_eq!(raw.len, len);
             let view = decode_message(raw.payload).unwrap();
             prop_assert_eq!(view.id, QueueId(id));
@@ -862,8 +1053,8 @@ mod tests {
             ][status as usize];
             let o = Outcome { status, attempts, next_attempt_ms: next, at_ms: at, reply: &reply, remote: &remote };
             let mut buf = vec![0u8; outcome_record_len(&o).unwrap()];
-            encode_outcome(&mut buf, QueueId(id), rcpt, &o).unwrap();
-            let d = decode_outcome(record_at(&buf, 0).unwrap().payload).unwrap();
+            encode_outcome(&mut buf, &KEY, QueueId(id), rcpt, &o).unwrap();
+            let d = decode_outcome(record_at(&buf, 0, &KEY).unwrap().payload).unwrap();
             prop_assert_eq!(d.id, QueueId(id));
             prop_assert_eq!(d.rcpt, rcpt);
             prop_assert_eq!(d.outcome.status, status);
@@ -876,8 +1067,9 @@ mod tests {
 
         #[test]
         fn prop_arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..600), off in 0usize..700) {
-            let _ = probe_record(&bytes, off);
-            let _ = record_at(&bytes, off);
+            let _ = probe_record(&bytes, off, &KEY);
+            let _ = record_at(&bytes, off, &KEY);
+            let _ = record_at_trusted(&bytes, off, &RecordKey::LEGACY);
             let _ = decode_message(&bytes);
             let _ = message_summary(&bytes);
             let _ = decode_outcome(&bytes);
@@ -897,7 +1089,7 @@ mod tests {
                 rec[i] = v;
             }
             rec.truncate(cut.index(rec.len() + 1));
-            if let Probe::Record(raw) = probe_record(&rec, 0) {
+            if let Probe::Record(raw) = probe_record(&rec, 0, &KEY) {
                 let _ = decode_message(raw.payload);
                 let _ = message_summary(raw.payload);
             }

@@ -355,8 +355,9 @@ impl Spool {
         undo_on_failure: bool,
     ) -> Result<(Pending, MessageLoc), SpoolError> {
         let len = format::message_record_len(env, body).map_err(encode_error)?;
-        let (seq, off) =
-            self.append_with(len, |dst| format::encode_message(dst, id, arrival_ms, env, body).map_err(encode_error))?;
+        let (seq, off) = self.append_with(len, |dst, key| {
+            format::encode_message(dst, key, id, arrival_ms, env, body).map_err(encode_error)
+        })?;
         if let Some(slot) = self.segments.get_mut(&seq) {
             slot.live += 1;
         }
@@ -374,8 +375,8 @@ impl Spool {
     /// `release_message` like any other.
     pub fn append_outcome(&mut self, id: QueueId, rcpt: u32, outcome: &Outcome<'_>) -> Result<Pending, SpoolError> {
         let len = format::outcome_record_len(outcome).map_err(encode_error)?;
-        let (seq, off) =
-            self.append_with(len, |dst| format::encode_outcome(dst, id, rcpt, outcome).map_err(encode_error))?;
+        let (seq, off) = self
+            .append_with(len, |dst, key| format::encode_outcome(dst, key, id, rcpt, outcome).map_err(encode_error))?;
         if let Some(slot) = self.segments.get_mut(&seq) {
             slot.pins += 1;
         }
@@ -497,7 +498,7 @@ impl Spool {
         let slot =
             self.segments.get(&loc.segment).ok_or(SpoolError::Corrupt("message location names no open segment"))?;
         let off = usize::try_from(loc.offset).map_err(|_| SpoolError::Corrupt("message offset out of range"))?;
-        let raw = format::record_at(slot.seg.bytes(), off)
+        let raw = format::record_at(slot.seg.bytes(), off, slot.seg.key())
             .map_err(|_| SpoolError::Corrupt("message record fails validation"))?;
         if raw.kind != format::RecordKind::Message || raw.len as u64 != loc.len {
             return Err(SpoolError::Corrupt("message location does not hold a message record"));
@@ -511,7 +512,7 @@ impl Spool {
         let slot =
             self.segments.get(&loc.segment).ok_or(SpoolError::Corrupt("message location names no open segment"))?;
         let off = usize::try_from(loc.offset).map_err(|_| SpoolError::Corrupt("message offset out of range"))?;
-        let raw = format::record_at_trusted(slot.seg.bytes(), off)
+        let raw = format::record_at_trusted(slot.seg.bytes(), off, slot.seg.key())
             .map_err(|_| SpoolError::Corrupt("message record fails validation"))?;
         if raw.kind != format::RecordKind::Message {
             return Err(SpoolError::Corrupt("message location does not hold a message record"));
@@ -586,7 +587,7 @@ impl Spool {
     fn append_with(
         &mut self,
         len: usize,
-        fill: impl FnOnce(&mut [u8]) -> Result<(), SpoolError>,
+        fill: impl FnOnce(&mut [u8], &format::RecordKey) -> Result<(), SpoolError>,
     ) -> Result<(u64, usize), SpoolError> {
         let room = self.active.and_then(|seq| self.segments.get(&seq)).is_some_and(|slot| slot.seg.remaining() >= len);
         if !room {
@@ -595,7 +596,8 @@ impl Spool {
         }
         let seq = self.active.ok_or(SpoolError::Corrupt("no active segment"))?;
         let slot = self.segments.get_mut(&seq).ok_or(SpoolError::Corrupt("no active segment"))?;
-        let off = slot.seg.append_with(len, fill)?;
+        let key = *slot.seg.key();
+        let off = slot.seg.append_with(len, |dst| fill(dst, &key))?;
         if self.dirty.last() != Some(&seq) {
             self.dirty.push(seq);
         }
@@ -897,11 +899,16 @@ mod tests {
             assert_eq!(rec.messages.len(), 1, "scribble={scribble}");
             assert_eq!(rec.messages[0].loc, first);
             assert_eq!(spool.message(first).unwrap().body, b"one");
-            assert_eq!(rec.warnings.len(), 1, "{:?}", rec.warnings);
+            assert_eq!(rec.warnings.len(), 2, "{:?}", rec.warnings);
             let w = &rec.warnings[0];
             let name = format::segment_file_name(last.segment);
             assert!(w.contains("torn tail") && w.contains(&name), "{w}");
             assert!(w.contains(&format!("offset {}", last.offset)), "{w}");
+            // The cut bytes are kept in the quarantine, not destroyed.
+            let copy = tmp.0.join("corrupt").join(format!("{name}.{}", last.offset));
+            assert!(rec.warnings[1].contains("copied to"), "{:?}", rec.warnings);
+            let kept = std::fs::read(&copy).unwrap();
+            assert!(kept.len() > 2900 && kept.windows(8).any(|w| w == [7u8; 8]), "{}", kept.len());
             assert_eq!(std::fs::metadata(&path).unwrap().len(), last.offset);
             drop(spool);
             // Once cut, the next open is clean.
@@ -928,7 +935,10 @@ mod tests {
         let (spool, rec) = Spool::open(opts(&tmp.0)).unwrap();
         let ids: Vec<_> = rec.messages.iter().map(|m| m.id.0).collect();
         assert_eq!(ids, [1, 3]);
-        assert_eq!(rec.warnings.len(), 1);
+        assert_eq!(rec.warnings.len(), 2, "{:?}", rec.warnings);
+        let name = format::segment_file_name(locs[1].segment);
+        let copy = tmp.0.join("corrupt").join(format!("{name}.{}", locs[1].offset));
+        assert_eq!(std::fs::read(copy).unwrap().len() as u64, locs[1].len, "the damaged record is quarantined");
         let w = &rec.warnings[0];
         assert!(w.contains("corrupt record") && w.contains(&format!("offset {}", locs[1].offset)));
         assert!(w.contains(&format::segment_file_name(locs[1].segment)), "{w}");
@@ -1180,7 +1190,7 @@ mod tests {
         let tmp = TempDir::new("empties");
         std::fs::create_dir_all(&tmp.0).unwrap();
         std::fs::write(seg_path(&tmp.0, 3), [0u8; 4096]).unwrap();
-        std::fs::write(seg_path(&tmp.0, 4), format::encode_segment_header(4)).unwrap();
+        std::fs::write(seg_path(&tmp.0, 4), format::encode_legacy_segment_header(4)).unwrap();
         std::fs::write(tmp.0.join("unrelated.txt"), b"keep").unwrap();
         let (spool, rec) = Spool::open(opts(&tmp.0)).unwrap();
         assert!(rec.warnings.is_empty(), "{:?}", rec.warnings);
@@ -1193,7 +1203,7 @@ mod tests {
     fn segment_of_another_format_version_is_refused_untouched() {
         let tmp = TempDir::new("version");
         std::fs::create_dir_all(&tmp.0).unwrap();
-        let mut h = format::encode_segment_header(1);
+        let mut h = format::encode_legacy_segment_header(1);
         h[8] = 99;
         let crc = crc32c::crc32c(&h[0..28]);
         h[28..32].copy_from_slice(&crc.to_le_bytes());

@@ -4,15 +4,23 @@
 //! Owns the tail-corruption policy. At each 8-aligned record position of a segment:
 //! - a valid record (frame, crc and payload structure) is applied;
 //! - a zero word followed only by zeros is the clean end (preallocated, never written);
-//! - anything else is bad. If a valid record can be found further on (searching at 8-byte
-//!   alignment for the record magic), the bad bytes are a **corrupt middle** record: skipped,
-//!   with a warning naming file and offset. Otherwise they are a **torn tail** (a crash during
-//!   an append whose commit never returned): warned about and cut off the file.
+//! - a sound header (this segment's salted magic and its own header check) whose payload
+//!   fails is damage of exactly the length that header states: skipped as a whole, never
+//!   searched, because its bytes are a client's and may imitate records;
+//! - anything else is bad, of unknown length: the next valid record is searched for (at 8-byte
+//!   alignment, by the segment's salted magic, which a client cannot know).
+//!
+//! Damage with a valid record after it is a **corrupt middle** record: skipped, with a warning
+//! naming file and offset. Damage with nothing valid after it is a **torn tail** (a crash during
+//! an append whose commit never returned): warned about and cut off the file. Either way the
+//! damaged bytes are first copied to `corrupt/` in the spool directory (the quarantine), so
+//! nothing is destroyed that an operator may want to look at.
 //!
 //! The writable path ([`recover`]) then deletes segments that hold nothing still needed. The
 //! read-only path ([`scan_read_only`]) reads files with plain `read` (a map could fault if the
-//! relay truncates a file while we look at it), never changes anything, and treats any bad
-//! bytes at the end of the newest segment as the end: the relay may be appending there.
+//! relay truncates a file while we look at it), never changes anything, and treats damage at
+//! the end of the newest segment as the end (the relay may be appending there); damage with
+//! valid records after it is reported there too, and the scan goes on.
 
 use std::collections::HashMap;
 use std::io;
@@ -20,10 +28,13 @@ use std::path::{Path, PathBuf};
 
 use memchr::memmem;
 
-use super::format::{self, FormatError, MessageSummary, OutcomeRecord, Probe, RecordKind};
+use super::format::{self, FormatError, MessageSummary, OutcomeRecord, Probe, RecordKey, RecordKind};
 use super::segment::{map_io_at, Segment};
 use super::{MessageLoc, RcptState, RcptStatus, RecoveredMessage, Recovery, SpoolError};
 use crate::message::QueueId;
+
+/// Subdirectory of the spool that receives copies of damaged bytes (see [`quarantine`]).
+pub const QUARANTINE_DIR: &str = "corrupt";
 
 /// A segment kept by recovery, with its reclamation counters (see `Spool::release_message`).
 pub(crate) struct KeptSegment {
@@ -59,74 +70,119 @@ struct Scan<'a> {
     items: Vec<Item<'a>>,
     /// Offset the file should be cut to (end of the last valid record, or the clean end).
     end: usize,
+    /// Byte ranges skipped or cut as damaged, for the quarantine copy.
+    damage: Vec<(usize, usize)>,
 }
 
-/// Validates the record at `off` down to its payload structure.
-fn parse_at(bytes: &[u8], off: usize) -> Result<Option<(Item<'_>, usize)>, FormatError> {
-    let raw = match format::probe_record(bytes, off) {
-        Probe::Zero => return Ok(None),
-        Probe::Bad(e) => return Err(e),
+/// What lies at one record position, judged down to the payload structure.
+enum At<'a> {
+    /// Zero word: nothing was written here.
+    End,
+    /// A valid record and its length.
+    Item(Item<'a>, usize),
+    /// A header of this segment that passes its own check, with a payload that does not: the
+    /// damage is exactly the `usize` bytes the header states.
+    Damaged(usize, FormatError),
+    /// Not a header of this segment: how far the damage goes is unknown.
+    Bad(FormatError),
+}
+
+fn parse_at<'a>(bytes: &'a [u8], off: usize, key: &RecordKey) -> At<'a> {
+    let raw = match format::probe_record(bytes, off, key) {
+        Probe::Zero => return At::End,
+        Probe::Bad(e) => return At::Bad(e),
+        Probe::Damaged { len, err } => return At::Damaged(len, err),
         Probe::Record(raw) => raw,
     };
     let item = match raw.kind {
         RecordKind::Message => {
-            let summary = format::message_summary(raw.payload)?;
-            Item::Message { off, len: raw.len, summary }
+            format::message_summary(raw.payload).map(|summary| Item::Message { off, len: raw.len, summary })
         }
-        RecordKind::Outcome => Item::Outcome { off, rec: format::decode_outcome(raw.payload)? },
+        RecordKind::Outcome => format::decode_outcome(raw.payload).map(|rec| Item::Outcome { off, rec }),
     };
-    Ok(Some((item, raw.len)))
+    match item {
+        Ok(item) => At::Item(item, raw.len),
+        // The checksum held, so the header's length is sound: the damage is this record.
+        Err(e) => At::Damaged(raw.len, e),
+    }
 }
 
-/// The first offset at or after `from` (8-aligned) holding a fully valid record.
-fn next_valid(bytes: &[u8], from: usize) -> Option<usize> {
+/// The first offset at or after `from` (8-aligned) holding a fully valid record of this
+/// segment. Only used where no trustworthy header says how long the damage is; the magic and
+/// checksums are salted per segment, so a client's bytes in a damaged record never match.
+fn next_valid(bytes: &[u8], from: usize, key: &RecordKey) -> Option<usize> {
     let from = from.checked_next_multiple_of(format::RECORD_ALIGN)?;
     let hay = bytes.get(from..)?;
-    memmem::find_iter(hay, &format::RECORD_MAGIC)
+    memmem::find_iter(hay, &key.magic)
         .map(|pos| from + pos)
         .filter(|abs| abs % format::RECORD_ALIGN == 0)
-        .find(|&abs| matches!(parse_at(bytes, abs), Ok(Some(_))))
+        .find(|&abs| matches!(parse_at(bytes, abs, key), At::Item(..)))
 }
 
-/// Walks the records of one segment (`bytes` from the start of the file) and applies the tail
-/// policy of the module doc. `tolerant` (the newest segment in a read-only scan) turns any bad
-/// bytes into the end without a warning.
-fn scan_segment<'a>(bytes: &'a [u8], name: &str, tolerant: bool, warnings: &mut Vec<String>) -> Scan<'a> {
+/// End of the last non-zero byte of `bytes` (0 when all are zero). Cold path: recovery only.
+fn nonzero_end(bytes: &[u8]) -> usize {
+    bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1)
+}
+
+/// Walks the records of one segment (`bytes` from the start of the file, records from `start`)
+/// and applies the tail policy of the module doc. `tolerant` (the newest segment in a
+/// read-only scan, which the relay may be appending to) turns damage that no valid record
+/// follows into the end, without a warning.
+fn scan_segment<'a>(
+    bytes: &'a [u8],
+    start: usize,
+    key: &RecordKey,
+    name: &str,
+    tolerant: bool,
+    warnings: &mut Vec<String>,
+) -> Scan<'a> {
     let mut items = Vec::new();
-    let mut off = format::SEGMENT_HEADER_LEN;
+    let mut damage = Vec::new();
+    let mut off = start;
     loop {
-        let reason = match parse_at(bytes, off) {
-            Ok(Some((item, len))) => {
+        // Where the damage at `off` ends, if a trustworthy header says so.
+        let (stated_end, reason) = match parse_at(bytes, off, key) {
+            At::Item(item, len) => {
                 items.push(item);
                 off += len;
                 continue;
             }
-            Ok(None) => {
+            At::End => {
                 let rest = bytes.get(off..).unwrap_or(&[]);
-                if tolerant || rest.iter().all(|&b| b == 0) {
-                    return Scan { items, end: off.min(bytes.len()) };
+                if tolerant || nonzero_end(rest) == 0 {
+                    return Scan { items, end: off.min(bytes.len()), damage };
                 }
                 // Never-written space is all zeros; data after a zero header means the header
                 // itself was lost.
-                FormatError::BadMagic
+                (None, FormatError::BadMagic)
             }
-            Err(e) => e,
+            At::Damaged(len, e) => (Some(off + len), e),
+            At::Bad(e) => (None, e),
         };
-        if tolerant {
-            return Scan { items, end: off };
-        }
-        match next_valid(bytes, off + format::RECORD_ALIGN) {
+        let next = match stated_end {
+            // Never search inside the extent a sound header claims: those are a client's bytes.
+            Some(end) if nonzero_end(&bytes[end..]) > 0 => Some(end),
+            Some(_) => None,
+            None => next_valid(bytes, off + format::RECORD_ALIGN, key),
+        };
+        match next {
             Some(next) => {
+                // In a tolerant scan a sound record follows, so this is damage, not a tail
+                // being written: report it too (`sluice queue` must not stop silently here).
                 warnings.push(format!(
                     "{name}: corrupt record at offset {off} ({reason}); skipped {} bytes to the \
-                     next valid record at offset {next}",
+                     next record at offset {next}",
                     next - off
                 ));
+                damage.push((off, next));
                 off = next;
             }
+            None if tolerant => return Scan { items, end: off, damage },
             None => {
+                let torn = stated_end.unwrap_or(off + nonzero_end(&bytes[off..])).min(bytes.len());
                 warnings.push(format!("{name}: torn tail at offset {off} ({reason}); {} bytes cut", bytes.len() - off));
-                return Scan { items, end: off };
+                damage.push((off, torn));
+                return Scan { items, end: off, damage };
             }
         }
     }
@@ -259,26 +315,65 @@ fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, SpoolError> {
     Ok(out)
 }
 
-/// Checks the segment header. A version from another build is fatal: its records must not be
-/// judged (and cut) by this build's rules. Other damage is a warning; records are still read.
-fn check_header(bytes: &[u8], seq: u64, name: &str, warnings: &mut Vec<String>) -> Result<(), SpoolError> {
+/// Checks the segment header and returns how the segment's records are framed and where they
+/// start. A version from another build is fatal: its records must not be judged (and cut) by
+/// this build's rules. Other damage is a warning; records are still read, with the framing of
+/// the current format (whose salt is then unknown, so they will not validate: the segment's
+/// bytes go to the quarantine rather than being trusted).
+fn check_header(
+    bytes: &[u8],
+    seq: u64,
+    name: &str,
+    warnings: &mut Vec<String>,
+) -> Result<(RecordKey, usize), SpoolError> {
     match format::decode_segment_header(bytes) {
-        Ok(s) if s == seq => {}
-        Ok(s) => warnings.push(format!("{name}: header names segment {s}; file name wins")),
-        Err(FormatError::UnsupportedVersion(v)) => {
-            return Err(SpoolError::Io(
-                "open segment",
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("{name}: segment format version {v} is not supported by this build"),
-                ),
-            ))
+        Ok(h) => {
+            if h.seq != seq {
+                warnings.push(format!("{name}: header names segment {}; file name wins", h.seq));
+            }
+            Ok((h.key, h.len))
         }
+        Err(FormatError::UnsupportedVersion(v)) => Err(SpoolError::Io(
+            "open segment",
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{name}: segment format version {v} is not supported by this build"),
+            ),
+        )),
         // A segment created just before a crash may never have had its header written.
-        Err(_) if bytes.iter().all(|&b| b == 0) => {}
-        Err(e) => warnings.push(format!("{name}: bad segment header at offset 0 ({e})")),
+        Err(_) if nonzero_end(bytes) == 0 => Ok((RecordKey::LEGACY, format::SEGMENT_HEADER_LEN)),
+        Err(e) => {
+            warnings.push(format!("{name}: bad segment header at offset 0 ({e})"));
+            Ok((RecordKey::LEGACY, format::SEGMENT_HEADER_LEN))
+        }
     }
-    Ok(())
+}
+
+/// Copies each damaged range of segment `name` (trailing zeros left out) to
+/// `<dir>/corrupt/<name>.<offset>`, as Postfix moves damaged queue files to `corrupt/`, so that
+/// nothing recovery skips or cuts is destroyed. Made durable before the caller cuts anything.
+fn quarantine(dir: &Path, name: &str, bytes: &[u8], damage: &[(usize, usize)], warnings: &mut Vec<String>) {
+    let qdir = dir.join(QUARANTINE_DIR);
+    for &(start, end) in damage {
+        let Some(range) = bytes.get(start..end) else { continue };
+        let range = &range[..nonzero_end(range)];
+        if range.is_empty() {
+            continue;
+        }
+        let path = qdir.join(format!("{name}.{start}"));
+        let written = std::fs::create_dir_all(&qdir)
+            .and_then(|()| std::fs::write(&path, range))
+            .and_then(|()| std::fs::File::open(&path)?.sync_all())
+            .and_then(|()| std::fs::File::open(&qdir)?.sync_all());
+        match written {
+            Ok(()) => warnings.push(format!(
+                "{name}: {} damaged bytes from offset {start} copied to {}",
+                range.len(),
+                path.display()
+            )),
+            Err(e) => warnings.push(format!("{name}: could not copy damaged bytes to {}: {e}", path.display())),
+        }
+    }
 }
 
 /// The writable open: scans every segment, applies outcomes, cuts torn tails and deletes
@@ -289,11 +384,13 @@ pub(crate) fn recover(dir: &Path) -> Result<Recovered, SpoolError> {
     let mut st = State::default();
     let mut found: Vec<(Segment, SegRefs, usize)> = Vec::with_capacity(files.len());
     for (seq, path) in files {
-        let seg = Segment::open(&path, seq)?;
+        let mut seg = Segment::open(&path, seq)?;
         let name = seg.name();
+        let (key, start) = check_header(seg.bytes(), seq, &name, &mut st.warnings)?;
+        seg.set_key(key);
         let bytes = seg.bytes();
-        check_header(bytes, seq, &name, &mut st.warnings)?;
-        let scan = scan_segment(bytes, &name, false, &mut st.warnings);
+        let scan = scan_segment(bytes, start, &key, &name, false, &mut st.warnings);
+        quarantine(dir, &name, bytes, &scan.damage, &mut st.warnings);
         let end = scan.end;
         let refs = st.apply(seq, &name, scan.items);
         found.push((seg, refs, end));
@@ -352,7 +449,7 @@ pub(crate) fn recover(dir: &Path) -> Result<Recovered, SpoolError> {
 fn read_only_pass(
     dir: &Path,
     warnings: &mut Vec<String>,
-    mut visit: impl FnMut(u64, &str, &[u8], Vec<Item<'_>>),
+    mut visit: impl FnMut(u64, &str, &[u8], &RecordKey, Vec<Item<'_>>),
 ) -> Result<(), SpoolError> {
     let files = list_segments(dir)?;
     let last = files.len().saturating_sub(1);
@@ -366,11 +463,13 @@ fn read_only_pass(
         let name = format::segment_file_name(seq);
         // The newest segment may be one the relay is creating or appending to right now.
         let tolerant = i == last;
-        if !(tolerant && bytes.len() < format::SEGMENT_HEADER_LEN) {
-            check_header(&bytes, seq, &name, warnings)?;
+        if tolerant && format::decode_segment_header(&bytes).is_err() {
+            // Being created right now: nothing in it is committed yet.
+            continue;
         }
-        let scan = scan_segment(&bytes, &name, tolerant, warnings);
-        visit(seq, &name, &bytes, scan.items);
+        let (key, start) = check_header(&bytes, seq, &name, warnings)?;
+        let scan = scan_segment(&bytes, start, &key, &name, tolerant, warnings);
+        visit(seq, &name, &bytes, &key, scan.items);
     }
     Ok(())
 }
@@ -379,7 +478,7 @@ fn read_only_pass(
 pub(crate) fn scan_read_only(dir: &Path) -> Result<Recovery, SpoolError> {
     let mut st = State::default();
     let mut warnings = Vec::new();
-    read_only_pass(dir, &mut warnings, |seq, name, _, items| {
+    read_only_pass(dir, &mut warnings, |seq, name, _, _, items| {
         st.apply(seq, name, items);
     })?;
     st.warnings.append(&mut warnings);
@@ -392,7 +491,7 @@ pub(crate) fn read_messages(dir: &Path) -> Result<Vec<(QueueId, Vec<u8>)>, Spool
     let mut out = Vec::new();
     let mut seen = std::collections::HashSet::new();
     let mut warnings = Vec::new();
-    read_only_pass(dir, &mut warnings, |_, _, bytes, items| {
+    read_only_pass(dir, &mut warnings, |_, _, bytes, key, items| {
         for item in items {
             let Item::Message { off, summary, .. } = item else {
                 continue;
@@ -401,7 +500,7 @@ pub(crate) fn read_messages(dir: &Path) -> Result<Vec<(QueueId, Vec<u8>)>, Spool
                 continue;
             }
             // The scan validated this record, so decoding it again cannot fail; skip if it does.
-            let view = format::record_at(bytes, off).and_then(|raw| format::decode_message(raw.payload));
+            let view = format::record_at(bytes, off, key).and_then(|raw| format::decode_message(raw.payload));
             if let Ok(view) = view {
                 out.push((summary.id, view.body.to_vec()));
             }
@@ -417,7 +516,7 @@ pub(crate) fn queue_listing(dir: &Path) -> Result<(Recovery, Vec<crate::message:
         rec.messages.iter().enumerate().map(|(i, m)| (m.id.0, i)).collect();
     let mut envelopes = vec![crate::message::Envelope::default(); rec.messages.len()];
     let mut warnings = Vec::new();
-    read_only_pass(dir, &mut warnings, |_, _, bytes, items| {
+    read_only_pass(dir, &mut warnings, |_, _, bytes, key, items| {
         for item in items {
             let Item::Message { off, summary, .. } = item else {
                 continue;
@@ -425,7 +524,7 @@ pub(crate) fn queue_listing(dir: &Path) -> Result<(Recovery, Vec<crate::message:
             let Some(&i) = wanted.get(&summary.id.0) else {
                 continue;
             };
-            if let Ok(view) = format::record_at(bytes, off).and_then(|raw| format::decode_message(raw.payload)) {
+            if let Ok(view) = format::record_at(bytes, off, key).and_then(|raw| format::decode_message(raw.payload)) {
                 envelopes[i] = view.envelope;
             }
         }
@@ -438,21 +537,32 @@ mod tests {
     use super::*;
     use crate::message::Envelope;
 
+    const KEY: RecordKey = RecordKey { magic: *b"s4lt", seed: 0xDEAD_BEEF, version: 2 };
+    const START: usize = format::SEGMENT_HEADER_LEN;
+
     fn segment_bytes(records: &[Vec<u8>]) -> Vec<u8> {
-        let mut out = format::encode_segment_header(1).to_vec();
+        let mut out = format::encode_segment_header(1, &KEY).to_vec();
         for r in records {
             out.extend_from_slice(r);
         }
         out
     }
 
-    fn msg_record(id: u64, body: &[u8]) -> Vec<u8> {
+    fn record_with(key: &RecordKey, id: u64, rcpt: &[u8], body: &[u8]) -> Vec<u8> {
         let mut env = Envelope::default();
-        env.push_rcpt(b"a@example.org", b"", 0);
+        env.push_rcpt(rcpt, b"", 0);
         let len = format::message_record_len(&env, body).unwrap();
         let mut buf = vec![0u8; len];
-        format::encode_message(&mut buf, QueueId(id), 0, &env, body).unwrap();
+        format::encode_message(&mut buf, key, QueueId(id), 0, &env, body).unwrap();
         buf
+    }
+
+    fn msg_record(id: u64, body: &[u8]) -> Vec<u8> {
+        record_with(&KEY, id, b"a@example.org", body)
+    }
+
+    fn scan<'a>(bytes: &'a [u8], tolerant: bool, w: &mut Vec<String>) -> Scan<'a> {
+        scan_segment(bytes, START, &KEY, "seg-x", tolerant, w)
     }
 
     fn ids(scan: &Scan<'_>) -> Vec<u64> {
@@ -471,10 +581,10 @@ mod tests {
         let used = bytes.len();
         bytes.resize(used + 4096, 0);
         let mut w = Vec::new();
-        let scan = scan_segment(&bytes, "s", false, &mut w);
+        let scan = scan(&bytes, false, &mut w);
         assert_eq!(ids(&scan), [1, 2]);
         assert_eq!(scan.end, used);
-        assert!(w.is_empty());
+        assert!(w.is_empty() && scan.damage.is_empty());
     }
 
     #[test]
@@ -483,29 +593,43 @@ mod tests {
         let r2 = msg_record(2, b"second");
         let r3 = msg_record(3, b"third");
         let mut bytes = segment_bytes(&[r1.clone(), r2.clone(), r3]);
-        let off2 = format::SEGMENT_HEADER_LEN + r1.len();
+        let off2 = START + r1.len();
         bytes[off2 + 20] ^= 0xFF;
         let mut w = Vec::new();
-        let scan = scan_segment(&bytes, "seg-x", false, &mut w);
-        assert_eq!(ids(&scan), [1, 3]);
+        let scan1 = scan(&bytes, false, &mut w);
+        assert_eq!(ids(&scan1), [1, 3]);
+        assert_eq!(scan1.damage, [(off2, off2 + r2.len())]);
         assert_eq!(w.len(), 1);
         assert!(w[0].contains("seg-x") && w[0].contains(&format!("offset {off2}")), "{w:?}");
 
         // Damage the last record instead: a torn tail.
-        let mut bytes = segment_bytes(&[r1.clone(), r2]);
+        let mut bytes = segment_bytes(&[r1.clone(), r2.clone()]);
         let n = bytes.len();
         bytes[n - 3] ^= 1;
         let mut w = Vec::new();
-        let scan = scan_segment(&bytes, "seg-y", false, &mut w);
-        assert_eq!(ids(&scan), [1]);
-        assert_eq!(scan.end, off2);
+        let scan2 = scan(&bytes, false, &mut w);
+        assert_eq!(ids(&scan2), [1]);
+        assert_eq!(scan2.end, off2);
+        assert_eq!(scan2.damage, [(off2, n)]);
         assert!(w[0].contains("torn tail") && w[0].contains(&format!("offset {off2}")));
 
         // The same in a tolerant scan is the silent end.
         let mut w = Vec::new();
-        let scan = scan_segment(&bytes, "seg-y", true, &mut w);
-        assert_eq!((ids(&scan), scan.end), (vec![1], off2));
+        let scan3 = scan(&bytes, true, &mut w);
+        assert_eq!((ids(&scan3), scan3.end), (vec![1], off2));
         assert!(w.is_empty());
+    }
+
+    #[test]
+    fn a_tolerant_scan_reports_and_passes_damage_with_records_after_it() {
+        // `sluice queue list` beside a relay: damage in the middle of the newest segment must
+        // not end the listing silently.
+        let r1 = msg_record(1, b"first");
+        let mut bytes = segment_bytes(&[r1.clone(), msg_record(2, b"second"), msg_record(3, b"third")]);
+        bytes[START + r1.len() + 1] ^= 0xFF; // the magic: a bad header, found again by search
+        let mut w = Vec::new();
+        assert_eq!(ids(&scan(&bytes, true, &mut w)), [1, 3]);
+        assert_eq!(w.len(), 1, "{w:?}");
     }
 
     #[test]
@@ -514,10 +638,10 @@ mod tests {
         let r2 = msg_record(2, b"second");
         let r3 = msg_record(3, b"third");
         let mut bytes = segment_bytes(&[r1.clone(), r2.clone(), r3]);
-        let off2 = format::SEGMENT_HEADER_LEN + r1.len();
+        let off2 = START + r1.len();
         bytes[off2..off2 + 4].fill(0);
         let mut w = Vec::new();
-        let scan = scan_segment(&bytes, "s", false, &mut w);
+        let scan = scan(&bytes, false, &mut w);
         assert_eq!(ids(&scan), [1, 3]);
         assert_eq!(w.len(), 1);
     }
@@ -529,7 +653,61 @@ mod tests {
         let outer = msg_record(1, &inner);
         let bytes = segment_bytes(&[outer]);
         let mut w = Vec::new();
-        assert_eq!(ids(&scan_segment(&bytes, "s", false, &mut w)), [1]);
+        assert_eq!(ids(&scan(&bytes, false, &mut w)), [1]);
+    }
+
+    /// The forgery of the review: a client embeds records in its body (a postmaster message
+    /// anyone may send); one flipped bit in that body, or a crash between payload and header,
+    /// must never bring them to life.
+    #[test]
+    fn records_forged_inside_a_damaged_body_never_come_to_life() {
+        for forger in [KEY, RecordKey::LEGACY] {
+            // Even a forger who knew this segment's salt (the first case) is stopped by the
+            // sound header: its extent is skipped whole.
+            let forged = record_with(&forger, 77, b"victim@elsewhere.example", b"forged\r\n");
+            let mut body = b"Subject: hi\r\n\r\n".to_vec();
+            while body.len() % 8 != 0 {
+                body.push(b'x');
+            }
+            for _ in 0..4 {
+                body.extend_from_slice(&forged);
+            }
+            let r1 = msg_record(1, b"before");
+            let outer = msg_record(2, &body);
+            let r3 = msg_record(3, b"after");
+            let clean = segment_bytes(&[r1.clone(), outer.clone(), r3]);
+            let off2 = START + r1.len();
+            // A bit flipped in the outer payload (its header stays sound).
+            let mut bytes = clean.clone();
+            bytes[off2 + outer.len() - 40] ^= 4;
+            let mut w = Vec::new();
+            let s = scan(&bytes, false, &mut w);
+            assert_eq!(ids(&s), [1, 3], "{forger:?}: {w:?}");
+            assert_eq!(s.damage, [(off2, off2 + outer.len())]);
+            // The outer header itself damaged: only the salted search can resync, and a
+            // forger without the salt cannot be found by it.
+            if forger == RecordKey::LEGACY {
+                for at in [0, 5, 9] {
+                    let mut bytes = clean.clone();
+                    bytes[off2 + at] ^= 0x40;
+                    let mut w = Vec::new();
+                    let s = scan(&bytes, false, &mut w);
+                    assert_eq!(ids(&s), [1, 3], "flip at {at}: {w:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn legacy_segments_are_still_recovered() {
+        let mut bytes = format::encode_legacy_segment_header(1).to_vec();
+        bytes.extend_from_slice(&record_with(&RecordKey::LEGACY, 5, b"a@example.org", b"old"));
+        let (key, start) = check_header(&bytes, 1, "s", &mut Vec::new()).unwrap();
+        assert_eq!((key, start), (RecordKey::LEGACY, 32));
+        let mut w = Vec::new();
+        let s = scan_segment(&bytes, start, &key, "s", false, &mut w);
+        assert_eq!(ids(&s), [5]);
+        assert!(w.is_empty());
     }
 
     proptest::proptest! {
@@ -543,8 +721,11 @@ mod tests {
             bytes.truncate(bytes.len().saturating_sub(cut));
             bytes.extend_from_slice(&tail);
             let mut w = Vec::new();
-            let scan = scan_segment(&bytes, "s", tolerant, &mut w);
-            proptest::prop_assert!(scan.end <= bytes.len().max(format::SEGMENT_HEADER_LEN));
+            let scan = scan(&bytes, tolerant, &mut w);
+            proptest::prop_assert!(scan.end <= bytes.len().max(START));
+            for &(a, b) in &scan.damage {
+                proptest::prop_assert!(a <= b && b <= bytes.len());
+            }
         }
     }
 }

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::ptr;
 use std::sync::Arc;
 
-use super::format;
+use super::format::{self, RecordKey};
 use super::SpoolError;
 
 /// Calls a libc function and turns its failure report into `io::Error`.
@@ -162,9 +162,28 @@ pub(crate) const PWRITE_MIN: usize = 16 * 1024;
 /// buffer of its own, freed after the write.
 const STAGE_KEEP_MAX: usize = 1 << 20;
 
+/// A random record framing for a new segment. The salt comes from the standard library's
+/// per-process random hash keys (drawn from the OS at first use), hashed with a counter so
+/// that every segment gets its own.
+fn fresh_key() -> RecordKey {
+    use std::hash::{BuildHasher, Hasher};
+    static STATE: std::sync::OnceLock<std::collections::hash_map::RandomState> = std::sync::OnceLock::new();
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let state = STATE.get_or_init(std::collections::hash_map::RandomState::new);
+    loop {
+        let mut h = state.build_hasher();
+        h.write_u64(COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        if let Some(key) = RecordKey::from_salt(h.finish()) {
+            return key;
+        }
+    }
+}
+
 /// One segment file and its mapping.
 pub(crate) struct Segment {
     seq: u64,
+    /// How this segment's records are framed (from its header; see `format::RecordKey`).
+    key: RecordKey,
     path: PathBuf,
     /// Shared with the [`SyncRange`]s handed to the sync thread (no `dup` per commit).
     file: Arc<File>,
@@ -213,6 +232,7 @@ impl Segment {
 
     fn init(file: File, path: &Path, seq: u64, size: usize) -> Result<Segment, SpoolError> {
         let size = size.max(format::SEGMENT_HEADER_LEN);
+        let key = fresh_key();
         let len = libc::off_t::try_from(size)
             .map_err(|_| SpoolError::Io("create segment", io::Error::other("segment size too large")))?;
         loop {
@@ -225,6 +245,7 @@ impl Segment {
         }
         let mut seg = Segment {
             seq,
+            key,
             path: path.to_path_buf(),
             file: Arc::new(file),
             ptr: ptr::null_mut(),
@@ -235,7 +256,7 @@ impl Segment {
             stage: Vec::new(),
         };
         seg.map(size, true).map_err(|e| map_io_at("map segment", path, e))?;
-        let header = format::encode_segment_header(seq);
+        let header = format::encode_segment_header(seq, &key);
         seg.append_with(header.len(), |dst| {
             dst.copy_from_slice(&header);
             Ok(())
@@ -253,6 +274,8 @@ impl Segment {
             .map_err(|_| SpoolError::Io("open segment", io::Error::other("segment larger than memory")))?;
         let mut seg = Segment {
             seq,
+            // Until recovery has read the header (see `set_key`).
+            key: RecordKey::LEGACY,
             path: path.to_path_buf(),
             file: Arc::new(file),
             ptr: ptr::null_mut(),
@@ -302,6 +325,16 @@ impl Segment {
     /// Sequence number.
     pub(crate) fn seq(&self) -> u64 {
         self.seq
+    }
+
+    /// How this segment's records are framed.
+    pub(crate) fn key(&self) -> &RecordKey {
+        &self.key
+    }
+
+    /// Records the framing recovery read from the header of an opened segment.
+    pub(crate) fn set_key(&mut self, key: RecordKey) {
+        self.key = key;
     }
 
     /// Path of the file.
@@ -546,7 +579,9 @@ mod tests {
     fn create_append_commit_seal_reopen_remove() {
         let dir = temp_dir("basic");
         let mut seg = Segment::create(&dir, 3, 64 * 1024).unwrap();
-        assert_eq!(format::decode_segment_header(seg.bytes()), Ok(3));
+        let header = format::decode_segment_header(seg.bytes()).unwrap();
+        assert_eq!((header.seq, &header.key), (3, seg.key()));
+        assert_ne!(Segment::create(&dir, 4, 4096).unwrap().key(), seg.key(), "every segment has its own salt");
         assert_eq!(std::fs::metadata(seg.path()).unwrap().len(), 64 * 1024, "space is preallocated");
         let off = seg
             .append_with(16, |dst| {
@@ -569,11 +604,11 @@ mod tests {
         assert_eq!(seg.remaining(), 0);
         assert!(seg.append_with(8, |_| Ok(())).is_err());
         let path = seg.path().to_path_buf();
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), 48);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), format::SEGMENT_HEADER_LEN as u64 + 16);
         drop(seg);
 
         let seg = Segment::open(&path, 3).unwrap();
-        assert_eq!(&seg.bytes()[32..], b"0123456789abcdef");
+        assert_eq!(&seg.bytes()[format::SEGMENT_HEADER_LEN..], b"0123456789abcdef");
         seg.remove().unwrap();
         assert!(!path.exists());
         std::fs::remove_dir_all(&dir).unwrap();
