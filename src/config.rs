@@ -35,6 +35,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Spool segment size.
     pub segment_size: u64,
+    /// Filesystem space new mail never takes (`--min-free-space`).
+    pub min_free_space: u64,
     /// Log format.
     pub log_format: LogFormat,
     /// Session constants and rendered replies.
@@ -143,6 +145,8 @@ impl Config {
             data_timeout: a.data_timeout,
             shutdown_grace: a.shutdown_grace,
             segment_size,
+            // As Postfix refuses mail below 1.5 x message_size_limit of free space.
+            min_free_space: a.min_free_space.unwrap_or(a.max_message_size.saturating_mul(3) / 2),
             log_format: a.log_format,
             session: SessionConfig::new(&hostname, a.max_message_size, a.max_recipients as usize)
                 .with_features(tls.is_some(), auth.is_some()),

@@ -60,6 +60,8 @@ const TLS_BROKEN_MS: u64 = 10 * 60_000;
 const TLS_BROKEN_MAX: usize = 10_000;
 /// Jobs given a verdict without an attempt per destination and pass (see `settle_ready`).
 const SETTLE_PER_PASS: usize = 1024;
+/// When a recipient whose bounce could not be stored is tried again (at the latest).
+const BOUNCE_RETRY: Duration = Duration::from_secs(60);
 /// Pause of new connections after a local shortage (EMFILE, ENFILE, EADDRNOTAVAIL, ENOBUFS).
 const LOCAL_PAUSE: Duration = Duration::from_millis(200);
 
@@ -917,8 +919,18 @@ impl Delivery {
         // the spool that holds a failure then also holds its bounce.
         let failed: Vec<(u32, Reply, Verdict)> =
             decided.iter().filter(|d| d.1 == Verdict::Failed).map(|d| (d.0, d.2.clone(), d.1)).collect();
-        if !failed.is_empty() {
-            self.bounce(ctx, id, arrival_ms, loc, &env, &failed, remote);
+        if !failed.is_empty() && !self.bounce(ctx, id, arrival_ms, loc, &env, &failed, remote) {
+            // The bounce could not be stored (a full disk): settling these recipients as failed
+            // would drop the message with no word to its sender. They stay deferred, and the
+            // next attempt decides (and bounces) again.
+            let retry_ms = ctx.wall_ms + BOUNCE_RETRY.as_millis() as u64;
+            for d in decided.iter_mut().filter(|d| d.1 == Verdict::Failed) {
+                d.1 = Verdict::Deferred;
+                d.4 = match self.cfg.policy.next_attempt(d.3, arrival_ms, ctx.wall_ms) {
+                    NextStep::RetryAt(t) => t.min(retry_ms),
+                    NextStep::Expire => retry_ms,
+                };
+            }
         }
         let mut finished = false;
         let mut reply_text = Vec::new();
@@ -969,7 +981,8 @@ impl Delivery {
     }
 
     /// Queues a DSN to the sender for the failed recipients (RFC 3464), unless the sender is
-    /// null or every failed recipient asked for no failure notice.
+    /// null or every failed recipient asked for no failure notice. False when a DSN was due
+    /// but could not be stored.
     #[allow(clippy::too_many_arguments)]
     fn bounce(
         &mut self,
@@ -980,9 +993,9 @@ impl Delivery {
         env: &Envelope,
         failed: &[(u32, Reply, Verdict)],
         remote: &str,
-    ) {
+    ) -> bool {
         if !dsn::should_bounce(&env.sender) {
-            return;
+            return true;
         }
         let diags: Vec<String> = failed.iter().map(|(_, r, _)| format!("smtp; {r}")).collect();
         let remote_mta = if remote.is_empty() { String::new() } else { format!("dns; {remote}") };
@@ -1004,7 +1017,7 @@ impl Delivery {
             })
             .collect();
         if recipients.is_empty() {
-            return;
+            return true;
         }
         // The DSN returns the whole message only for RET=FULL; otherwise its header section.
         let original = match ctx.spool.message_with_body(loc) {
@@ -1051,8 +1064,12 @@ impl Delivery {
                     outcome_segments: Vec::new(),
                 };
                 self.enqueue(ctx, &rec);
+                true
             }
-            Err(e) => ctx.log.event("spool_error", &[("id", V::D(&bounce_id)), ("error", V::D(&e))]),
+            Err(e) => {
+                ctx.log.event("spool_error", &[("id", V::D(&bounce_id)), ("for", V::D(&id)), ("error", V::D(&e))]);
+                false
+            }
         }
     }
 

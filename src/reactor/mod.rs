@@ -152,6 +152,8 @@ pub struct Server {
     auth: Option<AuthWorker>,
     /// Failed AUTH attempts per client address.
     auth_failures: HashMap<IpAddr, AuthFailures>,
+    /// The spool has room for new mail (see `Spool::accepting`), read once per turn.
+    accepting: bool,
 }
 
 impl Server {
@@ -166,6 +168,7 @@ impl Server {
             dir: cfg.spool.clone(),
             fsync: cfg.fsync,
             segment_size: cfg.segment_size.max(cfg.session.max_message_size + (1 << 20)),
+            min_free_space: cfg.min_free_space,
         };
         // Signals are caught before the spool is locked (its lock names us): a flush request
         // (SIGUSR1) or SIGTERM during a long recovery waits for the loop instead of killing
@@ -271,6 +274,7 @@ impl Server {
             tls: cfg.tls.as_ref().map(|(_, _, t)| t.clone()),
             auth,
             auth_failures: HashMap::new(),
+            accepting: true,
             cfg,
         };
         server.tick();
@@ -378,6 +382,12 @@ impl Server {
     fn tick(&mut self) {
         self.now = Instant::now();
         self.wall_us = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
+        let accepting = self.spool.accepting(self.wall_us / 1000);
+        if accepting != self.accepting {
+            self.accepting = accepting;
+            let state = if accepting { "accepting" } else { "full" };
+            self.log.event("spool_space", &[("state", V::S(state)), ("min_free", V::N(self.cfg.min_free_space))]);
+        }
     }
 
     fn poll_timeout(&self) -> Option<Duration> {
@@ -428,6 +438,7 @@ impl Server {
             tls,
             auth,
             auth_failures,
+            accepting,
             ..
         } = self;
         let Some(conn) = conns.get_mut(key) else { return };
@@ -449,7 +460,7 @@ impl Server {
                     again.push((key, conn.generation));
                     break;
                 };
-                let mut ctx = Ctx { cfg: &cfg.session, bodies, ids, now_unix_us: *wall_us };
+                let mut ctx = Ctx { cfg: &cfg.session, bodies, ids, now_unix_us: *wall_us, accepting: *accepting };
                 let p = conn.session.handle_input(&mut ctx, inb.data(), out);
                 inb.consume(p.consumed);
                 progressed = p.consumed > 0;
@@ -486,7 +497,7 @@ impl Server {
                                     failed = true;
                                     break;
                                 };
-                                let mut ctx = Ctx { cfg: &cfg.session, bodies, ids, now_unix_us: *wall_us };
+                                let mut ctx = Ctx { cfg: &cfg.session, bodies, ids, now_unix_us: *wall_us, accepting: *accepting };
                                 conn.session.message_result(&mut ctx, Err(reply), out);
                             }
                         }
@@ -610,7 +621,7 @@ impl Server {
         bufs.release_if_empty(&mut conn.input);
         if shutdown.is_some() && !conn.closing && conn.waiting.is_none() {
             if let Some(out) = conn.make_reply_room(bufs).then_some(conn.output.as_mut()).flatten() {
-                let mut ctx = Ctx { cfg: &cfg.session, bodies, ids, now_unix_us: *wall_us };
+                let mut ctx = Ctx { cfg: &cfg.session, bodies, ids, now_unix_us: *wall_us, accepting: *accepting };
                 if conn.session.handle_shutdown(&mut ctx, false, out) {
                     conn.closing = true;
                     conn.mark_dirty(key, dirty);
@@ -764,7 +775,7 @@ impl Server {
             let result = if w.queued { Ok(()) } else { result };
             let (key, generation) = (w.key, w.generation);
             let Server {
-                conns, bufs, bodies, ids, cfg, log, dirty, wall_us, waiting, delivery, spool, poll, now, ..
+                conns, bufs, bodies, ids, cfg, log, dirty, wall_us, waiting, delivery, spool, poll, now, accepting, ..
             } = self;
             let conn = conns.get_mut(key).filter(|c| c.generation == generation);
             // Durable: it goes to delivery whether or not its client is still there (with the
@@ -824,7 +835,7 @@ impl Server {
                     &[("id", V::D(&id)), ("client", V::D(&conn.peer)), ("reply", V::B(trim_crlf(reply::SPOOL_FAILED)))],
                 ),
             }
-            let mut ctx = Ctx { cfg: &cfg.session, bodies, ids, now_unix_us: *wall_us };
+            let mut ctx = Ctx { cfg: &cfg.session, bodies, ids, now_unix_us: *wall_us, accepting: *accepting };
             conn.session.message_result(&mut ctx, result.map_err(|()| reply::SPOOL_FAILED), out);
             conn.mark_dirty(key, dirty);
         }
@@ -878,11 +889,11 @@ impl Server {
                 self.answer_auth(e.key, outcome, creds);
                 continue;
             }
-            let Server { conns, bufs, bodies, ids, cfg, log, dirty, wall_us, timers, .. } = self;
+            let Server { conns, bufs, bodies, ids, cfg, log, dirty, wall_us, timers, accepting, .. } = self;
             let Some(conn) = conns.get_mut(e.key) else { continue };
             log.event("timeout", &[("client", V::D(&conn.peer)), ("in_data", V::N(u64::from(conn.session.in_data())))]);
             if let Some(out) = conn.make_reply_room(bufs).then_some(conn.output.as_mut()).flatten() {
-                let mut ctx = Ctx { cfg: &cfg.session, bodies, ids, now_unix_us: *wall_us };
+                let mut ctx = Ctx { cfg: &cfg.session, bodies, ids, now_unix_us: *wall_us, accepting: *accepting };
                 conn.session.handle_timeout(&mut ctx, out);
             }
             conn.closing = true;
@@ -1078,10 +1089,10 @@ impl Server {
         self.commit_all_blocking();
         let keys: Vec<(usize, u32)> = self.conns.iter().map(|(k, c)| (k, c.generation)).collect();
         for (key, generation) in keys {
-            let Server { conns, bufs, bodies, ids, cfg, wall_us, .. } = self;
+            let Server { conns, bufs, bodies, ids, cfg, wall_us, accepting, .. } = self;
             let Some(conn) = conns.get_mut(key) else { continue };
             if let Some(out) = conn.make_reply_room(bufs).then_some(conn.output.as_mut()).flatten() {
-                let mut ctx = Ctx { cfg: &cfg.session, bodies, ids, now_unix_us: *wall_us };
+                let mut ctx = Ctx { cfg: &cfg.session, bodies, ids, now_unix_us: *wall_us, accepting: *accepting };
                 conn.session.handle_shutdown(&mut ctx, true, out);
             }
             conn.closing = true;

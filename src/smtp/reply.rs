@@ -82,6 +82,8 @@ pub enum Fault {
     UnknownParameter,
     /// SIZE parameter or actual data over `--max-message-size`.
     TooBig,
+    /// The spool is below its free-space reserve: new mail waits (RFC 5321 §4.5.3.1.10).
+    StorageFull,
     /// Past `--max-recipients`.
     TooManyRecipients,
     /// Client is not allowed to relay.
@@ -115,6 +117,7 @@ impl Fault {
             Fault::Utf8NotDeclared => b"553 5.6.7 Non-ASCII address requires the SMTPUTF8 parameter on MAIL\r\n",
             Fault::UnknownParameter => b"555 5.5.4 Unsupported or malformed parameter\r\n",
             Fault::TooBig => b"552 5.3.4 Message size exceeds fixed limit\r\n",
+            Fault::StorageFull => SPOOL_FULL,
             Fault::TooManyRecipients => b"452 4.5.3 Too many recipients\r\n",
             Fault::RelayDenied => b"554 5.7.1 Relay access denied\r\n",
             Fault::BareLineEnding => {

@@ -106,6 +106,9 @@ pub struct Ctx<'a> {
     pub ids: &'a mut IdGen,
     /// Wall clock, microseconds since the Unix epoch.
     pub now_unix_us: u64,
+    /// The spool has room for new mail; `false` answers MAIL with `452 4.3.1` (RFC 5321
+    /// §4.5.3.1.10: insufficient system storage) before any data is sent.
+    pub accepting: bool,
 }
 
 /// What the driver must act on after [`ServerSession::handle_input`].
@@ -650,6 +653,9 @@ impl ServerSession {
         if self.in_mail {
             return Err(Fault::Sequence(seq::NESTED_MAIL));
         }
+        if !ctx.accepting {
+            return Err(Fault::StorageFull);
+        }
         self.envelope.clear_transaction();
         for (key, value) in command::params(params) {
             // Parameters are only defined for EHLO sessions (RFC 5321 §4.1.2).
@@ -998,7 +1004,7 @@ mod tests {
             pending.extend_from_slice(chunk);
             loop {
                 let mut ctx =
-                    Ctx { cfg: &h.cfg, bodies: &mut h.bodies, ids: &mut h.ids, now_unix_us: 1_700_000_000_000_000 };
+                    Ctx { cfg: &h.cfg, bodies: &mut h.bodies, ids: &mut h.ids, now_unix_us: 1_700_000_000_000_000, accepting: true };
                 let p = s.handle_input(&mut ctx, &pending, &mut out);
                 pending.drain(..p.consumed);
                 replies.extend_from_slice(out.data());
@@ -1170,7 +1176,7 @@ mod tests {
                 chunk = &chunk[n..];
                 loop {
                     let mut ctx =
-                        Ctx { cfg: &cfg, bodies: &mut h.bodies, ids: &mut h.ids, now_unix_us: 1_700_000_000_000_000 };
+                        Ctx { cfg: &cfg, bodies: &mut h.bodies, ids: &mut h.ids, now_unix_us: 1_700_000_000_000_000, accepting: true };
                     let p = s.handle_input(&mut ctx, inb.data(), &mut out);
                     inb.consume(p.consumed);
                     match p.event {

@@ -39,7 +39,17 @@ pub struct SpoolOptions {
     pub fsync: bool,
     /// Preallocated size of a new segment; a record larger than this gets a segment of its own size.
     pub segment_size: u64,
+    /// Space on the spool's filesystem that new mail never takes (like Postfix's
+    /// `queue_minfree`): kept for the outcome and bounce records that let delivery finish what
+    /// it started. See [`Spool::accepting`].
+    pub min_free_space: u64,
 }
+
+/// Smallest segment made for outcome and bounce records when the disk has no room for a
+/// segment of the full size (see `Spool::start_segment`).
+const SMALL_SEGMENT: usize = 1 << 20;
+/// How long a reading of the filesystem's free space is reused by [`Spool::accepting`].
+const FREE_SPACE_TTL_MS: u64 = 250;
 
 /// Where a message record lies: segment sequence number, byte offset of its record, record length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -225,6 +235,8 @@ struct InFlight {
     marks: Vec<(u64, usize)>,
     /// Segments of the messages in the batch (see `Spool::batch_msgs`).
     msgs: Vec<u64>,
+    /// Releases whose records the job makes durable.
+    releases: Vec<Release>,
     /// The job syncs the directory.
     dir: bool,
 }
@@ -252,8 +264,20 @@ pub struct Spool {
     in_flight: Option<InFlight>,
     /// Problems found while reclaiming (nowhere else to report them); see `take_warnings`.
     warnings: Vec<String>,
+    /// Messages finished since the last commit began: their segments may be deleted only once
+    /// the outcome (and bounce) records that finish them are durable, or a power loss could
+    /// leave neither the message nor its bounce on disk.
+    releases: Vec<Release>,
+    /// Free bytes on the spool's filesystem and when (Unix ms) they were read.
+    free_space: Option<(u64, u64)>,
     /// Held for the life of the spool: the `flock` on `<dir>/lock`.
     _lock: File,
+}
+
+/// A [`Spool::release_message`] waiting for its records to be durable.
+struct Release {
+    msg_segment: u64,
+    outcome_segments: Vec<u64>,
 }
 
 /// One segment and its reclamation counters.
@@ -295,15 +319,48 @@ impl Spool {
             dir_dirty: false,
             in_flight: None,
             warnings: Vec::new(),
+            releases: Vec::new(),
+            free_space: None,
             _lock: lock,
         };
+        let mut recovery = recovered.recovery;
         // Never append to a recovered segment: its tail was judged by recovery, and a fresh
-        // file keeps new data away from anything that was damaged.
-        spool.start_segment(0)?;
+        // file keeps new data away from anything that was damaged. On a full disk the relay
+        // starts without one: it delivers (which frees space) and refuses new mail until
+        // there is room again (see `accepting`).
+        match spool.start_segment(0, true) {
+            Ok(()) => {}
+            Err(SpoolError::NoSpace) => recovery.warnings.push(format!(
+                "{}: no room for a new segment; delivering the queue, refusing new mail until space returns",
+                spool.opts.dir.display()
+            )),
+            Err(e) => return Err(e),
+        }
         // Make the new segment's header and directory entry durable now, so the first batch
         // pays only for its own records.
         spool.commit()?;
-        Ok((spool, recovered.recovery))
+        Ok((spool, recovery))
+    }
+
+    /// Whether new mail can be taken now (checked at MAIL, answered `452 4.3.1` when not):
+    /// the active segment has room for `min_free_space` bytes, or the filesystem has room for
+    /// a new segment and `min_free_space` beyond it. The filesystem is asked at most every
+    /// 250 ms (`now_ms`, Unix ms).
+    pub fn accepting(&mut self, now_ms: u64) -> bool {
+        let room = self.active.and_then(|seq| self.segments.get(&seq)).map_or(0, |s| s.seg.remaining() as u64);
+        if room >= self.opts.min_free_space.max(1) {
+            return true;
+        }
+        let free = match self.free_space {
+            Some((at, free)) if now_ms.saturating_sub(at) < FREE_SPACE_TTL_MS && now_ms >= at => free,
+            _ => {
+                // An unreadable filesystem is not a full one: let the append find out.
+                let free = segment::free_space(&self.opts.dir).unwrap_or(u64::MAX);
+                self.free_space = Some((now_ms, free));
+                free
+            }
+        };
+        free >= self.opts.segment_size.saturating_add(self.opts.min_free_space)
     }
 
     /// Reads a spool directory without changing it (for `sluice queue`), tolerating a relay
@@ -355,7 +412,8 @@ impl Spool {
         undo_on_failure: bool,
     ) -> Result<(Pending, MessageLoc), SpoolError> {
         let len = format::message_record_len(env, body).map_err(encode_error)?;
-        let (seq, off) = self.append_with(len, |dst, key| {
+        // New mail (undo_on_failure) must leave the reserve; what the relay makes need not.
+        let (seq, off) = self.append_with(len, undo_on_failure, |dst, key| {
             format::encode_message(dst, key, id, arrival_ms, env, body).map_err(encode_error)
         })?;
         if let Some(slot) = self.segments.get_mut(&seq) {
@@ -376,7 +434,7 @@ impl Spool {
     pub fn append_outcome(&mut self, id: QueueId, rcpt: u32, outcome: &Outcome<'_>) -> Result<Pending, SpoolError> {
         let len = format::outcome_record_len(outcome).map_err(encode_error)?;
         let (seq, off) = self
-            .append_with(len, |dst, key| format::encode_outcome(dst, key, id, rcpt, outcome).map_err(encode_error))?;
+            .append_with(len, false, |dst, key| format::encode_outcome(dst, key, id, rcpt, outcome).map_err(encode_error))?;
         if let Some(slot) = self.segments.get_mut(&seq) {
             slot.pins += 1;
         }
@@ -408,9 +466,12 @@ impl Spool {
                 self.batch_msgs.clear();
                 let synced = std::mem::take(&mut self.dirty);
                 self.reclaim_from(synced);
+                let releases = std::mem::take(&mut self.releases);
+                self.apply_releases(releases);
                 Ok(())
             }
             Err(e) => {
+                self.releases.clear();
                 self.abandon_batch();
                 Err(e)
             }
@@ -446,7 +507,12 @@ impl Spool {
         let dir = self.dir_dirty.then(|| self.opts.dir.clone());
         self.dir_dirty = false;
         self.dirty.clear();
-        self.in_flight = Some(InFlight { marks, msgs: std::mem::take(&mut self.batch_msgs), dir: dir.is_some() });
+        self.in_flight = Some(InFlight {
+            marks,
+            msgs: std::mem::take(&mut self.batch_msgs),
+            releases: std::mem::take(&mut self.releases),
+            dir: dir.is_some(),
+        });
         Ok(Some(SyncJob { ranges, dir }))
     }
 
@@ -472,9 +538,16 @@ impl Spool {
                     synced.push(seq);
                 }
                 self.reclaim_from(synced);
+                self.apply_releases(done.releases);
+                if self.dirty.is_empty() && !self.dir_dirty {
+                    // Released after the job began, with nothing appended since: durable too.
+                    let later = std::mem::take(&mut self.releases);
+                    self.apply_releases(later);
+                }
                 Ok(())
             }
             Err(e) => {
+                self.releases.clear();
                 // Put the failed batch back so that abandoning covers it with the newer one.
                 let mut batch = done.msgs;
                 batch.append(&mut self.batch_msgs);
@@ -545,7 +618,27 @@ impl Spool {
     /// Pins on segments after `msg_segment` are dropped only when `msg_segment` itself is
     /// deleted: until then the message record is still on disk and its final outcomes must stay
     /// with it, or the next recovery would queue the message again.
+    ///
+    /// Takes effect once the records appended so far are durable (the next successful commit):
+    /// a segment is never unlinked before the outcome and bounce records that finish it are on
+    /// disk. After a failed commit those releases are dropped; the next recovery judges them.
     pub fn release_message(&mut self, msg_segment: u64, outcome_segments: &[u64]) {
+        if self.dirty.is_empty() && !self.dir_dirty && self.in_flight.is_none() {
+            // Everything appended is durable already (or fsync is off and nothing is pending).
+            self.apply_release(msg_segment, outcome_segments);
+        } else {
+            self.releases.push(Release { msg_segment, outcome_segments: outcome_segments.to_vec() });
+        }
+    }
+
+    /// Applies releases whose records a successful commit has made durable.
+    fn apply_releases(&mut self, releases: Vec<Release>) {
+        for r in releases {
+            self.apply_release(r.msg_segment, &r.outcome_segments);
+        }
+    }
+
+    fn apply_release(&mut self, msg_segment: u64, outcome_segments: &[u64]) {
         let mut touched = vec![msg_segment];
         for &o in outcome_segments {
             let later = o > msg_segment;
@@ -587,12 +680,25 @@ impl Spool {
     fn append_with(
         &mut self,
         len: usize,
+        new_mail: bool,
         fill: impl FnOnce(&mut [u8], &format::RecordKey) -> Result<(), SpoolError>,
     ) -> Result<(u64, usize), SpoolError> {
         let room = self.active.and_then(|seq| self.segments.get(&seq)).is_some_and(|slot| slot.seg.remaining() >= len);
         if !room {
-            self.seal_active();
-            self.start_segment(len)?;
+            // Create the next segment before sealing this one: when there is no room for it,
+            // the active segment keeps taking the records that fit.
+            let prev = self.active.take();
+            match self.start_segment(len, new_mail) {
+                Ok(()) => {
+                    self.active = prev;
+                    self.seal_active();
+                    self.active = Some(self.next_seq - 1);
+                }
+                Err(e) => {
+                    self.active = prev;
+                    return Err(e);
+                }
+            }
         }
         let seq = self.active.ok_or(SpoolError::Corrupt("no active segment"))?;
         let slot = self.segments.get_mut(&seq).ok_or(SpoolError::Corrupt("no active segment"))?;
@@ -606,11 +712,25 @@ impl Spool {
 
     /// Creates the next segment, big enough for a record of `record_len` bytes, and makes it
     /// the active one.
-    fn start_segment(&mut self, record_len: usize) -> Result<(), SpoolError> {
+    ///
+    /// For new mail (`new_mail`) the filesystem must keep `min_free_space` free beyond the new
+    /// segment. Otherwise (outcomes, bounces) the reserve may be used, and when a segment of
+    /// the full size does not fit, a small one is made: delivery can always record what it did.
+    fn start_segment(&mut self, record_len: usize, new_mail: bool) -> Result<(), SpoolError> {
         let need = format::SEGMENT_HEADER_LEN + record_len;
         let size = usize::try_from(self.opts.segment_size).unwrap_or(usize::MAX).max(need);
         let seq = self.next_seq;
-        let seg = Segment::create(&self.opts.dir, seq, size)?;
+        let free = segment::free_space(&self.opts.dir).ok();
+        if new_mail && free.is_some_and(|f| f < (size as u64).saturating_add(self.opts.min_free_space)) {
+            return Err(SpoolError::NoSpace);
+        }
+        let seg = match Segment::create(&self.opts.dir, seq, size) {
+            Err(SpoolError::NoSpace) if !new_mail && size > need.max(SMALL_SEGMENT) => {
+                Segment::create(&self.opts.dir, seq, need.max(SMALL_SEGMENT))
+                    .or_else(|_| Segment::create(&self.opts.dir, seq, need))?
+            }
+            other => other?,
+        };
         // The header is appended data too: it must be durable before any record counts.
         if self.dirty.last() != Some(&seq) {
             self.dirty.push(seq);
@@ -744,7 +864,7 @@ mod tests {
     }
 
     fn opts(dir: &Path) -> SpoolOptions {
-        SpoolOptions { dir: dir.to_path_buf(), fsync: true, segment_size: 64 * 1024 }
+        SpoolOptions { dir: dir.to_path_buf(), fsync: true, segment_size: 64 * 1024, min_free_space: 0 }
     }
 
     fn env(rcpts: &[&str]) -> Envelope {
@@ -856,6 +976,70 @@ mod tests {
         assert_eq!(r.next_attempt_ms, 777_000);
         assert_eq!(r.last_reply, b"451 4.4.1 second");
         assert_eq!(m.outcome_segments, vec![m.loc.segment; 4]);
+    }
+
+    #[test]
+    fn a_finished_segment_is_unlinked_only_once_its_outcomes_are_durable() {
+        // Power-loss ordering: deleting the message's segment before the outcome (and bounce)
+        // records that finish it are synced could leave neither on disk.
+        let tmp = TempDir::new("release-order");
+        let small = SpoolOptions { segment_size: 4096, ..opts(&tmp.0) };
+        let (mut spool, _) = Spool::open(small).unwrap();
+        let (_, l1) = spool.append_message(QueueId(1), 0, &env(&["a@x"]), &[1u8; 3000]).unwrap();
+        spool.commit().unwrap();
+        // The next message rolls over to a new segment; the outcome lands there.
+        spool.append_message(QueueId(2), 0, &env(&["a@x"]), &[2u8; 3000]).unwrap();
+        spool.commit().unwrap();
+        let p = spool.append_outcome(QueueId(1), 0, &outcome(RcptStatus::Delivered)).unwrap();
+        assert_ne!(p.segment, l1.segment);
+        spool.release_message(l1.segment, &[p.segment]);
+        assert!(seg_path(&tmp.0, l1.segment).exists(), "unlinked before its outcome was synced");
+        // With a detached commit too: not before the job that covers the outcome returns.
+        let job = spool.begin_commit().unwrap().expect("the outcome is dirty");
+        assert!(seg_path(&tmp.0, l1.segment).exists());
+        job.run().unwrap();
+        spool.finish_commit(Ok(())).unwrap();
+        assert!(!seg_path(&tmp.0, l1.segment).exists(), "released once durable");
+    }
+
+    #[test]
+    fn a_failed_commit_keeps_the_segments_its_releases_named() {
+        let tmp = TempDir::new("release-fail");
+        let small = SpoolOptions { segment_size: 4096, ..opts(&tmp.0) };
+        let (mut spool, _) = Spool::open(small).unwrap();
+        let (_, l1) = spool.append_message(QueueId(1), 0, &env(&["a@x"]), &[1u8; 3000]).unwrap();
+        spool.append_message(QueueId(2), 0, &env(&["a@x"]), &[2u8; 3000]).unwrap();
+        spool.commit().unwrap();
+        let p = spool.append_outcome(QueueId(1), 0, &outcome(RcptStatus::Failed)).unwrap();
+        spool.release_message(l1.segment, &[p.segment]);
+        let _job = spool.begin_commit().unwrap().unwrap();
+        let failed = io::Error::other("injected sync failure");
+        assert!(spool.finish_commit(Err(SpoolError::Io("sync", failed))).is_err());
+        spool.commit().unwrap();
+        assert!(seg_path(&tmp.0, l1.segment).exists(), "the next recovery judges it, not a later commit");
+    }
+
+    #[test]
+    fn new_mail_leaves_the_reserve_and_outcomes_may_use_it() {
+        let tmp = TempDir::new("reserve");
+        // A reserve larger than any disk: new mail can never roll over to a new segment...
+        let o = SpoolOptions { segment_size: 4096, min_free_space: u64::MAX / 4, ..opts(&tmp.0) };
+        let (mut spool, rec) = Spool::open(o).unwrap();
+        assert_eq!(spool.active_segment(), None, "no room for a first segment: deliver-only");
+        assert!(rec.warnings.iter().any(|w| w.contains("refusing new mail")), "{:?}", rec.warnings);
+        assert!(!spool.accepting(1_000));
+        let r = spool.append_message(QueueId(1), 0, &env(&["a@x"]), b"new");
+        assert!(matches!(r, Err(SpoolError::NoSpace)), "{r:?}");
+        // ...while the relay's own records still find a segment.
+        spool.append_generated_message(QueueId(2), 0, &env(&["a@x"]), b"bounce").unwrap();
+        spool.append_outcome(QueueId(2), 0, &outcome(RcptStatus::Deferred)).unwrap();
+        spool.commit().unwrap();
+        assert!(spool.active_segment().is_some());
+        // With room in the active segment and no reserve, mail is taken.
+        let o = SpoolOptions { segment_size: 4096, ..opts(&tmp.0) };
+        drop(spool);
+        let (mut spool, _) = Spool::open(o).unwrap();
+        assert!(spool.accepting(2_000));
     }
 
     #[test]

@@ -162,6 +162,16 @@ pub(crate) const PWRITE_MIN: usize = 16 * 1024;
 /// buffer of its own, freed after the write.
 const STAGE_KEEP_MAX: usize = 1 << 20;
 
+/// Bytes available to an unprivileged writer on the filesystem holding `dir` (`statvfs`).
+pub(crate) fn free_space(dir: &Path) -> io::Result<u64> {
+    let d = File::open(dir)?;
+    // SAFETY: `statvfs` is plain old data (integers only); all-zero bytes are a valid value.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid open fd; `st` is a live, writable statvfs the call fills in.
+    syscall!(fstatvfs(d.as_raw_fd(), &mut st))?;
+    Ok(u64::from(st.f_bavail).saturating_mul(u64::from(st.f_frsize)))
+}
+
 /// A random record framing for a new segment. The salt comes from the standard library's
 /// per-process random hash keys (drawn from the OS at first use), hashed with a counter so
 /// that every segment gets its own.
