@@ -497,7 +497,13 @@ impl Server {
                                     failed = true;
                                     break;
                                 };
-                                let mut ctx = Ctx { cfg: &cfg.session, bodies, ids, now_unix_us: *wall_us, accepting: *accepting };
+                                let mut ctx = Ctx {
+                                    cfg: &cfg.session,
+                                    bodies,
+                                    ids,
+                                    now_unix_us: *wall_us,
+                                    accepting: *accepting,
+                                };
                                 conn.session.message_result(&mut ctx, Err(reply), out);
                             }
                         }
@@ -775,7 +781,21 @@ impl Server {
             let result = if w.queued { Ok(()) } else { result };
             let (key, generation) = (w.key, w.generation);
             let Server {
-                conns, bufs, bodies, ids, cfg, log, dirty, wall_us, waiting, delivery, spool, poll, now, accepting, ..
+                conns,
+                bufs,
+                bodies,
+                ids,
+                cfg,
+                log,
+                dirty,
+                wall_us,
+                waiting,
+                delivery,
+                spool,
+                poll,
+                now,
+                accepting,
+                ..
             } = self;
             let conn = conns.get_mut(key).filter(|c| c.generation == generation);
             // Durable: it goes to delivery whether or not its client is still there (with the

@@ -2673,7 +2673,13 @@ mod tests {
             wire.extend_from_slice(c_out.data());
             c_out.consume(c_out.data().len());
             loop {
-                let mut ctx = Ctx { cfg: scfg, bodies: &mut bodies, ids: &mut ids, now_unix_us: 1_700_000_000_000_000, accepting: true };
+                let mut ctx = Ctx {
+                    cfg: scfg,
+                    bodies: &mut bodies,
+                    ids: &mut ids,
+                    now_unix_us: 1_700_000_000_000_000,
+                    accepting: true,
+                };
                 let p = server.handle_input(&mut ctx, &to_server, &mut s_out);
                 to_server.drain(..p.consumed);
                 match p.event {

@@ -1003,8 +1003,13 @@ mod tests {
         for chunk in chunks {
             pending.extend_from_slice(chunk);
             loop {
-                let mut ctx =
-                    Ctx { cfg: &h.cfg, bodies: &mut h.bodies, ids: &mut h.ids, now_unix_us: 1_700_000_000_000_000, accepting: true };
+                let mut ctx = Ctx {
+                    cfg: &h.cfg,
+                    bodies: &mut h.bodies,
+                    ids: &mut h.ids,
+                    now_unix_us: 1_700_000_000_000_000,
+                    accepting: true,
+                };
                 let p = s.handle_input(&mut ctx, &pending, &mut out);
                 pending.drain(..p.consumed);
                 replies.extend_from_slice(out.data());
@@ -1175,8 +1180,13 @@ mod tests {
                 inb.fill(n);
                 chunk = &chunk[n..];
                 loop {
-                    let mut ctx =
-                        Ctx { cfg: &cfg, bodies: &mut h.bodies, ids: &mut h.ids, now_unix_us: 1_700_000_000_000_000, accepting: true };
+                    let mut ctx = Ctx {
+                        cfg: &cfg,
+                        bodies: &mut h.bodies,
+                        ids: &mut h.ids,
+                        now_unix_us: 1_700_000_000_000_000,
+                        accepting: true,
+                    };
                     let p = s.handle_input(&mut ctx, inb.data(), &mut out);
                     inb.consume(p.consumed);
                     match p.event {

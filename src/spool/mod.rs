@@ -433,8 +433,9 @@ impl Spool {
     /// `release_message` like any other.
     pub fn append_outcome(&mut self, id: QueueId, rcpt: u32, outcome: &Outcome<'_>) -> Result<Pending, SpoolError> {
         let len = format::outcome_record_len(outcome).map_err(encode_error)?;
-        let (seq, off) = self
-            .append_with(len, false, |dst, key| format::encode_outcome(dst, key, id, rcpt, outcome).map_err(encode_error))?;
+        let (seq, off) = self.append_with(len, false, |dst, key| {
+            format::encode_outcome(dst, key, id, rcpt, outcome).map_err(encode_error)
+        })?;
         if let Some(slot) = self.segments.get_mut(&seq) {
             slot.pins += 1;
         }

@@ -751,3 +751,69 @@ fn a_connection_lost_with_a_transaction_queued_holds_back_only_the_broken_messag
         assert!(!mine.is_empty() && mine.iter().all(|l| l.contains("outcome=deferred")), "{to}:\n{log}");
     }
 }
+
+/// A relay restarted on a spool whose disk is full starts (deliver-only), delivers its queue,
+/// refuses new mail at MAIL, and a bounce it cannot store keeps its message queued (deferred)
+/// until the bounce can be stored: no failed message vanishes without a DSN.
+#[test]
+fn a_full_disk_neither_stops_the_relay_nor_loses_a_bounce() {
+    let Some(bin) = load_bin() else { return };
+    let Some(fs) = Tmpfs::mount("fullbounce", "8m") else { return };
+    let spool = fs.mnt.join("spool");
+    let d = dns(&bin, &[]);
+    let dst = sink(&bin, "127.0.0.1:0", &[]);
+    let common = ["--spool-segment-size", "256k", "--max-message-size", "100k", "--dns", &d.addr.to_string()];
+    // Queue mail while holding: two for a recipient the destination refuses, three it takes.
+    let body = format!("Subject: full\r\n\r\n{}\r\n", "f".repeat(40_000));
+    let mut ids = Vec::new();
+    {
+        let mut relay = Relay::start_on(&spool, &[&common[..], &["--hold"]].concat());
+        for to in ["rej-a@dst.test", "rej-b@dst.test", "ok1@dst.test", "ok2@dst.test", "ok3@dst.test"] {
+            ids.push(send(&relay, "sender@src.test", &[to], body.as_bytes()));
+        }
+        relay.signal("TERM");
+        assert_eq!(relay.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    }
+    let filler = fs.fill();
+    let host = dst.addr.to_string();
+    let relay = Relay::start_on(&spool, &[&common[..], &["--relay-host", &host, "--retry-schedule", "1s"]].concat());
+    relay.wait_log("refusing new mail until space returns");
+    // The queue drains although nothing can be written.
+    let got = wait_saved(&dst, 3, Duration::from_secs(30), &relay);
+    assert!(got.iter().all(|(e, _)| e.contains("ok")), "{got:?}");
+    // New mail is refused at MAIL while the disk is full.
+    let mut c = relay.client();
+    c.expect("220");
+    c.expect_ok("EHLO c.test", "250");
+    let r = c.cmd("MAIL FROM:<late@src.test>");
+    assert!(r.starts_with("452 4.3.1"), "{r}");
+    // The refused recipients' bounces cannot be stored: the messages stay queued.
+    let t0 = Instant::now();
+    let failed_bounces =
+        |log: String| log.lines().filter(|l| l.contains("event=spool_error") && l.contains(" for=")).count();
+    while failed_bounces(relay.log()) < 2 {
+        assert!(t0.elapsed() < Duration::from_secs(30), "no failed bounce append: {}", relay.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(relay.log().contains("outcome=deferred"), "{}", relay.log());
+    let (_, out, _) = queue_cmd(&spool, &["list"]);
+    assert!(out.contains(&ids[0]) && out.contains(&ids[1]), "the refused messages stay queued: {out}");
+    // Space returns: both bounces are stored and delivered, new mail is taken again.
+    std::fs::remove_file(&filler).unwrap();
+    let got = wait_saved(&dst, 5, Duration::from_secs(30), &relay);
+    let dsns: Vec<_> = got.iter().filter(|(e, _)| e.contains("MAIL FROM:<>")).collect();
+    assert_eq!(dsns.len(), 2, "one DSN per refused message: {got:?}");
+    for id in &ids[..2] {
+        assert!(dsns.iter().any(|(_, m)| String::from_utf8_lossy(m).contains(id.as_str())), "no DSN for {id}");
+    }
+    let t0 = Instant::now();
+    loop {
+        let r = try_send(&mut c, "late@src.test", "ok4@dst.test", b"Subject: late\r\n\r\nok\r\n");
+        if r.starts_with("250") {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "new mail still refused: {r}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_saved(&dst, 6, Duration::from_secs(30), &relay);
+}

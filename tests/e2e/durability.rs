@@ -135,61 +135,40 @@ fn sigterm_lets_a_message_in_flight_finish() {
 
 #[test]
 fn full_disk_gets_452_then_recovers() {
-    let dir = TempDir::new("full");
-    let mnt = dir.path().join("mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
-        .arg(&mnt)
-        .status()
-        .is_ok_and(|s| s.success());
-    if !mounted {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("cannot mount a tmpfs for the full-disk test (CI runs as root)");
-        }
-        eprintln!("skipping: cannot mount tmpfs (needs root)");
-        return;
-    }
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-    let _guard = Unmount(mnt.clone());
-    let spool = mnt.join("spool");
+    let Some(fs) = Tmpfs::mount("full", "4m") else { return };
+    let spool = fs.mnt.join("spool");
     let relay = Relay::start_on(&spool, &["--spool-segment-size", "256k", "--max-message-size", "100k"]);
     let mut c = relay.client();
     c.expect("220");
     c.expect_ok("EHLO c.test", "250");
     let first = c.send_message("a@b.test", &["x@y.test"], b"Subject: first\r\n\r\nfits\r\n");
     assert!(first.starts_with("250"), "{first}");
-    // Fill the device.
-    let filler = mnt.join("filler");
-    let _ = std::process::Command::new("dd")
-        .args(["if=/dev/zero", "bs=64k"])
-        .arg(format!("of={}", filler.display()))
-        .stderr(std::process::Stdio::null())
-        .status();
+    let filler = fs.fill();
     let body = format!("Subject: big\r\n\r\n{}\r\n", "q".repeat(60_000));
-    let mut refused = false;
-    for _ in 0..20 {
-        let r = c.send_message("a@b.test", &["x@y.test"], body.as_bytes());
+    let mut refused = None;
+    for _ in 0..40 {
+        let r = try_send(&mut c, "a@b.test", "x@y.test", body.as_bytes());
         if r.starts_with("452 4.3.1") {
-            refused = true;
+            refused = Some(r);
             break;
         }
         assert!(r.starts_with("250"), "{r}");
     }
-    assert!(refused, "a full spool must answer 452 4.3.1");
+    let refused = refused.expect("a full spool must answer 452 4.3.1");
+    // Below the reserve (1.5 x the message size limit) the refusal comes at MAIL, before any
+    // data is sent, and the session stays usable.
+    let r = c.cmd("MAIL FROM:<a@b.test>");
+    assert!(r.starts_with("452 4.3.1"), "refused at MAIL, not after DATA: {r} (first refusal {refused})");
+    relay.wait_log("event=spool_space state=full");
     std::fs::remove_file(&filler).unwrap();
     let t0 = Instant::now();
     loop {
-        let r = c.send_message("a@b.test", &["x@y.test"], body.as_bytes());
+        let r = try_send(&mut c, "a@b.test", "x@y.test", body.as_bytes());
         if r.starts_with("250") {
             break;
         }
         assert!(t0.elapsed() < Duration::from_secs(10), "relay did not recover: {r}");
+        std::thread::sleep(Duration::from_millis(100));
     }
     drop(c);
     drop(relay);

@@ -317,3 +317,66 @@ pub fn passwd(user: &str, stdin: &[u8]) -> (i32, String, String) {
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
 }
+
+/// A small tmpfs mounted for a full-disk test, unmounted (lazily) and removed on drop.
+pub struct Tmpfs {
+    pub mnt: PathBuf,
+    _dir: TempDir,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (e.g. `4m`). Needs root: on CI (CI=true) failing to mount fails
+    /// the test, elsewhere it skips (`None`).
+    pub fn mount(tag: &str, size: &str) -> Option<Tmpfs> {
+        let dir = TempDir::new(tag);
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir_all(&mnt).unwrap();
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&mnt)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("cannot mount a tmpfs for a full-disk test (CI runs as root)");
+            }
+            eprintln!("skipping: cannot mount tmpfs (needs root)");
+            return None;
+        }
+        Some(Tmpfs { mnt, _dir: dir })
+    }
+
+    /// Fills the device to the last byte with a file named `filler`; returns its path.
+    pub fn fill(&self) -> PathBuf {
+        let filler = self.mnt.join("filler");
+        let _ = Command::new("dd")
+            .args(["if=/dev/zero", "bs=4k"])
+            .arg(format!("of={}", filler.display()))
+            .stderr(Stdio::null())
+            .status();
+        filler
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+    }
+}
+
+/// Sends one message and returns the first reply that is not a success (MAIL, RCPT or DATA),
+/// or the reply to the end of data.
+pub fn try_send(c: &mut Client, from: &str, to: &str, body: &[u8]) -> String {
+    for line in [format!("MAIL FROM:<{from}>"), format!("RCPT TO:<{to}>"), "DATA".to_owned()] {
+        let r = c.cmd(&line);
+        if !(r.starts_with('2') || r.starts_with('3')) {
+            if !line.starts_with("MAIL") {
+                c.cmd("RSET");
+            }
+            return r;
+        }
+    }
+    c.send(body);
+    c.send(b".\r\n");
+    c.reply()
+}
