@@ -247,3 +247,62 @@ fn corrupt_record_in_the_middle_is_skipped_with_a_warning() {
     assert!(!out.contains(&ids[1]), "{out}");
     assert!(err.contains("corrupt record"), "queue list reports it too: {err}");
 }
+
+/// The forgery found by the review: records embedded in a body (sent with BDAT, which takes any
+/// bytes, to `<postmaster>`, which anyone may write to) must never come to life at recovery,
+/// even when the record that holds them is damaged; the damaged bytes go to `corrupt/`.
+#[test]
+fn records_forged_in_a_body_never_come_to_life() {
+    use sluice::message::{Envelope, QueueId};
+    use sluice::spool::format::{self, RecordKey};
+    // A forged envelope in the framing of earlier builds (the only one a client can know).
+    let mut env = Envelope::default();
+    env.sender = b"ceo@bank.example".to_vec();
+    env.push_rcpt(b"victim@elsewhere.example", b"", 0);
+    let fbody = b"Subject: forged\r\n\r\nforged\r\n";
+    let mut forged = vec![0u8; format::message_record_len(&env, fbody).unwrap()];
+    format::encode_message(&mut forged, &RecordKey::LEGACY, QueueId(0x7777_7777), 0, &env, fbody).unwrap();
+    let mut body = b"Subject: hi\r\n\r\nMARK".to_vec();
+    while body.len() % 8 != 0 {
+        body.push(b'.');
+    }
+    for _ in 0..64 {
+        body.extend_from_slice(&forged);
+    }
+    let dir = TempDir::new("forge");
+    let spool = dir.path().join("spool");
+    let mut relay = Relay::start_on(&spool, &[]);
+    let mut c = relay.client();
+    c.expect("220");
+    c.expect_ok("EHLO c.test", "250");
+    c.expect_ok("MAIL FROM:<a@b.test>", "250");
+    c.expect_ok("RCPT TO:<postmaster>", "250");
+    c.send(format!("BDAT {} LAST\r\n", body.len()).as_bytes());
+    c.send(&body);
+    let id = queue_id(&c.expect("250"));
+    drop(c);
+    relay.signal("TERM");
+    assert_eq!(relay.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    // One bit flips in the stored body, far from the record's header.
+    let seg = std::fs::read_dir(&spool)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| std::fs::read(p).is_ok_and(|b| b.windows(4).any(|w| w == b"MARK")))
+        .expect("the segment holding the message");
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let at = find(&bytes, b"MARK") + 30 * forged.len();
+    bytes[at] ^= 0x08;
+    std::fs::write(&seg, &bytes).unwrap();
+    let relay = Relay::start_on(&spool, &[]);
+    relay.wait_log("event=spool_warning");
+    let (_, out, _) = queue_cmd(&spool, &["list"]);
+    assert!(
+        !out.contains("victim@elsewhere.example") && !out.contains("ceo@bank.example"),
+        "forged mail queued: {out}"
+    );
+    assert!(!out.contains(&id), "the damaged message is not delivered either: {out}");
+    assert!(!relay.log().contains("7777"), "{}", relay.log());
+    let quarantined: Vec<_> = std::fs::read_dir(spool.join("corrupt")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(quarantined.len(), 1, "{quarantined:?}");
+    assert!(std::fs::read(&quarantined[0]).unwrap().windows(4).any(|w| w == b"MARK"));
+}
