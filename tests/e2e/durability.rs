@@ -9,12 +9,13 @@ use std::time::{Duration, Instant};
 
 /// Clients send while the relay is killed with SIGKILL at varying moments; after each restart,
 /// every acknowledged message is in the spool exactly once with its exact bytes.
+/// `SLUICE_SOAK_ROUNDS` sets the number of kills (default 4; `benches/soak.sh` runs 100).
 #[test]
 fn kill_9_never_loses_an_acknowledged_message() {
     let dir = TempDir::new("crash");
     let spool = dir.path().join("spool");
     let acked: Arc<Mutex<HashMap<String, Vec<u8>>>> = Arc::default();
-    let rounds = 4;
+    let rounds: usize = std::env::var("SLUICE_SOAK_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
     for round in 0..rounds {
         let mut relay = Relay::start_on(&spool, &[]);
         let addr = relay.addr;
@@ -61,7 +62,7 @@ fn kill_9_never_loses_an_acknowledged_message() {
                 }
             }));
         }
-        std::thread::sleep(Duration::from_millis(150 + 113 * round as u64));
+        std::thread::sleep(Duration::from_millis(150 + 113 * (round % 8) as u64));
         relay.kill9();
         stop.store(true, Ordering::SeqCst);
         for w in workers {
@@ -83,6 +84,11 @@ fn kill_9_never_loses_an_acknowledged_message() {
         assert!(got.starts_with(b"Received: "), "{id}");
         assert!(got.ends_with(body), "{id}: bytes differ");
     }
+    eprintln!(
+        "soak: {rounds} kill -9 cycles, {} messages answered 250, {} stored, none lost or duplicated",
+        acked.len(),
+        stored.len()
+    );
     // A restart after all that recovers cleanly and serves.
     let relay = Relay::start_on(&spool, &[]);
     let mut c = relay.client();
