@@ -6,10 +6,14 @@
 //! (`segment.rs`: small records straight into its map, large ones by `pwrite`); [`Spool::commit`] makes everything appended so far durable in
 //! one `msync` + `fdatasync` per dirty segment (group commit), and only after it returns `Ok`
 //! may the relay answer 250 for those messages. [`Spool::open`] rebuilds the queue
-//! (`recover.rs`) and always starts a fresh active segment; older segments are read-only.
+//! (`recover.rs`) and starts a fresh active segment (none on a full disk: then the relay
+//! delivers and refuses new mail, see [`Spool::accepting`]); older segments are read-only.
+//! Damaged bytes found by recovery are copied to `corrupt/` before they are skipped or cut.
 //!
 //! A segment is deleted once no message in it has an unfinished recipient and no outcome
-//! record in it is still needed (see [`Spool::release_message`]); the active segment never is.
+//! record in it is still needed (see [`Spool::release_message`]), and only after the records
+//! that finished those messages are durable; the active segment never is. New mail leaves
+//! `min_free_space` on the filesystem for outcome and bounce records.
 //!
 //! It must never: report an append durable before its commit returned `Ok`; let a full disk
 //! surface as SIGBUS (space is preallocated, so it is [`SpoolError::NoSpace`] at creation);
