@@ -349,6 +349,10 @@ impl Server {
                 }
             }
             self.commit();
+            // Failed seals and unlinks while reclaiming have nowhere else to be reported.
+            for w in self.spool.take_warnings() {
+                self.log.event("spool_warning", &[("detail", V::S(&w))]);
+            }
             self.pump_delivery();
             self.flush_dirty();
             self.expire_timers();
