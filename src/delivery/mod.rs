@@ -915,21 +915,27 @@ impl Delivery {
             }
             decided.push((rcpt, v, reply, tries, next_ms));
         }
-        // The bounce goes into the spool before the failures it reports: any durable prefix of
-        // the spool that holds a failure then also holds its bounce.
+        // The bounce goes into the spool before the failures it reports, and each failure it
+        // covers names it: recovery retries a failure whose bounce did not survive a crash.
         let failed: Vec<(u32, Reply, Verdict)> =
             decided.iter().filter(|d| d.1 == Verdict::Failed).map(|d| (d.0, d.2.clone(), d.1)).collect();
-        if !failed.is_empty() && !self.bounce(ctx, id, arrival_ms, loc, &env, &failed, remote) {
-            // The bounce could not be stored (a full disk): settling these recipients as failed
-            // would drop the message with no word to its sender. They stay deferred, and the
-            // next attempt decides (and bounces) again.
-            let retry_ms = ctx.wall_ms + BOUNCE_RETRY.as_millis() as u64;
-            for d in decided.iter_mut().filter(|d| d.1 == Verdict::Failed) {
-                d.1 = Verdict::Deferred;
-                d.4 = match self.cfg.policy.next_attempt(d.3, arrival_ms, ctx.wall_ms) {
-                    NextStep::RetryAt(t) => t.min(retry_ms),
-                    NextStep::Expire => retry_ms,
-                };
+        let mut dsn_id = None;
+        if !failed.is_empty() {
+            match self.bounce(ctx, id, arrival_ms, loc, &env, &failed, remote) {
+                Ok(b) => dsn_id = b,
+                Err(()) => {
+                    // The bounce could not be stored (a full disk): settling these recipients
+                    // as failed would drop the message with no word to its sender. They stay
+                    // deferred, and the next attempt decides (and bounces) again.
+                    let retry_ms = ctx.wall_ms + BOUNCE_RETRY.as_millis() as u64;
+                    for d in decided.iter_mut().filter(|d| d.1 == Verdict::Failed) {
+                        d.1 = Verdict::Deferred;
+                        d.4 = match self.cfg.policy.next_attempt(d.3, arrival_ms, ctx.wall_ms) {
+                            NextStep::RetryAt(t) => t.min(retry_ms),
+                            NextStep::Expire => retry_ms,
+                        };
+                    }
+                }
             }
         }
         let mut finished = false;
@@ -944,6 +950,12 @@ impl Delivery {
                 at_ms: ctx.wall_ms,
                 reply: &reply_text,
                 remote: remote.as_bytes(),
+                // Only the failures the DSN reports (NOTIFY may leave some out).
+                bounce: dsn_id.filter(|_| {
+                    v == Verdict::Failed
+                        && (rcpt as usize) < env.rcpt_count()
+                        && dsn::notify_wants(env.rcpt(rcpt as usize).notify, Action::Failed)
+                }),
             };
             let addr = if (rcpt as usize) < env.rcpt_count() { env.rcpt(rcpt as usize).addr } else { b"" };
             let outcome_name = match v {
@@ -981,8 +993,8 @@ impl Delivery {
     }
 
     /// Queues a DSN to the sender for the failed recipients (RFC 3464), unless the sender is
-    /// null or every failed recipient asked for no failure notice. False when a DSN was due
-    /// but could not be stored.
+    /// null or every failed recipient asked for no failure notice. `Ok(Some(id))`: the DSN's
+    /// queue id; `Ok(None)`: none was due; `Err`: one was due but could not be stored.
     #[allow(clippy::too_many_arguments)]
     fn bounce(
         &mut self,
@@ -993,9 +1005,9 @@ impl Delivery {
         env: &Envelope,
         failed: &[(u32, Reply, Verdict)],
         remote: &str,
-    ) -> bool {
+    ) -> Result<Option<QueueId>, ()> {
         if !dsn::should_bounce(&env.sender) {
-            return true;
+            return Ok(None);
         }
         let diags: Vec<String> = failed.iter().map(|(_, r, _)| format!("smtp; {r}")).collect();
         let remote_mta = if remote.is_empty() { String::new() } else { format!("dns; {remote}") };
@@ -1017,7 +1029,7 @@ impl Delivery {
             })
             .collect();
         if recipients.is_empty() {
-            return true;
+            return Ok(None);
         }
         // The DSN returns the whole message only for RET=FULL; otherwise its header section.
         let original = match ctx.spool.message_with_body(loc) {
@@ -1064,11 +1076,11 @@ impl Delivery {
                     outcome_segments: Vec::new(),
                 };
                 self.enqueue(ctx, &rec);
-                true
+                Ok(Some(bounce_id))
             }
             Err(e) => {
                 ctx.log.event("spool_error", &[("id", V::D(&bounce_id)), ("for", V::D(&id)), ("error", V::D(&e))]);
-                false
+                Err(())
             }
         }
     }

@@ -74,6 +74,9 @@ pub struct RecordKey {
 }
 
 impl RecordKey {
+    /// The record version this build writes.
+    pub const CURRENT_VERSION: u8 = 2;
+
     /// The framing of version-1 segments.
     pub const LEGACY: RecordKey = RecordKey { magic: LEGACY_RECORD_MAGIC, seed: 0, version: 1 };
 
@@ -84,7 +87,7 @@ impl RecordKey {
         if magic == [0; 4] || magic == LEGACY_RECORD_MAGIC {
             return None;
         }
-        Some(RecordKey { magic, seed: (salt >> 32) as u32, version: 2 })
+        Some(RecordKey { magic, seed: (salt >> 32) as u32, version: RecordKey::CURRENT_VERSION })
     }
 
     fn salt(&self) -> u64 {
@@ -318,6 +321,8 @@ pub struct RawRecord<'a> {
     pub payload: &'a [u8],
     /// Whole record length including header and padding.
     pub len: usize,
+    /// Record layout version (from the segment's framing), for the payload decoders.
+    pub version: u8,
 }
 
 /// What lies at an 8-aligned offset of a segment.
@@ -405,7 +410,7 @@ fn check_payload<'a>(rec: &'a [u8], key: &RecordKey, h: &Header) -> Result<RawRe
     if h.crc != crc32c::crc32c_append(crc32c::crc32c_append(key.seed, &rec[4..12]), payload) {
         return Err(FormatError::BadChecksum);
     }
-    Ok(RawRecord { kind: h.kind, payload, len: h.len })
+    Ok(RawRecord { kind: h.kind, payload, len: h.len, version: key.version })
 }
 
 /// Reads the record at `off` of `seg`, checking framing but not the crc: for a record this
@@ -414,7 +419,8 @@ fn check_payload<'a>(rec: &'a [u8], key: &RecordKey, h: &Header) -> Result<RawRe
 pub fn record_at_trusted<'a>(seg: &'a [u8], off: usize, key: &RecordKey) -> Result<RawRecord<'a>, FormatError> {
     let rec = seg.get(off..).ok_or(FormatError::BadLength)?;
     let h = read_header(rec, key)?;
-    Ok(RawRecord { kind: h.kind, payload: &rec[RECORD_HEADER_LEN..RECORD_HEADER_LEN + h.payload_len], len: h.len })
+    let payload = &rec[RECORD_HEADER_LEN..RECORD_HEADER_LEN + h.payload_len];
+    Ok(RawRecord { kind: h.kind, payload, len: h.len, version: key.version })
 }
 
 /// Reads the record at `off` of `seg`, checking framing and crc (used to fetch a message by its
@@ -625,17 +631,21 @@ pub struct OutcomeRecord<'a> {
     pub outcome: Outcome<'a>,
 }
 
-fn outcome_payload_len(o: &Outcome<'_>) -> Result<usize, FormatError> {
-    Ok(OUTCOME_FIXED_LEN + field_len(o.reply, "reply")? + field_len(o.remote, "remote")?)
+fn outcome_payload_len(o: &Outcome<'_>, version: u8) -> Result<usize, FormatError> {
+    let bounce = if version >= 2 { 8 } else { 0 };
+    Ok(OUTCOME_FIXED_LEN + bounce + field_len(o.reply, "reply")? + field_len(o.remote, "remote")?)
 }
 
-/// Exact on-disk length of the outcome record for `o` (header and padding included).
+/// Exact on-disk length of the outcome record for `o` (header and padding included) in the
+/// current format.
 pub fn outcome_record_len(o: &Outcome<'_>) -> Result<usize, FormatError> {
-    Ok(padded_record_len(outcome_payload_len(o)?))
+    Ok(padded_record_len(outcome_payload_len(o, RecordKey::CURRENT_VERSION)?))
 }
 
 // Format: { record header (kind = 2) | id u64 | rcpt u32 | status u8 | attempts u16 |
-//           next_attempt_ms u64 | at_ms u64 | reply u16+bytes | remote u16+bytes } zero pad to 8
+//           next_attempt_ms u64 | at_ms u64 | bounce_id u64 (0 = none) | reply u16+bytes |
+//           remote u16+bytes } zero pad to 8
+//           Version 1: the same without bounce_id.
 /// Encodes an outcome record into `dst`, which must be exactly [`outcome_record_len`] bytes.
 pub fn encode_outcome(
     dst: &mut [u8],
@@ -644,7 +654,7 @@ pub fn encode_outcome(
     rcpt: u32,
     o: &Outcome<'_>,
 ) -> Result<(), FormatError> {
-    let payload_len = outcome_payload_len(o)?;
+    let payload_len = outcome_payload_len(o, key.version)?;
     if dst.len() != padded_record_len(payload_len) {
         return Err(FormatError::WrongBufferLen);
     }
@@ -655,14 +665,18 @@ pub fn encode_outcome(
     w.u16(o.attempts)?;
     w.u64(o.next_attempt_ms)?;
     w.u64(o.at_ms)?;
+    if key.version >= 2 {
+        w.u64(o.bounce.map_or(0, |b| b.0))?;
+    }
     w.str16(o.reply)?;
     w.str16(o.remote)?;
     w.finish()?;
     frame_record(dst, key, RecordKind::Outcome, payload_len)
 }
 
-/// Decodes an outcome payload, strings borrowed.
-pub fn decode_outcome(payload: &[u8]) -> Result<OutcomeRecord<'_>, FormatError> {
+/// Decodes an outcome payload of record version `version` ([`RawRecord::version`]), strings
+/// borrowed.
+pub fn decode_outcome(payload: &[u8], version: u8) -> Result<OutcomeRecord<'_>, FormatError> {
     let mut r = Reader::new(payload);
     let id = QueueId(r.u64("queue id")?);
     let rcpt = r.u32("recipient index")?;
@@ -676,12 +690,13 @@ pub fn decode_outcome(payload: &[u8]) -> Result<OutcomeRecord<'_>, FormatError> 
     let attempts = r.u16("attempts")?;
     let next_attempt_ms = r.u64("next attempt")?;
     let at_ms = r.u64("outcome time")?;
+    let bounce = if version >= 2 { Some(r.u64("bounce id")?).filter(|&b| b != 0).map(QueueId) } else { None };
     let reply = r.str16("reply")?;
     let remote = r.str16("remote")?;
     if r.remaining() != 0 {
         return Err(FormatError::TrailingBytes);
     }
-    let outcome = Outcome { status, attempts, next_attempt_ms, at_ms, reply, remote };
+    let outcome = Outcome { status, attempts, next_attempt_ms, at_ms, reply, remote, bounce };
     Ok(OutcomeRecord { id, rcpt, outcome })
 }
 
@@ -947,12 +962,13 @@ mod tests {
             at_ms: 999_000,
             reply: b"451 4.3.0 later",
             remote: b"mx.example.net [192.0.2.1]",
+            bounce: Some(QueueId(99)),
         };
         let mut buf = vec![0u8; outcome_record_len(&o).unwrap()];
         encode_outcome(&mut buf, &KEY, QueueId(8), 1, &o).unwrap();
         let Probe::Record(raw) = probe_record(&buf, 0, &KEY) else { panic!("not a record") };
         assert_eq!(raw.kind, RecordKind::Outcome);
-        let d = decode_outcome(raw.payload).unwrap();
+        let d = decode_outcome(raw.payload, raw.version).unwrap();
         assert_eq!((d.id, d.rcpt), (QueueId(8), 1));
         assert_eq!(d.outcome.status, RcptStatus::Deferred);
         assert_eq!(d.outcome.attempts, 3);
@@ -960,6 +976,7 @@ mod tests {
         assert_eq!(d.outcome.at_ms, 999_000);
         assert_eq!(d.outcome.reply, o.reply);
         assert_eq!(d.outcome.remote, o.remote);
+        assert_eq!(d.outcome.bounce, Some(QueueId(99)));
     }
 
     #[test]
@@ -1051,10 +1068,11 @@ mod tests {
             let status = [
                 RcptStatus::Queued, RcptStatus::Delivered, RcptStatus::Failed, RcptStatus::Deferred,
             ][status as usize];
-            let o = Outcome { status, attempts, next_attempt_ms: next, at_ms: at, reply: &reply, remote: &remote };
+            let bounce = (next % 3 == 0).then_some(QueueId(at | 1));
+            let o = Outcome { status, attempts, next_attempt_ms: next, at_ms: at, reply: &reply, remote: &remote, bounce };
             let mut buf = vec![0u8; outcome_record_len(&o).unwrap()];
             encode_outcome(&mut buf, &KEY, QueueId(id), rcpt, &o).unwrap();
-            let d = decode_outcome(record_at(&buf, 0, &KEY).unwrap().payload).unwrap();
+            let d = decode_outcome(record_at(&buf, 0, &KEY).unwrap().payload, 2).unwrap();
             prop_assert_eq!(d.id, QueueId(id));
             prop_assert_eq!(d.rcpt, rcpt);
             prop_assert_eq!(d.outcome.status, status);
@@ -1063,6 +1081,7 @@ mod tests {
             prop_assert_eq!(d.outcome.at_ms, at);
             prop_assert_eq!(d.outcome.reply, &reply[..]);
             prop_assert_eq!(d.outcome.remote, &remote[..]);
+            prop_assert_eq!(d.outcome.bounce, bounce);
         }
 
         #[test]
@@ -1072,7 +1091,8 @@ mod tests {
             let _ = record_at_trusted(&bytes, off, &RecordKey::LEGACY);
             let _ = decode_message(&bytes);
             let _ = message_summary(&bytes);
-            let _ = decode_outcome(&bytes);
+            let _ = decode_outcome(&bytes, 1);
+            let _ = decode_outcome(&bytes, 2);
             let _ = decode_segment_header(&bytes);
         }
 
@@ -1097,7 +1117,7 @@ mod tests {
             let payload = rec.get(RECORD_HEADER_LEN..).unwrap_or(&[]);
             let _ = decode_message(payload);
             let _ = message_summary(payload);
-            let _ = decode_outcome(payload);
+            let _ = decode_outcome(payload, 2);
         }
     }
 }

@@ -115,6 +115,11 @@ pub struct Outcome<'a> {
     pub reply: &'a [u8],
     /// Remote host (name and address) that answered, empty if none.
     pub remote: &'a [u8],
+    /// For `Failed`: the DSN stored for it (appended before this record), if one was due.
+    /// Recovery treats a failure whose DSN record is missing as not final, so that a power loss
+    /// that kept the failure but not its DSN retries (and bounces) again instead of dropping
+    /// the message silently.
+    pub bounce: Option<QueueId>,
 }
 
 /// State of one recipient after recovery.
@@ -889,7 +894,15 @@ mod tests {
     }
 
     fn outcome(status: RcptStatus) -> Outcome<'static> {
-        Outcome { status, attempts: 1, next_attempt_ms: 0, at_ms: 5, reply: b"250 2.0.0 ok", remote: b"mx.example.net" }
+        Outcome {
+            status,
+            attempts: 1,
+            next_attempt_ms: 0,
+            at_ms: 5,
+            reply: b"250 2.0.0 ok",
+            remote: b"mx.example.net",
+            bounce: None,
+        }
     }
 
     fn seg_files(dir: &Path) -> Vec<u64> {
@@ -1045,6 +1058,47 @@ mod tests {
         drop(spool);
         let (mut spool, _) = Spool::open(o).unwrap();
         assert!(spool.accepting(2_000));
+    }
+
+    #[test]
+    fn a_failure_whose_dsn_did_not_survive_is_retried() {
+        // Writeback may reach the disk out of order before a commit: the failure record can
+        // survive a power loss while the DSN written just before it does not.
+        let tmp = TempDir::new("lost-dsn");
+        let (dsn_loc, seq) = {
+            let (mut spool, _) = Spool::open(opts(&tmp.0)).unwrap();
+            spool.append_message(QueueId(1), 0, &env(&["a@x"]), b"original").unwrap();
+            spool.commit().unwrap();
+            let (_, dsn) = spool.append_generated_message(QueueId(2), 0, &env(&["sender@y"]), b"dsn").unwrap();
+            let failed = Outcome { bounce: Some(QueueId(2)), ..outcome(RcptStatus::Failed) };
+            spool.append_outcome(QueueId(1), 0, &failed).unwrap();
+            spool.commit().unwrap();
+            (dsn, spool.active_segment().unwrap())
+        };
+        let path = seg_path(&tmp.0, seq);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = dsn_loc.offset as usize;
+        bytes[at..at + dsn_loc.len as usize].fill(0);
+        std::fs::write(&path, bytes).unwrap();
+        let (_spool, rec) = Spool::open(opts(&tmp.0)).unwrap();
+        let m: Vec<_> = rec.messages.iter().filter(|m| m.id == QueueId(1)).collect();
+        assert_eq!(m.len(), 1, "the message is queued again, not dropped: {:?}", rec.warnings);
+        assert_eq!(m[0].rcpts[0].status, RcptStatus::Deferred);
+        assert!(rec.warnings.iter().any(|w| w.contains("DSN") && w.contains("retried")), "{:?}", rec.warnings);
+        // With its DSN present, the same failure is final.
+        let tmp = TempDir::new("kept-dsn");
+        {
+            let (mut spool, _) = Spool::open(opts(&tmp.0)).unwrap();
+            spool.append_message(QueueId(1), 0, &env(&["a@x"]), b"original").unwrap();
+            spool.append_generated_message(QueueId(2), 0, &env(&["sender@y"]), b"dsn").unwrap();
+            spool
+                .append_outcome(QueueId(1), 0, &Outcome { bounce: Some(QueueId(2)), ..outcome(RcptStatus::Failed) })
+                .unwrap();
+            spool.commit().unwrap();
+        }
+        let (_spool, rec) = Spool::open(opts(&tmp.0)).unwrap();
+        let ids: Vec<_> = rec.messages.iter().map(|m| m.id).collect();
+        assert_eq!(ids, [QueueId(2)], "only the DSN is left to deliver");
     }
 
     #[test]

@@ -98,7 +98,7 @@ fn parse_at<'a>(bytes: &'a [u8], off: usize, key: &RecordKey) -> At<'a> {
         RecordKind::Message => {
             format::message_summary(raw.payload).map(|summary| Item::Message { off, len: raw.len, summary })
         }
-        RecordKind::Outcome => format::decode_outcome(raw.payload).map(|rec| Item::Outcome { off, rec }),
+        RecordKind::Outcome => format::decode_outcome(raw.payload, raw.version).map(|rec| Item::Outcome { off, rec }),
     };
     match item {
         Ok(item) => At::Item(item, raw.len),
@@ -257,6 +257,11 @@ impl State {
                     let Some(&idx) = self.by_id.get(&rec.id.0) else {
                         continue;
                     };
+                    // A failure whose DSN (written before it) did not survive is not final: a
+                    // power loss kept this record but not that one. Retrying bounces again.
+                    // (When the DSN was delivered and its segment reclaimed, this costs a
+                    // second DSN: a duplicate, never a loss.)
+                    let lost_dsn = rec.outcome.bounce.filter(|b| !self.by_id.contains_key(&b.0));
                     let msg = &mut self.msgs[idx];
                     let Some(r) = msg.rcpts.get_mut(rec.rcpt as usize) else {
                         self.warnings.push(format!(
@@ -275,6 +280,15 @@ impl State {
                     r.next_attempt_ms = rec.outcome.next_attempt_ms;
                     r.last_reply.clear();
                     r.last_reply.extend_from_slice(rec.outcome.reply);
+                    if let Some(b) = lost_dsn {
+                        r.status = RcptStatus::Deferred;
+                        r.next_attempt_ms = 0;
+                        self.warnings.push(format!(
+                            "{name}: the failure of recipient {} of message {} at offset {off} names \
+                             DSN {b}, which is not in the spool; the recipient is retried",
+                            rec.rcpt, rec.id
+                        ));
+                    }
                     msg.outcome_segments.push(seq);
                     refs.outcomes.push(idx);
                 }
