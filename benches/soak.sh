@@ -11,5 +11,5 @@ cycles="${1:-100}"
 cargo build --release --workspace --quiet
 start=$(date +%s)
 SLUICE_SOAK_ROUNDS="$cycles" cargo test --release --quiet --test e2e kill_9_never_loses_an_acknowledged_message \
-  -- --exact e2e::durability::kill_9_never_loses_an_acknowledged_message --nocapture 2>&1 | grep -E '^soak:|test result|panicked'
+  -- --exact e2e::durability::kill_9_never_loses_an_acknowledged_message --nocapture 2>&1 | grep -E '^soak:|^test result|^test .*FAILED|^failures'
 echo "elapsed: $(( $(date +%s) - start )) s"

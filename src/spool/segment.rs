@@ -169,7 +169,7 @@ pub(crate) fn free_space(dir: &Path) -> io::Result<u64> {
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: valid open fd; `st` is a live, writable statvfs the call fills in.
     syscall!(fstatvfs(d.as_raw_fd(), &mut st))?;
-    Ok(u64::from(st.f_bavail).saturating_mul(u64::from(st.f_frsize)))
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 /// A random record framing for a new segment. The salt comes from the standard library's
@@ -372,6 +372,12 @@ impl Segment {
     /// Bytes used.
     pub(crate) fn used(&self) -> usize {
         self.used
+    }
+
+    /// Bytes known durable (the power-loss tests keep these and nothing else for sure).
+    #[cfg(test)]
+    pub(crate) fn synced(&self) -> usize {
+        self.synced
     }
 
     /// Room left for records.
