@@ -183,13 +183,25 @@ fn segments(segment_size: u64, fill: impl FnOnce(&mut Spool)) -> Vec<u8> {
 }
 
 fn outcome(status: RcptStatus, reply: &[u8]) -> Outcome<'_> {
-    Outcome { status, attempts: 1, next_attempt_ms: 1_700_000_060_000, at_ms: 1_700_000_000_000, reply, remote: b"mx[192.0.2.1]" }
+    Outcome {
+        status,
+        attempts: 1,
+        next_attempt_ms: 1_700_000_060_000,
+        at_ms: 1_700_000_000_000,
+        reply,
+        remote: b"mx[192.0.2.1]",
+    }
 }
 
 fn spool(dir: &Path) {
     let basic = segments(64 * 1024, |s| {
-        s.append_message(QueueId(1), 1_700_000_000_000, &envelope(&["a@x.test", "b@y.test"]), b"Subject: 1\r\n\r\nhi\r\n")
-            .unwrap();
+        s.append_message(
+            QueueId(1),
+            1_700_000_000_000,
+            &envelope(&["a@x.test", "b@y.test"]),
+            b"Subject: 1\r\n\r\nhi\r\n",
+        )
+        .unwrap();
         s.append_message(QueueId(2), 1_700_000_000_001, &envelope(&["c@x.test"]), b"Subject: 2\r\n\r\nyo\r\n").unwrap();
         s.append_outcome(QueueId(1), 0, &outcome(RcptStatus::Delivered, b"250 2.0.0 Ok")).unwrap();
         s.append_outcome(QueueId(1), 1, &outcome(RcptStatus::Deferred, b"451 4.3.0 later")).unwrap();
@@ -208,8 +220,13 @@ fn spool(dir: &Path) {
     let rolled = segments(512, |s| {
         for i in 0..4u64 {
             let body = format!("Subject: {i}\r\n\r\n{}\r\n", "x".repeat(150));
-            s.append_message(QueueId(10 + i), 1_700_000_000_000 + i, &envelope(&["e@x.test", "f@y.test"]), body.as_bytes())
-                .unwrap();
+            s.append_message(
+                QueueId(10 + i),
+                1_700_000_000_000 + i,
+                &envelope(&["e@x.test", "f@y.test"]),
+                body.as_bytes(),
+            )
+            .unwrap();
         }
         for i in 0..4u64 {
             s.append_outcome(QueueId(10 + i), (i % 2) as u32, &outcome(RcptStatus::Delivered, b"250 ok")).unwrap();

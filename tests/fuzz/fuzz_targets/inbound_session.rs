@@ -270,7 +270,11 @@ enum Cmd {
     Mail(Addr, Vec<MailParam>),
     Rcpt(Addr, Vec<RcptParam>),
     Data(Vec<Piece>),
-    Bdat { size: u16, last: bool, pieces: Vec<Piece> },
+    Bdat {
+        size: u16,
+        last: bool,
+        pieces: Vec<Piece>,
+    },
     BdatBad(Word),
     Rset,
     Noop,
@@ -496,7 +500,8 @@ fn b64(bytes: &[u8]) -> Vec<u8> {
     const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = Vec::with_capacity(bytes.len().div_ceil(3) * 4);
     for c in bytes.chunks(3) {
-        let n = (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
+        let n =
+            (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
         for i in 0..=c.len() {
             out.push(A[(n >> (18 - 6 * i) & 63) as usize]);
         }

@@ -48,8 +48,10 @@ fn replies(mut input: &[u8]) {
                     assert_eq!(u16::from(class), reply.code / 100, "enhanced class differs from the code");
                 }
                 let _ = Capabilities::from_ehlo(&reply);
+                // Lines are joined by a space; a stray CR inside a line stays (log and DSN
+                // writers escape or replace control characters themselves).
                 let shown = reply.to_string();
-                assert!(!shown.contains(['\r', '\n']), "Display spans lines: {shown:?}");
+                assert!(!shown.contains('\n'), "Display spans lines: {shown:?}");
                 let alone = parse_reply(&input[..consumed]);
                 assert_eq!(alone, ReplyParse::Complete { reply, consumed }, "re-parse differs");
                 assert!(
@@ -86,7 +88,10 @@ enum OutCap {
 #[derive(Arbitrary, Debug)]
 enum Step {
     /// Replies from the alphabet, sent in reads of `split` bytes (0: one read).
-    Replies { replies: Vec<R>, split: u8 },
+    Replies {
+        replies: Vec<R>,
+        split: u8,
+    },
     /// Bytes as they are.
     Raw(Vec<u8>),
     /// The driver writes what the session has (as much as `out` takes).
