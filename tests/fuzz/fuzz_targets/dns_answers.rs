@@ -195,7 +195,7 @@ fn spliced(t: &Transmit, body: &[u8]) -> Vec<u8> {
     m.extend_from_slice(&[0, 1]);
     let counts = body.get(2..8).unwrap_or(&[0, 1, 0, 0, 0, 0]);
     m.extend_from_slice(counts);
-    m.extend(std::iter::repeat(0).take(6 - counts.len()));
+    m.extend(std::iter::repeat_n(0, 6 - counts.len()));
     m.extend_from_slice(q.get(12..end).unwrap_or(&[]));
     m.extend_from_slice(body.get(8..).unwrap_or(&[]));
     m

@@ -377,7 +377,7 @@ fn addr(a: Addr, out: &mut Vec<u8>) {
         Addr::Literal => b"<user@[IPv6:2001:db8::1]>",
         Addr::Long => {
             out.push(b'<');
-            out.extend(std::iter::repeat(b'a').take(300));
+            out.extend(std::iter::repeat_n(b'a', 300));
             out.extend_from_slice(b"@example.com>");
             return;
         }
@@ -466,7 +466,7 @@ fn render(cmd: &Cmd, out: &mut Vec<u8>) {
         }
         Cmd::Long(n) => {
             out.extend_from_slice(b"NOOP ");
-            out.extend(std::iter::repeat(b'x').take(500 + usize::from(*n % 13_000)));
+            out.extend(std::iter::repeat_n(b'x', 500 + usize::from(*n % 13_000)));
             out.extend_from_slice(b"\r\n");
         }
     }
@@ -490,7 +490,7 @@ fn content(pieces: &[Piece], out: &mut Vec<u8>) {
             Piece::BareLf => out.push(b'\n'),
             Piece::EndOfData => out.extend_from_slice(b"\r\n.\r\n"),
             Piece::Header => out.extend_from_slice(b"Subject: hi\r\n"),
-            Piece::Long(n) => out.extend(std::iter::repeat(b'y').take(usize::from(*n % 5000))),
+            Piece::Long(n) => out.extend(std::iter::repeat_n(b'y', usize::from(*n % 5000))),
             Piece::Nul => out.push(0),
         }
     }
@@ -505,7 +505,7 @@ fn b64(bytes: &[u8]) -> Vec<u8> {
         for i in 0..=c.len() {
             out.push(A[(n >> (18 - 6 * i) & 63) as usize]);
         }
-        out.extend(std::iter::repeat(b'=').take(3 - c.len()));
+        out.extend(std::iter::repeat_n(b'=', 3 - c.len()));
     }
     out
 }
