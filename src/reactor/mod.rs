@@ -20,8 +20,6 @@ use std::io::{self, Write as _};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use std::collections::HashMap;
-use std::net::IpAddr;
 use std::sync::Arc;
 
 use mio::{Events, Interest, Poll};
@@ -38,7 +36,9 @@ use crate::net::socket::{self, IoResult};
 use crate::net::tls::{ServerTls, TlsSession};
 use crate::queue::schedule::RetryPolicy;
 use crate::smtp::auth::Credentials;
+use crate::smtp::auth_throttle::{self, AuthThrottle, Refusal, Verdict};
 use crate::smtp::client::ClientTimeouts;
+use crate::smtp::client_key::ClientKey;
 use crate::smtp::line::MAX_AUTH_LINE;
 use crate::smtp::reply;
 use crate::smtp::server::{AuthOutcome, Ctx, Event, ServerSession, TimeoutKind};
@@ -77,22 +77,6 @@ struct Listener {
     /// Implicit TLS: the handshake comes before the greeting.
     tls: bool,
 }
-
-/// AUTH failures from one client address.
-#[derive(Debug, Clone, Copy)]
-struct AuthFailures {
-    count: u32,
-    last: Instant,
-}
-
-/// Failures from one address after which each further failure is answered more slowly.
-const AUTH_SLOW_AFTER: u32 = 3;
-/// Extra wait per failure past [`AUTH_SLOW_AFTER`].
-const AUTH_SLOW_STEP: Duration = Duration::from_millis(250);
-/// Failures from one address after which AUTH gets `421 4.7.0` and the session closes.
-const AUTH_BLOCK_AFTER: u32 = 10;
-/// An address's failure count is forgotten after this long without a failure.
-const AUTH_FAILURE_MEMORY: Duration = Duration::from_secs(15 * 60);
 
 /// Why the relay could not start or had to stop.
 #[derive(Debug)]
@@ -150,8 +134,8 @@ pub struct Server {
     tls: Option<ServerTls>,
     /// Verifies AUTH credentials off the loop.
     auth: Option<AuthWorker>,
-    /// Failed AUTH attempts per client address.
-    auth_failures: HashMap<IpAddr, AuthFailures>,
+    /// Which AUTH checks run and when; failure budgets per client.
+    auth_throttle: AuthThrottle<AuthJob>,
 }
 
 impl Server {
@@ -270,7 +254,7 @@ impl Server {
             delivery,
             tls: cfg.tls.as_ref().map(|(_, _, t)| t.clone()),
             auth,
-            auth_failures: HashMap::new(),
+            auth_throttle: AuthThrottle::new(auth_throttle::Limits::default()),
             cfg,
         };
         server.tick();
@@ -427,11 +411,12 @@ impl Server {
             shutdown,
             tls,
             auth,
-            auth_failures,
+            auth_throttle,
             ..
         } = self;
         let Some(conn) = conns.get_mut(key) else { return };
         let mut failed = false;
+        let mut auth_queued = false;
         let mut rounds = 0;
         loop {
             if conn.closing || conn.waiting.is_some() {
@@ -512,27 +497,38 @@ impl Server {
                     }
                     Some(Event::Auth) => {
                         let creds = conn.session.take_credentials();
-                        let blocked = auth_failures.get(&conn.peer.ip()).is_some_and(|f| {
-                            f.count >= AUTH_BLOCK_AFTER && now.duration_since(f.last) <= AUTH_FAILURE_MEMORY
-                        });
-                        if blocked {
-                            // No need to spend a hash on an address that is shut out.
-                            log.event("auth", &[("client", V::D(&conn.peer)), ("result", V::S("blocked"))]);
-                            if let Some(out) = conn.make_reply_room(bufs).then_some(conn.output.as_mut()).flatten() {
-                                conn.session.auth_result(AuthOutcome::Blocked, creds, out);
-                            }
-                            conn.closing = true;
-                            conn.deadline = *now + LINGER;
-                            break;
-                        }
-                        let Some(worker) = auth.as_mut() else {
+                        if auth.is_none() {
                             // Cannot happen (AUTH is only offered with a worker); refuse.
                             if let Some(out) = conn.output.as_mut() {
                                 conn.session.auth_result(AuthOutcome::Rejected, creds, out);
                             }
                             continue;
+                        }
+                        let client = ClientKey::of(conn.peer.ip());
+                        let job = AuthJob { key, generation: conn.generation, client, creds };
+                        let (refusal, job) = match auth_throttle.submit(client, job, *now) {
+                            Ok(()) => {
+                                auth_queued = true;
+                                continue;
+                            }
+                            Err(refused) => refused,
                         };
-                        worker.submit(AuthJob { key, generation: conn.generation, creds });
+                        // Refused before any hash is spent: the client is shut out, or too
+                        // many of its (or all) checks wait already.
+                        let (outcome, result) = match refusal {
+                            Refusal::Blocked => (AuthOutcome::Blocked, "blocked"),
+                            Refusal::Busy => (AuthOutcome::Busy, "busy"),
+                        };
+                        log.event("auth", &[("client", V::D(&conn.peer)), ("result", V::S(result))]);
+                        let Some(out) = conn.make_reply_room(bufs).then_some(conn.output.as_mut()).flatten() else {
+                            failed = true;
+                            break;
+                        };
+                        if conn.session.auth_result(outcome, job.creds, out) {
+                            conn.closing = true;
+                            conn.deadline = *now + LINGER;
+                            break;
+                        }
                         continue;
                     }
                     None => {}
@@ -622,6 +618,9 @@ impl Server {
         if failed || hung_up {
             self.close(key, if failed { "io_error" } else { "client_closed" });
         }
+        if auth_queued {
+            self.pump_auth();
+        }
     }
 
     /// Group commit: hands every message appended so far to the sync thread as one batch
@@ -657,52 +656,67 @@ impl Server {
         self.commit();
     }
 
-    /// Verdicts back from the AUTH worker: counts failures per client address, answers at
-    /// once, slowly, or with `421` once an address has failed too often.
+    /// Verdicts back from the AUTH worker: the throttle counts failures per client and says
+    /// whether to answer at once, slowly, or with `421`; then the next check goes out.
     fn on_auth_done(&mut self) {
         let Some(worker) = self.auth.as_mut() else { return };
         let mut verdicts = Vec::new();
         worker.try_results(&mut verdicts);
         let now = Instant::now();
         for v in verdicts {
-            let Some(conn) = self.conns.get_mut(v.key).filter(|c| c.generation == v.generation) else { continue };
-            let ip = conn.peer.ip();
+            let verdict = self.auth_throttle.verdict(v.client, v.ok, now);
+            let failures = u64::from(self.auth_throttle.failures(v.client));
+            let conn = self.conns.get_mut(v.key).filter(|c| c.generation == v.generation);
+            // Logged even when the session has gone: each line is one password checked.
             let user = String::from_utf8_lossy(&v.creds.user).into_owned();
-            if v.ok {
-                self.log.event("auth", &[("client", V::D(&conn.peer)), ("user", V::S(&user)), ("result", V::S("ok"))]);
-                self.answer_auth(v.key, AuthOutcome::Accepted, v.creds);
-                continue;
-            }
-            let failures = self.auth_failures.entry(ip).or_insert(AuthFailures { count: 0, last: now });
-            if now.duration_since(failures.last) > AUTH_FAILURE_MEMORY {
-                failures.count = 0;
-            }
-            failures.count += 1;
-            failures.last = now;
-            let count = failures.count;
+            let result = V::S(if v.ok { "ok" } else { "failed" });
+            let answer = V::S(match verdict {
+                Verdict::Accept => "accepted",
+                Verdict::Reject { .. } => "rejected",
+                Verdict::Block => "blocked",
+            });
+            let client: &dyn std::fmt::Display = match &conn {
+                Some(c) => &c.peer,
+                None => &v.client,
+            };
             self.log.event(
                 "auth",
                 &[
-                    ("client", V::D(&conn.peer)),
+                    ("client", V::D(client)),
                     ("user", V::S(&user)),
-                    ("result", V::S("failed")),
-                    ("failures", V::N(u64::from(count))),
+                    ("result", result),
+                    ("answer", answer),
+                    ("failures", V::N(failures)),
                 ],
             );
-            if count >= AUTH_BLOCK_AFTER {
-                self.answer_auth(v.key, AuthOutcome::Blocked, v.creds);
-            } else if count > AUTH_SLOW_AFTER {
-                // Each further failure waits a quarter second longer (up to 2 s) for its answer.
-                let delay = AUTH_SLOW_STEP * (count - AUTH_SLOW_AFTER).min(8);
-                conn.auth_delayed = Some((AuthOutcome::Rejected, v.creds));
-                conn.deadline = now + delay;
-                self.timers.arm(conn.deadline, v.key, v.generation);
-            } else {
-                self.answer_auth(v.key, AuthOutcome::Rejected, v.creds);
+            let Some(conn) = conn else { continue };
+            match verdict {
+                Verdict::Accept => self.answer_auth(v.key, AuthOutcome::Accepted, v.creds),
+                Verdict::Block => self.answer_auth(v.key, AuthOutcome::Blocked, v.creds),
+                Verdict::Reject { delay } if delay.is_zero() => self.answer_auth(v.key, AuthOutcome::Rejected, v.creds),
+                Verdict::Reject { delay } => {
+                    conn.auth_delayed = Some((AuthOutcome::Rejected, v.creds));
+                    conn.deadline = now + delay;
+                    self.timers.arm(conn.deadline, v.key, v.generation);
+                }
             }
         }
-        if self.auth_failures.len() > 100_000 {
-            self.auth_failures.retain(|_, f| now.duration_since(f.last) <= AUTH_FAILURE_MEMORY);
+        if self.auth_throttle.clients() > 100_000 {
+            self.auth_throttle.prune(now);
+        }
+        self.pump_auth();
+    }
+
+    /// Hands the AUTH worker its next check when it is idle, skipping (and freeing the place
+    /// of) checks whose session has gone.
+    fn pump_auth(&mut self) {
+        let Some(worker) = self.auth.as_mut() else { return };
+        while let Some((client, job)) = self.auth_throttle.next_job() {
+            if self.conns.get(job.key).is_some_and(|c| c.generation == job.generation) {
+                worker.submit(job);
+                return;
+            }
+            self.auth_throttle.abandon(client);
         }
     }
 

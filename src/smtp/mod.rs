@@ -5,7 +5,9 @@
 //! and events go out. The drivers in `crate::net` do the I/O.
 
 pub mod auth;
+pub mod auth_throttle;
 pub mod client;
+pub mod client_key;
 pub mod command;
 pub mod data;
 pub mod line;

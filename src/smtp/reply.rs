@@ -48,6 +48,8 @@ pub const AUTH_OK: &[u8] = b"235 2.7.0 Authentication successful\r\n";
 pub const AUTH_FAILED: &[u8] = b"535 5.7.8 Authentication credentials invalid\r\n";
 /// Too many failed AUTH attempts from this address.
 pub const AUTH_BLOCKED: &[u8] = b"421 4.7.0 Too many failed authentication attempts, closing connection\r\n";
+/// Too many AUTH checks waiting (from this address or in all); the session stays open.
+pub const AUTH_BUSY: &[u8] = b"454 4.7.0 Too many authentication attempts in progress, try again later\r\n";
 
 /// Every reason the server refuses a command or a message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

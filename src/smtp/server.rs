@@ -132,6 +132,8 @@ pub enum AuthOutcome {
     Rejected,
     /// `421 4.7.0`: too many failures from this client; the session closes.
     Blocked,
+    /// `454 4.7.0`: too many checks waiting; nothing was checked, the session goes on.
+    Busy,
 }
 
 /// Result of one [`ServerSession::handle_input`] call.
@@ -271,7 +273,7 @@ impl ServerSession {
         std::mem::take(&mut self.creds)
     }
 
-    /// The verdict on the credentials of [`Event::Auth`]; writes `235`, `535` or `421` and
+    /// The verdict on the credentials of [`Event::Auth`]; writes `235`, `535`, `421` or `454` and
     /// returns true when the session is now closed. Ignored unless an AUTH is pending.
     pub fn auth_result(&mut self, outcome: AuthOutcome, mut creds: Credentials, out: &mut Buf) -> bool {
         if self.state != State::AuthWait {
@@ -295,6 +297,11 @@ impl ServerSession {
                 self.creds = creds;
                 out.push(reply::AUTH_BLOCKED);
                 self.state = State::Closed;
+            }
+            AuthOutcome::Busy => {
+                creds.clear();
+                self.creds = creds;
+                out.push(reply::AUTH_BUSY);
             }
         }
         self.state == State::Closed
