@@ -39,9 +39,11 @@ use crate::smtp::auth::Credentials;
 use crate::smtp::auth_throttle::{self, AuthThrottle, Refusal, Verdict};
 use crate::smtp::client::ClientTimeouts;
 use crate::smtp::client_key::ClientKey;
+use crate::smtp::client_limit::{Admission, ConnectionLimiter};
 use crate::smtp::line::MAX_AUTH_LINE;
+use crate::smtp::pace::{Pace, PaceLimits};
 use crate::smtp::reply;
-use crate::smtp::server::{AuthOutcome, Ctx, Event, ServerSession, TimeoutKind};
+use crate::smtp::server::{AuthOutcome, Ctx, Event, ServerSession};
 use crate::spool::{MessageLoc, RecoveredMessage};
 use crate::spool::{Spool, SpoolError, SpoolOptions};
 use authwork::{AuthJob, AuthWorker};
@@ -136,6 +138,8 @@ pub struct Server {
     auth: Option<AuthWorker>,
     /// Which AUTH checks run and when; failure budgets per client.
     auth_throttle: AuthThrottle<AuthJob>,
+    /// Connections per client address (`--max-connections-per-ip` and its rate).
+    limiter: ConnectionLimiter,
 }
 
 impl Server {
@@ -255,6 +259,7 @@ impl Server {
             tls: cfg.tls.as_ref().map(|(_, _, t)| t.clone()),
             auth,
             auth_throttle: AuthThrottle::new(auth_throttle::Limits::default()),
+            limiter: ConnectionLimiter::new(cfg.client_limits),
             cfg,
         };
         server.tick();
@@ -412,11 +417,13 @@ impl Server {
             tls,
             auth,
             auth_throttle,
+            timers,
             ..
         } = self;
         let Some(conn) = conns.get_mut(key) else { return };
         let mut failed = false;
         let mut auth_queued = false;
+        let mut read = 0;
         let mut rounds = 0;
         loop {
             if conn.closing || conn.waiting.is_some() {
@@ -578,11 +585,7 @@ impl Server {
                     if n < asked && !conn.hup && conn.tls.is_none() {
                         conn.readable = false;
                     }
-                    let t = match conn.session.timeout_kind() {
-                        TimeoutKind::Data => cfg.data_timeout,
-                        TimeoutKind::Command | TimeoutKind::None => cfg.command_timeout,
-                    };
-                    conn.deadline = *now + t;
+                    read += n;
                 }
                 IoResult::WouldBlock => conn.readable = false,
                 IoResult::Closed => conn.eof = true,
@@ -598,8 +601,22 @@ impl Server {
             }
             if handshake_done {
                 announce_tls(conn, log);
+                conn.pace.restart(*now);
             }
         }
+        // A finished line or a new phase buys time, bytes alone do not (`smtp::pace`). Not
+        // while closing or inside a TLS handshake: those have deadlines of their own.
+        if !conn.closing && !conn.tls.as_ref().is_some_and(|t| t.is_handshaking()) {
+            conn.pace.observe(conn.session.timeout_kind(), conn.session.lines_done(), read, *now);
+            match conn.pace.deadline(&pace_limits(cfg)) {
+                Some((at, _)) => conn.deadline = at,
+                // A held-back AUTH answer is due at its own deadline.
+                None if conn.auth_delayed.is_some() => {}
+                // Waiting for the spool or an AUTH check: the relay is the slow one.
+                None => conn.deadline = *now + cfg.command_timeout,
+            }
+        }
+        arm_deadline(timers, conn, key);
         if conn.pending_output() > 0 {
             conn.mark_dirty(key, dirty);
         }
@@ -697,7 +714,7 @@ impl Server {
                 Verdict::Reject { delay } => {
                     conn.auth_delayed = Some((AuthOutcome::Rejected, v.creds));
                     conn.deadline = now + delay;
-                    self.timers.arm(conn.deadline, v.key, v.generation);
+                    arm_deadline(&mut self.timers, conn, v.key);
                 }
             }
         }
@@ -873,9 +890,14 @@ impl Server {
         let now = Instant::now();
         while let Some(e) = self.timers.pop_due(now) {
             let Some(conn) = self.conns.get_mut(e.key).filter(|c| c.generation == e.generation) else { continue };
+            if conn.timer_at != Some(e.at) {
+                continue; // Superseded by an earlier deadline armed since.
+            }
+            conn.timer_at = None;
             if conn.deadline > now || conn.waiting.is_some() {
                 let at = conn.deadline.max(now + Duration::from_millis(100));
                 self.timers.arm(at, e.key, e.generation);
+                conn.timer_at = Some(at);
                 continue;
             }
             if conn.closing {
@@ -894,7 +916,15 @@ impl Server {
             }
             let Server { conns, bufs, bodies, ids, cfg, log, dirty, wall_us, timers, .. } = self;
             let Some(conn) = conns.get_mut(e.key) else { continue };
-            log.event("timeout", &[("client", V::D(&conn.peer)), ("in_data", V::N(u64::from(conn.session.in_data())))]);
+            let why = conn.pace.deadline(&pace_limits(cfg)).map_or("idle", |(_, why)| why.as_str());
+            log.event(
+                "timeout",
+                &[
+                    ("client", V::D(&conn.peer)),
+                    ("in_data", V::N(u64::from(conn.session.in_data()))),
+                    ("reason", V::S(why)),
+                ],
+            );
             if let Some(out) = conn.make_reply_room(bufs).then_some(conn.output.as_mut()).flatten() {
                 let mut ctx = Ctx { cfg: &cfg.session, bodies, ids, now_unix_us: *wall_us };
                 conn.session.handle_timeout(&mut ctx, out);
@@ -902,6 +932,7 @@ impl Server {
             conn.closing = true;
             conn.deadline = now + LINGER;
             timers.arm(conn.deadline, e.key, e.generation);
+            conn.timer_at = Some(conn.deadline);
             conn.mark_dirty(e.key, dirty);
         }
         self.flush_dirty();
@@ -945,8 +976,24 @@ impl Server {
                 .event("refused", &[("client", V::D(&peer)), ("reply", V::B(trim_crlf(reply::TOO_MANY_CONNECTIONS)))]);
             return;
         }
+        let relay_allowed = self.cfg.allow.iter().any(|c| c.contains(peer.ip()));
+        // Postfix exempts $mynetworks from anvil's limits; so do we, unless told otherwise.
+        let limited = self.limiter.enabled() && (!relay_allowed || self.cfg.limit_allowed_clients);
+        if limited {
+            let refusal = match self.limiter.admit(peer.ip(), self.now) {
+                Admission::Admit => None,
+                Admission::TooMany => Some(reply::CLIENT_TOO_MANY),
+                Admission::TooFast => Some(reply::CLIENT_TOO_FAST),
+            };
+            if let Some(r) = refusal {
+                let _ = sock.write(r);
+                self.log.event("refused", &[("client", V::D(&peer)), ("reply", V::B(trim_crlf(r)))]);
+                return;
+            }
+        }
         let Some(mut out) = self.bufs.checkout() else {
             let _ = sock.write(reply::TOO_MANY_CONNECTIONS);
+            self.uncount(limited, peer);
             return;
         };
         let _ = sock.set_nodelay(true);
@@ -961,9 +1008,9 @@ impl Server {
         ) {
             self.log.event("accept_error", &[("error", V::D(&e))]);
             self.bufs.checkin(out);
+            self.uncount(limited, peer);
             return;
         }
-        let relay_allowed = self.cfg.allow.iter().any(|c| c.contains(peer.ip()));
         let mut session = ServerSession::new(peer.ip(), relay_allowed);
         // On an implicit-TLS port the greeting waits in TLS until the handshake is done.
         let tls = match self.tls.as_ref().filter(|_| implicit_tls).map(TlsSession::server) {
@@ -975,6 +1022,7 @@ impl Server {
                 self.log.event("tls_error", &[("client", V::D(&peer)), ("error", V::D(&e))]);
                 self.bufs.checkin(out);
                 let _ = self.poll.registry().deregister(&mut sock);
+                self.uncount(limited, peer);
                 return;
             }
             None => None,
@@ -997,6 +1045,9 @@ impl Server {
             waiting: None,
             dirty: true,
             deadline,
+            timer_at: Some(deadline),
+            pace: Pace::new(self.now),
+            limited,
             eod_at: None,
             tls,
             clear_out: 0,
@@ -1007,11 +1058,19 @@ impl Server {
         self.log.event("connect", &[("client", V::D(&peer)), ("relay", V::N(u64::from(relay_allowed)))]);
     }
 
+    /// A connection counted by the per-client limits is gone.
+    fn uncount(&mut self, limited: bool, peer: SocketAddr) {
+        if limited {
+            self.limiter.close(peer.ip());
+        }
+    }
+
     fn close(&mut self, key: usize, why: &str) {
         if !self.conns.contains(key) {
             return;
         }
         let mut conn = self.conns.remove(key);
+        self.uncount(conn.limited, conn.peer);
         if let Some(tls) = conn.tls.as_mut().filter(|t| !t.is_handshaking()) {
             // Best effort close_notify, so the client sees a clean end rather than a truncation.
             tls.close();
@@ -1119,6 +1178,21 @@ fn capped_timeouts(cap: Duration, tls_handshake: Duration) -> ClientTimeouts {
         data_block: d.data_block.min(cap),
         data_end: d.data_end.min(cap),
         tls_handshake,
+    }
+}
+
+/// The pace limits from the flags.
+fn pace_limits(cfg: &Config) -> PaceLimits {
+    PaceLimits { command: cfg.command_timeout, data: cfg.data_timeout, min_data_rate: cfg.min_data_rate }
+}
+
+/// Arms a timer entry for `conn.deadline` when there is no live one or it is earlier than the
+/// live one (the heap keeps one live entry per connection; a later deadline is picked up when
+/// that entry pops).
+fn arm_deadline(timers: &mut timer::Timers, conn: &mut InboundConn, key: usize) {
+    if conn.timer_at.is_none_or(|t| conn.deadline < t) {
+        timers.arm(conn.deadline, key, conn.generation);
+        conn.timer_at = Some(conn.deadline);
     }
 }
 

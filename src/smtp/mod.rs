@@ -8,9 +8,11 @@ pub mod auth;
 pub mod auth_throttle;
 pub mod client;
 pub mod client_key;
+pub mod client_limit;
 pub mod command;
 pub mod data;
 pub mod line;
+pub mod pace;
 pub mod reply;
 pub mod server;
 

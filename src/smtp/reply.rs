@@ -33,6 +33,11 @@ pub const TIMEOUT: &[u8] = b"421 4.4.2 Timeout exceeded, closing connection\r\n"
 pub const SHUTDOWN: &[u8] = b"421 4.3.0 Service shutting down, closing connection\r\n";
 /// `421` past `--max-connections`.
 pub const TOO_MANY_CONNECTIONS: &[u8] = b"421 4.3.2 Too many connections, try again later\r\n";
+/// `421` past `--max-connections-per-ip` (Postfix anvil's wording).
+pub const CLIENT_TOO_MANY: &[u8] = b"421 4.7.0 Error: too many connections from your address, try again later\r\n";
+/// `421` past `--max-connection-rate-per-ip`.
+pub const CLIENT_TOO_FAST: &[u8] =
+    b"421 4.7.0 Error: too many connections per minute from your address, try again later\r\n";
 /// `421` after too many bad commands in a row.
 pub const TOO_MANY_ERRORS: &[u8] = b"421 4.7.0 Too many errors, closing connection\r\n";
 /// `451` when the spool could not make a message durable.

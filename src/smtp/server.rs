@@ -219,6 +219,8 @@ pub struct ServerSession {
     /// AUTH succeeded; `creds.user` is the user.
     authenticated: bool,
     creds: Credentials,
+    /// Command and AUTH response lines finished so far (wrapping), for the driver's deadline.
+    lines: u32,
 }
 
 impl ServerSession {
@@ -245,6 +247,7 @@ impl ServerSession {
             tls_info: None,
             authenticated: false,
             creds: Credentials::new(),
+            lines: 0,
         }
     }
 
@@ -321,6 +324,13 @@ impl ServerSession {
         }
     }
 
+    /// Command lines (and AUTH response lines, and overlong lines once their end is seen)
+    /// finished so far, wrapping: a change means the client completed a line, which is what
+    /// buys it more time (`smtp::pace`), not a byte.
+    pub fn lines_done(&self) -> u32 {
+        self.lines
+    }
+
     /// True after the session has ended (QUIT, 421).
     pub fn is_closed(&self) -> bool {
         self.state == State::Closed
@@ -355,6 +365,7 @@ impl ServerSession {
                     Framed::Partial => return Progress { consumed: used, event: None },
                     Framed::Overlong { consumed, ended } => {
                         used += consumed;
+                        self.lines = self.lines.wrapping_add(u32::from(ended));
                         self.creds.clear();
                         let fault = Fault::Auth(AuthFault::TooLong);
                         self.state = if ended { State::Command } else { State::SkipLine(fault) };
@@ -364,6 +375,7 @@ impl ServerSession {
                     }
                     Framed::Line(line, n) => {
                         used += n;
+                        self.lines = self.lines.wrapping_add(1);
                         match self.auth_step(step, line, out) {
                             Ok(true) => return Progress { consumed: used, event: Some(Event::Auth) },
                             Ok(false) => {}
@@ -425,6 +437,7 @@ impl ServerSession {
                     if !ended {
                         return Progress { consumed: used, event: None };
                     }
+                    self.lines = self.lines.wrapping_add(1);
                     self.state = State::Command;
                     if self.fault(fault, out) {
                         return Progress { consumed: input.len(), event: Some(Event::Close) };
@@ -450,12 +463,14 @@ impl ServerSession {
                                 self.state = State::SkipLine(too_long);
                                 continue;
                             }
+                            self.lines = self.lines.wrapping_add(1);
                             if self.fault(too_long, out) {
                                 return Progress { consumed: input.len(), event: Some(Event::Close) };
                             }
                         }
                         Framed::Line(line, n) => {
                             used += n;
+                            self.lines = self.lines.wrapping_add(1);
                             if let Some(ev) = self.command(ctx, line, out) {
                                 // After QUIT nothing more is read; after STARTTLS whatever
                                 // was pipelined behind it is discarded (RFC 3207 §4.2).
@@ -1326,6 +1341,45 @@ mod tests {
         v.clear();
         rfc5322_date(&mut v, 951_782_400); // 2000-02-29
         assert_eq!(v, b"Tue, 29 Feb 2000 00:00:00 +0000");
+    }
+
+    #[test]
+    fn lines_done_counts_finished_lines_only_and_busy_auth_keeps_the_session() {
+        let mut h = harness();
+        let cfg = h.cfg.clone().with_features(true, true);
+        let mut s = ServerSession::new("127.0.0.1".parse().unwrap(), false);
+        s.tls_started();
+        let mut out = h.pool.checkout().unwrap();
+        let mut feed = |s: &mut ServerSession, input: &[u8], out: &mut Buf| {
+            let mut ctx = Ctx { cfg: &cfg, bodies: &mut h.bodies, ids: &mut h.ids, now_unix_us: 0 };
+            s.handle_input(&mut ctx, input, out)
+        };
+        feed(&mut s, b"EHLO c.test\r\n", &mut out);
+        assert_eq!(s.lines_done(), 1);
+        // A partial line is not a finished one, however many bytes it has.
+        assert_eq!(feed(&mut s, b"NOOP aaaa", &mut out).consumed, 0);
+        assert_eq!(s.lines_done(), 1);
+        feed(&mut s, b"NOOP\r\n", &mut out);
+        assert_eq!(s.lines_done(), 2);
+        // An overlong line counts once its end is seen.
+        let long = vec![b'a'; 600];
+        feed(&mut s, &long, &mut out);
+        assert_eq!(s.lines_done(), 2);
+        feed(&mut s, b"\r\n", &mut out);
+        assert_eq!(s.lines_done(), 3);
+        let n = out.data().len();
+        out.consume(n);
+        // 454 to a busy AUTH: the session goes on and may try again.
+        let p = feed(&mut s, b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n", &mut out);
+        assert_eq!(p.event, Some(Event::Auth));
+        assert_eq!(s.timeout_kind(), TimeoutKind::None);
+        let creds = s.take_credentials();
+        assert!(!s.auth_result(AuthOutcome::Busy, creds, &mut out));
+        assert_eq!(out.data(), reply::AUTH_BUSY);
+        assert_eq!(s.timeout_kind(), TimeoutKind::Command);
+        let p = feed(&mut s, b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n", &mut out);
+        assert_eq!(p.event, Some(Event::Auth));
+        h.pool.checkin(out);
     }
 
     proptest! {
