@@ -111,6 +111,25 @@ pub struct ServeArgs {
     /// Inbound connections at once (`421 4.3.2` past it).
     #[arg(long = "max-connections", value_name = "N", default_value_t = 10000, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
+    /// Inbound connections at once from one client address (IPv6: one /64), `421 4.7.0` past
+    /// it, as Postfix's smtpd_client_connection_count_limit; 0 turns it off. Clients in
+    /// --allow are exempt unless --limit-allowed-clients.
+    #[arg(long = "max-connections-per-ip", value_name = "N", default_value_t = 50)]
+    pub max_connections_per_ip: u32,
+    /// New inbound connections per minute from one client address (`N/min`, `N/s` or `N`
+    /// per minute; IPv6: one /64), `421 4.7.0` past it, as Postfix's
+    /// smtpd_client_connection_rate_limit; 0 (the default, as in Postfix) turns it off.
+    #[arg(long = "max-connection-rate-per-ip", value_name = "RATE", default_value = "0", value_parser = parse_rate_per_minute)]
+    pub max_connection_rate_per_ip: u32,
+    /// Apply the per-client connection limits to --allow networks too (by default they are
+    /// exempt, like Postfix's smtpd_client_event_limit_exceptions = $mynetworks).
+    #[arg(long = "limit-allowed-clients")]
+    pub limit_allowed_clients: bool,
+    /// Least average rate, in bytes per second (`N` or `N/s`), at which DATA and BDAT content
+    /// must arrive once --data-timeout has passed since it started (as Postfix's
+    /// smtpd_min_data_rate); a slower client gets `421 4.4.2`. 0 turns it off.
+    #[arg(long = "min-data-rate", value_name = "BYTES/s", default_value = "256", value_parser = parse_data_rate)]
+    pub min_data_rate: u32,
     /// Outbound connections at once to one destination.
     #[arg(long = "domain-concurrency", value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
     pub domain_concurrency: u32,
@@ -256,6 +275,30 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_millis(total))
 }
 
+/// Parses a connection rate as connections per minute: `N/min`, `N/m`, `N/s` or a bare `N`
+/// (per minute); `0` is allowed (off).
+pub fn parse_rate_per_minute(s: &str) -> Result<u32, String> {
+    let s = s.trim();
+    let bad = || format!("'{s}' is not a rate (e.g. 60/min, 2/s, 0 for none)");
+    let (num, per_unit) = match s.split_once('/') {
+        Some((n, "min" | "m")) => (n, 1),
+        Some((n, "s")) => (n, 60),
+        Some(_) => return Err(bad()),
+        None => (s, 1),
+    };
+    let n: u32 = num.parse().map_err(|_| bad())?;
+    n.checked_mul(per_unit).ok_or_else(|| format!("'{s}' is too large"))
+}
+
+/// Parses a data rate in bytes per second: `N` or `N/s`; `0` is allowed (off).
+pub fn parse_data_rate(s: &str) -> Result<u32, String> {
+    let s = s.trim();
+    s.strip_suffix("/s")
+        .unwrap_or(s)
+        .parse()
+        .map_err(|_| format!("'{s}' is not a rate in bytes per second (e.g. 256, 1000/s, 0 for none)"))
+}
+
 /// Parses a comma-separated list of durations.
 pub fn parse_schedule(s: &str) -> Result<Schedule, String> {
     let list = s.split(',').map(parse_duration).collect::<Result<Vec<_>, _>>()?;
@@ -381,5 +424,21 @@ mod tests {
         assert!(parse_host_port("bad host:25").is_err());
         assert!(parse_dns_addr("127.0.0.1:5353").is_ok());
         assert!(parse_dns_addr("x").is_err());
+    }
+
+    #[test]
+    fn rates() {
+        assert_eq!(parse_rate_per_minute("60/min"), Ok(60));
+        assert_eq!(parse_rate_per_minute("2/s"), Ok(120));
+        assert_eq!(parse_rate_per_minute("30"), Ok(30));
+        assert_eq!(parse_rate_per_minute("0"), Ok(0));
+        for bad in ["", "x", "5/h", "-1/min", "99999999999/s", "1/"] {
+            assert!(parse_rate_per_minute(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_data_rate("256"), Ok(256));
+        assert_eq!(parse_data_rate("1000/s"), Ok(1000));
+        assert_eq!(parse_data_rate("0"), Ok(0));
+        assert!(parse_data_rate("fast").is_err());
+        assert!(parse_data_rate("10/min").is_err());
     }
 }

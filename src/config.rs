@@ -10,6 +10,7 @@ use std::sync::Arc;
 use crate::cli::{Cidr, FsyncMode, LogFormat, OutboundTlsMode, ServeArgs};
 use crate::net::tls::{ClientTls, ServerTls, TlsError};
 use crate::smtp::auth::AuthFile;
+use crate::smtp::client_limit::ClientLimits;
 use crate::smtp::server::SessionConfig;
 
 /// Everything the relay needs to run, checked.
@@ -27,6 +28,12 @@ pub struct Config {
     pub allow: Vec<Cidr>,
     /// Inbound connection cap.
     pub max_connections: usize,
+    /// `--max-connections-per-ip` and `--max-connection-rate-per-ip`.
+    pub client_limits: ClientLimits,
+    /// `--limit-allowed-clients`: the per-client limits apply to `--allow` networks too.
+    pub limit_allowed_clients: bool,
+    /// `--min-data-rate`, bytes per second (0: off).
+    pub min_data_rate: u32,
     /// Command-phase idle timeout.
     pub command_timeout: Duration,
     /// DATA/BDAT idle timeout.
@@ -141,6 +148,12 @@ impl Config {
             fsync: a.fsync == FsyncMode::Always,
             allow: a.allow.clone(),
             max_connections: a.max_connections as usize,
+            client_limits: ClientLimits {
+                max_open: a.max_connections_per_ip,
+                per_minute: a.max_connection_rate_per_ip,
+            },
+            limit_allowed_clients: a.limit_allowed_clients,
+            min_data_rate: a.min_data_rate,
             command_timeout: a.command_timeout,
             data_timeout: a.data_timeout,
             shutdown_grace: a.shutdown_grace,

@@ -17,6 +17,7 @@ use crate::message::QueueId;
 use crate::net::socket::{self, IoResult};
 use crate::net::tls::{TlsFlush, TlsRead, TlsSession};
 use crate::smtp::auth::Credentials;
+use crate::smtp::pace::Pace;
 use crate::smtp::server::AuthOutcome;
 use crate::smtp::server::{ServerSession, REPLY_ROOM};
 
@@ -50,6 +51,13 @@ pub struct InboundConn {
     pub dirty: bool,
     /// Current deadline.
     pub deadline: Instant,
+    /// Due time of this connection's one live timer entry (entries at other times are stale);
+    /// `None` once it has popped and nothing was armed again.
+    pub timer_at: Option<Instant>,
+    /// What the client's progress has earned it: the command and data deadlines.
+    pub pace: Pace,
+    /// Counted by the per-client connection limits (not exempt): uncount on close.
+    pub limited: bool,
     /// Time of the end of data of the waiting message (for the latency log).
     pub eod_at: Option<Instant>,
     /// TLS, once STARTTLS was accepted or from the first byte on an implicit-TLS listener.

@@ -3,10 +3,12 @@
 //!
 //! Why a thread: Argon2 is slow on purpose (milliseconds of CPU and ~19 MiB of memory per
 //! check). Done on the loop, every session would stall for every login attempt, and a client
-//! hammering AUTH would stall the relay. Done here, checks queue up behind one another on one
+//! hammering AUTH would stall the relay. Done here, checks run one after another on one
 //! dedicated thread (never a pool: a flood of logins costs one core at most) while the loop
-//! keeps serving. Jobs carry the session's slab key and generation so a verdict for a session
-//! that has gone away is recognised as stale.
+//! keeps serving. The loop hands the thread one job at a time, in the order the AUTH throttle
+//! (`smtp::auth_throttle`) chooses, so no backlog builds up in the channel. Jobs carry the
+//! session's slab key and generation so a verdict for a session that has gone away is
+//! recognised as stale.
 
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
@@ -15,6 +17,7 @@ use std::thread::JoinHandle;
 use mio::Waker;
 
 use crate::smtp::auth::{AuthFile, Credentials};
+use crate::smtp::client_key::ClientKey;
 
 /// One password check to run.
 #[derive(Debug)]
@@ -23,6 +26,8 @@ pub struct AuthJob {
     pub key: usize,
     /// Generation of that slab slot, to drop verdicts for a session that has since closed.
     pub generation: u32,
+    /// The client's group, whose failure budget the verdict counts against.
+    pub client: ClientKey,
     /// What the client sent.
     pub creds: Credentials,
 }
@@ -34,6 +39,8 @@ pub struct AuthVerdict {
     pub key: usize,
     /// From the job.
     pub generation: u32,
+    /// From the job.
+    pub client: ClientKey,
     /// True when the user exists and the password matches.
     pub ok: bool,
     /// The job's credentials, handed back for reuse: the user name is kept (for the log line),
@@ -43,10 +50,10 @@ pub struct AuthVerdict {
 
 /// Runs one job.
 fn run(users: &AuthFile, job: AuthJob) -> AuthVerdict {
-    let AuthJob { key, generation, mut creds } = job;
+    let AuthJob { key, generation, client, mut creds } = job;
     let ok = users.verify(&creds.user, &creds.pass);
     creds.clear_pass();
-    AuthVerdict { key, generation, ok, creds }
+    AuthVerdict { key, generation, client, ok, creds }
 }
 
 /// Handle to the verification thread.
@@ -161,7 +168,8 @@ mod tests {
             (b"alice", b"s3cret", true),
         ];
         for (i, &(user, pass, _)) in jobs.iter().enumerate() {
-            worker.submit(AuthJob { key: i, generation: 10 + i as u32, creds: creds(user, pass) });
+            let client = ClientKey::of([127, 0, 0, 1].into());
+            worker.submit(AuthJob { key: i, generation: 10 + i as u32, client, creds: creds(user, pass) });
         }
         assert_eq!(worker.in_flight(), jobs.len());
 
@@ -193,7 +201,12 @@ mod tests {
         // Simulate a dead thread: close its queue and wait for it to exit.
         worker.jobs = None;
         worker.thread.take().unwrap().join().unwrap();
-        worker.submit(AuthJob { key: 3, generation: 1, creds: creds(b"u", b"pw") });
+        worker.submit(AuthJob {
+            key: 3,
+            generation: 1,
+            client: ClientKey::of([127, 0, 0, 1].into()),
+            creds: creds(b"u", b"pw"),
+        });
         assert_eq!(worker.in_flight(), 1);
         let mut out = Vec::new();
         worker.try_results(&mut out);

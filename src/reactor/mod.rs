@@ -20,8 +20,6 @@ use std::io::{self, Write as _};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use std::collections::HashMap;
-use std::net::IpAddr;
 use std::sync::Arc;
 
 use mio::{Events, Interest, Poll};
@@ -38,10 +36,14 @@ use crate::net::socket::{self, IoResult};
 use crate::net::tls::{ServerTls, TlsSession};
 use crate::queue::schedule::RetryPolicy;
 use crate::smtp::auth::Credentials;
+use crate::smtp::auth_throttle::{self, AuthThrottle, Refusal, Verdict};
 use crate::smtp::client::ClientTimeouts;
+use crate::smtp::client_key::ClientKey;
+use crate::smtp::client_limit::{Admission, ConnectionLimiter};
 use crate::smtp::line::MAX_AUTH_LINE;
+use crate::smtp::pace::{Pace, PaceLimits};
 use crate::smtp::reply;
-use crate::smtp::server::{AuthOutcome, Ctx, Event, ServerSession, TimeoutKind};
+use crate::smtp::server::{AuthOutcome, Ctx, Event, ServerSession};
 use crate::spool::{MessageLoc, RecoveredMessage};
 use crate::spool::{Spool, SpoolError, SpoolOptions};
 use authwork::{AuthJob, AuthWorker};
@@ -77,22 +79,6 @@ struct Listener {
     /// Implicit TLS: the handshake comes before the greeting.
     tls: bool,
 }
-
-/// AUTH failures from one client address.
-#[derive(Debug, Clone, Copy)]
-struct AuthFailures {
-    count: u32,
-    last: Instant,
-}
-
-/// Failures from one address after which each further failure is answered more slowly.
-const AUTH_SLOW_AFTER: u32 = 3;
-/// Extra wait per failure past [`AUTH_SLOW_AFTER`].
-const AUTH_SLOW_STEP: Duration = Duration::from_millis(250);
-/// Failures from one address after which AUTH gets `421 4.7.0` and the session closes.
-const AUTH_BLOCK_AFTER: u32 = 10;
-/// An address's failure count is forgotten after this long without a failure.
-const AUTH_FAILURE_MEMORY: Duration = Duration::from_secs(15 * 60);
 
 /// Why the relay could not start or had to stop.
 #[derive(Debug)]
@@ -150,8 +136,10 @@ pub struct Server {
     tls: Option<ServerTls>,
     /// Verifies AUTH credentials off the loop.
     auth: Option<AuthWorker>,
-    /// Failed AUTH attempts per client address.
-    auth_failures: HashMap<IpAddr, AuthFailures>,
+    /// Which AUTH checks run and when; failure budgets per client.
+    auth_throttle: AuthThrottle<AuthJob>,
+    /// Connections per client address (`--max-connections-per-ip` and its rate).
+    limiter: ConnectionLimiter,
     /// The spool has room for new mail (see `Spool::accepting`), read once per turn.
     accepting: bool,
 }
@@ -273,7 +261,8 @@ impl Server {
             delivery,
             tls: cfg.tls.as_ref().map(|(_, _, t)| t.clone()),
             auth,
-            auth_failures: HashMap::new(),
+            auth_throttle: AuthThrottle::new(auth_throttle::Limits::default()),
+            limiter: ConnectionLimiter::new(cfg.client_limits),
             accepting: true,
             cfg,
         };
@@ -441,12 +430,15 @@ impl Server {
             shutdown,
             tls,
             auth,
-            auth_failures,
+            auth_throttle,
+            timers,
             accepting,
             ..
         } = self;
         let Some(conn) = conns.get_mut(key) else { return };
         let mut failed = false;
+        let mut auth_queued = false;
+        let mut read = 0;
         let mut rounds = 0;
         loop {
             if conn.closing || conn.waiting.is_some() {
@@ -533,27 +525,38 @@ impl Server {
                     }
                     Some(Event::Auth) => {
                         let creds = conn.session.take_credentials();
-                        let blocked = auth_failures.get(&conn.peer.ip()).is_some_and(|f| {
-                            f.count >= AUTH_BLOCK_AFTER && now.duration_since(f.last) <= AUTH_FAILURE_MEMORY
-                        });
-                        if blocked {
-                            // No need to spend a hash on an address that is shut out.
-                            log.event("auth", &[("client", V::D(&conn.peer)), ("result", V::S("blocked"))]);
-                            if let Some(out) = conn.make_reply_room(bufs).then_some(conn.output.as_mut()).flatten() {
-                                conn.session.auth_result(AuthOutcome::Blocked, creds, out);
-                            }
-                            conn.closing = true;
-                            conn.deadline = *now + LINGER;
-                            break;
-                        }
-                        let Some(worker) = auth.as_mut() else {
+                        if auth.is_none() {
                             // Cannot happen (AUTH is only offered with a worker); refuse.
                             if let Some(out) = conn.output.as_mut() {
                                 conn.session.auth_result(AuthOutcome::Rejected, creds, out);
                             }
                             continue;
+                        }
+                        let client = ClientKey::of(conn.peer.ip());
+                        let job = AuthJob { key, generation: conn.generation, client, creds };
+                        let (refusal, job) = match auth_throttle.submit(client, job, *now) {
+                            Ok(()) => {
+                                auth_queued = true;
+                                continue;
+                            }
+                            Err(refused) => refused,
                         };
-                        worker.submit(AuthJob { key, generation: conn.generation, creds });
+                        // Refused before any hash is spent: the client is shut out, or too
+                        // many of its (or all) checks wait already.
+                        let (outcome, result) = match refusal {
+                            Refusal::Blocked => (AuthOutcome::Blocked, "blocked"),
+                            Refusal::Busy => (AuthOutcome::Busy, "busy"),
+                        };
+                        log.event("auth", &[("client", V::D(&conn.peer)), ("result", V::S(result))]);
+                        let Some(out) = conn.make_reply_room(bufs).then_some(conn.output.as_mut()).flatten() else {
+                            failed = true;
+                            break;
+                        };
+                        if conn.session.auth_result(outcome, job.creds, out) {
+                            conn.closing = true;
+                            conn.deadline = *now + LINGER;
+                            break;
+                        }
                         continue;
                     }
                     None => {}
@@ -603,11 +606,7 @@ impl Server {
                     if n < asked && !conn.hup && conn.tls.is_none() {
                         conn.readable = false;
                     }
-                    let t = match conn.session.timeout_kind() {
-                        TimeoutKind::Data => cfg.data_timeout,
-                        TimeoutKind::Command | TimeoutKind::None => cfg.command_timeout,
-                    };
-                    conn.deadline = *now + t;
+                    read += n;
                 }
                 IoResult::WouldBlock => conn.readable = false,
                 IoResult::Closed => conn.eof = true,
@@ -623,8 +622,22 @@ impl Server {
             }
             if handshake_done {
                 announce_tls(conn, log);
+                conn.pace.restart(*now);
             }
         }
+        // A finished line or a new phase buys time, bytes alone do not (`smtp::pace`). Not
+        // while closing or inside a TLS handshake: those have deadlines of their own.
+        if !conn.closing && !conn.tls.as_ref().is_some_and(|t| t.is_handshaking()) {
+            conn.pace.observe(conn.session.timeout_kind(), conn.session.lines_done(), read, *now);
+            match conn.pace.deadline(&pace_limits(cfg)) {
+                Some((at, _)) => conn.deadline = at,
+                // A held-back AUTH answer is due at its own deadline.
+                None if conn.auth_delayed.is_some() => {}
+                // Waiting for the spool or an AUTH check: the relay is the slow one.
+                None => conn.deadline = *now + cfg.command_timeout,
+            }
+        }
+        arm_deadline(timers, conn, key);
         if conn.pending_output() > 0 {
             conn.mark_dirty(key, dirty);
         }
@@ -642,6 +655,9 @@ impl Server {
         let hung_up = conn.eof && conn.waiting.is_none() && !conn.closing && !again.iter().any(|&(k, _)| k == key);
         if failed || hung_up {
             self.close(key, if failed { "io_error" } else { "client_closed" });
+        }
+        if auth_queued {
+            self.pump_auth();
         }
     }
 
@@ -678,52 +694,67 @@ impl Server {
         self.commit();
     }
 
-    /// Verdicts back from the AUTH worker: counts failures per client address, answers at
-    /// once, slowly, or with `421` once an address has failed too often.
+    /// Verdicts back from the AUTH worker: the throttle counts failures per client and says
+    /// whether to answer at once, slowly, or with `421`; then the next check goes out.
     fn on_auth_done(&mut self) {
         let Some(worker) = self.auth.as_mut() else { return };
         let mut verdicts = Vec::new();
         worker.try_results(&mut verdicts);
         let now = Instant::now();
         for v in verdicts {
-            let Some(conn) = self.conns.get_mut(v.key).filter(|c| c.generation == v.generation) else { continue };
-            let ip = conn.peer.ip();
+            let verdict = self.auth_throttle.verdict(v.client, v.ok, now);
+            let failures = u64::from(self.auth_throttle.failures(v.client));
+            let conn = self.conns.get_mut(v.key).filter(|c| c.generation == v.generation);
+            // Logged even when the session has gone: each line is one password checked.
             let user = String::from_utf8_lossy(&v.creds.user).into_owned();
-            if v.ok {
-                self.log.event("auth", &[("client", V::D(&conn.peer)), ("user", V::S(&user)), ("result", V::S("ok"))]);
-                self.answer_auth(v.key, AuthOutcome::Accepted, v.creds);
-                continue;
-            }
-            let failures = self.auth_failures.entry(ip).or_insert(AuthFailures { count: 0, last: now });
-            if now.duration_since(failures.last) > AUTH_FAILURE_MEMORY {
-                failures.count = 0;
-            }
-            failures.count += 1;
-            failures.last = now;
-            let count = failures.count;
+            let result = V::S(if v.ok { "ok" } else { "failed" });
+            let answer = V::S(match verdict {
+                Verdict::Accept => "accepted",
+                Verdict::Reject { .. } => "rejected",
+                Verdict::Block => "blocked",
+            });
+            let client: &dyn std::fmt::Display = match &conn {
+                Some(c) => &c.peer,
+                None => &v.client,
+            };
             self.log.event(
                 "auth",
                 &[
-                    ("client", V::D(&conn.peer)),
+                    ("client", V::D(client)),
                     ("user", V::S(&user)),
-                    ("result", V::S("failed")),
-                    ("failures", V::N(u64::from(count))),
+                    ("result", result),
+                    ("answer", answer),
+                    ("failures", V::N(failures)),
                 ],
             );
-            if count >= AUTH_BLOCK_AFTER {
-                self.answer_auth(v.key, AuthOutcome::Blocked, v.creds);
-            } else if count > AUTH_SLOW_AFTER {
-                // Each further failure waits a quarter second longer (up to 2 s) for its answer.
-                let delay = AUTH_SLOW_STEP * (count - AUTH_SLOW_AFTER).min(8);
-                conn.auth_delayed = Some((AuthOutcome::Rejected, v.creds));
-                conn.deadline = now + delay;
-                self.timers.arm(conn.deadline, v.key, v.generation);
-            } else {
-                self.answer_auth(v.key, AuthOutcome::Rejected, v.creds);
+            let Some(conn) = conn else { continue };
+            match verdict {
+                Verdict::Accept => self.answer_auth(v.key, AuthOutcome::Accepted, v.creds),
+                Verdict::Block => self.answer_auth(v.key, AuthOutcome::Blocked, v.creds),
+                Verdict::Reject { delay } if delay.is_zero() => self.answer_auth(v.key, AuthOutcome::Rejected, v.creds),
+                Verdict::Reject { delay } => {
+                    conn.auth_delayed = Some((AuthOutcome::Rejected, v.creds));
+                    conn.deadline = now + delay;
+                    arm_deadline(&mut self.timers, conn, v.key);
+                }
             }
         }
-        if self.auth_failures.len() > 100_000 {
-            self.auth_failures.retain(|_, f| now.duration_since(f.last) <= AUTH_FAILURE_MEMORY);
+        if self.auth_throttle.clients() > 100_000 {
+            self.auth_throttle.prune(now);
+        }
+        self.pump_auth();
+    }
+
+    /// Hands the AUTH worker its next check when it is idle, skipping (and freeing the place
+    /// of) checks whose session has gone.
+    fn pump_auth(&mut self) {
+        let Some(worker) = self.auth.as_mut() else { return };
+        while let Some((client, job)) = self.auth_throttle.next_job() {
+            if self.conns.get(job.key).is_some_and(|c| c.generation == job.generation) {
+                worker.submit(job);
+                return;
+            }
+            self.auth_throttle.abandon(client);
         }
     }
 
@@ -894,9 +925,14 @@ impl Server {
         let now = Instant::now();
         while let Some(e) = self.timers.pop_due(now) {
             let Some(conn) = self.conns.get_mut(e.key).filter(|c| c.generation == e.generation) else { continue };
+            if conn.timer_at != Some(e.at) {
+                continue; // Superseded by an earlier deadline armed since.
+            }
+            conn.timer_at = None;
             if conn.deadline > now || conn.waiting.is_some() {
                 let at = conn.deadline.max(now + Duration::from_millis(100));
                 self.timers.arm(at, e.key, e.generation);
+                conn.timer_at = Some(at);
                 continue;
             }
             if conn.closing {
@@ -915,7 +951,15 @@ impl Server {
             }
             let Server { conns, bufs, bodies, ids, cfg, log, dirty, wall_us, timers, accepting, .. } = self;
             let Some(conn) = conns.get_mut(e.key) else { continue };
-            log.event("timeout", &[("client", V::D(&conn.peer)), ("in_data", V::N(u64::from(conn.session.in_data())))]);
+            let why = conn.pace.deadline(&pace_limits(cfg)).map_or("idle", |(_, why)| why.as_str());
+            log.event(
+                "timeout",
+                &[
+                    ("client", V::D(&conn.peer)),
+                    ("in_data", V::N(u64::from(conn.session.in_data()))),
+                    ("reason", V::S(why)),
+                ],
+            );
             if let Some(out) = conn.make_reply_room(bufs).then_some(conn.output.as_mut()).flatten() {
                 let mut ctx = Ctx { cfg: &cfg.session, bodies, ids, now_unix_us: *wall_us, accepting: *accepting };
                 conn.session.handle_timeout(&mut ctx, out);
@@ -923,6 +967,7 @@ impl Server {
             conn.closing = true;
             conn.deadline = now + LINGER;
             timers.arm(conn.deadline, e.key, e.generation);
+            conn.timer_at = Some(conn.deadline);
             conn.mark_dirty(e.key, dirty);
         }
         self.flush_dirty();
@@ -966,8 +1011,24 @@ impl Server {
                 .event("refused", &[("client", V::D(&peer)), ("reply", V::B(trim_crlf(reply::TOO_MANY_CONNECTIONS)))]);
             return;
         }
+        let relay_allowed = self.cfg.allow.iter().any(|c| c.contains(peer.ip()));
+        // Postfix exempts $mynetworks from anvil's limits; so do we, unless told otherwise.
+        let limited = self.limiter.enabled() && (!relay_allowed || self.cfg.limit_allowed_clients);
+        if limited {
+            let refusal = match self.limiter.admit(peer.ip(), self.now) {
+                Admission::Admit => None,
+                Admission::TooMany => Some(reply::CLIENT_TOO_MANY),
+                Admission::TooFast => Some(reply::CLIENT_TOO_FAST),
+            };
+            if let Some(r) = refusal {
+                let _ = sock.write(r);
+                self.log.event("refused", &[("client", V::D(&peer)), ("reply", V::B(trim_crlf(r)))]);
+                return;
+            }
+        }
         let Some(mut out) = self.bufs.checkout() else {
             let _ = sock.write(reply::TOO_MANY_CONNECTIONS);
+            self.uncount(limited, peer);
             return;
         };
         let _ = sock.set_nodelay(true);
@@ -982,9 +1043,9 @@ impl Server {
         ) {
             self.log.event("accept_error", &[("error", V::D(&e))]);
             self.bufs.checkin(out);
+            self.uncount(limited, peer);
             return;
         }
-        let relay_allowed = self.cfg.allow.iter().any(|c| c.contains(peer.ip()));
         let mut session = ServerSession::new(peer.ip(), relay_allowed);
         // On an implicit-TLS port the greeting waits in TLS until the handshake is done.
         let tls = match self.tls.as_ref().filter(|_| implicit_tls).map(TlsSession::server) {
@@ -996,6 +1057,7 @@ impl Server {
                 self.log.event("tls_error", &[("client", V::D(&peer)), ("error", V::D(&e))]);
                 self.bufs.checkin(out);
                 let _ = self.poll.registry().deregister(&mut sock);
+                self.uncount(limited, peer);
                 return;
             }
             None => None,
@@ -1018,6 +1080,9 @@ impl Server {
             waiting: None,
             dirty: true,
             deadline,
+            timer_at: Some(deadline),
+            pace: Pace::new(self.now),
+            limited,
             eod_at: None,
             tls,
             clear_out: 0,
@@ -1028,11 +1093,19 @@ impl Server {
         self.log.event("connect", &[("client", V::D(&peer)), ("relay", V::N(u64::from(relay_allowed)))]);
     }
 
+    /// A connection counted by the per-client limits is gone.
+    fn uncount(&mut self, limited: bool, peer: SocketAddr) {
+        if limited {
+            self.limiter.close(peer.ip());
+        }
+    }
+
     fn close(&mut self, key: usize, why: &str) {
         if !self.conns.contains(key) {
             return;
         }
         let mut conn = self.conns.remove(key);
+        self.uncount(conn.limited, conn.peer);
         if let Some(tls) = conn.tls.as_mut().filter(|t| !t.is_handshaking()) {
             // Best effort close_notify, so the client sees a clean end rather than a truncation.
             tls.close();
@@ -1140,6 +1213,21 @@ fn capped_timeouts(cap: Duration, tls_handshake: Duration) -> ClientTimeouts {
         data_block: d.data_block.min(cap),
         data_end: d.data_end.min(cap),
         tls_handshake,
+    }
+}
+
+/// The pace limits from the flags.
+fn pace_limits(cfg: &Config) -> PaceLimits {
+    PaceLimits { command: cfg.command_timeout, data: cfg.data_timeout, min_data_rate: cfg.min_data_rate }
+}
+
+/// Arms a timer entry for `conn.deadline` when there is no live one or it is earlier than the
+/// live one (the heap keeps one live entry per connection; a later deadline is picked up when
+/// that entry pops).
+fn arm_deadline(timers: &mut timer::Timers, conn: &mut InboundConn, key: usize) {
+    if conn.timer_at.map_or(true, |t| conn.deadline < t) {
+        timers.arm(conn.deadline, key, conn.generation);
+        conn.timer_at = Some(conn.deadline);
     }
 }
 

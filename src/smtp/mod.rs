@@ -5,10 +5,14 @@
 //! and events go out. The drivers in `crate::net` do the I/O.
 
 pub mod auth;
+pub mod auth_throttle;
 pub mod client;
+pub mod client_key;
+pub mod client_limit;
 pub mod command;
 pub mod data;
 pub mod line;
+pub mod pace;
 pub mod reply;
 pub mod server;
 

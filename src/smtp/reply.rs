@@ -33,6 +33,11 @@ pub const TIMEOUT: &[u8] = b"421 4.4.2 Timeout exceeded, closing connection\r\n"
 pub const SHUTDOWN: &[u8] = b"421 4.3.0 Service shutting down, closing connection\r\n";
 /// `421` past `--max-connections`.
 pub const TOO_MANY_CONNECTIONS: &[u8] = b"421 4.3.2 Too many connections, try again later\r\n";
+/// `421` past `--max-connections-per-ip` (Postfix anvil's wording).
+pub const CLIENT_TOO_MANY: &[u8] = b"421 4.7.0 Error: too many connections from your address, try again later\r\n";
+/// `421` past `--max-connection-rate-per-ip`.
+pub const CLIENT_TOO_FAST: &[u8] =
+    b"421 4.7.0 Error: too many connections per minute from your address, try again later\r\n";
 /// `421` after too many bad commands in a row.
 pub const TOO_MANY_ERRORS: &[u8] = b"421 4.7.0 Too many errors, closing connection\r\n";
 /// `451` when the spool could not make a message durable.
@@ -48,6 +53,8 @@ pub const AUTH_OK: &[u8] = b"235 2.7.0 Authentication successful\r\n";
 pub const AUTH_FAILED: &[u8] = b"535 5.7.8 Authentication credentials invalid\r\n";
 /// Too many failed AUTH attempts from this address.
 pub const AUTH_BLOCKED: &[u8] = b"421 4.7.0 Too many failed authentication attempts, closing connection\r\n";
+/// Too many AUTH checks waiting (from this address or in all); the session stays open.
+pub const AUTH_BUSY: &[u8] = b"454 4.7.0 Too many authentication attempts in progress, try again later\r\n";
 
 /// Every reason the server refuses a command or a message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -135,6 +135,8 @@ pub enum AuthOutcome {
     Rejected,
     /// `421 4.7.0`: too many failures from this client; the session closes.
     Blocked,
+    /// `454 4.7.0`: too many checks waiting; nothing was checked, the session goes on.
+    Busy,
 }
 
 /// Result of one [`ServerSession::handle_input`] call.
@@ -220,6 +222,8 @@ pub struct ServerSession {
     /// AUTH succeeded; `creds.user` is the user.
     authenticated: bool,
     creds: Credentials,
+    /// Command and AUTH response lines finished so far (wrapping), for the driver's deadline.
+    lines: u32,
 }
 
 impl ServerSession {
@@ -246,6 +250,7 @@ impl ServerSession {
             tls_info: None,
             authenticated: false,
             creds: Credentials::new(),
+            lines: 0,
         }
     }
 
@@ -274,7 +279,7 @@ impl ServerSession {
         std::mem::take(&mut self.creds)
     }
 
-    /// The verdict on the credentials of [`Event::Auth`]; writes `235`, `535` or `421` and
+    /// The verdict on the credentials of [`Event::Auth`]; writes `235`, `535`, `421` or `454` and
     /// returns true when the session is now closed. Ignored unless an AUTH is pending.
     pub fn auth_result(&mut self, outcome: AuthOutcome, mut creds: Credentials, out: &mut Buf) -> bool {
         if self.state != State::AuthWait {
@@ -299,6 +304,11 @@ impl ServerSession {
                 out.push(reply::AUTH_BLOCKED);
                 self.state = State::Closed;
             }
+            AuthOutcome::Busy => {
+                creds.clear();
+                self.creds = creds;
+                out.push(reply::AUTH_BUSY);
+            }
         }
         self.state == State::Closed
     }
@@ -315,6 +325,13 @@ impl ServerSession {
             State::Stored | State::Closed | State::AuthWait => TimeoutKind::None,
             State::Command | State::SkipLine(_) | State::AuthLine(_) => TimeoutKind::Command,
         }
+    }
+
+    /// Command lines (and AUTH response lines, and overlong lines once their end is seen)
+    /// finished so far, wrapping: a change means the client completed a line, which is what
+    /// buys it more time (`smtp::pace`), not a byte.
+    pub fn lines_done(&self) -> u32 {
+        self.lines
     }
 
     /// True after the session has ended (QUIT, 421).
@@ -351,6 +368,7 @@ impl ServerSession {
                     Framed::Partial => return Progress { consumed: used, event: None },
                     Framed::Overlong { consumed, ended } => {
                         used += consumed;
+                        self.lines = self.lines.wrapping_add(u32::from(ended));
                         self.creds.clear();
                         let fault = Fault::Auth(AuthFault::TooLong);
                         self.state = if ended { State::Command } else { State::SkipLine(fault) };
@@ -360,6 +378,7 @@ impl ServerSession {
                     }
                     Framed::Line(line, n) => {
                         used += n;
+                        self.lines = self.lines.wrapping_add(1);
                         match self.auth_step(step, line, out) {
                             Ok(true) => return Progress { consumed: used, event: Some(Event::Auth) },
                             Ok(false) => {}
@@ -421,6 +440,7 @@ impl ServerSession {
                     if !ended {
                         return Progress { consumed: used, event: None };
                     }
+                    self.lines = self.lines.wrapping_add(1);
                     self.state = State::Command;
                     if self.fault(fault, out) {
                         return Progress { consumed: input.len(), event: Some(Event::Close) };
@@ -446,12 +466,14 @@ impl ServerSession {
                                 self.state = State::SkipLine(too_long);
                                 continue;
                             }
+                            self.lines = self.lines.wrapping_add(1);
                             if self.fault(too_long, out) {
                                 return Progress { consumed: input.len(), event: Some(Event::Close) };
                             }
                         }
                         Framed::Line(line, n) => {
                             used += n;
+                            self.lines = self.lines.wrapping_add(1);
                             if let Some(ev) = self.command(ctx, line, out) {
                                 // After QUIT nothing more is read; after STARTTLS whatever
                                 // was pipelined behind it is discarded (RFC 3207 §4.2).
@@ -1335,6 +1357,45 @@ mod tests {
         v.clear();
         rfc5322_date(&mut v, 951_782_400); // 2000-02-29
         assert_eq!(v, b"Tue, 29 Feb 2000 00:00:00 +0000");
+    }
+
+    #[test]
+    fn lines_done_counts_finished_lines_only_and_busy_auth_keeps_the_session() {
+        let mut h = harness();
+        let cfg = h.cfg.clone().with_features(true, true);
+        let mut s = ServerSession::new("127.0.0.1".parse().unwrap(), false);
+        s.tls_started();
+        let mut out = h.pool.checkout().unwrap();
+        let mut feed = |s: &mut ServerSession, input: &[u8], out: &mut Buf| {
+            let mut ctx = Ctx { cfg: &cfg, bodies: &mut h.bodies, ids: &mut h.ids, now_unix_us: 0, accepting: true };
+            s.handle_input(&mut ctx, input, out)
+        };
+        feed(&mut s, b"EHLO c.test\r\n", &mut out);
+        assert_eq!(s.lines_done(), 1);
+        // A partial line is not a finished one, however many bytes it has.
+        assert_eq!(feed(&mut s, b"NOOP aaaa", &mut out).consumed, 0);
+        assert_eq!(s.lines_done(), 1);
+        feed(&mut s, b"NOOP\r\n", &mut out);
+        assert_eq!(s.lines_done(), 2);
+        // An overlong line counts once its end is seen.
+        let long = vec![b'a'; 600];
+        feed(&mut s, &long, &mut out);
+        assert_eq!(s.lines_done(), 2);
+        feed(&mut s, b"\r\n", &mut out);
+        assert_eq!(s.lines_done(), 3);
+        let n = out.data().len();
+        out.consume(n);
+        // 454 to a busy AUTH: the session goes on and may try again.
+        let p = feed(&mut s, b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n", &mut out);
+        assert_eq!(p.event, Some(Event::Auth));
+        assert_eq!(s.timeout_kind(), TimeoutKind::None);
+        let creds = s.take_credentials();
+        assert!(!s.auth_result(AuthOutcome::Busy, creds, &mut out));
+        assert_eq!(out.data(), reply::AUTH_BUSY);
+        assert_eq!(s.timeout_kind(), TimeoutKind::Command);
+        let p = feed(&mut s, b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n", &mut out);
+        assert_eq!(p.event, Some(Event::Auth));
+        h.pool.checkin(out);
     }
 
     proptest! {

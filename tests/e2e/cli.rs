@@ -33,6 +33,9 @@ fn bad_flag_values_exit_2_naming_the_flag() {
         ("--log-format", "xml"),
         ("--command-timeout", "0s"),
         ("--hostname", "bad_host!"),
+        ("--max-connections-per-ip", "lots"),
+        ("--max-connection-rate-per-ip", "5/h"),
+        ("--min-data-rate", "fast"),
     ] {
         let (code, err) = serve(&[flag, value]);
         assert_eq!(code, 2, "{flag} {value}: {err}");

@@ -1,6 +1,8 @@
 //! RFC 5321 dialogues over TCP against the real binary.
 
 use super::support::*;
+use std::io::Write as _;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 #[test]
@@ -295,4 +297,110 @@ fn ipv6_listener_and_json_log() {
         assert!(line.ends_with('}') && line.contains("\"ts\":") && line.contains("\"event\":"), "{line}");
     }
     assert!(relay.log().contains("\"client\":\"[::1]:"), "{}", relay.log());
+}
+
+/// Issue 12, defect 5: one address gets at most `--max-connections-per-ip` sessions (`421
+/// 4.7.0` past it, logged); other addresses, and the `--allow` networks (exempt), still get in.
+#[test]
+fn one_address_cannot_take_every_slot() {
+    if !require("python3") {
+        return;
+    }
+    let relay = Relay::start(&["--allow", "127.0.0.1/32", "--max-connections-per-ip", "5"]);
+    let script = r#"
+import socket, sys, time
+host, port = sys.argv[1], int(sys.argv[2])
+def greet(src):
+    s = socket.create_connection((host, port), timeout=10, source_address=(src, 0))
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = s.recv(1)
+        if not chunk:
+            break
+        line += chunk
+    return s, line.decode()[:9]
+flood = [greet("127.0.0.3") for _ in range(10)]
+codes = [line for _, line in flood]
+assert codes.count("220 mx.te") == 5 and codes.count("421 4.7.0") == 5, codes
+# Another address, and an exempt one (in --allow), still get in.
+assert greet("127.0.0.4")[1] == "220 mx.te"
+allowed = [greet("127.0.0.1") for _ in range(10)]
+assert all(line == "220 mx.te" for _, line in allowed), allowed
+# Once one of its sessions ends, the address gets a slot again.
+next(s for s, line in flood if line.startswith("220")).close()
+for _ in range(100):
+    s, line = greet("127.0.0.3")
+    if line.startswith("220"):
+        break
+    time.sleep(0.05)
+assert line.startswith("220"), line
+print("ok")
+"#;
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args([relay.addr.ip().to_string(), relay.addr.port().to_string()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.starts_with("ok"), "{stdout}{}\n{}", String::from_utf8_lossy(&out.stderr), relay.log());
+    relay.wait_log("event=refused client=127.0.0.3:");
+    assert!(relay.log().contains("too many connections from your address"), "{}", relay.log());
+}
+
+/// Sends `bytes` one at a time, `every` apart, on a clone of the client's socket, ignoring
+/// errors (the relay is expected to cut the session part way).
+fn trickle(c: &Client, bytes: &'static [u8], every: Duration) -> std::thread::JoinHandle<()> {
+    let mut s = c.stream.try_clone().unwrap();
+    std::thread::spawn(move || {
+        for b in bytes {
+            if s.write_all(std::slice::from_ref(b)).is_err() {
+                return;
+            }
+            std::thread::sleep(every);
+        }
+    })
+}
+
+/// Issue 12, defect 5: a command line must be whole within the command timeout (bytes alone
+/// do not reset it), and DATA must keep `--min-data-rate` once `--data-timeout` has passed.
+#[test]
+fn trickled_commands_and_data_are_cut() {
+    let relay = Relay::start(&["--command-timeout", "2s", "--data-timeout", "2s", "--min-data-rate", "100"]);
+    // One byte every half second of a command line that never ends: cut at the command timeout.
+    let mut c = relay.client();
+    c.expect("220");
+    let t0 = Instant::now();
+    let writer = trickle(&c, b"NOOP aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n", Duration::from_millis(500));
+    c.expect("421 4.4.2");
+    let took = t0.elapsed();
+    assert!(took >= Duration::from_millis(1800) && took < Duration::from_secs(5), "{took:?}");
+    writer.join().unwrap();
+    relay.wait_log("reason=command_deadline");
+    // Whole commands in time keep the session alive past the timeout.
+    let mut ok = relay.client();
+    ok.expect("220");
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(1000));
+        ok.expect_ok("NOOP", "250");
+    }
+    // DATA at 20 bytes a second against a floor of 100: cut soon after the 2 s grace.
+    let mut d = relay.client();
+    d.expect("220");
+    d.expect_ok("EHLO c.test", "250");
+    d.expect_ok("MAIL FROM:<a@b.test>", "250");
+    d.expect_ok("RCPT TO:<x@y.test>", "250");
+    d.expect_ok("DATA", "354");
+    let t0 = Instant::now();
+    let body: &'static [u8] = b"Subject: slow\r\n\r\nxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\
+xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\
+xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\r\n.\r\n";
+    let writer = trickle(&d, body, Duration::from_millis(50));
+    d.expect("421 4.4.2");
+    let took = t0.elapsed();
+    assert!(took >= Duration::from_millis(1800) && took < Duration::from_secs(6), "{took:?}");
+    writer.join().unwrap();
+    relay.wait_log("reason=data_rate");
+    let (_, out, _) = queue_cmd(&relay.spool, &["stats", "--json"]);
+    assert!(out.contains("\"messages\":0"), "{out}");
 }

@@ -665,3 +665,86 @@ print("done")
     // smtplib tries PLAIN, then LOGIN, after a failure: 50 + 2 × 50 verifications.
     assert_eq!(verified, 150);
 }
+
+/// Issue 12, defect 4: many parallel guesses from one address get no more checks than its
+/// failure budget (a check in flight counts against it), the right password after the budget
+/// is spent is refused, and another address is served promptly while the flood goes on.
+#[test]
+fn parallel_auth_guesses_stay_within_the_budget_and_other_addresses_go_first() {
+    if !require("python3") {
+        return;
+    }
+    let dir = TempDir::new("tls-flood");
+    let relay = tls_relay(&dir, true, false);
+    let tls_addr = relay.addrs[1];
+    let script = r#"
+import base64
+host, port = sys.argv[1], int(sys.argv[2])
+def plain(pw):
+    return "PLAIN " + base64.b64encode(b"\0alice\0" + pw.encode()).decode()
+def session(src):
+    s = smtplib.SMTP_SSL(host, port, context=ctx, source_address=(src, 0), timeout=30)
+    s.ehlo()
+    return s
+def auth(s, pw):
+    try:
+        return s.docmd("AUTH", plain(pw))[0]
+    except smtplib.SMTPServerDisconnected:
+        return 421
+N = 40
+ready = threading.Barrier(N + 2)
+codes, lock, other = [], threading.Lock(), {}
+def flood(i):
+    s = session("127.0.0.1")
+    ready.wait()
+    for n in range(60):
+        # One session tries the right password in the middle of the flood.
+        code = auth(s, "secret" if i == N // 2 and n == 1 else "wrong%d-%d" % (i, n))
+        with lock:
+            codes.append(code)
+        if code in (235, 421):
+            break
+        assert code in (454, 535), code
+        if code == 454:
+            time.sleep(0.02)
+    s.close()
+def elsewhere():
+    s = session("127.0.0.2")
+    ready.wait()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    other["code"] = auth(s, "secret")
+    other["secs"] = time.monotonic() - t0
+    s.quit()
+threads = [threading.Thread(target=flood, args=(i,)) for i in range(N)]
+threads.append(threading.Thread(target=elsewhere))
+for t in threads: t.start()
+ready.wait()
+for t in threads: t.join()
+assert other.get("code") == 235, other
+# The budget is spent: the right password from the flooding address is refused.
+s = session("127.0.0.1")
+code = auth(s, "secret")
+assert code == 421, code
+print("ok %.3f" % other["secs"], {c: codes.count(c) for c in set(codes)})
+"#;
+    let out = python(script, &[&tls_addr.ip().to_string(), &tls_addr.port().to_string()]);
+    eprintln!("{out}");
+    let log = relay.log();
+    let checked = |result: &str| {
+        log.lines()
+            .filter(|l| l.contains("event=auth client=127.0.0.1") && l.contains(&format!("result={result} ")))
+            .count()
+    };
+    assert!(
+        checked("failed") <= 10 && checked("ok") <= 1,
+        "failed {}, ok {}:\n{log}",
+        checked("failed"),
+        checked("ok")
+    );
+    assert!(log.contains("result=busy"), "{log}");
+    let secs: f64 = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+    // One or two Argon2 checks ahead of it at most (tens of milliseconds each); without a fair
+    // queue it waited behind the whole flood.
+    assert!(secs < 1.0, "the other address waited {secs} s");
+}
