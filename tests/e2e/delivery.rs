@@ -491,7 +491,7 @@ fn queue_shows_attempts_and_expired_mail_bounces_once() {
 #[test]
 fn kill_9_during_delivery_loses_no_recipient() {
     let Some(bin) = load_bin() else { return };
-    let sink = sink(&bin, "127.0.0.1:0", &["--delay", "100ms"]);
+    let sink = sink(&bin, "127.0.0.1:0", &["--delay", "20ms"]);
     let dir = TempDir::new("dkill");
     let spool = dir.path().join("spool");
     let args = [
@@ -503,39 +503,55 @@ fn kill_9_during_delivery_loses_no_recipient() {
         "1".into(),
     ];
     let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
-    let mut relay = Relay::start_on(&spool, &args);
+    // `SLUICE_SOAK_ROUNDS` crashes (default 1; `benches/soak.sh` runs many), each in the middle
+    // of delivering a fresh batch, with the backlog of the earlier rounds still queued.
+    let rounds: usize = std::env::var("SLUICE_SOAK_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
     let n = 40;
-    for i in 0..n {
-        send(&relay, "a@src.test", &["k@dst.test"], format!("Subject: kill-{i:03}\r\n\r\nbody\r\n").as_bytes());
-    }
-    // Let some go out, then crash in the middle of the deliveries.
-    let t0 = Instant::now();
-    while saved(&sink).len() < 5 {
-        assert!(t0.elapsed() < Duration::from_secs(20), "{}", relay.log());
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    relay.kill9();
-    let before = saved(&sink).len();
-    assert!(before < n, "the crash came too late to mean anything");
-    let relay = Relay::start_on(&spool, &args);
-    let t0 = Instant::now();
-    loop {
-        let got = saved(&sink);
-        let mut subjects: Vec<String> = got
+    let subjects = |got: &[(String, Vec<u8>)]| {
+        let mut s: Vec<String> = got
             .iter()
             .filter_map(|(_, m)| {
                 let t = String::from_utf8_lossy(m);
                 t.split("Subject: ").nth(1).map(|s| s.lines().next().unwrap_or("").to_string())
             })
             .collect();
-        subjects.sort();
-        subjects.dedup();
-        if subjects.len() == n {
-            // Only what was in flight at the crash (one connection) may arrive twice.
-            assert!(got.len() <= n + 1, "{} deliveries for {n} messages", got.len());
+        s.sort();
+        s.dedup();
+        s
+    };
+    for round in 0..rounds {
+        let mut relay = Relay::start_on(&spool, &args);
+        for i in 0..n {
+            let body = format!("Subject: kill-{round:03}-{i:03}\r\n\r\nbody\r\n");
+            send(&relay, "a@src.test", &["k@dst.test"], body.as_bytes());
+        }
+        // Let some go out, then crash in the middle of the deliveries.
+        let t0 = Instant::now();
+        let start = saved(&sink).len();
+        while saved(&sink).len() < start + 5 {
+            assert!(t0.elapsed() < Duration::from_secs(20), "{}", relay.log());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        relay.kill9();
+        let mine = subjects(&saved(&sink)).iter().filter(|s| s.starts_with(&format!("kill-{round:03}-"))).count();
+        assert!(mine < n, "the crash came too late to mean anything");
+    }
+    let relay = Relay::start_on(&spool, &args);
+    let t0 = Instant::now();
+    loop {
+        let got = saved(&sink);
+        let distinct = subjects(&got).len();
+        if distinct == n * rounds {
+            // Only what was in flight at each crash (one connection) may arrive twice.
+            assert!(got.len() <= distinct + rounds, "{} deliveries for {distinct} messages", got.len());
+            eprintln!(
+                "soak: {rounds} kill -9 cycles during delivery, {distinct} messages, {} deliveries, none lost",
+                got.len()
+            );
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(30), "only {} of {n} arrived:\n{}", subjects.len(), relay.log());
+        let within = Duration::from_secs(30 + rounds as u64);
+        assert!(t0.elapsed() < within, "only {distinct} of {} arrived:\n{}", n * rounds, relay.log());
         std::thread::sleep(Duration::from_millis(50));
     }
 }
