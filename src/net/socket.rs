@@ -43,6 +43,19 @@ pub fn listener(addr: SocketAddr) -> io::Result<mio::net::TcpListener> {
     Ok(mio::net::TcpListener::from_std(listener))
 }
 
+/// Starts a non-blocking TCP connect to `addr` with `TCP_NODELAY` set. SMTP is a dialogue of
+/// small writes (a pipelined command group, the tail of a body chunk, the final `.`) each
+/// followed by a wait for the reply: under Nagle's algorithm such a short segment waits for
+/// the ACK of the previous one, which the peer delays by up to ~40 ms (RFC 1122 §4.2.3.2,
+/// §4.2.3.4), a stall per message. No other option is wanted: no `SO_KEEPALIVE` (every SMTP
+/// phase has its own deadline, RFC 5321 §4.5.3.2) and no `SO_LINGER` (close must not block).
+pub fn connect(addr: SocketAddr) -> io::Result<mio::net::TcpStream> {
+    let sock = mio::net::TcpStream::connect(addr)?;
+    // Allowed while the connect is in progress; the option then holds for the connection.
+    sock.set_nodelay(true)?;
+    Ok(sock)
+}
+
 fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     // SAFETY: sockaddr_storage is plain old data; all-zero is a valid value.
     let mut storage: libc::sockaddr_storage = unsafe { mem::zeroed() };
@@ -121,5 +134,22 @@ pub fn write(sock: &mut mio::net::TcpStream, buf: &[u8]) -> IoResult {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => IoResult::Error(e),
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Outbound sockets carry `TCP_NODELAY` from the start (checked with getsockopt), so no
+    /// body tail or command waits for a delayed ACK.
+    #[test]
+    fn connect_sets_nodelay() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let sock = connect(l.local_addr().unwrap()).unwrap();
+        assert!(sock.nodelay().unwrap(), "TCP_NODELAY not set on an outbound socket");
+        let (accepted, _) = l.accept().unwrap();
+        assert!(sock.nodelay().unwrap());
+        drop(accepted);
     }
 }
