@@ -20,9 +20,14 @@ macro_rules! syscall {
     }};
 }
 
-/// Creates a non-blocking listening socket with SO_REUSEADDR and SO_REUSEPORT (so one process
-/// per core can share a port), IPV6_V6ONLY for IPv6 addresses, and a deep backlog.
-pub fn listener(addr: SocketAddr) -> io::Result<mio::net::TcpListener> {
+/// Creates a non-blocking listening socket with SO_REUSEADDR (a restart binds at once despite
+/// connections in TIME_WAIT), IPV6_V6ONLY for IPv6 addresses, and a deep backlog.
+///
+/// `SO_REUSEPORT` only when `reuse_port` is asked for (one process per core sharing a port,
+/// each with its own spool shard): set by default, a second relay started by mistake on the
+/// same port would silently take a share of the connections and strand mail in its own
+/// spool. Without it, that second bind fails with `AddrInUse`.
+pub fn listener(addr: SocketAddr, reuse_port: bool) -> io::Result<mio::net::TcpListener> {
     let family = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
     let fd: RawFd = syscall!(socket(family, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0))?;
     // SAFETY: `fd` was just returned by socket() and is owned by nobody else; the listener
@@ -32,7 +37,9 @@ pub fn listener(addr: SocketAddr) -> io::Result<mio::net::TcpListener> {
     let one_ptr = &one as *const libc::c_int as *const libc::c_void;
     let len = mem::size_of::<libc::c_int>() as libc::socklen_t;
     syscall!(setsockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, one_ptr, len))?;
-    syscall!(setsockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEPORT, one_ptr, len))?;
+    if reuse_port {
+        syscall!(setsockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEPORT, one_ptr, len))?;
+    }
     if addr.is_ipv6() {
         syscall!(setsockopt(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, one_ptr, len))?;
     }
@@ -151,5 +158,18 @@ mod tests {
         let (accepted, _) = l.accept().unwrap();
         assert!(sock.nodelay().unwrap());
         drop(accepted);
+    }
+
+    /// A port is shared only when both listeners ask for it; otherwise the second bind fails.
+    #[test]
+    fn reuse_port_only_when_asked() {
+        let a = listener("127.0.0.1:0".parse().unwrap(), false).unwrap();
+        let addr = a.local_addr().unwrap();
+        let e = listener(addr, false).err().expect("a second listener took the port");
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
+        assert!(listener(addr, true).is_err(), "the first listener did not opt in");
+        let b = listener("127.0.0.1:0".parse().unwrap(), true).unwrap();
+        let shared = listener(b.local_addr().unwrap(), true).expect("--reuse-port shares the port");
+        drop((a, b, shared));
     }
 }

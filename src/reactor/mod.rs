@@ -109,6 +109,9 @@ impl std::fmt::Display for RunError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             RunError::Spool(e) => write!(f, "spool: {e}"),
+            RunError::Listen(a, e) if e.kind() == io::ErrorKind::AddrInUse => {
+                write!(f, "cannot listen on {a}: {e} (another process holds the port; --reuse-port shares it)")
+            }
             RunError::Listen(a, e) => write!(f, "cannot listen on {a}: {e}"),
             RunError::Poll(e) => write!(f, "event loop: {e}"),
         }
@@ -196,7 +199,7 @@ impl Server {
         let mut listeners = Vec::new();
         let plain = cfg.listen.iter().map(|a| (*a, false));
         for (i, (addr, tls)) in plain.chain(cfg.listen_tls.iter().map(|a| (*a, true))).enumerate() {
-            let mut sock = socket::listener(addr).map_err(|e| RunError::Listen(addr, e))?;
+            let mut sock = socket::listener(addr, cfg.reuse_port).map_err(|e| RunError::Listen(addr, e))?;
             let addr = sock.local_addr().unwrap_or(addr);
             poll.registry()
                 .register(&mut sock, token::make(Kind::Listener, 0, i), Interest::READABLE)
