@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use memchr::memmem;
 
-use super::reply::{parse_reply, Capabilities, Reply, ReplyParse};
+use super::reply::{parse_reply, Capabilities, Reply, ReplyParse, MAX_REPLY};
 use crate::buf::Buf;
 use crate::message::{notify, BodyType, Ret};
 
@@ -458,6 +458,9 @@ pub struct ClientSession {
     /// [`ClientEvent::TransactionDone`] of the one before: the body it would pass to
     /// `poll_transmit` is still the old one, so nothing is written until it has.
     body_stale: bool,
+    /// Input the session holds itself while a reply is longer than the driver's buffer
+    /// ([`ClientSession::handle_long_input`]); empty, and unallocated, otherwise.
+    long_input: Vec<u8>,
 }
 
 impl ClientSession {
@@ -491,6 +494,7 @@ impl ClientSession {
             restart: false,
             events: VecDeque::new(),
             tls_on: false,
+            long_input: Vec::new(),
         }
     }
 
@@ -548,8 +552,48 @@ impl ClientSession {
 
     /// Reads as many whole replies from `input` as it holds; returns the bytes used (the rest,
     /// an incomplete reply, must be offered again with more). After a failure everything is
-    /// consumed and ignored.
+    /// consumed and ignored. When the caller's buffer is full and none of it was used, call
+    /// [`ClientSession::handle_long_input`] instead.
     pub fn handle_input(&mut self, input: &[u8], now: Instant) -> usize {
+        if !self.long_input.is_empty() {
+            return self.handle_long_input(input, now);
+        }
+        self.read_replies(input, now)
+    }
+
+    /// For a reply longer than the driver's buffer (a multi-line reply may reach
+    /// [`MAX_REPLY`] octets, far more than the 512 of one line, RFC 5321 §4.5.3.1.5): the
+    /// driver's buffer is full and [`ClientSession::handle_input`] used none of it. The session
+    /// copies the bytes into a buffer of its own (this cold path allocates) and takes all
+    /// further input the same way until it holds no partial reply. Returns the bytes used:
+    /// all of `input` unless its own buffer is full, when the rest must be offered again. A
+    /// reply still incomplete at [`MAX_REPLY`] octets fails the session with
+    /// [`FailureKind::Protocol`] `reply too long`.
+    pub fn handle_long_input(&mut self, input: &[u8], now: Instant) -> usize {
+        if self.state == State::Done {
+            return input.len();
+        }
+        let take = input.len().min(MAX_REPLY.saturating_sub(self.long_input.len()));
+        let mut held = std::mem::take(&mut self.long_input);
+        held.extend_from_slice(&input[..take]);
+        let used = self.read_replies(&held, now);
+        if self.state == State::Done {
+            return input.len();
+        }
+        if held.len() - used >= MAX_REPLY {
+            self.fail(FailureKind::Protocol("reply too long"), None);
+            return input.len();
+        }
+        if used < held.len() {
+            // A partial reply (long, or the start of the next one): keep holding it.
+            held.drain(..used);
+            self.long_input = held;
+        }
+        take
+    }
+
+    /// Parses and acts on whole replies in `input`; returns the bytes used.
+    fn read_replies(&mut self, input: &[u8], now: Instant) -> usize {
         let mut used = 0;
         while self.state != State::Done {
             if self.state == State::TlsHandshake {
@@ -1861,6 +1905,68 @@ mod tests {
         assert_eq!(p.send(b""), "");
         assert!(!p.s.wants_write() && p.s.next_deadline().is_none());
         assert_eq!(p.s.handle_input(b"250 late\r\n", p.now), 10);
+    }
+
+    /// Feeds `bytes` the way `net::outbound` does: through a buffer of `cap` octets, calling
+    /// `handle_long_input` when the buffer is full and `handle_input` used none of it.
+    fn feed_through(p: &mut Peer, bytes: &[u8], cap: usize) {
+        let (mut buf, mut rest) = (Vec::with_capacity(cap), bytes);
+        while !rest.is_empty() || !buf.is_empty() {
+            let n = rest.len().min(cap - buf.len());
+            buf.extend_from_slice(&rest[..n]);
+            rest = &rest[n..];
+            let mut used = p.s.handle_input(&buf, p.now);
+            if used == 0 && buf.len() == cap {
+                used = p.s.handle_long_input(&buf, p.now);
+            }
+            assert!(used > 0 || rest.is_empty(), "stuck with {} octets buffered", buf.len());
+            buf.drain(..used);
+            if n == 0 && used == 0 {
+                break;
+            }
+        }
+        p.drain();
+    }
+
+    /// A multi-line EHLO reply of `lines` capability lines (`X-FILLER-nnnnn`, 64 octets each),
+    /// ending with the lines of `tail`.
+    fn long_ehlo(lines: usize, tail: &str) -> String {
+        let mut r = String::from("250-mx.test\r\n");
+        for i in 0..lines {
+            r.push_str(&format!("250-X-FILLER-{i:05} {}\r\n", "f".repeat(43)));
+        }
+        r + tail
+    }
+
+    #[test]
+    fn a_reply_longer_than_the_drivers_buffer_is_read_whole() {
+        // 20 KiB of EHLO through a 16 KiB buffer: read in full, its last line (CHUNKING)
+        // included, never mistaken for a closed connection; then the next replies as usual.
+        let ehlo = long_ehlo(320, "250-PIPELINING\r\n250 CHUNKING\r\n");
+        assert!(ehlo.len() > 20 * 1024);
+        let mut p = Peer::connect();
+        p.reply("220 mx.test ESMTP\r\n");
+        assert_eq!(p.send(b""), "EHLO relay.test\r\n");
+        feed_through(&mut p, ehlo.as_bytes(), 16 * 1024);
+        assert_eq!(p.take(), [ClientEvent::Ready]);
+        assert!(p.s.capabilities().chunking && p.s.capabilities().pipelining);
+        p.s.start_transaction(spec(&["1@y"], 3));
+        assert!(p.send(b"abc").starts_with("MAIL FROM:<"));
+        p.reply("250 ok\r\n250 ok\r\n250 2.0.0 queued\r\n");
+        assert_eq!(p.done().outcome(0).code, 250);
+    }
+
+    #[test]
+    fn a_reply_over_64_kib_fails_as_too_long_not_as_closed() {
+        let ehlo = long_ehlo(1100, "250 CHUNKING\r\n");
+        assert!(ehlo.len() > MAX_REPLY);
+        let mut p = Peer::connect();
+        p.reply("220 mx.test ESMTP\r\n");
+        let _ = p.send(b"");
+        feed_through(&mut p, ehlo.as_bytes(), 16 * 1024);
+        let f = p.failed();
+        assert_eq!(f.kind, FailureKind::Protocol("reply too long"));
+        assert_eq!(f.to_string(), "protocol error: reply too long");
     }
 
     #[test]

@@ -793,3 +793,66 @@ fn large_messages_over_one_connection_do_not_stall_on_nagle() {
     eprintln!("{N} messages of 100 KiB relayed over one connection in {took:?}");
     assert!(took < Duration::from_secs(2), "{N} messages took {took:?}: Nagle stalls on the outbound socket?");
 }
+
+/// A one-connection SMTP server on a thread that answers EHLO with `ehlo` and accepts one
+/// message by DATA, then QUIT. Returns its address.
+fn long_ehlo_server(ehlo: String) -> std::net::SocketAddr {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let Ok((sock, _)) = l.accept() else { return };
+        let mut w = sock.try_clone().unwrap();
+        let mut r = BufReader::new(sock);
+        let _ = w.write_all(b"220 long.test ESMTP\r\n");
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if r.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
+            let reply: &[u8] = match verb.as_str() {
+                "EHLO" => ehlo.as_bytes(),
+                "DATA" => {
+                    let _ = w.write_all(b"354 go\r\n");
+                    loop {
+                        line.clear();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 || line == ".\r\n" {
+                            break;
+                        }
+                    }
+                    b"250 2.0.0 queued\r\n"
+                }
+                "QUIT" => {
+                    let _ = w.write_all(b"221 bye\r\n");
+                    return;
+                }
+                _ => b"250 2.0.0 ok\r\n",
+            };
+            let _ = w.write_all(reply);
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_20_kib_ehlo_reply_is_read_not_taken_for_a_closed_connection() {
+    // The outbound input buffer holds 16 KiB; a multi-line reply may be longer (up to 64 KiB).
+    let mut ehlo = String::from("250-long.test\r\n");
+    for i in 0..400 {
+        ehlo.push_str(&format!("250-X-FILLER-{i:05} {}\r\n", "f".repeat(40)));
+    }
+    ehlo.push_str("250 8BITMIME\r\n");
+    assert!(ehlo.len() > 20 * 1024);
+    let addr = long_ehlo_server(ehlo);
+    let relay = Relay::start(&["--relay-host", &addr.to_string(), "--dns", "127.0.0.1:9", "--retry-schedule", "1h"]);
+    send(&relay, "a@src.test", &["x@long.test"], b"Subject: long ehlo\r\n\r\nbody\r\n");
+    let t0 = Instant::now();
+    while !relay.log().contains("outcome=") {
+        assert!(t0.elapsed() < Duration::from_secs(20), "no outcome:\n{}", relay.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = relay.log();
+    assert!(log.contains("outcome=delivered") && !log.contains("closed by the server"), "{log}");
+}
