@@ -9,6 +9,7 @@
 //! 4. Flush every connection with output: each pipelined batch of replies leaves in one write.
 //! 5. Expire timers (`421 4.4.2`), then accept new connections, a bounded number per turn so
 //!    that a connection flood cannot starve sessions already open.
+//! 6. Trim the buffer pools: what a spike left unused for a whole period is freed.
 
 pub mod authwork;
 pub mod signal;
@@ -352,6 +353,9 @@ impl Server {
             self.flush_dirty();
             self.expire_timers();
             self.accept();
+            // Buffers unused for a whole period after a spike go back to the allocator.
+            self.bufs.trim(self.now);
+            self.bodies.trim(self.now);
             self.log.flush();
             if self.shutdown_done() {
                 self.commit_all_blocking();
@@ -399,7 +403,9 @@ impl Server {
         if let Some(t) = self.delivery.next_deadline(now, self.wall_us / 1000).filter(|_| !self.cfg.hold) {
             next = Some(next.map_or(t, |n| n.min(t)));
         }
-        for t in [self.shutdown, self.accept_retry].into_iter().flatten() {
+        // The pools' trims too: an idle relay must still wake to give a spike's memory back.
+        let trims = [self.bufs.next_trim(), self.bodies.next_trim()];
+        for t in [self.shutdown, self.accept_retry].into_iter().chain(trims).flatten() {
             next = Some(next.map_or(t, |n| n.min(t)));
         }
         next.map(|t| t.saturating_duration_since(now))
