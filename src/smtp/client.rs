@@ -19,6 +19,13 @@
 //! transaction's envelope may also follow the end of the current message in the same write
 //! (RFC 2920 §3.1, [`ClientSession::queue_next`]), so a stream of DATA messages costs one
 //! round trip each as well.
+//!
+//! A message sent by DATA must be lines of CRLF-terminated text of at most 998 octets
+//! (RFC 5321 §2.3.8, §4.5.3.1.6; RFC 5322 §2.1.1). One received by BDAT need not be (BDAT
+//! carries any octets), so before DATA the body is checked once in bulk and, only when needed,
+//! copied normalised: bare CR and bare LF become CRLF, and longer lines are broken by
+//! inserting CRLF SP (as Postfix's `smtp_line_length_limit` does; in a header the break is a
+//! fold). The stored message is never changed.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -383,10 +390,47 @@ struct BodyCursor {
     /// BDAT: the chunk's length, once `BDAT n LAST` is queued (it is known only from the body
     /// handed to `poll_transmit`).
     chunk: Option<usize>,
+    /// DATA: the body has bare CR/LF or over-long lines, and is copied normalised.
+    normalise: bool,
+    /// DATA, normalising: octets of the current output line so far.
+    col: usize,
+    /// DATA, normalising: the next CR or LF at or after `off` (`body.len()` when none).
+    next_eol: usize,
+    /// DATA, normalising: what is left to write of an inserted CRLF, CRLF SP or stuffing dot.
+    ins: &'static [u8],
 }
 
 impl BodyCursor {
-    const START: BodyCursor = BodyCursor { off: 0, next_dot: usize::MAX, tail: 0, chunk: None };
+    const START: BodyCursor =
+        BodyCursor {
+        off: 0,
+        next_dot: usize::MAX,
+        tail: 0,
+        chunk: None,
+        normalise: false,
+        col: 0,
+        next_eol: 0,
+        ins: b"",
+    };
+}
+
+/// Longest line DATA may carry, CRLF excluded (RFC 5321 §4.5.3.1.6).
+const MAX_DATA_LINE: usize = 998;
+
+/// True when `body` cannot go by DATA as it is: a CR or LF not in a CRLF pair, or a line
+/// longer than [`MAX_DATA_LINE`]. Bulk: one `memchr` step per line, and a count of CRs.
+fn needs_normalising(body: &[u8]) -> bool {
+    let mut line_start = 0;
+    let mut lines = 0;
+    for lf in memchr::memchr_iter(b'\n', body) {
+        if lf == line_start || body[lf - 1] != b'\r' || lf - 1 - line_start > MAX_DATA_LINE {
+            return true;
+        }
+        line_start = lf + 1;
+        lines += 1;
+    }
+    // Every LF has its CR: any other CR is a bare one.
+    body.len() - line_start > MAX_DATA_LINE || memchr::memchr_iter(b'\r', body).count() != lines
 }
 
 /// Outbound SMTP session with one server.
@@ -1063,6 +1107,12 @@ impl ClientSession {
         cur.off = cur.off.min(len);
         if cur.next_dot == usize::MAX {
             cur.next_dot = if body.first() == Some(&b'.') { 0 } else { self.find_dot(body, 0) };
+            cur.normalise = needs_normalising(body);
+            cur.next_eol = memchr::memchr2(b'\r', b'\n', body).unwrap_or(len);
+        }
+        if cur.normalise {
+            self.cursor = cur;
+            return self.write_normalised(body, out);
         }
         loop {
             if cur.off < cur.next_dot.min(len) {
@@ -1091,6 +1141,59 @@ impl ClientSession {
                     self.state = State::DataEnd;
                 }
                 break;
+            }
+        }
+        self.cursor = cur;
+        n
+    }
+
+    /// [`ClientSession::write_stuffed`] for a body that [`needs_normalising`]: line ends become
+    /// CRLF, long lines are broken with CRLF SP, and dots are stuffed at the start of every
+    /// line sent. Runs between line ends are copied in bulk; the next line end is found once.
+    fn write_normalised(&mut self, body: &[u8], out: &mut Buf) -> usize {
+        let len = body.len();
+        let mut cur = self.cursor;
+        let mut n = 0;
+        loop {
+            if !cur.ins.is_empty() {
+                let k = out.push(cur.ins);
+                n += k;
+                cur.ins = &cur.ins[k..];
+                if !cur.ins.is_empty() {
+                    break;
+                }
+            }
+            if cur.off >= len || out.room() == 0 {
+                break;
+            }
+            if cur.off == cur.next_eol {
+                // CRLF, bare CR or bare LF: one CRLF on the wire.
+                let pair = body[cur.off] == b'\r' && body.get(cur.off + 1) == Some(&b'\n');
+                cur.off += if pair { 2 } else { 1 };
+                cur.ins = b"\r\n";
+                cur.col = 0;
+                cur.next_eol = memchr::memchr2(b'\r', b'\n', &body[cur.off..]).map_or(len, |i| cur.off + i);
+            } else if cur.col >= MAX_DATA_LINE {
+                cur.ins = b"\r\n ";
+                cur.col = 1;
+            } else if cur.col == 0 && body[cur.off] == b'.' {
+                // The stuffed dot counts toward the line's length on the wire.
+                cur.ins = b".";
+                cur.col = 1;
+            } else {
+                let take = (cur.next_eol - cur.off).min(MAX_DATA_LINE - cur.col).min(out.room());
+                n += out.push(&body[cur.off..cur.off + take]);
+                cur.off += take;
+                cur.col += take;
+            }
+        }
+        if cur.off >= len && cur.ins.is_empty() {
+            let end: &[u8] = if cur.col == 0 { b".\r\n" } else { b"\r\n.\r\n" };
+            let k = out.push(&end[cur.tail.min(end.len())..]);
+            n += k;
+            cur.tail += k;
+            if cur.tail >= end.len() {
+                self.state = State::DataEnd;
             }
         }
         self.cursor = cur;
@@ -2526,7 +2629,9 @@ mod tests {
             (b"", b".\r\n"),
             (b"a\r\n", b"a\r\n.\r\n"),
             (b"a", b"a\r\n.\r\n"),
-            (b"a\r", b"a\r\r\n.\r\n"),
+            // A bare CR (or LF) cannot go by DATA: it goes as CRLF (RFC 5321 §2.3.8).
+            (b"a\r", b"a\r\n.\r\n"),
+            (b"a\n.b\rc", b"a\r\n..b\r\nc\r\n.\r\n"),
             (b".", b"..\r\n.\r\n"),
             (b".\r\n", b"..\r\n.\r\n"),
             (b".a\r\n", b"..a\r\n.\r\n"),
@@ -2931,6 +3036,68 @@ mod tests {
             assert_eq!(run.stored.len(), 2);
             assert!(run.stored.iter().all(|m| m.ends_with(good)));
         }
+    }
+
+    /// What a body normalised for DATA must arrive as (reference, byte at a time).
+    fn normalised(body: &[u8]) -> Vec<u8> {
+        let (mut out, mut col, mut i) = (Vec::new(), 0, 0);
+        while i < body.len() {
+            let b = body[i];
+            if b == b'\r' || b == b'\n' {
+                i += if b == b'\r' && body.get(i + 1) == Some(&b'\n') { 2 } else { 1 };
+                out.extend_from_slice(b"\r\n");
+                col = 0;
+                continue;
+            }
+            if col >= MAX_DATA_LINE {
+                out.extend_from_slice(b"\r\n ");
+                col = 1;
+            }
+            if col == 0 && b == b'.' {
+                col = 1; // The dot stuffed on the wire (the server takes it off).
+            }
+            out.push(b);
+            col += 1;
+            i += 1;
+        }
+        out
+    }
+
+    #[test]
+    fn bdat_content_goes_by_data_normalised() {
+        // A message received by BDAT may hold bare CR, bare LF and lines of any length; a
+        // destination without CHUNKING gets it by DATA as CRLF lines of at most 998 octets,
+        // dot-stuffed after every line end (bare ones included), and our server (which refuses
+        // bare CR/LF) stores it.
+        let mut body = b"Subject: bare\nX-Long: ".to_vec();
+        body.extend(std::iter::repeat(b'h').take(2500));
+        body.extend_from_slice(b"\r\n\r\nbare lf\n.dot after lf\rbare cr\r.dot after cr\r\n..two\r\n");
+        body.extend(std::iter::repeat(b'.').take(MAX_DATA_LINE * 2 + 5));
+        body.extend_from_slice(b"\n\r\r\n\n\nlast line without end");
+        assert!(needs_normalising(&body));
+        let want = normalised(&body);
+        for cap in [40, 64, 16 * 1024] {
+            let run = pair_on(&server_cfg(1 << 20, NO_CHUNKING), vec![(spec(&["1@y.test"], body.len() as u64), &body)], cap);
+            assert_eq!(run.results().len(), 1, "{:?}", run.events);
+            assert_eq!(run.results()[0].outcome(0).code, 250, "{:?}", run.events);
+            let stored = &run.stored[0];
+            assert!(stored[..stored.len() - 2].ends_with(&want), "cap {cap}: {}", String::from_utf8_lossy(stored));
+            assert!(stored.ends_with(b"without end\r\n"));
+            // The wire: CRLF only, no line over 998 octets.
+            assert_eq!(run.count(b"\n"), run.count(b"\r\n"));
+            assert_eq!(run.count(b"\r"), run.count(b"\r\n"));
+            assert!(run.wire.split(|&b| b == b'\n').all(|l| l.len() <= MAX_DATA_LINE + 1), "cap {cap}");
+        }
+        // A body fit for DATA is not rewritten; one CR too many, or a line of 999, is caught.
+        assert!(!needs_normalising(b""));
+        assert!(!needs_normalising(b"a\r\n\r\n.b\r\nno end"));
+        assert!(!needs_normalising(&[b'x'; MAX_DATA_LINE]));
+        assert!(needs_normalising(&[b'x'; MAX_DATA_LINE + 1]));
+        assert!(needs_normalising(b"a\r\r\n"));
+        assert!(needs_normalising(b"\n"));
+        let mut long = vec![b'y'; MAX_DATA_LINE + 1];
+        long.extend_from_slice(b"\r\n");
+        assert!(needs_normalising(&long));
     }
 
     #[test]
