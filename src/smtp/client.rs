@@ -401,8 +401,7 @@ struct BodyCursor {
 }
 
 impl BodyCursor {
-    const START: BodyCursor =
-        BodyCursor {
+    const START: BodyCursor = BodyCursor {
         off: 0,
         next_dot: usize::MAX,
         tail: 0,
@@ -3077,7 +3076,8 @@ mod tests {
         assert!(needs_normalising(&body));
         let want = normalised(&body);
         for cap in [40, 64, 16 * 1024] {
-            let run = pair_on(&server_cfg(1 << 20, NO_CHUNKING), vec![(spec(&["1@y.test"], body.len() as u64), &body)], cap);
+            let run =
+                pair_on(&server_cfg(1 << 20, NO_CHUNKING), vec![(spec(&["1@y.test"], body.len() as u64), &body)], cap);
             assert_eq!(run.results().len(), 1, "{:?}", run.events);
             assert_eq!(run.results()[0].outcome(0).code, 250, "{:?}", run.events);
             let stored = &run.stored[0];

@@ -755,9 +755,8 @@ fn a_connection_lost_with_a_transaction_queued_holds_back_only_the_broken_messag
 /// Messages a sink has saved so far (counts files; reads none).
 fn saved_count(sink: &Aux) -> usize {
     let Some(dir) = &sink.save else { return 0 };
-    std::fs::read_dir(dir).map_or(0, |d| {
-        d.filter_map(|e| e.ok()).filter(|e| e.path().extension().is_some_and(|x| x == "msg")).count()
-    })
+    std::fs::read_dir(dir)
+        .map_or(0, |d| d.filter_map(|e| e.ok()).filter(|e| e.path().extension().is_some_and(|x| x == "msg")).count())
 }
 
 #[test]
@@ -855,4 +854,40 @@ fn a_20_kib_ehlo_reply_is_read_not_taken_for_a_closed_connection() {
     }
     let log = relay.log();
     assert!(log.contains("outcome=delivered") && !log.contains("closed by the server"), "{log}");
+}
+
+#[test]
+fn bdat_content_with_bare_line_ends_reaches_a_data_destination_normalised() {
+    // BDAT carries any octets; the sink without CHUNKING gets DATA: CRLF lines of at most 998
+    // octets (RFC 5321 §4.5.3.1.6), long ones broken with CRLF SP, dots stuffed after bare
+    // line ends too (the sink unstuffs them).
+    let Some(bin) = load_bin() else { return };
+    let up = sink(&bin, "127.0.0.1:0", &["--no-chunking"]);
+    let relay = Relay::start(&["--relay-host", &up.addr.to_string(), "--dns", "127.0.0.1:9"]);
+    let dir = TempDir::new("bdat-body");
+    let file = dir.path().join("body.eml");
+    let mut body = b"Subject: bare\n\nlf only\n.dot after lf\rcr only\r\n".to_vec();
+    body.extend(std::iter::repeat(b'z').take(2100));
+    body.extend_from_slice(b"\r\n");
+    std::fs::write(&file, &body).unwrap();
+    let out = Command::new(&bin)
+        .args(["send", "--to", &relay.addr.to_string(), "--connections", "1", "--messages", "1", "--bdat"])
+        .arg("--body")
+        .arg(&file)
+        .args(["--quiet", "--domains", "norm.test"])
+        .output()
+        .expect("run sluice-load send");
+    assert!(out.status.success(), "send failed: {}", String::from_utf8_lossy(&out.stderr));
+    let got = wait_saved(&up, 1, Duration::from_secs(20), &relay);
+    let (env, msg) = &got[0];
+    assert!(env.contains("TRANSFER: DATA\n"), "{env}");
+    let mut want = b"Subject: bare\r\n\r\nlf only\r\n.dot after lf\r\ncr only\r\n".to_vec();
+    want.extend(std::iter::repeat(b'z').take(998));
+    want.extend_from_slice(b"\r\n ");
+    want.extend(std::iter::repeat(b'z').take(997));
+    want.extend_from_slice(b"\r\n ");
+    want.extend(std::iter::repeat(b'z').take(105));
+    want.extend_from_slice(b"\r\n");
+    assert!(msg.ends_with(&want), "{}", String::from_utf8_lossy(msg));
+    relay.wait_log("outcome=delivered");
 }
