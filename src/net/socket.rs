@@ -165,7 +165,7 @@ mod tests {
     fn reuse_port_only_when_asked() {
         let a = listener("127.0.0.1:0".parse().unwrap(), false).unwrap();
         let addr = a.local_addr().unwrap();
-        let e = listener(addr, false).err().expect("a second listener took the port");
+        let e = listener(addr, false).expect_err("a second listener took the port");
         assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
         assert!(listener(addr, true).is_err(), "the first listener did not opt in");
         let b = listener("127.0.0.1:0".parse().unwrap(), true).unwrap();
