@@ -72,6 +72,11 @@ pub struct ServeArgs {
     /// Implicit-TLS listener address (repeatable); needs --tls-cert and --tls-key.
     #[arg(long = "listen-tls", value_name = "ADDR")]
     pub listen_tls: Vec<SocketAddr>,
+    /// Set SO_REUSEPORT on the listeners, so that several relays (one per core, each with its
+    /// own spool) share the port. Off by default: a second relay on the same port then fails
+    /// at start instead of silently taking a share of the mail.
+    #[arg(long = "reuse-port")]
+    pub reuse_port: bool,
     /// Server certificate chain (PEM).
     #[arg(long = "tls-cert", value_name = "PEM")]
     pub tls_cert: Option<PathBuf>,

@@ -18,6 +18,8 @@ use crate::smtp::server::SessionConfig;
 pub struct Config {
     /// Plain listeners.
     pub listen: Vec<SocketAddr>,
+    /// Listeners set SO_REUSEPORT (`--reuse-port`): several processes share the port.
+    pub reuse_port: bool,
     /// Host name used on the wire.
     pub hostname: String,
     /// Spool directory.
@@ -143,6 +145,7 @@ impl Config {
         let segment_size = a.spool_segment_size.max(64 * 1024);
         Ok(Config {
             listen: a.listen.clone(),
+            reuse_port: a.reuse_port,
             hostname: hostname.clone(),
             spool: a.spool.clone(),
             fsync: a.fsync == FsyncMode::Always,

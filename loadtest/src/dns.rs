@@ -350,7 +350,7 @@ fn bind(addr: SocketAddr) -> Result<(UdpSocket, TcpListener)> {
     for _ in 0..20 {
         let udp = UdpSocket::bind(addr).with_context(|| format!("--listen {addr} (udp)"))?;
         let local = udp.local_addr()?;
-        match sluice::net::socket::listener(local) {
+        match sluice::net::socket::listener(local, false) {
             Ok(tcp) => return Ok((udp, tcp)),
             Err(_) if addr.port() == 0 => continue,
             Err(e) => return Err(e).with_context(|| format!("--listen {addr} (tcp)")),

@@ -499,7 +499,8 @@ impl<'a> Worker<'a> {
     fn connect(&mut self, ci: usize, now: Instant) {
         let c = &mut self.conns[ci];
         c.gen = token::next_generation(c.gen);
-        match TcpStream::connect(self.opts.to) {
+        // TCP_NODELAY from the first byte (the relay's outbound sockets do the same).
+        match sluice::net::socket::connect(self.opts.to) {
             Ok(mut s) => {
                 let tok = token::make(Kind::Outbound, c.gen, ci);
                 if let Err(e) = self.poll.registry().register(&mut s, tok, Interest::READABLE | Interest::WRITABLE) {
@@ -591,7 +592,6 @@ impl<'a> Worker<'a> {
                 Err(e) if e.kind() == io::ErrorKind::NotConnected => return,
                 Err(e) => return self.fail_conn(ci, format!("connect {}: {e}", self.opts.to)),
             }
-            let _ = s.set_nodelay(true);
             c.state = State::Opening;
             c.last_io = now;
             c.expect.push_back(Expect::Greeting);

@@ -283,7 +283,7 @@ pub fn run(opts: SinkOpts) -> Result<SinkStats> {
     let all = opts.listen.iter().map(|a| (a, false)).chain(opts.listen_tls.iter().map(|a| (a, true)));
     for (i, (addr, implicit)) in all.enumerate() {
         let flag = if implicit { "--listen-tls" } else { "--listen" };
-        let mut l = listener(*addr).with_context(|| format!("{flag} {addr}"))?;
+        let mut l = listener(*addr, false).with_context(|| format!("{flag} {addr}"))?;
         poll.registry().register(&mut l, Token(LISTENER_BASE + i), Interest::READABLE)?;
         log_listening(if implicit { "sink-tls" } else { "sink" }, l.local_addr()?);
         listeners.push((l, implicit));

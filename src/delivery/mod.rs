@@ -503,7 +503,8 @@ impl Delivery {
         addr: SocketAddr,
         policy: TlsPolicy,
     ) {
-        let mut sock = match mio::net::TcpStream::connect(addr) {
+        // TCP_NODELAY from the start: see `socket::connect`.
+        let mut sock = match crate::net::socket::connect(addr) {
             Ok(s) => s,
             Err(e) if is_local_shortage(&e) => {
                 // Out of descriptors, ports or memory here: not the destination's fault. Pause

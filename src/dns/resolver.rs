@@ -55,7 +55,9 @@ pub enum DnsError {
     Refused,
     /// No answer after a retry. Temporary, `4.4.3`.
     Timeout,
-    /// The answer could not be used (a CNAME chain too long, for one). Temporary, `4.4.3`.
+    /// The answer could not be used: a CNAME chain too long, or a CNAME loop (even a name
+    /// that is its own alias: a broken zone its owner can fix, not a name without an
+    /// address). Temporary, `4.4.3`.
     Malformed,
 }
 
@@ -685,15 +687,23 @@ fn interpret(a: &Answer, name: &str, qtype: QType) -> Outcome {
         Rcode::Refused => return Outcome::Final(Cached::Failed(DnsError::Refused), 0),
         Rcode::ServFail | Rcode::Other(_) => return Outcome::Final(Cached::Failed(DnsError::ServFail), 0),
     }
-    // Follow the CNAME chain inside the answer (RFC 1034 §3.6.2).
+    // Follow the CNAME chain inside the answer (RFC 1034 §3.6.2). A target already on the
+    // chain is a loop (RFC 1034 §3.6.2: "CNAME chains should be followed and CNAME loops
+    // signalled as an error"): temporary, like a chain too long, never "no such host".
+    let mut chain = [""; MAX_CNAME_IN_ANSWER + 1];
+    chain[0] = name;
     let mut owner = name;
     let mut ttl = u32::MAX;
-    for _ in 0..MAX_CNAME_IN_ANSWER {
+    for hop in 1..=MAX_CNAME_IN_ANSWER {
         let next = a.answers.iter().find_map(|r| match &r.data {
             RrData::Cname(target) if r.name == owner => Some((target.as_str(), r.ttl)),
             _ => None,
         });
         let Some((target, cname_ttl)) = next else { break };
+        if chain[..hop].iter().any(|n| n.eq_ignore_ascii_case(target)) {
+            return Outcome::Final(Cached::Failed(DnsError::Malformed), 0);
+        }
+        chain[hop] = target;
         owner = target;
         ttl = ttl.min(cname_ttl);
     }
@@ -1153,6 +1163,29 @@ mod tests {
         zone.chase_cname = true;
         zone.cname.insert("dangling.example".into(), "void.example".into());
         assert_eq!(mx(&mut Resolver::new(1), &zone, "dangling.example", now).0, Err(DnsError::NxDomain));
+    }
+
+    #[test]
+    fn cname_loops_defer_whether_one_name_or_two() {
+        // A name that is its own alias must not bounce as "no address" (5.4.4) while a
+        // two-name loop defers: both are a broken zone, temporary (4.4.3).
+        let now = t0();
+        let mut zone = example_zone();
+        zone.cname.insert("self.example".into(), "self.example".into());
+        zone.cname.insert("loop1.example".into(), "loop2.example".into());
+        zone.cname.insert("loop2.example".into(), "loop1.example".into());
+        for chase in [true, false] {
+            zone.chase_cname = chase;
+            for name in ["self.example", "loop1.example"] {
+                let (res, _) = mx(&mut Resolver::new(1), &zone, name, now);
+                assert_eq!(res, Err(DnsError::Malformed), "{name}, chased by the server: {chase}");
+                assert!(!DnsError::Malformed.is_permanent());
+            }
+        }
+        // A loop among the MX host's aliases: the host has no usable address, temporarily.
+        zone = zone.mx("viaselfloop.example", 10, "self.example");
+        let (res, _) = mx(&mut Resolver::new(1), &zone, "viaselfloop.example", now);
+        assert!(res.as_ref().is_err_and(|e| !e.is_permanent()), "{res:?}");
     }
 
     #[test]

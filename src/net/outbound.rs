@@ -115,9 +115,9 @@ impl OutboundConn {
             let Some(inb) = self.input.as_mut() else { return Io::Ok };
             let space = inb.space();
             if space.is_empty() {
-                // A reply larger than the buffer: the session rejects such replies as malformed
-                // once it sees enough; feed what we have.
-                let n = self.session.handle_input(inb.data(), now);
+                // A reply longer than the buffer (a long multi-line EHLO): the session holds
+                // it itself, up to its own limit, past which it fails with "reply too long".
+                let n = self.session.handle_long_input(inb.data(), now);
                 inb.consume(n);
                 if n == 0 {
                     return Io::Failed;

@@ -20,9 +20,14 @@ macro_rules! syscall {
     }};
 }
 
-/// Creates a non-blocking listening socket with SO_REUSEADDR and SO_REUSEPORT (so one process
-/// per core can share a port), IPV6_V6ONLY for IPv6 addresses, and a deep backlog.
-pub fn listener(addr: SocketAddr) -> io::Result<mio::net::TcpListener> {
+/// Creates a non-blocking listening socket with SO_REUSEADDR (a restart binds at once despite
+/// connections in TIME_WAIT), IPV6_V6ONLY for IPv6 addresses, and a deep backlog.
+///
+/// `SO_REUSEPORT` only when `reuse_port` is asked for (one process per core sharing a port,
+/// each with its own spool shard): set by default, a second relay started by mistake on the
+/// same port would silently take a share of the connections and strand mail in its own
+/// spool. Without it, that second bind fails with `AddrInUse`.
+pub fn listener(addr: SocketAddr, reuse_port: bool) -> io::Result<mio::net::TcpListener> {
     let family = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
     let fd: RawFd = syscall!(socket(family, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0))?;
     // SAFETY: `fd` was just returned by socket() and is owned by nobody else; the listener
@@ -32,7 +37,9 @@ pub fn listener(addr: SocketAddr) -> io::Result<mio::net::TcpListener> {
     let one_ptr = &one as *const libc::c_int as *const libc::c_void;
     let len = mem::size_of::<libc::c_int>() as libc::socklen_t;
     syscall!(setsockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, one_ptr, len))?;
-    syscall!(setsockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEPORT, one_ptr, len))?;
+    if reuse_port {
+        syscall!(setsockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEPORT, one_ptr, len))?;
+    }
     if addr.is_ipv6() {
         syscall!(setsockopt(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, one_ptr, len))?;
     }
@@ -41,6 +48,19 @@ pub fn listener(addr: SocketAddr) -> io::Result<mio::net::TcpListener> {
     syscall!(bind(fd, sa, slen))?;
     syscall!(listen(fd, 4096))?;
     Ok(mio::net::TcpListener::from_std(listener))
+}
+
+/// Starts a non-blocking TCP connect to `addr` with `TCP_NODELAY` set. SMTP is a dialogue of
+/// small writes (a pipelined command group, the tail of a body chunk, the final `.`) each
+/// followed by a wait for the reply: under Nagle's algorithm such a short segment waits for
+/// the ACK of the previous one, which the peer delays by up to ~40 ms (RFC 1122 §4.2.3.2,
+/// §4.2.3.4), a stall per message. No other option is wanted: no `SO_KEEPALIVE` (every SMTP
+/// phase has its own deadline, RFC 5321 §4.5.3.2) and no `SO_LINGER` (close must not block).
+pub fn connect(addr: SocketAddr) -> io::Result<mio::net::TcpStream> {
+    let sock = mio::net::TcpStream::connect(addr)?;
+    // Allowed while the connect is in progress; the option then holds for the connection.
+    sock.set_nodelay(true)?;
+    Ok(sock)
 }
 
 fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
@@ -121,5 +141,35 @@ pub fn write(sock: &mut mio::net::TcpStream, buf: &[u8]) -> IoResult {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => IoResult::Error(e),
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Outbound sockets carry `TCP_NODELAY` from the start (checked with getsockopt), so no
+    /// body tail or command waits for a delayed ACK.
+    #[test]
+    fn connect_sets_nodelay() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let sock = connect(l.local_addr().unwrap()).unwrap();
+        assert!(sock.nodelay().unwrap(), "TCP_NODELAY not set on an outbound socket");
+        let (accepted, _) = l.accept().unwrap();
+        assert!(sock.nodelay().unwrap());
+        drop(accepted);
+    }
+
+    /// A port is shared only when both listeners ask for it; otherwise the second bind fails.
+    #[test]
+    fn reuse_port_only_when_asked() {
+        let a = listener("127.0.0.1:0".parse().unwrap(), false).unwrap();
+        let addr = a.local_addr().unwrap();
+        let e = listener(addr, false).expect_err("a second listener took the port");
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
+        assert!(listener(addr, true).is_err(), "the first listener did not opt in");
+        let b = listener("127.0.0.1:0".parse().unwrap(), true).unwrap();
+        let shared = listener(b.local_addr().unwrap(), true).expect("--reuse-port shares the port");
+        drop((a, b, shared));
     }
 }

@@ -9,6 +9,7 @@
 //! 4. Flush every connection with output: each pipelined batch of replies leaves in one write.
 //! 5. Expire timers (`421 4.4.2`), then accept new connections, a bounded number per turn so
 //!    that a connection flood cannot starve sessions already open.
+//! 6. Trim the buffer pools: what a spike left unused for a whole period is freed.
 
 pub mod authwork;
 pub mod signal;
@@ -95,6 +96,9 @@ impl std::fmt::Display for RunError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             RunError::Spool(e) => write!(f, "spool: {e}"),
+            RunError::Listen(a, e) if e.kind() == io::ErrorKind::AddrInUse => {
+                write!(f, "cannot listen on {a}: {e} (another process holds the port; --reuse-port shares it)")
+            }
             RunError::Listen(a, e) => write!(f, "cannot listen on {a}: {e}"),
             RunError::Poll(e) => write!(f, "event loop: {e}"),
         }
@@ -187,7 +191,7 @@ impl Server {
         let mut listeners = Vec::new();
         let plain = cfg.listen.iter().map(|a| (*a, false));
         for (i, (addr, tls)) in plain.chain(cfg.listen_tls.iter().map(|a| (*a, true))).enumerate() {
-            let mut sock = socket::listener(addr).map_err(|e| RunError::Listen(addr, e))?;
+            let mut sock = socket::listener(addr, cfg.reuse_port).map_err(|e| RunError::Listen(addr, e))?;
             let addr = sock.local_addr().unwrap_or(addr);
             poll.registry()
                 .register(&mut sock, token::make(Kind::Listener, 0, i), Interest::READABLE)
@@ -346,6 +350,9 @@ impl Server {
             self.flush_dirty();
             self.expire_timers();
             self.accept();
+            // Buffers unused for a whole period after a spike go back to the allocator.
+            self.bufs.trim(self.now);
+            self.bodies.trim(self.now);
             self.log.flush();
             if self.shutdown_done() {
                 self.commit_all_blocking();
@@ -399,7 +406,9 @@ impl Server {
         if let Some(t) = self.delivery.next_deadline(now, self.wall_us / 1000).filter(|_| !self.cfg.hold) {
             next = Some(next.map_or(t, |n| n.min(t)));
         }
-        for t in [self.shutdown, self.accept_retry].into_iter().flatten() {
+        // The pools' trims too: an idle relay must still wake to give a spike's memory back.
+        let trims = [self.bufs.next_trim(), self.bodies.next_trim()];
+        for t in [self.shutdown, self.accept_retry].into_iter().chain(trims).flatten() {
             next = Some(next.map_or(t, |n| n.min(t)));
         }
         next.map(|t| t.saturating_duration_since(now))

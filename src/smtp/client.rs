@@ -19,6 +19,13 @@
 //! transaction's envelope may also follow the end of the current message in the same write
 //! (RFC 2920 §3.1, [`ClientSession::queue_next`]), so a stream of DATA messages costs one
 //! round trip each as well.
+//!
+//! A message sent by DATA must be lines of CRLF-terminated text of at most 998 octets
+//! (RFC 5321 §2.3.8, §4.5.3.1.6; RFC 5322 §2.1.1). One received by BDAT need not be (BDAT
+//! carries any octets), so before DATA the body is checked once in bulk and, only when needed,
+//! copied normalised: bare CR and bare LF become CRLF, and longer lines are broken by
+//! inserting CRLF SP (as Postfix's `smtp_line_length_limit` does; in a header the break is a
+//! fold). The stored message is never changed.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -27,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use memchr::memmem;
 
-use super::reply::{parse_reply, Capabilities, Reply, ReplyParse};
+use super::reply::{parse_reply, Capabilities, Reply, ReplyParse, MAX_REPLY};
 use crate::buf::Buf;
 use crate::message::{notify, BodyType, Ret};
 
@@ -383,10 +390,46 @@ struct BodyCursor {
     /// BDAT: the chunk's length, once `BDAT n LAST` is queued (it is known only from the body
     /// handed to `poll_transmit`).
     chunk: Option<usize>,
+    /// DATA: the body has bare CR/LF or over-long lines, and is copied normalised.
+    normalise: bool,
+    /// DATA, normalising: octets of the current output line so far.
+    col: usize,
+    /// DATA, normalising: the next CR or LF at or after `off` (`body.len()` when none).
+    next_eol: usize,
+    /// DATA, normalising: what is left to write of an inserted CRLF, CRLF SP or stuffing dot.
+    ins: &'static [u8],
 }
 
 impl BodyCursor {
-    const START: BodyCursor = BodyCursor { off: 0, next_dot: usize::MAX, tail: 0, chunk: None };
+    const START: BodyCursor = BodyCursor {
+        off: 0,
+        next_dot: usize::MAX,
+        tail: 0,
+        chunk: None,
+        normalise: false,
+        col: 0,
+        next_eol: 0,
+        ins: b"",
+    };
+}
+
+/// Longest line DATA may carry, CRLF excluded (RFC 5321 §4.5.3.1.6).
+const MAX_DATA_LINE: usize = 998;
+
+/// True when `body` cannot go by DATA as it is: a CR or LF not in a CRLF pair, or a line
+/// longer than [`MAX_DATA_LINE`]. Bulk: one `memchr` step per line, and a count of CRs.
+fn needs_normalising(body: &[u8]) -> bool {
+    let mut line_start = 0;
+    let mut lines = 0;
+    for lf in memchr::memchr_iter(b'\n', body) {
+        if lf == line_start || body[lf - 1] != b'\r' || lf - 1 - line_start > MAX_DATA_LINE {
+            return true;
+        }
+        line_start = lf + 1;
+        lines += 1;
+    }
+    // Every LF has its CR: any other CR is a bare one.
+    body.len() - line_start > MAX_DATA_LINE || memchr::memchr_iter(b'\r', body).count() != lines
 }
 
 /// Outbound SMTP session with one server.
@@ -458,6 +501,9 @@ pub struct ClientSession {
     /// [`ClientEvent::TransactionDone`] of the one before: the body it would pass to
     /// `poll_transmit` is still the old one, so nothing is written until it has.
     body_stale: bool,
+    /// Input the session holds itself while a reply is longer than the driver's buffer
+    /// ([`ClientSession::handle_long_input`]); empty, and unallocated, otherwise.
+    long_input: Vec<u8>,
 }
 
 impl ClientSession {
@@ -491,6 +537,7 @@ impl ClientSession {
             restart: false,
             events: VecDeque::new(),
             tls_on: false,
+            long_input: Vec::new(),
         }
     }
 
@@ -548,8 +595,48 @@ impl ClientSession {
 
     /// Reads as many whole replies from `input` as it holds; returns the bytes used (the rest,
     /// an incomplete reply, must be offered again with more). After a failure everything is
-    /// consumed and ignored.
+    /// consumed and ignored. When the caller's buffer is full and none of it was used, call
+    /// [`ClientSession::handle_long_input`] instead.
     pub fn handle_input(&mut self, input: &[u8], now: Instant) -> usize {
+        if !self.long_input.is_empty() {
+            return self.handle_long_input(input, now);
+        }
+        self.read_replies(input, now)
+    }
+
+    /// For a reply longer than the driver's buffer (a multi-line reply may reach
+    /// [`MAX_REPLY`] octets, far more than the 512 of one line, RFC 5321 §4.5.3.1.5): the
+    /// driver's buffer is full and [`ClientSession::handle_input`] used none of it. The session
+    /// copies the bytes into a buffer of its own (this cold path allocates) and takes all
+    /// further input the same way until it holds no partial reply. Returns the bytes used:
+    /// all of `input` unless its own buffer is full, when the rest must be offered again. A
+    /// reply still incomplete at [`MAX_REPLY`] octets fails the session with
+    /// [`FailureKind::Protocol`] `reply too long`.
+    pub fn handle_long_input(&mut self, input: &[u8], now: Instant) -> usize {
+        if self.state == State::Done {
+            return input.len();
+        }
+        let take = input.len().min(MAX_REPLY.saturating_sub(self.long_input.len()));
+        let mut held = std::mem::take(&mut self.long_input);
+        held.extend_from_slice(&input[..take]);
+        let used = self.read_replies(&held, now);
+        if self.state == State::Done {
+            return input.len();
+        }
+        if held.len() - used >= MAX_REPLY {
+            self.fail(FailureKind::Protocol("reply too long"), None);
+            return input.len();
+        }
+        if used < held.len() {
+            // A partial reply (long, or the start of the next one): keep holding it.
+            held.drain(..used);
+            self.long_input = held;
+        }
+        take
+    }
+
+    /// Parses and acts on whole replies in `input`; returns the bytes used.
+    fn read_replies(&mut self, input: &[u8], now: Instant) -> usize {
         let mut used = 0;
         while self.state != State::Done {
             if self.state == State::TlsHandshake {
@@ -1019,6 +1106,12 @@ impl ClientSession {
         cur.off = cur.off.min(len);
         if cur.next_dot == usize::MAX {
             cur.next_dot = if body.first() == Some(&b'.') { 0 } else { self.find_dot(body, 0) };
+            cur.normalise = needs_normalising(body);
+            cur.next_eol = memchr::memchr2(b'\r', b'\n', body).unwrap_or(len);
+        }
+        if cur.normalise {
+            self.cursor = cur;
+            return self.write_normalised(body, out);
         }
         loop {
             if cur.off < cur.next_dot.min(len) {
@@ -1047,6 +1140,59 @@ impl ClientSession {
                     self.state = State::DataEnd;
                 }
                 break;
+            }
+        }
+        self.cursor = cur;
+        n
+    }
+
+    /// [`ClientSession::write_stuffed`] for a body that [`needs_normalising`]: line ends become
+    /// CRLF, long lines are broken with CRLF SP, and dots are stuffed at the start of every
+    /// line sent. Runs between line ends are copied in bulk; the next line end is found once.
+    fn write_normalised(&mut self, body: &[u8], out: &mut Buf) -> usize {
+        let len = body.len();
+        let mut cur = self.cursor;
+        let mut n = 0;
+        loop {
+            if !cur.ins.is_empty() {
+                let k = out.push(cur.ins);
+                n += k;
+                cur.ins = &cur.ins[k..];
+                if !cur.ins.is_empty() {
+                    break;
+                }
+            }
+            if cur.off >= len || out.room() == 0 {
+                break;
+            }
+            if cur.off == cur.next_eol {
+                // CRLF, bare CR or bare LF: one CRLF on the wire.
+                let pair = body[cur.off] == b'\r' && body.get(cur.off + 1) == Some(&b'\n');
+                cur.off += if pair { 2 } else { 1 };
+                cur.ins = b"\r\n";
+                cur.col = 0;
+                cur.next_eol = memchr::memchr2(b'\r', b'\n', &body[cur.off..]).map_or(len, |i| cur.off + i);
+            } else if cur.col >= MAX_DATA_LINE {
+                cur.ins = b"\r\n ";
+                cur.col = 1;
+            } else if cur.col == 0 && body[cur.off] == b'.' {
+                // The stuffed dot counts toward the line's length on the wire.
+                cur.ins = b".";
+                cur.col = 1;
+            } else {
+                let take = (cur.next_eol - cur.off).min(MAX_DATA_LINE - cur.col).min(out.room());
+                n += out.push(&body[cur.off..cur.off + take]);
+                cur.off += take;
+                cur.col += take;
+            }
+        }
+        if cur.off >= len && cur.ins.is_empty() {
+            let end: &[u8] = if cur.col == 0 { b".\r\n" } else { b"\r\n.\r\n" };
+            let k = out.push(&end[cur.tail.min(end.len())..]);
+            n += k;
+            cur.tail += k;
+            if cur.tail >= end.len() {
+                self.state = State::DataEnd;
             }
         }
         self.cursor = cur;
@@ -1863,6 +2009,68 @@ mod tests {
         assert_eq!(p.s.handle_input(b"250 late\r\n", p.now), 10);
     }
 
+    /// Feeds `bytes` the way `net::outbound` does: through a buffer of `cap` octets, calling
+    /// `handle_long_input` when the buffer is full and `handle_input` used none of it.
+    fn feed_through(p: &mut Peer, bytes: &[u8], cap: usize) {
+        let (mut buf, mut rest) = (Vec::with_capacity(cap), bytes);
+        while !rest.is_empty() || !buf.is_empty() {
+            let n = rest.len().min(cap - buf.len());
+            buf.extend_from_slice(&rest[..n]);
+            rest = &rest[n..];
+            let mut used = p.s.handle_input(&buf, p.now);
+            if used == 0 && buf.len() == cap {
+                used = p.s.handle_long_input(&buf, p.now);
+            }
+            assert!(used > 0 || rest.is_empty(), "stuck with {} octets buffered", buf.len());
+            buf.drain(..used);
+            if n == 0 && used == 0 {
+                break;
+            }
+        }
+        p.drain();
+    }
+
+    /// A multi-line EHLO reply of `lines` capability lines (`X-FILLER-nnnnn`, 64 octets each),
+    /// ending with the lines of `tail`.
+    fn long_ehlo(lines: usize, tail: &str) -> String {
+        let mut r = String::from("250-mx.test\r\n");
+        for i in 0..lines {
+            r.push_str(&format!("250-X-FILLER-{i:05} {}\r\n", "f".repeat(43)));
+        }
+        r + tail
+    }
+
+    #[test]
+    fn a_reply_longer_than_the_drivers_buffer_is_read_whole() {
+        // 20 KiB of EHLO through a 16 KiB buffer: read in full, its last line (CHUNKING)
+        // included, never mistaken for a closed connection; then the next replies as usual.
+        let ehlo = long_ehlo(320, "250-PIPELINING\r\n250 CHUNKING\r\n");
+        assert!(ehlo.len() > 20 * 1024);
+        let mut p = Peer::connect();
+        p.reply("220 mx.test ESMTP\r\n");
+        assert_eq!(p.send(b""), "EHLO relay.test\r\n");
+        feed_through(&mut p, ehlo.as_bytes(), 16 * 1024);
+        assert_eq!(p.take(), [ClientEvent::Ready]);
+        assert!(p.s.capabilities().chunking && p.s.capabilities().pipelining);
+        p.s.start_transaction(spec(&["1@y"], 3));
+        assert!(p.send(b"abc").starts_with("MAIL FROM:<"));
+        p.reply("250 ok\r\n250 ok\r\n250 2.0.0 queued\r\n");
+        assert_eq!(p.done().outcome(0).code, 250);
+    }
+
+    #[test]
+    fn a_reply_over_64_kib_fails_as_too_long_not_as_closed() {
+        let ehlo = long_ehlo(1100, "250 CHUNKING\r\n");
+        assert!(ehlo.len() > MAX_REPLY);
+        let mut p = Peer::connect();
+        p.reply("220 mx.test ESMTP\r\n");
+        let _ = p.send(b"");
+        feed_through(&mut p, ehlo.as_bytes(), 16 * 1024);
+        let f = p.failed();
+        assert_eq!(f.kind, FailureKind::Protocol("reply too long"));
+        assert_eq!(f.to_string(), "protocol error: reply too long");
+    }
+
     #[test]
     fn protocol_errors() {
         let mut p = Peer::ready(FULL_EHLO);
@@ -2420,7 +2628,9 @@ mod tests {
             (b"", b".\r\n"),
             (b"a\r\n", b"a\r\n.\r\n"),
             (b"a", b"a\r\n.\r\n"),
-            (b"a\r", b"a\r\r\n.\r\n"),
+            // A bare CR (or LF) cannot go by DATA: it goes as CRLF (RFC 5321 §2.3.8).
+            (b"a\r", b"a\r\n.\r\n"),
+            (b"a\n.b\rc", b"a\r\n..b\r\nc\r\n.\r\n"),
             (b".", b"..\r\n.\r\n"),
             (b".\r\n", b"..\r\n.\r\n"),
             (b".a\r\n", b"..a\r\n.\r\n"),
@@ -2831,6 +3041,69 @@ mod tests {
             assert_eq!(run.stored.len(), 2);
             assert!(run.stored.iter().all(|m| m.ends_with(good)));
         }
+    }
+
+    /// What a body normalised for DATA must arrive as (reference, byte at a time).
+    fn normalised(body: &[u8]) -> Vec<u8> {
+        let (mut out, mut col, mut i) = (Vec::new(), 0, 0);
+        while i < body.len() {
+            let b = body[i];
+            if b == b'\r' || b == b'\n' {
+                i += if b == b'\r' && body.get(i + 1) == Some(&b'\n') { 2 } else { 1 };
+                out.extend_from_slice(b"\r\n");
+                col = 0;
+                continue;
+            }
+            if col >= MAX_DATA_LINE {
+                out.extend_from_slice(b"\r\n ");
+                col = 1;
+            }
+            if col == 0 && b == b'.' {
+                col = 1; // The dot stuffed on the wire (the server takes it off).
+            }
+            out.push(b);
+            col += 1;
+            i += 1;
+        }
+        out
+    }
+
+    #[test]
+    fn bdat_content_goes_by_data_normalised() {
+        // A message received by BDAT may hold bare CR, bare LF and lines of any length; a
+        // destination without CHUNKING gets it by DATA as CRLF lines of at most 998 octets,
+        // dot-stuffed after every line end (bare ones included), and our server (which refuses
+        // bare CR/LF) stores it.
+        let mut body = b"Subject: bare\nX-Long: ".to_vec();
+        body.extend(std::iter::repeat(b'h').take(2500));
+        body.extend_from_slice(b"\r\n\r\nbare lf\n.dot after lf\rbare cr\r.dot after cr\r\n..two\r\n");
+        body.extend(std::iter::repeat(b'.').take(MAX_DATA_LINE * 2 + 5));
+        body.extend_from_slice(b"\n\r\r\n\n\nlast line without end");
+        assert!(needs_normalising(&body));
+        let want = normalised(&body);
+        for cap in [40, 64, 16 * 1024] {
+            let run =
+                pair_on(&server_cfg(1 << 20, NO_CHUNKING), vec![(spec(&["1@y.test"], body.len() as u64), &body)], cap);
+            assert_eq!(run.results().len(), 1, "{:?}", run.events);
+            assert_eq!(run.results()[0].outcome(0).code, 250, "{:?}", run.events);
+            let stored = &run.stored[0];
+            assert!(stored[..stored.len() - 2].ends_with(&want), "cap {cap}: {}", String::from_utf8_lossy(stored));
+            assert!(stored.ends_with(b"without end\r\n"));
+            // The wire: CRLF only, no line over 998 octets.
+            assert_eq!(run.count(b"\n"), run.count(b"\r\n"));
+            assert_eq!(run.count(b"\r"), run.count(b"\r\n"));
+            assert!(run.wire.split(|&b| b == b'\n').all(|l| l.len() <= MAX_DATA_LINE + 1), "cap {cap}");
+        }
+        // A body fit for DATA is not rewritten; one CR too many, or a line of 999, is caught.
+        assert!(!needs_normalising(b""));
+        assert!(!needs_normalising(b"a\r\n\r\n.b\r\nno end"));
+        assert!(!needs_normalising(&[b'x'; MAX_DATA_LINE]));
+        assert!(needs_normalising(&[b'x'; MAX_DATA_LINE + 1]));
+        assert!(needs_normalising(b"a\r\r\n"));
+        assert!(needs_normalising(b"\n"));
+        let mut long = vec![b'y'; MAX_DATA_LINE + 1];
+        long.extend_from_slice(b"\r\n");
+        assert!(needs_normalising(&long));
     }
 
     #[test]

@@ -72,12 +72,50 @@ fn listen_address_in_use_exits_1() {
         .arg("serve")
         .arg("--spool")
         .arg(dir.path().join("s"))
-        .args(["--listen", &addr])
+        .args(["--listen", &addr, "--reuse-port"])
         .output()
         .unwrap();
-    // SO_REUSEPORT lets two sluice processes share a port, but not a plain listener's.
+    // Not even with --reuse-port: the plain listener did not opt in to sharing.
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains(&addr));
+}
+
+#[test]
+fn a_second_relay_on_a_busy_port_exits_instead_of_sharing_it() {
+    // Without --reuse-port, relay B (another spool) must not take a share of relay A's
+    // connections and strand that mail in its own spool: it exits 1 naming the address.
+    let a = Relay::start(&[]);
+    let addr = a.addr.to_string();
+    let dir = TempDir::new("cli");
+    let mut b = Command::new(sluice_bin())
+        .arg("serve")
+        .arg("--spool")
+        .arg(dir.path().join("other"))
+        .args(["--listen", &addr, "--hold", "--dns", "127.0.0.1:1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while b.try_wait().unwrap().is_none() {
+        if t0.elapsed() > std::time::Duration::from_secs(10) {
+            let _ = b.kill();
+            let _ = b.wait();
+            panic!("a second relay started on {addr}, which relay A holds");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = b.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "second relay on {addr}: {err}");
+    assert!(err.contains(&addr) && err.contains("in use"), "{err}");
+    // With --reuse-port on both, they share the port (one process per core).
+    let first = Relay::start(&["--reuse-port"]);
+    let port = first.addr.to_string();
+    let second = Relay::start(&["--reuse-port", "--listen", &port]);
+    assert_eq!(second.addr, first.addr);
+    let mut c = second.client();
+    c.expect("220");
 }
 
 #[test]

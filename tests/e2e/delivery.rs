@@ -690,7 +690,8 @@ fn a_backlog_goes_pipelined_over_one_connection_with_refusals_settled() {
             6 => vec![format!("tf1-{i}@pipe.test")],
             _ => vec![format!("r{i}@pipe.test")],
         };
-        let body = format!("Subject: {i}\r\n\r\n.dot line {i}\r\nbody {i} {}\r\n", "z".repeat(i * 37)).into_bytes();
+        // Lines stay under 998 octets: longer ones would be (rightly) broken on the way out.
+        let body = format!("Subject: {i}\r\n\r\n.dot line {i}\r\nbody {i} {}\r\n", "z".repeat(i * 23)).into_bytes();
         let to: Vec<&str> = rcpts.iter().map(String::as_str).collect();
         send(&relay, "a@src.test", &to, &stuff(&body));
         bodies.push((i, rcpts, body));
@@ -832,4 +833,144 @@ fn a_full_disk_neither_stops_the_relay_nor_loses_a_bounce() {
         std::thread::sleep(Duration::from_millis(100));
     }
     wait_saved(&dst, 6, Duration::from_secs(30), &relay);
+}
+
+/// Messages a sink has saved so far (counts files; reads none).
+fn saved_count(sink: &Aux) -> usize {
+    let Some(dir) = &sink.save else { return 0 };
+    std::fs::read_dir(dir)
+        .map_or(0, |d| d.filter_map(|e| e.ok()).filter(|e| e.path().extension().is_some_and(|x| x == "msg")).count())
+}
+
+#[test]
+fn large_messages_over_one_connection_do_not_stall_on_nagle() {
+    // Outbound sockets must set TCP_NODELAY: otherwise the short tail of each message (and the
+    // pipelined commands behind it) waits for the sink's delayed ACK, ~40 ms per message, and
+    // 200 messages of 100 KiB over one connection took over 4 s instead of about 0.1 s.
+    let Some(bin) = load_bin() else { return };
+    const N: usize = 200;
+    let up = sink(&bin, "127.0.0.1:0", &["--no-chunking"]);
+    let relay = Relay::start(&[
+        "--relay-host",
+        &up.addr.to_string(),
+        "--dns",
+        "127.0.0.1:9",
+        "--domain-concurrency",
+        "1",
+        "--fsync",
+        "never",
+    ]);
+    let t0 = Instant::now();
+    let out = Command::new(&bin)
+        .args(["send", "--to", &relay.addr.to_string(), "--connections", "1", "--quiet"])
+        .args(["--messages", &N.to_string(), "--size", "100k", "--domains", "nagle.test"])
+        .output()
+        .expect("run sluice-load send");
+    assert!(out.status.success(), "send failed: {}", String::from_utf8_lossy(&out.stderr));
+    while saved_count(&up) < N {
+        assert!(t0.elapsed() < Duration::from_secs(60), "sink got {} of {N}:\n{}", saved_count(&up), relay.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let took = t0.elapsed();
+    eprintln!("{N} messages of 100 KiB relayed over one connection in {took:?}");
+    assert!(took < Duration::from_secs(2), "{N} messages took {took:?}: Nagle stalls on the outbound socket?");
+}
+
+/// A one-connection SMTP server on a thread that answers EHLO with `ehlo` and accepts one
+/// message by DATA, then QUIT. Returns its address.
+fn long_ehlo_server(ehlo: String) -> std::net::SocketAddr {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let Ok((sock, _)) = l.accept() else { return };
+        let mut w = sock.try_clone().unwrap();
+        let mut r = BufReader::new(sock);
+        let _ = w.write_all(b"220 long.test ESMTP\r\n");
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if r.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
+            let reply: &[u8] = match verb.as_str() {
+                "EHLO" => ehlo.as_bytes(),
+                "DATA" => {
+                    let _ = w.write_all(b"354 go\r\n");
+                    loop {
+                        line.clear();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 || line == ".\r\n" {
+                            break;
+                        }
+                    }
+                    b"250 2.0.0 queued\r\n"
+                }
+                "QUIT" => {
+                    let _ = w.write_all(b"221 bye\r\n");
+                    return;
+                }
+                _ => b"250 2.0.0 ok\r\n",
+            };
+            let _ = w.write_all(reply);
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_20_kib_ehlo_reply_is_read_not_taken_for_a_closed_connection() {
+    // The outbound input buffer holds 16 KiB; a multi-line reply may be longer (up to 64 KiB).
+    let mut ehlo = String::from("250-long.test\r\n");
+    for i in 0..400 {
+        ehlo.push_str(&format!("250-X-FILLER-{i:05} {}\r\n", "f".repeat(40)));
+    }
+    ehlo.push_str("250 8BITMIME\r\n");
+    assert!(ehlo.len() > 20 * 1024);
+    let addr = long_ehlo_server(ehlo);
+    let relay = Relay::start(&["--relay-host", &addr.to_string(), "--dns", "127.0.0.1:9", "--retry-schedule", "1h"]);
+    send(&relay, "a@src.test", &["x@long.test"], b"Subject: long ehlo\r\n\r\nbody\r\n");
+    let t0 = Instant::now();
+    while !relay.log().contains("outcome=") {
+        assert!(t0.elapsed() < Duration::from_secs(20), "no outcome:\n{}", relay.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = relay.log();
+    assert!(log.contains("outcome=delivered") && !log.contains("closed by the server"), "{log}");
+}
+
+#[test]
+fn bdat_content_with_bare_line_ends_reaches_a_data_destination_normalised() {
+    // BDAT carries any octets; the sink without CHUNKING gets DATA: CRLF lines of at most 998
+    // octets (RFC 5321 §4.5.3.1.6), long ones broken with CRLF SP, dots stuffed after bare
+    // line ends too (the sink unstuffs them).
+    let Some(bin) = load_bin() else { return };
+    let up = sink(&bin, "127.0.0.1:0", &["--no-chunking"]);
+    let relay = Relay::start(&["--relay-host", &up.addr.to_string(), "--dns", "127.0.0.1:9"]);
+    let dir = TempDir::new("bdat-body");
+    let file = dir.path().join("body.eml");
+    let mut body = b"Subject: bare\n\nlf only\n.dot after lf\rcr only\r\n".to_vec();
+    body.extend(std::iter::repeat(b'z').take(2100));
+    body.extend_from_slice(b"\r\n");
+    std::fs::write(&file, &body).unwrap();
+    let out = Command::new(&bin)
+        .args(["send", "--to", &relay.addr.to_string(), "--connections", "1", "--messages", "1", "--bdat"])
+        .arg("--body")
+        .arg(&file)
+        .args(["--quiet", "--domains", "norm.test"])
+        .output()
+        .expect("run sluice-load send");
+    assert!(out.status.success(), "send failed: {}", String::from_utf8_lossy(&out.stderr));
+    let got = wait_saved(&up, 1, Duration::from_secs(20), &relay);
+    let (env, msg) = &got[0];
+    assert!(env.contains("TRANSFER: DATA\n"), "{env}");
+    let mut want = b"Subject: bare\r\n\r\nlf only\r\n.dot after lf\r\ncr only\r\n".to_vec();
+    want.extend(std::iter::repeat(b'z').take(998));
+    want.extend_from_slice(b"\r\n ");
+    want.extend(std::iter::repeat(b'z').take(997));
+    want.extend_from_slice(b"\r\n ");
+    want.extend(std::iter::repeat(b'z').take(105));
+    want.extend_from_slice(b"\r\n");
+    assert!(msg.ends_with(&want), "{}", String::from_utf8_lossy(msg));
+    relay.wait_log("outcome=delivered");
 }
