@@ -491,7 +491,7 @@ fn queue_shows_attempts_and_expired_mail_bounces_once() {
 #[test]
 fn kill_9_during_delivery_loses_no_recipient() {
     let Some(bin) = load_bin() else { return };
-    let sink = sink(&bin, "127.0.0.1:0", &["--delay", "20ms"]);
+    let sink = sink(&bin, "127.0.0.1:0", &["--delay", "50ms"]);
     let dir = TempDir::new("dkill");
     let spool = dir.path().join("spool");
     let args = [
@@ -521,13 +521,13 @@ fn kill_9_during_delivery_loses_no_recipient() {
     };
     for round in 0..rounds {
         let mut relay = Relay::start_on(&spool, &args);
+        let start = saved(&sink).len();
         for i in 0..n {
             let body = format!("Subject: kill-{round:03}-{i:03}\r\n\r\nbody\r\n");
             send(&relay, "a@src.test", &["k@dst.test"], body.as_bytes());
         }
         // Let some go out, then crash in the middle of the deliveries.
         let t0 = Instant::now();
-        let start = saved(&sink).len();
         while saved(&sink).len() < start + 5 {
             assert!(t0.elapsed() < Duration::from_secs(20), "{}", relay.log());
             std::thread::sleep(Duration::from_millis(10));
