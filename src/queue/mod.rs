@@ -209,7 +209,7 @@ impl Queue {
         let id = m.id;
         // Earliest time per destination among open, idle recipients.
         let mut per_dest: Vec<(DestId, u64)> = Vec::new();
-        for r in m.rcpts.iter().filter(|r| r.open() && !r.in_flight && only.map_or(true, |d| d == r.dest)) {
+        for r in m.rcpts.iter().filter(|r| r.open() && !r.in_flight && only.is_none_or(|d| d == r.dest)) {
             match per_dest.iter_mut().find(|(d, _)| *d == r.dest) {
                 Some((_, t)) => *t = (*t).min(r.next_ms),
                 None => per_dest.push((r.dest, r.next_ms)),

@@ -1234,7 +1234,7 @@ fn pace_limits(cfg: &Config) -> PaceLimits {
 /// live one (the heap keeps one live entry per connection; a later deadline is picked up when
 /// that entry pops).
 fn arm_deadline(timers: &mut timer::Timers, conn: &mut InboundConn, key: usize) {
-    if conn.timer_at.map_or(true, |t| conn.deadline < t) {
+    if conn.timer_at.is_none_or(|t| conn.deadline < t) {
         timers.arm(conn.deadline, key, conn.generation);
         conn.timer_at = Some(conn.deadline);
     }

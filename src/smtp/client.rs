@@ -911,7 +911,7 @@ impl ClientSession {
     /// Neither MAIL refused nor every RCPT refused (so far).
     fn envelope_alive(&self) -> bool {
         let t = &self.tx;
-        t.mail_reply.as_ref().map_or(true, Reply::is_positive_completion)
+        t.mail_reply.as_ref().is_none_or(Reply::is_positive_completion)
             && (t.rcpt_replies.len() < t.rcpts || t.accepted > 0)
     }
 
@@ -1314,7 +1314,7 @@ impl ClientSession {
         let idx = self.answered - 1;
         let rcpts = self.tx.rcpts;
         // MAIL's reply, once in (idx > 0), decides how the rest are read.
-        let mail_ok = self.tx.mail_reply.as_ref().map_or(true, Reply::is_positive_completion);
+        let mail_ok = self.tx.mail_reply.as_ref().is_none_or(Reply::is_positive_completion);
         if idx == 0 {
             let reply = if self.tx.suspect && reply.is_permanent() {
                 // Maybe `503` to a nested MAIL, the refused BDAT's transaction still open.
