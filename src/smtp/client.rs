@@ -2909,7 +2909,7 @@ mod tests {
     #[test]
     fn against_the_real_server() {
         let mut body1 = b"Subject: test\r\n\r\n.leading dot\r\n..two\r\n.\r\nend\r\n".to_vec();
-        body1.extend(std::iter::repeat(b"x.y\r\n.z\r\n").take(3000).flatten());
+        body1.extend(std::iter::repeat_n(b"x.y\r\n.z\r\n", 3000).flatten());
         let body2 = "Subject: caf\u{e9}\r\n\r\nno final CRLF".as_bytes();
         let mut tx1 = spec(&["b@y.test", "c@y.test"], body1.len() as u64);
         tx1.ret = Ret::Hdrs;
@@ -2953,7 +2953,7 @@ mod tests {
         // envelope: every stored message byte-exact, in order, each next envelope behind the
         // previous message's end.
         let mut big = b"Subject: big\r\n\r\n".to_vec();
-        big.extend(std::iter::repeat(b".x\r\n..y\r\n").take(20_000).flatten());
+        big.extend(std::iter::repeat_n(b".x\r\n..y\r\n", 20_000).flatten());
         let bodies: Vec<Vec<u8>> = vec![
             b"Subject: 1\r\n\r\n.one\r\n".to_vec(),
             b"Subject: 2\r\n\r\n.\r\ntwo".to_vec(),
@@ -3075,9 +3075,9 @@ mod tests {
         // dot-stuffed after every line end (bare ones included), and our server (which refuses
         // bare CR/LF) stores it.
         let mut body = b"Subject: bare\nX-Long: ".to_vec();
-        body.extend(std::iter::repeat(b'h').take(2500));
+        body.extend(std::iter::repeat_n(b'h', 2500));
         body.extend_from_slice(b"\r\n\r\nbare lf\n.dot after lf\rbare cr\r.dot after cr\r\n..two\r\n");
-        body.extend(std::iter::repeat(b'.').take(MAX_DATA_LINE * 2 + 5));
+        body.extend(std::iter::repeat_n(b'.', MAX_DATA_LINE * 2 + 5));
         body.extend_from_slice(b"\n\r\r\n\n\nlast line without end");
         assert!(needs_normalising(&body));
         let want = normalised(&body);
@@ -3109,7 +3109,7 @@ mod tests {
     #[test]
     fn bdat_is_byte_exact_and_never_stuffed() {
         let mut body = b".\r\n..\r\n.lead\r\nmid\r\n.\r\nafter\r\n\r\n.\r\n\r\n.".to_vec();
-        body.extend(std::iter::repeat(b"\r\n.\r\n.x\r\n").take(500).flatten());
+        body.extend(std::iter::repeat_n(b"\r\n.\r\n.x\r\n", 500).flatten());
         body.extend_from_slice(b"\r\n.\r\n");
         let big: Vec<u8> = body.iter().copied().cycle().take(PIPELINED_CHUNK_MAX as usize + 7).collect();
         let scfg = SessionConfig::new("mx.test", 1 << 20, 100);

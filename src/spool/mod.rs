@@ -1508,7 +1508,7 @@ mod tests {
         std::fs::create_dir_all(into).unwrap();
         for slot in spool.segments.values() {
             let seg = &slot.seg;
-            if seg.synced() == 0 && pick() % 2 == 0 {
+            if seg.synced() == 0 && pick().is_multiple_of(2) {
                 continue;
             }
             let mut bytes = std::fs::read(seg.path()).unwrap();
@@ -1603,7 +1603,7 @@ mod tests {
                         let id = QueueId(next_id);
                         next_id += 1;
                         let (_, loc) = spool.append_message(id, 0, &env(&names), &body).unwrap();
-                        commit_step(&mut spool, next_id % 2 == 0, &mut dsns, &mut pending_dsns);
+                        commit_step(&mut spool, next_id.is_multiple_of(2), &mut dsns, &mut pending_dsns);
                         msgs.push(Model {
                             id, seg: loc.segment, rcpts: rcpts as usize,
                             settled: Vec::new(), outcome_segments: Vec::new(),

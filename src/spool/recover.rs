@@ -680,7 +680,7 @@ mod tests {
             // sound header: its extent is skipped whole.
             let forged = record_with(&forger, 77, b"victim@elsewhere.example", b"forged\r\n");
             let mut body = b"Subject: hi\r\n\r\n".to_vec();
-            while body.len() % 8 != 0 {
+            while !body.len().is_multiple_of(8) {
                 body.push(b'x');
             }
             for _ in 0..4 {

@@ -380,7 +380,7 @@ fn ten_mib_message_arrives_byte_exact() {
     let mut i = 0u32;
     while body.len() < 10 << 20 {
         // Every seventh line starts with a dot (stuffed on the wire, twice over the relay).
-        if i % 7 == 0 {
+        if i.is_multiple_of(7) {
             body.extend_from_slice(b".");
         }
         body.extend_from_slice(format!("line {i:08} {}\r\n", "x".repeat(60)).as_bytes());
@@ -426,7 +426,7 @@ fn chunking_destinations_get_bdat_byte_exact_and_others_data() {
     let mut big = b"Subject: big\r\n\r\n".to_vec();
     let mut i = 0u32;
     while big.len() < 3 << 20 {
-        big.extend_from_slice(if i % 5 == 0 { b".\r\n" } else { b"" });
+        big.extend_from_slice(if i.is_multiple_of(5) { b".\r\n" } else { b"" });
         big.extend_from_slice(format!(".line {i:08} {}\r\n", "y".repeat(50)).as_bytes());
         i += 1;
     }
@@ -950,7 +950,7 @@ fn bdat_content_with_bare_line_ends_reaches_a_data_destination_normalised() {
     let dir = TempDir::new("bdat-body");
     let file = dir.path().join("body.eml");
     let mut body = b"Subject: bare\n\nlf only\n.dot after lf\rcr only\r\n".to_vec();
-    body.extend(std::iter::repeat(b'z').take(2100));
+    body.extend(std::iter::repeat_n(b'z', 2100));
     body.extend_from_slice(b"\r\n");
     std::fs::write(&file, &body).unwrap();
     let out = Command::new(&bin)
@@ -965,11 +965,11 @@ fn bdat_content_with_bare_line_ends_reaches_a_data_destination_normalised() {
     let (env, msg) = &got[0];
     assert!(env.contains("TRANSFER: DATA\n"), "{env}");
     let mut want = b"Subject: bare\r\n\r\nlf only\r\n.dot after lf\r\ncr only\r\n".to_vec();
-    want.extend(std::iter::repeat(b'z').take(998));
+    want.extend(std::iter::repeat_n(b'z', 998));
     want.extend_from_slice(b"\r\n ");
-    want.extend(std::iter::repeat(b'z').take(997));
+    want.extend(std::iter::repeat_n(b'z', 997));
     want.extend_from_slice(b"\r\n ");
-    want.extend(std::iter::repeat(b'z').take(105));
+    want.extend(std::iter::repeat_n(b'z', 105));
     want.extend_from_slice(b"\r\n");
     assert!(msg.ends_with(&want), "{}", String::from_utf8_lossy(msg));
     relay.wait_log("outcome=delivered");

@@ -40,8 +40,11 @@ fn kill_9_never_loses_an_acknowledged_message() {
                         n += 1;
                         // Every fifth body is over 16 KiB: the spool writes those with pwrite
                         // rather than through the map.
-                        let fill =
-                            if n % 5 == 0 { 16 * 1024 + (n as usize * 997) % 50_000 } else { (n as usize * 37) % 3000 };
+                        let fill = if n.is_multiple_of(5) {
+                            16 * 1024 + (n as usize * 997) % 50_000
+                        } else {
+                            (n as usize * 37) % 3000
+                        };
                         let body = format!("Subject: r{round} w{w} n{n}\r\n\r\n{}\r\n..dot\r\n", "z".repeat(fill));
                         let unstuffed = body.replace("\r\n..dot", "\r\n.dot").into_bytes();
                         if !c.cmd("MAIL FROM:<a@b.test>").starts_with("250")
@@ -269,7 +272,7 @@ fn records_forged_in_a_body_never_come_to_life() {
     let mut forged = vec![0u8; format::message_record_len(&env, fbody).unwrap()];
     format::encode_message(&mut forged, &RecordKey::LEGACY, QueueId(0x7777_7777), 0, &env, fbody).unwrap();
     let mut body = b"Subject: hi\r\n\r\nMARK".to_vec();
-    while body.len() % 8 != 0 {
+    while !body.len().is_multiple_of(8) {
         body.push(b'.');
     }
     for _ in 0..64 {
