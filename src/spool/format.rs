@@ -35,10 +35,13 @@ pub const FORMAT_VERSION: u32 = 2;
 pub const LEGACY_VERSION: u32 = 1;
 /// Length of one copy of the segment header.
 const HEADER_COPY_LEN: usize = 32;
-/// Length of the segment header written by this build (two copies of the 32-byte header, so
-/// that one damaged copy does not lose the salt, hence the whole segment); the first record
-/// starts here. Version-1 segments have one copy ([`HEADER_COPY_LEN`]).
-pub const SEGMENT_HEADER_LEN: usize = 2 * HEADER_COPY_LEN;
+/// Where the second copy of a version-2 header starts: the next 512-byte sector, so that one
+/// lost or damaged sector does not lose the salt (hence every record of the segment).
+const SECOND_COPY_AT: usize = 512;
+/// Length of the segment header written by this build (two copies of the 32-byte header, in
+/// different sectors); the first record starts here. Version-1 segments have one copy
+/// ([`HEADER_COPY_LEN`]).
+pub const SEGMENT_HEADER_LEN: usize = SECOND_COPY_AT + HEADER_COPY_LEN;
 /// First bytes of every record header in a version-1 segment.
 pub const LEGACY_RECORD_MAGIC: [u8; 4] = *b"SLRC";
 /// Length of the record header that precedes each payload.
@@ -204,7 +207,7 @@ pub fn parse_segment_file_name(name: &str) -> Option<u64> {
 // Segment header
 
 // Format: { magic "SLUICESG" [8] | version u32 = 2 | salt_lo u32 | seq u64 | salt_hi u32 |
-//           crc32c u32 over bytes 0..28 } twice (bytes 0..32 and 32..64).
+//           crc32c u32 over bytes 0..28 } at bytes 0..32, zeros, the same again at 512..544.
 //           Version 1: the same 32 bytes once, with salt_lo = salt_hi = 0.
 /// The header that opens segment `seq`, whose records are framed with `key` (from
 /// [`RecordKey::from_salt`]).
@@ -218,7 +221,7 @@ pub fn encode_segment_header(seq: u64, key: &RecordKey) -> [u8; SEGMENT_HEADER_L
     h[24..28].copy_from_slice(&((salt >> 32) as u32).to_le_bytes());
     let crc = crc32c::crc32c(&h[0..28]);
     h[28..32].copy_from_slice(&crc.to_le_bytes());
-    h.copy_within(0..HEADER_COPY_LEN, HEADER_COPY_LEN);
+    h.copy_within(0..HEADER_COPY_LEN, SECOND_COPY_AT);
     h
 }
 
@@ -230,7 +233,7 @@ pub fn decode_segment_header(bytes: &[u8]) -> Result<SegmentHeader, FormatError>
         // A sound header of another version is final: its records are not ours to judge.
         Err(e @ FormatError::UnsupportedVersion(_)) => Err(e),
         // The second copy only exists in version 2; it is used when the first is damaged.
-        Err(e) => match bytes.get(HEADER_COPY_LEN..).map(decode_header_copy) {
+        Err(e) => match bytes.get(SECOND_COPY_AT..).map(decode_header_copy) {
             Some(Ok(h)) if h.key.version == 2 => Ok(h),
             _ => Err(e),
         },
@@ -878,12 +881,16 @@ mod tests {
         let mut bad = h;
         bad[17] ^= 1;
         assert_eq!(decode_segment_header(&bad), Ok(want));
-        bad[HEADER_COPY_LEN + 17] ^= 1;
+        bad[SECOND_COPY_AT + 17] ^= 1;
         assert_eq!(decode_segment_header(&bad), Err(FormatError::BadChecksum));
+        // A whole lost first sector still leaves the salt.
+        bad = h;
+        bad[..512].fill(0);
+        assert_eq!(decode_segment_header(&bad), Ok(want));
         bad = h;
         bad[0] = b'X';
         assert_eq!(decode_segment_header(&bad), Ok(want));
-        bad[HEADER_COPY_LEN] = b'X';
+        bad[SECOND_COPY_AT] = b'X';
         assert_eq!(decode_segment_header(&bad), Err(FormatError::BadMagic));
         // Version 1: one copy, the legacy framing.
         let legacy = encode_legacy_segment_header(4);

@@ -1102,6 +1102,40 @@ mod tests {
     }
 
     #[test]
+    fn a_segment_whose_header_is_unreadable_is_left_alone_not_read_unsalted() {
+        // Without its salt nothing in a segment can be told from a client's bytes: a body
+        // carrying records in the unsalted (version 1) framing, at every alignment, must not
+        // come to life, and the acknowledged bytes must not be cut or deleted either.
+        let mut fenv = env(&["victim@elsewhere.example"]);
+        fenv.sender = b"forger@example.net".to_vec();
+        let mut forged = vec![0u8; format::message_record_len(&fenv, b"x").unwrap()];
+        format::encode_message(&mut forged, &format::RecordKey::LEGACY, QueueId(77), 0, &fenv, b"x").unwrap();
+        let mut body = Vec::new();
+        for shift in 0..8 {
+            body.extend(std::iter::repeat_n(b'.', shift));
+            body.extend_from_slice(&forged);
+        }
+        let tmp = TempDir::new("badheader");
+        let seq = {
+            let (mut spool, _) = Spool::open(opts(&tmp.0)).unwrap();
+            spool.append_message(QueueId(1), 0, &env(&["a@x"]), &body).unwrap();
+            spool.commit().unwrap();
+            spool.active_segment().unwrap()
+        };
+        let path = seg_path(&tmp.0, seq);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[0..8].fill(b'X');
+        bytes[512..520].fill(b'X');
+        std::fs::write(&path, &bytes).unwrap();
+        let (_spool, rec) = Spool::open(opts(&tmp.0)).unwrap();
+        assert!(rec.messages.is_empty(), "{:?}", rec.messages.iter().map(|m| m.id).collect::<Vec<_>>());
+        assert!(rec.warnings.iter().any(|w| w.contains("unreadable")), "{:?}", rec.warnings);
+        assert_eq!(std::fs::read(&path).unwrap(), bytes, "left as it is");
+        let copy = tmp.0.join("corrupt").join(format!("{}.0", format::segment_file_name(seq)));
+        assert_eq!(std::fs::read(copy).unwrap().len(), bytes.iter().rposition(|&b| b != 0).unwrap() + 1);
+    }
+
+    #[test]
     fn finished_messages_are_not_recovered_but_count_for_max_id() {
         let tmp = TempDir::new("maxid");
         {

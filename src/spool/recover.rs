@@ -139,6 +139,8 @@ fn scan_segment<'a>(
     let mut items = Vec::new();
     let mut damage = Vec::new();
     let mut off = start;
+    // Everything from here on is zeros (preallocated, never written); found once per segment.
+    let data_end = nonzero_end(bytes);
     loop {
         // Where the damage at `off` ends, if a trustworthy header says so.
         let (stated_end, reason) = match parse_at(bytes, off, key) {
@@ -148,8 +150,7 @@ fn scan_segment<'a>(
                 continue;
             }
             At::End => {
-                let rest = bytes.get(off..).unwrap_or(&[]);
-                if tolerant || nonzero_end(rest) == 0 {
+                if tolerant || off >= data_end {
                     return Scan { items, end: off.min(bytes.len()), damage };
                 }
                 // Never-written space is all zeros; data after a zero header means the header
@@ -161,7 +162,7 @@ fn scan_segment<'a>(
         };
         let next = match stated_end {
             // Never search inside the extent a sound header claims: those are a client's bytes.
-            Some(end) if nonzero_end(&bytes[end..]) > 0 => Some(end),
+            Some(end) if end < data_end => Some(end),
             Some(_) => None,
             None => next_valid(bytes, off + format::RECORD_ALIGN, key),
         };
@@ -179,7 +180,7 @@ fn scan_segment<'a>(
             }
             None if tolerant => return Scan { items, end: off, damage },
             None => {
-                let torn = stated_end.unwrap_or(off + nonzero_end(&bytes[off..])).min(bytes.len());
+                let torn = stated_end.unwrap_or(data_end.max(off)).min(bytes.len());
                 warnings.push(format!("{name}: torn tail at offset {off} ({reason}); {} bytes cut", bytes.len() - off));
                 damage.push((off, torn));
                 return Scan { items, end: off, damage };
@@ -331,21 +332,21 @@ fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, SpoolError> {
 
 /// Checks the segment header and returns how the segment's records are framed and where they
 /// start. A version from another build is fatal: its records must not be judged (and cut) by
-/// this build's rules. Other damage is a warning; records are still read, with the framing of
-/// the current format (whose salt is then unknown, so they will not validate: the segment's
-/// bytes go to the quarantine rather than being trusted).
+/// this build's rules. `None` (with a warning) when neither copy of the header can be read:
+/// without its salt no record of the segment can be told from a client's bytes, so the caller
+/// leaves the file alone (copied to the quarantine) rather than guess.
 fn check_header(
     bytes: &[u8],
     seq: u64,
     name: &str,
     warnings: &mut Vec<String>,
-) -> Result<(RecordKey, usize), SpoolError> {
+) -> Result<Option<(RecordKey, usize)>, SpoolError> {
     match format::decode_segment_header(bytes) {
         Ok(h) => {
             if h.seq != seq {
                 warnings.push(format!("{name}: header names segment {}; file name wins", h.seq));
             }
-            Ok((h.key, h.len))
+            Ok(Some((h.key, h.len)))
         }
         Err(FormatError::UnsupportedVersion(v)) => Err(SpoolError::Io(
             "open segment",
@@ -354,11 +355,15 @@ fn check_header(
                 format!("{name}: segment format version {v} is not supported by this build"),
             ),
         )),
-        // A segment created just before a crash may never have had its header written.
-        Err(_) if nonzero_end(bytes) == 0 => Ok((RecordKey::LEGACY, format::SEGMENT_HEADER_LEN)),
+        // A segment created just before a crash may never have had its header written: it
+        // holds nothing (and is removed as empty).
+        Err(_) if nonzero_end(bytes) == 0 => Ok(Some((RecordKey::LEGACY, bytes.len()))),
         Err(e) => {
-            warnings.push(format!("{name}: bad segment header at offset 0 ({e})"));
-            Ok((RecordKey::LEGACY, format::SEGMENT_HEADER_LEN))
+            warnings.push(format!(
+                "{name}: both copies of the segment header are unreadable ({e}); the segment is left \
+                 as it is and not recovered"
+            ));
+            Ok(None)
         }
     }
 }
@@ -366,8 +371,9 @@ fn check_header(
 /// Copies each damaged range of segment `name` (trailing zeros left out) to
 /// `<dir>/corrupt/<name>.<offset>`, as Postfix moves damaged queue files to `corrupt/`, so that
 /// nothing recovery skips or cuts is destroyed. Made durable before the caller cuts anything.
-fn quarantine(dir: &Path, name: &str, bytes: &[u8], damage: &[(usize, usize)], warnings: &mut Vec<String>) {
+fn quarantine(dir: &Path, name: &str, bytes: &[u8], damage: &[(usize, usize)], warnings: &mut Vec<String>) -> bool {
     let qdir = dir.join(QUARANTINE_DIR);
+    let mut all = true;
     for &(start, end) in damage {
         let Some(range) = bytes.get(start..end) else { continue };
         let range = &range[..nonzero_end(range)];
@@ -385,9 +391,13 @@ fn quarantine(dir: &Path, name: &str, bytes: &[u8], damage: &[(usize, usize)], w
                 range.len(),
                 path.display()
             )),
-            Err(e) => warnings.push(format!("{name}: could not copy damaged bytes to {}: {e}", path.display())),
+            Err(e) => {
+                all = false;
+                warnings.push(format!("{name}: could not copy damaged bytes to {}: {e}", path.display()));
+            }
         }
     }
+    all
 }
 
 /// The writable open: scans every segment, applies outcomes, cuts torn tails and deletes
@@ -400,12 +410,16 @@ pub(crate) fn recover(dir: &Path) -> Result<Recovered, SpoolError> {
     for (seq, path) in files {
         let mut seg = Segment::open(&path, seq)?;
         let name = seg.name();
-        let (key, start) = check_header(seg.bytes(), seq, &name, &mut st.warnings)?;
+        let Some((key, start)) = check_header(seg.bytes(), seq, &name, &mut st.warnings)? else {
+            // Kept in place (and its sequence number stays taken), copied for the operator.
+            quarantine(dir, &name, seg.bytes(), &[(0, seg.bytes().len())], &mut st.warnings);
+            continue;
+        };
         seg.set_key(key);
         let bytes = seg.bytes();
         let scan = scan_segment(bytes, start, &key, &name, false, &mut st.warnings);
-        quarantine(dir, &name, bytes, &scan.damage, &mut st.warnings);
-        let end = scan.end;
+        // Nothing is cut that could not first be copied (a full disk, say).
+        let end = if quarantine(dir, &name, bytes, &scan.damage, &mut st.warnings) { scan.end } else { bytes.len() };
         let refs = st.apply(seq, &name, scan.items);
         found.push((seg, refs, end));
     }
@@ -481,7 +495,7 @@ fn read_only_pass(
             // Being created right now: nothing in it is committed yet.
             continue;
         }
-        let (key, start) = check_header(&bytes, seq, &name, warnings)?;
+        let Some((key, start)) = check_header(&bytes, seq, &name, warnings)? else { continue };
         let scan = scan_segment(&bytes, start, &key, &name, tolerant, warnings);
         visit(seq, &name, &bytes, &key, scan.items);
     }
@@ -716,7 +730,7 @@ mod tests {
     fn legacy_segments_are_still_recovered() {
         let mut bytes = format::encode_legacy_segment_header(1).to_vec();
         bytes.extend_from_slice(&record_with(&RecordKey::LEGACY, 5, b"a@example.org", b"old"));
-        let (key, start) = check_header(&bytes, 1, "s", &mut Vec::new()).unwrap();
+        let (key, start) = check_header(&bytes, 1, "s", &mut Vec::new()).unwrap().unwrap();
         assert_eq!((key, start), (RecordKey::LEGACY, 32));
         let mut w = Vec::new();
         let s = scan_segment(&bytes, start, &key, "s", false, &mut w);
