@@ -50,7 +50,7 @@ pub struct SpoolOptions {
 }
 
 /// Smallest segment made for outcome and bounce records when the disk has no room for a
-/// segment of the full size (see `Spool::start_segment`).
+/// segment of the full size (see `Spool::roll`).
 const SMALL_SEGMENT: usize = 1 << 20;
 /// How long a reading of the filesystem's free space is reused by [`Spool::accepting`].
 const FREE_SPACE_TTL_MS: u64 = 250;
@@ -300,10 +300,14 @@ struct Slot {
     /// in this segment that finished, which must stay on disk as long as the message record
     /// does (or the message would be delivered again after a restart).
     deferred: Vec<u64>,
+    /// Made from the free-space reserve for the relay's own records; new mail never goes here.
+    reserve: bool,
 }
 
 impl Spool {
-    /// Opens (creating the directory if missing), recovers, and starts a fresh active segment.
+    /// Opens (creating the directory if missing), recovers, and starts a fresh active segment
+    /// (none when the filesystem has no room for one beyond `min_free_space`: the spool then
+    /// takes only the relay's own records until space returns, see [`Spool::accepting`]).
     ///
     /// Fails if the directory cannot be created or written, or another process holds it.
     /// Corrupt records and torn tails do not fail the open: they are skipped or cut, and
@@ -315,7 +319,7 @@ impl Spool {
         let recovered = recover::recover(&opts.dir)?;
         let mut segments = BTreeMap::new();
         for k in recovered.segments {
-            let slot = Slot { seg: k.seg, live: k.live, pins: k.pins, deferred: k.deferred };
+            let slot = Slot { seg: k.seg, live: k.live, pins: k.pins, deferred: k.deferred, reserve: false };
             segments.insert(slot.seg.seq(), slot);
         }
         let mut spool = Spool {
@@ -337,7 +341,7 @@ impl Spool {
         // file keeps new data away from anything that was damaged. On a full disk the relay
         // starts without one: it delivers (which frees space) and refuses new mail until
         // there is room again (see `accepting`).
-        match spool.start_segment(0, true) {
+        match spool.roll(0, true) {
             Ok(()) => {}
             Err(SpoolError::NoSpace) => recovery.warnings.push(format!(
                 "{}: no room for a new segment; delivering the queue, refusing new mail until space returns",
@@ -356,8 +360,9 @@ impl Spool {
     /// a new segment and `min_free_space` beyond it. The filesystem is asked at most every
     /// 250 ms (`now_ms`, Unix ms).
     pub fn accepting(&mut self, now_ms: u64) -> bool {
-        let room = self.active.and_then(|seq| self.segments.get(&seq)).map_or(0, |s| s.seg.remaining() as u64);
-        if room >= self.opts.min_free_space.max(1) {
+        let active = self.active.and_then(|seq| self.segments.get(&seq));
+        let room = active.map_or(0, |s| s.seg.remaining() as u64);
+        if active.is_some_and(|s| !s.reserve) && room >= self.opts.min_free_space.max(1) {
             return true;
         }
         let free = match self.free_space {
@@ -369,7 +374,8 @@ impl Spool {
                 free
             }
         };
-        free >= self.opts.segment_size.saturating_add(self.opts.min_free_space)
+        // As `roll` judges it: sealing the active segment gives its unused tail back.
+        free.saturating_add(room) >= self.opts.segment_size.saturating_add(self.opts.min_free_space)
     }
 
     /// Reads a spool directory without changing it (for `sluice queue`), tolerating a relay
@@ -381,7 +387,9 @@ impl Spool {
     /// Appends a message record. Not durable until the next successful [`Spool::commit`].
     ///
     /// The record is encoded in place in the segment map. If the active segment lacks room it
-    /// is sealed and a new one of `max(segment_size, record)` bytes is started. An envelope
+    /// is sealed and a new one of `max(segment_size, record)` bytes is started, provided the
+    /// filesystem keeps `min_free_space` beyond it (else [`SpoolError::NoSpace`], and the
+    /// active segment stays as it was). An envelope
     /// field longer than 65535 bytes is refused with `SpoolError::Io(_, InvalidInput)`.
     ///
     /// A failed commit undoes the message's live count: its client is answered `451` and the
@@ -693,22 +701,14 @@ impl Spool {
         new_mail: bool,
         fill: impl FnOnce(&mut [u8], &format::RecordKey) -> Result<(), SpoolError>,
     ) -> Result<(u64, usize), SpoolError> {
-        let room = self.active.and_then(|seq| self.segments.get(&seq)).is_some_and(|slot| slot.seg.remaining() >= len);
-        if !room {
-            // Create the next segment before sealing this one: when there is no room for it,
-            // the active segment keeps taking the records that fit.
-            let prev = self.active.take();
-            match self.start_segment(len, new_mail) {
-                Ok(()) => {
-                    self.active = prev;
-                    self.seal_active();
-                    self.active = Some(self.next_seq - 1);
-                }
-                Err(e) => {
-                    self.active = prev;
-                    return Err(e);
-                }
-            }
+        // New mail never goes into a segment made from the reserve: it rolls over past it,
+        // which checks the free space again.
+        let usable = self
+            .active
+            .and_then(|seq| self.segments.get(&seq))
+            .is_some_and(|slot| slot.seg.remaining() >= len && !(new_mail && slot.reserve));
+        if !usable {
+            self.roll(len, new_mail)?;
         }
         let seq = self.active.ok_or(SpoolError::Corrupt("no active segment"))?;
         let slot = self.segments.get_mut(&seq).ok_or(SpoolError::Corrupt("no active segment"))?;
@@ -720,25 +720,34 @@ impl Spool {
         Ok((seq, off))
     }
 
-    /// Creates the next segment, big enough for a record of `record_len` bytes, and makes it
-    /// the active one.
+    /// Seals the active segment (if any) and starts the next one, big enough for a record of
+    /// `record_len` bytes.
     ///
-    /// For new mail (`new_mail`) the filesystem must keep `min_free_space` free beyond the new
-    /// segment. Otherwise (outcomes, bounces) the reserve may be used, and when a segment of
-    /// the full size does not fit, a small one is made: delivery can always record what it did.
-    fn start_segment(&mut self, record_len: usize, new_mail: bool) -> Result<(), SpoolError> {
+    /// A segment of the full size is made when the filesystem keeps `min_free_space` free
+    /// beyond it (the sealed segment's unused tail counts as free: sealing gives it back). Else
+    /// new mail (`new_mail`) gets [`SpoolError::NoSpace`] and the active segment stays as it
+    /// is, while the relay's own records (outcomes, bounces) get a small segment made from the
+    /// reserve, which new mail never uses: delivery can always record what it did.
+    fn roll(&mut self, record_len: usize, new_mail: bool) -> Result<(), SpoolError> {
         let need = format::SEGMENT_HEADER_LEN + record_len;
-        let size = usize::try_from(self.opts.segment_size).unwrap_or(usize::MAX).max(need);
-        let seq = self.next_seq;
+        let full = usize::try_from(self.opts.segment_size).unwrap_or(usize::MAX).max(need);
+        let prev_room = self.active.and_then(|seq| self.segments.get(&seq)).map_or(0, |s| s.seg.remaining() as u64);
+        // An unreadable free-space figure is not a full disk: let the creation find out.
+        let fits = |free: Option<u64>, size: usize| {
+            free.is_none_or(|f| f.saturating_add(prev_room) >= (size as u64).saturating_add(self.opts.min_free_space))
+        };
         let free = segment::free_space(&self.opts.dir).ok();
-        if new_mail && free.is_some_and(|f| f < (size as u64).saturating_add(self.opts.min_free_space)) {
+        let (size, reserve) = if fits(free, full) {
+            (full, false)
+        } else if new_mail {
             return Err(SpoolError::NoSpace);
-        }
+        } else {
+            (need.max(SMALL_SEGMENT.min(full)), true)
+        };
+        self.seal_active();
+        let seq = self.next_seq;
         let seg = match Segment::create(&self.opts.dir, seq, size) {
-            Err(SpoolError::NoSpace) if !new_mail && size > need.max(SMALL_SEGMENT) => {
-                Segment::create(&self.opts.dir, seq, need.max(SMALL_SEGMENT))
-                    .or_else(|_| Segment::create(&self.opts.dir, seq, need))?
-            }
+            Err(SpoolError::NoSpace) if !new_mail && size > need => Segment::create(&self.opts.dir, seq, need)?,
             other => other?,
         };
         // The header is appended data too: it must be durable before any record counts.
@@ -747,7 +756,7 @@ impl Spool {
         }
         self.next_seq = seq + 1;
         self.dir_dirty = true;
-        self.segments.insert(seq, Slot { seg, live: 0, pins: 0, deferred: Vec::new() });
+        self.segments.insert(seq, Slot { seg, live: 0, pins: 0, deferred: Vec::new(), reserve });
         self.active = Some(seq);
         Ok(())
     }
@@ -1053,6 +1062,10 @@ mod tests {
         spool.append_outcome(QueueId(2), 0, &outcome(RcptStatus::Deferred)).unwrap();
         spool.commit().unwrap();
         assert!(spool.active_segment().is_some());
+        // That segment was made from the reserve: new mail still may not use it.
+        assert!(!spool.accepting(5_000));
+        let r = spool.append_message(QueueId(3), 0, &env(&["a@x"]), b"new");
+        assert!(matches!(r, Err(SpoolError::NoSpace)), "{r:?}");
         // With room in the active segment and no reserve, mail is taken.
         let o = SpoolOptions { segment_size: 4096, ..opts(&tmp.0) };
         drop(spool);
