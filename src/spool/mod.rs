@@ -279,6 +279,11 @@ pub struct Spool {
     releases: Vec<Release>,
     /// Free bytes on the spool's filesystem and when (Unix ms) they were read.
     free_space: Option<(u64, u64)>,
+    /// A commit failed: records of its batch may never reach the disk although they are no
+    /// longer tracked as dirty, so no later commit proves that the records finishing a message
+    /// are durable. From then on nothing is released (segments stay until the next recovery
+    /// judges them).
+    sync_failed: bool,
     /// Held for the life of the spool: the `flock` on `<dir>/lock`.
     _lock: File,
 }
@@ -334,6 +339,7 @@ impl Spool {
             warnings: Vec::new(),
             releases: Vec::new(),
             free_space: None,
+            sync_failed: false,
             _lock: lock,
         };
         let mut recovery = recovered.recovery;
@@ -490,6 +496,7 @@ impl Spool {
             }
             Err(e) => {
                 self.releases.clear();
+                self.sync_failed = true;
                 self.abandon_batch();
                 Err(e)
             }
@@ -566,6 +573,7 @@ impl Spool {
             }
             Err(e) => {
                 self.releases.clear();
+                self.sync_failed = true;
                 // Put the failed batch back so that abandoning covers it with the newer one.
                 let mut batch = done.msgs;
                 batch.append(&mut self.batch_msgs);
@@ -639,8 +647,12 @@ impl Spool {
     ///
     /// Takes effect once the records appended so far are durable (the next successful commit):
     /// a segment is never unlinked before the outcome and bounce records that finish it are on
-    /// disk. After a failed commit those releases are dropped; the next recovery judges them.
+    /// disk. After a failed commit nothing is released any more (that commit's records may
+    /// never reach the disk although they are no longer tracked); the next recovery judges it.
     pub fn release_message(&mut self, msg_segment: u64, outcome_segments: &[u64]) {
+        if self.sync_failed {
+            return;
+        }
         if self.dirty.is_empty() && !self.dir_dirty && self.in_flight.is_none() {
             // Everything appended is durable already (or fsync is off and nothing is pending).
             self.apply_release(msg_segment, outcome_segments);
@@ -1388,9 +1400,12 @@ mod tests {
         // Sealed, but the queued bounce keeps the segment and its bytes.
         assert!(seg_path(&tmp.0, bounce.segment).exists());
         assert_eq!(spool.message(bounce).unwrap().body, b"bounce");
-        // Once the bounce is finished the segment goes.
+        // Finished later, it still stays: after a failed sync no commit proves the records
+        // that finish a message durable, so nothing is unlinked before the next recovery.
         spool.release_message(bounce.segment, &[]);
-        assert!(!seg_path(&tmp.0, bounce.segment).exists());
+        spool.append_outcome(QueueId(2), 0, &outcome(RcptStatus::Delivered)).unwrap();
+        spool.commit().unwrap();
+        assert!(seg_path(&tmp.0, bounce.segment).exists());
     }
 
     #[test]
