@@ -65,6 +65,12 @@ const BOUNCE_RETRY: Duration = Duration::from_secs(60);
 /// Pause of new connections after a local shortage (EMFILE, ENFILE, EADDRNOTAVAIL, ENOBUFS).
 const LOCAL_PAUSE: Duration = Duration::from_millis(200);
 
+/// Whether a failure of recipient `i` of `env` is reported in a DSN (RFC 3461 NOTIFY); false
+/// for an index the envelope does not have.
+fn wants_dsn(env: &Envelope, i: u32) -> bool {
+    (i as usize) < env.rcpt_count() && dsn::notify_wants(env.rcpt(i as usize).notify, Action::Failed)
+}
+
 /// A connect that failed for lack of a local resource, not because of the destination.
 fn is_local_shortage(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::EADDRNOTAVAIL | libc::ENOBUFS | libc::ENOMEM))
@@ -922,14 +928,20 @@ impl Delivery {
             decided.iter().filter(|d| d.1 == Verdict::Failed).map(|d| (d.0, d.2.clone(), d.1)).collect();
         let mut dsn_id = None;
         if !failed.is_empty() {
-            match self.bounce(ctx, id, arrival_ms, loc, &env, &failed, remote) {
+            // Room for the outcome records that follow the DSN, all of this job's.
+            let outcome_room: usize = decided
+                .iter()
+                .map(|d| crate::spool::format::padded_record_len(64 + d.2.to_string().len() + remote.len()))
+                .sum();
+            match self.bounce(ctx, id, arrival_ms, loc, &env, &failed, remote, outcome_room) {
                 Ok(b) => dsn_id = b,
                 Err(()) => {
                     // The bounce could not be stored (a full disk): settling these recipients
                     // as failed would drop the message with no word to its sender. They stay
-                    // deferred, and the next attempt decides (and bounces) again.
+                    // deferred, and the next attempt decides (and bounces) again. Those who
+                    // asked for no failure notice need no DSN and fail now.
                     let retry_ms = ctx.wall_ms + BOUNCE_RETRY.as_millis() as u64;
-                    for d in decided.iter_mut().filter(|d| d.1 == Verdict::Failed) {
+                    for d in decided.iter_mut().filter(|d| d.1 == Verdict::Failed && wants_dsn(&env, d.0)) {
                         d.1 = Verdict::Deferred;
                         d.4 = match self.cfg.policy.next_attempt(d.3, arrival_ms, ctx.wall_ms) {
                             NextStep::RetryAt(t) => t.min(retry_ms),
@@ -952,11 +964,7 @@ impl Delivery {
                 reply: &reply_text,
                 remote: remote.as_bytes(),
                 // Only the failures the DSN reports (NOTIFY may leave some out).
-                bounce: dsn_id.filter(|_| {
-                    v == Verdict::Failed
-                        && (rcpt as usize) < env.rcpt_count()
-                        && dsn::notify_wants(env.rcpt(rcpt as usize).notify, Action::Failed)
-                }),
+                bounce: dsn_id.filter(|_| v == Verdict::Failed && wants_dsn(&env, rcpt)),
             };
             let addr = if (rcpt as usize) < env.rcpt_count() { env.rcpt(rcpt as usize).addr } else { b"" };
             let outcome_name = match v {
@@ -1006,6 +1014,7 @@ impl Delivery {
         env: &Envelope,
         failed: &[(u32, Reply, Verdict)],
         remote: &str,
+        outcome_room: usize,
     ) -> Result<Option<QueueId>, ()> {
         if !dsn::should_bounce(&env.sender) {
             return Ok(None);
@@ -1015,7 +1024,7 @@ impl Delivery {
         let recipients: Vec<DsnRecipient<'_>> = failed
             .iter()
             .zip(&diags)
-            .filter(|((i, _, _), _)| dsn::notify_wants(env.rcpt(*i as usize).notify, Action::Failed))
+            .filter(|((i, _, _), _)| wants_dsn(env, *i))
             .map(|((i, r, _), diag)| {
                 let rv = env.rcpt(*i as usize);
                 DsnRecipient {
@@ -1066,6 +1075,13 @@ impl Delivery {
         benv.helo.extend_from_slice(self.cfg.hostname.as_bytes());
         benv.push_rcpt(&env.sender, b"", 0);
         benv.client_ip = IpAddr::from([127, 0, 0, 1]);
+        // The DSN and the outcome records that name it go into one segment (see
+        // `Spool::reserve_room`).
+        let need = crate::spool::format::message_record_len(&benv, &body).unwrap_or(0) + outcome_room;
+        if let Err(e) = ctx.spool.reserve_room(need) {
+            ctx.log.event("spool_error", &[("id", V::D(&bounce_id)), ("for", V::D(&id)), ("error", V::D(&e))]);
+            return Err(());
+        }
         match ctx.spool.append_generated_message(bounce_id, ctx.wall_ms, &benv, &body) {
             Ok((_, bloc)) => {
                 ctx.log.event("bounce", &[("id", V::D(&bounce_id)), ("for", V::D(&id)), ("to", V::B(&env.sender))]);

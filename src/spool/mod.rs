@@ -449,6 +449,18 @@ impl Spool {
         Ok((Pending { segment: seq, end }, MessageLoc { segment: seq, offset: off as u64, len: len as u64 }))
     }
 
+    /// Makes sure the active segment has `bytes` of room for the relay's own records, rolling
+    /// over (from the reserve if need be) when it has not. Delivery calls it before a DSN so
+    /// that the DSN and the outcome records naming it land in one segment: then a failure
+    /// whose DSN is missing at recovery was lost with it, never reclaimed after delivery.
+    pub fn reserve_room(&mut self, bytes: usize) -> Result<(), SpoolError> {
+        let room = self.active.and_then(|seq| self.segments.get(&seq)).map_or(0, |s| s.seg.remaining());
+        if room >= bytes {
+            return Ok(());
+        }
+        self.roll(bytes, false)
+    }
+
     /// Appends an outcome record for recipient `rcpt` of message `id`. Pins the segment it lands
     /// in until [`Spool::release_message`] names it.
     ///
