@@ -229,7 +229,7 @@ impl Delivery {
     /// saving a decode of the record.
     pub fn enqueue_with(&mut self, ctx: &mut Ctx<'_>, rec: &RecoveredMessage, env: &Envelope) {
         if self.queue.insert(rec, env, ctx.wall_ms).is_none() {
-            ctx.spool.release_message(rec.loc.segment, &rec.outcome_segments);
+            ctx.spool.release_message(rec.loc.segment, rec.outcome_segments.clone());
         }
     }
 
@@ -994,7 +994,7 @@ impl Delivery {
         }
         if finished {
             if let Some(m) = self.queue.remove(job.msg) {
-                ctx.spool.release_message(m.loc.segment, &m.outcome_segments);
+                ctx.spool.release_message(m.loc.segment, m.outcome_segments);
             }
         } else {
             self.queue.reschedule(job.msg, job.dest, ctx.wall_ms);

@@ -277,8 +277,9 @@ pub struct Spool {
     /// the outcome (and bounce) records that finish them are durable, or a power loss could
     /// leave neither the message nor its bounce on disk.
     releases: Vec<Release>,
-    /// Free bytes on the spool's filesystem and when (Unix ms) they were read.
-    free_space: Option<(u64, u64)>,
+    /// When (Unix ms) the spool's filesystem was asked for its free bytes, and the answer
+    /// (`None`: unreadable).
+    free_space: Option<(u64, Option<u64>)>,
     /// A commit failed: records of its batch may never reach the disk although they are no
     /// longer tracked as dirty, so no later commit proves that the records finishing a message
     /// are durable. From then on nothing is released (segments stay until the next recovery
@@ -366,22 +367,20 @@ impl Spool {
     /// a new segment and `min_free_space` beyond it. The filesystem is asked at most every
     /// 250 ms (`now_ms`, Unix ms).
     pub fn accepting(&mut self, now_ms: u64) -> bool {
-        let active = self.active.and_then(|seq| self.segments.get(&seq));
-        let room = active.map_or(0, |s| s.seg.remaining() as u64);
-        if active.is_some_and(|s| !s.reserve) && room >= self.opts.min_free_space.max(1) {
+        let room = self.active_slot().filter(|s| !s.reserve).map_or(0, |s| s.seg.remaining() as u64);
+        if room >= self.opts.min_free_space.max(1) {
             return true;
         }
         let free = match self.free_space {
             Some((at, free)) if now_ms.saturating_sub(at) < FREE_SPACE_TTL_MS && now_ms >= at => free,
             _ => {
-                // An unreadable filesystem is not a full one: let the append find out.
-                let free = segment::free_space(&self.opts.dir).unwrap_or(u64::MAX);
+                let free = segment::free_space(&self.opts.dir).ok();
                 self.free_space = Some((now_ms, free));
                 free
             }
         };
-        // As `roll` judges it: sealing the active segment gives its unused tail back.
-        free.saturating_add(room) >= self.opts.segment_size.saturating_add(self.opts.min_free_space)
+        // As `roll` judges it.
+        self.segment_fits(free, self.opts.segment_size)
     }
 
     /// Reads a spool directory without changing it (for `sluice queue`), tolerating a relay
@@ -454,8 +453,7 @@ impl Spool {
     /// that the DSN and the outcome records naming it land in one segment: then a failure
     /// whose DSN is missing at recovery was lost with it, never reclaimed after delivery.
     pub fn reserve_room(&mut self, bytes: usize) -> Result<(), SpoolError> {
-        let room = self.active.and_then(|seq| self.segments.get(&seq)).map_or(0, |s| s.seg.remaining());
-        if room >= bytes {
+        if self.active_slot().is_some_and(|s| s.seg.remaining() >= bytes) {
             return Ok(());
         }
         self.roll(bytes, false)
@@ -576,7 +574,7 @@ impl Spool {
                 }
                 self.reclaim_from(synced);
                 self.apply_releases(done.releases);
-                if self.dirty.is_empty() && !self.dir_dirty {
+                if self.all_durable() {
                     // Released after the job began, with nothing appended since: durable too.
                     let later = std::mem::take(&mut self.releases);
                     self.apply_releases(later);
@@ -661,16 +659,23 @@ impl Spool {
     /// a segment is never unlinked before the outcome and bounce records that finish it are on
     /// disk. After a failed commit nothing is released any more (that commit's records may
     /// never reach the disk although they are no longer tracked); the next recovery judges it.
-    pub fn release_message(&mut self, msg_segment: u64, outcome_segments: &[u64]) {
+    ///
+    /// Takes `outcome_segments` by value: a release that must wait keeps it without a copy.
+    pub fn release_message(&mut self, msg_segment: u64, outcome_segments: Vec<u64>) {
         if self.sync_failed {
             return;
         }
-        if self.dirty.is_empty() && !self.dir_dirty && self.in_flight.is_none() {
+        if self.all_durable() {
             // Everything appended is durable already (or fsync is off and nothing is pending).
-            self.apply_release(msg_segment, outcome_segments);
+            self.apply_release(msg_segment, &outcome_segments);
         } else {
-            self.releases.push(Release { msg_segment, outcome_segments: outcome_segments.to_vec() });
+            self.releases.push(Release { msg_segment, outcome_segments });
         }
+    }
+
+    /// Nothing appended is waiting for a sync, nor is a sync running.
+    fn all_durable(&self) -> bool {
+        self.dirty.is_empty() && !self.dir_dirty && self.in_flight.is_none()
     }
 
     /// Applies releases whose records a successful commit has made durable.
@@ -717,6 +722,19 @@ impl Spool {
         self.active
     }
 
+    /// The active segment's slot, if one is open.
+    fn active_slot(&self) -> Option<&Slot> {
+        self.active.and_then(|seq| self.segments.get(&seq))
+    }
+
+    /// Whether a new segment of `size` bytes leaves `min_free_space` on a filesystem with
+    /// `free` bytes free (unknown: assume so, and let the creation find out), counting the
+    /// active segment's unused tail as free: sealing it gives that back.
+    fn segment_fits(&self, free: Option<u64>, size: u64) -> bool {
+        let room = self.active_slot().map_or(0, |s| s.seg.remaining() as u64);
+        free.is_none_or(|f| f.saturating_add(room) >= size.saturating_add(self.opts.min_free_space))
+    }
+
     /// Appends `len` bytes written by `fill` into the active segment (rolling over if needed)
     /// and marks it dirty. Returns (segment, offset).
     fn append_with(
@@ -727,10 +745,7 @@ impl Spool {
     ) -> Result<(u64, usize), SpoolError> {
         // New mail never goes into a segment made from the reserve: it rolls over past it,
         // which checks the free space again.
-        let usable = self
-            .active
-            .and_then(|seq| self.segments.get(&seq))
-            .is_some_and(|slot| slot.seg.remaining() >= len && !(new_mail && slot.reserve));
+        let usable = self.active_slot().is_some_and(|slot| slot.seg.remaining() >= len && !(new_mail && slot.reserve));
         if !usable {
             self.roll(len, new_mail)?;
         }
@@ -755,13 +770,8 @@ impl Spool {
     fn roll(&mut self, record_len: usize, new_mail: bool) -> Result<(), SpoolError> {
         let need = format::SEGMENT_HEADER_LEN + record_len;
         let full = usize::try_from(self.opts.segment_size).unwrap_or(usize::MAX).max(need);
-        let prev_room = self.active.and_then(|seq| self.segments.get(&seq)).map_or(0, |s| s.seg.remaining() as u64);
-        // An unreadable free-space figure is not a full disk: let the creation find out.
-        let fits = |free: Option<u64>, size: usize| {
-            free.is_none_or(|f| f.saturating_add(prev_room) >= (size as u64).saturating_add(self.opts.min_free_space))
-        };
         let free = segment::free_space(&self.opts.dir).ok();
-        let (size, reserve) = if fits(free, full) {
+        let (size, reserve) = if self.segment_fits(free, full as u64) {
             (full, false)
         } else if new_mail {
             return Err(SpoolError::NoSpace);
@@ -1043,7 +1053,7 @@ mod tests {
         spool.commit().unwrap();
         let p = spool.append_outcome(QueueId(1), 0, &outcome(RcptStatus::Delivered)).unwrap();
         assert_ne!(p.segment, l1.segment);
-        spool.release_message(l1.segment, &[p.segment]);
+        spool.release_message(l1.segment, vec![p.segment]);
         assert!(seg_path(&tmp.0, l1.segment).exists(), "unlinked before its outcome was synced");
         // With a detached commit too: not before the job that covers the outcome returns.
         let job = spool.begin_commit().unwrap().expect("the outcome is dirty");
@@ -1062,7 +1072,7 @@ mod tests {
         spool.append_message(QueueId(2), 0, &env(&["a@x"]), &[2u8; 3000]).unwrap();
         spool.commit().unwrap();
         let p = spool.append_outcome(QueueId(1), 0, &outcome(RcptStatus::Failed)).unwrap();
-        spool.release_message(l1.segment, &[p.segment]);
+        spool.release_message(l1.segment, vec![p.segment]);
         let _job = spool.begin_commit().unwrap().unwrap();
         let failed = io::Error::other("injected sync failure");
         assert!(spool.finish_commit(Err(SpoolError::Io("sync", failed))).is_err());
@@ -1305,18 +1315,18 @@ mod tests {
         spool.commit().unwrap();
         assert!(seg_path(&tmp.0, l1.segment).exists());
 
-        spool.release_message(l1.segment, &[p.segment]);
+        spool.release_message(l1.segment, vec![p.segment]);
         assert!(!seg_path(&tmp.0, l1.segment).exists(), "finished sealed segment deleted");
         assert!(seg_path(&tmp.0, l2.segment).exists(), "live message keeps B");
 
         spool.append_outcome(QueueId(2), 0, &outcome(RcptStatus::Failed)).unwrap();
         spool.commit().unwrap();
-        spool.release_message(l2.segment, &[l3.segment]);
+        spool.release_message(l2.segment, vec![l3.segment]);
         assert!(!seg_path(&tmp.0, l2.segment).exists());
         // The active segment is never deleted, even with nothing live in it.
         spool.append_outcome(QueueId(3), 0, &outcome(RcptStatus::Delivered)).unwrap();
         spool.commit().unwrap();
-        spool.release_message(l3.segment, &[l3.segment]);
+        spool.release_message(l3.segment, vec![l3.segment]);
         assert_eq!(spool.active_segment(), Some(l3.segment));
         assert!(seg_path(&tmp.0, l3.segment).exists());
         // A clean shutdown seals the active segment, which then holds nothing needed.
@@ -1346,8 +1356,8 @@ mod tests {
             spool.append_outcome(QueueId(3), 0, &outcome(RcptStatus::Delivered)).unwrap();
             spool.append_message(QueueId(4), 0, &env(&["a@x"]), &vec![0u8; 3000]).unwrap();
             spool.commit().unwrap();
-            spool.release_message(l1.segment, &[p.segment]);
-            spool.release_message(l3.segment, &[l3.segment]);
+            spool.release_message(l1.segment, vec![p.segment]);
+            spool.release_message(l3.segment, vec![l3.segment]);
             assert!(seg_path(&tmp.0, l1.segment).exists());
             assert!(seg_path(&tmp.0, l3.segment).exists(), "B pinned by message 1's record");
             (l1.segment, l3.segment)
@@ -1359,7 +1369,7 @@ mod tests {
         let m2 = &rec.messages[0];
         spool.append_outcome(QueueId(2), 0, &outcome(RcptStatus::Delivered)).unwrap();
         spool.commit().unwrap();
-        spool.release_message(m2.loc.segment, &[spool.active_segment().unwrap()]);
+        spool.release_message(m2.loc.segment, vec![spool.active_segment().unwrap()]);
         assert!(!seg_path(&tmp.0, a).exists());
         assert!(!seg_path(&tmp.0, b).exists(), "B freed with A");
     }
@@ -1414,7 +1424,7 @@ mod tests {
         assert_eq!(spool.message(bounce).unwrap().body, b"bounce");
         // Finished later, it still stays: after a failed sync no commit proves the records
         // that finish a message durable, so nothing is unlinked before the next recovery.
-        spool.release_message(bounce.segment, &[]);
+        spool.release_message(bounce.segment, vec![]);
         spool.append_outcome(QueueId(2), 0, &outcome(RcptStatus::Delivered)).unwrap();
         spool.commit().unwrap();
         assert!(seg_path(&tmp.0, bounce.segment).exists());
@@ -1702,7 +1712,7 @@ mod tests {
                         m.settled.push((rcpt, dsn));
                         m.outcome_segments.push(p.segment);
                         if m.settled.len() == m.rcpts {
-                            spool.release_message(m.seg, &m.outcome_segments);
+                            spool.release_message(m.seg, m.outcome_segments.clone());
                         }
                     }
                     Step::Commit { detached } => {
