@@ -23,7 +23,7 @@
 //! valid records after it is reported there too, and the scan goes on.
 
 use std::collections::HashMap;
-use std::io;
+use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
 
 use memchr::memmem;
@@ -382,8 +382,11 @@ fn quarantine(dir: &Path, name: &str, bytes: &[u8], damage: &[(usize, usize)], w
         }
         let path = qdir.join(format!("{name}.{start}"));
         let written = std::fs::create_dir_all(&qdir)
-            .and_then(|()| std::fs::write(&path, range))
-            .and_then(|()| std::fs::File::open(&path)?.sync_all())
+            .and_then(|()| {
+                let mut f = std::fs::File::create(&path)?;
+                f.write_all(range)?;
+                f.sync_all()
+            })
             .and_then(|()| std::fs::File::open(&qdir)?.sync_all());
         match written {
             Ok(()) => warnings.push(format!(
