@@ -56,7 +56,7 @@ fn bench_commit(c: &mut Criterion) {
                         if let Ok((_, loc)) = appended {
                             // Finished at once, so sealed segments are reclaimed and the bench
                             // does not fill the disk.
-                            spool.release_message(loc.segment, Vec::new());
+                            spool.release_message(loc.segment, Default::default());
                         }
                     }
                     spool.commit().is_ok()

@@ -38,14 +38,14 @@ use crate::log::{Logger, V};
 use crate::message::{Envelope, IdGen, QueueId};
 use crate::net::dns::DnsConn;
 use crate::net::outbound::{new_conn, ActiveJob, Io, OutboundConn};
+use crate::net::token::{self, Kind};
 use crate::queue::schedule::{NextStep, RetryPolicy};
 use crate::queue::{DestId, Job, Queue};
-use crate::reactor::token::{self, Kind};
 use crate::smtp::client::{
     ClientConfig, ClientEvent, ClientSession, ClientTimeouts, Failure, TlsPolicy, TxRcpt, TxSpec,
 };
 use crate::smtp::reply::Reply;
-use crate::spool::{Outcome, RecoveredMessage, Spool};
+use crate::spool::{Outcome, Spool, StoredMessage};
 use route::{rcpt_outcome, status_code, synthetic, verdict, Verdict};
 
 /// Transactions on one connection before it says QUIT.
@@ -214,7 +214,7 @@ impl Delivery {
     }
 
     /// Queues a message that was just committed (or recovered).
-    pub fn enqueue(&mut self, ctx: &mut Ctx<'_>, rec: &RecoveredMessage) {
+    pub fn enqueue(&mut self, ctx: &mut Ctx<'_>, rec: &StoredMessage) {
         let env = match ctx.spool.message(rec.loc) {
             Ok(view) => view.envelope,
             Err(e) => {
@@ -227,9 +227,9 @@ impl Delivery {
 
     /// Queues a message whose envelope the caller already has (the session that received it),
     /// saving a decode of the record.
-    pub fn enqueue_with(&mut self, ctx: &mut Ctx<'_>, rec: &RecoveredMessage, env: &Envelope) {
+    pub fn enqueue_with(&mut self, ctx: &mut Ctx<'_>, rec: &StoredMessage, env: &Envelope) {
         if self.queue.insert(rec, env, ctx.wall_ms).is_none() {
-            ctx.spool.release_message(rec.loc.segment, rec.outcome_segments.clone());
+            ctx.spool.release_message(rec.loc.segment, rec.pins.clone());
         }
     }
 
@@ -987,14 +987,14 @@ impl Delivery {
                 ],
             );
             match ctx.spool.append_outcome(id, rcpt, &outcome) {
-                Ok(p) => self.queue.add_outcome_segment(job.msg, p.segment),
+                Ok(p) => self.queue.add_outcome(job.msg, p),
                 Err(e) => ctx.log.event("spool_error", &[("id", V::D(&id)), ("error", V::D(&e))]),
             }
             finished = self.queue.settle(job.msg, rcpt, v.status(), tries, next_ms);
         }
         if finished {
             if let Some(m) = self.queue.remove(job.msg) {
-                ctx.spool.release_message(m.loc.segment, m.outcome_segments);
+                ctx.spool.release_message(m.loc.segment, m.pins);
             }
         } else {
             self.queue.reschedule(job.msg, job.dest, ctx.wall_ms);
@@ -1085,12 +1085,12 @@ impl Delivery {
         match ctx.spool.append_generated_message(bounce_id, ctx.wall_ms, &benv, &body) {
             Ok((_, bloc)) => {
                 ctx.log.event("bounce", &[("id", V::D(&bounce_id)), ("for", V::D(&id)), ("to", V::B(&env.sender))]);
-                let rec = RecoveredMessage {
+                let rec = StoredMessage {
                     id: bounce_id,
                     loc: bloc,
                     arrival_ms: ctx.wall_ms,
                     rcpts: Vec::new(),
-                    outcome_segments: Vec::new(),
+                    pins: Default::default(),
                 };
                 self.enqueue(ctx, &rec);
                 Ok(Some(bounce_id))

@@ -29,7 +29,7 @@ use slab::Slab;
 use crate::dns::resolver::{Handled, Transmit};
 use crate::dns::Resolver;
 use crate::net::socket::{self, IoResult};
-use crate::reactor::token::{self, Kind};
+use crate::net::token::{self, Kind};
 
 /// Datagrams read per call before yielding to other sockets (the kernel buffer normally holds
 /// far fewer; a flood of spoofed datagrams must not hold the loop).

@@ -5,3 +5,4 @@ pub mod inbound;
 pub mod outbound;
 pub mod socket;
 pub mod tls;
+pub mod token;

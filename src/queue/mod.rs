@@ -13,7 +13,7 @@ use std::collections::{HashMap, VecDeque};
 use slab::Slab;
 
 use crate::message::{Envelope, QueueId};
-use crate::spool::{MessageLoc, RcptStatus, RecoveredMessage};
+use crate::spool::{MessageLoc, Pending, Pins, RcptStatus, StoredMessage};
 use schedule::DueQueue;
 
 /// Index of a message in the queue.
@@ -53,8 +53,8 @@ pub struct QMsg {
     pub arrival_ms: u64,
     /// Recipients in envelope order.
     pub rcpts: Box<[QRcpt]>,
-    /// Segments holding this message's outcome records (for spool reclamation).
-    pub outcome_segments: Vec<u64>,
+    /// Spool segments its outcome records keep (handed back to the spool when it is done).
+    pub pins: Pins,
     /// Recipients not yet final.
     pub open: u32,
 }
@@ -165,7 +165,7 @@ impl Queue {
     /// outcome segments come from `rec`; an empty `rec.rcpts` means every recipient is new.
     /// Recipients already final stay so; due ones go to their destination's ready list, later
     /// ones to the due queue. Returns `None` when nothing is left to deliver.
-    pub fn insert(&mut self, rec: &RecoveredMessage, env: &Envelope, now_ms: u64) -> Option<MsgKey> {
+    pub fn insert(&mut self, rec: &StoredMessage, env: &Envelope, now_ms: u64) -> Option<MsgKey> {
         let states = if rec.rcpts.is_empty() { None } else { Some(&rec.rcpts[..]) };
         let mut rcpts = Vec::with_capacity(env.rcpt_count());
         let mut open = 0;
@@ -195,7 +195,7 @@ impl Queue {
             loc: rec.loc,
             arrival_ms: rec.arrival_ms,
             rcpts: rcpts.into_boxed_slice(),
-            outcome_segments: rec.outcome_segments.clone(),
+            pins: rec.pins.clone(),
             open,
         }) as MsgKey;
         self.schedule_open(key, None, now_ms);
@@ -344,10 +344,10 @@ impl Queue {
         self.make_ready(job.dest, job.msg, job.id);
     }
 
-    /// Records a segment holding an outcome record of `key`.
-    pub fn add_outcome_segment(&mut self, key: MsgKey, segment: u64) {
+    /// Records where an outcome record of `key` went (it pins that spool segment).
+    pub fn add_outcome(&mut self, key: MsgKey, ticket: Pending) {
         if let Some(m) = self.msgs.get_mut(key as usize) {
-            m.outcome_segments.push(segment);
+            m.pins.add(ticket);
         }
     }
 
@@ -362,7 +362,7 @@ mod tests {
     use super::*;
     use crate::spool::RcptState;
 
-    fn msg(id: u64, rcpts: &[(&str, u64)]) -> (RecoveredMessage, Envelope) {
+    fn msg(id: u64, rcpts: &[(&str, u64)]) -> (StoredMessage, Envelope) {
         let mut env = Envelope::default();
         for (addr, _) in rcpts {
             env.push_rcpt(addr.as_bytes(), b"", 0);
@@ -376,12 +376,12 @@ mod tests {
                 last_reply: Vec::new(),
             })
             .collect();
-        let rec = RecoveredMessage {
+        let rec = StoredMessage {
             id: QueueId(id),
             loc: MessageLoc { segment: 1, offset: 0, len: 0 },
             arrival_ms: 0,
             rcpts: states,
-            outcome_segments: Vec::new(),
+            pins: Default::default(),
         };
         (rec, env)
     }

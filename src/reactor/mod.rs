@@ -15,7 +15,6 @@ pub mod authwork;
 pub mod signal;
 pub mod syncer;
 pub mod timer;
-pub mod token;
 
 use std::io::{self, Write as _};
 use std::net::SocketAddr;
@@ -35,6 +34,7 @@ use crate::message::QueueId;
 use crate::net::inbound::{Flush, InboundConn};
 use crate::net::socket::{self, IoResult};
 use crate::net::tls::{ServerTls, TlsSession};
+use crate::net::token::{self, Kind};
 use crate::queue::schedule::RetryPolicy;
 use crate::smtp::auth::Credentials;
 use crate::smtp::auth_throttle::{self, AuthThrottle, Refusal, Verdict};
@@ -45,10 +45,9 @@ use crate::smtp::line::MAX_AUTH_LINE;
 use crate::smtp::pace::{Pace, PaceLimits};
 use crate::smtp::reply;
 use crate::smtp::server::{AuthOutcome, Ctx, Event, ServerSession};
-use crate::spool::{MessageLoc, RecoveredMessage};
+use crate::spool::{MessageLoc, StoredMessage};
 use crate::spool::{Spool, SpoolError, SpoolOptions};
 use authwork::{AuthJob, AuthWorker};
-use token::Kind;
 
 /// Input/output chunk size. Sessions frame lines where they lie in the input chunk, so the
 /// longest line, an AUTH line (RFC 4954 §4), must fit in one.
@@ -276,7 +275,7 @@ impl Server {
     }
 
     /// Hands recovered messages to the delivery queue.
-    fn enqueue_recovered(&mut self, messages: &[RecoveredMessage]) {
+    fn enqueue_recovered(&mut self, messages: &[StoredMessage]) {
         self.with_delivery(|d, ctx| {
             for rec in messages {
                 d.enqueue(ctx, rec);
@@ -845,12 +844,12 @@ impl Server {
             // Durable: it goes to delivery whether or not its client is still there (with the
             // session's envelope when there is one, else decoded from the spool).
             if result.is_ok() && !w.queued {
-                let rec = RecoveredMessage {
+                let rec = StoredMessage {
                     id: w.id,
                     loc: w.loc,
                     arrival_ms: w.arrival_ms,
                     rcpts: Vec::new(),
-                    outcome_segments: Vec::new(),
+                    pins: Default::default(),
                 };
                 let mut ctx = delivery::Ctx {
                     spool,

@@ -21,6 +21,7 @@
 //! Single-threaded: one `Spool` per directory, driven from the event loop.
 
 pub mod format;
+pub mod record;
 mod recover;
 mod segment;
 
@@ -32,6 +33,7 @@ use std::path::PathBuf;
 
 use crate::message::{Envelope, QueueId};
 
+pub use record::{BodyLoc, MessageLoc, Outcome, Pending, Pins, RcptState, RcptStatus, StoredMessage};
 use segment::{map_io, map_io_at, Segment};
 
 /// How the spool is opened.
@@ -55,106 +57,11 @@ const SMALL_SEGMENT: usize = 1 << 20;
 /// How long a reading of the filesystem's free space is reused by [`Spool::accepting`].
 const FREE_SPACE_TTL_MS: u64 = 250;
 
-/// Where a message record lies: segment sequence number, byte offset of its record, record length.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MessageLoc {
-    /// Segment sequence number.
-    pub segment: u64,
-    /// Offset of the record header in the segment.
-    pub offset: u64,
-    /// Whole record length including header and padding.
-    pub len: u64,
-}
-
-/// Where a message body lies inside a segment map (see [`Spool::message_with_body`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BodyLoc {
-    /// Segment sequence number.
-    pub segment: u64,
-    /// Offset of the first body byte in the segment.
-    pub start: usize,
-    /// Body length.
-    pub len: usize,
-}
-
-/// A ticket for an append not yet known durable.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Pending {
-    /// Segment the record went to.
-    pub segment: u64,
-    /// End offset of the record in that segment.
-    pub end: u64,
-}
-
-/// Final or temporary state of one recipient.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum RcptStatus {
-    /// No outcome recorded yet.
-    Queued = 0,
-    /// Accepted by the destination (final).
-    Delivered = 1,
-    /// Permanently failed (final).
-    Failed = 2,
-    /// Temporarily failed; retry at `next_attempt_ms`.
-    Deferred = 3,
-}
-
-/// One delivery outcome for one recipient, as the delivery side records it.
-#[derive(Clone, Copy, Debug)]
-pub struct Outcome<'a> {
-    /// Delivered, Failed or Deferred.
-    pub status: RcptStatus,
-    /// Attempts made so far, including this one.
-    pub attempts: u16,
-    /// Next attempt (Unix ms) for Deferred; 0 otherwise.
-    pub next_attempt_ms: u64,
-    /// When this outcome happened (Unix ms).
-    pub at_ms: u64,
-    /// The reply that decided it, e.g. `250 2.0.0 Ok` or `451 4.3.0 try later`.
-    pub reply: &'a [u8],
-    /// Remote host (name and address) that answered, empty if none.
-    pub remote: &'a [u8],
-    /// For `Failed`: the DSN stored for it (appended before this record), if one was due.
-    /// Recovery treats a failure whose DSN record is missing as not final, so that a power loss
-    /// that kept the failure but not its DSN retries (and bounces) again instead of dropping
-    /// the message silently.
-    pub bounce: Option<QueueId>,
-}
-
-/// State of one recipient after recovery.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RcptState {
-    /// Latest status.
-    pub status: RcptStatus,
-    /// Attempts so far.
-    pub attempts: u16,
-    /// Next attempt (Unix ms) when Deferred.
-    pub next_attempt_ms: u64,
-    /// Last reply text, empty if none.
-    pub last_reply: Vec<u8>,
-}
-
-/// A message found by recovery with its recipient states.
-#[derive(Clone, Debug)]
-pub struct RecoveredMessage {
-    /// Queue id.
-    pub id: QueueId,
-    /// Where its record is.
-    pub loc: MessageLoc,
-    /// Arrival time, Unix ms.
-    pub arrival_ms: u64,
-    /// One state per recipient, in envelope order.
-    pub rcpts: Vec<RcptState>,
-    /// Segments holding outcome records of this message (one entry per outcome record).
-    pub outcome_segments: Vec<u64>,
-}
-
 /// What recovery found.
 #[derive(Debug, Default)]
 pub struct Recovery {
     /// Messages with at least one recipient not final, in spool order.
-    pub messages: Vec<RecoveredMessage>,
+    pub messages: Vec<StoredMessage>,
     /// Highest queue id seen anywhere (finished messages included).
     pub max_id: Option<QueueId>,
     /// Human-readable warnings (corrupt records skipped, torn tails cut), naming segment and offset.
@@ -292,7 +199,7 @@ pub struct Spool {
 /// A [`Spool::release_message`] waiting for its records to be durable.
 struct Release {
     msg_segment: u64,
-    outcome_segments: Vec<u64>,
+    pins: Pins,
 }
 
 /// One segment and its reclamation counters.
@@ -649,7 +556,7 @@ impl Spool {
     }
 
     /// All recipients of the message at `msg_segment` are final: drop its live count there and
-    /// one pin for each entry of `outcome_segments`; delete segments that are no longer needed.
+    /// one pin for each outcome record in `pins`; delete segments that are no longer needed.
     ///
     /// Pins on segments after `msg_segment` are dropped only when `msg_segment` itself is
     /// deleted: until then the message record is still on disk and its final outcomes must stay
@@ -660,16 +567,16 @@ impl Spool {
     /// disk. After a failed commit nothing is released any more (that commit's records may
     /// never reach the disk although they are no longer tracked); the next recovery judges it.
     ///
-    /// Takes `outcome_segments` by value: a release that must wait keeps it without a copy.
-    pub fn release_message(&mut self, msg_segment: u64, outcome_segments: Vec<u64>) {
+    /// Takes `pins` by value: a release that must wait keeps them without a copy.
+    pub fn release_message(&mut self, msg_segment: u64, pins: Pins) {
         if self.sync_failed {
             return;
         }
         if self.all_durable() {
             // Everything appended is durable already (or fsync is off and nothing is pending).
-            self.apply_release(msg_segment, &outcome_segments);
+            self.apply_release(msg_segment, &pins.0);
         } else {
-            self.releases.push(Release { msg_segment, outcome_segments });
+            self.releases.push(Release { msg_segment, pins });
         }
     }
 
@@ -681,7 +588,7 @@ impl Spool {
     /// Applies releases whose records a successful commit has made durable.
     fn apply_releases(&mut self, releases: Vec<Release>) {
         for r in releases {
-            self.apply_release(r.msg_segment, &r.outcome_segments);
+            self.apply_release(r.msg_segment, &r.pins.0);
         }
     }
 
@@ -1036,7 +943,7 @@ mod tests {
         assert_eq!(r.attempts, 2);
         assert_eq!(r.next_attempt_ms, 777_000);
         assert_eq!(r.last_reply, b"451 4.4.1 second");
-        assert_eq!(m.outcome_segments, vec![m.loc.segment; 4]);
+        assert_eq!(m.pins, Pins(vec![m.loc.segment; 4]));
     }
 
     #[test]
@@ -1053,7 +960,7 @@ mod tests {
         spool.commit().unwrap();
         let p = spool.append_outcome(QueueId(1), 0, &outcome(RcptStatus::Delivered)).unwrap();
         assert_ne!(p.segment, l1.segment);
-        spool.release_message(l1.segment, vec![p.segment]);
+        spool.release_message(l1.segment, Pins(vec![p.segment]));
         assert!(seg_path(&tmp.0, l1.segment).exists(), "unlinked before its outcome was synced");
         // With a detached commit too: not before the job that covers the outcome returns.
         let job = spool.begin_commit().unwrap().expect("the outcome is dirty");
@@ -1072,7 +979,7 @@ mod tests {
         spool.append_message(QueueId(2), 0, &env(&["a@x"]), &[2u8; 3000]).unwrap();
         spool.commit().unwrap();
         let p = spool.append_outcome(QueueId(1), 0, &outcome(RcptStatus::Failed)).unwrap();
-        spool.release_message(l1.segment, vec![p.segment]);
+        spool.release_message(l1.segment, Pins(vec![p.segment]));
         let _job = spool.begin_commit().unwrap().unwrap();
         let failed = io::Error::other("injected sync failure");
         assert!(spool.finish_commit(Err(SpoolError::Io("sync", failed))).is_err());
@@ -1315,18 +1222,18 @@ mod tests {
         spool.commit().unwrap();
         assert!(seg_path(&tmp.0, l1.segment).exists());
 
-        spool.release_message(l1.segment, vec![p.segment]);
+        spool.release_message(l1.segment, Pins(vec![p.segment]));
         assert!(!seg_path(&tmp.0, l1.segment).exists(), "finished sealed segment deleted");
         assert!(seg_path(&tmp.0, l2.segment).exists(), "live message keeps B");
 
         spool.append_outcome(QueueId(2), 0, &outcome(RcptStatus::Failed)).unwrap();
         spool.commit().unwrap();
-        spool.release_message(l2.segment, vec![l3.segment]);
+        spool.release_message(l2.segment, Pins(vec![l3.segment]));
         assert!(!seg_path(&tmp.0, l2.segment).exists());
         // The active segment is never deleted, even with nothing live in it.
         spool.append_outcome(QueueId(3), 0, &outcome(RcptStatus::Delivered)).unwrap();
         spool.commit().unwrap();
-        spool.release_message(l3.segment, vec![l3.segment]);
+        spool.release_message(l3.segment, Pins(vec![l3.segment]));
         assert_eq!(spool.active_segment(), Some(l3.segment));
         assert!(seg_path(&tmp.0, l3.segment).exists());
         // A clean shutdown seals the active segment, which then holds nothing needed.
@@ -1356,8 +1263,8 @@ mod tests {
             spool.append_outcome(QueueId(3), 0, &outcome(RcptStatus::Delivered)).unwrap();
             spool.append_message(QueueId(4), 0, &env(&["a@x"]), &vec![0u8; 3000]).unwrap();
             spool.commit().unwrap();
-            spool.release_message(l1.segment, vec![p.segment]);
-            spool.release_message(l3.segment, vec![l3.segment]);
+            spool.release_message(l1.segment, Pins(vec![p.segment]));
+            spool.release_message(l3.segment, Pins(vec![l3.segment]));
             assert!(seg_path(&tmp.0, l1.segment).exists());
             assert!(seg_path(&tmp.0, l3.segment).exists(), "B pinned by message 1's record");
             (l1.segment, l3.segment)
@@ -1369,7 +1276,7 @@ mod tests {
         let m2 = &rec.messages[0];
         spool.append_outcome(QueueId(2), 0, &outcome(RcptStatus::Delivered)).unwrap();
         spool.commit().unwrap();
-        spool.release_message(m2.loc.segment, vec![spool.active_segment().unwrap()]);
+        spool.release_message(m2.loc.segment, Pins(vec![spool.active_segment().unwrap()]));
         assert!(!seg_path(&tmp.0, a).exists());
         assert!(!seg_path(&tmp.0, b).exists(), "B freed with A");
     }
@@ -1424,7 +1331,7 @@ mod tests {
         assert_eq!(spool.message(bounce).unwrap().body, b"bounce");
         // Finished later, it still stays: after a failed sync no commit proves the records
         // that finish a message durable, so nothing is unlinked before the next recovery.
-        spool.release_message(bounce.segment, vec![]);
+        spool.release_message(bounce.segment, Pins(vec![]));
         spool.append_outcome(QueueId(2), 0, &outcome(RcptStatus::Delivered)).unwrap();
         spool.commit().unwrap();
         assert!(seg_path(&tmp.0, bounce.segment).exists());
@@ -1712,7 +1619,7 @@ mod tests {
                         m.settled.push((rcpt, dsn));
                         m.outcome_segments.push(p.segment);
                         if m.settled.len() == m.rcpts {
-                            spool.release_message(m.seg, m.outcome_segments.clone());
+                            spool.release_message(m.seg, Pins(m.outcome_segments.clone()));
                         }
                     }
                     Step::Commit { detached } => {

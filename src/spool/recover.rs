@@ -30,7 +30,7 @@ use memchr::memmem;
 
 use super::format::{self, FormatError, MessageSummary, OutcomeRecord, Probe, RecordKey, RecordKind};
 use super::segment::{map_io_at, Segment};
-use super::{MessageLoc, RcptState, RcptStatus, RecoveredMessage, Recovery, SpoolError};
+use super::{MessageLoc, Pins, RcptState, RcptStatus, Recovery, SpoolError, StoredMessage};
 use crate::message::QueueId;
 
 /// Subdirectory of the spool that receives copies of damaged bytes (see [`quarantine`]).
@@ -303,12 +303,12 @@ impl State {
             .msgs
             .into_iter()
             .filter(|m| !m.finished())
-            .map(|m| RecoveredMessage {
+            .map(|m| StoredMessage {
                 id: m.id,
                 loc: m.loc,
                 arrival_ms: m.arrival_ms,
                 rcpts: m.rcpts,
-                outcome_segments: m.outcome_segments,
+                pins: Pins(m.outcome_segments),
             })
             .collect();
         Recovery { messages, max_id: self.max_id, warnings: self.warnings }
