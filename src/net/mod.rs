@@ -6,3 +6,4 @@ pub mod outbound;
 pub mod socket;
 pub mod tls;
 pub mod token;
+pub mod transport;

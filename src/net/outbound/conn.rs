@@ -1,21 +1,22 @@
-//! `OutboundConn`: one delivery connection — a non-blocking socket, pooled buffers, an optional
-//! [`TlsSession`] and the pure [`ClientSession`] — and the I/O that moves bytes between them.
+//! `OutboundConn`: one delivery connection — a [`Transport`] (socket, optional TLS, pooled
+//! buffers, readiness) and the pure [`ClientSession`] — and the glue that feeds the session
+//! what the transport reads and flushes what the session says.
 //!
-//! The buffers always hold plaintext. Before STARTTLS the socket feeds `input` and drains
-//! `output` directly; after the server's `220` ([`ClientEvent::StartTls`]) a client
-//! [`TlsSession`] sits in between: reads go socket → TLS → `input`, writes go `output` → TLS →
-//! socket. Readiness is edge-triggered, so both directions run until the socket itself says
-//! `WouldBlock`, and every [`OutboundConn::write`] also flushes ciphertext the TLS layer queued
-//! while reading (handshake messages, alerts), so nothing waits for an event that never comes.
+//! After the server's `220` to STARTTLS ([`ClientEvent::StartTls`]) [`OutboundConn::start_tls`]
+//! puts a client TLS session on the transport; the session only ever sees plaintext. Readiness
+//! is edge-triggered, so both directions run until the socket itself says `WouldBlock`, and
+//! every [`OutboundConn::write`] also flushes ciphertext the TLS layer queued while reading
+//! (handshake messages, alerts), so nothing waits for an event that never comes.
 //!
 //! [`ClientEvent::StartTls`]: crate::smtp::client::ClientEvent::StartTls
 
 use std::net::SocketAddr;
+use std::ops::{Deref, DerefMut};
 use std::time::Instant;
 
-use crate::buf::{Buf, BufPool};
-use crate::net::socket::{self, IoResult};
-use crate::net::tls::{ClientTls, TlsError, TlsFlush, TlsInfo, TlsRead, TlsSession};
+use crate::buf::BufPool;
+use crate::net::tls::{ClientTls, TlsError, TlsInfo, TlsSession};
+use crate::net::transport::{Flush, Read, Transport};
 use crate::queue::{DestId, Job};
 use crate::smtp::client::ClientSession;
 use crate::spool::BodyLoc;
@@ -32,9 +33,12 @@ pub struct ActiveJob {
 }
 
 /// One outbound connection.
+///
+/// The socket, buffers and readiness flags live in [`OutboundConn::io`]; the connection
+/// derefs to it, so a driver still writes `conn.sock`, `conn.readable`, `conn.hup`.
 pub struct OutboundConn {
-    /// The socket.
-    pub sock: mio::net::TcpStream,
+    /// Socket, optional TLS, pooled buffers, readiness.
+    pub io: Transport,
     /// Remote address.
     pub peer: SocketAddr,
     /// Remote host name (MX name or relay host): the TLS server name.
@@ -45,16 +49,6 @@ pub struct OutboundConn {
     pub generation: u32,
     /// Protocol state.
     pub session: ClientSession,
-    /// Unparsed input.
-    pub input: Option<Buf>,
-    /// Unsent output.
-    pub output: Option<Buf>,
-    /// Readable since the last `WouldBlock`.
-    pub readable: bool,
-    /// Writable since the last `WouldBlock`.
-    pub writable: bool,
-    /// The peer's FIN (or a socket error) was reported: read on to EOF, even after a short read.
-    pub hup: bool,
     /// The TCP connect has completed.
     pub connected: bool,
     /// The transaction in progress.
@@ -74,12 +68,8 @@ pub struct OutboundConn {
     pub greeted: bool,
     /// TLS settings for STARTTLS (None when the session never asks for it).
     pub tls_config: Option<ClientTls>,
-    /// TLS, from the server's `220` to STARTTLS on.
-    pub tls: Option<TlsSession>,
     /// Version and cipher once the handshake finished.
     pub tls_info: Option<TlsInfo>,
-    /// The handshake finished and the session was told.
-    tls_up: bool,
     /// The handshake finished and the driver has not been told yet (see
     /// [`OutboundConn::take_tls_established`]).
     tls_news: bool,
@@ -87,7 +77,21 @@ pub struct OutboundConn {
     pub tls_error: Option<String>,
 }
 
-/// What moving bytes achieved.
+impl Deref for OutboundConn {
+    type Target = Transport;
+    fn deref(&self) -> &Transport {
+        &self.io
+    }
+}
+
+impl DerefMut for OutboundConn {
+    fn deref_mut(&mut self) -> &mut Transport {
+        &mut self.io
+    }
+}
+
+/// What moving bytes achieved, for the connection as a whole (the transport's [`Read`] and
+/// [`Flush`] folded with what the session made of them).
 #[derive(Debug, PartialEq, Eq)]
 pub enum Io {
     /// Fine; maybe more later.
@@ -104,126 +108,64 @@ impl OutboundConn {
     /// as the session waits for TLS. A TLS failure is given to the session
     /// ([`ClientSession::handle_tls_failed`]) and returns [`Io::Ok`]: the session reports it.
     pub fn read(&mut self, pool: &mut BufPool, now: Instant) -> Io {
-        while self.readable {
-            if self.session.awaiting_tls() && self.tls.is_none() {
+        while self.io.readable {
+            if self.session.awaiting_tls() && !self.io.is_tls() {
                 // The rest of the socket's bytes are TLS: wait for `start_tls`.
                 break;
             }
-            if self.input.is_none() {
-                self.input = pool.checkout();
-            }
-            let Some(inb) = self.input.as_mut() else { return Io::Ok };
-            let space = inb.space();
-            if space.is_empty() {
-                // A reply longer than the buffer (a long multi-line EHLO): the session holds
-                // it itself, up to its own limit, past which it fails with "reply too long".
-                let n = self.session.handle_long_input(inb.data(), now);
-                inb.consume(n);
-                if n == 0 {
-                    return Io::Failed;
-                }
-                continue;
-            }
-            let asked = space.len();
-            let Some(tls) = self.tls.as_mut() else {
-                match socket::read(&mut self.sock, space) {
-                    IoResult::Done(n) => {
-                        inb.fill(n);
-                        let used = self.session.handle_input(inb.data(), now);
-                        inb.consume(used);
-                        // A short read drained the socket: new bytes raise a new edge. Not after
-                        // a FIN was reported with them (replies then close, in one event): no
-                        // edge follows, so read on to see EOF.
-                        if n < asked && !self.hup {
-                            self.readable = false;
-                        }
-                    }
-                    IoResult::WouldBlock => self.readable = false,
-                    IoResult::Closed => return Io::Closed,
-                    IoResult::Error(_) => return Io::Failed,
-                }
-                continue;
-            };
-            // Through TLS a short read says nothing about the socket: only `WouldBlock` does.
-            let got = tls.read(&mut self.sock, space);
-            if !self.tls_up && !tls.is_handshaking() {
+            let got = self.io.read(pool);
+            if let Some(info) = self.io.take_handshake_done() {
                 // Before any decrypted byte reaches the session: it queues EHLO again.
-                self.tls_up = true;
                 self.tls_news = true;
-                self.tls_info = tls.info();
+                self.tls_info = Some(info);
                 self.session.handle_tls_established(now);
             }
             match got {
-                TlsRead::Data(n) => {
-                    inb.fill(n);
+                Read::Data(_) => {
+                    let Some(inb) = self.io.input.as_mut() else { continue };
                     let used = self.session.handle_input(inb.data(), now);
                     inb.consume(used);
                 }
-                TlsRead::WouldBlock => self.readable = false,
-                TlsRead::Closed => return Io::Closed,
-                TlsRead::Failed(e) => {
-                    // An alert may be queued: let it go out, best effort.
-                    let _ = tls.flush(&mut self.sock);
-                    self.tls_failed(&e);
+                Read::Full => {
+                    // A reply longer than the buffer (a long multi-line EHLO): the session
+                    // holds it itself, up to its own limit, past which it fails with "reply
+                    // too long".
+                    let Some(inb) = self.io.input.as_mut() else { continue };
+                    let n = self.session.handle_long_input(inb.data(), now);
+                    inb.consume(n);
+                    if n == 0 {
+                        return Io::Failed;
+                    }
+                }
+                Read::WouldBlock => break,
+                Read::NoBuffer => return Io::Ok,
+                Read::Closed => return Io::Closed,
+                Read::Failed(e) if self.io.is_tls() => {
+                    self.tls_failed(&e.to_string());
                     return Io::Ok;
                 }
+                Read::Failed(_) => return Io::Failed,
             }
         }
-        pool.release_if_empty(&mut self.input);
+        pool.release_if_empty(&mut self.io.input);
         Io::Ok
     }
 
-    /// Lets the session fill the output buffer (commands, and body pieces from `body`) and
-    /// writes it — through TLS when it is on, flushing TLS's own records too — until the socket
-    /// is full or nothing is left to say.
+    /// Lets the session fill the output buffer (commands, and body pieces from `body`, a
+    /// slice of the spool map) and writes it — through TLS when it is on, flushing TLS's own
+    /// records too — until the socket is full or nothing is left to say.
     pub fn write(&mut self, pool: &mut BufPool, body: &[u8]) -> Io {
         loop {
-            if self.output.is_none() {
-                self.output = pool.checkout();
-            }
-            let Some(out) = self.output.as_mut() else { return Io::Ok };
+            let Some(out) = self.io.output_buf(pool) else { return Io::Ok };
             self.session.poll_transmit(body, out);
-            let Some(tls) = self.tls.as_mut() else {
-                if out.is_empty() {
-                    pool.release(&mut self.output);
-                    return Io::Ok;
-                }
-                if !self.writable {
-                    return Io::Ok;
-                }
-                match socket::write(&mut self.sock, out.data()) {
-                    IoResult::Done(n) => out.consume(n),
-                    IoResult::WouldBlock => {
-                        self.writable = false;
-                        return Io::Ok;
-                    }
-                    IoResult::Closed | IoResult::Error(_) => return Io::Failed,
-                }
-                continue;
-            };
-            let took = if out.is_empty() { 0 } else { tls.write(out.data()) };
-            out.consume(took);
-            if !tls.wants_write() {
-                if out.is_empty() {
-                    pool.release(&mut self.output);
-                    return Io::Ok;
-                }
-                if took == 0 {
-                    // TLS holds all it takes until its records go out (or the handshake ends).
-                    return Io::Ok;
-                }
-                continue;
-            }
-            if !self.writable {
+            if self.io.pending_output() == 0 {
+                pool.release(&mut self.io.output);
                 return Io::Ok;
             }
-            match tls.flush(&mut self.sock) {
-                TlsFlush::Done => {}
-                TlsFlush::WouldBlock => {
-                    self.writable = false;
-                    return Io::Ok;
-                }
-                TlsFlush::Failed(_) => return Io::Failed,
+            match self.io.flush(pool) {
+                Flush::Done => {}
+                Flush::Blocked => return Io::Ok,
+                Flush::Failed(_) => return Io::Failed,
             }
         }
     }
@@ -233,15 +175,14 @@ impl OutboundConn {
     /// out with the next [`OutboundConn::write`]. On failure (no settings, a host name TLS
     /// cannot use) the session is told and reports it.
     pub fn start_tls(&mut self, pool: &mut BufPool) {
-        if !self.session.awaiting_tls() || self.tls.is_some() {
+        if !self.session.awaiting_tls() || self.io.is_tls() {
             return;
         }
-        pool.release(&mut self.input);
-        if self.output.as_ref().is_some_and(|b| !b.is_empty()) {
+        if self.io.output.as_ref().is_some_and(|b| !b.is_empty()) {
             // Cannot happen (nothing is pipelined behind STARTTLS), and must not go out in the
             // clear after the switch.
-            self.tls_error = Some("plaintext left to send at STARTTLS".to_owned());
-            self.session.handle_tls_failed();
+            pool.release(&mut self.io.input);
+            self.tls_failed("plaintext left to send at STARTTLS");
             return;
         }
         let started = match &self.tls_config {
@@ -249,8 +190,11 @@ impl OutboundConn {
             None => Err(TlsError::Protocol("no TLS client settings".to_owned())),
         };
         match started {
-            Ok(tls) => self.tls = Some(tls),
-            Err(e) => self.tls_failed(&e),
+            Ok(tls) => self.io.start_tls(tls, pool),
+            Err(e) => {
+                pool.release(&mut self.io.input);
+                self.tls_failed(&e.to_string());
+            }
         }
     }
 
@@ -276,23 +220,19 @@ impl OutboundConn {
     /// Queues `close_notify` and writes what the socket takes now, best effort (the socket is
     /// about to be closed).
     pub fn close_tls(&mut self) {
-        if let Some(tls) = self.tls.as_mut().filter(|t| !t.is_handshaking()) {
-            tls.close();
-            let _ = tls.flush(&mut self.sock);
-        }
+        self.io.close_tls();
     }
 
-    fn tls_failed(&mut self, e: &TlsError) {
+    fn tls_failed(&mut self, e: &str) {
         if self.tls_error.is_none() {
-            self.tls_error = Some(e.to_string());
+            self.tls_error = Some(e.to_owned());
         }
         self.session.handle_tls_failed();
     }
 
     /// Gives both buffers back.
     pub fn release_buffers(&mut self, pool: &mut BufPool) {
-        pool.release(&mut self.input);
-        pool.release(&mut self.output);
+        self.io.release_buffers(pool);
     }
 }
 
@@ -310,17 +250,12 @@ pub fn new_conn(
     tls_config: Option<ClientTls>,
 ) -> OutboundConn {
     OutboundConn {
-        sock,
+        io: Transport::new(sock),
         peer,
         host,
         dest,
         generation,
         session,
-        input: None,
-        output: None,
-        readable: false,
-        writable: false,
-        hup: false,
         connected: false,
         active: None,
         next: None,
@@ -330,9 +265,7 @@ pub fn new_conn(
         created: now,
         greeted: false,
         tls_config,
-        tls: None,
         tls_info: None,
-        tls_up: false,
         tls_news: false,
         tls_error: None,
     }
