@@ -31,9 +31,10 @@ use crate::delivery::{self, Delivery, DeliveryConfig};
 use crate::log::{Logger, V};
 use crate::message::IdGen;
 use crate::message::QueueId;
-use crate::net::inbound::{Flush, InboundConn};
-use crate::net::socket::{self, IoResult};
-use crate::net::tls::{ServerTls, TlsSession};
+use crate::net::inbound::InboundConn;
+use crate::net::socket;
+use crate::net::tls::{ServerTls, TlsInfo, TlsSession};
+use crate::net::transport::{Fault, Flush, Read, Transport};
 use crate::net::token::{self, Kind};
 use crate::queue::schedule::RetryPolicy;
 use crate::smtp::auth::Credentials;
@@ -323,17 +324,9 @@ impl Server {
                         if conn.generation != generation {
                             continue; // A stale event for a reused slot.
                         }
-                        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
-                            conn.readable = true;
-                        }
-                        if ev.is_read_closed() || ev.is_error() {
-                            conn.hup = true;
-                        }
-                        if ev.is_writable() || ev.is_write_closed() || ev.is_error() {
-                            conn.writable = true;
-                            if conn.pending_output() > 0 {
-                                conn.mark_dirty(key, &mut self.dirty);
-                            }
+                        conn.io.on_event(ev);
+                        if conn.io.writable && conn.io.pending_output() > 0 {
+                            conn.mark_dirty(key, &mut self.dirty);
                         }
                         self.drive(key);
                     }
@@ -459,8 +452,11 @@ impl Server {
             }
             // 1. Parse what is buffered.
             let mut progressed = false;
-            if let Some(inb) = conn.input.as_mut().filter(|b| !b.is_empty()) {
-                let Some(out) = InboundConn::output(&mut conn.output, bufs) else {
+            if conn.io.input.as_ref().is_some_and(|b| !b.is_empty()) {
+                if conn.io.output.is_none() {
+                    conn.io.output = bufs.checkout();
+                }
+                let (Some(inb), Some(out)) = (conn.io.input.as_mut(), conn.io.output.as_mut()) else {
                     again.push((key, conn.generation));
                     break;
                 };
@@ -495,7 +491,7 @@ impl Server {
                                 } else {
                                     reply::SPOOL_FAILED
                                 };
-                                let Some(out) = conn.make_reply_room(bufs).then_some(conn.output.as_mut()).flatten()
+                                let Some(out) = conn.make_reply_room(bufs).then_some(conn.io.output.as_mut()).flatten()
                                 else {
                                     // Cannot even say no: drop the session; nothing was stored.
                                     failed = true;
@@ -525,8 +521,7 @@ impl Server {
                             failed = true;
                             break;
                         };
-                        conn.clear_out = conn.pending_output();
-                        conn.tls = Some(session);
+                        conn.io.start_tls(session, bufs);
                         conn.deadline = *now + cfg.tls_handshake_timeout;
                         log.event("starttls", &[("client", V::D(&conn.peer))]);
                         continue;
@@ -535,7 +530,7 @@ impl Server {
                         let creds = conn.session.take_credentials();
                         if auth.is_none() {
                             // Cannot happen (AUTH is only offered with a worker); refuse.
-                            if let Some(out) = conn.output.as_mut() {
+                            if let Some(out) = conn.io.output.as_mut() {
                                 conn.session.auth_result(AuthOutcome::Rejected, creds, out);
                             }
                             continue;
@@ -556,7 +551,7 @@ impl Server {
                             Refusal::Busy => (AuthOutcome::Busy, "busy"),
                         };
                         log.event("auth", &[("client", V::D(&conn.peer)), ("result", V::S(result))]);
-                        let Some(out) = conn.make_reply_room(bufs).then_some(conn.output.as_mut()).flatten() else {
+                        let Some(out) = conn.make_reply_room(bufs).then_some(conn.io.output.as_mut()).flatten() else {
                             failed = true;
                             break;
                         };
@@ -571,71 +566,52 @@ impl Server {
                 }
             }
             // 2. Backpressure: a client that does not read its replies is not read from.
-            if conn.pending_output() >= CHUNK / 2 {
-                match conn.flush(bufs) {
+            if conn.io.pending_output() >= CHUNK / 2 {
+                match conn.io.flush(bufs) {
                     Flush::Done => {}
-                    Flush::Partial => break,
-                    Flush::Failed => {
+                    Flush::Blocked => break,
+                    Flush::Failed(_) => {
                         failed = true;
                         break;
                     }
                 }
             }
             // 3. Read more.
-            if !conn.readable || conn.eof {
+            if !conn.io.readable || conn.eof {
                 if !progressed {
                     break;
                 }
                 continue;
             }
-            if conn.input.is_none() {
-                conn.input = bufs.checkout();
-            }
-            let Some(inb) = conn.input.as_mut() else {
-                again.push((key, conn.generation));
-                break;
-            };
-            let space = inb.space();
-            let asked = space.len();
-            if space.is_empty() {
-                // The session cannot consume (its output is full): wait for the client to read.
-                break;
-            }
-            let handshaking = conn.tls.as_ref().is_some_and(|t| t.is_handshaking());
-            let result = InboundConn::read(&mut conn.sock, &mut conn.tls, space);
-            let handshake_done = handshaking && conn.tls.as_ref().is_some_and(|t| !t.is_handshaking());
+            let result = conn.io.read(bufs);
+            let handshake_done = conn.io.take_handshake_done();
             match result {
-                IoResult::Done(n) => {
-                    inb.fill(n);
-                    // A short read drained the socket: with edge-triggered epoll, new bytes
-                    // raise a new event, so the extra read that would return EAGAIN is skipped
-                    // (as tokio does). Not after a FIN was reported: then read on to see EOF.
-                    // Through TLS a short read says nothing about the socket.
-                    if n < asked && !conn.hup && conn.tls.is_none() {
-                        conn.readable = false;
-                    }
-                    read += n;
+                Read::Data(n) => read += n,
+                Read::WouldBlock => {}
+                // The session cannot consume (its output is full): wait for the client to read.
+                Read::Full => break,
+                Read::NoBuffer => {
+                    again.push((key, conn.generation));
+                    break;
                 }
-                IoResult::WouldBlock => conn.readable = false,
-                IoResult::Closed => conn.eof = true,
-                IoResult::Error(e) => {
-                    if conn.tls.is_some() {
-                        log.event("tls_error", &[("client", V::D(&conn.peer)), ("error", V::D(&e))]);
-                        // Best effort: the alert rustls queued tells the client why.
-                        let _ = conn.flush(bufs);
+                Read::Closed => conn.eof = true,
+                Read::Failed(e) => {
+                    if let Fault::Tls(e) = &e {
+                        // The transport sent the alert rustls queued, best effort.
+                        log.event("tls_error", &[("client", V::D(&conn.peer)), ("error", V::D(e))]);
                     }
                     failed = true;
                     break;
                 }
             }
-            if handshake_done {
-                announce_tls(conn, log);
+            if let Some(info) = handshake_done {
+                announce_tls(conn, info, log);
                 conn.pace.restart(*now);
             }
         }
         // A finished line or a new phase buys time, bytes alone do not (`smtp::pace`). Not
         // while closing or inside a TLS handshake: those have deadlines of their own.
-        if !conn.closing && !conn.tls.as_ref().is_some_and(|t| t.is_handshaking()) {
+        if !conn.closing && !conn.io.is_handshaking() {
             conn.pace.observe(conn.session.timeout_kind(), conn.session.lines_done(), read, *now);
             match conn.pace.deadline(&pace_limits(cfg)) {
                 Some((at, _)) => conn.deadline = at,
@@ -646,12 +622,12 @@ impl Server {
             }
         }
         arm_deadline(timers, conn, key);
-        if conn.pending_output() > 0 {
+        if conn.io.pending_output() > 0 {
             conn.mark_dirty(key, dirty);
         }
-        bufs.release_if_empty(&mut conn.input);
+        bufs.release_if_empty(&mut conn.io.input);
         if shutdown.is_some() && !conn.closing && conn.waiting.is_none() {
-            if let Some(out) = conn.make_reply_room(bufs).then_some(conn.output.as_mut()).flatten() {
+            if let Some(out) = conn.make_reply_room(bufs).then_some(conn.io.output.as_mut()).flatten() {
                 let mut ctx = Ctx { cfg: &cfg.session, bodies, ids, now_unix_us: *wall_us, accepting: *accepting };
                 if conn.session.handle_shutdown(&mut ctx, false, out) {
                     conn.closing = true;
@@ -769,7 +745,7 @@ impl Server {
     /// Writes an AUTH verdict and lets the session go on (or close).
     fn answer_auth(&mut self, key: usize, outcome: AuthOutcome, creds: Credentials) {
         let Some(conn) = self.conns.get_mut(key) else { return };
-        let Some(out) = conn.make_reply_room(&mut self.bufs).then_some(conn.output.as_mut()).flatten() else {
+        let Some(out) = conn.make_reply_room(&mut self.bufs).then_some(conn.io.output.as_mut()).flatten() else {
             self.close(key, "no_room_for_reply");
             return;
         };
@@ -867,7 +843,7 @@ impl Server {
             }
             let Some(conn) = conn else { continue };
             let Some(id) = conn.waiting.take() else { continue };
-            let Some(out) = conn.make_reply_room(bufs).then_some(conn.output.as_mut()).flatten() else {
+            let Some(out) = conn.make_reply_room(bufs).then_some(conn.io.output.as_mut()).flatten() else {
                 // No room for the reply yet. A durable message is answered on a later turn; a
                 // refused one is answered by closing (the client then retries it).
                 if result.is_ok() {
@@ -919,9 +895,9 @@ impl Server {
         for (key, generation) in dirty {
             let Some(conn) = self.conns.get_mut(key).filter(|c| c.generation == generation) else { continue };
             conn.dirty = false;
-            let had_backlog = conn.pending_output() >= CHUNK / 2;
-            match conn.flush(&mut self.bufs) {
-                Flush::Failed => self.close(key, "io_error"),
+            let had_backlog = conn.io.pending_output() >= CHUNK / 2;
+            match conn.io.flush(&mut self.bufs) {
+                Flush::Failed(_) => self.close(key, "io_error"),
                 Flush::Done if conn.closing => self.close(key, "closed"),
                 Flush::Done if had_backlog || conn.eof => self.drive(key),
                 _ => {}
@@ -947,7 +923,7 @@ impl Server {
                 self.close(e.key, "linger_timeout");
                 continue;
             }
-            if conn.tls.as_ref().is_some_and(|t| t.is_handshaking()) {
+            if conn.io.is_handshaking() {
                 // Nothing can be said inside an unfinished handshake.
                 self.log.event("tls_error", &[("client", V::D(&conn.peer)), ("error", V::S("handshake timeout"))]);
                 self.close(e.key, "tls_handshake_timeout");
@@ -968,7 +944,7 @@ impl Server {
                     ("reason", V::S(why)),
                 ],
             );
-            if let Some(out) = conn.make_reply_room(bufs).then_some(conn.output.as_mut()).flatten() {
+            if let Some(out) = conn.make_reply_room(bufs).then_some(conn.io.output.as_mut()).flatten() {
                 let mut ctx = Ctx { cfg: &cfg.session, bodies, ids, now_unix_us: *wall_us, accepting: *accepting };
                 conn.session.handle_timeout(&mut ctx, out);
             }
@@ -1073,16 +1049,18 @@ impl Server {
         session.greeting(&self.cfg.session, &mut out);
         let timeout = if tls.is_some() { self.cfg.tls_handshake_timeout } else { self.cfg.command_timeout };
         let deadline = self.now + timeout;
+        let mut io = Transport::new(sock);
+        if let Some(t) = tls {
+            // Before the greeting is buffered: all of it goes through TLS.
+            io.start_tls(t, &mut self.bufs);
+        }
+        io.output = Some(out);
+        io.writable = true;
         entry.insert(InboundConn {
-            sock,
+            io,
             peer,
             session,
             generation,
-            input: None,
-            output: Some(out),
-            readable: false,
-            hup: false,
-            writable: true,
             eof: false,
             closing: false,
             waiting: None,
@@ -1092,8 +1070,6 @@ impl Server {
             pace: Pace::new(self.now),
             limited,
             eod_at: None,
-            tls,
-            clear_out: 0,
             auth_delayed: None,
         });
         self.dirty.push((key, generation));
@@ -1114,14 +1090,11 @@ impl Server {
         }
         let mut conn = self.conns.remove(key);
         self.uncount(conn.limited, conn.peer);
-        if let Some(tls) = conn.tls.as_mut().filter(|t| !t.is_handshaking()) {
-            // Best effort close_notify, so the client sees a clean end rather than a truncation.
-            tls.close();
-            let _ = tls.flush(&mut conn.sock);
-        }
-        let _ = self.poll.registry().deregister(&mut conn.sock);
+        // Best effort close_notify, so the client sees a clean end rather than a truncation.
+        conn.io.close_tls();
+        let _ = self.poll.registry().deregister(&mut conn.io.sock);
         conn.session.release_body(&mut self.bodies);
-        conn.release_buffers(&mut self.bufs);
+        conn.io.release_buffers(&mut self.bufs);
         self.log.event("disconnect", &[("client", V::D(&conn.peer)), ("reason", V::S(why))]);
     }
 
@@ -1196,13 +1169,13 @@ impl Server {
         for (key, generation) in keys {
             let Server { conns, bufs, bodies, ids, cfg, wall_us, accepting, .. } = self;
             let Some(conn) = conns.get_mut(key) else { continue };
-            if let Some(out) = conn.make_reply_room(bufs).then_some(conn.output.as_mut()).flatten() {
+            if let Some(out) = conn.make_reply_room(bufs).then_some(conn.io.output.as_mut()).flatten() {
                 let mut ctx = Ctx { cfg: &cfg.session, bodies, ids, now_unix_us: *wall_us, accepting: *accepting };
                 conn.session.handle_shutdown(&mut ctx, true, out);
             }
             conn.closing = true;
-            conn.writable = true;
-            let _ = conn.flush(&mut self.bufs);
+            conn.io.writable = true;
+            let _ = conn.io.flush(&mut self.bufs);
             self.close(key, "shutdown");
             let _ = generation;
         }
@@ -1241,14 +1214,9 @@ fn arm_deadline(timers: &mut timer::Timers, conn: &mut InboundConn, key: usize) 
 
 /// Logs a finished handshake and tells the session which version and cipher it got (called
 /// once, on the read that ends the handshake).
-fn announce_tls(conn: &mut InboundConn, log: &mut Logger) {
-    if let Some(info) = conn.tls.as_ref().and_then(|t| t.info()) {
-        conn.session.set_tls_info(info.version, info.cipher);
-        log.event(
-            "tls",
-            &[("client", V::D(&conn.peer)), ("version", V::S(info.version)), ("cipher", V::S(info.cipher))],
-        );
-    }
+fn announce_tls(conn: &mut InboundConn, info: TlsInfo, log: &mut Logger) {
+    conn.session.set_tls_info(info.version, info.cipher);
+    log.event("tls", &[("client", V::D(&conn.peer)), ("version", V::S(info.version)), ("cipher", V::S(info.cipher))]);
 }
 
 fn trim_crlf(b: &[u8]) -> &[u8] {
