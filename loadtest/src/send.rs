@@ -30,14 +30,13 @@ use crate::report::{self, Progress, Stats};
 use crate::util::{thread_cpu_ns, Rng};
 use hdrhistogram::Histogram;
 use memchr::{memchr, memmem};
-use mio::net::TcpStream;
 use mio::{Events, Interest, Poll};
-use sluice::buf::{Buf, BufPool};
-use sluice::net::socket::{read, IoResult};
-use sluice::net::tls::{ClientTls, TlsError, TlsFlush, TlsRead, TlsSession};
-use sluice::reactor::token::{self, Kind};
+use sluice::buf::BufPool;
+use sluice::net::tls::{ClientTls, TlsSession};
+use sluice::net::token::{self, Kind};
+use sluice::net::transport::{Flush, Read, Transport};
 use std::collections::VecDeque;
-use std::io::{self, IoSlice, Write};
+use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -215,17 +214,15 @@ struct BodyWrite {
 }
 
 struct Conn {
-    sock: Option<TcpStream>,
-    /// The TLS session once STARTTLS succeeded (or from the connect, for `--tls`); boxed so
-    /// that plaintext connections stay small.
-    tls: Option<Box<TlsSession>>,
+    /// Socket, readiness, input buffer, and TLS once STARTTLS succeeded (or from the connect,
+    /// for `--tls`); `None` between connections.
+    io: Option<Transport>,
     /// When the handshake in progress started; taken when it ends.
     hs_start: Option<Instant>,
     /// The last EHLO reply listed STARTTLS.
     offers_starttls: bool,
     gen: u32,
     state: State,
-    input: Option<Buf>,
     /// Command octets; `out[..split]` go before `body`, the rest after it.
     out: Vec<u8>,
     out_pos: usize,
@@ -285,9 +282,10 @@ pub fn run(opts: &SendOpts, quiet: bool) -> (Stats, Duration, Vec<(f64, u64)>) {
     (merged, start.elapsed(), samples)
 }
 
-/// One read from the connection, plain or through TLS, classified.
+/// One read from the transport, as this driver acts on it.
 enum Got {
-    Data(usize),
+    /// Bytes were appended to the input buffer.
+    Data,
     WouldBlock,
     /// Orderly close (FIN, or close_notify, or a truncation once the session is up).
     Closed,
@@ -344,13 +342,11 @@ impl<'a> Worker<'a> {
         }
         let conns = (0..conns)
             .map(|_| Conn {
-                sock: None,
-                tls: None,
+                io: None,
                 hs_start: None,
                 offers_starttls: false,
                 gen: 0,
                 state: State::Idle,
-                input: None,
                 out: Vec::with_capacity(4096),
                 out_pos: 0,
                 split: 0,
@@ -424,6 +420,9 @@ impl<'a> Worker<'a> {
                 let Some((Kind::Outbound, gen, ci)) = token::split(ev.token()) else { continue };
                 if ci >= self.conns.len() || self.conns[ci].gen != gen {
                     continue; // a stale event for a closed connection
+                }
+                if let Some(io) = self.conns[ci].io.as_mut() {
+                    io.on_event(ev);
                 }
                 self.drive(ci);
                 // Some state changes (end of work, reconnect) are handled by the scan.
@@ -508,7 +507,7 @@ impl<'a> Worker<'a> {
                     c.state = State::Finished;
                     return;
                 }
-                c.sock = Some(s);
+                c.io = Some(Transport::new(s));
                 c.state = State::Connecting;
                 c.last_io = now;
             }
@@ -549,19 +548,13 @@ impl<'a> Worker<'a> {
 
     fn close(&mut self, ci: usize) {
         let c = &mut self.conns[ci];
-        if let Some(mut s) = c.sock.take() {
-            if let Some(tls) = c.tls.as_mut() {
-                // Best effort close_notify: the socket is closed right after either way.
-                tls.close();
-                let _ = tls.flush(&mut s);
-            }
-            let _ = self.poll.registry().deregister(&mut s);
+        if let Some(mut io) = c.io.take() {
+            // Best effort close_notify: the socket is closed right after either way.
+            io.close_tls();
+            let _ = self.poll.registry().deregister(&mut io.sock);
+            io.release_buffers(&mut self.pool);
         }
-        c.tls = None;
         c.hs_start = None;
-        if let Some(b) = c.input.take() {
-            self.pool.checkin(b);
-        }
         c.gen = token::next_generation(c.gen);
         c.out.clear();
         c.out_pos = 0;
@@ -582,7 +575,7 @@ impl<'a> Worker<'a> {
         let now = Instant::now();
         if self.conns[ci].state == State::Connecting {
             let c = &mut self.conns[ci];
-            let Some(s) = c.sock.as_ref() else { return };
+            let Some(s) = c.io.as_ref().map(|io| &io.sock) else { return };
             match s.take_error() {
                 Ok(Some(e)) | Err(e) => return self.fail_conn(ci, format!("connect {}: {e}", self.opts.to)),
                 Ok(None) => {}
@@ -595,7 +588,6 @@ impl<'a> Worker<'a> {
             c.state = State::Opening;
             c.last_io = now;
             c.expect.push_back(Expect::Greeting);
-            c.input = self.pool.checkout();
             self.stats.connections += 1;
             if self.opts.tls == TlsMode::Implicit {
                 // The client speaks first: its ClientHello goes out with the flush below.
@@ -607,49 +599,31 @@ impl<'a> Worker<'a> {
         // Read to WouldBlock (mio is edge-triggered), acting on each batch of replies.
         loop {
             let c = &mut self.conns[ci];
-            let (Some(sock), Some(input)) = (c.sock.as_mut(), c.input.as_mut()) else { return };
-            if input.room() == 0 {
-                return self.fail_conn(ci, "reply longer than the input buffer".into());
-            }
-            let got = match c.tls.as_mut() {
-                None => match read(sock, input.space()) {
-                    IoResult::Done(n) => Got::Data(n),
-                    IoResult::WouldBlock => Got::WouldBlock,
-                    IoResult::Closed => Got::Closed,
-                    IoResult::Error(e) => Got::Failed(format!("read: {e}")),
-                },
-                Some(tls) => {
-                    let r = tls.read(sock, input.space());
-                    if !tls.is_handshaking() {
-                        if let Some(t0) = c.hs_start.take() {
-                            report::record(&mut self.stats.handshake, t0.elapsed());
-                            self.stats.tls_sessions += 1;
-                        }
-                    }
-                    match r {
-                        TlsRead::Data(n) => Got::Data(n),
-                        TlsRead::WouldBlock => Got::WouldBlock,
-                        TlsRead::Closed => Got::Closed,
-                        TlsRead::Failed(e) => {
-                            // An alert may be queued: let the server know, if the socket takes it.
-                            let _ = tls.flush(sock);
-                            // `hs_start` is taken when the handshake ends.
-                            match (c.hs_start.is_some(), e) {
-                                (true, TlsError::Truncated) => {
-                                    Got::Failed("TLS handshake failed: the server closed the connection".into())
-                                }
-                                (true, e) => Got::Failed(format!("TLS handshake failed: {e}")),
-                                // A server that closes after 221 without close_notify is common.
-                                (false, TlsError::Truncated) => Got::Closed,
-                                (false, e) => Got::Failed(format!("TLS: {e}")),
-                            }
-                        }
-                    }
+            let Some(io) = c.io.as_mut() else { return };
+            let got = io.read(&mut self.pool);
+            if io.take_handshake_done().is_some() {
+                if let Some(t0) = c.hs_start.take() {
+                    report::record(&mut self.stats.handshake, t0.elapsed());
+                    self.stats.tls_sessions += 1;
                 }
+            }
+            let got = match got {
+                Read::Data(_) => Got::Data,
+                Read::WouldBlock | Read::NoBuffer => Got::WouldBlock,
+                Read::Full => Got::Failed("reply longer than the input buffer".into()),
+                Read::Closed => Got::Closed,
+                Read::Failed(f) if !io.is_tls() => Got::Failed(format!("read: {f}")),
+                // `hs_start` is taken when the handshake ends; the transport sent any alert.
+                Read::Failed(f) => match (c.hs_start.is_some(), f.is_truncation()) {
+                    (true, true) => Got::Failed("TLS handshake failed: the server closed the connection".into()),
+                    (true, false) => Got::Failed(format!("TLS handshake failed: {}", tls_cause(&f))),
+                    // A server that closes after 221 without close_notify is common.
+                    (false, true) => Got::Closed,
+                    (false, false) => Got::Failed(format!("TLS: {}", tls_cause(&f))),
+                },
             };
             match got {
-                Got::Data(n) => {
-                    input.fill(n);
+                Got::Data => {
                     c.last_io = now;
                     if !self.on_input(ci, now) {
                         return;
@@ -673,7 +647,8 @@ impl<'a> Worker<'a> {
         let Some(cfg) = &self.client_tls else { return Err("TLS is not configured".into()) };
         let tls = TlsSession::client(cfg, &self.server_name).map_err(|e| format!("TLS: {e}"))?;
         let c = &mut self.conns[ci];
-        c.tls = Some(Box::new(tls));
+        let Some(io) = c.io.as_mut() else { return Err("not connected".into()) };
+        io.start_tls(tls, &mut self.pool);
         c.hs_start = Some(now);
         Ok(())
     }
@@ -681,7 +656,7 @@ impl<'a> Worker<'a> {
     /// After a successful EHLO: STARTTLS or AUTH when still due, else the session is open.
     fn after_ehlo(&mut self, ci: usize, now: Instant) -> bool {
         let c = &mut self.conns[ci];
-        if self.opts.tls == TlsMode::StartTls && c.tls.is_none() {
+        if self.opts.tls == TlsMode::StartTls && !c.io.as_ref().is_some_and(Transport::is_tls) {
             if !c.offers_starttls {
                 self.fail_conn(ci, "the server does not offer STARTTLS".into());
                 return false;
@@ -711,7 +686,9 @@ impl<'a> Worker<'a> {
     fn on_input(&mut self, ci: usize, now: Instant) -> bool {
         loop {
             let c = &mut self.conns[ci];
-            let Some(input) = c.input.as_mut() else { return false };
+            let Some(io) = c.io.as_mut() else { return false };
+            // None only right after the switch to TLS: nothing is left to act on.
+            let Some(input) = io.input.as_mut() else { return true };
             let data = input.data();
             let Some(lf) = memchr(b'\n', data) else { return true };
             let line = &data[..lf];
@@ -794,7 +771,7 @@ impl<'a> Worker<'a> {
             Expect::StartTls => {
                 // Nothing may follow the 220 in plaintext: it would be read as if it came over TLS
                 // (the injection of CVE-2011-0411, mirrored on the client side).
-                if self.conns[ci].input.as_ref().is_some_and(|b| !b.is_empty()) {
+                if self.conns[ci].io.as_ref().and_then(|io| io.input.as_ref()).is_some_and(|b| !b.is_empty()) {
                     self.fail_conn(ci, "the server sent data after its 220 to STARTTLS".into());
                     return false;
                 }
@@ -1020,18 +997,16 @@ impl<'a> Worker<'a> {
     }
 
     /// Writes pending output (commands before the body, the body, commands after it) with
-    /// one vectored write per turn, until done or WouldBlock.
+    /// one vectored write per turn (or through TLS), until done or the socket is full.
     fn flush(&mut self, ci: usize) {
         loop {
             let c = &mut self.conns[ci];
-            let Some(sock) = c.sock.as_mut() else { return };
-            if let Some(tls) = c.tls.as_mut() {
-                // Ciphertext first: handshake messages, then records of what was handed over.
-                match tls.flush(sock) {
-                    TlsFlush::Done => {}
-                    TlsFlush::WouldBlock => return,
-                    TlsFlush::Failed(e) => return self.fail_conn(ci, format!("write: {e}")),
-                }
+            let Some(io) = c.io.as_mut() else { return };
+            // Ciphertext first: handshake messages, then records of what was handed over.
+            match io.flush_tls() {
+                Flush::Done => {}
+                Flush::Blocked => return,
+                Flush::Failed(e) => return self.fail_conn(ci, format!("write: {e}")),
             }
             let body_bytes: &[u8] = match c.body {
                 Some(b) => {
@@ -1054,34 +1029,15 @@ impl<'a> Worker<'a> {
                 c.body = None;
                 return;
             }
-            let n = match c.tls.as_mut() {
-                None => {
-                    let slices = [IoSlice::new(pre), IoSlice::new(body_bytes), IoSlice::new(post)];
-                    match sock.write_vectored(&slices) {
-                        Ok(n) => n,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => return self.fail_conn(ci, format!("write: {e}")),
-                    }
-                }
-                Some(tls) => {
-                    // The session encrypts what it takes, up to its buffer limit; the loop's
-                    // next turn writes the records out.
-                    let mut n = 0;
-                    for part in [pre, body_bytes, post] {
-                        let took = tls.write(part);
-                        n += took;
-                        if took < part.len() {
-                            break;
-                        }
-                    }
-                    if n == 0 {
-                        // Buffer full before the handshake ended: reading moves it on.
-                        return;
-                    }
-                    n
-                }
+            let n = match io.write_parts(&[pre, body_bytes, post]) {
+                Ok(n) => n,
+                Err(e) => return self.fail_conn(ci, format!("write: {e}")),
             };
+            if n == 0 {
+                // The socket is full, or TLS holds all it takes until its handshake ends
+                // (reading moves it on).
+                return;
+            }
             let (pre_len, body_len) = (pre.len(), body_bytes.len());
             let mut left = n;
             let take = left.min(pre_len);
@@ -1104,7 +1060,7 @@ impl<'a> Worker<'a> {
                 c.out.clear();
                 c.out_pos = 0;
                 c.split = 0;
-                if c.tls.is_none() {
+                if !io.is_tls() {
                     return;
                 }
                 // Handed to TLS, not yet written: the next turn flushes the records.
@@ -1129,6 +1085,14 @@ impl<'a> Worker<'a> {
             }
             self.recent.reset();
         }
+    }
+}
+
+/// The TLS error inside a fault, as the messages name it (without the transport's prefix).
+fn tls_cause(f: &sluice::net::transport::Fault) -> String {
+    match f {
+        sluice::net::transport::Fault::Tls(e) => e.to_string(),
+        other => other.to_string(),
     }
 }
 

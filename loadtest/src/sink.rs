@@ -31,7 +31,7 @@
 use crate::util::{log_listening, Rng};
 use anyhow::{Context, Result};
 use base64::Engine as _;
-use mio::net::{TcpListener, TcpStream};
+use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 use serde_json::json;
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -39,7 +39,8 @@ use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 use sluice::buf::{Buf, BufPool};
 use sluice::net::socket::{listener, read, write, IoResult};
-use sluice::net::tls::{ServerTls, TlsFlush, TlsRead, TlsSession};
+use sluice::net::tls::{ServerTls, TlsSession};
+use sluice::net::transport::{Flush, Read, Transport};
 use sluice::smtp::auth;
 use sluice::smtp::command::{parse, Command};
 use sluice::smtp::data::{bdat_take, DataScanner};
@@ -185,10 +186,9 @@ enum Phase {
 struct Conn {
     /// Unique for the process lifetime (slab keys are reused; delayed replies check this).
     id: u64,
-    sock: TcpStream,
-    /// Set after STARTTLS or on a `--listen-tls` port: all I/O goes through it. Boxed: plain
-    /// connections stay small.
-    tls: Option<Box<TlsSession>>,
+    /// Socket, readiness, input buffer, and TLS after STARTTLS or on a `--listen-tls` port
+    /// (then all I/O goes through it).
+    io: Transport,
     /// The handshake finished and was counted.
     tls_up: bool,
     upgrade: Upgrade,
@@ -196,7 +196,6 @@ struct Conn {
     authed: bool,
     /// The authenticated user name, for `--save` (empty when not authenticated).
     user: Vec<u8>,
-    input: Option<Buf>,
     out: Vec<u8>,
     out_pos: usize,
     phase: Phase,
@@ -410,7 +409,12 @@ impl Sink {
                         }
                     }
                     Token(t) if t >= LISTENER_BASE => self.accept(t - LISTENER_BASE),
-                    Token(key) => self.drive(key),
+                    Token(key) => {
+                        if let Some(c) = self.conns.get_mut(key) {
+                            c.io.on_event(ev);
+                        }
+                        self.drive(key)
+                    }
                 }
             }
         }
@@ -422,14 +426,15 @@ impl Sink {
             let Some((l, implicit)) = self.listeners.get(li) else { return };
             let implicit = *implicit;
             match l.accept() {
-                Ok((mut sock, _)) => {
+                Ok((sock, _)) => {
                     let _ = sock.set_nodelay(true);
+                    let mut io = Transport::new(sock);
                     // Implicit TLS: the session exists from the first byte; the greeting waits
                     // in it until the handshake is done.
                     let tls = match (implicit, &self.opts.tls) {
                         (false, _) => None,
                         (true, Some(cfg)) => match TlsSession::server(cfg) {
-                            Ok(t) => Some(Box::new(t)),
+                            Ok(t) => Some(t),
                             Err(_) => continue,
                         },
                         (true, None) => continue,
@@ -440,7 +445,7 @@ impl Sink {
                         || self
                             .poll
                             .registry()
-                            .register(&mut sock, Token(key), Interest::READABLE | Interest::WRITABLE)
+                            .register(&mut io.sock, Token(key), Interest::READABLE | Interest::WRITABLE)
                             .is_err()
                     {
                         continue;
@@ -449,15 +454,18 @@ impl Sink {
                     let mut out = Vec::with_capacity(1024);
                     out.extend_from_slice(&self.greeting);
                     self.next_id += 1;
+                    if let Some(t) = tls {
+                        io.start_tls(t, &mut self.pool);
+                    }
+                    io.input = self.pool.checkout();
+                    io.writable = true;
                     entry.insert(Conn {
                         id: self.next_id,
-                        sock,
-                        tls,
+                        io,
                         tls_up: false,
                         upgrade: Upgrade::None,
                         authed: false,
                         user: Vec::new(),
-                        input: self.pool.checkout(),
                         out,
                         out_pos: 0,
                         phase: Phase::Command,
@@ -486,10 +494,8 @@ impl Sink {
     fn close(&mut self, key: usize) {
         if self.conns.contains(key) {
             let mut c = self.conns.remove(key);
-            let _ = self.poll.registry().deregister(&mut c.sock);
-            if let Some(b) = c.input.take() {
-                self.pool.checkin(b);
-            }
+            let _ = self.poll.registry().deregister(&mut c.io.sock);
+            c.io.release_buffers(&mut self.pool);
         }
     }
 
@@ -522,40 +528,13 @@ impl Sink {
                 // A delayed reply is pending; `fire_timers` resumes reading.
                 break;
             }
-            let Some(input) = c.input.as_mut() else { return };
-            if input.room() == 0 {
-                break;
+            let got = c.io.read(&mut self.pool);
+            if !c.tls_up && c.io.take_handshake_done().is_some() {
+                c.tls_up = true;
+                self.stats.tls_connections += 1;
             }
-            let got = match c.tls.as_mut() {
-                None => match read(&mut c.sock, input.space()) {
-                    IoResult::Done(n) => Some(n),
-                    IoResult::WouldBlock => None,
-                    IoResult::Closed | IoResult::Error(_) => return self.close(key),
-                },
-                Some(tls) => {
-                    let r = tls.read(&mut c.sock, input.space());
-                    if !c.tls_up && !tls.is_handshaking() {
-                        c.tls_up = true;
-                        self.stats.tls_connections += 1;
-                    }
-                    match r {
-                        TlsRead::Data(n) => Some(n),
-                        TlsRead::WouldBlock => None,
-                        TlsRead::Closed => return self.close(key),
-                        TlsRead::Failed(_) => {
-                            if !c.tls_up {
-                                self.stats.tls_failed += 1;
-                            }
-                            // A protocol error queues an alert: send it if the socket takes it.
-                            let _ = tls.flush(&mut c.sock);
-                            return self.close(key);
-                        }
-                    }
-                }
-            };
             match got {
-                Some(n) => {
-                    input.fill(n);
+                Read::Data(_) => {
                     // Bytes of a new read: a MAIL in them did not come with an end of data
                     // processed before (a delayed reply's pause resumes on the old bytes).
                     c.eod_in_batch = false;
@@ -563,7 +542,15 @@ impl Sink {
                         return;
                     }
                 }
-                None => break,
+                Read::WouldBlock | Read::Full | Read::NoBuffer => break,
+                Read::Closed => return self.close(key),
+                Read::Failed(_) => {
+                    if c.io.is_tls() && !c.tls_up {
+                        self.stats.tls_failed += 1;
+                    }
+                    // The transport sent the alert a protocol error queued, if it could.
+                    return self.close(key);
+                }
             }
         }
         self.flush(key);
@@ -573,42 +560,31 @@ impl Sink {
     /// after QUIT, or the switch to TLS after STARTTLS's `220`.
     fn flush(&mut self, key: usize) {
         let Some(c) = self.conns.get_mut(key) else { return };
-        match c.tls.as_mut() {
-            None => {
-                while c.out_pos < c.out.len() {
-                    match write(&mut c.sock, &c.out[c.out_pos..]) {
-                        IoResult::Done(n) => c.out_pos += n,
-                        IoResult::WouldBlock => return,
-                        _ => return self.close(key),
-                    }
+        // Plaintext goes to the transport (which takes less when TLS's buffer is full), and
+        // the records TLS queued (handshake messages) go out too.
+        loop {
+            let took = match c.io.write_parts(&[&c.out[c.out_pos..]]) {
+                Ok(n) => n,
+                Err(_) => return self.close(key),
+            };
+            c.out_pos += took;
+            if c.out_pos >= c.out.len() {
+                match c.io.flush_tls() {
+                    Flush::Done => break,
+                    Flush::Blocked => return,
+                    Flush::Failed(_) => return self.close(key),
                 }
             }
-            Some(tls) => loop {
-                // Hand plaintext to the session (it takes less when its buffer is full), then
-                // push ciphertext (records, handshake messages) to the socket.
-                let took = tls.write(&c.out[c.out_pos..]);
-                c.out_pos += took;
-                match tls.flush(&mut c.sock) {
-                    TlsFlush::Done => {}
-                    TlsFlush::WouldBlock => return,
-                    TlsFlush::Failed(_) => return self.close(key),
-                }
-                if c.out_pos >= c.out.len() {
-                    break;
-                }
-                if took == 0 {
-                    // Buffered before the handshake finished: the next read moves it on.
-                    return;
-                }
-            },
+            if took == 0 {
+                // The socket is full, or TLS holds plaintext until its handshake ends (the
+                // next read moves it on).
+                return;
+            }
         }
         c.out.clear();
         c.out_pos = 0;
         if c.closing {
-            if let Some(tls) = c.tls.as_mut() {
-                tls.close();
-                let _ = tls.flush(&mut c.sock);
-            }
+            c.io.close_tls();
             return self.close(key);
         }
         match c.upgrade {
@@ -616,7 +592,7 @@ impl Sink {
             Upgrade::Handshake => {
                 let Some(cfg) = &self.opts.tls else { return self.close(key) };
                 match TlsSession::server(cfg) {
-                    Ok(t) => c.tls = Some(Box::new(t)),
+                    Ok(t) => c.io.start_tls(t, &mut self.pool),
                     Err(_) => return self.close(key),
                 }
                 // RFC 3207 §4.2: the session starts over; the server forgets what the client said.
@@ -636,12 +612,13 @@ impl Sink {
     /// out of the segment that carries the `220`.
     fn break_handshake(&mut self, key: usize) {
         let Some(c) = self.conns.get_mut(key) else { return };
-        let Some(input) = c.input.as_mut() else { return self.close(key) };
-        match read(&mut c.sock, input.space()) {
+        // Raw socket I/O on purpose: this answer must not be TLS.
+        let Some(input) = c.io.input.as_mut() else { return self.close(key) };
+        match read(&mut c.io.sock, input.space()) {
             IoResult::WouldBlock => return,
             IoResult::Done(_) => {
                 // Best effort: the connection ends right after either way.
-                let _ = write(&mut c.sock, TLS_GARBAGE);
+                let _ = write(&mut c.io.sock, TLS_GARBAGE);
             }
             IoResult::Closed | IoResult::Error(_) => {}
         }
@@ -669,11 +646,11 @@ impl Sink {
     /// Acts on buffered input. Returns false if the connection was closed.
     fn process(&mut self, key: usize) -> bool {
         let Some(c) = self.conns.get_mut(key) else { return false };
-        let Some(mut input) = c.input.take() else { return false };
+        let Some(mut input) = c.io.input.take() else { return false };
         let alive = self.process_buf(key, &mut input);
         match self.conns.get_mut(key) {
             Some(c) => {
-                c.input = Some(input);
+                c.io.input = Some(input);
                 alive
             }
             None => {
@@ -808,7 +785,7 @@ impl Sink {
         match cmd {
             Command::Ehlo(_) => {
                 c.helo = true;
-                c.out.extend_from_slice(if c.tls.is_some() { &self.ehlo_reply_tls } else { &self.ehlo_reply });
+                c.out.extend_from_slice(if c.io.is_tls() { &self.ehlo_reply_tls } else { &self.ehlo_reply });
                 self.reset_txn(key);
             }
             Command::Helo(_) => {
@@ -880,7 +857,7 @@ impl Sink {
             Command::StartTls(arg) => {
                 let reply = if opts.tls.is_none() && !opts.tls_fail {
                     NOT_IMPLEMENTED
-                } else if c.tls.is_some() {
+                } else if c.io.is_tls() {
                     TLS_ACTIVE
                 } else if !arg.is_empty() {
                     STARTTLS_SYNTAX
@@ -1033,7 +1010,7 @@ impl Sink {
         match reply[0] {
             b'2' => {
                 self.stats.messages += 1;
-                if c.tls.is_some() {
+                if c.io.is_tls() {
                     self.stats.tls_messages += 1;
                 }
                 let before = self.stats.recipients;
@@ -1054,7 +1031,7 @@ impl Sink {
                     let base = dir.join(format!("{:08}", self.saved));
                     // After the envelope: how the message came in.
                     let _ = writeln!(c.env, "TRANSFER: {transfer}");
-                    if let Some(info) = c.tls.as_ref().and_then(|t| t.info()) {
+                    if let Some(info) = c.io.tls_info() {
                         let _ = writeln!(c.env, "TLS: {} {}", info.version, info.cipher);
                     }
                     if c.authed {
