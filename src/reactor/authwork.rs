@@ -16,21 +16,9 @@ use std::thread::JoinHandle;
 
 use mio::Waker;
 
+pub use crate::net::inbound::AuthJob;
 use crate::smtp::auth::{AuthFile, Credentials};
 use crate::smtp::client_key::ClientKey;
-
-/// One password check to run.
-#[derive(Debug)]
-pub struct AuthJob {
-    /// Slab key of the session that asked.
-    pub key: usize,
-    /// Generation of that slab slot, to drop verdicts for a session that has since closed.
-    pub generation: u32,
-    /// The client's group, whose failure budget the verdict counts against.
-    pub client: ClientKey,
-    /// What the client sent.
-    pub creds: Credentials,
-}
 
 /// The outcome of an [`AuthJob`].
 #[derive(Debug)]

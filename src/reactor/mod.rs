@@ -1,77 +1,60 @@
 //! The event loop: one `mio::Poll` owning every socket, and the turn that orders the work.
 //!
+//! The reactor only dispatches: inbound sessions are driven by `net::inbound`, outbound
+//! connections and DNS by `delivery`, the group commit is the gate in [`commit`], password
+//! checks run on the [`authwork`] thread under `smtp::auth_throttle`.
+//!
 //! # One turn
-//! 1. `poll` for events (timeout: the next timer, or zero when work is left over).
+//! 1. `poll` for events (timeout: the next deadline, or zero when work is left over), then
+//!    read the clock once: every decision of the turn uses that `now`.
 //! 2. Dispatch: listeners are only marked; connections read, parse and append finished
 //!    messages to the spool (not yet answered).
-//! 3. Group commit: one `spool.commit()` covers every message of the turn; only then are their
+//! 3. Group commit: one sync covers every message of the turn; only when it is back are their
 //!    `250`s written into the output buffers (or `451` for all if the sync failed).
 //! 4. Flush every connection with output: each pipelined batch of replies leaves in one write.
-//! 5. Expire timers (`421 4.4.2`), then accept new connections, a bounded number per turn so
-//!    that a connection flood cannot starve sessions already open.
+//! 5. Expire deadlines (`421 4.4.2`), then accept new connections, a bounded number per turn
+//!    so that a connection flood cannot starve sessions already open.
 //! 6. Trim the buffer pools: what a spike left unused for a whole period is freed.
+//!
+//! The clock is read elsewhere only to measure: the commit latency logged with each `250`
+//! (`net::inbound` stamps the end of data, [`Server::release`] the commit's return).
 
 pub mod authwork;
+pub mod commit;
 pub mod signal;
 pub mod syncer;
-pub mod timer;
 
-use std::io::{self, Write as _};
+use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use std::sync::Arc;
 
 use mio::{Events, Interest, Poll};
-use slab::Slab;
 
 use crate::buf::{BufPool, VecPool};
 use crate::config::Config;
 use crate::delivery::{self, Delivery, DeliveryConfig};
 use crate::log::{Logger, V};
 use crate::message::IdGen;
-use crate::message::QueueId;
-use crate::net::inbound::InboundConn;
+use crate::net::inbound::{Answered, Inbound, Turn, CHUNK};
 use crate::net::socket;
-use crate::net::tls::{ServerTls, TlsInfo, TlsSession};
-use crate::net::transport::{Fault, Flush, Read, Transport};
+use crate::net::tls::ServerTls;
 use crate::net::token::{self, Kind};
 use crate::queue::schedule::RetryPolicy;
-use crate::smtp::auth::Credentials;
-use crate::smtp::auth_throttle::{self, AuthThrottle, Refusal, Verdict};
+use crate::smtp::auth_throttle::{self, AuthThrottle, Verdict};
 use crate::smtp::client::ClientTimeouts;
-use crate::smtp::client_key::ClientKey;
-use crate::smtp::client_limit::{Admission, ConnectionLimiter};
-use crate::smtp::line::MAX_AUTH_LINE;
-use crate::smtp::pace::{Pace, PaceLimits};
-use crate::smtp::reply;
-use crate::smtp::server::{AuthOutcome, Ctx, Event, ServerSession};
-use crate::spool::{MessageLoc, StoredMessage};
+use crate::smtp::client_limit::ConnectionLimiter;
+use crate::smtp::server::AuthOutcome;
+use crate::spool::StoredMessage;
 use crate::spool::{Spool, SpoolError, SpoolOptions};
 use authwork::{AuthJob, AuthWorker};
+use commit::{Batch, CommitGate};
 
-/// Input/output chunk size. Sessions frame lines where they lie in the input chunk, so the
-/// longest line, an AUTH line (RFC 4954 §4), must fit in one.
-const CHUNK: usize = 16 * 1024;
-const _: () = assert!(CHUNK >= MAX_AUTH_LINE);
 /// Connections accepted per turn at most.
 const ACCEPTS_PER_TURN: usize = 256;
-/// Read/parse rounds for one connection per turn before others get a go.
-const ROUNDS_PER_DRIVE: usize = 64;
-/// How long a closing connection may take to drain its last replies.
-const LINGER: Duration = Duration::from_secs(10);
-
-/// A message appended to the spool whose `250` waits for a group commit.
-#[derive(Debug, Clone, Copy)]
-struct Waiter {
-    key: usize,
-    generation: u32,
-    id: QueueId,
-    loc: MessageLoc,
-    arrival_ms: u64,
-    /// Already handed to the delivery queue (only the reply is still owed).
-    queued: bool,
-}
+/// How long accepting pauses after an error such as `EMFILE`.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 struct Listener {
     sock: mio::net::TcpListener,
@@ -112,40 +95,73 @@ pub struct Server {
     poll: Poll,
     cfg: Config,
     listeners: Vec<Listener>,
-    conns: Slab<InboundConn>,
-    generation: u32,
+    /// Inbound sessions and their driver.
+    inbound: Inbound,
     bufs: BufPool,
     bodies: VecPool,
     ids: IdGen,
     spool: Spool,
-    timers: timer::Timers,
     log: Logger,
     signals: signal::SignalSource,
-    /// Connections whose message is appended but not yet in a commit: (key, generation).
-    waiting: Vec<Waiter>,
-    /// Connections whose message the sync thread is committing now.
-    syncing: Vec<Waiter>,
-    syncer: syncer::Syncer,
-    /// Connections with output to flush this turn.
-    dirty: Vec<(usize, u32)>,
-    /// Connections to drive again next turn (budget spent or buffers exhausted).
-    again: Vec<(usize, u32)>,
+    /// Appended messages wait here for their group commit.
+    gate: CommitGate,
     delivery: Delivery,
     shutdown: Option<Instant>,
     force_exit: bool,
     accept_retry: Option<Instant>,
+    /// The turn's clock, read once per turn.
     now: Instant,
     wall_us: u64,
-    /// The certificate for new TLS sessions (replaced on SIGHUP).
-    tls: Option<ServerTls>,
     /// Verifies AUTH credentials off the loop.
     auth: Option<AuthWorker>,
     /// Which AUTH checks run and when; failure budgets per client.
     auth_throttle: AuthThrottle<AuthJob>,
-    /// Connections per client address (`--max-connections-per-ip` and its rate).
-    limiter: ConnectionLimiter,
     /// The spool has room for new mail (see `Spool::accepting`), read once per turn.
     accepting: bool,
+}
+
+/// Borrows what the inbound driver needs for one call out of the server, beside the driver
+/// itself and delivery (which the commit release also feeds).
+macro_rules! turn {
+    ($s:expr, $inbound:ident, $turn:ident, $delivery:ident) => {
+        let Server {
+            inbound: $inbound,
+            delivery: $delivery,
+            cfg,
+            bufs,
+            bodies,
+            ids,
+            spool,
+            log,
+            poll,
+            gate,
+            auth,
+            auth_throttle,
+            now,
+            wall_us,
+            accepting,
+            shutdown,
+            ..
+        } = $s;
+        #[allow(unused_mut)]
+        let mut $turn = Turn {
+            cfg,
+            bufs,
+            bodies,
+            ids,
+            spool,
+            log,
+            registry: poll.registry(),
+            waiting: gate.queue(),
+            auth: auth_throttle,
+            auth_enabled: auth.is_some(),
+            now: *now,
+            wall_us: *wall_us,
+            accepting: *accepting,
+            shutdown: shutdown.is_some(),
+        };
+        let _ = &$delivery;
+    };
 }
 
 impl Server {
@@ -243,30 +259,25 @@ impl Server {
         let mut server = Server {
             poll,
             listeners,
-            conns: Slab::with_capacity(1024),
-            generation: 0,
+            inbound: Inbound::new(
+                cfg.tls.as_ref().map(|(_, _, t)| t.clone()),
+                ConnectionLimiter::new(cfg.client_limits),
+            ),
             bufs: BufPool::new(CHUNK, limit),
             bodies: VecPool::new(1 << 20),
             ids,
             spool,
-            timers: timer::Timers::default(),
             log,
             signals,
-            waiting: Vec::new(),
-            syncing: Vec::new(),
-            syncer,
-            dirty: Vec::new(),
-            again: Vec::new(),
+            gate: CommitGate::new(syncer),
             shutdown: None,
             force_exit: false,
             accept_retry: None,
             now: Instant::now(),
             wall_us: 0,
             delivery,
-            tls: cfg.tls.as_ref().map(|(_, _, t)| t.clone()),
             auth,
             auth_throttle: AuthThrottle::new(auth_throttle::Limits::default()),
-            limiter: ConnectionLimiter::new(cfg.client_limits),
             accepting: true,
             cfg,
         };
@@ -300,9 +311,9 @@ impl Server {
                 }
             }
             self.tick();
-            let again = std::mem::take(&mut self.again);
-            for (key, generation) in again {
-                self.drive_checked(key, generation);
+            {
+                turn!(&mut self, inbound, turn, delivery);
+                inbound.drive_again(&mut turn);
             }
             for ev in events.iter() {
                 match token::split(ev.token()) {
@@ -320,27 +331,29 @@ impl Server {
                         self.with_delivery(|d, ctx| d.on_event(ctx, kind, generation, key, ev));
                     }
                     Some((Kind::Inbound, generation, key)) => {
-                        let Some(conn) = self.conns.get_mut(key) else { continue };
-                        if conn.generation != generation {
-                            continue; // A stale event for a reused slot.
-                        }
-                        conn.io.on_event(ev);
-                        if conn.io.writable && conn.io.pending_output() > 0 {
-                            conn.mark_dirty(key, &mut self.dirty);
-                        }
-                        self.drive(key);
+                        turn!(&mut self, inbound, turn, delivery);
+                        inbound.on_event(key, generation, ev, &mut turn);
                     }
                     _ => {}
                 }
+                self.pump_auth();
             }
             self.commit();
+            self.pump_auth();
             // Failed seals and unlinks while reclaiming have nowhere else to be reported.
             for w in self.spool.take_warnings() {
                 self.log.event("spool_warning", &[("detail", V::S(&w))]);
             }
             self.pump_delivery();
-            self.flush_dirty();
-            self.expire_timers();
+            {
+                turn!(&mut self, inbound, turn, delivery);
+                inbound.flush_dirty(&mut turn);
+                inbound.expire(&mut turn);
+            }
+            self.pump_auth();
+            if self.accept_retry.is_some_and(|t| t <= self.now) {
+                self.accept_retry = None;
+            }
             self.accept();
             // Buffers unused for a whole period after a spike go back to the allocator.
             self.bufs.trim(self.now);
@@ -348,9 +361,10 @@ impl Server {
             self.log.flush();
             if self.shutdown_done() {
                 self.commit_all_blocking();
-                self.flush_dirty();
-                self.log.event("stopped", &[("open_sessions", V::N(self.conns.len() as u64))]);
-                self.log.flush();
+                turn!(&mut self, inbound, turn, delivery);
+                inbound.flush_dirty(&mut turn);
+                turn.log.event("stopped", &[("open_sessions", V::N(inbound.len() as u64))]);
+                turn.log.flush();
                 return Ok(());
             }
         }
@@ -371,6 +385,7 @@ impl Server {
         f(delivery, &mut ctx)
     }
 
+    /// Reads the clock for the turn.
     fn tick(&mut self) {
         self.now = Instant::now();
         self.wall_us = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
@@ -382,9 +397,10 @@ impl Server {
         }
     }
 
+    /// How long the next `poll` may sleep: zero when work is left over, else until the
+    /// earliest deadline (computed from the turn's `now`).
     fn poll_timeout(&self) -> Option<Duration> {
-        let commit_due = !self.waiting.is_empty() || self.spool.has_uncommitted();
-        if !self.again.is_empty() || (commit_due && !self.syncer.busy()) {
+        if self.inbound.has_again() || self.gate.due(&self.spool) {
             return Some(Duration::ZERO);
         }
         if self.listeners.iter().any(|l| l.pending) && self.accept_retry.is_none() && self.shutdown.is_none() {
@@ -393,8 +409,8 @@ impl Server {
         if self.delivery.has_work() && !self.cfg.hold {
             return Some(Duration::ZERO);
         }
-        let now = Instant::now();
-        let mut next = self.timers.next();
+        let now = self.now;
+        let mut next = self.inbound.next_deadline();
         if let Some(t) = self.delivery.next_deadline(now, self.wall_us / 1000).filter(|_| !self.cfg.hold) {
             next = Some(next.map_or(t, |n| n.min(t)));
         }
@@ -406,289 +422,93 @@ impl Server {
         next.map(|t| t.saturating_duration_since(now))
     }
 
-    fn drive_checked(&mut self, key: usize, generation: u32) {
-        if self.conns.get(key).is_some_and(|c| c.generation == generation) {
-            self.drive(key);
-        }
-    }
-
-    /// Reads, parses and appends for one connection until it would block, waits for the spool,
-    /// hits backpressure, or spends its budget.
-    fn drive(&mut self, key: usize) {
-        let Server {
-            conns,
-            bufs,
-            bodies,
-            ids,
-            spool,
-            cfg,
-            log,
-            waiting,
-            dirty,
-            again,
-            now,
-            wall_us,
-            shutdown,
-            tls,
-            auth,
-            auth_throttle,
-            timers,
-            accepting,
-            ..
-        } = self;
-        let Some(conn) = conns.get_mut(key) else { return };
-        let mut failed = false;
-        let mut auth_queued = false;
-        let mut read = 0;
-        let mut rounds = 0;
-        loop {
-            if conn.closing || conn.waiting.is_some() {
-                break;
-            }
-            rounds += 1;
-            if rounds > ROUNDS_PER_DRIVE {
-                again.push((key, conn.generation));
-                break;
-            }
-            // 1. Parse what is buffered.
-            let mut progressed = false;
-            if conn.io.input.as_ref().is_some_and(|b| !b.is_empty()) {
-                if conn.io.output.is_none() {
-                    conn.io.output = bufs.checkout();
-                }
-                let (Some(inb), Some(out)) = (conn.io.input.as_mut(), conn.io.output.as_mut()) else {
-                    again.push((key, conn.generation));
-                    break;
-                };
-                let mut ctx = Ctx { cfg: &cfg.session, bodies, ids, now_unix_us: *wall_us, accepting: *accepting };
-                let p = conn.session.handle_input(&mut ctx, inb.data(), out);
-                inb.consume(p.consumed);
-                progressed = p.consumed > 0;
-                if let Some(f) = conn.session.take_last_fault() {
-                    log.event("refused", &[("client", V::D(&conn.peer)), ("reply", V::B(trim_crlf(f.reply())))]);
-                }
-                match p.event {
-                    Some(Event::Message) => {
-                        let (id, env, body) = conn.session.message();
-                        match spool.append_message(id, *wall_us / 1000, env, body) {
-                            Ok((_, loc)) => {
-                                conn.session.release_body(bodies);
-                                conn.waiting = Some(id);
-                                conn.eod_at = Some(Instant::now());
-                                waiting.push(Waiter {
-                                    key,
-                                    generation: conn.generation,
-                                    id,
-                                    loc,
-                                    arrival_ms: *wall_us / 1000,
-                                    queued: false,
-                                });
-                            }
-                            Err(e) => {
-                                log.event("spool_error", &[("id", V::D(&id)), ("error", V::D(&e))]);
-                                let reply = if matches!(e, SpoolError::NoSpace) {
-                                    reply::SPOOL_FULL
-                                } else {
-                                    reply::SPOOL_FAILED
-                                };
-                                let Some(out) = conn.make_reply_room(bufs).then_some(conn.io.output.as_mut()).flatten()
-                                else {
-                                    // Cannot even say no: drop the session; nothing was stored.
-                                    failed = true;
-                                    break;
-                                };
-                                let mut ctx = Ctx {
-                                    cfg: &cfg.session,
-                                    bodies,
-                                    ids,
-                                    now_unix_us: *wall_us,
-                                    accepting: *accepting,
-                                };
-                                conn.session.message_result(&mut ctx, Err(reply), out);
-                            }
-                        }
-                        continue;
-                    }
-                    Some(Event::Close) => {
-                        conn.closing = true;
-                        conn.deadline = *now + LINGER;
-                        break;
-                    }
-                    Some(Event::StartTls) => {
-                        // The 220 and the replies before it go out in the clear; the client's
-                        // next bytes are its ClientHello.
-                        let Some(session) = tls.as_ref().map(TlsSession::server).and_then(Result::ok) else {
-                            failed = true;
-                            break;
-                        };
-                        conn.io.start_tls(session, bufs);
-                        conn.deadline = *now + cfg.tls_handshake_timeout;
-                        log.event("starttls", &[("client", V::D(&conn.peer))]);
-                        continue;
-                    }
-                    Some(Event::Auth) => {
-                        let creds = conn.session.take_credentials();
-                        if auth.is_none() {
-                            // Cannot happen (AUTH is only offered with a worker); refuse.
-                            if let Some(out) = conn.io.output.as_mut() {
-                                conn.session.auth_result(AuthOutcome::Rejected, creds, out);
-                            }
-                            continue;
-                        }
-                        let client = ClientKey::of(conn.peer.ip());
-                        let job = AuthJob { key, generation: conn.generation, client, creds };
-                        let (refusal, job) = match auth_throttle.submit(client, job, *now) {
-                            Ok(()) => {
-                                auth_queued = true;
-                                continue;
-                            }
-                            Err(refused) => refused,
-                        };
-                        // Refused before any hash is spent: the client is shut out, or too
-                        // many of its (or all) checks wait already.
-                        let (outcome, result) = match refusal {
-                            Refusal::Blocked => (AuthOutcome::Blocked, "blocked"),
-                            Refusal::Busy => (AuthOutcome::Busy, "busy"),
-                        };
-                        log.event("auth", &[("client", V::D(&conn.peer)), ("result", V::S(result))]);
-                        let Some(out) = conn.make_reply_room(bufs).then_some(conn.io.output.as_mut()).flatten() else {
-                            failed = true;
-                            break;
-                        };
-                        if conn.session.auth_result(outcome, job.creds, out) {
-                            conn.closing = true;
-                            conn.deadline = *now + LINGER;
-                            break;
-                        }
-                        continue;
-                    }
-                    None => {}
-                }
-            }
-            // 2. Backpressure: a client that does not read its replies is not read from.
-            if conn.io.pending_output() >= CHUNK / 2 {
-                match conn.io.flush(bufs) {
-                    Flush::Done => {}
-                    Flush::Blocked => break,
-                    Flush::Failed(_) => {
-                        failed = true;
-                        break;
-                    }
-                }
-            }
-            // 3. Read more.
-            if !conn.io.readable || conn.eof {
-                if !progressed {
-                    break;
-                }
-                continue;
-            }
-            let result = conn.io.read(bufs);
-            let handshake_done = conn.io.take_handshake_done();
-            match result {
-                Read::Data(n) => read += n,
-                Read::WouldBlock => {}
-                // The session cannot consume (its output is full): wait for the client to read.
-                Read::Full => break,
-                Read::NoBuffer => {
-                    again.push((key, conn.generation));
-                    break;
-                }
-                Read::Closed => conn.eof = true,
-                Read::Failed(e) => {
-                    if let Fault::Tls(e) = &e {
-                        // The transport sent the alert rustls queued, best effort.
-                        log.event("tls_error", &[("client", V::D(&conn.peer)), ("error", V::D(e))]);
-                    }
-                    failed = true;
-                    break;
-                }
-            }
-            if let Some(info) = handshake_done {
-                announce_tls(conn, info, log);
-                conn.pace.restart(*now);
-            }
-        }
-        // A finished line or a new phase buys time, bytes alone do not (`smtp::pace`). Not
-        // while closing or inside a TLS handshake: those have deadlines of their own.
-        if !conn.closing && !conn.io.is_handshaking() {
-            conn.pace.observe(conn.session.timeout_kind(), conn.session.lines_done(), read, *now);
-            match conn.pace.deadline(&pace_limits(cfg)) {
-                Some((at, _)) => conn.deadline = at,
-                // A held-back AUTH answer is due at its own deadline.
-                None if conn.auth_delayed.is_some() => {}
-                // Waiting for the spool or an AUTH check: the relay is the slow one.
-                None => conn.deadline = *now + cfg.command_timeout,
-            }
-        }
-        arm_deadline(timers, conn, key);
-        if conn.io.pending_output() > 0 {
-            conn.mark_dirty(key, dirty);
-        }
-        bufs.release_if_empty(&mut conn.io.input);
-        if shutdown.is_some() && !conn.closing && conn.waiting.is_none() {
-            if let Some(out) = conn.make_reply_room(bufs).then_some(conn.io.output.as_mut()).flatten() {
-                let mut ctx = Ctx { cfg: &cfg.session, bodies, ids, now_unix_us: *wall_us, accepting: *accepting };
-                if conn.session.handle_shutdown(&mut ctx, false, out) {
-                    conn.closing = true;
-                    conn.mark_dirty(key, dirty);
-                }
-            }
-        }
-        // The peer went away: whatever it left half-sent is dropped (nothing is stored).
-        let hung_up = conn.eof && conn.waiting.is_none() && !conn.closing && !again.iter().any(|&(k, _)| k == key);
-        if failed || hung_up {
-            self.close(key, if failed { "io_error" } else { "client_closed" });
-        }
-        if auth_queued {
-            self.pump_auth();
-        }
-    }
-
-    /// Group commit: hands every message appended so far to the sync thread as one batch
-    /// (unless one is already out: the next batch starts when it returns). With `--fsync never`
-    /// the batch is released at once.
+    /// Starts a group commit of what the turn appended (see [`CommitGate::start`]).
     fn commit(&mut self) {
-        if self.syncer.busy() || (self.waiting.is_empty() && !self.spool.has_uncommitted()) {
-            return;
-        }
-        match self.spool.begin_commit() {
-            Ok(Some(job)) => {
-                self.syncer.submit(job);
-                debug_assert!(self.syncing.is_empty());
-                self.syncing = std::mem::take(&mut self.waiting);
-            }
-            Ok(None) => {
-                let batch = std::mem::take(&mut self.waiting);
-                self.release(batch, Ok(()));
-            }
-            Err(e) => {
-                self.log.event("spool_error", &[("during", V::S("commit")), ("error", V::D(&e))]);
-                let batch = std::mem::take(&mut self.waiting);
-                self.release(batch, Err(()));
-            }
+        if let Some(batch) = self.gate.start(&mut self.spool, &mut self.log) {
+            self.release(batch);
         }
     }
 
     /// The sync thread is back: release its batch, then start the next one.
     fn on_sync_done(&mut self) {
-        while let Some(result) = self.syncer.try_result() {
-            self.finish_sync(result);
+        while let Some(batch) = self.gate.take_synced(&mut self.spool, &mut self.log) {
+            self.release(batch);
         }
         self.commit();
     }
 
+    /// Waits for the sync in flight and commits what is left, synchronously (shutdown only).
+    fn commit_all_blocking(&mut self) {
+        for batch in self.gate.drain_blocking(&mut self.spool, &mut self.log).into_iter().flatten() {
+            self.release(batch);
+        }
+    }
+
+    /// A batch is out of the gate: its durable messages go to delivery (whether or not their
+    /// client is still there), every session gets its `250` (or `451`), then the sessions go
+    /// on with what they pipelined behind the message.
+    fn release(&mut self, batch: Batch) {
+        // A measurement: the commit latency logged with each 250 ends here.
+        let committed_at = Instant::now();
+        let mut accepted = Vec::new();
+        {
+            turn!(self, inbound, turn, delivery);
+            for w in &batch.waiters {
+                // A waiter already queued is durable from an earlier commit: whatever this
+                // batch's fate, its answer is the 250 (a 451 would make the client send it
+                // twice).
+                let result = if w.queued { Ok(()) } else { batch.result };
+                if result.is_ok() && !w.queued {
+                    let rec = StoredMessage {
+                        id: w.id,
+                        loc: w.loc,
+                        arrival_ms: w.arrival_ms,
+                        rcpts: Vec::new(),
+                        pins: Default::default(),
+                    };
+                    // With the session's envelope when it still has it, else decoded from
+                    // the spool.
+                    match inbound.waiting_envelope(w) {
+                        Some(env) => {
+                            let mut ctx = delivery::Ctx {
+                                spool: turn.spool,
+                                log: turn.log,
+                                ids: turn.ids,
+                                bufs: turn.bufs,
+                                registry: turn.registry,
+                                now: turn.now,
+                                wall_ms: turn.wall_us / 1000,
+                            };
+                            delivery.enqueue_with(&mut ctx, &rec, env);
+                        }
+                        None => accepted.push(rec),
+                    }
+                }
+                let answered = inbound.answer_committed(w, result, committed_at, &mut turn);
+                debug_assert!(answered != Answered::Later || result.is_ok());
+            }
+        }
+        if !accepted.is_empty() {
+            self.enqueue_recovered(&accepted);
+        }
+        // Pipelined commands behind the message can go on now.
+        turn!(self, inbound, turn, delivery);
+        for w in batch.waiters {
+            inbound.drive_checked(w.key, w.generation, &mut turn);
+        }
+    }
+
     /// Verdicts back from the AUTH worker: the throttle counts failures per client and says
-    /// whether to answer at once, slowly, or with `421`; then the next check goes out.
+    /// whether to answer at once, slowly, or with `421`.
     fn on_auth_done(&mut self) {
         let Some(worker) = self.auth.as_mut() else { return };
         let mut verdicts = Vec::new();
         worker.try_results(&mut verdicts);
-        let now = Instant::now();
+        let now = self.now;
         for v in verdicts {
             let verdict = self.auth_throttle.verdict(v.client, v.ok, now);
             let failures = u64::from(self.auth_throttle.failures(v.client));
-            let conn = self.conns.get_mut(v.key).filter(|c| c.generation == v.generation);
+            let peer = self.inbound.peer(v.key, v.generation);
             // Logged even when the session has gone: each line is one password checked.
             let user = String::from_utf8_lossy(&v.creds.user).into_owned();
             let result = V::S(if v.ok { "ok" } else { "failed" });
@@ -697,8 +517,8 @@ impl Server {
                 Verdict::Reject { .. } => "rejected",
                 Verdict::Block => "blocked",
             });
-            let client: &dyn std::fmt::Display = match &conn {
-                Some(c) => &c.peer,
+            let client: &dyn std::fmt::Display = match &peer {
+                Some(p) => p,
                 None => &v.client,
             };
             self.log.event(
@@ -711,252 +531,46 @@ impl Server {
                     ("failures", V::N(failures)),
                 ],
             );
-            let Some(conn) = conn else { continue };
-            match verdict {
-                Verdict::Accept => self.answer_auth(v.key, AuthOutcome::Accepted, v.creds),
-                Verdict::Block => self.answer_auth(v.key, AuthOutcome::Blocked, v.creds),
-                Verdict::Reject { delay } if delay.is_zero() => self.answer_auth(v.key, AuthOutcome::Rejected, v.creds),
-                Verdict::Reject { delay } => {
-                    conn.auth_delayed = Some((AuthOutcome::Rejected, v.creds));
-                    conn.deadline = now + delay;
-                    arm_deadline(&mut self.timers, conn, v.key);
-                }
+            if peer.is_none() {
+                continue;
             }
+            let outcome = match verdict {
+                Verdict::Accept => AuthOutcome::Accepted,
+                Verdict::Block => AuthOutcome::Blocked,
+                Verdict::Reject { delay } if !delay.is_zero() => {
+                    self.inbound.delay_auth(v.key, AuthOutcome::Rejected, v.creds, now + delay);
+                    continue;
+                }
+                Verdict::Reject { .. } => AuthOutcome::Rejected,
+            };
+            turn!(self, inbound, turn, delivery);
+            inbound.answer_auth(v.key, outcome, v.creds, &mut turn);
         }
         if self.auth_throttle.clients() > 100_000 {
             self.auth_throttle.prune(now);
         }
-        self.pump_auth();
+        self.inbound.take_auth_queued();
+        self.next_auth();
     }
 
-    /// Hands the AUTH worker its next check when it is idle, skipping (and freeing the place
-    /// of) checks whose session has gone.
+    /// After the inbound driver ran: if a session queued an AUTH check, the worker may take
+    /// one.
     fn pump_auth(&mut self) {
+        if self.inbound.take_auth_queued() {
+            self.next_auth();
+        }
+    }
+
+    /// Hands the AUTH worker its next check (the throttle says none while one runs),
+    /// skipping (and freeing the place of) checks whose session has gone.
+    fn next_auth(&mut self) {
         let Some(worker) = self.auth.as_mut() else { return };
         while let Some((client, job)) = self.auth_throttle.next_job() {
-            if self.conns.get(job.key).is_some_and(|c| c.generation == job.generation) {
+            if self.inbound.is_live(job.key, job.generation) {
                 worker.submit(job);
                 return;
             }
             self.auth_throttle.abandon(client);
-        }
-    }
-
-    /// Writes an AUTH verdict and lets the session go on (or close).
-    fn answer_auth(&mut self, key: usize, outcome: AuthOutcome, creds: Credentials) {
-        let Some(conn) = self.conns.get_mut(key) else { return };
-        let Some(out) = conn.make_reply_room(&mut self.bufs).then_some(conn.io.output.as_mut()).flatten() else {
-            self.close(key, "no_room_for_reply");
-            return;
-        };
-        if conn.session.auth_result(outcome, creds, out) {
-            conn.closing = true;
-            conn.deadline = self.now + LINGER;
-        } else {
-            conn.deadline = self.now + self.cfg.command_timeout;
-        }
-        conn.mark_dirty(key, &mut self.dirty);
-        self.drive(key);
-    }
-
-    fn finish_sync(&mut self, result: Result<(), SpoolError>) {
-        let batch = std::mem::take(&mut self.syncing);
-        match self.spool.finish_commit(result) {
-            Ok(()) => self.release(batch, Ok(())),
-            Err(e) => {
-                self.log.event("spool_error", &[("during", V::S("commit")), ("error", V::D(&e))]);
-                // The spool abandoned this batch and every append made after it.
-                let newer = std::mem::take(&mut self.waiting);
-                self.release(batch, Err(()));
-                self.release(newer, Err(()));
-            }
-        }
-    }
-
-    /// Waits for the sync in flight and commits what is left, synchronously (shutdown only).
-    fn commit_all_blocking(&mut self) {
-        if let Some(result) = self.syncer.wait_result() {
-            self.finish_sync(result);
-        }
-        if !self.waiting.is_empty() || self.spool.has_uncommitted() {
-            let result = self.spool.commit();
-            let batch = std::mem::take(&mut self.waiting);
-            if let Err(e) = &result {
-                self.log.event("spool_error", &[("during", V::S("commit")), ("error", V::D(e))]);
-            }
-            self.release(batch, result.map_err(|_| ()));
-        }
-    }
-
-    /// Writes the `250` (or `451` when the commit failed) of every message in `batch`, then
-    /// lets those sessions go on with what they pipelined behind the message.
-    fn release(&mut self, batch: Vec<Waiter>, result: Result<(), ()>) {
-        let committed_at = Instant::now();
-        let mut unanswerable = Vec::new();
-        let mut accepted = Vec::new();
-        for w in &batch {
-            // A waiter already queued is durable from an earlier commit: whatever this batch's
-            // fate, its answer is the 250 (a 451 would make the client send it twice).
-            let result = if w.queued { Ok(()) } else { result };
-            let (key, generation) = (w.key, w.generation);
-            let Server {
-                conns,
-                bufs,
-                bodies,
-                ids,
-                cfg,
-                log,
-                dirty,
-                wall_us,
-                waiting,
-                delivery,
-                spool,
-                poll,
-                now,
-                accepting,
-                ..
-            } = self;
-            let conn = conns.get_mut(key).filter(|c| c.generation == generation);
-            // Durable: it goes to delivery whether or not its client is still there (with the
-            // session's envelope when there is one, else decoded from the spool).
-            if result.is_ok() && !w.queued {
-                let rec = StoredMessage {
-                    id: w.id,
-                    loc: w.loc,
-                    arrival_ms: w.arrival_ms,
-                    rcpts: Vec::new(),
-                    pins: Default::default(),
-                };
-                let mut ctx = delivery::Ctx {
-                    spool,
-                    log,
-                    ids,
-                    bufs,
-                    registry: poll.registry(),
-                    now: *now,
-                    wall_ms: *wall_us / 1000,
-                };
-                match conn.as_ref().filter(|c| c.waiting == Some(w.id)) {
-                    Some(c) => delivery.enqueue_with(&mut ctx, &rec, c.session.envelope()),
-                    None => accepted.push(rec),
-                }
-            }
-            let Some(conn) = conn else { continue };
-            let Some(id) = conn.waiting.take() else { continue };
-            let Some(out) = conn.make_reply_room(bufs).then_some(conn.io.output.as_mut()).flatten() else {
-                // No room for the reply yet. A durable message is answered on a later turn; a
-                // refused one is answered by closing (the client then retries it).
-                if result.is_ok() {
-                    conn.waiting = Some(id);
-                    waiting.push(Waiter { queued: true, ..*w });
-                } else {
-                    unanswerable.push(key);
-                }
-                continue;
-            };
-            let env = conn.session.envelope();
-            let latency_us = conn.eod_at.map_or(0, |t| committed_at.duration_since(t).as_micros() as u64);
-            match result {
-                Ok(()) => log.event(
-                    "accepted",
-                    &[
-                        ("id", V::D(&id)),
-                        ("client", V::D(&conn.peer)),
-                        ("from", V::B(&env.sender)),
-                        ("rcpts", V::N(env.rcpt_count() as u64)),
-                        ("commit_us", V::N(latency_us)),
-                        ("tls", V::S(if conn.session.is_tls() { "yes" } else { "no" })),
-                        ("user", V::B(conn.session.auth_user().unwrap_or(b"-"))),
-                    ],
-                ),
-                Err(()) => log.event(
-                    "refused",
-                    &[("id", V::D(&id)), ("client", V::D(&conn.peer)), ("reply", V::B(trim_crlf(reply::SPOOL_FAILED)))],
-                ),
-            }
-            let mut ctx = Ctx { cfg: &cfg.session, bodies, ids, now_unix_us: *wall_us, accepting: *accepting };
-            conn.session.message_result(&mut ctx, result.map_err(|()| reply::SPOOL_FAILED), out);
-            conn.mark_dirty(key, dirty);
-        }
-        for key in unanswerable {
-            self.close(key, "no_room_for_reply");
-        }
-        if !accepted.is_empty() {
-            self.enqueue_recovered(&accepted);
-        }
-        // Pipelined commands behind the message can go on now.
-        for w in batch {
-            self.drive_checked(w.key, w.generation);
-        }
-    }
-
-    fn flush_dirty(&mut self) {
-        let dirty = std::mem::take(&mut self.dirty);
-        for (key, generation) in dirty {
-            let Some(conn) = self.conns.get_mut(key).filter(|c| c.generation == generation) else { continue };
-            conn.dirty = false;
-            let had_backlog = conn.io.pending_output() >= CHUNK / 2;
-            match conn.io.flush(&mut self.bufs) {
-                Flush::Failed(_) => self.close(key, "io_error"),
-                Flush::Done if conn.closing => self.close(key, "closed"),
-                Flush::Done if had_backlog || conn.eof => self.drive(key),
-                _ => {}
-            }
-        }
-    }
-
-    fn expire_timers(&mut self) {
-        let now = Instant::now();
-        while let Some(e) = self.timers.pop_due(now) {
-            let Some(conn) = self.conns.get_mut(e.key).filter(|c| c.generation == e.generation) else { continue };
-            if conn.timer_at != Some(e.at) {
-                continue; // Superseded by an earlier deadline armed since.
-            }
-            conn.timer_at = None;
-            if conn.deadline > now || conn.waiting.is_some() {
-                let at = conn.deadline.max(now + Duration::from_millis(100));
-                self.timers.arm(at, e.key, e.generation);
-                conn.timer_at = Some(at);
-                continue;
-            }
-            if conn.closing {
-                self.close(e.key, "linger_timeout");
-                continue;
-            }
-            if conn.io.is_handshaking() {
-                // Nothing can be said inside an unfinished handshake.
-                self.log.event("tls_error", &[("client", V::D(&conn.peer)), ("error", V::S("handshake timeout"))]);
-                self.close(e.key, "tls_handshake_timeout");
-                continue;
-            }
-            if let Some((outcome, creds)) = conn.auth_delayed.take() {
-                self.answer_auth(e.key, outcome, creds);
-                continue;
-            }
-            let Server { conns, bufs, bodies, ids, cfg, log, dirty, wall_us, timers, accepting, .. } = self;
-            let Some(conn) = conns.get_mut(e.key) else { continue };
-            let why = conn.pace.deadline(&pace_limits(cfg)).map_or("idle", |(_, why)| why.as_str());
-            log.event(
-                "timeout",
-                &[
-                    ("client", V::D(&conn.peer)),
-                    ("in_data", V::N(u64::from(conn.session.in_data()))),
-                    ("reason", V::S(why)),
-                ],
-            );
-            if let Some(out) = conn.make_reply_room(bufs).then_some(conn.io.output.as_mut()).flatten() {
-                let mut ctx = Ctx { cfg: &cfg.session, bodies, ids, now_unix_us: *wall_us, accepting: *accepting };
-                conn.session.handle_timeout(&mut ctx, out);
-            }
-            conn.closing = true;
-            conn.deadline = now + LINGER;
-            timers.arm(conn.deadline, e.key, e.generation);
-            conn.timer_at = Some(conn.deadline);
-            conn.mark_dirty(e.key, dirty);
-        }
-        self.flush_dirty();
-        if self.accept_retry.is_some_and(|t| t <= now) {
-            self.accept_retry = None;
         }
     }
 
@@ -971,131 +585,22 @@ impl Server {
                     Ok((sock, peer)) => {
                         budget -= 1;
                         let tls = self.listeners[i].tls;
-                        self.admit(sock, peer, tls);
+                        turn!(self, inbound, turn, delivery);
+                        inbound.admit(sock, peer, tls, &mut turn);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.listeners[i].pending = false,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => {
                         // EMFILE and friends: back off briefly instead of spinning.
                         self.log.event("accept_error", &[("error", V::D(&e))]);
-                        self.accept_retry = Some(Instant::now() + Duration::from_millis(100));
+                        self.accept_retry = Some(self.now + ACCEPT_BACKOFF);
                         return;
                     }
                 }
             }
         }
-        self.flush_dirty();
-    }
-
-    fn admit(&mut self, mut sock: mio::net::TcpStream, peer: SocketAddr, implicit_tls: bool) {
-        if self.conns.len() >= self.cfg.max_connections {
-            // Best effort: the socket is fresh, so this small write nearly always fits.
-            let _ = sock.write(reply::TOO_MANY_CONNECTIONS);
-            self.log
-                .event("refused", &[("client", V::D(&peer)), ("reply", V::B(trim_crlf(reply::TOO_MANY_CONNECTIONS)))]);
-            return;
-        }
-        let relay_allowed = self.cfg.allow.iter().any(|c| c.contains(peer.ip()));
-        // Postfix exempts $mynetworks from anvil's limits; so do we, unless told otherwise.
-        let limited = self.limiter.enabled() && (!relay_allowed || self.cfg.limit_allowed_clients);
-        if limited {
-            let refusal = match self.limiter.admit(peer.ip(), self.now) {
-                Admission::Admit => None,
-                Admission::TooMany => Some(reply::CLIENT_TOO_MANY),
-                Admission::TooFast => Some(reply::CLIENT_TOO_FAST),
-            };
-            if let Some(r) = refusal {
-                let _ = sock.write(r);
-                self.log.event("refused", &[("client", V::D(&peer)), ("reply", V::B(trim_crlf(r)))]);
-                return;
-            }
-        }
-        let Some(mut out) = self.bufs.checkout() else {
-            let _ = sock.write(reply::TOO_MANY_CONNECTIONS);
-            self.uncount(limited, peer);
-            return;
-        };
-        let _ = sock.set_nodelay(true);
-        self.generation = token::next_generation(self.generation);
-        let generation = self.generation;
-        let entry = self.conns.vacant_entry();
-        let key = entry.key();
-        if let Err(e) = self.poll.registry().register(
-            &mut sock,
-            token::make(Kind::Inbound, generation, key),
-            Interest::READABLE | Interest::WRITABLE,
-        ) {
-            self.log.event("accept_error", &[("error", V::D(&e))]);
-            self.bufs.checkin(out);
-            self.uncount(limited, peer);
-            return;
-        }
-        let mut session = ServerSession::new(peer.ip(), relay_allowed);
-        // On an implicit-TLS port the greeting waits in TLS until the handshake is done.
-        let tls = match self.tls.as_ref().filter(|_| implicit_tls).map(TlsSession::server) {
-            Some(Ok(t)) => {
-                session.tls_started();
-                Some(t)
-            }
-            Some(Err(e)) => {
-                self.log.event("tls_error", &[("client", V::D(&peer)), ("error", V::D(&e))]);
-                self.bufs.checkin(out);
-                let _ = self.poll.registry().deregister(&mut sock);
-                self.uncount(limited, peer);
-                return;
-            }
-            None => None,
-        };
-        session.greeting(&self.cfg.session, &mut out);
-        let timeout = if tls.is_some() { self.cfg.tls_handshake_timeout } else { self.cfg.command_timeout };
-        let deadline = self.now + timeout;
-        let mut io = Transport::new(sock);
-        if let Some(t) = tls {
-            // Before the greeting is buffered: all of it goes through TLS.
-            io.start_tls(t, &mut self.bufs);
-        }
-        io.output = Some(out);
-        io.writable = true;
-        entry.insert(InboundConn {
-            io,
-            peer,
-            session,
-            generation,
-            eof: false,
-            closing: false,
-            waiting: None,
-            dirty: true,
-            deadline,
-            timer_at: Some(deadline),
-            pace: Pace::new(self.now),
-            limited,
-            eod_at: None,
-            auth_delayed: None,
-        });
-        self.dirty.push((key, generation));
-        self.timers.arm(deadline, key, generation);
-        self.log.event("connect", &[("client", V::D(&peer)), ("relay", V::N(u64::from(relay_allowed)))]);
-    }
-
-    /// A connection counted by the per-client limits is gone.
-    fn uncount(&mut self, limited: bool, peer: SocketAddr) {
-        if limited {
-            self.limiter.close(peer.ip());
-        }
-    }
-
-    fn close(&mut self, key: usize, why: &str) {
-        if !self.conns.contains(key) {
-            return;
-        }
-        let mut conn = self.conns.remove(key);
-        self.uncount(conn.limited, conn.peer);
-        // Best effort close_notify, so the client sees a clean end rather than a truncation.
-        conn.io.close_tls();
-        let _ = self.poll.registry().deregister(&mut conn.io.sock);
-        conn.session.release_body(&mut self.bodies);
-        conn.io.release_buffers(&mut self.bufs);
-        self.log.event("disconnect", &[("client", V::D(&conn.peer)), ("reason", V::S(why))]);
+        turn!(self, inbound, turn, delivery);
+        inbound.flush_dirty(&mut turn);
     }
 
     fn on_signal(&mut self) {
@@ -1114,15 +619,13 @@ impl Server {
             self.force_exit = true;
             return;
         }
-        self.log.event("shutdown", &[("mode", V::S("graceful")), ("sessions", V::N(self.conns.len() as u64))]);
-        self.shutdown = Some(Instant::now() + self.cfg.shutdown_grace);
+        self.log.event("shutdown", &[("mode", V::S("graceful")), ("sessions", V::N(self.inbound.len() as u64))]);
+        self.shutdown = Some(self.now + self.cfg.shutdown_grace);
         for mut l in self.listeners.drain(..) {
             let _ = self.poll.registry().deregister(&mut l.sock);
         }
-        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
-        for key in keys {
-            self.drive(key);
-        }
+        turn!(self, inbound, turn, delivery);
+        inbound.drive_all(&mut turn);
     }
 
     /// SIGUSR1 (`sluice queue flush`): every deferred recipient is due now and no destination
@@ -1146,7 +649,7 @@ impl Server {
         };
         match ServerTls::load(cert, key) {
             Ok(t) => {
-                self.tls = Some(t);
+                self.inbound.set_tls(t);
                 self.log.event("reload", &[("tls", V::S("ok")), ("cert", V::D(&cert.display()))]);
             }
             Err(e) => self.log.event("reload", &[("tls", V::S("failed, keeping the old pair")), ("error", V::D(&e))]),
@@ -1157,28 +660,16 @@ impl Server {
     /// remaining sessions get `421` and the spool is committed first).
     fn shutdown_done(&mut self) -> bool {
         let Some(deadline) = self.shutdown else { return self.force_exit };
-        if self.conns.is_empty() {
+        if self.inbound.is_empty() {
             return true;
         }
-        if !self.force_exit && Instant::now() < deadline {
+        if !self.force_exit && self.now < deadline {
             return false;
         }
         // Out of time: answer what is committed, refuse the rest, flush once and go.
         self.commit_all_blocking();
-        let keys: Vec<(usize, u32)> = self.conns.iter().map(|(k, c)| (k, c.generation)).collect();
-        for (key, generation) in keys {
-            let Server { conns, bufs, bodies, ids, cfg, wall_us, accepting, .. } = self;
-            let Some(conn) = conns.get_mut(key) else { continue };
-            if let Some(out) = conn.make_reply_room(bufs).then_some(conn.io.output.as_mut()).flatten() {
-                let mut ctx = Ctx { cfg: &cfg.session, bodies, ids, now_unix_us: *wall_us, accepting: *accepting };
-                conn.session.handle_shutdown(&mut ctx, true, out);
-            }
-            conn.closing = true;
-            conn.io.writable = true;
-            let _ = conn.io.flush(&mut self.bufs);
-            self.close(key, "shutdown");
-            let _ = generation;
-        }
+        turn!(self, inbound, turn, delivery);
+        inbound.close_all(&mut turn);
         true
     }
 }
@@ -1195,30 +686,4 @@ fn capped_timeouts(cap: Duration, tls_handshake: Duration) -> ClientTimeouts {
         data_end: d.data_end.min(cap),
         tls_handshake,
     }
-}
-
-/// The pace limits from the flags.
-fn pace_limits(cfg: &Config) -> PaceLimits {
-    PaceLimits { command: cfg.command_timeout, data: cfg.data_timeout, min_data_rate: cfg.min_data_rate }
-}
-
-/// Arms a timer entry for `conn.deadline` when there is no live one or it is earlier than the
-/// live one (the heap keeps one live entry per connection; a later deadline is picked up when
-/// that entry pops).
-fn arm_deadline(timers: &mut timer::Timers, conn: &mut InboundConn, key: usize) {
-    if conn.timer_at.is_none_or(|t| conn.deadline < t) {
-        timers.arm(conn.deadline, key, conn.generation);
-        conn.timer_at = Some(conn.deadline);
-    }
-}
-
-/// Logs a finished handshake and tells the session which version and cipher it got (called
-/// once, on the read that ends the handshake).
-fn announce_tls(conn: &mut InboundConn, info: TlsInfo, log: &mut Logger) {
-    conn.session.set_tls_info(info.version, info.cipher);
-    log.event("tls", &[("client", V::D(&conn.peer)), ("version", V::S(info.version)), ("cipher", V::S(info.cipher))]);
-}
-
-fn trim_crlf(b: &[u8]) -> &[u8] {
-    b.strip_suffix(b"\r\n").unwrap_or(b)
 }
