@@ -391,7 +391,7 @@ impl Transport {
 mod tests {
     use super::*;
     use crate::net::tls::{ClientTls, ServerTls};
-    use std::io::{Read as _, Write as _};
+    use std::io::Read as _;
     use std::path::PathBuf;
 
     /// A connected pair of non-blocking loopback sockets.
