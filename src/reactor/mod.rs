@@ -19,6 +19,7 @@
 //! The clock is read elsewhere only to measure: the commit latency logged with each `250`
 //! (`net::inbound` stamps the end of data, [`Server::release`] the commit's return).
 
+pub mod auth;
 pub mod authwork;
 pub mod commit;
 pub mod signal;
@@ -42,13 +43,12 @@ use crate::net::socket;
 use crate::net::tls::ServerTls;
 use crate::net::token::{self, Kind};
 use crate::queue::schedule::RetryPolicy;
-use crate::smtp::auth_throttle::{self, AuthThrottle, Verdict};
 use crate::smtp::client::ClientTimeouts;
 use crate::smtp::client_limit::ConnectionLimiter;
-use crate::smtp::server::AuthOutcome;
 use crate::spool::StoredMessage;
 use crate::spool::{Spool, SpoolError, SpoolOptions};
-use authwork::{AuthJob, AuthWorker};
+use auth::AuthSide;
+use authwork::AuthWorker;
 use commit::{Batch, CommitGate};
 
 /// Connections accepted per turn at most.
@@ -112,10 +112,8 @@ pub struct Server {
     /// The turn's clock, read once per turn.
     now: Instant,
     wall_us: u64,
-    /// Verifies AUTH credentials off the loop.
-    auth: Option<AuthWorker>,
-    /// Which AUTH checks run and when; failure budgets per client.
-    auth_throttle: AuthThrottle<AuthJob>,
+    /// Password checks: the worker thread and the throttle ordering them.
+    auth: AuthSide,
     /// The spool has room for new mail (see `Spool::accepting`), read once per turn.
     accepting: bool,
 }
@@ -136,7 +134,6 @@ macro_rules! turn {
             poll,
             gate,
             auth,
-            auth_throttle,
             now,
             wall_us,
             accepting,
@@ -153,8 +150,8 @@ macro_rules! turn {
             log,
             registry: poll.registry(),
             waiting: gate.queue(),
-            auth: auth_throttle,
-            auth_enabled: auth.is_some(),
+            auth_enabled: auth.enabled(),
+            auth: &mut auth.throttle,
             now: *now,
             wall_us: *wall_us,
             accepting: *accepting,
@@ -276,8 +273,7 @@ impl Server {
             now: Instant::now(),
             wall_us: 0,
             delivery,
-            auth,
-            auth_throttle: AuthThrottle::new(auth_throttle::Limits::default()),
+            auth: AuthSide::new(auth),
             accepting: true,
             cfg,
         };
@@ -498,79 +494,31 @@ impl Server {
         }
     }
 
-    /// Verdicts back from the AUTH worker: the throttle counts failures per client and says
-    /// whether to answer at once, slowly, or with `421`.
+    /// Verdicts back from the AUTH worker: answered at once, or held back until the
+    /// throttle's delay for a failure; then the worker gets its next check.
     fn on_auth_done(&mut self) {
-        let Some(worker) = self.auth.as_mut() else { return };
-        let mut verdicts = Vec::new();
-        worker.try_results(&mut verdicts);
-        let now = self.now;
-        for v in verdicts {
-            let verdict = self.auth_throttle.verdict(v.client, v.ok, now);
-            let failures = u64::from(self.auth_throttle.failures(v.client));
-            let peer = self.inbound.peer(v.key, v.generation);
-            // Logged even when the session has gone: each line is one password checked.
-            let user = String::from_utf8_lossy(&v.creds.user).into_owned();
-            let result = V::S(if v.ok { "ok" } else { "failed" });
-            let answer = V::S(match verdict {
-                Verdict::Accept => "accepted",
-                Verdict::Reject { .. } => "rejected",
-                Verdict::Block => "blocked",
-            });
-            let client: &dyn std::fmt::Display = match &peer {
-                Some(p) => p,
-                None => &v.client,
-            };
-            self.log.event(
-                "auth",
-                &[
-                    ("client", V::D(client)),
-                    ("user", V::S(&user)),
-                    ("result", result),
-                    ("answer", answer),
-                    ("failures", V::N(failures)),
-                ],
-            );
-            if peer.is_none() {
-                continue;
-            }
-            let outcome = match verdict {
-                Verdict::Accept => AuthOutcome::Accepted,
-                Verdict::Block => AuthOutcome::Blocked,
-                Verdict::Reject { delay } if !delay.is_zero() => {
-                    self.inbound.delay_auth(v.key, AuthOutcome::Rejected, v.creds, now + delay);
-                    continue;
+        let inbound = &self.inbound;
+        let answers = self.auth.take_verdicts(self.now, |k, g| inbound.peer(k, g), &mut self.log);
+        for a in answers {
+            match a.at {
+                Some(at) => self.inbound.delay_auth(a.key, a.outcome, a.creds, at),
+                None => {
+                    turn!(self, inbound, turn, delivery);
+                    inbound.answer_auth(a.key, a.outcome, a.creds, &mut turn);
                 }
-                Verdict::Reject { .. } => AuthOutcome::Rejected,
-            };
-            turn!(self, inbound, turn, delivery);
-            inbound.answer_auth(v.key, outcome, v.creds, &mut turn);
-        }
-        if self.auth_throttle.clients() > 100_000 {
-            self.auth_throttle.prune(now);
+            }
         }
         self.inbound.take_auth_queued();
-        self.next_auth();
+        let inbound = &self.inbound;
+        self.auth.pump(|k, g| inbound.is_live(k, g));
     }
 
     /// After the inbound driver ran: if a session queued an AUTH check, the worker may take
     /// one.
     fn pump_auth(&mut self) {
         if self.inbound.take_auth_queued() {
-            self.next_auth();
-        }
-    }
-
-    /// Hands the AUTH worker its next check (the throttle says none while one runs),
-    /// skipping (and freeing the place of) checks whose session has gone.
-    fn next_auth(&mut self) {
-        let Some(worker) = self.auth.as_mut() else { return };
-        while let Some((client, job)) = self.auth_throttle.next_job() {
-            if self.inbound.is_live(job.key, job.generation) {
-                worker.submit(job);
-                return;
-            }
-            self.auth_throttle.abandon(client);
+            let inbound = &self.inbound;
+            self.auth.pump(|k, g| inbound.is_live(k, g));
         }
     }
 
