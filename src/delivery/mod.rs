@@ -22,6 +22,8 @@ pub mod settle;
 pub mod tls;
 
 #[cfg(test)]
+mod engine_tests;
+#[cfg(test)]
 mod harness;
 
 use std::time::Duration;

@@ -423,6 +423,17 @@ mod tests {
     }
 
     #[test]
+    fn a_recipient_costs_16_bytes_and_keeps_its_notify_bits() {
+        assert_eq!(std::mem::size_of::<QRcpt>(), 16);
+        let mut r = QRcpt { next_ms: 0, dest: 0, attempts: 0, status: RcptStatus::Queued, flags: 0x0f & !IN_FLIGHT };
+        r.set_in_flight(true);
+        assert!(r.in_flight());
+        assert_eq!(r.notify(), 0x0f);
+        r.set_in_flight(false);
+        assert_eq!((r.in_flight(), r.notify()), (false, 0x0f));
+    }
+
+    #[test]
     fn a_flush_reaches_a_recipient_whose_sibling_is_in_flight() {
         let now = 1_000;
         let hour = now + 3_600_000;
