@@ -527,7 +527,7 @@ impl Engine {
         let Some(c) = self.conn(conn) else { return };
         let (greeted, host, addr) = (c.greeted, c.host.clone(), c.peer);
         match failure {
-            ConnFailure::Connect(error) => self.refused(conn, host, addr, error.to_owned(), now),
+            ConnFailure::Connect(error) => self.refused(conn, host, addr, error.to_owned(), None, now),
             ConnFailure::Session { failure, tls_error, received } if failure.tls_status().is_some() => {
                 self.tls_failed(conn, failure, tls_error, received, now)
             }
@@ -541,7 +541,7 @@ impl Engine {
                 } else {
                     // Refused before it ever said it was ready (421 or 5xx greeting, refused
                     // EHLO, closed): like a refused connect, try the next MX, then back off.
-                    self.refused(conn, host, addr, text, now);
+                    self.refused(conn, host, addr, text, None, now);
                 }
             }
             ConnFailure::Io { received } => self.conn_lost(conn, "connection failed", received, now),
@@ -625,7 +625,8 @@ impl Engine {
         if !c.connected {
             // A host that does not answer: try the next address (RFC 5321 §5.1).
             let (host, addr) = (c.host.clone(), c.peer);
-            self.refused(id, host, addr, "timeout".to_owned(), now);
+            let reply = LocalFault::Connect { host: &host, addr, why: "connection timed out" }.reply();
+            self.refused(id, host, addr, "timeout".to_owned(), Some(reply), now);
             return;
         }
         c.idle_since = None;
@@ -766,13 +767,22 @@ impl Engine {
         self.actions.push_back(Action::Connect { conn, host, addr, tls });
     }
 
-    /// The connection failed before its session was ready: it is closed, and the next address
-    /// is tried, or the destination's ready work deferred with the failure when every address
+    /// The connection failed before its session was ready (`error` for the log; `reply`, if
+    /// given, for the outcome, else one made of `error`): it is closed, and the next address is
+    /// tried, or the destination's ready work deferred with the failure when every address
     /// failed.
-    fn refused(&mut self, conn: ConnId, host: Box<str>, addr: SocketAddr, error: String, now: Now) {
+    fn refused(
+        &mut self,
+        conn: ConnId,
+        host: Box<str>,
+        addr: SocketAddr,
+        error: String,
+        reply: Option<Reply>,
+        now: Now,
+    ) {
         let Some(c) = self.conn(conn) else { return };
         let (dest, index) = (c.dest, c.addr_index);
-        let reply = LocalFault::Connect { host: &host, addr, why: &error }.reply();
+        let reply = reply.unwrap_or_else(|| LocalFault::Connect { host: &host, addr, why: &error }.reply());
         self.actions.push_back(Action::Note(Note::ConnectError { host, addr, error }));
         self.close(conn);
         self.connect_failed(dest, index, reply, now);

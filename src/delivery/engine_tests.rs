@@ -104,6 +104,17 @@ fn a_connect_timeout_moves_on_to_the_next_address() {
     h.advance(Duration::from_secs(1));
     assert_eq!(h.connects.iter().map(ip).collect::<Vec<_>>(), [MX1, MX2]);
     assert_eq!(h.outcomes(id)[0].1, Verdict::Delivered);
+    // Every address silent: the deferral says the connect timed out.
+    let mut h = harness(1, OutboundTls::None);
+    h.host(MX1, Host::Silent);
+    h.host(MX2, Host::Silent);
+    let id = h.submit("s@x.test", &["u@a.test"]);
+    h.run();
+    for _ in 0..20 {
+        h.advance(Duration::from_secs(1));
+    }
+    assert_eq!(h.connects.len(), 2);
+    assert!(h.records.iter().any(|r| r.id == id && r.settled.reply.text.ends_with("connection timed out")));
 }
 
 #[test]
