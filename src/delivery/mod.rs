@@ -3,10 +3,10 @@
 //!
 //! The engine ([`engine`]) takes events (a message committed, a lookup answered, a connection
 //! ready, a transaction done, a connection failed, time passed) and hands out actions; the
-//! socket side that executes them is `net::outbound`. Split by concern: [`dest`] (one
+//! socket side that executes them is `net::outbound`. Split by concern: `dest` (one
 //! destination's route, addresses and backoff), [`settle`] (verdicts, expiry, what a bounce
-//! that cannot be stored means), [`tls`] (the STARTTLS policy and the broken-TLS memory),
-//! [`route`] (reply classes and loop detection).
+//! that cannot be stored means), [`bounce`] (the DSN's text and envelope), [`tls`] (the
+//! STARTTLS policy and the broken-TLS memory), [`route`] (reply classes and loop detection).
 //!
 //! # TLS (`--outbound-tls`, RFC 3207)
 //! Each connection gets a `TlsPolicy`: `none` never asks; `may` uses STARTTLS when offered
@@ -15,6 +15,7 @@
 //! `encrypt` and `verify` (certificate checked against `--tls-ca-file` for the MX host name)
 //! treat a missing STARTTLS, a refusal or a failed handshake as a 4.7.x failure of that host.
 
+pub mod bounce;
 mod dest;
 pub mod engine;
 pub mod route;

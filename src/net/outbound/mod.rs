@@ -21,13 +21,13 @@ use mio::{Interest, Registry};
 pub use conn::{new_conn, Io, OutboundConn};
 
 use crate::buf::BufPool;
+use crate::delivery::bounce;
 use crate::delivery::engine::{BounceRequest, Settlement};
-use crate::delivery::route::{status_code, Verdict};
+use crate::delivery::route::Verdict;
 use crate::delivery::{Action, ConnFailure, ConnId, DeliveryConfig, Engine, Note, Now, StartFailure};
 use crate::dns::resolver::{MxHost, MxPlan};
-use crate::dsn::{self, Action as DsnAction, DsnInput, DsnRecipient};
 use crate::log::{Logger, V};
-use crate::message::{Envelope, IdGen, Ret};
+use crate::message::{Envelope, IdGen};
 use crate::net::dns::DnsConn;
 use crate::net::tls::ClientTls;
 use crate::net::token::{self, Kind};
@@ -619,55 +619,8 @@ fn store_bounce(ctx: &mut Ctx<'_>, hostname: &str, b: &BounceRequest) -> Option<
         Ok((view, body)) => (view.envelope, ctx.spool.body(body)),
         Err(_) => (ctx.spool.envelope(b.loc).ok()?, &[][..]),
     };
-    let remote = b.remote.as_deref().unwrap_or("");
-    let diags: Vec<String> = b.failed.iter().map(|(_, r)| format!("smtp; {r}")).collect();
-    let remote_mta = if remote.is_empty() { String::new() } else { format!("dns; {remote}") };
-    let recipients: Vec<DsnRecipient<'_>> = b
-        .failed
-        .iter()
-        .zip(&diags)
-        .filter(|((i, _), _)| (*i as usize) < env.rcpt_count())
-        .map(|((i, r), diag)| {
-            let rv = env.rcpt(*i as usize);
-            DsnRecipient {
-                final_recipient: rv.addr,
-                original_recipient: rv.orcpt,
-                action: DsnAction::Failed,
-                status: status_code(r),
-                remote_mta: remote_mta.as_bytes(),
-                diagnostic: diag.as_bytes(),
-                last_attempt_unix: ctx.wall_ms / 1000,
-            }
-        })
-        .collect();
-    // The DSN returns the whole message only for RET=FULL; otherwise its header section.
-    let end = if env.ret == Ret::Full {
-        body.len()
-    } else {
-        memchr::memmem::find(body, b"\r\n\r\n").map_or(body.len(), |i| i + 4)
-    };
-    let original = body[..end].to_vec();
     let bounce_id = ctx.ids.next(ctx.wall_ms * 1000);
-    let mut dsn_body = Vec::with_capacity(original.len().min(1 << 20) + 2048);
-    dsn::build_dsn(
-        &DsnInput {
-            reporting_mta: hostname,
-            original_envelope_id: &env.envid,
-            arrival_unix: b.arrival_ms / 1000,
-            now_unix: ctx.wall_ms / 1000,
-            sender: &env.sender,
-            queue_id: b.id,
-            recipients: &recipients,
-            original: &original,
-            ret: env.ret,
-            boundary_seed: bounce_id.0,
-        },
-        &mut dsn_body,
-    );
-    let mut benv = Envelope::default();
-    benv.helo.extend_from_slice(hostname.as_bytes());
-    benv.push_rcpt(&env.sender, b"", 0);
-    benv.client_ip = IpAddr::from([127, 0, 0, 1]);
+    let (benv, dsn_body) = bounce::build(hostname, b, &env, body, bounce_id, ctx.wall_ms);
     // The DSN and the outcome records that name it go into one segment.
     let need = crate::spool::format::message_record_len(&benv, &dsn_body).unwrap_or(0) + b.room;
     let stored = ctx.spool.reserve_room(need).and_then(|()| {
