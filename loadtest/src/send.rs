@@ -35,7 +35,7 @@ use mio::{Events, Interest, Poll};
 use sluice::buf::{Buf, BufPool};
 use sluice::net::socket::{read, IoResult};
 use sluice::net::tls::{ClientTls, TlsError, TlsFlush, TlsRead, TlsSession};
-use sluice::reactor::token::{self, Kind};
+use sluice::net::token::{self, Kind};
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Write};
 use std::net::SocketAddr;
