@@ -389,6 +389,17 @@ pub fn parse_hostname(s: &str) -> Result<String, String> {
     }
 }
 
+impl From<OutboundTlsMode> for crate::delivery::OutboundTls {
+    fn from(m: OutboundTlsMode) -> Self {
+        match m {
+            OutboundTlsMode::None => Self::None,
+            OutboundTlsMode::May => Self::May,
+            OutboundTlsMode::Encrypt => Self::Encrypt,
+            OutboundTlsMode::Verify => Self::Verify,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -67,22 +67,14 @@ impl DnsError {
         matches!(self, DnsError::NullMx | DnsError::NxDomain | DnsError::NoAddresses | DnsError::InvalidName)
     }
 
-    /// The enhanced status code for the delivery status (RFC 3463; `X.1.10` from RFC 7505 §4.2).
-    pub fn enhanced_code(self) -> &'static str {
+    /// The enhanced status code of the delivery status (RFC 3463; `X.1.10` from RFC 7505 §4.2).
+    /// The SMTP reply code that goes with it is the delivery side's (see `LocalFault::Dns`).
+    pub fn status(self) -> (u8, u16, u16) {
         match self {
-            DnsError::NullMx => "5.1.10",
-            DnsError::NxDomain | DnsError::InvalidName => "5.1.2",
-            DnsError::NoAddresses => "5.4.4",
-            DnsError::ServFail | DnsError::Refused | DnsError::Timeout | DnsError::Malformed => "4.4.3",
-        }
-    }
-
-    /// The reply code a DSN or log line should show (550 permanent, 451 temporary).
-    pub fn reply_code(self) -> u16 {
-        if self.is_permanent() {
-            550
-        } else {
-            451
+            DnsError::NullMx => (5, 1, 10),
+            DnsError::NxDomain | DnsError::InvalidName => (5, 1, 2),
+            DnsError::NoAddresses => (5, 4, 4),
+            DnsError::ServFail | DnsError::Refused | DnsError::Timeout | DnsError::Malformed => (4, 4, 3),
         }
     }
 
@@ -103,7 +95,8 @@ impl DnsError {
 
 impl fmt::Display for DnsError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}", self.enhanced_code(), self.text())
+        let (c, s, d) = self.status();
+        write!(f, "{c}.{s}.{d} {}", self.text())
     }
 }
 
@@ -913,7 +906,7 @@ mod tests {
         assert_eq!(res, Err(DnsError::NullMx));
         assert_eq!(queries, 1, "no address lookups for a null MX");
         assert!(DnsError::NullMx.is_permanent());
-        assert_eq!(DnsError::NullMx.enhanced_code(), "5.1.10");
+        assert_eq!(DnsError::NullMx.status(), (5, 1, 10));
     }
 
     #[test]
@@ -923,8 +916,7 @@ mod tests {
         let mut r = Resolver::new(1);
         let (res, _) = mx(&mut r, &zone, "nope.example", now);
         assert_eq!(res, Err(DnsError::NxDomain));
-        assert_eq!(DnsError::NxDomain.enhanced_code(), "5.1.2");
-        assert_eq!(DnsError::NxDomain.reply_code(), 550);
+        assert_eq!(DnsError::NxDomain.status(), (5, 1, 2));
         // Negative TTL = min(SOA TTL 3600, MINIMUM 60).
         assert_eq!(r.lookup_mx("nope.example", now + S * 59), Poll::Ready(Err(DnsError::NxDomain)));
         assert!(r.poll_transmit().is_none());
@@ -941,7 +933,7 @@ mod tests {
         let (res, _) = mx(&mut r, &zone, "broken.example", now);
         assert_eq!(res, Err(DnsError::ServFail));
         assert!(!DnsError::ServFail.is_permanent());
-        assert_eq!(DnsError::ServFail.enhanced_code(), "4.4.3");
+        assert_eq!(DnsError::ServFail.status(), (4, 4, 3));
         assert_eq!(mx(&mut r, &zone, "closed.example", now).0, Err(DnsError::Refused));
         // Failures are remembered only briefly.
         assert_eq!(r.lookup_mx("broken.example", now + S * 4), Poll::Ready(Err(DnsError::ServFail)));
@@ -1273,8 +1265,9 @@ mod tests {
             (Timeout, false, "4.4.3"),
             (Malformed, false, "4.4.3"),
         ] {
-            assert_eq!((e.is_permanent(), e.enhanced_code()), (permanent, code), "{e:?}");
-            assert_eq!(e.reply_code(), if permanent { 550 } else { 451 });
+            let (c, s, d) = e.status();
+            assert_eq!((e.is_permanent(), format!("{c}.{s}.{d}").as_str()), (permanent, code), "{e:?}");
+            assert_eq!(c == 5, permanent, "{e:?}");
             assert!(e.to_string().starts_with(code));
             assert!(!e.text().is_empty());
         }

@@ -32,13 +32,31 @@ pub struct QRcpt {
     pub attempts: u16,
     /// Latest status.
     pub status: RcptStatus,
-    /// Part of a transaction under way.
-    pub in_flight: bool,
+    /// [`IN_FLIGHT`] and the recipient's `NOTIFY=` bits ([`crate::message::notify`]), which
+    /// decide whether its failure is reported in a DSN.
+    flags: u8,
 }
+
+/// Flag of a recipient that is part of a transaction under way.
+const IN_FLIGHT: u8 = 0x80;
 
 impl QRcpt {
     fn open(&self) -> bool {
         matches!(self.status, RcptStatus::Queued | RcptStatus::Deferred)
+    }
+
+    /// Part of a transaction under way.
+    pub fn in_flight(&self) -> bool {
+        self.flags & IN_FLIGHT != 0
+    }
+
+    fn set_in_flight(&mut self, on: bool) {
+        self.flags = if on { self.flags | IN_FLIGHT } else { self.flags & !IN_FLIGHT };
+    }
+
+    /// The recipient's `NOTIFY=` bits (RFC 3461 §4.1; 0: not given).
+    pub fn notify(&self) -> u8 {
+        self.flags & !IN_FLIGHT
     }
 }
 
@@ -57,6 +75,8 @@ pub struct QMsg {
     pub pins: Pins,
     /// Recipients not yet final.
     pub open: u32,
+    /// The reverse path is null (`<>`): its failures are never bounced (RFC 5321 §4.5.5).
+    pub null_sender: bool,
 }
 
 /// A destination: a recipient domain (or the relay host).
@@ -181,7 +201,7 @@ impl Queue {
                 Some(s) => (s.status, s.attempts, s.next_attempt_ms),
                 None => (RcptStatus::Queued, 0, 0),
             };
-            let q = QRcpt { next_ms, dest, attempts, status, in_flight: false };
+            let q = QRcpt { next_ms, dest, attempts, status, flags: r.notify & !IN_FLIGHT };
             if q.open() {
                 open += 1;
             }
@@ -197,6 +217,7 @@ impl Queue {
             rcpts: rcpts.into_boxed_slice(),
             pins: rec.pins.clone(),
             open,
+            null_sender: !crate::dsn::should_bounce(&env.sender),
         }) as MsgKey;
         self.schedule_open(key, None, now_ms);
         Some(key)
@@ -209,7 +230,7 @@ impl Queue {
         let id = m.id;
         // Earliest time per destination among open, idle recipients.
         let mut per_dest: Vec<(DestId, u64)> = Vec::new();
-        for r in m.rcpts.iter().filter(|r| r.open() && !r.in_flight && only.is_none_or(|d| d == r.dest)) {
+        for r in m.rcpts.iter().filter(|r| r.open() && !r.in_flight() && only.is_none_or(|d| d == r.dest)) {
             match per_dest.iter_mut().find(|(d, _)| *d == r.dest) {
                 Some((_, t)) => *t = (*t).min(r.next_ms),
                 None => per_dest.push((r.dest, r.next_ms)),
@@ -252,7 +273,7 @@ impl Queue {
     /// destination) jobs were waiting.
     pub fn flush(&mut self) -> usize {
         for (_, m) in self.msgs.iter_mut() {
-            for r in m.rcpts.iter_mut().filter(|r| r.open() && !r.in_flight) {
+            for r in m.rcpts.iter_mut().filter(|r| r.open() && !r.in_flight()) {
                 r.next_ms = 0;
             }
         }
@@ -298,8 +319,8 @@ impl Queue {
             let Some(m) = self.msgs.get_mut(key as usize).filter(|m| m.id == id) else { continue };
             let mut rcpts = Vec::new();
             for (i, r) in m.rcpts.iter_mut().enumerate() {
-                if r.dest == dest && r.open() && !r.in_flight && r.next_ms <= now_ms {
-                    r.in_flight = true;
+                if r.dest == dest && r.open() && !r.in_flight() && r.next_ms <= now_ms {
+                    r.set_in_flight(true);
                     rcpts.push(i as u32);
                 }
             }
@@ -316,7 +337,7 @@ impl Queue {
         let Some(m) = self.msgs.get_mut(key as usize) else { return false };
         let Some(r) = m.rcpts.get_mut(rcpt as usize) else { return false };
         let was_open = r.open();
-        r.in_flight = false;
+        r.set_in_flight(false);
         r.status = status;
         r.attempts = attempts;
         r.next_ms = next_ms;
@@ -338,7 +359,7 @@ impl Queue {
         let Some(m) = self.msgs.get_mut(job.msg as usize).filter(|m| m.id == job.id) else { return };
         for &i in &job.rcpts {
             if let Some(r) = m.rcpts.get_mut(i as usize) {
-                r.in_flight = false;
+                r.set_in_flight(false);
             }
         }
         self.make_ready(job.dest, job.msg, job.id);
@@ -399,6 +420,17 @@ mod tests {
         assert_eq!(q.pop_job(dest_a, now).map(|j| (j.msg, j.rcpts)), Some((ka, vec![0])));
         assert_eq!(q.pop_job(dest_b, now).map(|j| (j.msg, j.rcpts)), Some((ka, vec![1])));
         assert_eq!(q.flush(), 0, "both in flight: nothing waits");
+    }
+
+    #[test]
+    fn a_recipient_costs_16_bytes_and_keeps_its_notify_bits() {
+        assert_eq!(std::mem::size_of::<QRcpt>(), 16);
+        let mut r = QRcpt { next_ms: 0, dest: 0, attempts: 0, status: RcptStatus::Queued, flags: 0x0f & !IN_FLIGHT };
+        r.set_in_flight(true);
+        assert!(r.in_flight());
+        assert_eq!(r.notify(), 0x0f);
+        r.set_in_flight(false);
+        assert_eq!((r.in_flight(), r.notify()), (false, 0x0f));
     }
 
     #[test]

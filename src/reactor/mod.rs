@@ -35,10 +35,11 @@ use mio::{Events, Interest, Poll};
 
 use crate::buf::{BufPool, VecPool};
 use crate::config::Config;
-use crate::delivery::{self, Delivery, DeliveryConfig};
+use crate::delivery::DeliveryConfig;
 use crate::log::{Logger, V};
 use crate::message::IdGen;
 use crate::net::inbound::{Answered, Inbound, Turn, CHUNK};
+use crate::net::outbound::{self as delivery, Outbound as Delivery, OutboundConfig};
 use crate::net::socket;
 use crate::net::tls::ServerTls;
 use crate::net::token::{self, Kind};
@@ -245,9 +246,11 @@ impl Server {
                 domain_concurrency: cfg.domain_concurrency,
                 policy: RetryPolicy { schedule: cfg.retry_schedule.clone(), max_lifetime: cfg.max_queue_lifetime },
                 hostname: cfg.hostname.clone(),
-                timeouts: capped_timeouts(cfg.smtp_timeout, cfg.tls_handshake_timeout),
                 connect_timeout: cfg.connect_timeout,
-                tls_mode: cfg.outbound_tls,
+                tls_mode: cfg.outbound_tls.into(),
+            },
+            OutboundConfig {
+                timeouts: capped_timeouts(cfg.smtp_timeout, cfg.tls_handshake_timeout),
                 tls: cfg.client_tls.clone(),
                 own: listeners.iter().map(|l| l.addr).collect(),
             },

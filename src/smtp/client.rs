@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use memchr::memmem;
 
-use super::reply::{parse_reply, Capabilities, Reply, ReplyParse, MAX_REPLY};
+use super::reply::{parse_reply, Capabilities, LocalFault, Reply, ReplyParse, MAX_REPLY};
 use crate::buf::Buf;
 use crate::message::{notify, BodyType, Ret};
 
@@ -812,11 +812,7 @@ impl ClientSession {
     /// transaction done with `451 4.3.0` for every recipient, so the job is retried.
     pub fn start_transaction(&mut self, tx: TxSpec<'_>) {
         let ready = self.state == State::Ready;
-        let refusal = if ready {
-            self.precheck(&tx)
-        } else {
-            Some(Reply::new(451, Some((4, 3, 0)), "Internal error: SMTP client session not ready"))
-        };
+        let refusal = if ready { self.precheck(&tx) } else { Some(LocalFault::SessionNotReady.reply()) };
         if let Some(refusal) = refusal {
             self.events.push_back(ClientEvent::TransactionDone(TxResult {
                 rcpt_replies: vec![refusal.clone(); tx.rcpts.len()],
@@ -859,7 +855,7 @@ impl ClientSession {
     /// `451 4.3.0` when nothing may be queued now (a driver bug).
     pub fn queue_next(&mut self, tx: TxSpec<'_>) -> Result<(), Reply> {
         if !self.can_queue_next() {
-            return Err(Reply::new(451, Some((4, 3, 0)), "Internal error: no transaction can be queued now"));
+            return Err(LocalFault::CannotQueue.reply());
         }
         if let Some(refusal) = self.precheck(&tx) {
             return Err(refusal);
@@ -981,28 +977,24 @@ impl ClientSession {
     /// A refusal decided before sending anything, from the advertised extensions.
     fn precheck(&self, tx: &TxSpec<'_>) -> Option<Reply> {
         if tx.rcpts.is_empty() {
-            return Some(Reply::new(554, Some((5, 5, 1)), "No recipients"));
+            return Some(LocalFault::NoRecipients.reply());
         }
         let fields = [tx.sender, tx.envid].into_iter().chain(tx.rcpts.iter().flat_map(|r| [r.addr, r.orcpt]));
         for field in fields {
             // The spool only holds what our server parsed, but a CR or LF here would inject a
             // command: refuse rather than trust it.
             if memchr::memchr2(b'\r', b'\n', field).is_some() {
-                return Some(Reply::new(501, Some((5, 5, 4)), "Envelope field contains CR or LF"));
+                return Some(LocalFault::EnvelopeCrLf.reply());
             }
         }
         if tx.smtputf8 && !self.caps.smtputf8 {
-            return Some(Reply::new(553, Some((5, 6, 7)), "Destination does not support SMTPUTF8"));
+            return Some(LocalFault::NoSmtpUtf8.reply());
         }
         if tx.body_type == BodyType::BinaryMime && !(self.caps.chunking && self.caps.binarymime) {
-            return Some(Reply::new(554, Some((5, 6, 3)), "Destination does not support BINARYMIME and CHUNKING"));
+            return Some(LocalFault::NoBinaryMime.reply());
         }
         match self.caps.size {
-            Some(limit) if limit > 0 && tx.body_len > limit => Some(Reply::new(
-                552,
-                Some((5, 3, 4)),
-                format!("Message too big for the destination (SIZE limit {limit})"),
-            )),
+            Some(limit) if limit > 0 && tx.body_len > limit => Some(LocalFault::TooBig { limit }.reply()),
             _ => None,
         }
     }
@@ -1318,7 +1310,7 @@ impl ClientSession {
         if idx == 0 {
             let reply = if self.tx.suspect && reply.is_permanent() {
                 // Maybe `503` to a nested MAIL, the refused BDAT's transaction still open.
-                Reply::new(451, Some((4, 5, 0)), format!("MAIL refused after a refused BDAT: {reply}"))
+                LocalFault::MailAfterRefusedBdat(&reply).reply()
             } else {
                 reply
             };
@@ -1416,7 +1408,7 @@ impl ClientSession {
     }
 
     fn finish_tx(&mut self, data_reply: Option<Reply>) {
-        let mail_reply = self.tx.mail_reply.take().unwrap_or_else(|| Reply::new(451, Some((4, 4, 0)), "no reply"));
+        let mail_reply = self.tx.mail_reply.take().unwrap_or_else(|| LocalFault::NoReply.reply());
         let rcpt_replies = std::mem::take(&mut self.tx.rcpt_replies);
         self.events.push_back(ClientEvent::TransactionDone(TxResult { mail_reply, rcpt_replies, data_reply }));
     }

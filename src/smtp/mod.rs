@@ -16,4 +16,4 @@ pub mod pace;
 pub mod reply;
 pub mod server;
 
-pub use reply::Fault;
+pub use reply::{Fault, LocalFault};

@@ -9,7 +9,9 @@
 //! extensions an EHLO reply advertises. Nothing here reads sockets or the clock.
 
 use super::auth::AuthFault;
+use crate::dns::resolver::DnsError;
 use std::fmt;
+use std::net::SocketAddr;
 
 use memchr::memchr;
 
@@ -205,6 +207,125 @@ pub struct Reply {
     /// The lines' texts joined with `\n` (lossy UTF-8), without the codes: the enhanced code is
     /// removed from every line that repeats the first line's.
     pub text: String,
+}
+
+/// Every reply the relay makes up on the outbound side, where no server said anything: a
+/// transaction the client refuses before sending it, a connection that could not be made or
+/// broke, a failed lookup, an expired message. These end up in outcome records, attempt log
+/// lines and DSNs; [`LocalFault::reply`] is the one place that gives each its code, enhanced
+/// code (RFC 3463) and text.
+#[derive(Clone, Copy, Debug)]
+pub enum LocalFault<'a> {
+    /// A transaction started on a session that is not ready (a driver bug): retried.
+    SessionNotReady,
+    /// A transaction queued where none may be (a driver bug): retried.
+    CannotQueue,
+    /// A transaction without recipients.
+    NoRecipients,
+    /// An envelope field holds CR or LF: sending it would inject a command.
+    EnvelopeCrLf,
+    /// The message needs SMTPUTF8 (RFC 6531 §3.4) and the server does not offer it.
+    NoSmtpUtf8,
+    /// `BODY=BINARYMIME` to a server without BINARYMIME and CHUNKING (RFC 3030 §3).
+    NoBinaryMime,
+    /// Larger than the server's `SIZE` (RFC 1870 §6).
+    TooBig {
+        /// The server's limit.
+        limit: u64,
+    },
+    /// A permanent refusal of MAIL right after a refused BDAT: the server's state is unknown
+    /// (a `503` to a nested MAIL), so it is not taken as final.
+    MailAfterRefusedBdat(&'a Reply),
+    /// A transaction ended without a reply to MAIL.
+    NoReply,
+    /// Recipients accepted but no reply to the data.
+    NoDataReply,
+    /// A transaction the session would not queue, without a reply of its own.
+    NotQueued,
+    /// A recipient left without an outcome (a driver bug): retried.
+    NoOutcome,
+    /// The message record could not be read back from the spool.
+    Unreadable,
+    /// The destination is backing off and no failure was recorded.
+    DestinationDown,
+    /// A mail exchanger could not be reached (RFC 3463 X.4.1: no answer from host).
+    Connect {
+        /// Its name.
+        host: &'a str,
+        /// The address tried.
+        addr: SocketAddr,
+        /// Why (the socket error, the refused greeting).
+        why: &'a str,
+    },
+    /// The connection broke during a transaction (X.4.2: bad connection).
+    Lost {
+        /// `host[ip]` of the peer.
+        remote: &'a str,
+        /// Why.
+        why: &'a str,
+    },
+    /// The message outlived the queue lifetime (X.4.7); `last` is the last deferral.
+    Expired {
+        /// The reply of the last attempt.
+        last: &'a Reply,
+    },
+    /// This relay is the best mail exchanger left for the domain (RFC 5321 §5.1; X.4.6).
+    LoopsBack {
+        /// The domain.
+        domain: &'a str,
+    },
+    /// The lookup of a destination failed: permanent errors bounce (550), others defer (451).
+    Dns {
+        /// The name looked up.
+        domain: &'a str,
+        /// What failed.
+        error: DnsError,
+    },
+    /// The TLS policy failed on a host (`encrypt`/`verify`, or a failed handshake).
+    Tls {
+        /// What failed, with the TLS error.
+        detail: &'a str,
+        /// X.7.4 or X.7.5 (see `Failure::tls_status`).
+        status: (u8, u16, u16),
+        /// The host.
+        host: &'a str,
+        /// Its address.
+        addr: SocketAddr,
+    },
+}
+
+impl LocalFault<'_> {
+    /// The reply recorded for this fault.
+    pub fn reply(&self) -> Reply {
+        let (code, status, text): (u16, (u8, u16, u16), String) = match *self {
+            LocalFault::SessionNotReady => (451, (4, 3, 0), "Internal error: SMTP client session not ready".into()),
+            LocalFault::CannotQueue => (451, (4, 3, 0), "Internal error: no transaction can be queued now".into()),
+            LocalFault::NoRecipients => (554, (5, 5, 1), "No recipients".into()),
+            LocalFault::EnvelopeCrLf => (501, (5, 5, 4), "Envelope field contains CR or LF".into()),
+            LocalFault::NoSmtpUtf8 => (553, (5, 6, 7), "Destination does not support SMTPUTF8".into()),
+            LocalFault::NoBinaryMime => (554, (5, 6, 3), "Destination does not support BINARYMIME and CHUNKING".into()),
+            LocalFault::TooBig { limit } => {
+                (552, (5, 3, 4), format!("Message too big for the destination (SIZE limit {limit})"))
+            }
+            LocalFault::MailAfterRefusedBdat(r) => (451, (4, 5, 0), format!("MAIL refused after a refused BDAT: {r}")),
+            LocalFault::NoReply => (451, (4, 4, 0), "no reply".into()),
+            LocalFault::NoDataReply => (451, (4, 3, 0), "no reply to the data".into()),
+            LocalFault::NotQueued => (451, (4, 3, 0), "transaction not queued".into()),
+            LocalFault::NoOutcome => (451, (4, 3, 0), "no outcome".into()),
+            LocalFault::Unreadable => (451, (4, 3, 0), "message unreadable in the spool".into()),
+            LocalFault::DestinationDown => (451, (4, 4, 1), "destination down".into()),
+            LocalFault::Connect { host, addr, why } => (451, (4, 4, 1), format!("connect to {host}[{addr}]: {why}")),
+            LocalFault::Lost { remote, why } => (451, (4, 4, 2), format!("lost connection with {remote}: {why}")),
+            LocalFault::Expired { last } => (550, (5, 4, 7), format!("delivery time expired; last error: {last}")),
+            LocalFault::LoopsBack { domain } => (554, (5, 4, 6), format!("mail for {domain} loops back to myself")),
+            LocalFault::Dns { domain, error } => {
+                let code = if error.is_permanent() { 550 } else { 451 };
+                (code, error.status(), format!("DNS lookup for {domain}: {}", error.text()))
+            }
+            LocalFault::Tls { detail, status, host, addr } => (451, status, format!("{detail} ({host}[{addr}])")),
+        };
+        Reply { code, enhanced: Some(status), text }
+    }
 }
 
 impl Reply {

@@ -17,20 +17,8 @@ use std::time::Instant;
 use crate::buf::BufPool;
 use crate::net::tls::{ClientTls, TlsError, TlsInfo, TlsSession};
 use crate::net::transport::{Flush, Read, Transport};
-use crate::queue::{DestId, Job};
 use crate::smtp::client::ClientSession;
 use crate::spool::BodyLoc;
-
-/// The transaction a connection is carrying.
-#[derive(Debug)]
-pub struct ActiveJob {
-    /// Recipients and message.
-    pub job: Job,
-    /// Where the body lies in the spool map.
-    pub body: BodyLoc,
-    /// Attempt number per recipient of the job (same order as `job.rcpts`).
-    pub attempts: Vec<u16>,
-}
 
 /// One outbound connection.
 ///
@@ -43,29 +31,22 @@ pub struct OutboundConn {
     pub peer: SocketAddr,
     /// Remote host name (MX name or relay host): the TLS server name.
     pub host: Box<str>,
-    /// Destination served.
-    pub dest: DestId,
-    /// Token generation.
+    /// Token generation (the engine's `ConnId::generation`).
     pub generation: u32,
     /// Protocol state.
     pub session: ClientSession,
     /// The TCP connect has completed.
     pub connected: bool,
-    /// The transaction in progress.
-    pub active: Option<ActiveJob>,
-    /// The transaction queued behind it (RFC 2920 §3.1, `ClientSession::queue_next`); it
-    /// becomes `active` at the active one's `TransactionDone`.
-    pub next: Option<ActiveJob>,
-    /// Transactions completed on this connection.
-    pub transactions: u32,
-    /// Idle (Ready, no job) since.
-    pub idle_since: Option<Instant>,
-    /// Index of the address used in the destination's address list.
-    pub addr_index: usize,
-    /// When the connect started (for the connect timeout).
-    pub created: Instant,
-    /// The server greeted and accepted EHLO/HELO at least once.
+    /// Body of the transaction in progress, in the spool map.
+    pub body: Option<BodyLoc>,
+    /// Body of the transaction queued behind it (RFC 2920 §3.1, `ClientSession::queue_next`);
+    /// it becomes `body` at the current one's `TransactionDone`.
+    pub next_body: Option<BodyLoc>,
+    /// The server greeted and accepted EHLO/HELO at least once: before that, a reset counts
+    /// like a refused connect.
     pub greeted: bool,
+    /// The session timer entry that is current for this connection.
+    pub armed: Option<Instant>,
     /// TLS settings for STARTTLS (None when the session never asks for it).
     pub tls_config: Option<ClientTls>,
     /// Version and cipher once the handshake finished.
@@ -207,11 +188,6 @@ impl OutboundConn {
         self.tls_info
     }
 
-    /// `host[ip]` of the peer, as attempt log lines and DSNs name the remote MTA.
-    pub fn remote(&self) -> String {
-        format!("{}[{}]", self.host, self.peer.ip())
-    }
-
     /// `TLSv1.3` or the like once TLS is up, else `none` (for attempt log lines).
     pub fn tls_version(&self) -> &'static str {
         self.tls_info.map_or("none", |i| i.version)
@@ -237,33 +213,25 @@ impl OutboundConn {
 }
 
 /// Builds a connection record for a socket whose connect is under way.
-#[allow(clippy::too_many_arguments)]
 pub fn new_conn(
     sock: mio::net::TcpStream,
     peer: SocketAddr,
     host: Box<str>,
-    dest: DestId,
     generation: u32,
     session: ClientSession,
-    addr_index: usize,
-    now: Instant,
     tls_config: Option<ClientTls>,
 ) -> OutboundConn {
     OutboundConn {
         io: Transport::new(sock),
         peer,
         host,
-        dest,
         generation,
         session,
         connected: false,
-        active: None,
-        next: None,
-        transactions: 0,
-        idle_since: None,
-        addr_index,
-        created: now,
+        body: None,
+        next_body: None,
         greeted: false,
+        armed: None,
         tls_config,
         tls_info: None,
         tls_news: false,

@@ -90,7 +90,7 @@ impl World {
         match result {
             Poll::Ready(Ok(plan)) => plan_ok(&plan),
             Poll::Ready(Err(e)) => {
-                let _ = (e.is_permanent(), e.enhanced_code(), e.reply_code(), e.text());
+                let _ = (e.is_permanent(), e.status(), e.text());
             }
             Poll::Pending => {
                 let key = Resolver::canonical(domain).expect("a pending lookup has a canonical name");

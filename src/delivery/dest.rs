@@ -1,0 +1,177 @@
+//! Pure: one destination's state — how to reach it (its route), its connections, which
+//! address is next, and the backoff after every address failed.
+
+use std::net::SocketAddr;
+
+use crate::smtp::reply::Reply;
+
+/// Backoff after every address of a destination failed to connect (capped by the first retry
+/// delay).
+pub(super) const DEST_BACKOFF_MS: u64 = 30_000;
+/// How long a looked-up route is used before it is looked up again.
+pub(super) const ROUTE_TTL_MS: u64 = 300_000;
+/// How long a failed lookup stands before it is tried again.
+pub(super) const FAILED_ROUTE_TTL_MS: u64 = 60_000;
+
+/// How to reach a destination.
+#[derive(Debug, Clone)]
+pub(super) enum Route {
+    /// Not looked up yet.
+    Unknown,
+    /// A lookup is under way.
+    Resolving,
+    /// Addresses in the order to try, with their host names.
+    Ready { addrs: Vec<(Box<str>, SocketAddr)>, until_ms: u64 },
+    /// The lookup failed: every ready job gets `reply` (a bounce when `permanent`).
+    Failed { reply: Reply, permanent: bool, until_ms: u64 },
+}
+
+/// What a failed connection attempt means for the destination.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum ConnectFailed {
+    /// Not the current address any more (several connections to one address fail together),
+    /// or another address is left to try: serve the destination again.
+    TryAgain,
+    /// Every address failed in turn: the destination is down until the backoff ends.
+    Down,
+}
+
+/// One destination.
+#[derive(Debug)]
+pub(super) struct DestState {
+    pub route: Route,
+    /// Connections open or opening.
+    pub conns: u32,
+    /// Of those, connections not ready yet (connecting, greeting, EHLO, STARTTLS): each will
+    /// take a ready job, so they count against the jobs that still need a connection.
+    pub opening: u32,
+    /// Connections ready and without work (slab key, generation).
+    pub idle: Vec<(u32, u32)>,
+    /// Address to connect to next: the first (most preferred) until it fails, then the next
+    /// one (RFC 5321 §5.1: backup MX hosts only when the better ones do not answer).
+    pub next_addr: usize,
+    /// Consecutive connect failures.
+    pub failures: usize,
+    /// No new connection before this time (Unix ms): every address just failed.
+    pub backoff_until_ms: u64,
+    /// Why (the last connection failure), given to work that arrives meanwhile.
+    pub backoff_reply: Option<Reply>,
+}
+
+impl DestState {
+    pub fn new() -> DestState {
+        DestState {
+            route: Route::Unknown,
+            conns: 0,
+            opening: 0,
+            idle: Vec::new(),
+            next_addr: 0,
+            failures: 0,
+            backoff_until_ms: 0,
+            backoff_reply: None,
+        }
+    }
+
+    /// A new route: addresses are tried from the first again.
+    pub fn set_route(&mut self, route: Route) {
+        self.route = route;
+        self.next_addr = 0;
+        self.failures = 0;
+    }
+
+    /// Forgets a route whose time is up (looked up again on the next serve; open connections
+    /// go on, new ones wait for the answer).
+    pub fn expire_route(&mut self, now_ms: u64) {
+        match self.route {
+            Route::Ready { until_ms, .. } | Route::Failed { until_ms, .. } if until_ms <= now_ms => {
+                self.route = Route::Unknown;
+            }
+            _ => {}
+        }
+    }
+
+    /// The address to open next: (index in the route, host name, address).
+    pub fn next_address(&self) -> Option<(usize, &str, SocketAddr)> {
+        let Route::Ready { addrs, .. } = &self.route else { return None };
+        if addrs.is_empty() {
+            return None;
+        }
+        let index = self.next_addr % addrs.len();
+        let (host, addr) = &addrs[index];
+        Some((index, host, *addr))
+    }
+
+    /// A connection to address `addr_index` failed before the session was ready: move on to
+    /// the next address, and when every address failed in a row, back off for `backoff_ms`
+    /// remembering `reply`.
+    pub fn connect_failed(&mut self, addr_index: usize, reply: &Reply, now_ms: u64, backoff_ms: u64) -> ConnectFailed {
+        let n = match &self.route {
+            Route::Ready { addrs, .. } => addrs.len().max(1),
+            _ => 1,
+        };
+        // Several connections to one address fail together: count the address once, and only
+        // while it is still the current one.
+        if addr_index % n != self.next_addr % n {
+            return ConnectFailed::TryAgain;
+        }
+        self.failures += 1;
+        self.next_addr = self.next_addr.wrapping_add(1);
+        if self.failures < n {
+            return ConnectFailed::TryAgain;
+        }
+        self.failures = 0;
+        self.backoff_until_ms = now_ms + backoff_ms;
+        self.backoff_reply = Some(reply.clone());
+        ConnectFailed::Down
+    }
+
+    /// The host talked SMTP: the failure count starts over.
+    pub fn greeted(&mut self) {
+        self.failures = 0;
+        self.opening = self.opening.saturating_sub(1);
+    }
+
+    /// A queue flush: the backoff, failure count and a failed route are forgotten. True when
+    /// something was held back.
+    pub fn reset(&mut self) -> bool {
+        let failed_route = matches!(self.route, Route::Failed { .. });
+        let held = self.backoff_until_ms > 0 || self.failures > 0 || failed_route;
+        self.backoff_until_ms = 0;
+        self.backoff_reply = None;
+        self.failures = 0;
+        self.next_addr = 0;
+        if failed_route {
+            self.route = Route::Unknown;
+        }
+        held
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::smtp::LocalFault;
+
+    fn ready(n: usize) -> Route {
+        let addrs = (0..n).map(|i| (Box::from(format!("mx{i}.test")), SocketAddr::from(([192, 0, 2, i as u8], 25))));
+        Route::Ready { addrs: addrs.collect(), until_ms: 1_000 }
+    }
+
+    #[test]
+    fn every_address_fails_once_before_the_destination_is_down() {
+        let mut d = DestState::new();
+        d.set_route(ready(2));
+        let why = LocalFault::DestinationDown.reply();
+        assert_eq!(d.next_address().map(|a| a.0), Some(0));
+        assert_eq!(d.connect_failed(0, &why, 10, 500), ConnectFailed::TryAgain);
+        assert_eq!(d.next_address().map(|a| a.0), Some(1));
+        // A second connection to the first address failing late does not count again.
+        assert_eq!(d.connect_failed(0, &why, 10, 500), ConnectFailed::TryAgain);
+        assert_eq!(d.connect_failed(1, &why, 10, 500), ConnectFailed::Down);
+        assert_eq!((d.backoff_until_ms, d.backoff_reply.as_ref()), (510, Some(&why)));
+        assert!(d.reset());
+        assert_eq!((d.backoff_until_ms, d.failures, d.next_addr), (0, 0, 0));
+        d.expire_route(1_000);
+        assert!(matches!(d.route, Route::Unknown));
+    }
+}
