@@ -25,6 +25,9 @@ use crate::buf::{Buf, BufPool};
 use crate::net::socket::{self, IoResult};
 use crate::net::tls::{TlsError, TlsFlush, TlsInfo, TlsRead, TlsSession};
 
+/// Most slices one [`Transport::write_parts`] takes (commands, a body, commands after it).
+pub const MAX_PARTS: usize = 4;
+
 /// What one [`Transport::read`] did.
 #[derive(Debug)]
 pub enum Read {
@@ -273,14 +276,15 @@ impl Transport {
     /// Returns how many bytes were taken; 0 with `writable` cleared when the socket is full,
     /// 0 with `writable` still set when TLS holds all it takes until its handshake ends.
     /// For drivers whose bytes lie elsewhere (the load generator's rendered messages); call
-    /// only with `output` empty.
+    /// only with `output` empty, and with at most [`MAX_PARTS`] parts.
     pub fn write_parts(&mut self, parts: &[&[u8]]) -> Result<usize, Fault> {
         debug_assert!(self.output.as_ref().is_none_or(Buf::is_empty));
+        debug_assert!(parts.len() <= MAX_PARTS);
         if !self.writable {
             return Ok(0);
         }
         let Some(tls) = self.tls.as_mut() else {
-            let mut slices = [IoSlice::new(&[]); 4];
+            let mut slices = [IoSlice::new(&[]); MAX_PARTS];
             let k = parts.len().min(slices.len());
             for (s, p) in slices.iter_mut().zip(parts) {
                 *s = IoSlice::new(p);

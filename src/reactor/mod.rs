@@ -120,7 +120,8 @@ pub struct Server {
 }
 
 /// Borrows what the inbound driver needs for one call out of the server, beside the driver
-/// itself and delivery (which the commit release also feeds).
+/// itself and delivery (which the commit release also feeds). A macro, not a method: a method
+/// returning the borrows would hold all of `self`, and the three must be borrowed apart.
 macro_rules! turn {
     ($s:expr, $inbound:ident, $turn:ident, $delivery:ident) => {
         let Server {
@@ -309,11 +310,14 @@ impl Server {
                     return Err(RunError::Poll(e));
                 }
             }
+            // 1. The one clock reading of the turn.
             self.tick();
+            // Sessions that spent their budget last turn go first: they were promised a go.
             {
                 turn!(&mut self, inbound, turn, delivery);
                 inbound.drive_again(&mut turn);
             }
+            // 2. Dispatch.
             for ev in events.iter() {
                 match token::split(ev.token()) {
                     Some((Kind::Listener, _, i)) => {
@@ -322,6 +326,7 @@ impl Server {
                         }
                     }
                     Some((Kind::Signal, _, _)) => self.on_signal(),
+                    // One waker serves the sync thread and the AUTH worker: ask both.
                     Some((Kind::Waker, _, _)) => {
                         self.on_sync_done();
                         self.on_auth_done();
@@ -335,8 +340,11 @@ impl Server {
                     }
                     _ => {}
                 }
+                // A session may have queued an AUTH check: the worker takes it at once.
                 self.pump_auth();
             }
+            // 3. Group commit of what this turn appended (released when the sync is back, or
+            // at once with `--fsync never`).
             self.commit();
             self.pump_auth();
             // Failed seals and unlinks while reclaiming have nowhere else to be reported.
@@ -344,6 +352,7 @@ impl Server {
                 self.log.event("spool_warning", &[("detail", V::S(&w))]);
             }
             self.pump_delivery();
+            // 4. Flush replies, 5. fire deadlines, then accept.
             {
                 turn!(&mut self, inbound, turn, delivery);
                 inbound.flush_dirty(&mut turn);
@@ -354,11 +363,12 @@ impl Server {
                 self.accept_retry = None;
             }
             self.accept();
-            // Buffers unused for a whole period after a spike go back to the allocator.
+            // 6. Buffers unused for a whole period after a spike go back to the allocator.
             self.bufs.trim(self.now);
             self.bodies.trim(self.now);
             self.log.flush();
             if self.shutdown_done() {
+                // Nothing committed goes unanswered: wait for the sync, flush the last replies.
                 self.commit_all_blocking();
                 turn!(&mut self, inbound, turn, delivery);
                 inbound.flush_dirty(&mut turn);
