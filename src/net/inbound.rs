@@ -109,6 +109,8 @@ pub struct Turn<'a> {
     pub auth: &'a mut AuthThrottle<AuthJob>,
     /// An AUTH worker runs (AUTH is offered).
     pub auth_enabled: bool,
+    /// The loop's one deadline table (inbound sessions, outbound connections, DNS).
+    pub deadlines: &'a mut Deadlines<Token>,
     /// The turn's clock.
     pub now: Instant,
     /// The turn's wall clock (Unix µs), for queue ids and `Received:`.
@@ -153,8 +155,6 @@ pub struct Inbound {
     dirty: Vec<(usize, u32)>,
     /// Connections to drive again next turn (budget spent or buffers exhausted).
     again: Vec<(usize, u32)>,
-    /// Session deadlines, keyed by token.
-    deadlines: Deadlines<Token>,
     /// The certificate for new TLS sessions (replaced on SIGHUP).
     tls: Option<ServerTls>,
     /// Connections per client address (`--max-connections-per-ip` and its rate).
@@ -171,7 +171,6 @@ impl Inbound {
             generation: 0,
             dirty: Vec::new(),
             again: Vec::new(),
-            deadlines: Deadlines::default(),
             tls,
             limiter,
             auth_queued: false,
@@ -206,11 +205,6 @@ impl Inbound {
     /// Connections are left to drive from an earlier turn.
     pub fn has_again(&self) -> bool {
         !self.again.is_empty()
-    }
-
-    /// The earliest session deadline (maybe a little early: see [`Deadlines::next`]).
-    pub fn next_deadline(&self) -> Option<Instant> {
-        self.deadlines.next()
     }
 
     /// True once, after a session queued an AUTH check: the worker may be handed one.
@@ -261,7 +255,7 @@ impl Inbound {
     /// Reads, parses and appends for one connection until it would block, waits for the spool,
     /// hits backpressure, or spends its budget.
     pub fn drive(&mut self, key: usize, turn: &mut Turn<'_>) {
-        let Inbound { conns, dirty, again, deadlines, tls, auth_queued, .. } = self;
+        let Inbound { conns, dirty, again, tls, auth_queued, .. } = self;
         let Some(conn) = conns.get_mut(key) else { return };
         let now = turn.now;
         let mut failed = false;
@@ -442,7 +436,7 @@ impl Inbound {
                 None => conn.deadline = now + turn.cfg.command_timeout,
             }
         }
-        deadlines.arm(token::make(Kind::Inbound, conn.generation, key), conn.deadline);
+        turn.deadlines.arm(token::make(Kind::Inbound, conn.generation, key), conn.deadline);
         if conn.io.pending_output() > 0 {
             conn.mark_dirty(key, dirty);
         }
@@ -533,11 +527,18 @@ impl Inbound {
 
     /// Holds an AUTH verdict back until `at` (failures are answered slowly); the deadline
     /// gives it then.
-    pub fn delay_auth(&mut self, key: usize, outcome: AuthOutcome, creds: Credentials, at: Instant) {
+    pub fn delay_auth(
+        &mut self,
+        key: usize,
+        outcome: AuthOutcome,
+        creds: Credentials,
+        at: Instant,
+        deadlines: &mut Deadlines<Token>,
+    ) {
         let Some(conn) = self.conns.get_mut(key) else { return };
         conn.auth_delayed = Some((outcome, creds));
         conn.deadline = at;
-        self.deadlines.arm(token::make(Kind::Inbound, conn.generation, key), at);
+        deadlines.arm(token::make(Kind::Inbound, conn.generation, key), at);
     }
 
     /// Writes the output of every connection that has some; closes those done closing and
@@ -558,14 +559,19 @@ impl Inbound {
 
     /// Fires the session deadlines due at `turn.now`: a linger or handshake timeout closes, a
     /// held AUTH verdict is given, an idle or slow client gets `421 4.4.2` and is closed once
-    /// it is written. Then flushes.
-    pub fn expire(&mut self, turn: &mut Turn<'_>) {
+    /// it is written. Then flushes. The loop's one deadline table also holds delivery's
+    /// timers: those tokens come back for the reactor to hand on.
+    pub fn expire(&mut self, turn: &mut Turn<'_>) -> Vec<Token> {
         let now = turn.now;
-        while let Some(tok) = self.deadlines.expired(now) {
-            let Some((Kind::Inbound, generation, key)) = token::split(tok) else { continue };
+        let mut others = Vec::new();
+        while let Some(tok) = turn.deadlines.expired(now) {
+            let Some((Kind::Inbound, generation, key)) = token::split(tok) else {
+                others.push(tok);
+                continue;
+            };
             let Some(conn) = self.conns.get_mut(key).filter(|c| c.generation == generation) else { continue };
             if conn.deadline > now || conn.waiting.is_some() {
-                self.deadlines.arm(tok, conn.deadline.max(now + WAIT_RECHECK));
+                turn.deadlines.arm(tok, conn.deadline.max(now + WAIT_RECHECK));
                 continue;
             }
             if conn.closing {
@@ -598,10 +604,11 @@ impl Inbound {
             }
             conn.closing = true;
             conn.deadline = now + LINGER;
-            self.deadlines.arm(tok, conn.deadline);
+            turn.deadlines.arm(tok, conn.deadline);
             conn.mark_dirty(key, &mut self.dirty);
         }
         self.flush_dirty(turn);
+        others
     }
 
     /// Takes an accepted socket: refused with a one-line reply when the relay or the client's
@@ -690,7 +697,7 @@ impl Inbound {
             auth_delayed: None,
         });
         self.dirty.push((key, generation));
-        self.deadlines.arm(tok, deadline);
+        turn.deadlines.arm(tok, deadline);
         turn.log.event("connect", &[("client", V::D(&peer)), ("relay", V::N(u64::from(relay_allowed)))]);
     }
 
@@ -708,7 +715,7 @@ impl Inbound {
         }
         let mut conn = self.conns.remove(key);
         self.uncount(conn.limited, conn.peer);
-        self.deadlines.cancel(token::make(Kind::Inbound, conn.generation, key));
+        turn.deadlines.cancel(token::make(Kind::Inbound, conn.generation, key));
         // Best effort close_notify, so the client sees a clean end rather than a truncation.
         conn.io.close_tls();
         let _ = turn.registry.deregister(&mut conn.io.sock);

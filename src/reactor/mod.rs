@@ -38,6 +38,7 @@ use crate::config::Config;
 use crate::delivery::DeliveryConfig;
 use crate::log::{Logger, V};
 use crate::message::IdGen;
+use crate::net::deadline::Deadlines;
 use crate::net::inbound::{Answered, Inbound, Turn, CHUNK};
 use crate::net::outbound::{self as delivery, Outbound as Delivery, OutboundConfig};
 use crate::net::socket;
@@ -51,6 +52,7 @@ use crate::spool::{Spool, SpoolError, SpoolOptions};
 use auth::AuthSide;
 use authwork::AuthWorker;
 use commit::{Batch, CommitGate};
+use mio::Token;
 
 /// Connections accepted per turn at most.
 const ACCEPTS_PER_TURN: usize = 256;
@@ -106,6 +108,9 @@ pub struct Server {
     signals: signal::SignalSource,
     /// Appended messages wait here for their group commit.
     gate: CommitGate,
+    /// The one deadline table: inbound sessions, outbound connections, the delivery engine,
+    /// DNS.
+    deadlines: Deadlines<Token>,
     delivery: Delivery,
     shutdown: Option<Instant>,
     force_exit: bool,
@@ -136,6 +141,7 @@ macro_rules! turn {
             poll,
             gate,
             auth,
+            deadlines,
             now,
             wall_us,
             accepting,
@@ -154,6 +160,7 @@ macro_rules! turn {
             waiting: gate.queue(),
             auth_enabled: auth.enabled(),
             auth: &mut auth.throttle,
+            deadlines,
             now: *now,
             wall_us: *wall_us,
             accepting: *accepting,
@@ -271,6 +278,7 @@ impl Server {
             log,
             signals,
             gate: CommitGate::new(syncer),
+            deadlines: Deadlines::default(),
             shutdown: None,
             force_exit: false,
             accept_retry: None,
@@ -356,7 +364,10 @@ impl Server {
             {
                 turn!(&mut self, inbound, turn, delivery);
                 inbound.flush_dirty(&mut turn);
-                inbound.expire(&mut turn);
+                let others = inbound.expire(&mut turn);
+                if !others.is_empty() && !turn.cfg.hold {
+                    delivery.on_deadlines(&mut delivery_ctx(&mut turn), &others);
+                }
             }
             self.pump_auth();
             if self.accept_retry.is_some_and(|t| t <= self.now) {
@@ -388,9 +399,9 @@ impl Server {
 
     /// Runs `f` on the delivery engine with a context borrowed from the loop's other parts.
     fn with_delivery<R>(&mut self, f: impl FnOnce(&mut Delivery, &mut delivery::Ctx<'_>) -> R) -> R {
-        let Server { delivery, spool, log, ids, bufs, poll, now, wall_us, .. } = self;
-        let mut ctx =
-            delivery::Ctx { spool, log, ids, bufs, registry: poll.registry(), now: *now, wall_ms: *wall_us / 1000 };
+        let Server { delivery, spool, log, ids, bufs, poll, deadlines, now, wall_us, .. } = self;
+        let registry = poll.registry();
+        let mut ctx = delivery::Ctx { spool, log, ids, bufs, registry, deadlines, now: *now, wall_ms: *wall_us / 1000 };
         f(delivery, &mut ctx)
     }
 
@@ -419,10 +430,8 @@ impl Server {
             return Some(Duration::ZERO);
         }
         let now = self.now;
-        let mut next = self.inbound.next_deadline();
-        if let Some(t) = self.delivery.next_deadline(now, self.wall_us / 1000).filter(|_| !self.cfg.hold) {
-            next = Some(next.map_or(t, |n| n.min(t)));
-        }
+        // Delivery's timers are in the table only while it runs (not under --hold).
+        let mut next = self.deadlines.next();
         // The pools' trims too: an idle relay must still wake to give a spike's memory back.
         let trims = [self.bufs.next_trim(), self.bodies.next_trim()];
         for t in [self.shutdown, self.accept_retry].into_iter().chain(trims).flatten() {
@@ -479,16 +488,7 @@ impl Server {
                     // the spool.
                     match inbound.waiting_envelope(w) {
                         Some(env) => {
-                            let mut ctx = delivery::Ctx {
-                                spool: turn.spool,
-                                log: turn.log,
-                                ids: turn.ids,
-                                bufs: turn.bufs,
-                                registry: turn.registry,
-                                now: turn.now,
-                                wall_ms: turn.wall_us / 1000,
-                            };
-                            delivery.enqueue_with(&mut ctx, &rec, env);
+                            delivery.enqueue_with(&mut delivery_ctx(&mut turn), &rec, env);
                         }
                         None => accepted.push(rec),
                     }
@@ -514,7 +514,7 @@ impl Server {
         let answers = self.auth.take_verdicts(self.now, |k, g| inbound.peer(k, g), &mut self.log);
         for a in answers {
             match a.at {
-                Some(at) => self.inbound.delay_auth(a.key, a.outcome, a.creds, at),
+                Some(at) => self.inbound.delay_auth(a.key, a.outcome, a.creds, at, &mut self.deadlines),
                 None => {
                     turn!(self, inbound, turn, delivery);
                     inbound.answer_auth(a.key, a.outcome, a.creds, &mut turn);
@@ -646,5 +646,19 @@ fn capped_timeouts(cap: Duration, tls_handshake: Duration) -> ClientTimeouts {
         data_block: d.data_block.min(cap),
         data_end: d.data_end.min(cap),
         tls_handshake,
+    }
+}
+
+/// Delivery's view of a turn.
+fn delivery_ctx<'t>(turn: &'t mut Turn<'_>) -> delivery::Ctx<'t> {
+    delivery::Ctx {
+        spool: turn.spool,
+        log: turn.log,
+        ids: turn.ids,
+        bufs: turn.bufs,
+        registry: turn.registry,
+        deadlines: turn.deadlines,
+        now: turn.now,
+        wall_ms: turn.wall_us / 1000,
     }
 }

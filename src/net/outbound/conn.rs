@@ -11,7 +11,6 @@
 //! [`ClientEvent::StartTls`]: crate::smtp::client::ClientEvent::StartTls
 
 use std::net::SocketAddr;
-use std::ops::{Deref, DerefMut};
 use std::time::Instant;
 
 use crate::buf::BufPool;
@@ -45,8 +44,6 @@ pub struct OutboundConn {
     /// The server greeted and accepted EHLO/HELO at least once: before that, a reset counts
     /// like a refused connect.
     pub greeted: bool,
-    /// The session timer entry that is current for this connection.
-    pub armed: Option<Instant>,
     /// TLS settings for STARTTLS (None when the session never asks for it).
     pub tls_config: Option<ClientTls>,
     /// Version and cipher once the handshake finished.
@@ -56,19 +53,6 @@ pub struct OutboundConn {
     tls_news: bool,
     /// Why TLS failed (handshake, certificate, truncation), for the log and the deferral.
     pub tls_error: Option<String>,
-}
-
-impl Deref for OutboundConn {
-    type Target = Transport;
-    fn deref(&self) -> &Transport {
-        &self.io
-    }
-}
-
-impl DerefMut for OutboundConn {
-    fn deref_mut(&mut self) -> &mut Transport {
-        &mut self.io
-    }
 }
 
 /// What moving bytes achieved, for the connection as a whole (the transport's [`Read`] and
@@ -231,7 +215,6 @@ pub fn new_conn(
         body: None,
         next_body: None,
         greeted: false,
-        armed: None,
         tls_config,
         tls_info: None,
         tls_news: false,

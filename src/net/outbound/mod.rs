@@ -9,14 +9,13 @@
 
 mod conn;
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::HashMap;
 use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::task::Poll;
 use std::time::Instant;
 
-use mio::{Interest, Registry};
+use mio::{Interest, Registry, Token};
 
 pub use conn::{new_conn, Io, OutboundConn};
 
@@ -28,6 +27,7 @@ use crate::delivery::{Action, ConnFailure, ConnId, DeliveryConfig, Engine, Note,
 use crate::dns::resolver::{MxHost, MxPlan};
 use crate::log::{Logger, V};
 use crate::message::{Envelope, IdGen};
+use crate::net::deadline::Deadlines;
 use crate::net::dns::DnsConn;
 use crate::net::tls::ClientTls;
 use crate::net::token::{self, Kind};
@@ -38,6 +38,10 @@ use crate::spool::{Outcome, Spool, StoredMessage};
 /// Rounds of reading, writing and session events per connection and call before it yields to
 /// the others (edge-triggered readiness will not call again: it goes on the next pass).
 const ROUNDS_PER_CALL: usize = 16;
+
+/// Key of the engine's and the DNS client's own timers in the deadline table (connection keys
+/// are dense from 0 and never reach it).
+const TIMER_KEY: usize = u32::MAX as usize;
 
 /// A connect that failed for lack of a local resource, not because of the destination.
 fn is_local_shortage(e: &std::io::Error) -> bool {
@@ -56,6 +60,9 @@ pub struct Ctx<'a> {
     pub bufs: &'a mut BufPool,
     /// Registry for new sockets.
     pub registry: &'a Registry,
+    /// The loop's one deadline table: session timers of the connections, the engine's next
+    /// deadline and the DNS client's, each under its own token.
+    pub deadlines: &'a mut Deadlines<Token>,
     /// Monotonic now (read once per loop turn).
     pub now: Instant,
     /// Wall clock, Unix ms.
@@ -94,8 +101,6 @@ pub struct Outbound {
     again: Vec<ConnId>,
     /// Connections given work by an action: driven once the actions are done.
     kick: Vec<ConnId>,
-    /// Session deadlines: (when, key, generation); stale entries are skipped.
-    timers: BinaryHeap<Reverse<(Instant, u32, u32)>>,
 }
 
 impl Outbound {
@@ -112,7 +117,6 @@ impl Outbound {
             local_ips: HashMap::new(),
             again: Vec::new(),
             kick: Vec::new(),
-            timers: BinaryHeap::new(),
         }
     }
 
@@ -141,41 +145,58 @@ impl Outbound {
         self.run(ctx);
     }
 
-    /// The earliest time something here needs attention.
-    pub fn next_deadline(&self, now: Instant, wall_ms: u64) -> Option<Instant> {
-        let session = self.timers.peek().map(|Reverse((t, _, _))| *t);
-        let dns = self.dns.as_ref().and_then(|d| d.next_deadline());
-        [self.engine.next_deadline(Now { at: now, wall_ms }), session, dns].into_iter().flatten().min()
-    }
-
     /// True when ready work could be started now (the loop should not sleep).
     pub fn has_work(&self) -> bool {
         self.engine.has_work() || !self.again.is_empty()
     }
 
-    /// One pass, every loop turn: connections with work left, timers, DNS, ready work.
+    /// One pass, every loop turn: connections with work left, the engine's timers and ready
+    /// work, then the queries that produced leave.
     pub fn pump(&mut self, ctx: &mut Ctx<'_>) {
         for id in std::mem::take(&mut self.again) {
             self.drive(ctx, id);
-        }
-        if self.dns.as_ref().and_then(|d| d.next_deadline()).is_some_and(|t| t <= ctx.now) {
-            if let Some(dns) = self.dns.as_mut() {
-                dns.handle_timeout(ctx.now);
-            }
-            self.dns_results(ctx);
-        }
-        while let Some(&Reverse((t, key, generation))) = self.timers.peek() {
-            if t > ctx.now {
-                break;
-            }
-            self.timers.pop();
-            self.session_timer(ctx, ConnId { key, generation }, t);
         }
         self.engine.handle_timeout(ctx.at());
         self.run(ctx);
         // Last, so that queries (and retries) made by anything above leave in this turn.
         if let Some(dns) = self.dns.as_mut() {
             dns.flush(ctx.now);
+        }
+        self.rearm(ctx);
+    }
+
+    /// Deadlines of ours that came due in the loop's table: a session timeout, the DNS
+    /// client's retry, or the engine's (whose work [`Outbound::pump`] does every turn).
+    pub fn on_deadlines(&mut self, ctx: &mut Ctx<'_>, due: &[Token]) {
+        for &tok in due {
+            match token::split(tok) {
+                Some((Kind::Dns, _, _)) => {
+                    if let Some(dns) = self.dns.as_mut() {
+                        dns.handle_timeout(ctx.now);
+                    }
+                    self.dns_results(ctx);
+                }
+                Some((Kind::Outbound, generation, key)) if key != TIMER_KEY => {
+                    self.session_timeout(ctx, ConnId { key: key as u32, generation });
+                }
+                _ => {}
+            }
+        }
+        self.run(ctx);
+        self.rearm(ctx);
+    }
+
+    /// Puts the engine's and the DNS client's next deadlines in the table.
+    fn rearm(&mut self, ctx: &mut Ctx<'_>) {
+        let engine = self.engine.next_deadline(ctx.at());
+        let dns = self.dns.as_ref().and_then(DnsConn::next_deadline);
+        for (tok, at) in
+            [(token::make(Kind::Outbound, 0, TIMER_KEY), engine), (token::make(Kind::Dns, 0, TIMER_KEY), dns)]
+        {
+            match at {
+                Some(at) => ctx.deadlines.arm(tok, at),
+                None => ctx.deadlines.cancel(tok),
+            }
         }
     }
 
@@ -191,18 +212,13 @@ impl Outbound {
             Kind::Outbound => {
                 let id = ConnId { key: key as u32, generation };
                 let Some(conn) = self.conn_mut(id) else { return };
-                if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
-                    conn.readable = true;
-                }
-                conn.hup |= ev.is_read_closed() || ev.is_error();
-                if ev.is_writable() || ev.is_write_closed() || ev.is_error() {
-                    conn.writable = true;
-                }
+                conn.io.on_event(ev);
                 self.drive(ctx, id);
                 self.run(ctx);
             }
             _ => {}
         }
+        self.rearm(ctx);
     }
 
     /// A queue flush (`sluice queue flush`, SIGUSR1); see [`Engine::flush`].
@@ -309,7 +325,7 @@ impl Outbound {
             self.conns.resize_with(key + 1, || None);
         }
         self.conns[key] = Some(new_conn(sock, addr, host, id.generation, session, tls_config));
-        self.arm(id);
+        self.arm(ctx, id);
     }
 
     /// Starts the transaction the engine put on the connection.
@@ -356,8 +372,9 @@ impl Outbound {
     fn close(&mut self, ctx: &mut Ctx<'_>, id: ConnId) {
         let Some(slot) = self.conns.get_mut(id.key as usize) else { return };
         let Some(mut conn) = slot.take_if(|c| c.generation == id.generation) else { return };
+        ctx.deadlines.cancel(token::make(Kind::Outbound, id.generation, id.key as usize));
         conn.close_tls();
-        let _ = ctx.registry.deregister(&mut conn.sock);
+        let _ = ctx.registry.deregister(&mut conn.io.sock);
         conn.release_buffers(ctx.bufs);
     }
 
@@ -427,13 +444,13 @@ impl Outbound {
     fn drive(&mut self, ctx: &mut Ctx<'_>, id: ConnId) {
         let Some(conn) = self.conn_mut(id) else { return };
         if !conn.connected {
-            if !conn.writable {
+            if !conn.io.writable {
                 return;
             }
             // A non-blocking connect is done when the socket is writable; it worked if it has
             // a peer (take_error tells why not).
-            match conn.sock.take_error() {
-                Ok(None) if conn.sock.peer_addr().is_ok() => conn.connected = true,
+            match conn.io.sock.take_error() {
+                Ok(None) if conn.io.sock.peer_addr().is_ok() => conn.connected = true,
                 Ok(None) => return,
                 Ok(Some(e)) | Err(e) => {
                     self.engine.handle_conn_failed(id, ConnFailure::Connect(&e.to_string()), ctx.at());
@@ -499,7 +516,7 @@ impl Outbound {
                         self.run_here(ctx);
                     }
                 }
-                self.arm(id);
+                self.arm(ctx, id);
                 return;
             }
         }
@@ -547,26 +564,25 @@ impl Outbound {
         self.run_here(ctx);
     }
 
-    /// Keeps the session timer of `id` at the session's earliest deadline.
-    fn arm(&mut self, id: ConnId) {
+    /// Keeps the session timer of `id` at the session's deadline.
+    fn arm(&mut self, ctx: &mut Ctx<'_>, id: ConnId) {
         let Some(conn) = self.conn_mut(id) else { return };
-        let Some(d) = conn.session.next_deadline() else { return };
-        if conn.armed.is_none_or(|a| d < a) {
-            conn.armed = Some(d);
-            self.timers.push(Reverse((d, id.key, id.generation)));
+        let tok = token::make(Kind::Outbound, id.generation, id.key as usize);
+        match conn.session.next_deadline() {
+            Some(d) => ctx.deadlines.arm(tok, d),
+            None => ctx.deadlines.cancel(tok),
         }
     }
 
-    /// A session timer entry of `id` for `t` came due.
-    fn session_timer(&mut self, ctx: &mut Ctx<'_>, id: ConnId, t: Instant) {
-        let Some(conn) = self.conn_mut(id).filter(|c| c.armed == Some(t)) else { return };
-        conn.armed = None;
+    /// The session timer of `id` came due.
+    fn session_timeout(&mut self, ctx: &mut Ctx<'_>, id: ConnId) {
+        let Some(conn) = self.conn_mut(id) else { return };
         match conn.session.next_deadline() {
             Some(d) if d <= ctx.now => {
                 conn.session.handle_timeout(ctx.now);
                 self.drive(ctx, id);
             }
-            Some(_) => self.arm(id),
+            Some(_) => self.arm(ctx, id),
             None => {}
         }
     }
