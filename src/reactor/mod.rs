@@ -1,8 +1,10 @@
 //! The event loop: one `mio::Poll` owning every socket, and the turn that orders the work.
 //!
 //! The reactor only dispatches: inbound sessions are driven by `net::inbound`, outbound
-//! connections and DNS by `delivery`, the group commit is the gate in [`commit`], password
-//! checks run on the [`authwork`] thread under `smtp::auth_throttle`.
+//! connections and DNS by `net::outbound` (which executes the pure `delivery::Engine`'s
+//! actions), the group commit is the gate in [`commit`], password checks run on the
+//! [`authwork`] thread under `smtp::auth_throttle`. Every timer of the loop is in one
+//! `net::deadline` table keyed by token; step 5 fires them and hands delivery its own.
 //!
 //! # One turn
 //! 1. `poll` for events (timeout: the next deadline, or zero when work is left over), then
