@@ -5,7 +5,6 @@
 use std::io::{self, Write};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::cli::{QueueAction, QueueArgs};
 use crate::spool::RcptStatus;
 
 /// Asks the relay holding the spool's lock to flush its queue (SIGUSR1).
@@ -18,20 +17,42 @@ fn flush(spool: &std::path::Path, out: &mut dyn Write) -> Result<(), Box<dyn std
     Ok(())
 }
 
+/// What `sluice queue` does (config converts the clap value into this).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// One entry per queued message with its recipients.
+    List,
+    /// Totals.
+    Stats,
+    /// Ask the running relay to retry every deferred recipient now (SIGUSR1).
+    Flush,
+}
+
+/// What to show and where: `sluice queue --spool DIR [--json] ACTION`.
+#[derive(Debug, Clone)]
+pub struct Query {
+    /// The spool directory.
+    pub spool: std::path::PathBuf,
+    /// JSON lines instead of text.
+    pub json: bool,
+    /// The action.
+    pub action: Action,
+}
+
 /// Runs the `queue` subcommand, writing to `out`.
-pub fn run(args: &QueueArgs, out: &mut dyn Write) -> Result<(), Box<dyn std::error::Error>> {
+pub fn run(args: &Query, out: &mut dyn Write) -> Result<(), Box<dyn std::error::Error>> {
     if !args.spool.is_dir() {
         return Err(format!("{}: no such spool directory", args.spool.display()).into());
     }
-    if args.action == QueueAction::Flush {
+    if args.action == Action::Flush {
         return flush(&args.spool, out);
     }
     let (rec, envelopes) = crate::spool::queue_listing(&args.spool)?;
     let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     match args.action {
         // Answered above, without reading the spool.
-        QueueAction::Flush => {}
-        QueueAction::Stats => {
+        Action::Flush => {}
+        Action::Stats => {
             let rcpts: usize = rec.messages.iter().map(|m| m.rcpts.len()).sum();
             let pending: usize = rec
                 .messages
@@ -48,7 +69,7 @@ pub fn run(args: &QueueArgs, out: &mut dyn Write) -> Result<(), Box<dyn std::err
                 writeln!(out, "messages: {}\nrecipients: {rcpts}\npending recipients: {pending}\ndeferred recipients: {deferred}\nbytes: {bytes}", rec.messages.len())?;
             }
         }
-        QueueAction::List => {
+        Action::List => {
             for (m, env) in rec.messages.iter().zip(&envelopes) {
                 let age_s = now_ms.saturating_sub(m.arrival_ms) / 1000;
                 let sender = if env.sender.is_empty() { "<>".into() } else { String::from_utf8_lossy(&env.sender) };

@@ -2,14 +2,16 @@
 //! the fixed protocol replies rendered to bytes.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use std::sync::Arc;
 
-use crate::cli::{Cidr, FsyncMode, LogFormat, OutboundTlsMode, ServeArgs};
+use crate::admin;
+use crate::cli::{self, Cidr, FsyncMode, OutboundTlsMode, QueueAction, QueueArgs, ServeArgs};
+use crate::log::LogFormat;
 use crate::net::tls::{ClientTls, ServerTls, TlsError};
-use crate::smtp::auth::AuthFile;
+use crate::smtp::auth::{AuthFile, AuthFileError, AuthFileErrorKind};
 use crate::smtp::client_limit::ClientLimits;
 use crate::smtp::server::SessionConfig;
 
@@ -129,7 +131,7 @@ impl Config {
         }
         let auth = match &a.auth_file {
             Some(path) => Some(Arc::new(
-                AuthFile::load(path).map_err(|e| ConfigError { flag: "--auth-file", message: e.to_string() })?,
+                load_auth_file(path).map_err(|e| ConfigError { flag: "--auth-file", message: e.to_string() })?,
             )),
             None => None,
         };
@@ -163,7 +165,7 @@ impl Config {
             segment_size,
             // As Postfix refuses mail below 1.5 x message_size_limit of free space.
             min_free_space: a.min_free_space.unwrap_or(a.max_message_size.saturating_mul(3) / 2),
-            log_format: a.log_format,
+            log_format: a.log_format.into(),
             session: SessionConfig::new(&hostname, a.max_message_size, a.max_recipients as usize)
                 .with_features(tls.is_some(), auth.is_some()),
             relay_host: a.relay_host.as_ref().map(|h| (h.host.clone(), h.port.unwrap_or(25))),
@@ -185,6 +187,43 @@ impl Config {
     }
 }
 
+// The clap enums stay in `cli`; the modules that act on a choice own a plain enum of their own.
+impl From<cli::LogFormat> for LogFormat {
+    fn from(f: cli::LogFormat) -> LogFormat {
+        match f {
+            cli::LogFormat::Text => LogFormat::Text,
+            cli::LogFormat::Json => LogFormat::Json,
+        }
+    }
+}
+
+impl From<&QueueArgs> for admin::Query {
+    fn from(a: &QueueArgs) -> admin::Query {
+        admin::Query { spool: a.spool.clone(), json: a.json, action: a.action.into() }
+    }
+}
+
+impl From<QueueAction> for admin::Action {
+    fn from(a: QueueAction) -> admin::Action {
+        match a {
+            QueueAction::List => admin::Action::List,
+            QueueAction::Stats => admin::Action::Stats,
+            QueueAction::Flush => admin::Action::Flush,
+        }
+    }
+}
+
+/// Reads and parses `--auth-file` (the parser in `smtp::auth` is pure: it sees only the text);
+/// errors name the path.
+pub fn load_auth_file(path: &Path) -> Result<AuthFile, AuthFileError> {
+    let content = std::fs::read_to_string(path).map_err(|e| AuthFileError {
+        path: Some(path.to_owned()),
+        line: 0,
+        kind: AuthFileErrorKind::Unreadable(e),
+    })?;
+    AuthFile::parse(&content).map_err(|e| AuthFileError { path: Some(path.to_owned()), ..e })
+}
+
 /// The kernel's host name (Linux), or `localhost` when it cannot be read or is not a domain.
 pub fn system_hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -192,4 +231,29 @@ pub fn system_hostname() -> String {
         .map(|s| s.trim().to_owned())
         .filter(|s| !s.is_empty() && crate::smtp::command::valid_domain(s.as_bytes()))
         .unwrap_or_else(|| "localhost".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::smtp::auth::tests::cheap_hash;
+
+    #[test]
+    fn auth_file_load_names_the_path() {
+        let dir = std::env::temp_dir().join(format!("sluice-auth-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("users");
+        let e = load_auth_file(&path).unwrap_err();
+        assert!(matches!(e.kind, AuthFileErrorKind::Unreadable(_)));
+        assert!(e.to_string().contains(&path.display().to_string()), "{e}");
+        std::fs::write(&path, "x\n").unwrap();
+        let e = load_auth_file(&path).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains(&path.display().to_string()) && msg.contains("line 1"), "{msg}");
+        std::fs::write(&path, format!("# users\n carol:{} \r\n", cheap_hash(b"pw"))).unwrap();
+        let f = load_auth_file(&path).unwrap();
+        assert_eq!(f.len(), 1);
+        assert!(f.contains(b"carol"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

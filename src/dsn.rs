@@ -20,8 +20,8 @@ use std::io::Write as _;
 
 use memchr::memmem;
 
+use crate::message::rfc5322_date;
 use crate::message::{notify, QueueId, Ret};
-use crate::smtp::server::rfc5322_date;
 
 /// RFC 5322 §2.1.1: a line is at most 998 octets before its CRLF.
 pub const MAX_LINE_OCTETS: usize = 998;

@@ -7,7 +7,14 @@ use std::fmt::{self, Write as _};
 use std::io::Write as _;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::cli::LogFormat;
+/// How events are written (`--log-format`; config converts the flag into this).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// `key=value` text lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
 
 /// A field value.
 pub enum V<'a> {

@@ -36,7 +36,7 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Passwd { user } => passwd(&user),
-        Cmd::Queue(args) => match sluice::admin::run(&args, &mut std::io::stdout().lock()) {
+        Cmd::Queue(args) => match sluice::admin::run(&(&args).into(), &mut std::io::stdout().lock()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("sluice queue: {e}");

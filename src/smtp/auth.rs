@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{self, SaltString};
@@ -293,7 +293,7 @@ pub enum AuthFileErrorKind {
 /// A fault in an auth file: where it is and what is wrong.
 #[derive(Debug)]
 pub struct AuthFileError {
-    /// The file, when it came from [`AuthFile::load`].
+    /// The file, when the caller read it from one (`config::load_auth_file`).
     pub path: Option<PathBuf>,
     /// 1-based line number; 0 when the fault is not about one line (an unreadable file).
     pub line: usize,
@@ -398,16 +398,6 @@ impl AuthFile {
         Ok(AuthFile { users, dummy: dummy_hash().into() })
     }
 
-    /// Reads and parses the file at `path`; errors name the path.
-    pub fn load(path: &Path) -> Result<AuthFile, AuthFileError> {
-        let content = std::fs::read_to_string(path).map_err(|e| AuthFileError {
-            path: Some(path.to_owned()),
-            line: 0,
-            kind: AuthFileErrorKind::Unreadable(e),
-        })?;
-        AuthFile::parse(&content).map_err(|e| AuthFileError { path: Some(path.to_owned()), ..e })
-    }
-
     /// Number of users.
     pub fn len(&self) -> usize {
         self.users.len()
@@ -438,7 +428,7 @@ impl AuthFile {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn b64(s: &[u8]) -> Vec<u8> {
@@ -446,7 +436,7 @@ mod tests {
     }
 
     /// A valid hash with the smallest Argon2 costs, so tests stay quick.
-    fn cheap_hash(pass: &[u8]) -> String {
+    pub(crate) fn cheap_hash(pass: &[u8]) -> String {
         let params = Params::new(8, 1, 1, None).unwrap();
         let salt = SaltString::encode_b64(b"0123456789abcdef").unwrap();
         Argon2::new(Algorithm::Argon2id, Version::V0x13, params).hash_password(pass, &salt).unwrap().to_string()
@@ -587,25 +577,6 @@ mod tests {
             let msg = e.to_string();
             assert!(msg.contains(&format!("line {line}")) && msg.contains(what), "{content}: {msg}");
         }
-    }
-
-    #[test]
-    fn auth_file_load_names_the_path() {
-        let dir = std::env::temp_dir().join(format!("sluice-auth-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("users");
-        let e = AuthFile::load(&path).unwrap_err();
-        assert!(matches!(e.kind, AuthFileErrorKind::Unreadable(_)));
-        assert!(e.to_string().contains(&path.display().to_string()), "{e}");
-        std::fs::write(&path, "x\n").unwrap();
-        let e = AuthFile::load(&path).unwrap_err();
-        let msg = e.to_string();
-        assert!(msg.contains(&path.display().to_string()) && msg.contains("line 1"), "{msg}");
-        std::fs::write(&path, format!("# users\n carol:{} \r\n", cheap_hash(b"pw"))).unwrap();
-        let f = AuthFile::load(&path).unwrap();
-        assert_eq!(f.len(), 1);
-        assert!(f.contains(b"carol"));
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -24,7 +24,7 @@ use super::data::{bdat_take, DataScanner, Taint};
 use super::line::{is_auth_command, next_line, next_line_within, skip_line, Framed, MAX_AUTH_LINE};
 use super::reply::{self, seq, Fault};
 use crate::buf::{Buf, VecPool};
-use crate::message::{notify, BodyType, Envelope, IdGen, QueueId, Ret};
+use crate::message::{notify, write_received, BodyType, Envelope, IdGen, QueueId, Ret, Trace};
 
 /// Room the output buffer must have before another command is processed: the longest reply
 /// (the EHLO response) fits in it.
@@ -879,7 +879,7 @@ impl ServerSession {
         let mut body = self.body.take().unwrap_or_else(|| ctx.bodies.take());
         body.clear();
         let trace = Trace { esmtp: self.esmtp, tls: self.tls_info, authenticated: self.authenticated };
-        write_received(&mut body, ctx.cfg, &self.envelope, self.peer, trace, self.queue_id, ctx.now_unix_us);
+        write_received(&mut body, &ctx.cfg.hostname, &self.envelope, self.peer, trace, self.queue_id, ctx.now_unix_us);
         self.body = Some(body);
     }
 }
@@ -913,91 +913,6 @@ impl std::io::Write for Writer<'_> {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
-}
-
-/// How the message came in, for the `with` clause of `Received:`.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Trace {
-    /// EHLO (not HELO).
-    pub esmtp: bool,
-    /// TLS version and cipher.
-    pub tls: Option<(&'static str, &'static str)>,
-    /// AUTH succeeded.
-    pub authenticated: bool,
-}
-
-/// Writes the trace header:
-/// `Received: from HELO ([IP]) [(using TLS)] by HOST (sluice) with ESMTP id ID [for <rcpt>]; DATE`.
-pub fn write_received(
-    out: &mut Vec<u8>,
-    cfg: &SessionConfig,
-    env: &Envelope,
-    peer: IpAddr,
-    trace: Trace,
-    id: QueueId,
-    now_unix_us: u64,
-) {
-    // RFC 3848 / RFC 6531 §3.7.3: the `with` keyword names the protocol actually used, with
-    // S for TLS and A for AUTH (ESMTPS, ESMTPSA, UTF8SMTPS, ...).
-    let base = match (trace.esmtp, env.smtputf8) {
-        (false, _) => "SMTP",
-        (true, false) => "ESMTP",
-        (true, true) => "UTF8SMTP",
-    };
-    let suffix = match (trace.esmtp, trace.tls.is_some(), trace.authenticated) {
-        (false, _, _) | (true, false, false) => "",
-        (true, true, false) => "S",
-        (true, false, true) => "A",
-        (true, true, true) => "SA",
-    };
-    out.extend_from_slice(b"Received: from ");
-    out.extend_from_slice(&env.helo);
-    let _ = match peer {
-        IpAddr::V4(a) => write!(out, " ([{a}])"),
-        IpAddr::V6(a) => write!(out, " ([IPv6:{a}])"),
-    };
-    if let Some((version, cipher)) = trace.tls {
-        let _ = write!(out, "\r\n\t(using {version} with cipher {cipher})");
-    }
-    let _ = write!(out, "\r\n\tby {} (sluice) with {base}{suffix} id ", cfg.hostname);
-    out.extend_from_slice(&id.to_bytes());
-    if env.rcpt_count() == 1 {
-        out.extend_from_slice(b"\r\n\tfor <");
-        out.extend_from_slice(env.rcpt(0).addr);
-        out.push(b'>');
-    }
-    out.extend_from_slice(b"; ");
-    rfc5322_date(out, now_unix_us / 1_000_000);
-    out.extend_from_slice(b"\r\n");
-}
-
-/// Writes an RFC 5322 §3.3 date in UTC, e.g. `Mon, 23 Nov 2026 10:35:18 +0000`.
-pub fn rfc5322_date(out: &mut Vec<u8>, unix_secs: u64) {
-    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
-    let days = (unix_secs / 86_400) as i64;
-    let secs = unix_secs % 86_400;
-    // Civil-from-days (proleptic Gregorian), after H. Hinnant's public-domain algorithm.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    let _ = write!(
-        out,
-        "{}, {} {} {} {:02}:{:02}:{:02} +0000",
-        DAYS[(days.rem_euclid(7)) as usize],
-        day,
-        MONTHS[(month - 1) as usize],
-        year,
-        secs / 3600,
-        (secs / 60) % 60,
-        secs % 60
-    );
 }
 
 #[cfg(test)]
@@ -1347,16 +1262,6 @@ mod tests {
         let (r, _) = drive(&mut h, &[b"EHLO c\r\n", &line, b"NOOP\r\n"], true);
         assert_eq!(codes(&r), ["220", "250", "500", "250"]);
         assert!(String::from_utf8_lossy(&r).contains("500 5.5.2 "));
-    }
-
-    #[test]
-    fn date_rendering() {
-        let mut v = Vec::new();
-        rfc5322_date(&mut v, 0);
-        assert_eq!(v, b"Thu, 1 Jan 1970 00:00:00 +0000");
-        v.clear();
-        rfc5322_date(&mut v, 951_782_400); // 2000-02-29
-        assert_eq!(v, b"Tue, 29 Feb 2000 00:00:00 +0000");
     }
 
     #[test]
