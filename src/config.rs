@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
-use crate::admin;
-use crate::cli::{self, Cidr, FsyncMode, OutboundTlsMode, QueueAction, QueueArgs, ServeArgs};
+use crate::cli::{self, Cidr, FsyncMode, OutboundTlsMode, ServeArgs};
 use crate::log::LogFormat;
 use crate::net::tls::{ClientTls, ServerTls, TlsError};
 use crate::smtp::auth::{AuthFile, AuthFileError, AuthFileErrorKind};
@@ -193,22 +192,6 @@ impl From<cli::LogFormat> for LogFormat {
         match f {
             cli::LogFormat::Text => LogFormat::Text,
             cli::LogFormat::Json => LogFormat::Json,
-        }
-    }
-}
-
-impl From<&QueueArgs> for admin::Query {
-    fn from(a: &QueueArgs) -> admin::Query {
-        admin::Query { spool: a.spool.clone(), json: a.json, action: a.action.into() }
-    }
-}
-
-impl From<QueueAction> for admin::Action {
-    fn from(a: QueueAction) -> admin::Action {
-        match a {
-            QueueAction::List => admin::Action::List,
-            QueueAction::Stats => admin::Action::Stats,
-            QueueAction::Flush => admin::Action::Flush,
         }
     }
 }

@@ -5,7 +5,8 @@ use std::io::{BufRead as _, Write as _};
 use std::process::ExitCode;
 
 use clap::Parser;
-use sluice::cli::{Cli, Cmd};
+use sluice::admin;
+use sluice::cli::{Cli, Cmd, QueueAction, QueueArgs};
 use sluice::config::Config;
 use sluice::reactor::{RunError, Server};
 
@@ -36,7 +37,7 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Passwd { user } => passwd(&user),
-        Cmd::Queue(args) => match sluice::admin::run(&(&args).into(), &mut std::io::stdout().lock()) {
+        Cmd::Queue(args) => match sluice::admin::run(&queue_query(&args), &mut std::io::stdout().lock()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("sluice queue: {e}");
@@ -48,6 +49,16 @@ fn main() -> ExitCode {
 
 /// `sluice passwd USER`: reads one password line on stdin and prints `USER:PHC` for
 /// `--auth-file`. Exit 2 for a user name the file cannot hold, 1 for any other failure.
+/// The clap flags of `sluice queue` as `admin`'s own request type.
+fn queue_query(a: &QueueArgs) -> admin::Query {
+    let action = match a.action {
+        QueueAction::List => admin::Action::List,
+        QueueAction::Stats => admin::Action::Stats,
+        QueueAction::Flush => admin::Action::Flush,
+    };
+    admin::Query { spool: a.spool.clone(), json: a.json, action }
+}
+
 fn passwd(user: &str) -> ExitCode {
     // The auth file splits at the first ':', trims lines and skips those starting with '#'.
     if user.is_empty() || user.contains(':') || user.starts_with('#') || user.chars().any(char::is_whitespace) {

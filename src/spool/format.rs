@@ -24,7 +24,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::message::{BodyType, Envelope, QueueId, Ret};
 
-use super::{MessageView, Outcome, RcptStatus};
+use super::record::{MessageView, Outcome, RcptStatus};
 
 /// First bytes of every segment file.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"SLUICESG";

@@ -33,7 +33,7 @@ use std::path::PathBuf;
 
 use crate::message::{Envelope, QueueId};
 
-pub use record::{BodyLoc, MessageLoc, Outcome, Pending, Pins, RcptState, RcptStatus, StoredMessage};
+pub use record::{BodyLoc, MessageLoc, MessageView, Outcome, Pending, Pins, RcptState, RcptStatus, StoredMessage};
 use segment::{map_io, map_io_at, Segment};
 
 /// How the spool is opened.
@@ -66,19 +66,6 @@ pub struct Recovery {
     pub max_id: Option<QueueId>,
     /// Human-readable warnings (corrupt records skipped, torn tails cut), naming segment and offset.
     pub warnings: Vec<String>,
-}
-
-/// A decoded message record borrowed from the spool map.
-#[derive(Debug)]
-pub struct MessageView<'a> {
-    /// Queue id.
-    pub id: QueueId,
-    /// Arrival, Unix ms.
-    pub arrival_ms: u64,
-    /// Envelope (owned copy of the small fields).
-    pub envelope: Envelope,
-    /// The body exactly as it will be sent (Received header first), dot-unstuffed.
-    pub body: &'a [u8],
 }
 
 /// Spool faults.

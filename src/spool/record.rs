@@ -1,8 +1,8 @@
 //! Pure: the plain data the spool stores and hands out — where records lie, a recipient's
-//! state, an outcome to append, a stored message and the pins that keep its segments. No file,
-//! map or clock here; `spool/mod.rs` does the I/O.
+//! state, an outcome to append, a stored message, a decoded message view and the pins that keep
+//! its segments. No file, map or clock here; `spool/mod.rs` does the I/O.
 
-use crate::message::QueueId;
+use crate::message::{Envelope, QueueId};
 
 /// Where a message record lies: segment sequence number, byte offset of its record, record length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -111,4 +111,17 @@ impl Pins {
     pub fn add(&mut self, ticket: Pending) {
         self.0.push(ticket.segment);
     }
+}
+
+/// A decoded message record borrowed from the spool map.
+#[derive(Debug)]
+pub struct MessageView<'a> {
+    /// Queue id.
+    pub id: QueueId,
+    /// Arrival, Unix ms.
+    pub arrival_ms: u64,
+    /// Envelope (owned copy of the small fields).
+    pub envelope: Envelope,
+    /// The body exactly as it will be sent (Received header first), dot-unstuffed.
+    pub body: &'a [u8],
 }
