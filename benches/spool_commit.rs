@@ -1,6 +1,7 @@
 //! Spool group commit: append 1 KiB messages and commit in batches of 1, 16 and 256, with and
 //! without fsync. One element is one message, so the report reads as messages per second and
-//! shows how far group commit amortises the msync + fdatasync.
+//! shows how far group commit amortises the msync + fdatasync of the synchronous `Spool::commit`
+//! (the relay's sync thread runs `msync` only, see `SyncJob::run`).
 
 use std::path::PathBuf;
 

@@ -4,8 +4,8 @@
 //! One `mio` event loop ([`reactor`]) owns every socket. Inbound connections are driven by
 //! [`net::inbound`], which feeds bytes to the pure protocol machine [`smtp::server`] and appends
 //! each finished message to the [`spool`]. Once per loop turn the spool is committed (group
-//! commit: one msync + fdatasync for every message that finished in that turn) and only then are
-//! the `250` replies released.
+//! commit: the sync thread, `reactor::syncer`, runs one `msync` per dirty segment for every
+//! message that finished in that turn) and only when it returns are the `250` replies released.
 //!
 //! # Layering rule
 //! A **pure** module never does I/O: no `mio`, no sockets, no `std::fs` or `std::thread`, no

@@ -1,5 +1,5 @@
-//! The spool's sync thread: runs each group commit (`msync` + `fdatasync`) off the event loop
-//! and wakes the loop through a `mio::Waker` when it is done.
+//! The spool's sync thread: runs each group commit (one `msync` per dirty segment) off the event
+//! loop and wakes the loop through a `mio::Waker` when it is done.
 //!
 //! Why a thread: a sync takes a disk round trip (tens of microseconds to milliseconds). Done on
 //! the loop, every session stalls for it, every turn. Done here, the loop keeps parsing and

@@ -3,9 +3,13 @@
 //! Owns every file in the spool directory: numbered segment files (`seg-<16 digits>.spool`)
 //! and a `lock` file that keeps a second relay out. Messages and per-recipient delivery
 //! outcomes are appended as checksummed records ([`format`](mod@format)) to the active segment
-//! (`segment.rs`: small records straight into its map, large ones by `pwrite`); [`Spool::commit`] makes everything appended so far durable in
-//! one `msync` + `fdatasync` per dirty segment (group commit), and only after it returns `Ok`
-//! may the relay answer 250 for those messages. [`Spool::open`] rebuilds the queue
+//! (`segment.rs`: small records straight into its map, large ones by `pwrite`). A group commit
+//! makes everything appended so far durable, and only after it returns `Ok` may the relay
+//! answer 250 for those messages: the relay hands a [`SyncJob`] ([`Spool::begin_commit`]) to
+//! its sync thread, which runs one `msync(MS_SYNC)` per dirty segment range (on Linux that is
+//! `fdatasync` of the range, see `segment::SyncRange::run`), then takes the result back with
+//! [`Spool::finish_commit`]; the synchronous [`Spool::commit`] (recovery, tests, benches) runs
+//! `msync` + `fdatasync` per dirty segment on the caller's thread. [`Spool::open`] rebuilds the queue
 //! (`recover.rs`) and starts a fresh active segment (none on a full disk: then the relay
 //! delivers and refuses new mail, see [`Spool::accepting`]); older segments are read-only.
 //! Damaged bytes found by recovery are copied to `corrupt/` before they are skipped or cut.
@@ -41,7 +45,8 @@ use segment::{map_io, map_io_at, Segment};
 pub struct SpoolOptions {
     /// Directory holding the segment files (created if missing).
     pub dir: PathBuf,
-    /// `true`: `commit` makes data durable (msync + fdatasync); `false`: `commit` does nothing.
+    /// `true`: a commit makes data durable (`msync`, plus `fdatasync` in the synchronous
+    /// [`Spool::commit`]); `false`: a commit does nothing.
     pub fsync: bool,
     /// Preallocated size of a new segment; a record larger than this gets a segment of its own size.
     pub segment_size: u64,
@@ -118,14 +123,15 @@ pub struct SyncJob {
 }
 
 impl SyncJob {
-    /// Makes the job's ranges durable: msync + fdatasync per segment, then the directory if a
-    /// segment file was created. Blocking: run it off the event loop.
+    /// Makes the job's ranges durable: one `msync(MS_SYNC)` per segment range (`fdatasync` for
+    /// a segment with no map), then the directory if a segment file was created. Blocking: run
+    /// it off the event loop.
     pub fn run(&self) -> Result<(), SpoolError> {
         for r in &self.ranges {
             r.run().map_err(|e| map_io("sync spool segment", e))?;
         }
         if let Some(dir) = &self.dir {
-            // A new file's directory entry is not covered by the file's own fdatasync.
+            // A new file's directory entry is not covered by the file's own data sync.
             File::open(dir).and_then(|d| d.sync_all()).map_err(|e| map_io("sync spool directory", e))?;
         }
         Ok(())
