@@ -5,7 +5,7 @@
 //! * an edge the table does not allow (`use crate::a::b`, `crate::a::b::` paths in code,
 //!   `super::`/`self::` and child-module paths resolved to the module they name);
 //! * a **pure** module that uses I/O (`mio`, `std::fs`, `std::thread`, socket types, `libc`,
-//!   `Instant::now`/`SystemTime::now`) or imports a module that is not pure;
+//!   `Instant::now`/`SystemTime::now`, `unsafe`) or imports a module that is not pure;
 //! * an I/O module using a kind of I/O its row does not name;
 //! * a cycle between top-level modules, or between the rows of the table.
 //!
@@ -27,6 +27,8 @@ const CAPS: &[(&str, &[&str])] = &[
     ("net", &["TcpStream", "TcpListener", "UdpSocket"]),
     ("clock", &["Instant::now", "SystemTime::now"]),
     ("libc", &["libc::"]),
+    // `unsafe` blocks and `allow(unsafe_code)`.
+    ("unsafe", &["unsafe"]),
 ];
 
 /// One row of the table.

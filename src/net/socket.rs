@@ -1,5 +1,5 @@
 //! Raw socket set-up and I/O classification. With `spool/segment.rs`, the only place allowed
-//! `unsafe`; every libc call goes through [`syscall!`].
+//! `unsafe`; every libc call goes through `crate::sys::syscall!`.
 #![allow(unsafe_code)]
 
 use std::io::{self, Read, Write};
@@ -7,18 +7,7 @@ use std::mem;
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, RawFd};
 
-/// Calls a libc function, turning `-1` into `io::Error::last_os_error()`.
-macro_rules! syscall {
-    ($fn:ident ( $($arg:expr),* $(,)? )) => {{
-        // SAFETY: the caller passes arguments valid for this libc call (see each call site).
-        let res = unsafe { libc::$fn($($arg),*) };
-        if res == -1 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(res)
-        }
-    }};
-}
+use crate::sys::syscall;
 
 /// Creates a non-blocking listening socket with SO_REUSEADDR (a restart binds at once despite
 /// connections in TIME_WAIT), IPV6_V6ONLY for IPv6 addresses, and a deep backlog.
@@ -29,6 +18,7 @@ macro_rules! syscall {
 /// spool. Without it, that second bind fails with `AddrInUse`.
 pub fn listener(addr: SocketAddr, reuse_port: bool) -> io::Result<mio::net::TcpListener> {
     let family = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    // SAFETY: socket takes no pointers.
     let fd: RawFd = syscall!(socket(family, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0))?;
     // SAFETY: `fd` was just returned by socket() and is owned by nobody else; the listener
     // takes ownership and closes it on drop (including on the error paths below).
@@ -36,16 +26,23 @@ pub fn listener(addr: SocketAddr, reuse_port: bool) -> io::Result<mio::net::TcpL
     let one: libc::c_int = 1;
     let one_ptr = &one as *const libc::c_int as *const libc::c_void;
     let len = mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY (the three setsockopt calls): `fd` is open; `one_ptr` points at a live c_int of
+    // `len` bytes, which the call only reads.
     syscall!(setsockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, one_ptr, len))?;
     if reuse_port {
+        // SAFETY: as above.
         syscall!(setsockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEPORT, one_ptr, len))?;
     }
     if addr.is_ipv6() {
+        // SAFETY: as above.
         syscall!(setsockopt(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, one_ptr, len))?;
     }
     let (storage, slen) = sockaddr(addr);
     let sa = &storage as *const libc::sockaddr_storage as *const libc::sockaddr;
+    // SAFETY: `sa` points at `storage`, live for the call, holding a sockaddr of `slen` bytes
+    // that the call only reads.
     syscall!(bind(fd, sa, slen))?;
+    // SAFETY: listen takes no pointers.
     syscall!(listen(fd, 4096))?;
     Ok(mio::net::TcpListener::from_std(listener))
 }
@@ -98,9 +95,11 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
 /// usual 1,024). Returns the new soft limit.
 pub fn raise_nofile_limit() -> io::Result<u64> {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `lim` is a live, writable rlimit the call fills in.
     syscall!(getrlimit(libc::RLIMIT_NOFILE, &mut lim))?;
     if lim.rlim_cur < lim.rlim_max {
         lim.rlim_cur = lim.rlim_max;
+        // SAFETY: `lim` is a live rlimit the call only reads.
         syscall!(setrlimit(libc::RLIMIT_NOFILE, &lim))?;
     }
     Ok(lim.rlim_cur)

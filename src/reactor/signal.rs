@@ -7,6 +7,8 @@ use mio::{Interest, Registry, Token};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook_mio::v1_0::Signals;
 
+use crate::sys::syscall;
+
 /// The registered signal source.
 pub struct SignalSource {
     signals: Signals,
@@ -41,9 +43,7 @@ pub fn request_flush(pid: u32) -> io::Result<()> {
     let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::other("process id out of range"))?;
     // SAFETY: kill takes no pointers; the pid comes from the lock of a spool whose holder is
     // alive (checked by the caller just before).
-    if unsafe { libc::kill(pid, libc::SIGUSR1) } == -1 {
-        return Err(io::Error::last_os_error());
-    }
+    syscall!(kill(pid, libc::SIGUSR1))?;
     Ok(())
 }
 

@@ -23,44 +23,7 @@ use std::sync::Arc;
 
 use super::format::{self, RecordKey};
 use super::SpoolError;
-
-/// Calls a libc function and turns its failure report into `io::Error`.
-///
-/// - `syscall!(f(args))`: failure is `-1` with `errno` set.
-/// - `syscall!(@ptr f(args))`: failure is `MAP_FAILED` with `errno` set (mmap).
-/// - `syscall!(@errno f(args))`: the function returns the error number itself, 0 on success
-///   (posix_fallocate).
-///
-/// Every call site carries its own `// SAFETY:` comment for the arguments it passes.
-macro_rules! syscall {
-    ($fn:ident ( $($arg:expr),* $(,)? )) => {{
-        // SAFETY: the call site documents why the arguments are valid for this call.
-        let res = unsafe { libc::$fn($($arg),*) };
-        if res == -1 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(res)
-        }
-    }};
-    (@ptr $fn:ident ( $($arg:expr),* $(,)? )) => {{
-        // SAFETY: the call site documents why the arguments are valid for this call.
-        let res = unsafe { libc::$fn($($arg),*) };
-        if res == libc::MAP_FAILED {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(res)
-        }
-    }};
-    (@errno $fn:ident ( $($arg:expr),* $(,)? )) => {{
-        // SAFETY: the call site documents why the arguments are valid for this call.
-        let res = unsafe { libc::$fn($($arg),*) };
-        if res == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::from_raw_os_error(res))
-        }
-    }};
-}
+use crate::sys::syscall;
 
 /// Classifies an I/O error once: a full device or quota is [`SpoolError::NoSpace`] (the relay
 /// answers 452), anything else is [`SpoolError::Io`] with what was being done.
