@@ -6,6 +6,11 @@
 //! appending the next batch while the disk works, and still writes no `250` before the sync
 //! that covers it has returned. It is one dedicated thread, never a pool, and it touches
 //! nothing but the job it is handed.
+//!
+//! Test-only failpoint: `SLUICE_FAILPOINT_SYNC=fail-after:N`, read once at start, lets the first
+//! `N` jobs run and fails every later one without syncing (an I/O error), so an end-to-end test
+//! can check what a failed group commit answers (`tests/e2e/durability.rs`). Unset, it costs
+//! one comparison per job.
 
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
@@ -15,6 +20,39 @@ use mio::Waker;
 
 use crate::spool::{SpoolError, SyncJob};
 
+/// The environment variable of the failpoint (see the module doc). Test-only.
+pub const FAILPOINT_ENV: &str = "SLUICE_FAILPOINT_SYNC";
+
+/// The sync failpoint: how many jobs may still run before every job fails (`None`: off).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Failpoint(Option<u64>);
+
+impl Failpoint {
+    /// Parses the variable's value: unset is off, `fail-after:N` fails job `N + 1` onwards.
+    fn parse(value: Option<&str>) -> std::io::Result<Failpoint> {
+        let Some(v) = value else { return Ok(Failpoint(None)) };
+        match v.strip_prefix("fail-after:").and_then(|n| n.parse().ok()) {
+            Some(n) => Ok(Failpoint(Some(n))),
+            None => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{FAILPOINT_ENV}={v:?}: expected fail-after:N"),
+            )),
+        }
+    }
+
+    /// Runs `job`, or fails it without syncing once the failpoint has let its `N` jobs through.
+    fn run(&mut self, job: &SyncJob) -> Result<(), SpoolError> {
+        match &mut self.0 {
+            None => job.run(),
+            Some(0) => Err(SpoolError::Io("sync spool segment", std::io::Error::other(FAILPOINT_ENV))),
+            Some(left) => {
+                *left -= 1;
+                job.run()
+            }
+        }
+    }
+}
+
 /// Handle to the sync thread.
 pub struct Syncer {
     jobs: Option<Sender<SyncJob>>,
@@ -23,23 +61,28 @@ pub struct Syncer {
     /// Result of a job run on the calling thread because the sync thread was gone.
     inline: Option<Result<(), SpoolError>>,
     thread: Option<JoinHandle<()>>,
+    /// The failpoint for jobs run on the calling thread (the thread has its own copy).
+    failpoint: Failpoint,
 }
 
 impl Syncer {
-    /// Starts the thread; it wakes the loop with `waker` after each job.
+    /// Starts the thread; it wakes the loop with `waker` after each job. Fails on a malformed
+    /// [`FAILPOINT_ENV`].
     pub fn spawn(waker: Arc<Waker>) -> std::io::Result<Syncer> {
+        let failpoint = Failpoint::parse(std::env::var(FAILPOINT_ENV).ok().as_deref())?;
+        let mut thread_failpoint = failpoint;
         let (jobs, job_rx) = channel::<SyncJob>();
         let (result_tx, results) = channel();
         let thread = std::thread::Builder::new().name("sluice-sync".into()).spawn(move || {
             for job in job_rx {
-                if result_tx.send(job.run()).is_err() {
+                if result_tx.send(thread_failpoint.run(&job)).is_err() {
                     break;
                 }
                 // If the wake fails the loop is gone; nothing left to tell.
                 let _ = waker.wake();
             }
         })?;
-        Ok(Syncer { jobs: Some(jobs), results, busy: false, inline: None, thread: Some(thread) })
+        Ok(Syncer { jobs: Some(jobs), results, busy: false, inline: None, thread: Some(thread), failpoint })
     }
 
     /// True while a job is out.
@@ -51,13 +94,13 @@ impl Syncer {
     pub fn submit(&mut self, job: SyncJob) {
         self.busy = true;
         let Some(tx) = &self.jobs else {
-            self.inline = Some(job.run());
+            self.inline = Some(self.failpoint.run(&job));
             return;
         };
         if let Err(returned) = tx.send(job) {
             // The thread is gone (it does not panic: `run` returns errors); sync here rather
             // than lose the batch.
-            self.inline = Some(returned.0.run());
+            self.inline = Some(self.failpoint.run(&returned.0));
         }
     }
 
@@ -93,6 +136,21 @@ impl Drop for Syncer {
         self.jobs = None;
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failpoint_values() {
+        assert_eq!(Failpoint::parse(None).unwrap(), Failpoint(None));
+        assert_eq!(Failpoint::parse(Some("fail-after:3")).unwrap(), Failpoint(Some(3)));
+        for bad in ["", "fail-after:", "fail-after:-1", "fail:3", "fail-after:x"] {
+            let e = Failpoint::parse(Some(bad)).unwrap_err();
+            assert!(e.to_string().contains(FAILPOINT_ENV), "{bad}: {e}");
         }
     }
 }

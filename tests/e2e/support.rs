@@ -64,7 +64,13 @@ impl Relay {
 
     /// Starts a relay on an existing spool directory (for restarts).
     pub fn start_on(spool: &Path, extra: &[&str]) -> Relay {
+        Relay::start_on_env(spool, extra, &[])
+    }
+
+    /// As [`Relay::start_on`], with extra environment variables (failpoints).
+    pub fn start_on_env(spool: &Path, extra: &[&str], env: &[(&str, &str)]) -> Relay {
         let mut cmd = Command::new(sluice_bin());
+        cmd.envs(env.iter().copied());
         cmd.arg("serve").arg("--spool").arg(spool).args(["--hostname", "mx.test"]);
         if !extra.contains(&"--listen") {
             cmd.args(["--listen", "127.0.0.1:0"]);
