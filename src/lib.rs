@@ -27,20 +27,19 @@
 //! |---|---|---|---|
 //! | `buf` | pure | | pooled byte buffers |
 //! | `message` | pure | | queue ids, envelope, `Received:`, dates |
-//! | `smtp` | pure | `buf`, `message` | SMTP sessions, parsers, AUTH decoding |
+//! | `smtp` | pure | `buf`, `dns`, `message` | SMTP sessions, parsers, AUTH decoding |
 //! | `dns` | pure | | DNS codec, resolver machine, cache |
 //! | `dsn` | pure | `message` | bounce reports |
 //! | `spool::record` | pure | `message` | plain types the spool hands out |
 //! | `spool::format` | pure | `message`, `spool::record` | record codec |
-//! | `queue` | pure | `message`, `spool::record` | queue and retry schedule |
-//! | `delivery::route` | pure | `dns`, `smtp`, `spool::record` | MX plan, reply classes |
-//! | `cli` | pure | `smtp` | clap flags and value parsers |
+//! | `queue` | pure | `dsn`, `message`, `spool::record` | queue and retry schedule |
+//! | `delivery` | pure | `dns`, `dsn`, `message`, `queue`, `smtp`, `spool::format`, `spool::record` | the delivery engine: routes, retries, bounces, TLS policy |
+//! | `cli` | pure | `delivery`, `smtp` | clap flags and value parsers |
 //! | `log` | io: clock | | event lines on stderr |
 //! | `spool` | io: fs | `message` | the mmap'd segments and recovery |
 //! | `spool::segment` | io: fs, libc, unsafe | `spool::format`, `sys` | one segment file: mmap, msync, fdatasync |
-//! | `net` | io: mio, net, clock, fs | `buf`, `dns`, `message`, `queue`, `smtp`, `spool::record` | socket drivers, TLS |
+//! | `net` | io: mio, net, clock, fs, libc | `buf`, `delivery`, `dns`, `log`, `message`, `queue`, `smtp`, `spool` | socket drivers, TLS |
 //! | `net::socket` | io: mio, net, libc, unsafe | `sys` | the socket syscalls |
-//! | `delivery` | io: mio, net, clock, libc | `buf`, `cli`, `dns`, `dsn`, `log`, `message`, `net`, `queue`, `smtp`, `spool` | TODO(lead): the pure engine gets pure rows; `cli` goes with `OutboundTlsMode` |
 //! | `config` | io: fs | `cli`, `log`, `net`, `smtp` | flags -> `Config`, reads cert and auth files |
 //! | `reactor` | io: mio, net, thread, clock | `buf`, `config`, `delivery`, `log`, `message`, `net`, `queue`, `smtp`, `spool` | the event loop |
 //! | `reactor::signal` | io: mio, libc, unsafe | `sys` | signals as loop events, `kill` |

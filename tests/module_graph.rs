@@ -154,6 +154,8 @@ enum Fact {
     Io(&'static str),
     /// `pub use` makes `name` (a full path) stand for `target`.
     ReExport { name: String, target: String },
+    /// `#[cfg(test)] mod name;`: the file module `name` (a full path) is test code.
+    TestMod(String),
 }
 
 /// Blanks comments and the contents of string and char literals (keeping line breaks), so the
@@ -280,10 +282,30 @@ fn scan(module: &str, children: &BTreeSet<String>, src: &str) -> Vec<(usize, Fac
     let mut i = 0;
     let newlines: Vec<usize> = code.match_indices('\n').map(|(k, _)| k).collect();
     let line_at = |i: usize| newlines.partition_point(|&k| k < i) + 1;
+    let here_of = |inline: &[(String, usize)]| -> String {
+        std::iter::once(module)
+            .filter(|m| !m.is_empty())
+            .map(str::to_owned)
+            .chain(inline.iter().map(|(n, _)| n.clone()))
+            .collect::<Vec<_>>()
+            .join("::")
+    };
     while i < b.len() {
         let c = b[i];
         if c == b'#' && code[i..].starts_with("#[cfg(test)]") {
-            i = skip_item(b, i + "#[cfg(test)]".len());
+            let here = here_of(&inline);
+            let end = skip_item(b, i + "#[cfg(test)]".len());
+            // `#[cfg(test)] mod harness;` makes a whole file test code.
+            let item: Vec<&str> = code[i + "#[cfg(test)]".len()..end].split_whitespace().collect();
+            if let [.., "mod", name] = item[..] {
+                if let Some(name) = name.strip_suffix(';') {
+                    facts.push((
+                        line_at(i),
+                        Fact::TestMod(if here.is_empty() { name.into() } else { format!("{here}::{name}") }),
+                    ));
+                }
+            }
+            i = end;
             continue;
         }
         if c == b'{' {
@@ -305,12 +327,7 @@ fn scan(module: &str, children: &BTreeSet<String>, src: &str) -> Vec<(usize, Fac
         }
         let word_end = i + b[i..].iter().take_while(|&&x| is_ident(x)).count();
         let word = &code[i..word_end];
-        let here: String = std::iter::once(module)
-            .filter(|m| !m.is_empty())
-            .map(str::to_owned)
-            .chain(inline.iter().map(|(n, _)| n.clone()))
-            .collect::<Vec<_>>()
-            .join("::");
+        let here = here_of(&inline);
         if word == "mod" {
             // `mod name {` opens an inline module.
             let after = &code[word_end..];
@@ -555,7 +572,19 @@ fn check(table: &Table, files: &[File]) -> Vec<String> {
             _ => None,
         })
         .collect();
+    let test_mods: BTreeSet<String> = scans
+        .iter()
+        .flatten()
+        .filter_map(|(_, fact)| match fact {
+            Fact::TestMod(m) => Some(m.clone()),
+            _ => None,
+        })
+        .collect();
     for (f, facts) in files.iter().zip(scans) {
+        if test_mods.iter().any(|t| f.module == *t || is_under(&f.module, t)) {
+            // Declared `#[cfg(test)] mod x;` by its parent: test code, like a `mod tests {}`.
+            continue;
+        }
         if f.module.is_empty() {
             // lib.rs declares modules and documents; it holds no code of its own.
             continue;
@@ -575,7 +604,7 @@ fn check(table: &Table, files: &[File]) -> Vec<String> {
                     }
                     Some(_) => {}
                 },
-                Fact::ReExport { .. } => {}
+                Fact::ReExport { .. } | Fact::TestMod(_) => {}
                 Fact::Uses(target) => {
                     let target = resolve(&reexports, &target);
                     let Some(to) = table.row_of(&target) else {
@@ -790,6 +819,17 @@ mod tests {
                   #[cfg(test)]\nfn helper() { let _ = SystemTime::now(); }\nfn after<'a>(x: &'a u8) -> char { 'x' }\n";
         files[0] = file("a", ok);
         assert_eq!(run(&files), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_file_declared_cfg_test_is_exempt() {
+        let mut files = base();
+        files[1] = file("b", "pub struct Thing;\n#[cfg(test)]\nmod harness;\n");
+        files.push(file("b::harness", "fn now() { let _ = std::time::Instant::now(); }\n"));
+        assert_eq!(run(&files), Vec::<String>::new());
+        files[1] = file("b", "pub struct Thing;\nmod harness;\n");
+        let e = run(&files);
+        assert!(e.iter().any(|m| m.contains("src/b/harness.rs:1: pure module `b` uses I/O (clock)")), "{e:?}");
     }
 
     #[test]
