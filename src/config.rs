@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use crate::cli::{self, Cidr, FsyncMode, OutboundTlsMode, ServeArgs};
 use crate::log::LogFormat;
+use crate::net::inbound::InboundConfig;
 use crate::net::tls::{ClientTls, ServerTls, TlsError};
 use crate::smtp::auth::{AuthFile, AuthFileError, AuthFileErrorKind};
 use crate::smtp::client_limit::ClientLimits;
@@ -109,6 +110,19 @@ impl ConfigError {
 }
 
 impl Config {
+    /// What the inbound driver needs.
+    pub fn inbound(&self) -> InboundConfig {
+        InboundConfig {
+            session: self.session.clone(),
+            command_timeout: self.command_timeout,
+            data_timeout: self.data_timeout,
+            min_data_rate: self.min_data_rate,
+            tls_handshake_timeout: self.tls_handshake_timeout,
+            max_connections: self.max_connections,
+            allow: self.allow.clone(),
+            limit_allowed_clients: self.limit_allowed_clients,
+        }
+    }
     /// Validates the flags into a configuration.
     pub fn from_args(a: &ServeArgs) -> Result<Config, ConfigError> {
         let err = |flag, message: &str| Err(ConfigError { flag, message: message.to_owned() });

@@ -38,7 +38,7 @@
 //! | `log` | io: clock | | event lines on stderr |
 //! | `spool` | io: fs | `message` | the mmap'd segments and recovery |
 //! | `spool::segment` | io: fs, libc, unsafe | `spool::format`, `sys` | one segment file: mmap, msync, fdatasync |
-//! | `net` | io: mio, net, clock, fs, libc | `buf`, `config`, `delivery`, `dns`, `log`, `message`, `queue`, `smtp`, `spool` | socket drivers, TLS; TODO(lead): allow-cycle: `config` (`net::inbound` takes the whole `Config`, while `config` loads `net::tls` and `net::dns`: give inbound its own settings struct) |
+//! | `net` | io: mio, net, clock, fs, libc | `buf`, `delivery`, `dns`, `log`, `message`, `queue`, `smtp`, `spool` | socket drivers (inbound, outbound, DNS), the transport, TLS, the deadline table |
 //! | `net::socket` | io: mio, net, libc, unsafe | `sys` | the socket syscalls |
 //! | `config` | io: fs | `cli`, `log`, `net`, `smtp` | flags -> `Config`, reads cert and auth files |
 //! | `reactor` | io: mio, net, thread, clock | `buf`, `config`, `delivery`, `log`, `message`, `net`, `queue`, `smtp`, `spool` | the event loop |

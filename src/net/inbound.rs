@@ -25,7 +25,6 @@ use mio::{Interest, Registry, Token};
 use slab::Slab;
 
 use crate::buf::{BufPool, VecPool};
-use crate::config::Config;
 use crate::log::{Logger, V};
 use crate::message::{Envelope, IdGen, QueueId};
 use crate::net::deadline::Deadlines;
@@ -34,13 +33,14 @@ use crate::net::token::{self, Kind};
 use crate::net::transport::{Fault, Flush, Read, Transport};
 use crate::smtp::auth::Credentials;
 use crate::smtp::auth_throttle::{AuthThrottle, Refusal};
+use crate::smtp::client_key::Cidr;
 use crate::smtp::client_key::ClientKey;
 use crate::smtp::client_limit::{Admission, ConnectionLimiter};
 use crate::smtp::line::MAX_AUTH_LINE;
 use crate::smtp::pace::{Pace, PaceLimits};
 use crate::smtp::reply;
 use crate::smtp::server::ServerSession;
-use crate::smtp::server::{AuthOutcome, Ctx, Event, REPLY_ROOM};
+use crate::smtp::server::{AuthOutcome, Ctx, Event, SessionConfig, REPLY_ROOM};
 use crate::spool::{MessageLoc, Spool, SpoolError};
 
 /// Input/output chunk size. Sessions frame lines where they lie in the input chunk, so the
@@ -86,11 +86,32 @@ pub struct AuthJob {
     pub creds: Credentials,
 }
 
+/// What the inbound driver needs of the configuration (built from `config::Config`).
+#[derive(Debug, Clone)]
+pub struct InboundConfig {
+    /// The session machine's settings.
+    pub session: SessionConfig,
+    /// `--command-timeout`.
+    pub command_timeout: Duration,
+    /// `--data-timeout`.
+    pub data_timeout: Duration,
+    /// `--min-data-rate` (bytes/s; 0: off).
+    pub min_data_rate: u32,
+    /// `--tls-handshake-timeout`.
+    pub tls_handshake_timeout: Duration,
+    /// `--max-connections`.
+    pub max_connections: usize,
+    /// `--allow`: clients that may relay.
+    pub allow: Vec<Cidr>,
+    /// `--limit-allowed-clients`: the per-client limits apply to `--allow` clients too.
+    pub limit_allowed_clients: bool,
+}
+
 /// What a loop turn lends the inbound driver: the shared parts of the relay and the turn's
 /// clock reading (read once per turn by the reactor).
 pub struct Turn<'a> {
     /// Flags.
-    pub cfg: &'a Config,
+    pub cfg: &'a InboundConfig,
     /// Input/output chunks.
     pub bufs: &'a mut BufPool,
     /// Message bodies being received.
@@ -796,7 +817,7 @@ impl InboundConn {
 }
 
 /// The pace limits from the flags.
-fn pace_limits(cfg: &Config) -> PaceLimits {
+fn pace_limits(cfg: &InboundConfig) -> PaceLimits {
     PaceLimits { command: cfg.command_timeout, data: cfg.data_timeout, min_data_rate: cfg.min_data_rate }
 }
 

@@ -41,7 +41,7 @@ use crate::delivery::DeliveryConfig;
 use crate::log::{Logger, V};
 use crate::message::IdGen;
 use crate::net::deadline::Deadlines;
-use crate::net::inbound::{Answered, Inbound, Turn, CHUNK};
+use crate::net::inbound::{Answered, Inbound, InboundConfig, Turn, CHUNK};
 use crate::net::outbound::{self as delivery, Outbound as Delivery, OutboundConfig};
 use crate::net::socket;
 use crate::net::tls::ServerTls;
@@ -124,6 +124,8 @@ pub struct Server {
     auth: AuthSide,
     /// The spool has room for new mail (see `Spool::accepting`), read once per turn.
     accepting: bool,
+    /// What the inbound driver needs of `cfg`.
+    inbound_cfg: InboundConfig,
 }
 
 /// Borrows what the inbound driver needs for one call out of the server, beside the driver
@@ -134,7 +136,7 @@ macro_rules! turn {
         let Server {
             inbound: $inbound,
             delivery: $delivery,
-            cfg,
+            inbound_cfg: cfg,
             bufs,
             bodies,
             ids,
@@ -289,6 +291,7 @@ impl Server {
             delivery,
             auth: AuthSide::new(auth),
             accepting: true,
+            inbound_cfg: cfg.inbound(),
             cfg,
         };
         server.tick();
@@ -367,7 +370,7 @@ impl Server {
                 turn!(&mut self, inbound, turn, delivery);
                 inbound.flush_dirty(&mut turn);
                 let others = inbound.expire(&mut turn);
-                if !others.is_empty() && !turn.cfg.hold {
+                if !others.is_empty() {
                     delivery.on_deadlines(&mut delivery_ctx(&mut turn), &others);
                 }
             }

@@ -1,5 +1,5 @@
 //! Pure: [`ClientKey`], the unit in which per-client limits count (AUTH failures, connections,
-//! connection rate).
+//! connection rate), and [`Cidr`], the networks that name groups of clients (`--allow`).
 //!
 //! Owns: the mapping from a peer address to the group it is counted in. Must never: read
 //! sockets or the clock.
@@ -34,6 +34,36 @@ impl std::fmt::Display for ClientKey {
         match self.0 {
             IpAddr::V4(a) => write!(f, "{a}"),
             IpAddr::V6(a) => write!(f, "{a}/64"),
+        }
+    }
+}
+
+/// An IP network in CIDR notation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    /// Network address.
+    pub addr: IpAddr,
+    /// Prefix length.
+    pub prefix: u8,
+}
+
+impl Cidr {
+    /// Whether `ip` lies inside; IPv4-mapped IPv6 addresses match IPv4 networks.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = if self.prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(self.prefix)) };
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = if self.prefix == 0 { 0 } else { u128::MAX << (128 - u32::from(self.prefix)) };
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
         }
     }
 }
