@@ -1,11 +1,45 @@
 //! sluice: a single-threaded, high-throughput SMTP relay with a durable memory-mapped spool.
 //!
 //! # Architecture
-//! One `mio` event loop ([`reactor`]) owns every socket. Inbound connections are driven by
-//! [`net::inbound`], which feeds bytes to the pure protocol machine [`smtp::server`] and appends
-//! each finished message to the [`spool`]. Once per loop turn the spool is committed (group
-//! commit: the sync thread, `reactor::syncer`, runs one `msync` per dirty segment for every
-//! message that finished in that turn) and only when it returns are the `250` replies released.
+//! One `mio` event loop ([`reactor`]) owns every socket and reads the clock once per turn; it
+//! only dispatches. The decisions are made by pure, sans-IO machines (events in, actions or
+//! bytes out, time as an argument): [`smtp::server`] and [`smtp::client`] speak SMTP,
+//! [`dns::resolver`] looks names up, [`delivery::Engine`] decides routes, connections,
+//! retries and bounces, [`queue`] files recipients by destination. Thin drivers do the I/O:
+//! [`net::inbound`] and [`net::outbound`] move bytes through one plain-or-TLS
+//! [`net::transport`], [`net::dns`] owns the resolver's sockets, [`spool`] owns the files. All
+//! timers of the loop live in one [`net::deadline`] table. Once per loop turn the spool is
+//! committed (group commit: the sync thread, `reactor::syncer`, runs one `msync` per dirty
+//! segment for every message that finished in that turn) and only when it returns are the
+//! `250` replies released.
+//!
+//! # One message, from socket to outcome
+//! 1. **Inbound.** The loop ([`reactor`]) gets a readiness event for an inbound token
+//!    ([`net::token`]); [`net::inbound`] reads the bytes into pooled buffers ([`buf`]) and feeds
+//!    them to the pure [`smtp::server::ServerSession`], which parses the commands, answers them
+//!    and scans DATA (or BDAT chunks) into one body.
+//! 2. **Spool.** At the end of the data the message is appended to the active segment
+//!    ([`spool::Spool::append_message`]; record framing in [`spool::format`], plain types in
+//!    [`spool::record`]) and its `250` waits.
+//! 3. **Group commit.** Once per turn every append of the turn goes to the sync thread in one
+//!    batch ([`reactor::syncer`]); only when the sync returns are the `250`s written, and each
+//!    message, now durable, becomes a [`spool::StoredMessage`] handed to delivery.
+//! 4. **Queue.** [`net::outbound::Outbound`] reports it to the pure [`delivery::Engine`]
+//!    (`handle_committed`), which files its recipients by destination in [`queue::Queue`].
+//! 5. **Route and connect.** Each turn the engine serves destinations with ready work: it asks
+//!    for a lookup (`Action::Lookup`, answered through [`net::dns`] and the pure
+//!    [`dns::resolver`]), then for connections (`Action::Connect`); the driver opens them
+//!    ([`net::socket`]) and drives a pure [`smtp::client::ClientSession`] over each.
+//! 6. **Transaction.** A ready connection takes a job (`Action::Start`): the driver renders the
+//!    envelope and sends the body straight from the spool map; the session's result comes back
+//!    as `handle_tx_done` (or `handle_conn_failed`).
+//! 7. **Outcome.** The engine decides every recipient ([`delivery::settle`]); a failure that
+//!    must be reported gets a DSN first (`Action::Bounce`, text from [`delivery::bounce`]), then
+//!    `Action::Settle` has the driver append one outcome record per recipient
+//!    ([`spool::Spool::append_outcome`]) and log `event=delivery`. A finished message's
+//!    [`spool::Pins`] go back to the spool ([`spool::Spool::release_message`]), which deletes
+//!    a segment once nothing in it is needed and the records that finished it are durable.
+//!    Deferred recipients wait in the queue's due heap for their retry time.
 //!
 //! # Layering rule
 //! A **pure** module never does I/O: no `mio`, no sockets, no `std::fs` or `std::thread`, no
