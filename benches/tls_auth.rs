@@ -3,43 +3,15 @@
 //! 1 KiB message each way and on a 64 KiB body in full-size records, and one Argon2id
 //! verification (the AUTH worker's CPU per attempt).
 
-use std::collections::VecDeque;
-use std::io::{self, Read, Write};
 use std::path::PathBuf;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use sluice::net::tls::{ClientTls, ServerTls, TlsRead, TlsSession};
 use sluice::smtp::auth::{hash_password, AuthFile};
 
-/// One direction of an in-memory connection.
-#[derive(Default)]
-struct Pipe {
-    rx: VecDeque<u8>,
-    tx: Vec<u8>,
-}
-
-impl Read for Pipe {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.rx.is_empty() {
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        let n = buf.len().min(self.rx.len());
-        for (d, s) in buf.iter_mut().zip(self.rx.drain(..n)) {
-            *d = s;
-        }
-        Ok(n)
-    }
-}
-
-impl Write for Pipe {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.tx.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
+#[path = "../tests/common/pipe.rs"]
+mod pipe;
+use pipe::Pipe;
 
 /// Moves bytes both ways until both sides are quiet; returns plaintext received by `b`.
 fn pump(a: &mut TlsSession, ap: &mut Pipe, b: &mut TlsSession, bp: &mut Pipe, scratch: &mut [u8]) -> usize {

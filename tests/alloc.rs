@@ -5,41 +5,13 @@
 //! `net::tls::TlsSession` API over in-memory pipes, as the event loop does over sockets.
 #![allow(unsafe_code)]
 
-use std::collections::VecDeque;
-use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
 use sluice::net::tls::{ClientTls, ServerTls, TlsFlush, TlsRead, TlsSession};
 
-/// An in-memory pipe end: reads from `rx` (`WouldBlock` when empty), writes to `tx`.
-#[derive(Default)]
-struct Pipe {
-    rx: VecDeque<u8>,
-    tx: Vec<u8>,
-}
-
-impl Read for Pipe {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.rx.is_empty() {
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        let n = buf.len().min(self.rx.len());
-        for (d, s) in buf.iter_mut().zip(self.rx.drain(..n)) {
-            *d = s;
-        }
-        Ok(n)
-    }
-}
-
-impl Write for Pipe {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.tx.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
+#[path = "common/pipe.rs"]
+mod pipe;
+use pipe::Pipe;
 
 fn pair_files(dir: &Path) -> (PathBuf, PathBuf) {
     let ck = rcgen::generate_simple_self_signed(vec!["mx.example.test".into()]).unwrap();
