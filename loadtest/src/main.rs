@@ -1,11 +1,13 @@
 //! `sluice-load`: the load generator, fault-injecting SMTP sink, test DNS server and one-command
 //! benchmark for sluice (SPEC "sluice-load").
 //!
-//! Owns: the command line (clap) and the dispatch to [`send`], [`sink`], [`dns`] and [`bench`];
+//! Owns: the command line (clap) and the dispatch to [`send`], [`sink`], [`dns`], [`bench`] and
+//! [`disk`];
 //! the only place that exits the process. Exit status: 0 on success, 1 when a run failed
 //! (target unreachable, nothing accepted), 2 for a bad flag.
 
 mod bench;
+mod disk;
 mod dns;
 mod report;
 mod send;
@@ -37,6 +39,8 @@ enum Cmd {
     Dns(DnsArgs),
     /// Start sink, relay and sender on loopback and print one report.
     Bench(bench::BenchArgs),
+    /// The device's flush latency: pwrite + fdatasync of one size into a scratch file.
+    Disk(disk::DiskArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -392,6 +396,7 @@ fn main() {
         Cmd::Sink(a) => cmd_sink(a),
         Cmd::Dns(a) => cmd_dns(a),
         Cmd::Bench(a) => bench::run(a),
+        Cmd::Disk(a) => disk::run(&a),
     };
     match res {
         Ok(code) => std::process::exit(code),
