@@ -155,9 +155,9 @@ pub struct Settlement {
     pub tls: &'static str,
     /// One per recipient of the job.
     pub rcpts: Vec<Settled>,
-    /// The message is finished: after its outcome records are appended (adding their tickets),
-    /// release these pins with its record's segment.
-    pub release: Option<Pins>,
+    /// The message is finished: after its outcome records are appended (their tickets through
+    /// [`Engine::add_pin`]), release [`Engine::take_release`]'s pins with its record's segment.
+    pub release: bool,
 }
 
 /// A DSN to store (RFC 3464) for recipients that failed.
@@ -324,6 +324,9 @@ pub struct Engine {
     timers: BinaryHeap<Reverse<(Instant, u32, u32)>>,
     actions: VecDeque<Action>,
     parked: Slab<Parked>,
+    /// Pins of finished messages whose last [`Action::Settle`] is not executed yet: outcome
+    /// records of earlier Settles of the same message still add their tickets here.
+    releasing: HashMap<QueueId, Pins>,
 }
 
 impl Engine {
@@ -342,6 +345,7 @@ impl Engine {
             timers: BinaryHeap::new(),
             actions: VecDeque::new(),
             parked: Slab::new(),
+            releasing: HashMap::new(),
         }
     }
 
@@ -377,19 +381,40 @@ impl Engine {
         [due, timer, self.local_pause_until].into_iter().flatten().min()
     }
 
-    /// The job a [`Action::Start`] names: its message record and recipient indexes.
-    pub fn job(&self, conn: ConnId, next: bool) -> Option<(MessageLoc, &[u32])> {
+    /// The job a [`Action::Start`] names: its message's id and record, and recipient indexes.
+    pub fn job(&self, conn: ConnId, next: bool) -> Option<(QueueId, MessageLoc, &[u32])> {
         let c = self.conn(conn)?;
         let f = if next { c.next.as_ref() } else { c.active.as_ref() }?;
         let loc = self.queue.msg(f.job.msg).filter(|m| m.id == f.job.id)?.loc;
-        Some((loc, &f.job.rcpts))
+        Some((f.job.id, loc, &f.job.rcpts))
     }
 
-    /// An outcome record of a message still queued went where `ticket` says.
+    /// An outcome record of message `id` went where `ticket` says (the message may already
+    /// be finished, its release still to come).
     pub fn add_pin(&mut self, msg: MsgKey, id: QueueId, ticket: Pending) {
         if self.queue.msg(msg).is_some_and(|m| m.id == id) {
             self.queue.add_outcome(msg, ticket);
+        } else if let Some(pins) = self.releasing.get_mut(&id) {
+            pins.add(ticket);
         }
+    }
+
+    /// The pins of a finished message, for the [`Action::Settle`] that says `release`: every
+    /// outcome record of the message has been appended by then (actions run in order).
+    pub fn take_release(&mut self, id: QueueId) -> Pins {
+        self.releasing.remove(&id).unwrap_or_default()
+    }
+
+    /// New connections are paused after a local shortage: a [`Action::Connect`] queued before
+    /// it was found is handed back with [`Engine::handle_connect_skipped`].
+    pub fn paused(&self, now: Now) -> bool {
+        self.local_pause_until.is_some_and(|t| now.at < t)
+    }
+
+    /// A [`Action::Connect`] was not attempted (see [`Engine::paused`]): the connection is
+    /// forgotten and its destination served again after the pause.
+    pub fn handle_connect_skipped(&mut self, conn: ConnId) {
+        self.close(conn);
     }
 
     /// A message was committed (or recovered): queue its open recipients.
@@ -574,7 +599,9 @@ impl Engine {
             }
             None => Err(()),
         };
-        self.finish(parked, Some(dsn), now);
+        // The outcome records naming the DSN go right after it (the room reserved with it is
+        // theirs): ahead of whatever else is queued.
+        self.finish(parked, Some(dsn), now, true);
     }
 
     /// A queue flush (`sluice queue flush`, SIGUSR1): every deferred job is due now, and every
@@ -965,7 +992,7 @@ impl Engine {
         };
         let parked = Parked { job, loc, arrival_ms, settled, remote, tls };
         if failed.is_empty() {
-            return self.finish(parked, None, now);
+            return self.finish(parked, None, now, false);
         }
         let room = settle::outcome_room(&parked.settled, parked.remote.as_deref().unwrap_or(""));
         let remote = parked.remote.clone();
@@ -974,9 +1001,10 @@ impl Engine {
         self.actions.push_back(Action::Bounce(Box::new(request)));
     }
 
-    /// Settles a job in the queue and asks for its outcome records. `dsn`: the bounce that was
-    /// due (`Err`: it could not be stored), `None` when none was.
-    fn finish(&mut self, parked: Parked, dsn: Option<Result<QueueId, ()>>, now: Now) {
+    /// Settles a job in the queue and asks for its outcome records (`first`: before every
+    /// queued action). `dsn`: the bounce that was due (`Err`: it could not be stored), `None`
+    /// when none was.
+    fn finish(&mut self, parked: Parked, dsn: Option<Result<QueueId, ()>>, now: Now, first: bool) {
         let Parked { job, loc, arrival_ms, mut settled, remote, tls } = parked;
         match dsn {
             Some(Ok(dsn_id)) => {
@@ -999,12 +1027,14 @@ impl Engine {
         for s in &settled {
             finished = self.queue.settle(job.msg, s.rcpt, s.verdict.status(), s.attempts, s.next_ms);
         }
-        let release = if finished {
-            self.queue.remove(job.msg).map(|m| m.pins)
-        } else {
+        let release = finished
+            && self.queue.remove(job.msg).is_some_and(|m| {
+                self.releasing.insert(m.id, m.pins);
+                true
+            });
+        if !finished {
             self.queue.reschedule(job.msg, job.dest, now.wall_ms);
-            None
-        };
+        }
         let settlement = Settlement {
             id: job.id,
             msg: job.msg,
@@ -1017,6 +1047,11 @@ impl Engine {
             rcpts: settled,
             release,
         };
-        self.actions.push_back(Action::Settle(Box::new(settlement)));
+        let action = Action::Settle(Box::new(settlement));
+        if first {
+            self.actions.push_front(action);
+        } else {
+            self.actions.push_back(action);
+        }
     }
 }

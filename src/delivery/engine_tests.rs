@@ -252,7 +252,11 @@ fn a_null_sender_is_never_bounced() {
 
 #[test]
 fn a_bounce_that_cannot_be_stored_keeps_the_failure_deferred() {
-    let mut h = harness(1, OutboundTls::None);
+    // Retries every 10 minutes: the bounce retry (60 s) is sooner.
+    let mut cfg = config(1, OutboundTls::None);
+    cfg.policy.schedule = vec![Duration::from_secs(600)];
+    let mut h = Harness::new(cfg);
+    h.mx("a.test", &[("mx1.a.test", 10, MX1)]);
     let rcpt = [("bad@a.test".to_string(), reply(550, (5, 1, 1), "no"))].into();
     h.host(MX1, Host::Smtp(Server { rcpt, ..Server::default() }));
     h.bounce_fails = true;
@@ -260,7 +264,7 @@ fn a_bounce_that_cannot_be_stored_keeps_the_failure_deferred() {
     h.run();
     let o = &h.records[0].settled;
     assert_eq!(o.verdict, Verdict::Deferred);
-    assert!(o.next_ms <= h.now().wall_ms + 60_000);
+    assert_eq!(o.next_ms, h.now().wall_ms + 60_000);
     assert!(h.released.is_empty());
     // Room again: the retry bounces and finishes it.
     h.bounce_fails = false;
@@ -317,4 +321,71 @@ fn lookup_failures_bounce_when_permanent_and_defer_otherwise() {
     assert!(o.contains(&("u@gone.test".into(), Verdict::Failed, 550, (5, 1, 2))), "{o:?}");
     assert!(o.contains(&("v@flaky.test".into(), Verdict::Deferred, 451, (4, 4, 3))), "{o:?}");
     assert!(h.notes.iter().any(|n| matches!(n, Note::Route { event: "dns", .. })));
+    assert_eq!((h.bounces.len(), h.bounces[0].2.as_slice()), (1, &[0][..]), "only the permanent failure bounces");
+}
+
+#[test]
+fn every_dsn_is_followed_by_the_outcome_records_that_name_it() {
+    // Two messages fail in one pass: DSN, its outcomes, DSN, its outcomes (the room reserved
+    // with a DSN is for its own outcome records, in the same segment).
+    let mut h = Harness::new(config(1, OutboundTls::None));
+    h.dns_error("gone.test", DnsError::NxDomain);
+    let a = h.submit("s@x.test", &["u@gone.test", "v@gone.test"]);
+    let b = h.submit("s@x.test", &["w@gone.test"]);
+    h.run();
+    let (da, db) = (h.bounces[0].0 .0, h.bounces[1].0 .0);
+    let expect =
+        [format!("B {da}"), format!("O {}", a.0), format!("O {}", a.0), format!("B {db}"), format!("O {}", b.0)];
+    assert_eq!(h.log[..5], expect, "{:?}", h.log);
+}
+
+#[test]
+fn a_message_finished_by_two_settlements_releases_every_pin() {
+    // Both destinations fail in one pass: two Settle actions for one message, the second
+    // finishing it; the first one's outcome records still pin (the harness checks each release).
+    let mut h = Harness::new(config(1, OutboundTls::None));
+    h.dns_error("gone.test", DnsError::NxDomain);
+    h.dns_error("void.test", DnsError::NullMx);
+    let id = h.submit("", &["u@gone.test", "v@void.test"]);
+    h.run();
+    assert_eq!(h.outcomes(id).len(), 2);
+    assert_eq!(h.released, [id]);
+}
+
+#[test]
+fn an_idle_connection_takes_new_work_and_quits_after_its_transaction_budget() {
+    let mut h = harness(1, OutboundTls::None);
+    h.host(MX1, smtp());
+    h.submit("s@x.test", &["u@a.test"]);
+    h.run();
+    h.advance(Duration::from_secs(1));
+    h.submit("s@x.test", &["v@a.test"]);
+    h.run();
+    assert_eq!(h.connects.len(), 1, "the idle connection is reused");
+    let n = super::engine::MAX_TRANSACTIONS_PER_CONN as usize;
+    for i in 0..n {
+        h.submit("s@x.test", &[&format!("w{i}@a.test")]);
+    }
+    h.run();
+    assert_eq!(h.records.iter().filter(|r| r.settled.verdict == Verdict::Delivered).count(), n + 2);
+    assert_eq!((h.quits, h.connects.len()), (1, 2), "QUIT after {n} transactions, then a new connection");
+}
+
+#[test]
+fn a_local_shortage_pauses_new_connections_without_blaming_the_destination() {
+    let mut h = Harness::new(config(1, OutboundTls::None));
+    h.mx("a.test", &[("mx1.a.test", 10, MX1)]);
+    h.mx("b.test", &[("mx2.b.test", 10, MX2)]);
+    h.host(MX1, Host::Shortage);
+    h.host(MX2, smtp());
+    let a = h.submit("s@x.test", &["u@a.test"]);
+    let b = h.submit("s@x.test", &["v@b.test"]);
+    h.run();
+    // One doomed connect, then the rest of the batch waits for the pause.
+    assert_eq!((h.shortages, h.connects.len()), (1, 0));
+    assert!(h.records.is_empty(), "nothing is deferred for our own shortage");
+    h.host(MX1, smtp());
+    h.advance(super::engine::LOCAL_PAUSE);
+    assert_eq!(h.outcomes(a)[0].1, Verdict::Delivered);
+    assert_eq!(h.outcomes(b)[0].1, Verdict::Delivered);
 }

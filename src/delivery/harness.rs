@@ -17,7 +17,7 @@ use crate::message::{Envelope, QueueId};
 use crate::queue::schedule::RetryPolicy;
 use crate::smtp::client::{Failure, FailureKind, TlsPolicy, TxResult};
 use crate::smtp::reply::Reply;
-use crate::spool::{MessageLoc, StoredMessage};
+use crate::spool::{MessageLoc, Pending, Pins, StoredMessage};
 
 /// How a scripted destination address behaves.
 #[derive(Clone, Debug)]
@@ -30,6 +30,8 @@ pub enum Host {
     Greet(Reply),
     /// Talks SMTP.
     Smtp(Server),
+    /// Opening a socket fails here for lack of descriptors (EMFILE).
+    Shortage,
 }
 
 /// A scripted SMTP server.
@@ -132,6 +134,12 @@ pub struct Harness {
     pub closed: usize,
     /// Connections that were sent QUIT.
     pub quits: usize,
+    /// The pins each message's outcome records should have given it (one fake ticket per
+    /// record), checked against what the engine releases.
+    pins: HashMap<QueueId, Pins>,
+    tickets: u64,
+    /// Connects that met a local shortage.
+    pub shortages: usize,
 }
 
 /// A relay host-less configuration with the given knobs.
@@ -176,6 +184,9 @@ impl Harness {
             notes: Vec::new(),
             closed: 0,
             quits: 0,
+            pins: HashMap::new(),
+            tickets: 0,
+            shortages: 0,
         }
     }
 
@@ -253,6 +264,7 @@ impl Harness {
                 return;
             }
         }
+        panic!("the engine never settled down: a livelock");
     }
 
     /// The connection to `ip` breaks (reading or writing failed), with no RCPT reply read.
@@ -305,10 +317,20 @@ impl Harness {
                 self.pending.push_back(Ev::Route(name.to_string()));
             }
             Action::Connect { conn, addr, tls, .. } => {
+                // As the driver: a shortage found earlier in the batch skips the rest.
+                if self.engine.paused(self.now()) {
+                    return self.engine.handle_connect_skipped(conn);
+                }
+                if matches!(self.hosts.get(&addr.ip()), Some(Host::Shortage)) {
+                    self.shortages += 1;
+                    return self.engine.handle_local_shortage(conn, "Too many open files", self.now());
+                }
                 self.connects.push((addr, tls));
                 self.conns.insert(conn, Fake { addr, active: None, next: None });
                 match self.hosts.get(&addr.ip()).cloned().unwrap_or(Host::Refuse) {
-                    Host::Refuse => self.pending.push_back(Ev::ConnectFail(conn, "Connection refused")),
+                    Host::Refuse | Host::Shortage => {
+                        self.pending.push_back(Ev::ConnectFail(conn, "Connection refused"))
+                    }
                     Host::Silent => {}
                     Host::Greet(r) => {
                         self.pending.push_back(Ev::Connected(conn));
@@ -339,7 +361,7 @@ impl Harness {
                 }
             }
             Action::Start { conn, next } => {
-                let (loc, rcpts) = self.engine.job(conn, next).expect("a started job is known");
+                let (_, loc, rcpts) = self.engine.job(conn, next).expect("a started job is known");
                 let (id, env) = &self.messages[&loc.segment];
                 let tx = Tx { id: *id, rcpts: rcpts.iter().map(|&i| addr(env, i)).collect() };
                 let server = self.conns.get(&conn).and_then(|f| self.server(f.addr)).unwrap_or_default();
@@ -368,6 +390,10 @@ impl Harness {
             Action::Settle(s) => {
                 let env = &self.messages[&s.loc.segment].1;
                 for r in &s.rcpts {
+                    self.tickets += 1;
+                    let ticket = Pending { segment: self.tickets, end: 0 };
+                    self.engine.add_pin(s.msg, s.id, ticket);
+                    self.pins.entry(s.id).or_default().add(ticket);
                     self.log.push(format!("O {}", s.id.0));
                     self.records.push(Record {
                         id: s.id,
@@ -377,7 +403,9 @@ impl Harness {
                         tls: s.tls,
                     });
                 }
-                if s.release.is_some() {
+                if s.release {
+                    let pins = self.engine.take_release(s.id);
+                    assert_eq!(pins, self.pins.remove(&s.id).unwrap_or_default(), "pins of {:?}", s.id);
                     self.released.push(s.id);
                 }
             }

@@ -183,6 +183,10 @@ impl Outbound {
             }
         }
         self.run(ctx);
+        // Retries the resolver queued leave now, not at the next pump.
+        if let Some(dns) = self.dns.as_mut() {
+            dns.flush(ctx.now);
+        }
         self.rearm(ctx);
     }
 
@@ -302,6 +306,10 @@ impl Outbound {
     }
 
     fn connect(&mut self, ctx: &mut Ctx<'_>, id: ConnId, host: Box<str>, addr: SocketAddr, policy: TlsPolicy) {
+        if self.engine.paused(ctx.at()) {
+            // A shortage found by an earlier connect of this batch: no doomed attempts.
+            return self.engine.handle_connect_skipped(id);
+        }
         // TCP_NODELAY from the start: see `socket::connect`.
         let mut sock = match crate::net::socket::connect(addr) {
             Ok(s) => s,
@@ -330,16 +338,20 @@ impl Outbound {
 
     /// Starts the transaction the engine put on the connection.
     fn start(&mut self, ctx: &mut Ctx<'_>, id: ConnId, next: bool) {
-        let Some((loc, _)) = self.engine.job(id, next) else { return };
+        let Some((msg_id, loc, _)) = self.engine.job(id, next) else { return };
         let (view, body) = match ctx.spool.message_with_body(loc) {
             Ok(v) => v,
             Err(e) => {
-                ctx.log.event("spool_error", &[("segment", V::N(loc.segment)), ("error", V::D(&e))]);
+                ctx.log.event("spool_error", &[("id", V::D(&msg_id)), ("error", V::D(&e))]);
                 return self.engine.handle_start_failed(id, next, StartFailure::Unreadable, ctx.at());
             }
         };
-        let Some((_, rcpts)) = self.engine.job(id, next) else { return };
-        let Some(conn) = self.conns.get_mut(id.key as usize).and_then(Option::as_mut) else { return };
+        let Some((_, _, rcpts)) = self.engine.job(id, next) else { return };
+        let Some(conn) =
+            self.conns.get_mut(id.key as usize).and_then(Option::as_mut).filter(|c| c.generation == id.generation)
+        else {
+            return;
+        };
         let env = &view.envelope;
         let rcpts: Vec<TxRcpt<'_>> = rcpts
             .iter()
@@ -382,7 +394,6 @@ impl Outbound {
     fn settle(&mut self, ctx: &mut Ctx<'_>, s: Settlement) {
         let env = ctx.spool.envelope(s.loc).unwrap_or_default();
         let remote = s.remote.as_deref().unwrap_or("");
-        let mut release = s.release;
         let mut reply_text = Vec::new();
         for r in &s.rcpts {
             reply_text.clear();
@@ -417,15 +428,12 @@ impl Outbound {
                 ],
             );
             match ctx.spool.append_outcome(s.id, r.rcpt, &outcome) {
-                Ok(ticket) => match release.as_mut() {
-                    Some(pins) => pins.add(ticket),
-                    None => self.engine.add_pin(s.msg, s.id, ticket),
-                },
+                Ok(ticket) => self.engine.add_pin(s.msg, s.id, ticket),
                 Err(e) => ctx.log.event("spool_error", &[("id", V::D(&s.id)), ("error", V::D(&e))]),
             }
         }
-        if let Some(pins) = release {
-            ctx.spool.release_message(s.loc.segment, pins);
+        if s.release {
+            ctx.spool.release_message(s.loc.segment, self.engine.take_release(s.id));
         }
     }
 
