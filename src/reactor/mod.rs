@@ -299,11 +299,17 @@ impl Server {
         Ok(server)
     }
 
-    /// Hands recovered messages to the delivery queue.
+    /// Hands recovered messages (or durable ones whose session left) to the delivery queue,
+    /// then puts delivery's deadlines in the table: a deferred message's retry must wake the
+    /// loop even when no socket ever does.
     fn enqueue_recovered(&mut self, messages: &[StoredMessage]) {
+        let hold = self.cfg.hold;
         self.with_delivery(|d, ctx| {
             for rec in messages {
                 d.enqueue(ctx, rec);
+            }
+            if !hold {
+                d.arm_timers(ctx);
             }
         });
     }
@@ -367,10 +373,12 @@ impl Server {
             self.pump_delivery();
             // 4. Flush replies, 5. fire deadlines, then accept.
             {
+                // Delivery's tokens are never armed under --hold (nothing delivers).
+                let hold = self.cfg.hold;
                 turn!(&mut self, inbound, turn, delivery);
                 inbound.flush_dirty(&mut turn);
                 let others = inbound.expire(&mut turn);
-                if !others.is_empty() {
+                if !others.is_empty() && !hold {
                     delivery.on_deadlines(&mut delivery_ctx(&mut turn), &others);
                 }
             }

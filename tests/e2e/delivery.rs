@@ -974,3 +974,23 @@ fn bdat_content_with_bare_line_ends_reaches_a_data_destination_normalised() {
     assert!(msg.ends_with(&want), "{}", String::from_utf8_lossy(msg));
     relay.wait_log("outcome=delivered");
 }
+
+/// Mail deferred before a restart (its next attempt recorded in the spool) is retried at that
+/// time by the new relay, from the recovered queue's own deadline.
+#[test]
+fn mail_deferred_before_a_restart_is_retried_on_time() {
+    let Some(bin) = load_bin() else { return };
+    let target = format!("127.0.0.1:{}", free_port());
+    let dir = TempDir::new("restart-deferred");
+    let spool = dir.path().join("spool");
+    let args = ["--relay-host", &target, "--dns", "127.0.0.1:9", "--retry-schedule", "3s"];
+    let mut relay = Relay::start_on(&spool, &args);
+    let id = send(&relay, "a@src.test", &["x@dst.test"], b"Subject: later\r\n\r\nbody\r\n");
+    relay.wait_log("outcome=deferred");
+    relay.kill9();
+    let sink = sink(&bin, &target, &[]);
+    let relay = Relay::start_on(&spool, &args);
+    let got = wait_saved(&sink, 1, Duration::from_secs(15), &relay);
+    assert!(got[0].1.ends_with(b"body\r\n"));
+    relay.wait_log(&format!("id={id}"));
+}

@@ -162,7 +162,7 @@ impl Outbound {
         if let Some(dns) = self.dns.as_mut() {
             dns.flush(ctx.now);
         }
-        self.rearm(ctx);
+        self.arm_timers(ctx);
     }
 
     /// Deadlines of ours that came due in the loop's table: a session timeout, the DNS
@@ -187,11 +187,12 @@ impl Outbound {
         if let Some(dns) = self.dns.as_mut() {
             dns.flush(ctx.now);
         }
-        self.rearm(ctx);
+        self.arm_timers(ctx);
     }
 
-    /// Puts the engine's and the DNS client's next deadlines in the table.
-    fn rearm(&mut self, ctx: &mut Ctx<'_>) {
+    /// Puts the engine's and the DNS client's next deadlines in the table (done after every
+    /// pass and event; the loop calls it after queueing recovered mail).
+    pub fn arm_timers(&mut self, ctx: &mut Ctx<'_>) {
         let engine = self.engine.next_deadline(ctx.at());
         let dns = self.dns.as_ref().and_then(DnsConn::next_deadline);
         for (tok, at) in
@@ -222,7 +223,7 @@ impl Outbound {
             }
             _ => {}
         }
-        self.rearm(ctx);
+        self.arm_timers(ctx);
     }
 
     /// A queue flush (`sluice queue flush`, SIGUSR1); see [`Engine::flush`].
