@@ -3,15 +3,13 @@
 //! 1 KiB message each way and on a 64 KiB body in full-size records, and one Argon2id
 //! verification (the AUTH worker's CPU per attempt).
 
-use std::path::PathBuf;
-
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use sluice::net::tls::{ClientTls, ServerTls, TlsRead, TlsSession};
+use sluice::net::tls::{ClientTls, TlsRead, TlsSession};
 use sluice::smtp::auth::{hash_password, AuthFile};
 
-#[path = "../tests/common/pipe.rs"]
-mod pipe;
-use pipe::Pipe;
+#[path = "../tests/common/tls_kit.rs"]
+mod tls_kit;
+use tls_kit::{server_tls, Pipe};
 
 /// Moves bytes both ways until both sides are quiet; returns plaintext received by `b`.
 fn pump(a: &mut TlsSession, ap: &mut Pipe, b: &mut TlsSession, bp: &mut Pipe, scratch: &mut [u8]) -> usize {
@@ -32,20 +30,8 @@ fn pump(a: &mut TlsSession, ap: &mut Pipe, b: &mut TlsSession, bp: &mut Pipe, sc
     got
 }
 
-fn server_tls() -> ServerTls {
-    let dir = std::env::temp_dir().join(format!("sluice-bench-tls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let ck = rcgen::generate_simple_self_signed(vec!["mx.example.test".into()]).unwrap();
-    let (cert, key): (PathBuf, PathBuf) = (dir.join("cert.pem"), dir.join("key.pem"));
-    std::fs::write(&cert, ck.cert.pem()).unwrap();
-    std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
-    let tls = ServerTls::load(&cert, &key).unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
-    tls
-}
-
 fn bench_tls(c: &mut Criterion) {
-    let server_cfg = server_tls();
+    let server_cfg = server_tls("bench");
     let client_cfg = ClientTls::unverified();
     let mut scratch = vec![0u8; 16 * 1024];
     let mut group = c.benchmark_group("tls");

@@ -5,22 +5,11 @@
 //! `net::tls::TlsSession` API over in-memory pipes, as the event loop does over sockets.
 #![allow(unsafe_code)]
 
-use std::path::{Path, PathBuf};
+use sluice::net::tls::{ClientTls, TlsFlush, TlsRead, TlsSession};
 
-use sluice::net::tls::{ClientTls, ServerTls, TlsFlush, TlsRead, TlsSession};
-
-#[path = "common/pipe.rs"]
-mod pipe;
-use pipe::Pipe;
-
-fn pair_files(dir: &Path) -> (PathBuf, PathBuf) {
-    let ck = rcgen::generate_simple_self_signed(vec!["mx.example.test".into()]).unwrap();
-    let cert = dir.join("cert.pem");
-    let key = dir.join("key.pem");
-    std::fs::write(&cert, ck.cert.pem()).unwrap();
-    std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
-    (cert, key)
-}
+#[path = "common/tls_kit.rs"]
+mod tls_kit;
+use tls_kit::{server_tls, Pipe};
 
 /// Moves bytes both ways until neither side has anything to say.
 fn pump(a: &mut TlsSession, ap: &mut Pipe, b: &mut TlsSession, bp: &mut Pipe) {
@@ -41,15 +30,10 @@ fn pump(a: &mut TlsSession, ap: &mut Pipe, b: &mut TlsSession, bp: &mut Pipe) {
 /// A server and an unverifying client with the handshake done over two pipes:
 /// (server, client, server's pipe, client's pipe).
 fn handshaken(tag: &str) -> (TlsSession, TlsSession, Pipe, Pipe) {
-    let dir = std::env::temp_dir().join(format!("sluice-alloc-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let (cert, key) = pair_files(&dir);
-    let mut server = TlsSession::server(&ServerTls::load(&cert, &key).unwrap()).unwrap();
+    let mut server = TlsSession::server(&server_tls(tag)).unwrap();
     let mut client = TlsSession::client(&ClientTls::unverified(), "mx.example.test").unwrap();
     let (mut sp, mut cp) = (Pipe::default(), Pipe::default());
     pump(&mut client, &mut cp, &mut server, &mut sp);
-    let _ = std::fs::remove_dir_all(&dir);
     (server, client, sp, cp)
 }
 

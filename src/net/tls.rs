@@ -850,7 +850,7 @@ fn failed<C: Process>(conn: &mut C, b: &mut Buffers, e: rustls::Error) -> String
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::collections::VecDeque;
 
@@ -912,7 +912,8 @@ mod tests {
         }
     }
 
-    fn pair_files(dir: &Path) -> (PathBuf, PathBuf) {
+    /// A fresh self-signed certificate and key for `mx.example.test`, written into `dir`.
+    pub(crate) fn pair_files(dir: &Path) -> (PathBuf, PathBuf) {
         let ck = rcgen::generate_simple_self_signed(vec!["mx.example.test".into()]).unwrap();
         let cert = dir.join("cert.pem");
         let key = dir.join("key.pem");
@@ -921,7 +922,8 @@ mod tests {
         (cert, key)
     }
 
-    fn tempdir(name: &str) -> PathBuf {
+    /// An empty scratch directory of this process, named after the test.
+    pub(crate) fn tempdir(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("sluice-tls-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();

@@ -394,9 +394,9 @@ impl Transport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::net::tls::tests::{pair_files, tempdir};
     use crate::net::tls::{ClientTls, ServerTls};
     use std::io::Read as _;
-    use std::path::PathBuf;
 
     /// A connected pair of non-blocking loopback sockets.
     fn pair() -> (mio::net::TcpStream, mio::net::TcpStream) {
@@ -415,13 +415,8 @@ mod tests {
     }
 
     fn server_tls(tag: &str) -> ServerTls {
-        let dir = std::env::temp_dir().join(format!("sluice-transport-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let ck = rcgen::generate_simple_self_signed(vec!["mx.example.test".into()]).unwrap();
-        let (cert, key): (PathBuf, PathBuf) = (dir.join("cert.pem"), dir.join("key.pem"));
-        std::fs::write(&cert, ck.cert.pem()).unwrap();
-        std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+        let dir = tempdir(&format!("transport-{tag}"));
+        let (cert, key) = pair_files(&dir);
         let tls = ServerTls::load(&cert, &key).unwrap();
         let _ = std::fs::remove_dir_all(&dir);
         tls
