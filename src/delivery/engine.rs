@@ -499,7 +499,7 @@ impl Engine {
         }
         let dest = c.dest;
         let Some(job) = self.queue.pop_job(dest, now.wall_ms) else { return false };
-        self.begin_job(conn, job, true, now);
+        self.begin_job(conn, job, true);
         true
     }
 
@@ -908,7 +908,7 @@ impl Engine {
         }
         let dest = c.dest;
         match self.queue.pop_job(dest, now.wall_ms) {
-            Some(job) => self.begin_job(conn, job, false, now),
+            Some(job) => self.begin_job(conn, job, false),
             None => self.park_idle(conn, now),
         }
     }
@@ -923,7 +923,7 @@ impl Engine {
 
     /// Puts `job` on the connection (`next`: behind the active one) and asks the driver to
     /// start it.
-    fn begin_job(&mut self, conn: ConnId, job: Job, next: bool, _now: Now) {
+    fn begin_job(&mut self, conn: ConnId, job: Job, next: bool) {
         let Some(msg) = self.queue.msg(job.msg) else { return };
         let attempts = job.rcpts.iter().map(|&i| msg.rcpts[i as usize].attempts.saturating_add(1)).collect();
         let Some(c) = self.conn_mut(conn) else {
@@ -1016,10 +1016,8 @@ impl Engine {
                 }
             }
             Some(Err(())) => {
-                let wants: Vec<bool> = settled.iter().map(|s| self.wants_dsn(job.msg, s.rcpt)).collect();
-                let (rcpts, policy) = (&job.rcpts, &self.cfg.policy);
-                let wants_dsn = |r: u32| rcpts.iter().position(|&x| x == r).is_some_and(|i| wants[i]);
-                settle::keep_unbounced(&mut settled, wants_dsn, policy, arrival_ms, now.wall_ms);
+                let wants_dsn = |r: u32| self.wants_dsn(job.msg, r);
+                settle::keep_unbounced(&mut settled, wants_dsn, &self.cfg.policy, arrival_ms, now.wall_ms);
             }
             None => {}
         }

@@ -63,7 +63,6 @@ struct Fake {
 
 #[derive(Debug, Clone)]
 struct Tx {
-    id: QueueId,
     rcpts: Vec<String>,
 }
 
@@ -362,8 +361,8 @@ impl Harness {
             }
             Action::Start { conn, next } => {
                 let (_, loc, rcpts) = self.engine.job(conn, next).expect("a started job is known");
-                let (id, env) = &self.messages[&loc.segment];
-                let tx = Tx { id: *id, rcpts: rcpts.iter().map(|&i| addr(env, i)).collect() };
+                let env = &self.messages[&loc.segment].1;
+                let tx = Tx { rcpts: rcpts.iter().map(|&i| addr(env, i)).collect() };
                 let server = self.conns.get(&conn).and_then(|f| self.server(f.addr)).unwrap_or_default();
                 let fake = self.conns.get_mut(&conn).expect("a started connection is open");
                 if next {
@@ -463,7 +462,6 @@ impl Harness {
                 let any = rcpt_replies.iter().any(Reply::is_positive_completion);
                 let data = any.then(|| server.data.clone().unwrap_or_else(|| reply(250, (2, 0, 0), "queued")));
                 let result = TxResult { mail_reply: reply(250, (2, 1, 0), "ok"), rcpt_replies, data_reply: data };
-                let _ = tx.id;
                 self.engine.handle_tx_done(c, &result, now);
                 let Some(fake) = self.conns.get_mut(&c) else { return };
                 match fake.next.take() {
