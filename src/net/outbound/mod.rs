@@ -503,10 +503,8 @@ impl Outbound {
                 progressed = true;
                 self.on_session_event(ctx, id, ev);
             }
-            if (wio == Io::Failed || rio == Io::Failed) && self.conn_mut(id).is_some() {
-                let received = self.conn_mut(id).map(|c| c.session.rcpt_replies_so_far().to_vec()).unwrap_or_default();
-                self.engine.handle_conn_failed(id, ConnFailure::Io { received: &received }, ctx.at());
-                return self.run_here(ctx);
+            if wio == Io::Failed || rio == Io::Failed {
+                return self.io_failed(ctx, id);
             }
             if self.conn_mut(id).is_some_and(|c| c.session.can_queue_next())
                 && self.engine.handle_can_queue(id, ctx.at())
@@ -520,15 +518,22 @@ impl Outbound {
                 if let Some(conn) = self.conn_mut(id) {
                     let body = conn.body.map_or(&[][..], |b| ctx.spool.body(b));
                     if conn.write(ctx.bufs, body) == Io::Failed {
-                        let received = conn.session.rcpt_replies_so_far().to_vec();
-                        self.engine.handle_conn_failed(id, ConnFailure::Io { received: &received }, ctx.at());
-                        self.run_here(ctx);
+                        self.io_failed(ctx, id);
                     }
                 }
                 self.arm(ctx, id);
                 return;
             }
         }
+    }
+
+    /// Reading or writing the socket of `id` failed (if it is still open): the engine settles
+    /// its transaction, keeping the RCPT replies read so far.
+    fn io_failed(&mut self, ctx: &mut Ctx<'_>, id: ConnId) {
+        let Some(conn) = self.conn_mut(id) else { return };
+        let received = conn.session.rcpt_replies_so_far().to_vec();
+        self.engine.handle_conn_failed(id, ConnFailure::Io { received: &received }, ctx.at());
+        self.run_here(ctx);
     }
 
     /// Executes pending actions from inside [`Outbound::drive`]: connections they give work to
