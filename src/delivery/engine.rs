@@ -354,6 +354,11 @@ impl Engine {
         &self.queue
     }
 
+    /// Our name: EHLO, the DSNs' reporting MTA.
+    pub fn hostname(&self) -> &str {
+        &self.cfg.hostname
+    }
+
     /// A destination's name.
     pub fn dest_name(&self, dest: DestId) -> &str {
         &self.queue.dest(dest).name

@@ -90,7 +90,6 @@ pub struct OutboundConfig {
 pub struct Outbound {
     engine: Engine,
     cfg: OutboundConfig,
-    hostname: String,
     /// Sockets by `ConnId::key`.
     conns: Vec<Option<OutboundConn>>,
     dns: Option<DnsConn>,
@@ -107,11 +106,9 @@ impl Outbound {
     /// Delivery; `dns` is the resolver connection (None with a relay host that is an IP
     /// address, where no lookup is ever needed).
     pub fn new(delivery: DeliveryConfig, cfg: OutboundConfig, dns: Option<DnsConn>) -> Outbound {
-        let hostname = delivery.hostname.clone();
         Outbound {
             engine: Engine::new(delivery),
             cfg,
-            hostname,
             conns: Vec::new(),
             dns,
             local_ips: HashMap::new(),
@@ -325,7 +322,11 @@ impl Outbound {
         }
         let policy = if self.cfg.tls.is_none() { TlsPolicy::Off } else { policy };
         let session = ClientSession::new(
-            ClientConfig { helo_name: self.hostname.clone(), timeouts: self.cfg.timeouts.clone(), tls: policy },
+            ClientConfig {
+                helo_name: self.engine.hostname().to_owned(),
+                timeouts: self.cfg.timeouts.clone(),
+                tls: policy,
+            },
             ctx.now,
         );
         let tls_config = if policy == TlsPolicy::Off { None } else { self.cfg.tls.clone() };
@@ -441,7 +442,7 @@ impl Outbound {
     /// Builds and stores a DSN to the sender for the failed recipients (RFC 3464), and tells
     /// the engine whether it was stored.
     fn bounce(&mut self, ctx: &mut Ctx<'_>, b: BounceRequest) {
-        let stored = store_bounce(ctx, &self.hostname, &b);
+        let stored = store_bounce(ctx, self.engine.hostname(), &b);
         let now = ctx.at();
         match &stored {
             Some((msg, env)) => self.engine.handle_bounce(b.token, Some((msg, env)), now),
