@@ -309,7 +309,7 @@ impl Server {
                 d.enqueue(ctx, rec);
             }
             if !hold {
-                d.arm_timers(ctx);
+                d.end_pass(ctx);
             }
         });
     }

@@ -155,11 +155,7 @@ impl Outbound {
         }
         self.engine.handle_timeout(ctx.at());
         self.run(ctx);
-        // Last, so that queries (and retries) made by anything above leave in this turn.
-        if let Some(dns) = self.dns.as_mut() {
-            dns.flush(ctx.now);
-        }
-        self.arm_timers(ctx);
+        self.end_pass(ctx);
     }
 
     /// Deadlines of ours that came due in the loop's table: a session timeout, the DNS
@@ -180,16 +176,16 @@ impl Outbound {
             }
         }
         self.run(ctx);
-        // Retries the resolver queued leave now, not at the next pump.
+        self.end_pass(ctx);
+    }
+
+    /// Ends a pass (done after every pump, event and deadline; the loop calls it after queueing
+    /// recovered mail): the queries and retries the pass made leave now, and the engine's and
+    /// the DNS client's next deadlines go into the table.
+    pub fn end_pass(&mut self, ctx: &mut Ctx<'_>) {
         if let Some(dns) = self.dns.as_mut() {
             dns.flush(ctx.now);
         }
-        self.arm_timers(ctx);
-    }
-
-    /// Puts the engine's and the DNS client's next deadlines in the table (done after every
-    /// pass and event; the loop calls it after queueing recovered mail).
-    pub fn arm_timers(&mut self, ctx: &mut Ctx<'_>) {
         let engine = self.engine.next_deadline(ctx.at());
         let dns = self.dns.as_ref().and_then(DnsConn::next_deadline);
         for (tok, at) in
@@ -220,7 +216,7 @@ impl Outbound {
             }
             _ => {}
         }
-        self.arm_timers(ctx);
+        self.end_pass(ctx);
     }
 
     /// A queue flush (`sluice queue flush`, SIGUSR1); see [`Engine::flush`].
