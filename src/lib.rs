@@ -67,7 +67,8 @@
 //! | `spool::record` | pure | `message` | plain types the spool hands out |
 //! | `spool::format` | pure | `message`, `spool::record` | record codec |
 //! | `queue` | pure | `dsn`, `message`, `spool::record` | queue and retry schedule |
-//! | `delivery` | pure | `dns`, `dsn`, `message`, `queue`, `smtp`, `spool::format`, `spool::record` | the delivery engine: routes, retries, bounces, TLS policy |
+//! | `shaping` | pure | | traffic shaping rules: sites, limits, rates, automation, scopes |
+//! | `delivery` | pure | `dns`, `dsn`, `message`, `queue`, `shaping`, `smtp`, `spool::format`, `spool::record` | the delivery engine: routes, retries, bounces, TLS policy |
 //! | `cli` | pure | `delivery`, `smtp` | clap flags and value parsers |
 //! | `log` | io: clock | | event lines on stderr |
 //! | `spool` | io: fs | `message` | the mmap'd segments and recovery |
@@ -91,6 +92,7 @@ pub mod log;
 pub mod message;
 pub mod net;
 pub mod queue;
+pub mod shaping;
 pub mod reactor;
 pub mod smtp;
 pub mod spool;
