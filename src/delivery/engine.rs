@@ -224,6 +224,16 @@ pub enum Note {
     },
     /// Shaping changed (`event=suspend|throttle|resume`).
     Shaping(Change),
+    /// Every address of a destination failed (`event=destination_down`): its mail waits,
+    /// parked, until `until_ms`, when one connection tries again.
+    DestinationDown {
+        /// The destination.
+        domain: Box<str>,
+        /// The next try (Unix ms).
+        until_ms: u64,
+        /// The last failure.
+        error: String,
+    },
 }
 
 /// How a connection broke.
@@ -698,6 +708,8 @@ impl Engine {
     pub fn flush(&mut self) -> (usize, usize) {
         let due = self.queue.flush();
         let reset = self.dests.iter_mut().map(DestState::reset).filter(|&held| held).count();
+        // Parked work of the destinations that were down goes now too.
+        self.queue.want_all_ready();
         (due, reset)
     }
 
@@ -898,10 +910,12 @@ impl Engine {
                     _ => None,
                 };
                 let n = want.min(may).min(tokens.min(u64::from(u32::MAX)) as u32);
-                if n < want {
-                    // Served again when a connection of the site closes or a token comes.
+                if let Some(t) = token_wait {
+                    self.wait_token(site, dest, t, now);
+                } else if n < want {
+                    // Served again when a connection of the site closes or its rate allows.
                     self.sites.wait(site, dest);
-                    if let Some(t) = [rate_wait, token_wait].into_iter().flatten().min() {
+                    if let Some(t) = rate_wait {
                         self.wake(Wake::Site, site, t);
                     }
                 }
@@ -987,15 +1001,31 @@ impl Engine {
         let reply = reply.unwrap_or_else(|| LocalFault::Connect { host: &host, addr, why: &error }.reply());
         self.actions.push_back(Action::Note(Note::ConnectError { host, addr, error }));
         self.close(conn);
-        self.connect_failed(dest, index, reply, now);
+        self.connect_failed(dest, index, reply, false, now);
     }
 
-    fn connect_failed(&mut self, dest: DestId, addr_index: usize, reply: Reply, now: Now) {
+    /// A connection to address `addr_index` failed before its session was ready. When every
+    /// address failed in turn the destination is down: a host that does not answer (or
+    /// refuses at the greeting) gets its ready work parked, with one `destination_down` line
+    /// and no record per message; a host that answers but fails our TLS policy (`policy`) is
+    /// up, and its ready work is deferred with the failure (class TLSRequired), as it would be
+    /// for a `4yz` reply.
+    fn connect_failed(&mut self, dest: DestId, addr_index: usize, reply: Reply, policy: bool, now: Now) {
         let backoff =
             DEST_BACKOFF_MS.min(self.cfg.policy.schedule.first().map_or(DEST_BACKOFF_MS, |d| d.as_millis() as u64));
         match self.dest_state(dest).connect_failed(addr_index, &reply, now.wall_ms, backoff) {
-            // Down: `serve` parks the ready work until the backoff ends.
-            ConnectFailed::TryAgain | ConnectFailed::Down => self.queue.want(dest),
+            ConnectFailed::TryAgain => self.queue.want(dest),
+            ConnectFailed::Down if policy => self.settle_ready(dest, Verdict::Deferred, &reply, now),
+            ConnectFailed::Down => {
+                let note = Note::DestinationDown {
+                    domain: self.queue.dest(dest).name.clone(),
+                    until_ms: now.wall_ms + backoff,
+                    error: reply.to_string(),
+                };
+                self.actions.push_back(Action::Note(note));
+                // `serve` parks the ready work until the backoff ends.
+                self.queue.want(dest);
+            }
         }
     }
 
@@ -1025,7 +1055,7 @@ impl Engine {
         let status = failure.tls_status().unwrap_or((4, 7, 0));
         let reply = LocalFault::Tls { detail: &detail, status, host: &host, addr }.reply();
         self.actions.push_back(Action::Note(Note::TlsError { host, addr, error: detail }));
-        self.connect_failed(dest, index, reply, now);
+        self.connect_failed(dest, index, reply, true, now);
     }
 
     /// The connection is unusable: its transaction (if any) is deferred, the connection closed.
@@ -1094,8 +1124,7 @@ impl Engine {
         }
         if let Err(t) = self.sites.take_message(site, now.at) {
             // No token: idle until one comes (the idle timeout may end it first).
-            self.sites.wait(site, dest);
-            self.wake(Wake::Site, site, t);
+            self.wait_token(site, dest, t, now);
             return self.park_idle(conn, now);
         }
         match self.queue.pop_job(dest, now.wall_ms) {
@@ -1171,20 +1200,37 @@ impl Engine {
     /// (taken from the front of the ready list, oldest first); it is served again at the
     /// hold's end or the next expiry, whichever comes first.
     fn park(&mut self, dest: DestId, until_ms: u64, reply: &Reply, now: Now) {
-        let mut wake_ms = until_ms;
+        let wake_ms = self.expire_ready(dest, reply, now).map_or(until_ms, |e| e.min(until_ms));
+        let at = if wake_ms <= now.wall_ms { now.at } else { sites::at_ms(now.at, now.wall_ms, wake_ms) };
+        self.wake(Wake::Dest, dest, at);
+    }
+
+    /// Fails the messages at the front of `dest`'s ready list whose lifetime is over (they
+    /// wait for a hold or a token, untried): `4.4.7` naming `reply`. Returns when the next
+    /// one expires (Unix ms), if any is left.
+    fn expire_ready(&mut self, dest: DestId, reply: &Reply, now: Now) -> Option<u64> {
         for _ in 0..SETTLE_PER_PASS {
-            let Some(arrival_ms) = self.queue.ready_front_arrival(dest) else { break };
+            let arrival_ms = self.queue.ready_front_arrival(dest)?;
             let expires_ms = self.cfg.policy.expires_at_ms(arrival_ms);
             if expires_ms > now.wall_ms {
-                wake_ms = wake_ms.min(expires_ms);
-                break;
+                return Some(expires_ms);
             }
-            let Some(job) = self.queue.pop_job(dest, now.wall_ms) else { break };
+            let job = self.queue.pop_job(dest, now.wall_ms)?;
             let outcomes = vec![(Verdict::Deferred, reply.clone()); job.rcpts.len()];
             self.settle(job, None, outcomes, None, "none", now);
         }
-        let at = if wake_ms <= now.wall_ms { now.at } else { sites::at_ms(now.at, now.wall_ms, wake_ms) };
-        self.wake(Wake::Dest, dest, at);
+        Some(now.wall_ms)
+    }
+
+    /// `dest` waits for a message token of `site` until `at`: served again then, or when its
+    /// oldest ready message expires.
+    fn wait_token(&mut self, site: SiteId, dest: DestId, at: Instant, now: Now) {
+        self.sites.wait(site, dest);
+        self.wake(Wake::Site, site, at);
+        let reply = LocalFault::RateLimited { site: self.sites.name(site) }.reply();
+        if let Some(ms) = self.expire_ready(dest, &reply, now) {
+            self.wake(Wake::Dest, dest, sites::at_ms(now.at, now.wall_ms, ms));
+        }
     }
 
     /// Serves `id` (a site's waiting destinations, or one destination) again at `at`.

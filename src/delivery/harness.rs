@@ -51,6 +51,9 @@ pub struct Server {
     pub pipelining: bool,
     /// Transactions finish only when the test calls [`Harness::complete`].
     pub hold: bool,
+    /// The first N transactions at this host (over all its connections) get this reply for
+    /// every recipient (a `421 4.7.28` at MAIL, say).
+    pub refuse_first: Option<(usize, Reply)>,
 }
 
 /// What a harness connection is doing.
@@ -93,6 +96,8 @@ pub struct Record {
     pub remote: String,
     /// TLS version, or `none`.
     pub tls: &'static str,
+    /// When it was recorded (time since the start).
+    pub at: Duration,
 }
 
 /// An outcome in short: (recipient, verdict, reply code, enhanced code).
@@ -139,6 +144,8 @@ pub struct Harness {
     tickets: u64,
     /// Connects that met a local shortage.
     pub shortages: usize,
+    /// Transactions completed per host.
+    tx_seen: HashMap<IpAddr, usize>,
 }
 
 /// A relay host-less configuration with the given knobs.
@@ -153,6 +160,12 @@ pub fn config(concurrency: u32, tls: OutboundTls) -> DeliveryConfig {
         tls_mode: tls,
         shaping: crate::shaping::Rules::load(None, true).expect("the built-in profiles load"),
     }
+}
+
+/// [`config`] with a shaping file over the built-in profiles.
+pub fn config_shaped(concurrency: u32, tls: OutboundTls, file: &str) -> DeliveryConfig {
+    let shaping = crate::shaping::Rules::load(Some(("shaping.toml", file)), true).expect("the shaping file loads");
+    DeliveryConfig { shaping, ..config(concurrency, tls) }
 }
 
 /// `250 2.0.0 Ok`-style reply.
@@ -187,6 +200,7 @@ impl Harness {
             pins: HashMap::new(),
             tickets: 0,
             shortages: 0,
+            tx_seen: HashMap::new(),
         }
     }
 
@@ -245,6 +259,16 @@ impl Harness {
         self.run();
     }
 
+    /// Sleeps as the driver does: to the engine's next deadline (never less than 1 ms ahead),
+    /// then runs. False when the engine has no deadline (it would sleep forever).
+    pub fn sleep(&mut self) -> bool {
+        let now = self.now();
+        let Some(t) = self.engine.next_deadline(now) else { return false };
+        self.elapsed += t.saturating_duration_since(now.at).max(Duration::from_millis(1));
+        self.run();
+        true
+    }
+
     /// Loop turns (timers and ready work, then every action and its consequences) until
     /// nothing moves; bounded, as a test must stop.
     pub fn run(&mut self) {
@@ -296,6 +320,12 @@ impl Harness {
                 (r.rcpt.clone(), r.settled.verdict, r.settled.reply.code, r.settled.reply.enhanced.unwrap_or_default())
             })
             .collect()
+    }
+
+    /// The id of destination `name`.
+    pub fn dest(&self, name: &str) -> crate::queue::DestId {
+        let q = self.engine.queue();
+        (0..q.dest_count() as crate::queue::DestId).find(|&d| &*q.dest(d).name == name).expect("a known destination")
     }
 
     /// Connections open in the fake world.
@@ -401,6 +431,7 @@ impl Harness {
                         settled: r.clone(),
                         remote: s.remote.as_deref().unwrap_or("").to_owned(),
                         tls: s.tls,
+                        at: self.elapsed,
                     });
                 }
                 if s.release {
@@ -454,8 +485,14 @@ impl Harness {
                 let server = self.server(addr).unwrap_or_default();
                 let Some(tx) = self.conns.get_mut(&c).and_then(|f| f.active.take()) else { return };
                 let ok = reply(250, (2, 1, 5), "ok");
-                let rcpt_replies: Vec<Reply> =
-                    tx.rcpts.iter().map(|r| server.rcpt.get(r).cloned().unwrap_or_else(|| ok.clone())).collect();
+                let seen = self.tx_seen.entry(addr.ip()).or_default();
+                *seen += 1;
+                let refused = server.refuse_first.as_ref().filter(|(n, _)| *seen <= *n).map(|(_, r)| r.clone());
+                let rcpt_replies: Vec<Reply> = tx
+                    .rcpts
+                    .iter()
+                    .map(|r| refused.clone().or_else(|| server.rcpt.get(r).cloned()).unwrap_or_else(|| ok.clone()))
+                    .collect();
                 if server.drop_after_rcpt {
                     self.engine.handle_conn_failed(c, ConnFailure::Io { received: &rcpt_replies }, now);
                     return;

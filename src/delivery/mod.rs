@@ -27,6 +27,8 @@ pub mod tls;
 mod engine_tests;
 #[cfg(test)]
 mod harness;
+#[cfg(test)]
+mod shaping_tests;
 
 use std::time::Duration;
 

@@ -248,6 +248,11 @@ pub enum LocalFault<'a> {
     Unreadable,
     /// The destination is backing off and no failure was recorded.
     DestinationDown,
+    /// A site's message rate left no room before the message's lifetime ended.
+    RateLimited {
+        /// The site.
+        site: &'a str,
+    },
     /// Delivery to a site is suspended (by an operator or by automation).
     Suspended {
         /// The site or scope.
@@ -321,6 +326,9 @@ impl LocalFault<'_> {
             LocalFault::NoOutcome => (451, (4, 3, 0), "no outcome".into()),
             LocalFault::Unreadable => (451, (4, 3, 0), "message unreadable in the spool".into()),
             LocalFault::DestinationDown => (451, (4, 4, 1), "destination down".into()),
+            LocalFault::RateLimited { site } => {
+                (451, (4, 4, 5), format!("delivery to {site} held back by its message rate"))
+            }
             LocalFault::Suspended { site, reason } => {
                 (451, (4, 4, 5), format!("delivery to {site} suspended: {reason}"))
             }

@@ -668,6 +668,10 @@ fn log_note(log: &mut Logger, note: &Note) {
         Note::TlsError { host, addr, error } => {
             log.event("tls_error", &[("host", V::S(host)), ("ip", V::D(addr)), ("error", V::S(error))])
         }
+        Note::DestinationDown { domain, until_ms, error } => log.event(
+            "destination_down",
+            &[("domain", V::S(domain)), ("retry", V::S(&crate::message::iso8601(*until_ms))), ("error", V::S(error))],
+        ),
         Note::Shaping(c) if c.until_ms == 0 => {
             log.event(c.event, &[("site", V::S(&c.site)), ("reason", V::S(&c.reason))])
         }

@@ -1,0 +1,224 @@
+//! Traffic shaping on fake time ([`super::harness`]): rates, connection limits per site,
+//! deliveries per connection, automation, suspensions and expiry while parked. Time moves
+//! only as the driver moves it — to the engine's next deadline — so a wake-up the engine
+//! forgot to ask for shows up as mail that never goes.
+
+use std::time::Duration;
+
+use super::engine::Note;
+use super::harness::{config_shaped, reply, Harness, Host, Server};
+use super::route::Verdict;
+use super::tls::OutboundTls;
+use crate::message::QueueId;
+use crate::shaping::Scope;
+use crate::smtp::client::TlsPolicy;
+
+const MX1: [u8; 4] = [192, 0, 2, 1];
+
+fn shaped(concurrency: u32, file: &str) -> Harness {
+    let mut h = Harness::new(config_shaped(concurrency, OutboundTls::None, file));
+    h.mx("a.test", &[("mx1.a.test", 10, MX1)]);
+    h
+}
+
+fn delivered(h: &Harness) -> usize {
+    h.records.iter().filter(|r| r.settled.verdict == Verdict::Delivered).count()
+}
+
+/// Sleeps from deadline to deadline until `until`, never past it (bounded: a test must stop).
+fn sleep_until(h: &mut Harness, until: Duration) {
+    for _ in 0..100_000 {
+        let now = h.now();
+        let next = h.engine.next_deadline(now).map(|t| h.elapsed + t.saturating_duration_since(now.at));
+        if next.is_none_or(|t| t > until) {
+            h.elapsed = h.elapsed.max(until);
+            h.run();
+            return;
+        }
+        h.sleep();
+    }
+    panic!("more than 100,000 wake-ups before {until:?}: a busy loop");
+}
+
+fn shaping_notes(h: &Harness) -> Vec<(&'static str, String)> {
+    h.notes
+        .iter()
+        .filter_map(|n| match n {
+            Note::Shaping(c) => Some((c.event, c.site.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_message_rate_holds_over_every_connection_of_the_site() {
+    let mut h = shaped(5, "[domain.\"a.test\"]\nmax_message_rate = \"10/s\"\n");
+    h.host(MX1, Host::Smtp(Server { pipelining: true, ..Server::default() }));
+    for _ in 0..100 {
+        h.submit("s@x.test", &["u@a.test"]);
+    }
+    h.run();
+    // A full bucket (one second of the rate) goes at once; then one message per 100 ms.
+    assert_eq!(delivered(&h), 10);
+    sleep_until(&mut h, Duration::from_secs(20));
+    assert_eq!(delivered(&h), 100);
+    let last = h.records.iter().map(|r| r.at).max().unwrap();
+    assert!(last >= Duration::from_millis(8_900) && last <= Duration::from_millis(9_100), "{last:?}");
+    // In any second, no more than the rate plus the bucket.
+    for s in 0..10 {
+        let n = h.records.iter().filter(|r| r.at.as_secs() == s).count();
+        assert!(n <= 20, "second {s}: {n}");
+    }
+    // No more connections than tokens allowed at the start, reused since.
+    assert!(h.connects.len() <= 5, "{}", h.connects.len());
+}
+
+#[test]
+fn the_domains_of_one_site_share_its_connection_limit() {
+    let file = "[provider.acme]\nmx = [\"*.acme.test\"]\nconnection_limit = 2\n";
+    let mut h = Harness::new(config_shaped(8, OutboundTls::None, file));
+    h.mx("a.test", &[("mx1.acme.test", 10, MX1)]);
+    h.mx("b.test", &[("mx1.acme.test", 10, MX1)]);
+    h.host(MX1, Host::Smtp(Server { hold: true, ..Server::default() }));
+    for _ in 0..5 {
+        h.submit("s@x.test", &["u@a.test"]);
+        h.submit("s@x.test", &["u@b.test"]);
+    }
+    h.run();
+    assert_eq!(h.open(), 2, "the site's limit, not 2 per domain");
+    for _ in 0..20 {
+        h.complete(MX1);
+        assert!(h.open() <= 2);
+    }
+    assert_eq!(delivered(&h), 10);
+    // Both domains got their turn.
+    assert!(h.records.iter().any(|r| r.rcpt == "u@b.test") && h.records.iter().any(|r| r.rcpt == "u@a.test"));
+}
+
+#[test]
+fn max_deliveries_per_connection_quits_and_reconnects() {
+    let mut h = shaped(1, "[domain.\"a.test\"]\nmax_deliveries_per_connection = 3\n");
+    h.host(MX1, Host::Smtp(Server::default()));
+    for _ in 0..7 {
+        h.submit("s@x.test", &["u@a.test"]);
+    }
+    h.run();
+    assert_eq!(delivered(&h), 7);
+    assert_eq!((h.connects.len(), h.quits), (3, 2));
+}
+
+#[test]
+fn a_site_that_requires_tls_never_gets_mail_in_clear() {
+    // Google's built-in profile: TLS required, whatever --outbound-tls says.
+    let mut h = Harness::new(config_shaped(4, OutboundTls::May, ""));
+    h.mx("gmail.com", &[("aspmx.l.google.com", 5, MX1)]);
+    h.host(MX1, Host::Smtp(Server::default()));
+    let id = h.submit("s@x.test", &["u@gmail.com"]);
+    h.run();
+    assert!(h.connects.iter().all(|c| c.1 == TlsPolicy::Required), "{:?}", h.connects);
+    let o = h.outcomes(id);
+    assert_eq!((o[0].1, o[0].3), (Verdict::Deferred, (4, 7, 4)), "deferred, never delivered in clear");
+    h.host(MX1, Host::Smtp(Server { starttls: true, ..Server::default() }));
+    sleep_until(&mut h, Duration::from_secs(120));
+    assert_eq!(h.outcomes(id).last().unwrap().1, Verdict::Delivered);
+    assert_eq!(h.records.last().unwrap().tls, "TLSv1.3");
+}
+
+#[test]
+fn a_421_4_7_28_throttles_the_site_to_one_message_a_minute() {
+    // The file's rule comes before the built-in one (same limits, 90 minutes).
+    let rule = "[[automation]]\nmatch = '4\\.7\\.28'\naction = \"throttle\"\nduration = \"10m\"\n\
+                connection_limit = 1\nmax_message_rate = \"1/min\"\n";
+    let mut h = shaped(5, rule);
+    let gmail = reply(421, (4, 7, 28), "Our system has detected an unusual rate of unsolicited mail");
+    h.host(MX1, Host::Smtp(Server { refuse_first: Some((1, gmail)), ..Server::default() }));
+    let ids: Vec<QueueId> = (0..10).map(|_| h.submit("s@x.test", &["u@a.test"])).collect();
+    h.run();
+    assert_eq!(shaping_notes(&h), [("throttle", "mx1.a.test".to_string())]);
+    let after_throttle = delivered(&h);
+    // 1 connection, 1 message a minute: at most one more per minute (plus the bucket's one).
+    sleep_until(&mut h, Duration::from_secs(5 * 60 + 1));
+    let n = delivered(&h) - after_throttle;
+    assert!((5..=6).contains(&n), "{n} in 5 minutes");
+    assert!(h.open() <= 1);
+    // The throttle ends after 10 minutes: the rest goes at once.
+    sleep_until(&mut h, Duration::from_secs(10 * 60 + 1));
+    assert!(shaping_notes(&h).iter().any(|(e, _)| *e == "resume"), "{:?}", shaping_notes(&h));
+    sleep_until(&mut h, Duration::from_secs(12 * 60));
+    assert!(ids.iter().all(|&id| h.outcomes(id).iter().any(|o| o.1 == Verdict::Delivered)));
+}
+
+#[test]
+fn yahoo_tss04_suspends_the_site_and_its_mail_waits_without_records() {
+    let mut cfg = config_shaped(2, OutboundTls::None, "");
+    cfg.policy.max_lifetime = Duration::from_secs(24 * 3600);
+    let mut h = Harness::new(cfg);
+    h.mx("a.test", &[("mx1.a.test", 10, MX1)]);
+    let tss04 = reply(421, (4, 7, 0), "[TSS04] Messages from 192.0.2.9 temporarily deferred due to unexpected volume");
+    h.host(MX1, Host::Smtp(Server { refuse_first: Some((1, tss04)), ..Server::default() }));
+    for _ in 0..20 {
+        h.submit("s@x.test", &["u@a.test"]);
+    }
+    h.run();
+    assert_eq!(shaping_notes(&h), [("suspend", "mx1.a.test".to_string())]);
+    let (connects, records) = (h.connects.len(), h.records.len());
+    // The transactions under way when it came end; then nothing for two hours.
+    sleep_until(&mut h, Duration::from_secs(2 * 3600 - 1));
+    assert_eq!((h.connects.len(), h.records.len()), (connects, records));
+    assert!(h.engine.suspended(h.dest("a.test"), h.now()));
+    sleep_until(&mut h, Duration::from_secs(2 * 3600 + 60));
+    assert_eq!(delivered(&h), 20);
+    assert!(shaping_notes(&h).contains(&("resume", "mx1.a.test".to_string())));
+}
+
+#[test]
+fn a_manual_suspension_parks_until_resumed_and_the_lifetime_still_runs() {
+    let mut h = shaped(2, "");
+    h.host(MX1, Host::Smtp(Server::default()));
+    let now = h.now();
+    let until = now.wall_ms + 24 * 3600 * 1000;
+    h.engine.suspend(Scope::Domain("A.test".into()), until, "maintenance", true, now).unwrap();
+    assert!(h.engine.suspend(Scope::Provider("nope".into()), until, "x", true, now).is_err());
+    let early = h.submit("s@x.test", &["u@a.test"]);
+    h.run();
+    assert!(h.connects.is_empty());
+    assert_eq!(h.engine.suspensions(h.now()).len(), 1);
+    // The queue lifetime (1 h here) ends while suspended: 4.4.7 naming the suspension.
+    sleep_until(&mut h, Duration::from_secs(3600 + 1));
+    assert!(h.connects.is_empty());
+    let o = h.outcomes(early);
+    assert_eq!((o.len(), o[0].1, o[0].3), (1, Verdict::Failed, (5, 4, 7)));
+    assert!(h.records[0].settled.reply.text.contains("suspended: maintenance"), "{}", h.records[0].settled.reply);
+    assert_eq!(h.bounces.len(), 1);
+    // Mail after that waits too, until resumed: then it goes at once.
+    let late = h.submit("s@x.test", &["v@a.test"]);
+    assert!(h.engine.suspended(h.dest("a.test"), h.now()));
+    h.run();
+    assert!(h.connects.is_empty());
+    let now = h.now();
+    assert!(h.engine.resume(&Scope::Domain("a.test".into()), now));
+    assert!(!h.engine.resume(&Scope::Domain("a.test".into()), now));
+    h.run();
+    assert_eq!(h.outcomes(late)[0].1, Verdict::Delivered);
+    assert_eq!(shaping_notes(&h).iter().map(|n| n.0).collect::<Vec<_>>(), ["suspend", "resume"]);
+}
+
+#[test]
+fn a_suspended_provider_stops_every_domain_it_hosts() {
+    let mut h = Harness::new(config_shaped(2, OutboundTls::None, "[provider.google]\ntls = \"disabled\"\n"));
+    h.mx("gmail.com", &[("aspmx.l.google.com", 5, MX1)]);
+    h.mx("hosted.test", &[("alt1.aspmx.l.google.com", 5, MX1)]);
+    h.mx("a.test", &[("mx1.a.test", 10, [192, 0, 2, 7])]);
+    h.host(MX1, Host::Smtp(Server::default()));
+    h.host([192, 0, 2, 7], Host::Smtp(Server::default()));
+    let now = h.now();
+    h.engine.suspend(Scope::Provider("google".into()), now.wall_ms + 60_000, "complaints", true, now).unwrap();
+    let g = h.submit("s@x.test", &["u@gmail.com", "v@hosted.test"]);
+    let a = h.submit("s@x.test", &["u@a.test"]);
+    h.run();
+    assert!(h.outcomes(g).is_empty());
+    assert_eq!(h.outcomes(a)[0].1, Verdict::Delivered);
+    assert_eq!(h.engine.site_name(h.dest("hosted.test")), Some("google"));
+    sleep_until(&mut h, Duration::from_secs(61));
+    assert_eq!(h.outcomes(g).iter().filter(|o| o.1 == Verdict::Delivered).count(), 2);
+}
