@@ -18,7 +18,6 @@
 //! exactly over any number of seconds.
 
 use serde_json::{json, Map, Value};
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
@@ -241,6 +240,7 @@ impl Limits {
     /// The state for a client address seen for the first time.
     pub fn new_peer(&self, ip: IpAddr, now: Instant) -> Peer {
         Peer {
+            ip,
             open: 0,
             bucket: self.rate.map(|r| TokenBucket::new(r, now)),
             replies: ScriptedReplies {
@@ -280,6 +280,8 @@ impl Limits {
 /// What the sink knows about one client address.
 #[derive(Debug, Clone)]
 pub struct Peer {
+    /// The address.
+    pub ip: IpAddr,
     /// Connections open now that hold a slot (those refused at connect do not).
     pub open: u32,
     /// `--rate-limit` bucket, shared by all the address's connections.
@@ -360,7 +362,7 @@ pub fn report(
     totals: &Refusals,
     per_second: &PerSecond,
     log: &ConnLog,
-    peers: &HashMap<IpAddr, Peer>,
+    peers: &[Peer],
 ) -> Map<String, Value> {
     let mut m = Map::new();
     m.insert("refusals".into(), totals.json());
@@ -384,9 +386,9 @@ pub fn report(
     m.insert("per_connection_omitted".into(), json!(log.omitted));
     let per_peer: Map<String, Value> = peers
         .iter()
-        .map(|(ip, p)| {
+        .map(|p| {
             (
-                ip.to_string(),
+                p.ip.to_string(),
                 json!({"connections": p.connections, "messages": p.messages, "refusals": p.refusals.json()}),
             )
         })

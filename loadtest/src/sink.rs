@@ -234,8 +234,8 @@ struct Conn {
     paused: bool,
     /// Close once the output is written.
     closing: bool,
-    /// Client address.
-    peer: IpAddr,
+    /// Client address: index into `Sink::peers`.
+    peer: usize,
     /// Counted in the address's open connections (not when refused at connect).
     holds_slot: bool,
     /// The last EHLO/HELO name, for the report (the buffer is reused).
@@ -304,8 +304,10 @@ struct Sink {
     /// When the sink started (the deferral window and the per-second series count from it).
     started: Instant,
     limits: Limits,
-    /// Per client address: open connections, rate bucket, scripted replies, totals.
-    peers: HashMap<IpAddr, Peer>,
+    /// Per client address: open connections, rate bucket, scripted replies, totals. Found
+    /// by `peer_index` at accept; a connection keeps the index, so MAIL does no lookup.
+    peers: Vec<Peer>,
+    peer_index: HashMap<IpAddr, usize>,
     /// Refusals by kind, all connections.
     refusals: Refusals,
     /// Ended connections, bounded.
@@ -372,7 +374,8 @@ pub fn run(opts: SinkOpts) -> Result<SinkStats> {
         scratch: Vec::new(),
         started: start,
         limits,
-        peers: HashMap::new(),
+        peers: Vec::new(),
+        peer_index: HashMap::new(),
         refusals: Refusals::default(),
         conn_log: ConnLog::default(),
         per_second: PerSecond::default(),
@@ -518,7 +521,11 @@ impl Sink {
                     self.stats.connections += 1;
                     let ip = addr.ip();
                     let limits = &self.limits;
-                    let peer = self.peers.entry(ip).or_insert_with(|| limits.new_peer(ip, Instant::now()));
+                    let pi = *self.peer_index.entry(ip).or_insert_with(|| {
+                        self.peers.push(limits.new_peer(ip, Instant::now()));
+                        self.peers.len() - 1
+                    });
+                    let peer = &mut self.peers[pi];
                     peer.connections += 1;
                     let mut out = Vec::with_capacity(1024);
                     let mut refusals = Refusals::default();
@@ -563,7 +570,7 @@ impl Sink {
                         body: Vec::new(),
                         paused: false,
                         closing: refused.is_some(),
-                        peer: ip,
+                        peer: pi,
                         holds_slot: refused.is_none(),
                         ehlo: Vec::new(),
                         accepted: 0,
@@ -584,13 +591,12 @@ impl Sink {
             let mut c = self.conns.remove(key);
             let _ = self.poll.registry().deregister(&mut c.io.sock);
             c.io.release_buffers(&mut self.pool);
-            if let Some(p) = self.peers.get_mut(&c.peer) {
-                p.open -= u32::from(c.holds_slot);
-                p.messages += c.accepted;
-                p.refusals.add(&c.refusals);
-            }
+            let Some(p) = self.peers.get_mut(c.peer) else { return };
+            p.open -= u32::from(c.holds_slot);
+            p.messages += c.accepted;
+            p.refusals.add(&c.refusals);
             self.conn_log.push(ConnRecord {
-                peer: c.peer,
+                peer: p.ip,
                 ehlo: std::mem::take(&mut c.ehlo),
                 messages: c.accepted,
                 refusals: c.refusals,
@@ -902,7 +908,7 @@ impl Sink {
                 }
                 // The limits need the time only when a rate or a window is set.
                 let now = if self.limits.timed() { Instant::now() } else { self.started };
-                let refusal = match self.peers.get_mut(&c.peer) {
+                let refusal = match self.peers.get_mut(c.peer) {
                     Some(peer) if c.helo && !c.mail => self.limits.at_mail(now, c.accepted, peer).map(|r| (r, peer)),
                     _ => None,
                 };
