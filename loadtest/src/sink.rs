@@ -768,7 +768,15 @@ impl Sink {
     fn process_buf(&mut self, key: usize, input: &mut Buf) -> bool {
         loop {
             let Some(c) = self.conns.get_mut(key) else { return false };
-            if c.paused || c.closing || c.upgrade != Upgrade::None {
+            if c.closing {
+                // Nothing more is answered (after QUIT or a 421). What the client pipelined
+                // behind is read and dropped, so that the close finds no unread input and
+                // ends the stream with FIN: unread input makes the kernel reset the
+                // connection, and a client still writing may then miss the reply.
+                input.consume(input.data().len());
+                return true;
+            }
+            if c.paused || c.upgrade != Upgrade::None {
                 return true;
             }
             match &mut c.phase {

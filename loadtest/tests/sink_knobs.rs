@@ -370,3 +370,32 @@ fn bad_limit_flags_exit_2_naming_the_flag() {
         assert!(err.contains(flag), "{flag} {value}: {err}");
     }
 }
+
+#[test]
+fn a_421_at_mail_ends_with_fin_even_behind_a_large_pipelined_batch() {
+    if !have("python3") {
+        return;
+    }
+    // A client that pipelines a whole BDAT transaction (more than the sink's 64 KiB input
+    // buffer) into a deferring sink must read the 421 and then an orderly end of stream: a close
+    // with unread input would reset the connection instead.
+    let s = sink(&["--defer-all-for", "1h"]);
+    python(
+        &s.port(),
+        "s = socket.create_connection(('127.0.0.1', PORT), timeout=10)
+f = s.makefile('rb')
+assert f.readline().startswith(b'220')
+s.sendall(b'EHLO t.test\\r\\n')
+while not f.readline().startswith(b'250 '):
+    pass
+s.sendall(b'MAIL FROM:<a@x.test>\\r\\nRCPT TO:<u@x.test>\\r\\nBDAT 150000 LAST\\r\\n' + b'x' * 150000)
+line = f.readline()
+assert line.startswith(b'421 4.7.28 [127.0.0.1] '), line
+try:
+    rest = f.read()
+except ConnectionResetError:
+    raise SystemExit('reset after the 421')
+assert rest == b'', rest",
+    );
+    assert_eq!(s.stop_json()["refusals"]["window"], 1);
+}
