@@ -898,15 +898,13 @@ impl Sink {
         match cmd {
             Command::Ehlo(name) => {
                 c.helo = true;
-                c.ehlo.clear();
-                c.ehlo.extend_from_slice(name);
+                remember_name(&mut c.ehlo, name);
                 c.out.extend_from_slice(if c.io.is_tls() { &self.ehlo_reply_tls } else { &self.ehlo_reply });
                 self.reset_txn(key);
             }
             Command::Helo(name) => {
                 c.helo = true;
-                c.ehlo.clear();
-                c.ehlo.extend_from_slice(name);
+                remember_name(&mut c.ehlo, name);
                 c.out.extend_from_slice(&self.helo_reply);
                 self.reset_txn(key);
             }
@@ -1194,6 +1192,13 @@ impl Sink {
         }
         self.reset_txn(key);
     }
+}
+
+/// Keeps the EHLO/HELO name for the report, at most 255 octets (a domain name's length, RFC
+/// 1035 §2.3.4), so the bounded connection log stays bounded in bytes too.
+fn remember_name(dst: &mut Vec<u8>, name: &[u8]) {
+    dst.clear();
+    dst.extend_from_slice(&name[..name.len().min(255)]);
 }
 
 /// `tf<K>-` → `Some(K)`.
