@@ -9,6 +9,7 @@
 mod bench;
 mod disk;
 mod dns;
+mod limits;
 mod report;
 mod send;
 mod sink;
@@ -194,6 +195,27 @@ struct SinkArgs {
     /// accepted (lets a parent stop an end-to-end clock without polling).
     #[arg(long)]
     expect_recipients: Option<u64>,
+    /// MAILs per client address over all its connections (`N/s`, `N/min`, `N/h`): a token
+    /// bucket holding one second of the rate (at least 1); past it MAIL gets --rate-reply.
+    #[arg(long, value_name = "RATE", value_parser = limits::parse_rate)]
+    rate_limit: Option<limits::Rate>,
+    /// Reply past --rate-limit; `{ip}` is the client's address. A 421 closes the connection.
+    #[arg(long, value_name = "TEXT", default_value = limits::GMAIL_RATE_REPLY, value_parser = limits::parse_reply)]
+    rate_reply: String,
+    /// Answer every MAIL with --defer-reply for this long from the start (e.g. 60s).
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    defer_all_for: Option<Duration>,
+    /// Reply inside --defer-all-for (e.g. Yahoo's `421 4.7.0 [TSS04] Messages from {ip}
+    /// temporarily deferred ...`); `{ip}` is the client's address.
+    #[arg(long, value_name = "TEXT", default_value = limits::GMAIL_RATE_REPLY, value_parser = limits::parse_reply)]
+    defer_reply: String,
+    /// Accepted messages per connection; the next MAIL gets `421 4.7.0` and the connection
+    /// closes.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    max_messages_per_connection: Option<u64>,
+    /// Open connections per client address; one more is greeted `421 4.7.0` and closed.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections_per_ip: Option<u32>,
 }
 
 #[derive(Args, Debug)]
@@ -364,6 +386,12 @@ fn cmd_sink(a: SinkArgs) -> Result<i32> {
         chunking: !a.no_chunking,
         seed: a.seed,
         expect_recipients: a.expect_recipients,
+        rate_limit: a.rate_limit,
+        rate_reply: a.rate_reply,
+        defer_all_for: a.defer_all_for,
+        defer_reply: a.defer_reply,
+        max_messages_per_connection: a.max_messages_per_connection,
+        max_connections_per_ip: a.max_connections_per_ip,
     })?;
     Ok(0)
 }

@@ -27,7 +27,14 @@
 //! `--tls-fail` answers `220` to STARTTLS and then sends garbage instead of a handshake, so
 //! that a client's plaintext fallback can be tested. AUTH (RFC 4954) PLAIN and LOGIN accept
 //! any credentials with `--auth-any` and are refused with `503` otherwise.
+//!
+//! Receiver limits (`crate::limits`, pure): `--rate-limit` per client address over all its
+//! connections and `--defer-all-for` answer MAIL with a scripted reply (`--rate-reply`,
+//! `--defer-reply`), `--max-messages-per-connection` and `--max-connections-per-ip` with
+//! `421 4.7.0`; a `421` closes the connection once written (RFC 5321 §3.8). Each connection is
+//! recorded when it ends, for the report.
 
+use crate::limits::{self, ConnLog, ConnRecord, Limits, Peer, PerSecond, Rate, Refusals};
 use crate::util::{log_listening, Rng};
 use anyhow::{Context, Result};
 use base64::Engine as _;
@@ -49,7 +56,7 @@ use sluice::smtp::reply;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::io::Write as _;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -105,6 +112,18 @@ pub struct SinkOpts {
     pub seed: u64,
     /// Log `event=expected` on stderr the moment this many recipients have been accepted.
     pub expect_recipients: Option<u64>,
+    /// MAILs per client address (token bucket), answered `rate_reply` past it.
+    pub rate_limit: Option<Rate>,
+    /// Reply past the rate (`{ip}`: the client's address).
+    pub rate_reply: String,
+    /// Every MAIL is answered `defer_reply` for this long from the start.
+    pub defer_all_for: Option<Duration>,
+    /// Reply inside the deferral window.
+    pub defer_reply: String,
+    /// Accepted messages per connection before `421 4.7.0` at MAIL.
+    pub max_messages_per_connection: Option<u64>,
+    /// Open connections per client address before `421 4.7.0` at the greeting.
+    pub max_connections_per_ip: Option<u32>,
 }
 
 const SIGNAL: Token = Token(usize::MAX - 1);
@@ -215,6 +234,16 @@ struct Conn {
     paused: bool,
     /// Close once the output is written.
     closing: bool,
+    /// Client address: index into `Sink::peers`.
+    peer: usize,
+    /// Counted in the address's open connections (not when refused at connect).
+    holds_slot: bool,
+    /// The last EHLO/HELO name, for the report (the buffer is reused).
+    ehlo: Vec<u8>,
+    /// Messages accepted on this connection.
+    accepted: u64,
+    /// MAILs (or the connection) refused by the limits.
+    refusals: Refusals,
 }
 
 /// What the sink counted.
@@ -272,6 +301,18 @@ struct Sink {
     next_id: u64,
     /// Scratch body for DATA when not saving (never grows: the scanner's limit is 0).
     scratch: Vec<u8>,
+    /// When the sink started (the deferral window and the per-second series count from it).
+    started: Instant,
+    limits: Limits,
+    /// Per client address: open connections, rate bucket, scripted replies, totals. Found
+    /// by `peer_index` at accept; a connection keeps the index, so MAIL does no lookup.
+    peers: Vec<Peer>,
+    peer_index: HashMap<IpAddr, usize>,
+    /// Refusals by kind, all connections.
+    refusals: Refusals,
+    /// Ended connections, bounded.
+    conn_log: ConnLog,
+    per_second: PerSecond,
 }
 
 /// Runs the sink until SIGTERM/SIGINT or `--duration`; prints the summary.
@@ -304,6 +345,15 @@ pub fn run(opts: SinkOpts) -> Result<SinkStats> {
         caps.push_str("250-AUTH PLAIN LOGIN\r\n");
     }
     let starttls = if opts.tls.is_some() || opts.tls_fail { "250-STARTTLS\r\n" } else { "" };
+    let start = Instant::now();
+    let limits = Limits {
+        rate: opts.rate_limit,
+        defer_until: opts.defer_all_for.map(|d| start + d),
+        max_messages_per_connection: opts.max_messages_per_connection,
+        max_connections_per_ip: opts.max_connections_per_ip,
+        rate_reply: opts.rate_reply.clone(),
+        defer_reply: opts.defer_reply.clone(),
+    };
     let mut sink = Sink {
         ehlo_reply: format!("250-{}\r\n{caps}{starttls}250 HELP\r\n", opts.hostname).into_bytes(),
         ehlo_reply_tls: format!("250-{}\r\n{caps}250 HELP\r\n", opts.hostname).into_bytes(),
@@ -322,16 +372,28 @@ pub fn run(opts: SinkOpts) -> Result<SinkStats> {
         saved: 0,
         next_id: 0,
         scratch: Vec::new(),
+        started: start,
+        limits,
+        peers: Vec::new(),
+        peer_index: HashMap::new(),
+        refusals: Refusals::default(),
+        conn_log: ConnLog::default(),
+        per_second: PerSecond::default(),
     };
-    let start = Instant::now();
     let cpu0 = crate::util::thread_cpu_ns();
     sink.run(&mut signals, start)?;
     let elapsed = start.elapsed();
+    // Connections still open are recorded as they stand.
+    let open: Vec<usize> = sink.conns.iter().map(|(k, _)| k).collect();
+    for key in open {
+        sink.close(key);
+    }
+    sink.per_second.finish(elapsed);
     let cpu_s = (crate::util::thread_cpu_ns() - cpu0) as f64 / 1e9;
     let st = &sink.stats;
     let secs = elapsed.as_secs_f64().max(1e-9);
     if sink.opts.json {
-        let v = json!({
+        let mut v = json!({
             "connections": st.connections, "messages": st.messages, "recipients": st.recipients,
             "bytes": st.bytes, "tempfailed": st.tempfailed, "rejected": st.rejected,
             "dropped": st.dropped, "rcpts_refused": st.rcpts_refused, "tls_messages": st.tls_messages,
@@ -339,6 +401,9 @@ pub fn run(opts: SinkOpts) -> Result<SinkStats> {
             "authenticated": st.authenticated, "mail_after_data": st.mail_after_data, "elapsed_s": secs,
             "msgs_per_s": st.messages as f64 / secs, "cpu_s": cpu_s,
         });
+        if let Some(m) = v.as_object_mut() {
+            m.extend(limits::report(&sink.limits, &sink.refusals, &sink.per_second, &sink.conn_log, &sink.peers));
+        }
         crate::report::print_stdout(&v.to_string());
     }
     eprintln!(
@@ -360,6 +425,9 @@ pub fn run(opts: SinkOpts) -> Result<SinkStats> {
         secs,
         cpu_s
     );
+    if sink.refusals != Refusals::default() {
+        eprintln!("sink refusals: {}", sink.refusals.json());
+    }
     Ok(sink.stats)
 }
 
@@ -426,7 +494,7 @@ impl Sink {
             let Some((l, implicit)) = self.listeners.get(li) else { return };
             let implicit = *implicit;
             match l.accept() {
-                Ok((sock, _)) => {
+                Ok((sock, addr)) => {
                     let _ = sock.set_nodelay(true);
                     let mut io = Transport::new(sock);
                     // Implicit TLS: the session exists from the first byte; the greeting waits
@@ -451,8 +519,30 @@ impl Sink {
                         continue;
                     }
                     self.stats.connections += 1;
+                    let ip = addr.ip();
+                    let limits = &self.limits;
+                    let pi = *self.peer_index.entry(ip).or_insert_with(|| {
+                        self.peers.push(limits.new_peer(ip, Instant::now()));
+                        self.peers.len() - 1
+                    });
+                    let peer = &mut self.peers[pi];
+                    peer.connections += 1;
                     let mut out = Vec::with_capacity(1024);
-                    out.extend_from_slice(&self.greeting);
+                    let mut refusals = Refusals::default();
+                    // Past --max-connections-per-ip the greeting is the refusal, and the
+                    // connection closes once it is written; it takes no slot.
+                    let refused = limits.at_connect(peer);
+                    match refused {
+                        Some(r) => {
+                            out.extend_from_slice(r.reply(&peer.replies));
+                            refusals.count(r);
+                            self.refusals.count(r);
+                        }
+                        None => {
+                            peer.open += 1;
+                            out.extend_from_slice(&self.greeting);
+                        }
+                    }
                     self.next_id += 1;
                     if let Some(t) = tls {
                         io.start_tls(t, &mut self.pool);
@@ -479,7 +569,12 @@ impl Sink {
                         env: Vec::new(),
                         body: Vec::new(),
                         paused: false,
-                        closing: false,
+                        closing: refused.is_some(),
+                        peer: pi,
+                        holds_slot: refused.is_none(),
+                        ehlo: Vec::new(),
+                        accepted: 0,
+                        refusals,
                     });
                     self.flush(key);
                 }
@@ -496,6 +591,16 @@ impl Sink {
             let mut c = self.conns.remove(key);
             let _ = self.poll.registry().deregister(&mut c.io.sock);
             c.io.release_buffers(&mut self.pool);
+            let Some(p) = self.peers.get_mut(c.peer) else { return };
+            p.open -= u32::from(c.holds_slot);
+            p.messages += c.accepted;
+            p.refusals.add(&c.refusals);
+            self.conn_log.push(ConnRecord {
+                peer: p.ip,
+                ehlo: std::mem::take(&mut c.ehlo),
+                messages: c.accepted,
+                refusals: c.refusals,
+            });
         }
     }
 
@@ -663,7 +768,15 @@ impl Sink {
     fn process_buf(&mut self, key: usize, input: &mut Buf) -> bool {
         loop {
             let Some(c) = self.conns.get_mut(key) else { return false };
-            if c.paused || c.closing || c.upgrade != Upgrade::None {
+            if c.closing {
+                // Nothing more is answered (after QUIT or a 421). What the client pipelined
+                // behind is read and dropped, so that the close finds no unread input and
+                // ends the stream with FIN: unread input makes the kernel reset the
+                // connection, and a client still writing may then miss the reply.
+                input.consume(input.data().len());
+                return true;
+            }
+            if c.paused || c.upgrade != Upgrade::None {
                 return true;
             }
             match &mut c.phase {
@@ -783,13 +896,15 @@ impl Sink {
             }
         };
         match cmd {
-            Command::Ehlo(_) => {
+            Command::Ehlo(name) => {
                 c.helo = true;
+                remember_name(&mut c.ehlo, name);
                 c.out.extend_from_slice(if c.io.is_tls() { &self.ehlo_reply_tls } else { &self.ehlo_reply });
                 self.reset_txn(key);
             }
-            Command::Helo(_) => {
+            Command::Helo(name) => {
                 c.helo = true;
+                remember_name(&mut c.ehlo, name);
                 c.out.extend_from_slice(&self.helo_reply);
                 self.reset_txn(key);
             }
@@ -797,10 +912,23 @@ impl Sink {
                 if c.eod_in_batch {
                     self.stats.mail_after_data += 1;
                 }
+                // The limits need the time only when a rate or a window is set.
+                let now = if self.limits.timed() { Instant::now() } else { self.started };
+                let refusal = match self.peers.get_mut(c.peer) {
+                    Some(peer) if c.helo && !c.mail => self.limits.at_mail(now, c.accepted, peer).map(|r| (r, peer)),
+                    _ => None,
+                };
                 let reply = if !c.helo {
                     NEED_EHLO
                 } else if c.mail {
                     NESTED_MAIL
+                } else if let Some((r, peer)) = refusal {
+                    let reply = r.reply(&peer.replies);
+                    c.refusals.count(r);
+                    self.refusals.count(r);
+                    c.closing = limits::closes(reply);
+                    c.out.extend_from_slice(reply);
+                    return;
                 } else {
                     c.mail = true;
                     if opts.save.is_some() {
@@ -1010,6 +1138,8 @@ impl Sink {
         match reply[0] {
             b'2' => {
                 self.stats.messages += 1;
+                c.accepted += 1;
+                self.per_second.record(self.started.elapsed());
                 if c.io.is_tls() {
                     self.stats.tls_messages += 1;
                 }
@@ -1062,6 +1192,13 @@ impl Sink {
         }
         self.reset_txn(key);
     }
+}
+
+/// Keeps the EHLO/HELO name for the report, at most 255 octets (a domain name's length, RFC
+/// 1035 §2.3.4), so the bounded connection log stays bounded in bytes too.
+fn remember_name(dst: &mut Vec<u8>, name: &[u8]) {
+    dst.clear();
+    dst.extend_from_slice(&name[..name.len().min(255)]);
 }
 
 /// `tf<K>-` → `Some(K)`.
