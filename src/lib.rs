@@ -64,6 +64,7 @@
 //! | `smtp` | pure | `buf`, `dns`, `message` | SMTP sessions, parsers, AUTH decoding |
 //! | `dns` | pure | | DNS codec, resolver machine, cache |
 //! | `dsn` | pure | `message` | bounce reports |
+//! | `dkim` | pure | | DKIM signing: keys, relaxed canonicalization, signature fields |
 //! | `spool::record` | pure | `message` | plain types the spool hands out |
 //! | `spool::format` | pure | `message`, `spool::record` | record codec |
 //! | `queue` | pure | `dsn`, `message`, `spool::record` | queue and retry schedule |
@@ -85,6 +86,7 @@ pub mod buf;
 pub mod cli;
 pub mod config;
 pub mod delivery;
+pub mod dkim;
 pub mod dns;
 pub mod dsn;
 pub mod log;
