@@ -69,14 +69,14 @@
 //! | `spool::format` | pure | `message`, `spool::record` | record codec |
 //! | `queue` | pure | `dsn`, `message`, `spool::record` | queue and retry schedule |
 //! | `delivery` | pure | `dns`, `dsn`, `message`, `queue`, `smtp`, `spool::format`, `spool::record` | the delivery engine: routes, retries, bounces, TLS policy |
-//! | `cli` | pure | `delivery`, `smtp` | clap flags and value parsers |
+//! | `cli` | pure | `delivery`, `dkim`, `smtp` | clap flags and value parsers |
 //! | `log` | io: clock | | event lines on stderr |
 //! | `spool` | io: fs | `message` | the mmap'd segments and recovery |
 //! | `spool::segment` | io: fs, libc, unsafe | `spool::format`, `sys` | one segment file: mmap, msync, fdatasync |
-//! | `net` | io: mio, net, clock, fs, libc | `buf`, `delivery`, `dns`, `log`, `message`, `queue`, `smtp`, `spool` | socket drivers (inbound, outbound, DNS), the transport, TLS, the deadline table |
+//! | `net` | io: mio, net, clock, fs, libc | `buf`, `delivery`, `dkim`, `dns`, `log`, `message`, `queue`, `smtp`, `spool` | socket drivers (inbound, outbound, DNS), the transport, TLS, the deadline table |
 //! | `net::socket` | io: mio, net, libc, unsafe | `sys` | the socket syscalls |
-//! | `config` | io: fs | `cli`, `log`, `net`, `smtp` | flags -> `Config`, reads cert and auth files |
-//! | `reactor` | io: mio, net, thread, clock | `buf`, `config`, `delivery`, `log`, `message`, `net`, `queue`, `smtp`, `spool` | the event loop |
+//! | `config` | io: fs | `cli`, `dkim`, `log`, `net`, `smtp` | flags -> `Config`, reads cert, auth and DKIM key files |
+//! | `reactor` | io: mio, net, thread, clock | `buf`, `config`, `delivery`, `dkim`, `log`, `message`, `net`, `queue`, `smtp`, `spool` | the event loop |
 //! | `reactor::signal` | io: mio, libc, unsafe | `sys` | signals as loop events, `kill` |
 //! | `sys` | io: libc, unsafe | | the `syscall!` macro |
 //! | `admin` | io: clock | `reactor`, `spool` | `sluice queue` |

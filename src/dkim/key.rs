@@ -177,8 +177,8 @@ fn rsa(r: Result<RsaKeyPair, ring::error::KeyRejected>, pkcs8: &[u8]) -> Result<
 /// second INTEGER of the RSAPrivateKey inside. `None` when the DER is not shaped so.
 fn rsa_bits(der: &[u8]) -> Option<usize> {
     // PrivateKeyInfo ::= SEQUENCE { version INTEGER, alg SEQUENCE, key OCTET STRING }
-    let (_, inner) = der_take(der, 0x30)?;
-    let (_, rest) = der_take(inner, 0x02).map(|(v, r)| (v, r))?;
+    let (inner, _) = der_take(der, 0x30)?;
+    let (_, rest) = der_take(inner, 0x02)?;
     let (_, rest) = der_take(rest, 0x30)?;
     let (octets, _) = der_take(rest, 0x04)?;
     // RSAPrivateKey ::= SEQUENCE { version INTEGER, modulus INTEGER, ... }
@@ -284,6 +284,20 @@ impl KeyTable {
     }
 }
 
+/// The zone-file line publishing `record` at `SELECTOR._domainkey.DOMAIN.`, the value split
+/// into quoted strings of at most 255 octets (RFC 1035 §3.3.14; verifiers join them, RFC
+/// 6376 §3.6.2.2), as an RSA-2048 record is longer than one.
+pub fn zone_line(domain: &str, selector: &str, record: &str) -> String {
+    let mut line = format!("{selector}._domainkey.{}. IN TXT", domain.trim_end_matches('.'));
+    // The record is ASCII (tags and base64), so any byte boundary is a char boundary.
+    for chunk in record.as_bytes().chunks(255) {
+        line.push_str(" \"");
+        line.push_str(std::str::from_utf8(chunk).unwrap_or_default());
+        line.push('"');
+    }
+    line
+}
+
 /// A DKIM domain as `--dkim-key` takes it: dot-separated labels of letters, digits and
 /// hyphens (RFC 1035 §2.3.1; RFC 5890 A-labels fit), at most 253 octets, not starting or
 /// ending a label with a hyphen.
@@ -339,6 +353,18 @@ mod tests {
         assert_eq!(SigningKey::from_pem("s", b"hello").unwrap_err(), KeyError::NoPrivateKey);
         let junk = b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n";
         assert!(matches!(SigningKey::from_pem("s", junk).unwrap_err(), KeyError::Invalid(_)));
+    }
+
+    #[test]
+    fn zone_line_splits_long_records() {
+        let short = zone_line("example.com.", "s1", "v=DKIM1; k=ed25519; p=abc");
+        assert_eq!(short, "s1._domainkey.example.com. IN TXT \"v=DKIM1; k=ed25519; p=abc\"");
+        let long = format!("v=DKIM1; k=rsa; p={}", "A".repeat(392));
+        let line = zone_line("example.com", "s1", &long);
+        let parts: Vec<&str> = line.split('"').skip(1).step_by(2).collect();
+        assert_eq!(parts.len(), 2);
+        assert_eq!(parts[0].len(), 255);
+        assert_eq!(parts.concat(), long);
     }
 
     #[test]

@@ -24,6 +24,7 @@
 pub mod auth;
 pub mod authwork;
 pub mod commit;
+pub mod dkimwork;
 pub mod signal;
 pub mod syncer;
 
@@ -38,6 +39,7 @@ use mio::{Events, Interest, Poll};
 use crate::buf::{BufPool, VecPool};
 use crate::config::Config;
 use crate::delivery::DeliveryConfig;
+use crate::dkim::KeyTable;
 use crate::log::{Logger, V};
 use crate::message::IdGen;
 use crate::net::deadline::Deadlines;
@@ -54,6 +56,7 @@ use crate::spool::{Spool, SpoolError, SpoolOptions};
 use auth::AuthSide;
 use authwork::AuthWorker;
 use commit::{Batch, CommitGate};
+use dkimwork::{DkimWorker, SignDone, SignJob};
 use mio::Token;
 
 /// Connections accepted per turn at most.
@@ -126,6 +129,14 @@ pub struct Server {
     accepting: bool,
     /// What the inbound driver needs of `cfg`.
     inbound_cfg: InboundConfig,
+    /// DKIM keys (`None`: no signing), replaced on SIGHUP.
+    dkim_keys: Option<Arc<KeyTable>>,
+    /// Messages the sessions finished this turn, to hand to the signing threads.
+    sign_jobs: Vec<SignJob>,
+    /// Signed messages taken from the threads (kept for its capacity).
+    signed: Vec<SignDone>,
+    /// The signing threads (with keys only).
+    dkim: Option<DkimWorker>,
 }
 
 /// Borrows what the inbound driver needs for one call out of the server, beside the driver
@@ -150,6 +161,8 @@ macro_rules! turn {
             wall_us,
             accepting,
             shutdown,
+            dkim_keys,
+            sign_jobs,
             ..
         } = $s;
         #[allow(unused_mut)]
@@ -168,6 +181,8 @@ macro_rules! turn {
             now: *now,
             wall_us: *wall_us,
             accepting: *accepting,
+            dkim_keys: dkim_keys.as_ref(),
+            sign_jobs,
             shutdown: shutdown.is_some(),
         };
         let _ = &$delivery;
@@ -228,6 +243,21 @@ impl Server {
         // One waker per poll: the sync thread and the AUTH worker share it.
         let waker = Arc::new(mio::Waker::new(poll.registry(), token::make(Kind::Waker, 0, 0)).map_err(RunError::Poll)?);
         let syncer = syncer::Syncer::spawn(waker.clone()).map_err(RunError::Poll)?;
+        let dkim = match &cfg.dkim {
+            Some(d) => {
+                let t = &d.table;
+                log.event(
+                    "dkim",
+                    &[
+                        ("keys", V::N(t.len() as u64)),
+                        ("domains", V::N(t.domains() as u64)),
+                        ("threads", V::N(d.threads as u64)),
+                    ],
+                );
+                Some(DkimWorker::spawn(d.threads, waker.clone()).map_err(RunError::Poll)?)
+            }
+            None => None,
+        };
         let auth = match &cfg.auth {
             Some(users) => {
                 log.event("auth", &[("users", V::N(users.len() as u64))]);
@@ -292,6 +322,10 @@ impl Server {
             auth: AuthSide::new(auth),
             accepting: true,
             inbound_cfg: cfg.inbound(),
+            dkim_keys: cfg.dkim.as_ref().map(|d| Arc::clone(&d.table)),
+            sign_jobs: Vec::new(),
+            signed: Vec::new(),
+            dkim,
             cfg,
         };
         server.tick();
@@ -345,10 +379,12 @@ impl Server {
                         }
                     }
                     Some((Kind::Signal, _, _)) => self.on_signal(),
-                    // One waker serves the sync thread and the AUTH worker: ask both.
+                    // One waker serves the sync thread, the AUTH worker and the DKIM
+                    // threads: ask all three.
                     Some((Kind::Waker, _, _)) => {
                         self.on_sync_done();
                         self.on_auth_done();
+                        self.on_signed();
                     }
                     Some((kind @ (Kind::Outbound | Kind::Dns), generation, key)) => {
                         self.with_delivery(|d, ctx| d.on_event(ctx, kind, generation, key, ev));
@@ -362,6 +398,8 @@ impl Server {
                 // A session may have queued an AUTH check: the worker takes it at once.
                 self.pump_auth();
             }
+            // Messages that ended this turn go to the signing threads.
+            self.pump_dkim();
             // 3. Group commit of what this turn appended (released when the sync is back, or
             // at once with `--fsync never`).
             self.commit();
@@ -539,6 +577,34 @@ impl Server {
         self.auth.pump(|k, g| inbound.is_live(k, g));
     }
 
+    /// Hands the messages the sessions finished to the signing threads (never blocking: what
+    /// the threads cannot take yet waits in the worker's backlog).
+    fn pump_dkim(&mut self) {
+        if self.sign_jobs.is_empty() {
+            return;
+        }
+        match self.dkim.as_mut() {
+            Some(w) => w.submit(&mut self.sign_jobs),
+            // Keys without threads cannot happen (both come from the same flags).
+            None => self.sign_jobs.clear(),
+        }
+    }
+
+    /// Signed messages back from the threads: each is stored with its signature and waits
+    /// for this turn's group commit.
+    fn on_signed(&mut self) {
+        let Some(worker) = self.dkim.as_mut() else { return };
+        worker.try_results(&mut self.signed);
+        let mut signed = std::mem::take(&mut self.signed);
+        for done in signed.drain(..) {
+            turn!(self, inbound, turn, delivery);
+            inbound.store_signed(done, &mut turn);
+        }
+        self.signed = signed;
+        // A refused message lets its session go on, which may end another message.
+        self.pump_dkim();
+    }
+
     /// After the inbound driver ran: if a session queued an AUTH check, the worker may take
     /// one.
     fn pump_auth(&mut self) {
@@ -581,6 +647,7 @@ impl Server {
         let signal::Received { stop: n, hup, flush } = self.signals.drain();
         if hup > 0 {
             self.reload_tls();
+            self.reload_dkim();
         }
         if flush > 0 {
             self.flush_queue();
@@ -627,6 +694,23 @@ impl Server {
                 self.log.event("reload", &[("tls", V::S("ok")), ("cert", V::D(&cert.display()))]);
             }
             Err(e) => self.log.event("reload", &[("tls", V::S("failed, keeping the old pair")), ("error", V::D(&e))]),
+        }
+    }
+
+    /// SIGHUP: reads the DKIM keys again (`--dkim-key` files and `--dkim-dir`). Messages
+    /// already handed to the threads keep the keys they were given; a key that does not
+    /// load is logged and the old table stays whole.
+    fn reload_dkim(&mut self) {
+        let Some(d) = &self.cfg.dkim else { return };
+        match crate::config::load_dkim(&d.keys, d.dir.as_deref()) {
+            Ok(t) => {
+                self.log.event(
+                    "reload",
+                    &[("dkim", V::S("ok")), ("keys", V::N(t.len() as u64)), ("domains", V::N(t.domains() as u64))],
+                );
+                self.dkim_keys = Some(Arc::new(t));
+            }
+            Err(e) => self.log.event("reload", &[("dkim", V::S("failed, keeping the old keys")), ("error", V::D(&e))]),
         }
     }
 

@@ -306,7 +306,21 @@ impl Spool {
         env: &Envelope,
         body: &[u8],
     ) -> Result<(Pending, MessageLoc), SpoolError> {
-        self.append_message_as(id, arrival_ms, env, body, true)
+        self.append_message_as(id, arrival_ms, env, &[], body, true)
+    }
+
+    /// [`Spool::append_message`] with `prefix` (the message's DKIM-Signature fields) stored
+    /// in front of the body, in the same record: the stored message is the signed one, so
+    /// every attempt and every restart sends the same bytes.
+    pub fn append_signed_message(
+        &mut self,
+        id: QueueId,
+        arrival_ms: u64,
+        env: &Envelope,
+        prefix: &[u8],
+        body: &[u8],
+    ) -> Result<(Pending, MessageLoc), SpoolError> {
+        self.append_message_as(id, arrival_ms, env, prefix, body, true)
     }
 
     /// Appends a message the relay made itself (a bounce) and queues at once. Unlike
@@ -322,7 +336,7 @@ impl Spool {
         env: &Envelope,
         body: &[u8],
     ) -> Result<(Pending, MessageLoc), SpoolError> {
-        self.append_message_as(id, arrival_ms, env, body, false)
+        self.append_message_as(id, arrival_ms, env, &[], body, false)
     }
 
     fn append_message_as(
@@ -330,13 +344,14 @@ impl Spool {
         id: QueueId,
         arrival_ms: u64,
         env: &Envelope,
+        prefix: &[u8],
         body: &[u8],
         undo_on_failure: bool,
     ) -> Result<(Pending, MessageLoc), SpoolError> {
-        let len = format::message_record_len(env, body).map_err(encode_error)?;
+        let len = format::message_record_len_prefixed(env, prefix, body).map_err(encode_error)?;
         // New mail (undo_on_failure) must leave the reserve; what the relay makes need not.
         let (seq, off) = self.append_with(len, undo_on_failure, |dst, key| {
-            format::encode_message(dst, key, id, arrival_ms, env, body).map_err(encode_error)
+            format::encode_message_prefixed(dst, key, id, arrival_ms, env, prefix, body).map_err(encode_error)
         })?;
         if let Some(slot) = self.segments.get_mut(&seq) {
             slot.live += 1;
