@@ -546,6 +546,22 @@ impl Spool {
             .map_err(|_| SpoolError::Corrupt("message payload fails validation"))
     }
 
+    /// [`Spool::envelope`] and the body, read the same way (no crc check): for the delivery
+    /// log lines, which name the message's DKIM signatures.
+    pub fn envelope_and_body(&self, loc: MessageLoc) -> Result<(Envelope, &[u8]), SpoolError> {
+        let slot =
+            self.segments.get(&loc.segment).ok_or(SpoolError::Corrupt("message location names no open segment"))?;
+        let off = usize::try_from(loc.offset).map_err(|_| SpoolError::Corrupt("message offset out of range"))?;
+        let raw = format::record_at_trusted(slot.seg.bytes(), off, slot.seg.key())
+            .map_err(|_| SpoolError::Corrupt("message record fails validation"))?;
+        if raw.kind != format::RecordKind::Message {
+            return Err(SpoolError::Corrupt("message location does not hold a message record"));
+        }
+        format::decode_message(raw.payload)
+            .map(|v| (v.envelope, v.body))
+            .map_err(|_| SpoolError::Corrupt("message payload fails validation"))
+    }
+
     /// Like [`Spool::message`], and also where the body lies, so that a delivery can stream it
     /// in pieces with [`Spool::body`] without decoding (or checksumming) the record again.
     pub fn message_with_body(&self, loc: MessageLoc) -> Result<(MessageView<'_>, BodyLoc), SpoolError> {

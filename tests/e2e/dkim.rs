@@ -332,6 +332,13 @@ fn restart_after_kill9_delivers_the_same_signed_bytes() {
     let got = wait_saved(&sink, 1, Duration::from_secs(20), &relay);
     assert_eq!(&got[0].1, before, "delivered bytes differ from the stored, signed ones");
     assert_eq!(signatures(&got[0].1), 2, "signed once, not again on the way out");
+    relay.wait_log("outcome=delivered");
+    let log = relay.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("event=delivery") && l.contains(&id) && l.contains("dkim=example.com:r,example.com:e")),
+        "{log}"
+    );
 }
 
 /// `--dkim-dir DIR`: every DIR/DOMAIN/SELECTOR.pem is a key; SIGHUP reads the directory
