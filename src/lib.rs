@@ -18,7 +18,9 @@
 //!    ([`net::token`]); [`net::inbound`] reads the bytes into pooled buffers ([`buf`]) and feeds
 //!    them to the pure [`smtp::server::ServerSession`], which parses the commands, answers them
 //!    and scans DATA (or BDAT chunks) into one body.
-//! 2. **Spool.** At the end of the data the message is appended to the active segment
+//! 2. **Spool.** At the end of the data (after its DKIM signature, computed on a
+//!    `reactor::dkimwork` thread when keys are configured: [`dkim`]) the message is appended
+//!    to the active segment
 //!    ([`spool::Spool::append_message`]; record framing in [`spool::format`], plain types in
 //!    [`spool::record`]) and its `250` waits.
 //! 3. **Group commit.** Once per turn every append of the turn goes to the sync thread in one

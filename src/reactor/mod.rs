@@ -3,14 +3,17 @@
 //! The reactor only dispatches: inbound sessions are driven by `net::inbound`, outbound
 //! connections and DNS by `net::outbound` (which executes the pure `delivery::Engine`'s
 //! actions), the group commit is the gate in [`commit`], password checks run on the
-//! [`authwork`] thread under `smtp::auth_throttle`. Every timer of the loop is in one
+//! [`authwork`] thread under `smtp::auth_throttle`, DKIM signatures on the [`dkimwork`]
+//! threads. Every timer of the loop is in one
 //! `net::deadline` table keyed by token; step 5 fires them and hands delivery its own.
 //!
 //! # One turn
 //! 1. `poll` for events (timeout: the next deadline, or zero when work is left over), then
 //!    read the clock once: every decision of the turn uses that `now`.
 //! 2. Dispatch: listeners are only marked; connections read, parse and append finished
-//!    messages to the spool (not yet answered).
+//!    messages to the spool (not yet answered). With DKIM keys a finished message goes to
+//!    the signing threads first (its body moved, not copied) and is appended in the turn its
+//!    signature comes back (the waker).
 //! 3. Group commit: one sync covers every message of the turn; only when it is back are their
 //!    `250`s written into the output buffers (or `451` for all if the sync failed).
 //! 4. Flush every connection with output: each pipelined batch of replies leaves in one write.
