@@ -30,6 +30,8 @@ pub enum Cmd {
     },
     /// Show what is queued in a spool (safe while the relay runs).
     Queue(QueueArgs),
+    /// Make a DKIM key and print the DNS record to publish.
+    DkimKeygen(KeygenArgs),
 }
 
 /// `--fsync` modes.
@@ -196,6 +198,93 @@ pub struct ServeArgs {
     /// --max-message-size.
     #[arg(long = "min-free-space", value_name = "BYTES", value_parser = parse_size)]
     pub min_free_space: Option<u64>,
+    /// DKIM signing key (repeatable): mail whose From: domain (or its nearest parent with
+    /// keys) is DOMAIN is signed with the PEM private key (RSA >= 2048 bits or Ed25519) and
+    /// published under SELECTOR; several keys of one domain each add a signature.
+    #[arg(long = "dkim-key", value_name = "DOMAIN:SELECTOR:PEM", value_parser = parse_dkim_key)]
+    pub dkim_key: Vec<DkimKeyArg>,
+    /// Directory of DKIM keys: every DIR/DOMAIN/SELECTOR.pem is a key, as with --dkim-key.
+    /// Read at start and again on SIGHUP.
+    #[arg(long = "dkim-dir", value_name = "DIR")]
+    pub dkim_dir: Option<PathBuf>,
+    /// Threads that compute DKIM signatures (only when keys are configured).
+    #[arg(long = "dkim-threads", value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub dkim_threads: u32,
+}
+
+/// One `--dkim-key DOMAIN:SELECTOR:PEM`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DkimKeyArg {
+    /// The signing domain (`d=`), lower case, without a trailing dot.
+    pub domain: String,
+    /// The selector (`s=`).
+    pub selector: String,
+    /// The PEM private key file.
+    pub pem: PathBuf,
+}
+
+impl std::fmt::Display for DkimKeyArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}:{}", self.domain, self.selector, self.pem.display())
+    }
+}
+
+/// Parses `DOMAIN:SELECTOR:PEM` for --dkim-key (the path may itself hold colons).
+pub fn parse_dkim_key(s: &str) -> Result<DkimKeyArg, String> {
+    let mut parts = s.splitn(3, ':');
+    let (Some(domain), Some(selector), Some(pem)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(format!("'{s}' is not DOMAIN:SELECTOR:PEM"));
+    };
+    if !crate::dkim::key::is_domain(domain) {
+        return Err(format!("'{domain}' in '{s}' is not a domain name"));
+    }
+    if !crate::dkim::key::is_selector(selector) {
+        return Err(format!("'{selector}' in '{s}' is not a DKIM selector"));
+    }
+    if pem.is_empty() {
+        return Err(format!("'{s}' names no PEM file"));
+    }
+    Ok(DkimKeyArg {
+        domain: domain.trim_end_matches('.').to_ascii_lowercase(),
+        selector: selector.to_owned(),
+        pem: PathBuf::from(pem),
+    })
+}
+
+/// Flags of `sluice dkim-keygen`.
+#[derive(Debug, Args)]
+pub struct KeygenArgs {
+    /// The signing domain the record is for.
+    #[arg(value_parser = parse_dkim_domain)]
+    pub domain: String,
+    /// The selector the key is published under.
+    #[arg(value_parser = parse_dkim_selector)]
+    pub selector: String,
+    /// Make an Ed25519 key (RFC 8463) instead of RSA.
+    #[arg(long, conflicts_with = "bits")]
+    pub ed25519: bool,
+    /// RSA modulus size.
+    #[arg(long, value_name = "N", default_value_t = 2048, value_parser = clap::value_parser!(u32).range(2048..=4096))]
+    pub bits: u32,
+    /// Where to write the private key (PEM, PKCS#8, mode 0600); an existing file is kept.
+    #[arg(long, value_name = "PEM")]
+    pub out: PathBuf,
+}
+
+fn parse_dkim_domain(s: &str) -> Result<String, String> {
+    if crate::dkim::key::is_domain(s) {
+        Ok(s.trim_end_matches('.').to_ascii_lowercase())
+    } else {
+        Err(format!("'{s}' is not a domain name"))
+    }
+}
+
+fn parse_dkim_selector(s: &str) -> Result<String, String> {
+    if crate::dkim::key::is_selector(s) {
+        Ok(s.to_owned())
+    } else {
+        Err(format!("'{s}' is not a DKIM selector"))
+    }
 }
 
 /// Flags of `sluice queue`.
@@ -383,6 +472,17 @@ impl From<OutboundTlsMode> for crate::delivery::OutboundTls {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dkim_key_values() {
+        let k = parse_dkim_key("Example.COM.:s1:/k/a:b.pem").unwrap();
+        assert_eq!((k.domain.as_str(), k.selector.as_str()), ("example.com", "s1"));
+        assert_eq!(k.pem, PathBuf::from("/k/a:b.pem"));
+        for bad in ["example.com:s1", "exa_mple.com:s1:/k.pem", ":s1:/k.pem", "example.com::/k.pem", "example.com:s1:"]
+        {
+            assert!(parse_dkim_key(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn durations() {

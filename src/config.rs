@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
-use crate::cli::{self, Cidr, FsyncMode, OutboundTlsMode, ServeArgs};
+use crate::cli::{self, Cidr, DkimKeyArg, FsyncMode, OutboundTlsMode, ServeArgs};
+use crate::dkim::{KeyTable, SigningKey};
 use crate::log::LogFormat;
 use crate::net::inbound::InboundConfig;
 use crate::net::tls::{ClientTls, ServerTls, TlsError};
@@ -92,6 +93,22 @@ pub struct Config {
     pub builtin_shaping: bool,
     /// The rules in force at start.
     pub shaping: Rules,
+    /// DKIM signing: where the keys came from and the table loaded from them (`None`: no
+    /// key configured, nothing is signed).
+    pub dkim: Option<DkimConfig>,
+}
+
+/// `--dkim-key`, `--dkim-dir`, `--dkim-threads`, and the keys they gave at start.
+#[derive(Debug, Clone)]
+pub struct DkimConfig {
+    /// `--dkim-key` (repeatable).
+    pub keys: Vec<DkimKeyArg>,
+    /// `--dkim-dir`.
+    pub dir: Option<PathBuf>,
+    /// `--dkim-threads`.
+    pub threads: usize,
+    /// The keys, parsed once (again on SIGHUP: [`load_dkim`]).
+    pub table: Arc<KeyTable>,
 }
 
 /// A configuration problem, naming the flag.
@@ -169,6 +186,17 @@ impl Config {
             None => system_hostname(),
         };
         let segment_size = a.spool_segment_size.max(64 * 1024);
+        let dkim = if a.dkim_key.is_empty() && a.dkim_dir.is_none() {
+            None
+        } else {
+            let table = load_dkim(&a.dkim_key, a.dkim_dir.as_deref())?;
+            Some(DkimConfig {
+                keys: a.dkim_key.clone(),
+                dir: a.dkim_dir.clone(),
+                threads: a.dkim_threads as usize,
+                table: Arc::new(table),
+            })
+        };
         Ok(Config {
             listen: a.listen.clone(),
             reuse_port: a.reuse_port,
@@ -211,6 +239,7 @@ impl Config {
             shaping_file: a.shaping.clone(),
             builtin_shaping: !a.no_builtin_shaping,
             shaping,
+            dkim,
         })
     }
 }
@@ -258,6 +287,56 @@ pub fn system_hostname() -> String {
         .map(|s| s.trim().to_owned())
         .filter(|s| !s.is_empty() && crate::smtp::command::valid_domain(s.as_bytes()))
         .unwrap_or_else(|| "localhost".to_owned())
+}
+
+/// Reads and parses every DKIM key: each `--dkim-key`, then every `DIR/DOMAIN/SELECTOR.pem`
+/// of `--dkim-dir` (directories whose name is no domain, and files not ending in `.pem`, are
+/// skipped). Any key that cannot be read or used is an error naming the flag and the key, at
+/// start (exit 2) and on SIGHUP (the old keys stay).
+pub fn load_dkim(keys: &[DkimKeyArg], dir: Option<&Path>) -> Result<KeyTable, ConfigError> {
+    let mut table = KeyTable::new();
+    for k in keys {
+        let key = read_key(&k.selector, &k.pem)
+            .map_err(|why| ConfigError { flag: "--dkim-key", message: format!("{k}: {why}") })?;
+        table.insert(&k.domain, key);
+    }
+    let Some(dir) = dir else { return Ok(table) };
+    let err = |path: &Path, why: &dyn std::fmt::Display| ConfigError {
+        flag: "--dkim-dir",
+        message: format!("{}: {why}", path.display()),
+    };
+    let mut domains: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|e| err(dir, &e))?
+        .filter_map(Result::ok)
+        .filter(|e| e.path().is_dir())
+        .collect();
+    // Sorted, so that a domain's keys sign in a stable order.
+    domains.sort_by_key(|e| e.file_name());
+    for d in domains {
+        let Some(domain) = d.file_name().to_str().filter(|n| crate::dkim::key::is_domain(n)).map(str::to_owned) else {
+            continue;
+        };
+        let mut files: Vec<_> =
+            std::fs::read_dir(d.path()).map_err(|e| err(&d.path(), &e))?.filter_map(Result::ok).collect();
+        files.sort_by_key(|e| e.file_name());
+        for f in files {
+            let path = f.path();
+            let Some(selector) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".pem")) else {
+                continue;
+            };
+            if !crate::dkim::key::is_selector(selector) {
+                return Err(err(&path, &"the file name is not SELECTOR.pem"));
+            }
+            let key = read_key(selector, &path).map_err(|why| err(&path, &why))?;
+            table.insert(&domain, key);
+        }
+    }
+    Ok(table)
+}
+
+fn read_key(selector: &str, path: &Path) -> Result<SigningKey, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read it: {e}"))?;
+    SigningKey::from_pem(selector, &pem).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

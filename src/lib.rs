@@ -18,7 +18,9 @@
 //!    ([`net::token`]); [`net::inbound`] reads the bytes into pooled buffers ([`buf`]) and feeds
 //!    them to the pure [`smtp::server::ServerSession`], which parses the commands, answers them
 //!    and scans DATA (or BDAT chunks) into one body.
-//! 2. **Spool.** At the end of the data the message is appended to the active segment
+//! 2. **Spool.** At the end of the data (after its DKIM signature, computed on a
+//!    `reactor::dkimwork` thread when keys are configured: [`dkim`]) the message is appended
+//!    to the active segment
 //!    ([`spool::Spool::append_message`]; record framing in [`spool::format`], plain types in
 //!    [`spool::record`]) and its `250` waits.
 //! 3. **Group commit.** Once per turn every append of the turn goes to the sync thread in one
@@ -64,19 +66,20 @@
 //! | `smtp` | pure | `buf`, `dns`, `message` | SMTP sessions, parsers, AUTH decoding |
 //! | `dns` | pure | | DNS codec, resolver machine, cache |
 //! | `dsn` | pure | `message` | bounce reports |
+//! | `dkim` | pure | | DKIM signing: keys, relaxed canonicalization, signature fields |
 //! | `spool::record` | pure | `message` | plain types the spool hands out |
 //! | `spool::format` | pure | `message`, `spool::record` | record codec |
 //! | `queue` | pure | `dsn`, `message`, `spool::record` | queue and retry schedule |
 //! | `shaping` | pure | | traffic shaping rules: sites, limits, rates, automation, scopes |
 //! | `delivery` | pure | `dns`, `dsn`, `message`, `queue`, `shaping`, `smtp`, `spool::format`, `spool::record` | the delivery engine: routes, retries, bounces, TLS policy |
-//! | `cli` | pure | `delivery`, `smtp` | clap flags and value parsers |
+//! | `cli` | pure | `delivery`, `dkim`, `smtp` | clap flags and value parsers |
 //! | `log` | io: clock | | event lines on stderr |
 //! | `spool` | io: fs | `message` | the mmap'd segments and recovery |
 //! | `spool::segment` | io: fs, libc, unsafe | `spool::format`, `sys` | one segment file: mmap, msync, fdatasync |
-//! | `net` | io: mio, net, clock, fs, libc | `buf`, `delivery`, `dns`, `log`, `message`, `queue`, `smtp`, `spool` | socket drivers (inbound, outbound, DNS), the transport, TLS, the deadline table |
+//! | `net` | io: mio, net, clock, fs, libc | `buf`, `delivery`, `dkim`, `dns`, `log`, `message`, `queue`, `smtp`, `spool` | socket drivers (inbound, outbound, DNS), the transport, TLS, the deadline table |
 //! | `net::socket` | io: mio, net, libc, unsafe | `sys` | the socket syscalls |
-//! | `config` | io: fs | `cli`, `log`, `net`, `smtp` | flags -> `Config`, reads cert and auth files |
-//! | `reactor` | io: mio, net, thread, clock | `buf`, `config`, `delivery`, `log`, `message`, `net`, `queue`, `smtp`, `spool` | the event loop |
+//! | `config` | io: fs | `cli`, `dkim`, `log`, `net`, `smtp` | flags -> `Config`, reads cert, auth and DKIM key files |
+//! | `reactor` | io: mio, net, thread, clock | `buf`, `config`, `delivery`, `dkim`, `log`, `message`, `net`, `queue`, `smtp`, `spool` | the event loop |
 //! | `reactor::signal` | io: mio, libc, unsafe | `sys` | signals as loop events, `kill` |
 //! | `sys` | io: libc, unsafe | | the `syscall!` macro |
 //! | `admin` | io: clock | `reactor`, `spool` | `sluice queue` |
@@ -86,6 +89,7 @@ pub mod buf;
 pub mod cli;
 pub mod config;
 pub mod delivery;
+pub mod dkim;
 pub mod dns;
 pub mod dsn;
 pub mod log;

@@ -1,12 +1,12 @@
-//! The `sluice` binary: dispatches `serve`, `passwd` and `queue`. The only place that exits
-//! the process.
+//! The `sluice` binary: dispatches `serve`, `passwd`, `queue` and `dkim-keygen`. The only
+//! place that exits the process.
 
 use std::io::{BufRead as _, Write as _};
 use std::process::ExitCode;
 
 use clap::Parser;
 use sluice::admin;
-use sluice::cli::{Cli, Cmd, QueueAction, QueueArgs};
+use sluice::cli::{Cli, Cmd, KeygenArgs, QueueAction, QueueArgs};
 use sluice::config::Config;
 use sluice::reactor::{RunError, Server};
 
@@ -37,6 +37,7 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Passwd { user } => passwd(&user),
+        Cmd::DkimKeygen(args) => dkim_keygen(&args),
         Cmd::Queue(args) => match sluice::admin::run(&queue_query(&args), &mut std::io::stdout().lock()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -95,4 +96,67 @@ fn passwd(user: &str) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// `sluice dkim-keygen DOMAIN SELECTOR [--ed25519 | --bits N] --out PEM`: makes a key (RSA with
+/// the `rsa` crate, as ring makes none; Ed25519 with ring), writes it as PKCS#8 PEM with mode
+/// 0600 (never over an existing file), and prints the TXT record to publish. The key is read
+/// back through the signer's own parser first, so what is written is what `--dkim-key` takes.
+fn dkim_keygen(a: &KeygenArgs) -> ExitCode {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let pem = if a.ed25519 {
+        match ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()) {
+            Ok(der) => pem_encode("PRIVATE KEY", der.as_ref()),
+            Err(_) => {
+                eprintln!("sluice dkim-keygen: cannot make an Ed25519 key");
+                return ExitCode::from(1);
+            }
+        }
+    } else {
+        use rsa::pkcs8::EncodePrivateKey as _;
+        let key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, a.bits as usize);
+        match key
+            .map_err(|e| e.to_string())
+            .and_then(|k| k.to_pkcs8_pem(rsa::pkcs8::LineEnding::LF).map(|p| p.to_string()).map_err(|e| e.to_string()))
+        {
+            Ok(pem) => pem,
+            Err(e) => {
+                eprintln!("sluice dkim-keygen: cannot make an RSA key: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    };
+    let key = match sluice::dkim::SigningKey::from_pem(&a.selector, pem.as_bytes()) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("sluice dkim-keygen: the new key does not load: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&a.out);
+    if let Err(e) = file.and_then(|mut f| f.write_all(pem.as_bytes()).and_then(|()| f.sync_all())) {
+        eprintln!("sluice dkim-keygen: cannot write {}: {e}", a.out.display());
+        return ExitCode::from(1);
+    }
+    let line = sluice::dkim::key::zone_line(&a.domain, &a.selector, &key.record());
+    match writeln!(std::io::stdout().lock(), "{line}") {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sluice dkim-keygen: cannot write to stdout: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// PEM armour (RFC 7468 §2): base64 in lines of 64.
+fn pem_encode(label: &str, der: &[u8]) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(chunk).unwrap_or_default());
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
 }

@@ -4,6 +4,7 @@
 mod e2e {
     pub mod cli;
     pub mod delivery;
+    pub mod dkim;
     pub mod durability;
     pub mod peers;
     pub mod session;

@@ -1,6 +1,6 @@
 //! `sluice-load dns`: an authoritative DNS responder for test domains, over UDP and TCP.
 //!
-//! Owns: a zone built from flags (`--zone`, `--mx`, `--a`, `--nullmx`, `--servfail`), one mio
+//! Owns: a zone built from flags (`--zone`, `--mx`, `--a`, `--txt`, `--nullmx`, `--servfail`), one mio
 //! loop with a UDP socket and a TCP listener on the same address, and the answers. Must never:
 //! recurse or forward (everything it is not told about is NXDOMAIN), or answer without the AA
 //! bit. Messages are encoded and decoded with `hickory-proto` (RFC 1035); answers too big for
@@ -10,7 +10,7 @@
 use crate::util::log_listening;
 use anyhow::{bail, Context, Result};
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::{A, AAAA, MX, SOA};
+use hickory_proto::rr::rdata::{A, AAAA, MX, SOA, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use mio::net::{TcpListener, TcpStream, UdpSocket};
 use mio::{Events, Interest, Poll, Token};
@@ -27,6 +27,8 @@ use std::time::{Duration, Instant};
 pub struct Zone {
     mx: HashMap<String, Vec<(u16, String)>>,
     addrs: HashMap<String, Vec<IpAddr>>,
+    /// TXT records: each value as its character-strings of at most 255 octets.
+    txt: HashMap<String, Vec<Vec<String>>>,
     nullmx: HashSet<String>,
     servfail: Vec<String>,
     /// Domains the flags named: owners of the SOA in negative answers.
@@ -72,6 +74,18 @@ impl Zone {
         let (h, ip) = spec.split_once('=').context("--a wants HOST=IP")?;
         let ip: IpAddr = ip.trim().parse().with_context(|| format!("--a {spec}: bad IP"))?;
         self.addrs.entry(norm(h)).or_default().push(ip);
+        Ok(())
+    }
+
+    /// `--txt NAME=VALUE`: a TXT record (DKIM keys in tests), the value split into strings of
+    /// 255 octets (RFC 1035 §3.3.14), as a long RSA key record must be.
+    pub fn add_txt(&mut self, spec: &str) -> Result<()> {
+        let (n, v) = spec.split_once('=').context("--txt wants NAME=VALUE")?;
+        if !v.is_ascii() {
+            bail!("--txt {spec}: the value must be ASCII");
+        }
+        let strings = v.as_bytes().chunks(255).map(|c| String::from_utf8_lossy(c).into_owned()).collect();
+        self.txt.entry(norm(n)).or_default().push(strings);
         Ok(())
     }
 
@@ -133,7 +147,10 @@ impl Zone {
             resp.metadata.authoritative = false;
             return Ok(resp.to_vec()?);
         }
-        let exists = self.mx.contains_key(&qname) || self.addrs.contains_key(&qname) || self.nullmx.contains(&qname);
+        let exists = self.mx.contains_key(&qname)
+            || self.addrs.contains_key(&qname)
+            || self.txt.contains_key(&qname)
+            || self.nullmx.contains(&qname);
         let owner = q.name().clone();
         match qtype {
             RecordType::MX if self.nullmx.contains(&qname) => {
@@ -146,6 +163,11 @@ impl Zone {
                     for ip in self.addrs.get(host).into_iter().flatten() {
                         resp.add_additional(Record::from_rdata(fqdn(host)?, ttl, addr_rdata(*ip)));
                     }
+                }
+            }
+            RecordType::TXT => {
+                for strings in self.txt.get(&qname).into_iter().flatten() {
+                    resp.add_answer(Record::from_rdata(owner.clone(), ttl, RData::TXT(TXT::new(strings.clone()))));
                 }
             }
             RecordType::A | RecordType::AAAA => {

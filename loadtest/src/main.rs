@@ -232,6 +232,9 @@ struct DnsArgs {
     /// HOST=IP: an A (or AAAA) record. Repeatable.
     #[arg(long)]
     a: Vec<String>,
+    /// NAME=VALUE: a TXT record (long values split into 255-octet strings). Repeatable.
+    #[arg(long)]
+    txt: Vec<String>,
     /// DOMAIN: a null MX (RFC 7505). Repeatable.
     #[arg(long)]
     nullmx: Vec<String>,
@@ -406,6 +409,9 @@ fn cmd_dns(a: DnsArgs) -> Result<i32> {
     }
     for x in &a.a {
         zone.add_a(x)?;
+    }
+    for t in &a.txt {
+        zone.add_txt(t)?;
     }
     for n in &a.nullmx {
         zone.add_nullmx(n);

@@ -439,7 +439,7 @@ impl Sites {
                 push(Scope::Site(s.key.name().into()), s.key.name().to_owned(), h);
             }
         }
-        out.sort_by(|a, b| a.scope.to_string().cmp(&b.scope.to_string()));
+        out.sort_by_key(|s| s.scope.to_string());
         out
     }
 

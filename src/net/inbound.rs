@@ -19,12 +19,14 @@
 
 use std::io::Write as _;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mio::{Interest, Registry, Token};
 use slab::Slab;
 
 use crate::buf::{BufPool, VecPool};
+use crate::dkim::{KeyTable, Outcome, Unsigned};
 use crate::log::{Logger, V};
 use crate::message::{Envelope, IdGen, QueueId};
 use crate::net::deadline::Deadlines;
@@ -86,6 +88,41 @@ pub struct AuthJob {
     pub creds: Credentials,
 }
 
+/// One finished message to sign before it is stored (run by the DKIM threads,
+/// `reactor::dkimwork`). The body buffer travels by value and comes back in [`SignDone`].
+#[derive(Debug)]
+pub struct SignJob {
+    /// Slab key of the session.
+    pub key: usize,
+    /// Its generation, to drop a result for a session that has since closed.
+    pub generation: u32,
+    /// The message.
+    pub id: QueueId,
+    /// The whole message as received (`Received:` first), lent by the session.
+    pub body: Vec<u8>,
+    /// The `t=` tag (Unix seconds of the end of data).
+    pub unix_s: u64,
+    /// The keys as they were when the message ended (a reload does not change them).
+    pub keys: Arc<KeyTable>,
+}
+
+/// A [`SignJob`] done: the body handed back and the signature fields to store before it.
+#[derive(Debug)]
+pub struct SignDone {
+    /// From the job.
+    pub key: usize,
+    /// From the job.
+    pub generation: u32,
+    /// From the job.
+    pub id: QueueId,
+    /// The body, unchanged.
+    pub body: Vec<u8>,
+    /// One `DKIM-Signature` field per key, each ending in CRLF (empty when unsigned).
+    pub headers: Vec<u8>,
+    /// What was done, for the log.
+    pub outcome: Outcome,
+}
+
 /// What the inbound driver needs of the configuration (built from `config::Config`).
 #[derive(Debug, Clone)]
 pub struct InboundConfig {
@@ -138,6 +175,10 @@ pub struct Turn<'a> {
     pub wall_us: u64,
     /// The spool has room for new mail.
     pub accepting: bool,
+    /// DKIM keys (`None`: signing is off and messages are stored as they came).
+    pub dkim_keys: Option<&'a Arc<KeyTable>>,
+    /// Messages to sign, for the DKIM threads (the reactor hands them over after dispatch).
+    pub sign_jobs: &'a mut Vec<SignJob>,
     /// A graceful shutdown is under way: sessions are told `421` at their next command.
     pub shutdown: bool,
 }
@@ -309,38 +350,30 @@ impl Inbound {
                 }
                 match p.event {
                     Some(Event::Message) => {
-                        let (id, env, body) = conn.session.message();
-                        match turn.spool.append_message(id, turn.wall_us / 1000, env, body) {
-                            Ok((_, loc)) => {
-                                conn.session.release_body(turn.bodies);
+                        // A measurement, not a decision: the commit latency logged with the
+                        // 250 starts here (signing included).
+                        conn.eod_at = Some(Instant::now());
+                        if let Some(keys) = turn.dkim_keys {
+                            // Signed off the loop: the body goes to a DKIM thread by value and
+                            // the session waits (as for the commit) until it comes back.
+                            if let Some(body) = conn.session.take_body() {
+                                let id = conn.session.message().0;
                                 conn.waiting = Some(id);
-                                // A measurement, not a decision: the commit latency logged
-                                // with the 250 starts here.
-                                conn.eod_at = Some(Instant::now());
-                                turn.waiting.push(Waiter {
+                                turn.sign_jobs.push(SignJob {
                                     key,
                                     generation: conn.generation,
                                     id,
-                                    loc,
-                                    arrival_ms: turn.wall_us / 1000,
-                                    queued: false,
+                                    body,
+                                    unix_s: turn.wall_us / 1_000_000,
+                                    keys: Arc::clone(keys),
                                 });
+                                continue;
                             }
-                            Err(e) => {
-                                turn.log.event("spool_error", &[("id", V::D(&id)), ("error", V::D(&e))]);
-                                let reply = if matches!(e, SpoolError::NoSpace) {
-                                    reply::SPOOL_FULL
-                                } else {
-                                    reply::SPOOL_FAILED
-                                };
-                                if !conn.make_reply_room(turn.bufs) {
-                                    // Cannot even say no: drop the session; nothing was stored.
-                                    failed = true;
-                                    break;
-                                }
-                                let Some(out) = conn.io.output.as_mut() else { break };
-                                conn.session.message_result(&mut turn.session_ctx(), Err(reply), out);
-                            }
+                        }
+                        if !store(conn, key, &[], turn) {
+                            // Cannot even say no: drop the session; nothing was stored.
+                            failed = true;
+                            break;
                         }
                         continue;
                     }
@@ -477,6 +510,33 @@ impl Inbound {
         }
     }
 
+    /// A message came back from the DKIM threads: it is stored with its signature fields in
+    /// front, and its `250` waits for the group commit like any other. A session that has gone
+    /// meanwhile stored nothing (its client never got a `250`): the body goes back to the pool.
+    pub fn store_signed(&mut self, done: SignDone, turn: &mut Turn<'_>) {
+        let SignDone { key, generation, id, body, headers, outcome } = done;
+        let live = self.conns.get_mut(key).filter(|c| c.generation == generation && c.waiting == Some(id));
+        let Some(conn) = live else {
+            turn.bodies.give(body);
+            return;
+        };
+        conn.waiting = None;
+        conn.session.restore_body(body);
+        if let Outcome::Unsigned(why) = outcome {
+            if why != Unsigned::NoKey {
+                turn.log.event("dkim_unsigned", &[("id", V::D(&id)), ("reason", V::S(why.as_str()))]);
+            }
+        }
+        conn.dkim = Some(outcome);
+        if !store(conn, key, &headers, turn) {
+            self.close(key, "no_room_for_reply", turn);
+            return;
+        }
+        // Stored: the drive stops at once (the session waits for the commit). Refused: the
+        // reply is out and the session goes on with what it pipelined.
+        self.drive(key, turn);
+    }
+
     /// Writes the `250` (or the `451` when the commit failed) of one message of a released
     /// batch, logging it. Does not drive the session on: the caller does, once the whole
     /// batch is answered.
@@ -504,6 +564,7 @@ impl Inbound {
         }
         let env = conn.session.envelope();
         let latency_us = conn.eod_at.map_or(0, |t| committed_at.duration_since(t).as_micros() as u64);
+        let dkim = conn.dkim.take();
         match result {
             Ok(()) => turn.log.event(
                 "accepted",
@@ -515,6 +576,7 @@ impl Inbound {
                     ("commit_us", V::N(latency_us)),
                     ("tls", V::S(if conn.session.is_tls() { "yes" } else { "no" })),
                     ("user", V::B(conn.session.auth_user().unwrap_or(b"-"))),
+                    ("dkim", V::S(dkim.as_ref().map_or("none", Outcome::as_str))),
                 ],
             ),
             Err(()) => turn.log.event(
@@ -715,6 +777,7 @@ impl Inbound {
             pace: Pace::new(turn.now),
             limited,
             eod_at: None,
+            dkim: None,
             auth_delayed: None,
         });
         self.dirty.push((key, generation));
@@ -792,6 +855,8 @@ pub struct InboundConn {
     pub eod_at: Option<Instant>,
     /// An AUTH verdict held back (failures are answered slowly), given at `deadline`.
     pub auth_delayed: Option<(AuthOutcome, Credentials)>,
+    /// What DKIM did to the waiting message (logged with its `250`).
+    pub dkim: Option<Outcome>,
 }
 
 impl InboundConn {
@@ -831,4 +896,37 @@ fn announce_tls(conn: &mut InboundConn, info: TlsInfo, log: &mut Logger) {
 /// A reply without its line end, for log lines.
 pub fn trim_crlf(b: &[u8]) -> &[u8] {
     b.strip_suffix(b"\r\n").unwrap_or(b)
+}
+
+/// Appends the session's finished message to the spool, after `prefix` (its DKIM-Signature
+/// fields, or nothing), and queues its `250` behind the group commit; a spool error is
+/// answered at once (`452`/`451`). False when not even that reply fits: the caller closes
+/// the connection (nothing was stored).
+fn store(conn: &mut InboundConn, key: usize, prefix: &[u8], turn: &mut Turn<'_>) -> bool {
+    let (id, env, body) = conn.session.message();
+    match turn.spool.append_signed_message(id, turn.wall_us / 1000, env, prefix, body) {
+        Ok((_, loc)) => {
+            conn.session.release_body(turn.bodies);
+            conn.waiting = Some(id);
+            turn.waiting.push(Waiter {
+                key,
+                generation: conn.generation,
+                id,
+                loc,
+                arrival_ms: turn.wall_us / 1000,
+                queued: false,
+            });
+        }
+        Err(e) => {
+            turn.log.event("spool_error", &[("id", V::D(&id)), ("error", V::D(&e))]);
+            let reply = if matches!(e, SpoolError::NoSpace) { reply::SPOOL_FULL } else { reply::SPOOL_FAILED };
+            if !conn.make_reply_room(turn.bufs) {
+                return false;
+            }
+            if let Some(out) = conn.io.output.as_mut() {
+                conn.session.message_result(&mut turn.session_ctx(), Err(reply), out);
+            }
+        }
+    }
+    true
 }

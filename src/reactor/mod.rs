@@ -3,14 +3,17 @@
 //! The reactor only dispatches: inbound sessions are driven by `net::inbound`, outbound
 //! connections and DNS by `net::outbound` (which executes the pure `delivery::Engine`'s
 //! actions), the group commit is the gate in [`commit`], password checks run on the
-//! [`authwork`] thread under `smtp::auth_throttle`. Every timer of the loop is in one
+//! [`authwork`] thread under `smtp::auth_throttle`, DKIM signatures on the [`dkimwork`]
+//! threads. Every timer of the loop is in one
 //! `net::deadline` table keyed by token; step 5 fires them and hands delivery its own.
 //!
 //! # One turn
 //! 1. `poll` for events (timeout: the next deadline, or zero when work is left over), then
 //!    read the clock once: every decision of the turn uses that `now`.
 //! 2. Dispatch: listeners are only marked; connections read, parse and append finished
-//!    messages to the spool (not yet answered).
+//!    messages to the spool (not yet answered). With DKIM keys a finished message goes to
+//!    the signing threads first (its body moved, not copied) and is appended in the turn its
+//!    signature comes back (the waker).
 //! 3. Group commit: one sync covers every message of the turn; only when it is back are their
 //!    `250`s written into the output buffers (or `451` for all if the sync failed).
 //! 4. Flush every connection with output: each pipelined batch of replies leaves in one write.
@@ -24,6 +27,7 @@
 pub mod auth;
 pub mod authwork;
 pub mod commit;
+pub mod dkimwork;
 pub mod signal;
 pub mod syncer;
 
@@ -38,6 +42,7 @@ use mio::{Events, Interest, Poll};
 use crate::buf::{BufPool, VecPool};
 use crate::config::Config;
 use crate::delivery::DeliveryConfig;
+use crate::dkim::KeyTable;
 use crate::log::{Logger, V};
 use crate::message::IdGen;
 use crate::net::deadline::Deadlines;
@@ -54,6 +59,7 @@ use crate::spool::{Spool, SpoolError, SpoolOptions};
 use auth::AuthSide;
 use authwork::AuthWorker;
 use commit::{Batch, CommitGate};
+use dkimwork::{DkimWorker, SignDone, SignJob};
 use mio::Token;
 
 /// Connections accepted per turn at most.
@@ -126,6 +132,14 @@ pub struct Server {
     accepting: bool,
     /// What the inbound driver needs of `cfg`.
     inbound_cfg: InboundConfig,
+    /// DKIM keys (`None`: no signing), replaced on SIGHUP.
+    dkim_keys: Option<Arc<KeyTable>>,
+    /// Messages the sessions finished this turn, to hand to the signing threads.
+    sign_jobs: Vec<SignJob>,
+    /// Signed messages taken from the threads (kept for its capacity).
+    signed: Vec<SignDone>,
+    /// The signing threads (with keys only).
+    dkim: Option<DkimWorker>,
 }
 
 /// Borrows what the inbound driver needs for one call out of the server, beside the driver
@@ -150,6 +164,8 @@ macro_rules! turn {
             wall_us,
             accepting,
             shutdown,
+            dkim_keys,
+            sign_jobs,
             ..
         } = $s;
         #[allow(unused_mut)]
@@ -168,6 +184,8 @@ macro_rules! turn {
             now: *now,
             wall_us: *wall_us,
             accepting: *accepting,
+            dkim_keys: dkim_keys.as_ref(),
+            sign_jobs,
             shutdown: shutdown.is_some(),
         };
         let _ = &$delivery;
@@ -228,6 +246,21 @@ impl Server {
         // One waker per poll: the sync thread and the AUTH worker share it.
         let waker = Arc::new(mio::Waker::new(poll.registry(), token::make(Kind::Waker, 0, 0)).map_err(RunError::Poll)?);
         let syncer = syncer::Syncer::spawn(waker.clone()).map_err(RunError::Poll)?;
+        let dkim = match &cfg.dkim {
+            Some(d) => {
+                let t = &d.table;
+                log.event(
+                    "dkim",
+                    &[
+                        ("keys", V::N(t.len() as u64)),
+                        ("domains", V::N(t.domains() as u64)),
+                        ("threads", V::N(d.threads as u64)),
+                    ],
+                );
+                Some(DkimWorker::spawn(d.threads, waker.clone()).map_err(RunError::Poll)?)
+            }
+            None => None,
+        };
         let auth = match &cfg.auth {
             Some(users) => {
                 log.event("auth", &[("users", V::N(users.len() as u64))]);
@@ -294,6 +327,10 @@ impl Server {
             auth: AuthSide::new(auth),
             accepting: true,
             inbound_cfg: cfg.inbound(),
+            dkim_keys: cfg.dkim.as_ref().map(|d| Arc::clone(&d.table)),
+            sign_jobs: Vec::new(),
+            signed: Vec::new(),
+            dkim,
             cfg,
         };
         server.tick();
@@ -347,10 +384,12 @@ impl Server {
                         }
                     }
                     Some((Kind::Signal, _, _)) => self.on_signal(),
-                    // One waker serves the sync thread and the AUTH worker: ask both.
+                    // One waker serves the sync thread, the AUTH worker and the DKIM
+                    // threads: ask all three.
                     Some((Kind::Waker, _, _)) => {
                         self.on_sync_done();
                         self.on_auth_done();
+                        self.on_signed();
                     }
                     Some((kind @ (Kind::Outbound | Kind::Dns), generation, key)) => {
                         self.with_delivery(|d, ctx| d.on_event(ctx, kind, generation, key, ev));
@@ -364,6 +403,8 @@ impl Server {
                 // A session may have queued an AUTH check: the worker takes it at once.
                 self.pump_auth();
             }
+            // Messages that ended this turn go to the signing threads.
+            self.pump_dkim();
             // 3. Group commit of what this turn appended (released when the sync is back, or
             // at once with `--fsync never`).
             self.commit();
@@ -541,6 +582,34 @@ impl Server {
         self.auth.pump(|k, g| inbound.is_live(k, g));
     }
 
+    /// Hands the messages the sessions finished to the signing threads (never blocking: what
+    /// the threads cannot take yet waits in the worker's backlog).
+    fn pump_dkim(&mut self) {
+        if self.sign_jobs.is_empty() {
+            return;
+        }
+        match self.dkim.as_mut() {
+            Some(w) => w.submit(&mut self.sign_jobs),
+            // Keys without threads cannot happen (both come from the same flags).
+            None => self.sign_jobs.clear(),
+        }
+    }
+
+    /// Signed messages back from the threads: each is stored with its signature and waits
+    /// for this turn's group commit.
+    fn on_signed(&mut self) {
+        let Some(worker) = self.dkim.as_mut() else { return };
+        worker.try_results(&mut self.signed);
+        let mut signed = std::mem::take(&mut self.signed);
+        for done in signed.drain(..) {
+            turn!(self, inbound, turn, delivery);
+            inbound.store_signed(done, &mut turn);
+        }
+        self.signed = signed;
+        // A refused message lets its session go on, which may end another message.
+        self.pump_dkim();
+    }
+
     /// After the inbound driver ran: if a session queued an AUTH check, the worker may take
     /// one.
     fn pump_auth(&mut self) {
@@ -584,6 +653,7 @@ impl Server {
         if hup > 0 {
             self.reload_tls();
             self.reload_shaping();
+            self.reload_dkim();
         }
         if flush > 0 {
             self.flush_queue();
@@ -660,6 +730,23 @@ impl Server {
             Err(e) => self
                 .log
                 .event("reload", &[("shaping", V::S("failed, keeping the rules in force")), ("error", V::S(&e))]),
+        }
+    }
+
+    /// SIGHUP: reads the DKIM keys again (`--dkim-key` files and `--dkim-dir`). Messages
+    /// already handed to the threads keep the keys they were given; a key that does not
+    /// load is logged and the old table stays whole.
+    fn reload_dkim(&mut self) {
+        let Some(d) = &self.cfg.dkim else { return };
+        match crate::config::load_dkim(&d.keys, d.dir.as_deref()) {
+            Ok(t) => {
+                self.log.event(
+                    "reload",
+                    &[("dkim", V::S("ok")), ("keys", V::N(t.len() as u64)), ("domains", V::N(t.domains() as u64))],
+                );
+                self.dkim_keys = Some(Arc::new(t));
+            }
+            Err(e) => self.log.event("reload", &[("dkim", V::S("failed, keeping the old keys")), ("error", V::D(&e))]),
         }
     }
 

@@ -494,6 +494,21 @@ impl ServerSession {
         (self.queue_id, &self.envelope, self.body.as_deref().unwrap_or(&[]))
     }
 
+    /// Lends the finished message's body out (to the DKIM signer) without a copy. The session
+    /// stays waiting for the spool; [`ServerSession::restore_body`] gives it back before the
+    /// message is stored. `None` unless a message has just ended.
+    pub fn take_body(&mut self) -> Option<Vec<u8>> {
+        if self.state != State::Stored {
+            return None;
+        }
+        self.body.take()
+    }
+
+    /// Gives back the body lent by [`ServerSession::take_body`].
+    pub fn restore_body(&mut self, body: Vec<u8>) {
+        self.body = Some(body);
+    }
+
     /// Gives the body buffer back to the pool once the spool has a copy.
     pub fn release_body(&mut self, bodies: &mut VecPool) {
         if let Some(b) = self.body.take() {

@@ -455,7 +455,7 @@ fn field_len(field: &[u8], name: &'static str) -> Result<usize, FormatError> {
     Ok(2 + field.len())
 }
 
-fn message_payload_len(env: &Envelope, body: &[u8]) -> Result<usize, FormatError> {
+fn message_payload_len(env: &Envelope, body_len: usize) -> Result<usize, FormatError> {
     let mut n = MESSAGE_FIXED_LEN
         + field_len(&env.helo, "helo")?
         + field_len(&env.sender, "sender")?
@@ -470,7 +470,7 @@ fn message_payload_len(env: &Envelope, body: &[u8]) -> Result<usize, FormatError
             .checked_add(1 + field_len(rc.addr, "recipient")? + field_len(rc.orcpt, "orcpt")?)
             .ok_or(FormatError::TooLarge)?;
     }
-    n = n.checked_add(8 + body.len()).ok_or(FormatError::TooLarge)?;
+    n = n.checked_add(8).and_then(|n| n.checked_add(body_len)).ok_or(FormatError::TooLarge)?;
     if n > MAX_PAYLOAD_LEN {
         return Err(FormatError::TooLarge);
     }
@@ -480,7 +480,12 @@ fn message_payload_len(env: &Envelope, body: &[u8]) -> Result<usize, FormatError
 /// Exact on-disk length of the message record for `env` and `body` (header and padding
 /// included), or why it cannot be encoded.
 pub fn message_record_len(env: &Envelope, body: &[u8]) -> Result<usize, FormatError> {
-    Ok(padded_record_len(message_payload_len(env, body)?))
+    message_record_len_prefixed(env, &[], body)
+}
+
+/// [`message_record_len`] for a body stored after `prefix` (the DKIM-Signature fields).
+pub fn message_record_len_prefixed(env: &Envelope, prefix: &[u8], body: &[u8]) -> Result<usize, FormatError> {
+    Ok(padded_record_len(message_payload_len(env, prefix.len().saturating_add(body.len()))?))
 }
 
 // Format: { record header (kind = 1) | id u64 | arrival_ms u64 | flags u8 (bit 0 = SMTPUTF8) |
@@ -499,7 +504,23 @@ pub fn encode_message(
     env: &Envelope,
     body: &[u8],
 ) -> Result<(), FormatError> {
-    let payload_len = message_payload_len(env, body)?;
+    encode_message_prefixed(dst, key, id, arrival_ms, env, &[], body)
+}
+
+/// [`encode_message`] with `prefix` (the DKIM-Signature fields) stored as the start of the
+/// body: the record holds one body, `prefix` then `body`, so a signed message is read, sent
+/// and recovered like any other.
+pub fn encode_message_prefixed(
+    dst: &mut [u8],
+    key: &RecordKey,
+    id: QueueId,
+    arrival_ms: u64,
+    env: &Envelope,
+    prefix: &[u8],
+    body: &[u8],
+) -> Result<(), FormatError> {
+    let body_len = prefix.len().saturating_add(body.len());
+    let payload_len = message_payload_len(env, body_len)?;
     if dst.len() != padded_record_len(payload_len) {
         return Err(FormatError::WrongBufferLen);
     }
@@ -532,7 +553,8 @@ pub fn encode_message(
         w.str16(rc.addr)?;
         w.str16(rc.orcpt)?;
     }
-    w.u64(body.len() as u64)?;
+    w.u64(body_len as u64)?;
+    w.bytes(prefix)?;
     w.bytes(body)?;
     w.finish()?;
     frame_record(dst, key, RecordKind::Message, payload_len)

@@ -306,7 +306,21 @@ impl Spool {
         env: &Envelope,
         body: &[u8],
     ) -> Result<(Pending, MessageLoc), SpoolError> {
-        self.append_message_as(id, arrival_ms, env, body, true)
+        self.append_message_as(id, arrival_ms, env, &[], body, true)
+    }
+
+    /// [`Spool::append_message`] with `prefix` (the message's DKIM-Signature fields) stored
+    /// in front of the body, in the same record: the stored message is the signed one, so
+    /// every attempt and every restart sends the same bytes.
+    pub fn append_signed_message(
+        &mut self,
+        id: QueueId,
+        arrival_ms: u64,
+        env: &Envelope,
+        prefix: &[u8],
+        body: &[u8],
+    ) -> Result<(Pending, MessageLoc), SpoolError> {
+        self.append_message_as(id, arrival_ms, env, prefix, body, true)
     }
 
     /// Appends a message the relay made itself (a bounce) and queues at once. Unlike
@@ -322,7 +336,7 @@ impl Spool {
         env: &Envelope,
         body: &[u8],
     ) -> Result<(Pending, MessageLoc), SpoolError> {
-        self.append_message_as(id, arrival_ms, env, body, false)
+        self.append_message_as(id, arrival_ms, env, &[], body, false)
     }
 
     fn append_message_as(
@@ -330,13 +344,14 @@ impl Spool {
         id: QueueId,
         arrival_ms: u64,
         env: &Envelope,
+        prefix: &[u8],
         body: &[u8],
         undo_on_failure: bool,
     ) -> Result<(Pending, MessageLoc), SpoolError> {
-        let len = format::message_record_len(env, body).map_err(encode_error)?;
+        let len = format::message_record_len_prefixed(env, prefix, body).map_err(encode_error)?;
         // New mail (undo_on_failure) must leave the reserve; what the relay makes need not.
         let (seq, off) = self.append_with(len, undo_on_failure, |dst, key| {
-            format::encode_message(dst, key, id, arrival_ms, env, body).map_err(encode_error)
+            format::encode_message_prefixed(dst, key, id, arrival_ms, env, prefix, body).map_err(encode_error)
         })?;
         if let Some(slot) = self.segments.get_mut(&seq) {
             slot.live += 1;
@@ -528,6 +543,22 @@ impl Spool {
         }
         format::decode_message(raw.payload)
             .map(|v| v.envelope)
+            .map_err(|_| SpoolError::Corrupt("message payload fails validation"))
+    }
+
+    /// [`Spool::envelope`] and the body, read the same way (no crc check): for the delivery
+    /// log lines, which name the message's DKIM signatures.
+    pub fn envelope_and_body(&self, loc: MessageLoc) -> Result<(Envelope, &[u8]), SpoolError> {
+        let slot =
+            self.segments.get(&loc.segment).ok_or(SpoolError::Corrupt("message location names no open segment"))?;
+        let off = usize::try_from(loc.offset).map_err(|_| SpoolError::Corrupt("message offset out of range"))?;
+        let raw = format::record_at_trusted(slot.seg.bytes(), off, slot.seg.key())
+            .map_err(|_| SpoolError::Corrupt("message record fails validation"))?;
+        if raw.kind != format::RecordKind::Message {
+            return Err(SpoolError::Corrupt("message location does not hold a message record"));
+        }
+        format::decode_message(raw.payload)
+            .map(|v| (v.envelope, v.body))
             .map_err(|_| SpoolError::Corrupt("message payload fails validation"))
     }
 

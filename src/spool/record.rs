@@ -122,6 +122,7 @@ pub struct MessageView<'a> {
     pub arrival_ms: u64,
     /// Envelope (owned copy of the small fields).
     pub envelope: Envelope,
-    /// The body exactly as it will be sent (Received header first), dot-unstuffed.
+    /// The body exactly as it will be sent (the DKIM-Signature fields the relay added, then
+    /// the Received header, first), dot-unstuffed.
     pub body: &'a [u8],
 }

@@ -423,7 +423,9 @@ impl Outbound {
 
     /// Appends the outcome records of a job and logs its attempt lines.
     fn settle(&mut self, ctx: &mut Ctx<'_>, s: Settlement) {
-        let env = ctx.spool.envelope(s.loc).unwrap_or_default();
+        let (env, body) = ctx.spool.envelope_and_body(s.loc).unwrap_or_default();
+        let mut dkim = String::new();
+        crate::dkim::signed_by(body, &mut dkim);
         let remote = s.remote.as_deref().unwrap_or("");
         let mut reply_text = Vec::new();
         for r in &s.rcpts {
@@ -456,6 +458,7 @@ impl Outbound {
                     ("delay_ms", V::N(s.at_ms.saturating_sub(s.arrival_ms))),
                     ("attempt", V::N(u64::from(r.attempts))),
                     ("outcome", V::S(outcome_name)),
+                    ("dkim", V::S(&dkim)),
                 ],
             );
             match ctx.spool.append_outcome(s.id, r.rcpt, &outcome) {

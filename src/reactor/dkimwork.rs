@@ -1,0 +1,198 @@
+//! The DKIM signing threads (`--dkim-threads`): sign each finished message off the event
+//! loop and wake the loop through the `mio::Waker` when a signature is ready.
+//!
+//! Owns: the threads, the bounded job channel between the loop and them, and the loop-side
+//! backlog of jobs the channel had no room for. Must never: block the loop (a full channel
+//! leaves the job in the backlog: its session simply waits longer), or touch a session or the
+//! spool (the inbound driver stores the signed message and answers it).
+//!
+//! Why threads: an RSA-2048 signature costs about a millisecond of CPU, and hashing the body
+//! reads it all; on the loop every other session would stall behind each message. The loop
+//! hands the body buffer over by value (no copy) with the key table (an `Arc`, so a SIGHUP
+//! reload never changes the keys of a message already handed over) and gets it back with
+//! the signature fields.
+
+use std::collections::VecDeque;
+use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use mio::Waker;
+use ring::rand::SystemRandom;
+
+use crate::dkim::Signer;
+pub use crate::net::inbound::{SignDone, SignJob};
+
+/// Jobs the channel holds per thread before the loop keeps them in its backlog.
+const QUEUE_PER_THREAD: usize = 64;
+
+/// Signs one job with `signer`'s scratch space.
+fn run(signer: &mut Signer, rng: &SystemRandom, job: SignJob) -> SignDone {
+    let SignJob { key, generation, id, body, unix_s, keys } = job;
+    let mut headers = Vec::new();
+    let outcome = signer.sign(&keys, &body, unix_s, rng, &mut headers);
+    SignDone { key, generation, id, body, headers, outcome }
+}
+
+/// Handle to the signing threads.
+pub struct DkimWorker {
+    jobs: Option<SyncSender<SignJob>>,
+    results: Receiver<SignDone>,
+    /// Jobs the channel had no room for, oldest first.
+    backlog: VecDeque<SignJob>,
+    /// Results computed on the loop because every thread was gone.
+    inline: Vec<SignDone>,
+    waker: Arc<Waker>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl DkimWorker {
+    /// Starts `threads` signing threads; each wakes the loop with `waker` after a message.
+    pub fn spawn(threads: usize, waker: Arc<Waker>) -> std::io::Result<DkimWorker> {
+        let threads = threads.max(1);
+        let (jobs, job_rx) = sync_channel::<SignJob>(QUEUE_PER_THREAD * threads);
+        let job_rx = Arc::new(Mutex::new(job_rx));
+        let (result_tx, results) = channel();
+        let mut handles = Vec::with_capacity(threads);
+        for i in 0..threads {
+            let job_rx = Arc::clone(&job_rx);
+            let result_tx = result_tx.clone();
+            let waker = Arc::clone(&waker);
+            let handle = std::thread::Builder::new().name(format!("sluice-dkim-{i}")).spawn(move || {
+                let mut signer = Signer::new();
+                let rng = SystemRandom::new();
+                loop {
+                    // The lock is held only to take one job; a poisoned lock (a thread
+                    // panicked) still hands out jobs.
+                    let job = match job_rx.lock() {
+                        Ok(rx) => rx.recv(),
+                        Err(poisoned) => poisoned.into_inner().recv(),
+                    };
+                    let Ok(job) = job else { break };
+                    if result_tx.send(run(&mut signer, &rng, job)).is_err() {
+                        break;
+                    }
+                    // If the wake fails the loop is gone; nothing left to tell.
+                    let _ = waker.wake();
+                }
+            })?;
+            handles.push(handle);
+        }
+        Ok(DkimWorker {
+            jobs: Some(jobs),
+            results,
+            backlog: VecDeque::new(),
+            inline: Vec::new(),
+            waker,
+            threads: handles,
+        })
+    }
+
+    /// Queues jobs for the threads without blocking: what the channel cannot take waits in
+    /// the backlog, in order, and is offered again by [`DkimWorker::try_results`].
+    pub fn submit(&mut self, jobs: &mut Vec<SignJob>) {
+        self.backlog.extend(jobs.drain(..));
+        self.feed();
+    }
+
+    fn feed(&mut self) {
+        while let Some(job) = self.backlog.pop_front() {
+            let Some(tx) = &self.jobs else {
+                self.sign_inline(job);
+                continue;
+            };
+            match tx.try_send(job) {
+                Ok(()) => {}
+                Err(TrySendError::Full(job)) => {
+                    self.backlog.push_front(job);
+                    return;
+                }
+                Err(TrySendError::Disconnected(job)) => {
+                    // Every thread is gone: sign here (stalling the loop) rather than leave
+                    // the sessions waiting for ever.
+                    self.jobs = None;
+                    self.sign_inline(job);
+                }
+            }
+        }
+    }
+
+    fn sign_inline(&mut self, job: SignJob) {
+        let done = run(&mut Signer::new(), &SystemRandom::new(), job);
+        self.inline.push(done);
+        let _ = self.waker.wake();
+    }
+
+    /// Appends every finished job to `out` without blocking, then offers the backlog to the
+    /// threads again (the channel has room for as many as came back).
+    pub fn try_results(&mut self, out: &mut Vec<SignDone>) {
+        out.append(&mut self.inline);
+        out.extend(self.results.try_iter());
+        self.feed();
+    }
+
+    /// Jobs waiting in the loop-side backlog (the channel was full).
+    pub fn backlog(&self) -> usize {
+        self.backlog.len()
+    }
+}
+
+impl Drop for DkimWorker {
+    fn drop(&mut self) {
+        // Closing the channel ends the threads after the jobs already queued.
+        self.jobs = None;
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dkim::{KeyTable, Outcome, SigningKey};
+    use crate::message::QueueId;
+    use mio::{Events, Poll, Token};
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn signed_bodies_come_back_through_the_waker_with_backpressure() {
+        let mut keys = KeyTable::new();
+        keys.insert("example.com", SigningKey::ed25519_from_seed("s1", &[9u8; 32]).unwrap());
+        let keys = Arc::new(keys);
+        let mut poll = Poll::new().unwrap();
+        const WAKE: Token = Token(3);
+        let waker = Arc::new(Waker::new(poll.registry(), WAKE).unwrap());
+        let mut worker = DkimWorker::spawn(2, waker).unwrap();
+        // More jobs than the channel holds: the rest wait in the backlog, none is lost.
+        let n = QUEUE_PER_THREAD * 2 + 50;
+        let mut jobs: Vec<SignJob> = (0..n)
+            .map(|i| SignJob {
+                key: i,
+                generation: 1,
+                id: QueueId(i as u64),
+                body: format!("From: a@example.com\r\nSubject: {i}\r\n\r\nhi\r\n").into_bytes(),
+                unix_s: 1,
+                keys: Arc::clone(&keys),
+            })
+            .collect();
+        worker.submit(&mut jobs);
+        assert!(jobs.is_empty());
+        let mut events = Events::with_capacity(8);
+        let mut done = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while done.len() < n {
+            assert!(Instant::now() < deadline, "{} of {n} back", done.len());
+            poll.poll(&mut events, Some(Duration::from_millis(200))).unwrap();
+            worker.try_results(&mut done);
+        }
+        assert_eq!(worker.backlog(), 0);
+        done.sort_by_key(|d| d.key);
+        for (i, d) in done.iter().enumerate() {
+            assert_eq!((d.key, d.id), (i, QueueId(i as u64)));
+            assert!(d.body.starts_with(b"From: a@example.com\r\n"), "body handed back");
+            assert_eq!(d.outcome, Outcome::Signed("example.com:s1".into()));
+            assert!(d.headers.starts_with(b"DKIM-Signature: v=1; a=ed25519-sha256;"));
+        }
+    }
+}
