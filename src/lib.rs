@@ -68,6 +68,7 @@
 //! | `spool::format` | pure | `message`, `spool::record` | record codec |
 //! | `queue` | pure | `dsn`, `message`, `spool::record` | queue and retry schedule |
 //! | `delivery` | pure | `dns`, `dsn`, `message`, `queue`, `smtp`, `spool::format`, `spool::record` | the delivery engine: routes, retries, bounces, TLS policy |
+//! | `control` | pure | | the control socket's protocol (`sluice queue` <-> relay) |
 //! | `cli` | pure | `delivery`, `smtp` | clap flags and value parsers |
 //! | `log` | io: clock | | event lines on stderr |
 //! | `spool` | io: fs | `message` | the mmap'd segments and recovery |
@@ -84,6 +85,7 @@ pub mod admin;
 pub mod buf;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod delivery;
 pub mod dns;
 pub mod dsn;
