@@ -68,6 +68,7 @@
 //! | `spool::format` | pure | `message`, `spool::record` | record codec |
 //! | `queue` | pure | `dsn`, `message`, `spool::record` | queue and retry schedule |
 //! | `delivery` | pure | `dns`, `dsn`, `message`, `queue`, `smtp`, `spool::format`, `spool::record` | the delivery engine: routes, retries, bounces, TLS policy |
+//! | `shaping` | pure | | traffic shaping: scopes, suspensions |
 //! | `control` | pure | | the control socket's protocol (`sluice queue` <-> relay) |
 //! | `cli` | pure | `delivery`, `smtp` | clap flags and value parsers |
 //! | `log` | io: clock | | event lines on stderr |
@@ -94,6 +95,7 @@ pub mod message;
 pub mod net;
 pub mod queue;
 pub mod reactor;
+pub mod shaping;
 pub mod smtp;
 pub mod spool;
 pub mod sys;

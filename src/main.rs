@@ -30,7 +30,10 @@ fn main() -> ExitCode {
             };
             match server.run() {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(e @ RunError::Poll(_)) | Err(e @ RunError::Spool(_)) | Err(e @ RunError::Listen(..)) => {
+                Err(e @ RunError::Poll(_))
+                | Err(e @ RunError::Spool(_))
+                | Err(e @ RunError::Listen(..))
+                | Err(e @ RunError::Control(..)) => {
                     eprintln!("sluice: {e}");
                     ExitCode::from(1)
                 }

@@ -219,6 +219,26 @@ impl Outbound {
         self.end_pass(ctx);
     }
 
+    /// The engine, for the control socket's requests (`net::control`).
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The engine, for the control socket's requests (`net::control`); call
+    /// [`Outbound::after_control`] once its state is changed.
+    pub fn engine_mut(&mut self) -> &mut Engine {
+        &mut self.engine
+    }
+
+    /// After a control request changed the engine's state: its actions run (DSNs and outcome
+    /// records stored), and unless delivery is held its timers are armed again.
+    pub fn after_control(&mut self, ctx: &mut Ctx<'_>, hold: bool) {
+        self.run(ctx);
+        if !hold {
+            self.end_pass(ctx);
+        }
+    }
+
     /// A queue flush (`sluice queue flush`, SIGUSR1); see [`Engine::flush`].
     pub fn flush(&mut self) -> (usize, usize) {
         self.engine.flush()
