@@ -67,20 +67,20 @@
 //! | `spool::record` | pure | `message` | plain types the spool hands out |
 //! | `spool::format` | pure | `message`, `spool::record` | record codec |
 //! | `queue` | pure | `dsn`, `message`, `spool::record` | queue and retry schedule |
-//! | `delivery` | pure | `dns`, `dsn`, `message`, `queue`, `smtp`, `spool::format`, `spool::record` | the delivery engine: routes, retries, bounces, TLS policy |
-//! | `shaping` | pure | | traffic shaping: scopes, suspensions |
+//! | `shaping` | pure | | traffic shaping rules: sites, limits, rates, automation, scopes |
+//! | `delivery` | pure | `dns`, `dsn`, `message`, `queue`, `shaping`, `smtp`, `spool::format`, `spool::record` | the delivery engine: routes, retries, bounces, TLS policy |
 //! | `control` | pure | | the control socket's protocol (`sluice queue` <-> relay) |
 //! | `cli` | pure | `delivery`, `smtp` | clap flags and value parsers |
 //! | `log` | io: clock | | event lines on stderr |
 //! | `spool` | io: fs | `message` | the mmap'd segments and recovery |
 //! | `spool::segment` | io: fs, libc, unsafe | `spool::format`, `sys` | one segment file: mmap, msync, fdatasync |
-//! | `net` | io: mio, net, clock, fs, libc | `buf`, `delivery`, `dns`, `log`, `message`, `queue`, `smtp`, `spool` | socket drivers (inbound, outbound, DNS), the transport, TLS, the deadline table |
+//! | `net` | io: mio, net, clock, fs, libc | `buf`, `control`, `delivery`, `dns`, `log`, `message`, `queue`, `shaping`, `smtp`, `spool` | socket drivers (inbound, outbound, DNS, control socket), the transport, TLS, the deadline table |
 //! | `net::socket` | io: mio, net, libc, unsafe | `sys` | the socket syscalls |
 //! | `config` | io: fs | `cli`, `log`, `net`, `smtp` | flags -> `Config`, reads cert and auth files |
-//! | `reactor` | io: mio, net, thread, clock | `buf`, `config`, `delivery`, `log`, `message`, `net`, `queue`, `smtp`, `spool` | the event loop |
+//! | `reactor` | io: mio, net, thread, clock | `buf`, `config`, `control`, `delivery`, `log`, `message`, `net`, `queue`, `smtp`, `spool` | the event loop |
 //! | `reactor::signal` | io: mio, libc, unsafe | `sys` | signals as loop events, `kill` |
 //! | `sys` | io: libc, unsafe | | the `syscall!` macro |
-//! | `admin` | io: clock | `reactor`, `spool` | `sluice queue` |
+//! | `admin` | io: clock, fs | `control`, `reactor`, `spool` | `sluice queue`: spool reader, control-socket client |
 
 pub mod admin;
 pub mod buf;

@@ -11,20 +11,7 @@ pub const TLS_BROKEN_MS: u64 = 10 * 60_000;
 /// Addresses remembered with a broken handshake, at most.
 const TLS_BROKEN_MAX: usize = 10_000;
 
-/// `--outbound-tls`: how delivery uses STARTTLS.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OutboundTls {
-    /// Never.
-    None,
-    /// When offered, any certificate; a failed handshake is retried at once in plaintext on
-    /// the same address (Postfix's `may`).
-    May,
-    /// Required, any certificate: no STARTTLS, a refusal or a failed handshake is a 4.7.x
-    /// failure of the host.
-    Encrypt,
-    /// Required, with the certificate verified for the host name.
-    Verify,
-}
+pub use crate::shaping::OutboundTls;
 
 /// Addresses whose handshake failed under `may`, until (Unix ms): plaintext only.
 #[derive(Debug, Default)]
