@@ -220,6 +220,10 @@ impl Server {
                 &[("detail", V::S("--fsync never: accepted mail is NOT durable; for benchmarks only"))],
             );
         }
+        // The control socket is there before the first `listening` line: whoever waits for that
+        // line can use `sluice queue` at once.
+        let control = Control::bind(&cfg.spool, poll.registry())
+            .map_err(|e| RunError::Control(cfg.spool.join(crate::control::SOCKET_NAME), e))?;
         let mut listeners = Vec::new();
         let plain = cfg.listen.iter().map(|a| (*a, false));
         for (i, (addr, tls)) in plain.chain(cfg.listen_tls.iter().map(|a| (*a, true))).enumerate() {
@@ -274,8 +278,6 @@ impl Server {
             },
             dns,
         );
-        let control = Control::bind(&cfg.spool, poll.registry())
-            .map_err(|e| RunError::Control(cfg.spool.join(crate::control::SOCKET_NAME), e))?;
         let mut server = Server {
             control,
             poll,

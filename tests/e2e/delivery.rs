@@ -9,9 +9,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// A child `sluice-load` process (sink or dns), killed on drop.
-struct Aux {
+pub struct Aux {
     child: Child,
-    addr: std::net::SocketAddr,
+    pub addr: std::net::SocketAddr,
     _dir: Option<TempDir>,
     save: Option<PathBuf>,
 }
@@ -23,7 +23,7 @@ impl Drop for Aux {
     }
 }
 
-fn spawn_aux(bin: &Path, args: &[String]) -> (Child, std::net::SocketAddr) {
+pub fn spawn_aux(bin: &Path, args: &[String]) -> (Child, std::net::SocketAddr) {
     let mut child = Command::new(bin)
         .args(args)
         .stdin(Stdio::null())
@@ -50,7 +50,7 @@ fn spawn_aux(bin: &Path, args: &[String]) -> (Child, std::net::SocketAddr) {
 }
 
 /// A sink on `ip:port` saving what it accepts.
-fn sink(bin: &Path, listen: &str, extra: &[&str]) -> Aux {
+pub fn sink(bin: &Path, listen: &str, extra: &[&str]) -> Aux {
     let dir = TempDir::new("sink");
     let save = dir.path().join("saved");
     let mut args: Vec<String> = vec!["sink".into(), "--listen".into(), listen.into(), "--interval".into(), "0".into()];
@@ -61,7 +61,7 @@ fn sink(bin: &Path, listen: &str, extra: &[&str]) -> Aux {
     Aux { child, addr, _dir: Some(dir), save: Some(save) }
 }
 
-fn dns(bin: &Path, zone: &[&str]) -> Aux {
+pub fn dns(bin: &Path, zone: &[&str]) -> Aux {
     let mut args: Vec<String> =
         vec!["dns".into(), "--listen".into(), "127.0.0.1:0".into(), "--ttl".into(), "60".into()];
     args.extend(zone.iter().map(|s| s.to_string()));
@@ -70,7 +70,7 @@ fn dns(bin: &Path, zone: &[&str]) -> Aux {
 }
 
 /// Saved messages of a sink: (envelope text, message bytes), in arrival order.
-fn saved(sink: &Aux) -> Vec<(String, Vec<u8>)> {
+pub fn saved(sink: &Aux) -> Vec<(String, Vec<u8>)> {
     let Some(dir) = &sink.save else { return Vec::new() };
     let mut names: Vec<PathBuf> =
         std::fs::read_dir(dir).map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect()).unwrap_or_default();
@@ -82,7 +82,7 @@ fn saved(sink: &Aux) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
-fn wait_saved(sink: &Aux, n: usize, within: Duration, relay: &Relay) -> Vec<(String, Vec<u8>)> {
+pub fn wait_saved(sink: &Aux, n: usize, within: Duration, relay: &Relay) -> Vec<(String, Vec<u8>)> {
     let t0 = Instant::now();
     loop {
         let s = saved(sink);
@@ -95,7 +95,7 @@ fn wait_saved(sink: &Aux, n: usize, within: Duration, relay: &Relay) -> Vec<(Str
 }
 
 /// Waits (bounded) until `sluice queue stats` shows nothing queued.
-fn wait_queue_empty(relay: &Relay, within: Duration) {
+pub fn wait_queue_empty(relay: &Relay, within: Duration) {
     let t0 = Instant::now();
     loop {
         let (_, out, _) = queue_cmd(&relay.spool, &["stats", "--json"]);
@@ -108,11 +108,11 @@ fn wait_queue_empty(relay: &Relay, within: Duration) {
 }
 
 /// A port free on 127.0.0.1 (the sinks then listen on 127.0.0.x with that port).
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-fn send(relay: &Relay, from: &str, to: &[&str], body: &[u8]) -> String {
+pub fn send(relay: &Relay, from: &str, to: &[&str], body: &[u8]) -> String {
     let mut c = relay.client();
     c.expect("220");
     c.expect_ok("EHLO c.test", "250");
