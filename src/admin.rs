@@ -99,10 +99,19 @@ fn offline_suspensions(args: &Query, out: &mut dyn Write) -> Result<(), Box<dyn 
 }
 
 /// Prints suspension rows; `offline`: read from that spool with no relay running.
-fn write_suspensions(rows: &[SuspensionRow], json: bool, offline: Option<&Path>, out: &mut dyn Write) -> io::Result<()> {
+fn write_suspensions(
+    rows: &[SuspensionRow],
+    json: bool,
+    offline: Option<&Path>,
+    out: &mut dyn Write,
+) -> io::Result<()> {
     let source = if offline.is_some() { "spool" } else { "relay" };
     if let (Some(dir), false) = (offline, json) {
-        writeln!(out, "# no relay is running on {}: manual suspensions only, from its suspensions file", dir.display())?;
+        writeln!(
+            out,
+            "# no relay is running on {}: manual suspensions only, from its suspensions file",
+            dir.display()
+        )?;
     }
     if rows.is_empty() && !json {
         writeln!(out, "no suspensions")?;
@@ -139,7 +148,8 @@ fn offline_summary(args: &Query, out: &mut dyn Write) -> Result<(), Box<dyn std:
             if !matches!(r.status, RcptStatus::Queued | RcptStatus::Deferred) {
                 continue;
             }
-            let domain = crate::queue::domain_of(addr.addr).map_or_else(String::new, |d| String::from_utf8_lossy(d).to_lowercase());
+            let domain = crate::queue::domain_of(addr.addr)
+                .map_or_else(String::new, |d| String::from_utf8_lossy(d).to_lowercase());
             let i = match rows.iter().position(|(row, _)| row.key == domain) {
                 Some(i) => i,
                 None => {

@@ -386,7 +386,13 @@ mod tests {
     #[test]
     fn a_cut_answer_is_not_taken_for_a_short_one() {
         let full = Answer::Summary(vec![
-            SummaryRow { key: "a".into(), queued: 1, oldest_s: 1, last_reply: String::new(), suspended: false };
+            SummaryRow {
+                key: "a".into(),
+                queued: 1,
+                oldest_s: 1,
+                last_reply: String::new(),
+                suspended: false
+            };
             2
         ])
         .encode();

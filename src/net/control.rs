@@ -146,7 +146,14 @@ impl Control {
     }
 
     /// A readiness event for a control token.
-    pub fn on_event(&mut self, generation: u32, key: usize, registry: &Registry, deadlines: &mut Deadlines<Token>, now: Instant) {
+    pub fn on_event(
+        &mut self,
+        generation: u32,
+        key: usize,
+        registry: &Registry,
+        deadlines: &mut Deadlines<Token>,
+        now: Instant,
+    ) {
         if key == LISTENER_KEY {
             self.pending = true;
             return self.accept(registry, deadlines, now);
@@ -249,7 +256,8 @@ pub fn restore(control: &mut Control, delivery: &mut Outbound, ctx: &mut Ctx<'_>
     let (list, warnings) = match suspensions::load(dir, ctx.wall_ms) {
         Ok(l) => l,
         Err(e) => {
-            ctx.log.event("spool_warning", &[("detail", V::S("cannot read the suspensions file")), ("error", V::D(&e))]);
+            ctx.log
+                .event("spool_warning", &[("detail", V::S("cannot read the suspensions file")), ("error", V::D(&e))]);
             return;
         }
     };
