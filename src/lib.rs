@@ -80,7 +80,7 @@
 //! | `reactor` | io: mio, net, thread, clock | `buf`, `config`, `control`, `delivery`, `log`, `message`, `net`, `queue`, `smtp`, `spool` | the event loop |
 //! | `reactor::signal` | io: mio, libc, unsafe | `sys` | signals as loop events, `kill` |
 //! | `sys` | io: libc, unsafe | | the `syscall!` macro |
-//! | `admin` | io: clock, fs | `control`, `reactor`, `spool` | `sluice queue`: spool reader, control-socket client |
+//! | `admin` | io: clock, fs | `control`, `queue`, `reactor`, `spool` | `sluice queue`: spool reader, control-socket client |
 
 pub mod admin;
 pub mod buf;

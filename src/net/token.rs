@@ -71,6 +71,8 @@ mod tests {
         let t = make(Kind::Inbound, 0xabcdef, 12345);
         assert_eq!(split(t), Some((Kind::Inbound, 0xabcdef, 12345)));
         assert_eq!(split(Token(0)), None);
+        let t = make(Kind::Control, 7, u32::MAX as usize);
+        assert_eq!(split(t), Some((Kind::Control, 7, u32::MAX as usize)));
         assert_eq!(next_generation(0xff_ffff), 0);
     }
 }
