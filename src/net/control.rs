@@ -252,7 +252,7 @@ impl Drop for Control {
 
 /// Re-applies the operator's suspensions saved in the spool directory (expired ones are
 /// dropped); logs what was applied and what was not.
-pub fn restore(control: &mut Control, delivery: &mut Outbound, ctx: &mut Ctx<'_>, dir: &Path) {
+pub fn restore(control: &mut Control, delivery: &mut Outbound, ctx: &mut Ctx<'_>, dir: &Path, hold: bool) {
     let (list, warnings) = match suspensions::load(dir, ctx.wall_ms) {
         Ok(l) => l,
         Err(e) => {
@@ -273,6 +273,8 @@ pub fn restore(control: &mut Control, delivery: &mut Outbound, ctx: &mut Ctx<'_>
             ctx.log.event("suspend_error", &[("scope", V::S(&s.scope)), ("error", V::S(&e))]);
         }
     }
+    // The engine's log lines (`event=suspend`) go out now, also under --hold.
+    delivery.after_control(ctx, hold);
 }
 
 /// Answers one request: engine calls, the suspensions file kept in step, actions run.

@@ -449,7 +449,7 @@ impl Server {
         let Server { delivery, control, spool, log, ids, bufs, poll, deadlines, now, wall_us, cfg, .. } = self;
         let registry = poll.registry();
         let mut ctx = delivery::Ctx { spool, log, ids, bufs, registry, deadlines, now: *now, wall_ms: *wall_us / 1000 };
-        control::restore(control, delivery, &mut ctx, &cfg.spool);
+        control::restore(control, delivery, &mut ctx, &cfg.spool, cfg.hold);
     }
 
     fn pump_delivery(&mut self) {

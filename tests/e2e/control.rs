@@ -158,3 +158,32 @@ fn control_verbs_without_a_relay_and_bad_requests() {
     assert!(relay.wait_exit(Duration::from_secs(10)).success());
     assert!(!sock.exists());
 }
+
+#[test]
+fn a_suspended_domain_gets_no_connection_until_it_is_resumed() {
+    let Some(bin) = load_bin() else { return };
+    let port = free_port();
+    let dst = sink(&bin, &format!("127.0.0.33:{port}"), &[]);
+    let d = dns(&bin, &["--zone", "sus.test=127.0.0.33"]);
+    let relay =
+        Relay::start(&["--dns", &d.addr.to_string(), "--smtp-port", &port.to_string(), "--retry-schedule", "1s"]);
+    let (code, _, err) = queue_cmd(&relay.spool, &["suspend", "--domain", "sus.test", "--reason", "maintenance"]);
+    assert_eq!(code, 0, "{err}");
+    send(&relay, "a@src.test", &["u@sus.test"], b"Subject: wait\r\n\r\nlater\r\n");
+    // Several retry periods pass: no connection, nothing delivered.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(saved(&dst).is_empty(), "delivered while suspended:\n{}", relay.log());
+    let log = relay.log();
+    assert!(!log.contains("127.0.0.33") && !log.contains("outcome=delivered"), "no connection expected:\n{log}");
+    let (_, out, _) = queue_cmd(&relay.spool, &["summary", "--json"]);
+    let row = line_with(&out, "\"domain\":\"sus.test\"");
+    assert!(row.contains("\"suspended\":true") && num(row, "queued") == 1, "{row}");
+    // Resumed (and flushed, whatever retry time the suspension gave it): delivered.
+    let (code, _, err) = queue_cmd(&relay.spool, &["resume", "--domain", "sus.test"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = queue_cmd(&relay.spool, &["flush"]);
+    assert_eq!(code, 0, "{err}");
+    let got = wait_saved(&dst, 1, Duration::from_secs(20), &relay);
+    assert!(got[0].1.ends_with(b"later\r\n"));
+    wait_queue_empty(&relay, Duration::from_secs(10));
+}
