@@ -177,6 +177,14 @@ pub struct ServeArgs {
     /// MX host name, checked against --tls-ca-file).
     #[arg(long = "outbound-tls", value_enum, default_value = "may")]
     pub outbound_tls: OutboundTlsMode,
+    /// Traffic shaping rules (TOML: `[default]`, `[provider.NAME]`, `[domain."D"]`,
+    /// `[[automation]]`), merged over the built-in provider profiles; SIGHUP reloads it, and a
+    /// file that does not load keeps the rules in force.
+    #[arg(long = "shaping", value_name = "FILE")]
+    pub shaping: Option<PathBuf>,
+    /// Leave out the built-in provider profiles and automation rules.
+    #[arg(long = "no-builtin-shaping")]
+    pub no_builtin_shaping: bool,
     /// CA bundle (PEM) for --outbound-tls verify.
     #[arg(long = "tls-ca-file", value_name = "PEM", default_value = "/etc/ssl/certs/ca-certificates.crt")]
     pub tls_ca_file: PathBuf,

@@ -11,6 +11,7 @@ use crate::cli::{self, Cidr, FsyncMode, OutboundTlsMode, ServeArgs};
 use crate::log::LogFormat;
 use crate::net::inbound::InboundConfig;
 use crate::net::tls::{ClientTls, ServerTls, TlsError};
+use crate::shaping::Rules;
 use crate::smtp::auth::{AuthFile, AuthFileError, AuthFileErrorKind};
 use crate::smtp::client_limit::ClientLimits;
 use crate::smtp::server::SessionConfig;
@@ -80,8 +81,17 @@ pub struct Config {
     pub auth: Option<Arc<AuthFile>>,
     /// `--outbound-tls`.
     pub outbound_tls: OutboundTlsMode,
-    /// The TLS client settings for deliveries (None with `--outbound-tls none`).
-    pub client_tls: Option<ClientTls>,
+    /// The TLS client settings for deliveries (STARTTLS without a certificate check).
+    pub client_tls: ClientTls,
+    /// The same with the certificate checked against `--tls-ca-file` (when `verify` is used
+    /// by `--outbound-tls` or a shaping rule).
+    pub client_tls_verified: Option<ClientTls>,
+    /// `--shaping`, `--no-builtin-shaping`: the file (kept for SIGHUP) and the rules loaded.
+    pub shaping_file: Option<PathBuf>,
+    /// Whether the built-in profiles are loaded.
+    pub builtin_shaping: bool,
+    /// The rules in force at start.
+    pub shaping: Rules,
 }
 
 /// A configuration problem, naming the flag.
@@ -148,10 +158,11 @@ impl Config {
             )),
             None => None,
         };
-        let client_tls = match a.outbound_tls {
-            OutboundTlsMode::None => None,
-            OutboundTlsMode::May | OutboundTlsMode::Encrypt => Some(ClientTls::unverified()),
-            OutboundTlsMode::Verify => Some(ClientTls::verified(&a.tls_ca_file).map_err(|e| ConfigError::tls(&e))?),
+        let shaping = load_shaping(a.shaping.as_deref(), !a.no_builtin_shaping)?;
+        let client_tls_verified = if a.outbound_tls == OutboundTlsMode::Verify || shaping.uses_verify() {
+            Some(ClientTls::verified(&a.tls_ca_file).map_err(|e| ConfigError::tls(&e))?)
+        } else {
+            None
         };
         let hostname = match &a.hostname {
             Some(h) => h.clone(),
@@ -195,7 +206,11 @@ impl Config {
             tls_handshake_timeout: a.tls_handshake_timeout,
             auth,
             outbound_tls: a.outbound_tls,
-            client_tls,
+            client_tls: ClientTls::unverified(),
+            client_tls_verified,
+            shaping_file: a.shaping.clone(),
+            builtin_shaping: !a.no_builtin_shaping,
+            shaping,
         })
     }
 }
@@ -208,6 +223,21 @@ impl From<cli::LogFormat> for LogFormat {
             cli::LogFormat::Json => LogFormat::Json,
         }
     }
+}
+
+/// Reads `--shaping` (if given) over the built-in profiles (if `builtin`); errors name the
+/// flag, the file, the line and the key.
+pub fn load_shaping(path: Option<&Path>, builtin: bool) -> Result<Rules, ConfigError> {
+    let text = match path {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .map_err(|e| ConfigError { flag: "--shaping", message: format!("{}: {e}", p.display()) })?,
+        ),
+        None => None,
+    };
+    let name = path.map(|p| p.display().to_string()).unwrap_or_default();
+    Rules::load(text.as_deref().map(|t| (name.as_str(), t)), builtin)
+        .map_err(|e| ConfigError { flag: "--shaping", message: e.to_string() })
 }
 
 /// Reads and parses `--auth-file` (the parser in `smtp::auth` is pure: it sees only the text);

@@ -299,16 +299,7 @@ pub fn rfc5322_date(out: &mut Vec<u8>, unix_secs: u64) {
     const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
     let days = (unix_secs / 86_400) as i64;
     let secs = unix_secs % 86_400;
-    // Civil-from-days (proleptic Gregorian), after H. Hinnant's public-domain algorithm.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (year, month, day) = civil(days);
     let _ = write!(
         out,
         "{}, {} {} {} {:02}:{:02}:{:02} +0000",
@@ -322,9 +313,37 @@ pub fn rfc5322_date(out: &mut Vec<u8>, unix_secs: u64) {
     );
 }
 
+/// A Unix time in ms as ISO 8601 UTC to the second (`2026-12-06T07:23:26Z`), for log lines.
+pub fn iso8601(unix_ms: u64) -> String {
+    let unix_secs = unix_ms / 1000;
+    let (year, month, day) = civil((unix_secs / 86_400) as i64);
+    let secs = unix_secs % 86_400;
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", secs / 3600, (secs / 60) % 60, secs % 60)
+}
+
+/// (year, month 1-12, day 1-31) of a day count since 1970-01-01: civil-from-days (proleptic
+/// Gregorian), after H. Hinnant's public-domain algorithm.
+fn civil(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(month <= 2), month, day)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn iso8601_names_the_utc_second() {
+        assert_eq!(iso8601(0), "1970-01-01T00:00:00Z");
+        assert_eq!(iso8601(1_796_541_806_999), "2026-12-06T07:23:26Z");
+    }
 
     #[test]
     fn date_rendering() {

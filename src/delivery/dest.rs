@@ -40,6 +40,8 @@ pub(super) enum ConnectFailed {
 #[derive(Debug)]
 pub(super) struct DestState {
     pub route: Route,
+    /// Its shaping site, once the route is known.
+    pub site: Option<super::sites::SiteId>,
     /// Connections open or opening.
     pub conns: u32,
     /// Of those, connections not ready yet (connecting, greeting, EHLO, STARTTLS): each will
@@ -58,12 +60,15 @@ pub(super) struct DestState {
     pub backoff_reply: Option<Reply>,
     /// The reply of the last settled job, for `sluice queue summary`.
     pub last_reply: Option<Reply>,
+    /// It was down: one connection probes it before others follow (cleared by a greeting).
+    pub probing: bool,
 }
 
 impl DestState {
     pub fn new() -> DestState {
         DestState {
             route: Route::Unknown,
+            site: None,
             conns: 0,
             opening: 0,
             idle: Vec::new(),
@@ -72,6 +77,7 @@ impl DestState {
             backoff_until_ms: 0,
             backoff_reply: None,
             last_reply: None,
+            probing: false,
         }
     }
 
@@ -125,12 +131,14 @@ impl DestState {
         self.failures = 0;
         self.backoff_until_ms = now_ms + backoff_ms;
         self.backoff_reply = Some(reply.clone());
+        self.probing = true;
         ConnectFailed::Down
     }
 
     /// The host talked SMTP: the failure count starts over.
     pub fn greeted(&mut self) {
         self.failures = 0;
+        self.probing = false;
         self.opening = self.opening.saturating_sub(1);
     }
 

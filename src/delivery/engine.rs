@@ -40,12 +40,14 @@ use slab::Slab;
 use super::dest::{ConnectFailed, DestState, Route, DEST_BACKOFF_MS, FAILED_ROUTE_TTL_MS, ROUTE_TTL_MS};
 use super::route::{self, rcpt_outcome, verdict, Verdict};
 use super::settle::{self, Settled};
+use super::sites::{self, Blocked, Change, Defaults, SiteId, Sites};
 use super::tls::{OutboundTls, TlsMemory};
 use super::DeliveryConfig;
 use crate::dns::resolver::{DnsError, MxPlan, Resolver};
 use crate::dsn::{self, Action as DsnAction};
 use crate::message::{Envelope, QueueId};
 use crate::queue::{DestId, Job, MsgKey, Queue};
+use crate::shaping::{Rules, Scope, Suspension};
 use crate::smtp::client::{Failure, TlsPolicy, TxResult};
 use crate::smtp::reply::Reply;
 use crate::smtp::LocalFault;
@@ -53,8 +55,8 @@ use crate::spool::{MessageLoc, Pending, Pins, StoredMessage};
 
 pub use control::{DestSummary, OperatorBounce};
 
-/// Transactions on one connection before it says QUIT.
-pub const MAX_TRANSACTIONS_PER_CONN: u32 = 1000;
+/// Transactions on one connection before it says QUIT, unless shaping says otherwise.
+pub const MAX_TRANSACTIONS_PER_CONN: u32 = sites::DEFAULT_MAX_DELIVERIES;
 /// How long an idle connection is kept for reuse.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Jobs given a verdict without an attempt per destination and pass (see `settle_ready`).
@@ -103,6 +105,8 @@ pub enum Action {
         addr: SocketAddr,
         /// STARTTLS policy of its session.
         tls: TlsPolicy,
+        /// Verify the certificate for `host` (`verify`).
+        verify: bool,
     },
     /// Start the transaction [`Engine::job`] names on the connection; `next`: queue it behind
     /// the current one (RFC 2920 §3.1). A start that fails is reported with
@@ -222,6 +226,8 @@ pub enum Note {
         /// Why.
         error: String,
     },
+    /// Shaping changed (`event=suspend|throttle|resume`).
+    Shaping(Change),
 }
 
 /// How a connection broke.
@@ -268,6 +274,9 @@ struct InFlight {
 struct Conn {
     generation: u32,
     dest: DestId,
+    site: SiteId,
+    /// The TLS mode it was opened under (its site's).
+    tls_mode: OutboundTls,
     /// Index of its address in the destination's route.
     addr_index: usize,
     host: Box<str>,
@@ -331,12 +340,28 @@ pub struct Engine {
     /// Pins of finished messages whose last [`Action::Settle`] is not executed yet: outcome
     /// records of earlier Settles of the same message still add their tickets here.
     releasing: HashMap<QueueId, Pins>,
+    /// Shaping: sites, limits, buckets, suspensions.
+    sites: Sites,
+    /// Destinations and sites to serve again at a time (a token, a suspension's end, a
+    /// backoff's end, a parked message's expiry): (when, kind, id); stale entries are harmless.
+    wakes: BinaryHeap<Reverse<(Instant, Wake, u32)>>,
+}
+
+/// What a wake-up serves again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Wake {
+    /// The destinations waiting for a site.
+    Site,
+    /// One destination.
+    Dest,
 }
 
 impl Engine {
     /// An engine with an empty queue.
     pub fn new(cfg: DeliveryConfig) -> Engine {
         let queue = Queue::new(cfg.relay_host.as_ref().map(|(h, _)| h.as_str()), &cfg.hostname);
+        let defaults = Defaults { connection_limit: cfg.domain_concurrency, tls: cfg.tls_mode };
+        let sites = Sites::new(cfg.shaping.clone(), defaults);
         Engine {
             cfg,
             queue,
@@ -350,6 +375,8 @@ impl Engine {
             actions: VecDeque::new(),
             parked: Slab::new(),
             releasing: HashMap::new(),
+            sites,
+            wakes: BinaryHeap::new(),
         }
     }
 
@@ -387,7 +414,9 @@ impl Engine {
     pub fn next_deadline(&self, now: Now) -> Option<Instant> {
         let due = self.queue.next_due().map(|d| now.at + Duration::from_millis(d.saturating_sub(now.wall_ms)));
         let timer = self.timers.peek().map(|Reverse((t, _, _))| *t);
-        [due, timer, self.local_pause_until].into_iter().flatten().min()
+        let wake = self.wakes.peek().map(|Reverse((t, _, _))| *t);
+        let shaping = self.sites.next_end_ms().map(|ms| sites::at_ms(now.at, now.wall_ms, ms));
+        [due, timer, self.local_pause_until, wake, shaping].into_iter().flatten().min()
     }
 
     /// The job a [`Action::Start`] names: its message's id and record, and recipient indexes.
@@ -444,6 +473,28 @@ impl Engine {
             self.timers.pop();
             self.conn_timer(ConnId { key, generation }, t, now);
         }
+        if self.sites.next_end_ms().is_some_and(|ms| ms <= now.wall_ms) {
+            for (site, change) in self.sites.expire(now.at, now.wall_ms) {
+                self.actions.push_back(Action::Note(Note::Shaping(change)));
+                for d in self.sites.take_waiting(site) {
+                    self.queue.want(d);
+                }
+            }
+        }
+        while let Some(&Reverse((t, kind, id))) = self.wakes.peek() {
+            if t > now.at {
+                break;
+            }
+            self.wakes.pop();
+            match kind {
+                Wake::Site => {
+                    for d in self.sites.take_waiting(id) {
+                        self.queue.want(d);
+                    }
+                }
+                Wake::Dest => self.queue.want(id),
+            }
+        }
         if self.local_pause_until.is_some_and(|t| now.at >= t) {
             self.local_pause_until = None;
         }
@@ -467,6 +518,13 @@ impl Engine {
         let Some(dests) = self.lookups.remove(&key) else { return };
         let route = self.make_route(name, result, is_self, now);
         for dest in dests {
+            if let Route::Ready { addrs, .. } = &route {
+                let mut hosts: Vec<&str> = addrs.iter().map(|(h, _)| &**h).collect();
+                hosts.dedup();
+                let relay = self.cfg.relay_host.as_ref().map(|(h, _)| h.as_str());
+                let site = self.sites.site_for(&self.queue.dest(dest).name, &hosts, relay, now.at);
+                self.dest_state(dest).site = Some(site);
+            }
             self.dest_state(dest).set_route(route.clone());
             self.queue.want(dest);
         }
@@ -502,12 +560,22 @@ impl Engine {
     /// and true is returned.
     pub fn handle_can_queue(&mut self, conn: ConnId, now: Now) -> bool {
         let Some(c) = self.conn(conn) else { return false };
+        let (dest, site) = (c.dest, c.site);
+        let max = self.sites.effective(site).max_deliveries;
         // Counting the active transaction and the one to queue.
-        if c.next.is_some() || c.active.is_none() || c.transactions.saturating_add(2) > MAX_TRANSACTIONS_PER_CONN {
+        if c.next.is_some() || c.active.is_none() || c.transactions.saturating_add(2) > max {
             return false;
         }
-        let dest = c.dest;
-        let Some(job) = self.queue.pop_job(dest, now.wall_ms) else { return false };
+        if !self.queue.has_ready(dest)
+            || self.held(dest, now).is_some()
+            || self.sites.take_message(site, now.at).is_err()
+        {
+            return false;
+        }
+        let Some(job) = self.queue.pop_job(dest, now.wall_ms) else {
+            self.sites.refund_message(site);
+            return false;
+        };
         self.begin_job(conn, job, true);
         true
     }
@@ -528,6 +596,8 @@ impl Engine {
                 }
             }
             StartFailure::Refused(refusal) => {
+                let (site, dest) = (c.site, c.dest);
+                self.automate(site, dest, &refusal, now);
                 // As start_transaction's refusals: the same reply for every recipient.
                 let outcome =
                     rcpt_outcome(&refusal, false).unwrap_or_else(|| (Verdict::Deferred, LocalFault::NotQueued.reply()));
@@ -542,7 +612,15 @@ impl Engine {
         let Some(active) = c.active.take() else { return };
         c.active = c.next.take();
         c.transactions += 1;
-        let (remote, tls) = (c.remote.clone(), c.tls);
+        let (remote, tls, site, dest) = (c.remote.clone(), c.tls, c.site, c.dest);
+        // Automation looks at every failure reply (once per distinct reply).
+        let mut last: Option<&Reply> = None;
+        for r in result.rcpt_replies.iter().chain(result.data_reply.as_ref()) {
+            if r.code >= 400 && last != Some(r) {
+                self.automate(site, dest, r, now);
+                last = Some(r);
+            }
+        }
         let outcomes = result
             .rcpt_replies
             .iter()
@@ -559,7 +637,12 @@ impl Engine {
     /// The connection broke (the driver closes nothing itself: a [`Action::Close`] follows).
     pub fn handle_conn_failed(&mut self, conn: ConnId, failure: ConnFailure<'_>, now: Now) {
         let Some(c) = self.conn(conn) else { return };
-        let (greeted, host, addr) = (c.greeted, c.host.clone(), c.peer);
+        let (greeted, host, addr, site, dest) = (c.greeted, c.host.clone(), c.peer, c.site, c.dest);
+        if let ConnFailure::Session { failure: Failure { reply: Some(r), .. }, .. } = failure {
+            if r.code >= 400 {
+                self.automate(site, dest, r, now);
+            }
+        }
         match failure {
             ConnFailure::Connect(error) => self.refused(conn, host, addr, error.to_owned(), None, now),
             ConnFailure::Session { failure, tls_error, received } if failure.tls_status().is_some() => {
@@ -620,6 +703,52 @@ impl Engine {
         let due = self.queue.flush();
         let reset = self.dests.iter_mut().map(DestState::reset).filter(|&held| held).count();
         (due, reset)
+    }
+
+    /// New shaping rules (SIGHUP): limits apply at once; sites keep their state.
+    pub fn set_rules(&mut self, rules: Rules, now: Now) {
+        self.sites.set_rules(rules, now.at);
+        self.queue.want_all_ready();
+    }
+
+    /// The shaping rules in force.
+    pub fn rules(&self) -> &Rules {
+        self.sites.rules()
+    }
+
+    /// Suspends a domain or a provider (or a site) until `until_ms`: its mail is parked, its
+    /// connections end after their transaction. `Err` names an unknown provider.
+    pub fn suspend(&mut self, scope: Scope, until_ms: u64, reason: &str, manual: bool, now: Now) -> Result<(), String> {
+        let _ = now;
+        let change = self.sites.suspend(scope, until_ms, reason, manual)?;
+        self.actions.push_back(Action::Note(Note::Shaping(change)));
+        Ok(())
+    }
+
+    /// Lifts a suspension; false when there was none. Parked mail is served at once.
+    pub fn resume(&mut self, scope: &Scope, now: Now) -> bool {
+        let _ = now;
+        let Some(change) = self.sites.resume(scope) else { return false };
+        self.actions.push_back(Action::Note(Note::Shaping(change)));
+        self.queue.want_all_ready();
+        true
+    }
+
+    /// Every suspension in force, manual and automatic.
+    pub fn suspensions(&self, now: Now) -> Vec<Suspension> {
+        self.sites.suspensions(now.wall_ms)
+    }
+
+    /// The site of a destination, once its route is known.
+    pub fn site_name(&self, dest: DestId) -> Option<&str> {
+        let site = self.dests.get(dest as usize)?.site?;
+        Some(self.sites.name(site))
+    }
+
+    /// Whether a destination is suspended now.
+    pub fn suspended(&self, dest: DestId, now: Now) -> bool {
+        let site = self.dests.get(dest as usize).and_then(|s| s.site);
+        self.sites.blocked(site, &self.queue.dest(dest).name, now.wall_ms).is_some()
     }
 
     fn conn(&self, id: ConnId) -> Option<&Conn> {
@@ -721,8 +850,12 @@ impl Engine {
 
     /// Starts what can be started for one destination.
     fn serve(&mut self, dest: DestId, now: Now) {
-        // Hand ready jobs to idle connections first (connection reuse).
-        while self.queue.has_ready(dest) {
+        // Hand ready jobs to idle connections first (connection reuse); a connection that gets
+        // none (no token) goes back to the idle list, so each is tried once.
+        for _ in 0..self.dest_state(dest).idle.len() {
+            if !self.queue.has_ready(dest) {
+                break;
+            }
             let Some((key, generation)) = self.dest_state(dest).idle.pop() else { break };
             let id = ConnId { key, generation };
             if self.conn(id).is_some_and(|c| c.active.is_none() && c.idle_since.is_some()) {
@@ -732,15 +865,13 @@ impl Engine {
         if !self.queue.has_ready(dest) {
             return;
         }
-        let limit = self.cfg.domain_concurrency;
-        let state = self.dest_state(dest);
-        if now.wall_ms < state.backoff_until_ms {
-            // The destination is down: like Postfix's "delivery temporarily suspended", work
-            // arriving now is deferred with the last failure instead of hammering it again.
-            let reply = state.backoff_reply.clone().unwrap_or_else(|| LocalFault::DestinationDown.reply());
-            self.settle_ready(dest, Verdict::Deferred, &reply, now);
-            return;
+        if let Some((until_ms, reply)) = self.held(dest, now) {
+            // Suspended, or down (every address failed: Postfix's "delivery temporarily
+            // suspended"): its ready work is parked — no connection, no outcome record, no
+            // attempt counted — until the hold ends; the queue lifetime still runs.
+            return self.park(dest, until_ms, &reply, now);
         }
+        let state = self.dest_state(dest);
         state.expire_route(now.wall_ms);
         match &state.route {
             Route::Unknown => self.resolve(dest),
@@ -752,14 +883,38 @@ impl Engine {
                 self.settle_ready(dest, verdict, &reply, now);
             }
             Route::Ready { .. } => {
+                let Some(site) = state.site else { return };
                 let ready = self.queue.dest(dest).ready.len() as u32;
                 let state = &self.dests[dest as usize];
-                let want = ready.saturating_sub(state.opening).min(limit.saturating_sub(state.conns));
-                for _ in 0..want {
+                let mut want = ready.saturating_sub(state.opening);
+                if state.failures > 0 || state.probing {
+                    // Addresses failed lately: one connection probes before others follow.
+                    want = want.min(1u32.saturating_sub(state.opening));
+                }
+                if want == 0 {
+                    return;
+                }
+                let (may, rate_wait) = self.sites.may_open(site, now.at);
+                // A rate-limited site gets no more connections than it has message tokens.
+                let tokens = self.sites.message_tokens(site, now.at);
+                let token_wait = match tokens {
+                    0 => self.sites.message_ready(site, now.at).err(),
+                    _ => None,
+                };
+                let n = want.min(may).min(tokens.min(u64::from(u32::MAX)) as u32);
+                if n < want {
+                    // Served again when a connection of the site closes or a token comes.
+                    self.sites.wait(site, dest);
+                    if let Some(t) = [rate_wait, token_wait].into_iter().flatten().min() {
+                        self.wake(Wake::Site, site, t);
+                    }
+                }
+                for _ in 0..n {
                     let Some((index, host, addr)) = self.dests[dest as usize].next_address() else { return };
                     let host = Box::from(host);
-                    let policy = self.tls.policy(self.cfg.tls_mode, addr, now.wall_ms);
-                    self.open(dest, index, host, addr, policy, now);
+                    let mode = self.sites.effective(site).tls;
+                    let policy = self.tls.policy(mode, addr, now.wall_ms);
+                    self.open(dest, site, index, host, addr, (policy, mode), now);
                 }
             }
         }
@@ -773,14 +928,27 @@ impl Engine {
         self.actions.push_back(Action::Lookup { name, host: self.cfg.relay_host.is_some() });
     }
 
-    /// Opens a connection to `addr` (entry `index` of the destination's route).
-    fn open(&mut self, dest: DestId, index: usize, host: Box<str>, addr: SocketAddr, tls: TlsPolicy, now: Now) {
+    /// Opens a connection to `addr` (entry `index` of the destination's route) under `tls`
+    /// (the policy of this connection, and the site's mode).
+    #[allow(clippy::too_many_arguments)]
+    fn open(
+        &mut self,
+        dest: DestId,
+        site: SiteId,
+        index: usize,
+        host: Box<str>,
+        addr: SocketAddr,
+        tls: (TlsPolicy, OutboundTls),
+        now: Now,
+    ) {
         self.generation = (self.generation + 1) & GENERATION_MASK;
         let generation = self.generation;
         let remote = Rc::from(format!("{host}[{}]", addr.ip()));
         let key = self.conns.insert(Conn {
             generation,
             dest,
+            site,
+            tls_mode: tls.1,
             addr_index: index,
             host: host.clone(),
             peer: addr,
@@ -798,9 +966,11 @@ impl Engine {
         let state = self.dest_state(dest);
         state.conns += 1;
         state.opening += 1;
+        self.sites.opened(site, now.at);
         let conn = ConnId { key, generation };
         self.arm(conn);
-        self.actions.push_back(Action::Connect { conn, host, addr, tls });
+        let verify = tls.1 == OutboundTls::Verify;
+        self.actions.push_back(Action::Connect { conn, host, addr, tls: tls.0, verify });
     }
 
     /// The connection failed before its session was ready (`error` for the log; `reply`, if
@@ -828,8 +998,8 @@ impl Engine {
         let backoff =
             DEST_BACKOFF_MS.min(self.cfg.policy.schedule.first().map_or(DEST_BACKOFF_MS, |d| d.as_millis() as u64));
         match self.dest_state(dest).connect_failed(addr_index, &reply, now.wall_ms, backoff) {
-            ConnectFailed::TryAgain => self.queue.want(dest),
-            ConnectFailed::Down => self.settle_ready(dest, Verdict::Deferred, &reply, now),
+            // Down: `serve` parks the ready work until the backoff ends.
+            ConnectFailed::TryAgain | ConnectFailed::Down => self.queue.want(dest),
         }
     }
 
@@ -840,7 +1010,7 @@ impl Engine {
     /// (`encrypt`/`verify`) it is a 4.7.x failure of the host, handled like a refused connect.
     fn tls_failed(&mut self, conn: ConnId, failure: &Failure, tls_error: Option<&str>, received: &[Reply], now: Now) {
         let Some(c) = self.conn(conn) else { return };
-        let (dest, host, addr, index) = (c.dest, c.host.clone(), c.peer, c.addr_index);
+        let (dest, site, host, addr, index, mode) = (c.dest, c.site, c.host.clone(), c.peer, c.addr_index, c.tls_mode);
         let detail = match tls_error {
             Some(e) => format!("{failure}: {e}"),
             None => failure.to_string(),
@@ -850,10 +1020,10 @@ impl Engine {
             return self.conn_lost(conn, &detail, received, now);
         }
         self.close(conn);
-        if failure.is_tls_handshake() && self.cfg.tls_mode == OutboundTls::May {
+        if failure.is_tls_handshake() && mode == OutboundTls::May {
             self.actions.push_back(Action::Note(Note::TlsFallback { host: host.clone(), addr, error: detail }));
             self.tls.remember(addr, now.wall_ms);
-            self.open(dest, index, host, addr, TlsPolicy::Off, now);
+            self.open(dest, site, index, host, addr, (TlsPolicy::Off, mode), now);
             return;
         }
         let status = failure.tls_status().unwrap_or((4, 7, 0));
@@ -905,24 +1075,58 @@ impl Engine {
         }
         state.idle.retain(|&(k, g)| !(k == conn.key && g == conn.generation));
         self.queue.want(c.dest);
+        for d in self.sites.closed(c.site) {
+            self.queue.want(d);
+        }
     }
 
     /// Gives a ready connection the next job of its destination, or parks it as idle.
     fn take_job(&mut self, conn: ConnId, now: Now) {
-        let Some(c) = self.conn_mut(conn) else { return };
-        if c.transactions >= MAX_TRANSACTIONS_PER_CONN {
-            c.idle_since = None;
-            self.actions.push_back(Action::Quit { conn });
-            return;
+        let Some(c) = self.conn(conn) else { return };
+        let (dest, site, transactions) = (c.dest, c.site, c.transactions);
+        let eff = self.sites.effective(site);
+        // Its budget is spent, a throttle lowered the site's limit, or the destination is held:
+        // the session ends.
+        let quit = transactions >= eff.max_deliveries
+            || self.sites.conns(site) > eff.connection_limit
+            || self.held(dest, now).is_some();
+        if quit {
+            return self.quit(conn);
         }
-        let dest = c.dest;
+        if !self.queue.has_ready(dest) {
+            return self.park_idle(conn, now);
+        }
+        if let Err(t) = self.sites.take_message(site, now.at) {
+            // No token: idle until one comes (the idle timeout may end it first).
+            self.sites.wait(site, dest);
+            self.wake(Wake::Site, site, t);
+            return self.park_idle(conn, now);
+        }
         match self.queue.pop_job(dest, now.wall_ms) {
             Some(job) => self.begin_job(conn, job, false),
-            None => self.park_idle(conn, now),
+            None => {
+                self.sites.refund_message(site);
+                self.park_idle(conn, now)
+            }
+        }
+    }
+
+    fn quit(&mut self, conn: ConnId) {
+        if let Some(c) = self.conn_mut(conn) {
+            c.idle_since = None;
+            self.actions.push_back(Action::Quit { conn });
         }
     }
 
     fn park_idle(&mut self, conn: ConnId, now: Now) {
+        let Some(c) = self.conn(conn) else { return };
+        let site = c.site;
+        // Another destination of the site waits for a connection slot: give it this one.
+        if self.sites.has_waiting_except(site, c.dest)
+            && self.sites.conns(site) >= self.sites.effective(site).connection_limit
+        {
+            return self.quit(conn);
+        }
         let Some(c) = self.conn_mut(conn) else { return };
         c.idle_since = Some(now.at);
         let dest = c.dest;
@@ -947,6 +1151,58 @@ impl Engine {
             c.active = f;
         }
         self.actions.push_back(Action::Start { conn, next });
+    }
+
+    /// Why `dest` may not be served now: suspended, or down (backing off after every address
+    /// failed). Returns when that ends (Unix ms) and the reply an expiring message gets.
+    fn held(&self, dest: DestId, now: Now) -> Option<(u64, Reply)> {
+        let state = self.dests.get(dest as usize);
+        let site = state.and_then(|s| s.site);
+        if let Some(Blocked::Suspended { until_ms, site, reason }) =
+            self.sites.blocked(site, &self.queue.dest(dest).name, now.wall_ms)
+        {
+            return Some((until_ms, LocalFault::Suspended { site: &site, reason: &reason }.reply()));
+        }
+        let state = state?;
+        (now.wall_ms < state.backoff_until_ms).then(|| {
+            let reply = state.backoff_reply.clone().unwrap_or_else(|| LocalFault::DestinationDown.reply());
+            (state.backoff_until_ms, reply)
+        })
+    }
+
+    /// Parks the ready work of a held destination until `until_ms`: nothing is tried or
+    /// recorded, except that messages whose lifetime ended fail with `4.4.7` naming `reply`
+    /// (taken from the front of the ready list, oldest first); it is served again at the
+    /// hold's end or the next expiry, whichever comes first.
+    fn park(&mut self, dest: DestId, until_ms: u64, reply: &Reply, now: Now) {
+        let mut wake_ms = until_ms;
+        for _ in 0..SETTLE_PER_PASS {
+            let Some(arrival_ms) = self.queue.ready_front_arrival(dest) else { break };
+            let expires_ms = self.cfg.policy.expires_at_ms(arrival_ms);
+            if expires_ms > now.wall_ms {
+                wake_ms = wake_ms.min(expires_ms);
+                break;
+            }
+            let Some(job) = self.queue.pop_job(dest, now.wall_ms) else { break };
+            let outcomes = vec![(Verdict::Deferred, reply.clone()); job.rcpts.len()];
+            self.settle(job, None, outcomes, None, "none", now);
+        }
+        let at = if wake_ms <= now.wall_ms { now.at } else { sites::at_ms(now.at, now.wall_ms, wake_ms) };
+        self.wake(Wake::Dest, dest, at);
+    }
+
+    /// Serves `id` (a site's waiting destinations, or one destination) again at `at`.
+    fn wake(&mut self, kind: Wake, id: u32, at: Instant) {
+        self.wakes.push(Reverse((at, kind, id)));
+    }
+
+    /// A failure reply from a site about `dest`: automation may throttle or suspend the site.
+    fn automate(&mut self, site: SiteId, dest: DestId, reply: &Reply, now: Now) {
+        let text = reply.to_string();
+        let domain = &self.queue.dest(dest).name;
+        if let Some(change) = self.sites.on_reply(site, domain, &text, now.at, now.wall_ms) {
+            self.actions.push_back(Action::Note(Note::Shaping(change)));
+        }
     }
 
     /// Gives ready jobs of `dest` the same verdict without trying them (a destination that is

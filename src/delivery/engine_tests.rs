@@ -47,31 +47,37 @@ fn a_message_is_delivered_on_one_connection_and_released() {
     );
 }
 
+/// A destination whose every address fails is down: its work is parked (no connection, no
+/// outcome record, no attempt counted) and one connection probes it after each backoff; when
+/// it answers again everything goes out on the first attempt.
 #[test]
-fn every_address_failing_backs_off_and_defers_with_the_last_reply() {
-    let mut h = harness(1, OutboundTls::None);
+fn every_address_failing_parks_the_work_and_one_connection_probes_after_the_backoff() {
+    let mut h = harness(4, OutboundTls::None);
     h.host(MX1, Host::Refuse);
     h.host(MX2, Host::Greet(reply(421, (4, 3, 2), "busy")));
     let first = h.submit("s@x.test", &["u@a.test"]);
     h.run();
     assert_eq!(h.connects.iter().map(ip).collect::<Vec<_>>(), [MX1, MX2]);
-    let o = h.records[0].settled.clone();
-    assert_eq!((o.verdict, o.reply.code, o.reply.enhanced), (Verdict::Deferred, 451, Some((4, 4, 1))));
-    assert!(o.reply.text.contains("mx2.a.test") && o.reply.text.contains("421 4.3.2 busy"), "{}", o.reply);
-    assert_eq!(o.next_ms, h.now().wall_ms + 60_000);
-    // Work arriving during the backoff gets the same reply without a connection.
+    // Work arriving during the backoff waits without a connection; nothing is recorded.
     let second = h.submit("s@x.test", &["w@a.test"]);
-    h.run();
-    assert_eq!(h.connects.len(), 2);
-    assert_eq!(h.outcomes(second)[0].3, (4, 4, 1));
-    assert_eq!(h.records[1].settled.reply, o.reply);
-    // After the backoff (30 s, the first retry being 60 s) new work connects again.
-    h.advance(Duration::from_secs(31));
     let third = h.submit("s@x.test", &["z@a.test"]);
     h.run();
-    assert_eq!(h.connects.len(), 4);
-    assert_eq!(h.outcomes(third).len(), 1);
-    assert_eq!(h.outcomes(first).len(), 1, "not retried before its time");
+    h.advance(Duration::from_secs(29));
+    assert_eq!((h.connects.len(), h.records.len()), (2, 0));
+    // After the backoff (30 s, the first retry being 60 s) one connection probes, the address
+    // after the last one tried; it fails, so do the next, and the work stays parked.
+    h.advance(Duration::from_secs(2));
+    assert_eq!(h.connects.iter().map(ip).collect::<Vec<_>>(), [MX1, MX2, MX1, MX2]);
+    assert!(h.records.is_empty(), "{:?}", h.records);
+    // Up again: the next probe delivers, then the rest follows, each on its first attempt.
+    h.host(MX1, smtp());
+    h.advance(Duration::from_secs(31));
+    for id in [first, second, third] {
+        let o = h.outcomes(id);
+        assert_eq!(o.len(), 1, "{o:?}");
+        assert_eq!(o[0].1, Verdict::Delivered);
+    }
+    assert!(h.records.iter().all(|r| r.settled.attempts == 1));
 }
 
 #[test]
@@ -114,7 +120,16 @@ fn a_connect_timeout_moves_on_to_the_next_address() {
         h.advance(Duration::from_secs(1));
     }
     assert_eq!(h.connects.len(), 2);
-    assert!(h.records.iter().any(|r| r.id == id && r.settled.reply.text.ends_with("connection timed out")));
+    assert!(h.records.is_empty());
+    // Parked until its lifetime ends (and the probes then under way time out, one address
+    // after the other): the bounce names the timeout.
+    h.advance(Duration::from_secs(3600));
+    for _ in 0..2 {
+        h.advance(Duration::from_secs(11));
+    }
+    let r = h.records.iter().find(|r| r.id == id).unwrap();
+    assert_eq!(r.settled.reply.enhanced, Some((5, 4, 7)));
+    assert!(r.settled.reply.text.ends_with("connection timed out"), "{}", r.settled.reply);
 }
 
 #[test]
@@ -189,11 +204,17 @@ fn encrypt_and_verify_failures_defer_and_never_send_in_clear() {
         h.host(MX1, Host::Smtp(server));
         let id = h.submit("s@x.test", &["u@a.test"]);
         h.run();
-        assert!(h.connects.iter().all(|c| c.1 == TlsPolicy::Required), "{:?}", h.connects);
         assert_eq!(h.connects.len(), 1);
-        let o = h.outcomes(id);
-        assert_eq!((o[0].1, o[0].2, o[0].3), (Verdict::Deferred, 451, status));
         assert!(h.notes.iter().any(|n| matches!(n, Note::TlsError { .. })));
+        // Deferred (parked, probed again after each backoff), never sent in clear, until the
+        // lifetime ends: the bounce names the TLS failure.
+        h.advance(Duration::from_secs(3600));
+        assert!(h.connects.len() > 1 && h.connects.iter().all(|c| c.1 == TlsPolicy::Required), "{:?}", h.connects);
+        let o = h.outcomes(id);
+        assert_eq!((o.len(), o[0].1, o[0].3), (1, Verdict::Failed, (5, 4, 7)));
+        let (a, b, c) = status;
+        let text = &h.records[0].settled.reply.text;
+        assert!(text.contains(&format!("451 {a}.{b}.{c}")), "{text}");
     }
 }
 
@@ -204,12 +225,12 @@ fn expiry_fails_with_4_4_7_and_bounces() {
     h.host(MX2, Host::Refuse);
     let id = h.submit("s@x.test", &["u@a.test"]);
     h.run();
-    assert_eq!(h.outcomes(id)[0].1, Verdict::Deferred);
-    // Retries every minute until the hour is over.
+    // Parked while the destination is down (probed every 30 s) until the hour is over.
     for _ in 0..60 {
         h.advance(Duration::from_secs(60));
     }
     let o = h.outcomes(id);
+    assert_eq!(o.len(), 1, "{o:?}");
     let last = o.last().unwrap();
     assert_eq!((last.1, last.2, last.3), (Verdict::Failed, 550, (5, 4, 7)));
     assert!(h.records.iter().rev().find(|r| r.id == id).unwrap().settled.reply.text.contains("last error: 451 4.4.1"));

@@ -151,6 +151,7 @@ pub fn config(concurrency: u32, tls: OutboundTls) -> DeliveryConfig {
         hostname: "relay.test".into(),
         connect_timeout: Duration::from_secs(10),
         tls_mode: tls,
+        shaping: crate::shaping::Rules::load(None, true).expect("the built-in profiles load"),
     }
 }
 

@@ -20,6 +20,7 @@ mod dest;
 pub mod engine;
 pub mod route;
 pub mod settle;
+pub mod sites;
 pub mod tls;
 
 #[cfg(test)]
@@ -51,4 +52,6 @@ pub struct DeliveryConfig {
     pub connect_timeout: Duration,
     /// `--outbound-tls`.
     pub tls_mode: OutboundTls,
+    /// `--shaping` over the built-in profiles.
+    pub shaping: crate::shaping::Rules,
 }

@@ -25,7 +25,7 @@ use crate::message::QueueId;
 use crate::net::deadline::Deadlines;
 use crate::net::outbound::{Ctx, Outbound};
 use crate::net::token::{self, Kind};
-use crate::shaping::{Scope, Suspension};
+use crate::shaping::Scope;
 use crate::spool::suspensions::{self, SavedSuspension};
 
 /// Time a client has for the whole exchange (send the line, read the answer).
@@ -111,8 +111,6 @@ pub struct Control {
     pending: bool,
     /// Connections whose request is complete: (key, generation, the decoded request).
     ready: Vec<(usize, u32, Result<Request, ProtoError>)>,
-    /// TEMPORARY: suspensions kept here until the engine's own land (lead's API).
-    shim: Vec<Suspension>,
 }
 
 impl Control {
@@ -136,7 +134,6 @@ impl Control {
             generation: 0,
             pending: true,
             ready: Vec::new(),
-            shim: Vec::new(),
         })
     }
 
@@ -252,7 +249,7 @@ impl Drop for Control {
 
 /// Re-applies the operator's suspensions saved in the spool directory (expired ones are
 /// dropped); logs what was applied and what was not.
-pub fn restore(control: &mut Control, delivery: &mut Outbound, ctx: &mut Ctx<'_>, dir: &Path, hold: bool) {
+pub fn restore(delivery: &mut Outbound, ctx: &mut Ctx<'_>, dir: &Path) {
     let (list, warnings) = match suspensions::load(dir, ctx.wall_ms) {
         Ok(l) => l,
         Err(e) => {
@@ -265,27 +262,18 @@ pub fn restore(control: &mut Control, delivery: &mut Outbound, ctx: &mut Ctx<'_>
         ctx.log.event("spool_warning", &[("detail", V::S(w))]);
     }
     for s in list {
-        let applied = s
-            .scope
-            .parse::<Scope>()
-            .and_then(|scope| suspend(control, delivery, ctx, scope, s.until_ms, &s.reason, true));
+        // The engine logs each one (`event=suspend`) as it is applied.
+        let applied = s.scope.parse::<Scope>().and_then(|scope| {
+            delivery.with_engine(ctx, |e, now| e.suspend(scope, s.until_ms, &s.reason, true, now))
+        });
         if let Err(e) = applied {
             ctx.log.event("suspend_error", &[("scope", V::S(&s.scope)), ("error", V::S(&e))]);
         }
     }
-    // The engine's log lines (`event=suspend`) go out now, also under --hold.
-    delivery.after_control(ctx, hold);
 }
 
 /// Answers one request: engine calls, the suspensions file kept in step, actions run.
-pub fn serve(
-    req: Request,
-    control: &mut Control,
-    delivery: &mut Outbound,
-    ctx: &mut Ctx<'_>,
-    dir: &Path,
-    hold: bool,
-) -> Answer {
+pub fn serve(req: Request, delivery: &mut Outbound, ctx: &mut Ctx<'_>, dir: &Path) -> Answer {
     let wall_ms = ctx.wall_ms;
     match req {
         Request::Suspend { scope, for_ms, reason } => {
@@ -295,11 +283,10 @@ pub fn serve(
             };
             let until_ms = wall_ms.saturating_add(for_ms);
             let name = scope.to_string();
-            if let Err(e) = suspend(control, delivery, ctx, scope, until_ms, &reason, true) {
+            if let Err(e) = delivery.with_engine(ctx, |e, now| e.suspend(scope, until_ms, &reason, true, now)) {
                 return Answer::Failed(e);
             }
-            delivery.after_control(ctx, hold);
-            match save(control, delivery, ctx, dir) {
+            match save(delivery, ctx, dir) {
                 Ok(()) => Answer::Done(format!("suspended {name} for {}s (until {until_ms} ms)", for_ms / 1000)),
                 Err(e) => Answer::Failed(format!("suspended {name}, but not recorded (lost at a restart): {e}")),
             }
@@ -309,17 +296,18 @@ pub fn serve(
                 Ok(s) => s,
                 Err(e) => return Answer::Failed(e),
             };
-            if !resume(control, delivery, ctx, &scope) {
+            if !delivery.with_engine(ctx, |e, now| e.resume(&scope, now)) {
                 return Answer::Failed(format!("{scope} is not suspended"));
             }
-            delivery.after_control(ctx, hold);
-            match save(control, delivery, ctx, dir) {
+            match save(delivery, ctx, dir) {
                 Ok(()) => Answer::Done(format!("resumed {scope}")),
                 Err(e) => Answer::Failed(format!("resumed {scope}, but the suspensions file still has it: {e}")),
             }
         }
         Request::Suspensions => Answer::Suspensions(
-            suspensions_of(control, delivery, ctx)
+            delivery
+                .engine()
+                .suspensions(ctx_now(ctx))
                 .into_iter()
                 .map(|s| SuspensionRow {
                     scope: s.scope.to_string(),
@@ -338,8 +326,7 @@ pub fn serve(
                 },
                 BounceTarget::Domain(d) => (format!("domain {d}"), OperatorBounce::Domain(d)),
             };
-            let (rcpts, msgs) = delivery.engine_mut().bounce_queued(target, &reason, ctx_now(ctx));
-            delivery.after_control(ctx, hold);
+            let (rcpts, msgs) = delivery.with_engine(ctx, |e, now| e.bounce_queued(target, &reason, now));
             ctx.log.event(
                 "admin_bounce",
                 &[("target", V::S(&what)), ("recipients", V::N(rcpts as u64)), ("reason", V::S(&reason))],
@@ -350,7 +337,7 @@ pub fn serve(
                 Answer::Done(format!("bounced {rcpts} recipient(s) of {msgs} message(s) for {what}"))
             }
         }
-        Request::Summary { by } => Answer::Summary(summary(control, delivery, ctx, by)),
+        Request::Summary { by } => Answer::Summary(summary(delivery, ctx, by)),
     }
 }
 
@@ -359,14 +346,16 @@ fn ctx_now(ctx: &Ctx<'_>) -> crate::delivery::Now {
 }
 
 /// Rows per domain or site, keyed in first-seen order.
-fn summary(control: &Control, delivery: &Outbound, ctx: &Ctx<'_>, by: GroupBy) -> Vec<SummaryRow> {
+fn summary(delivery: &Outbound, ctx: &Ctx<'_>, by: GroupBy) -> Vec<SummaryRow> {
+    let engine = delivery.engine();
     let mut rows: Vec<(SummaryRow, u64)> = Vec::new();
-    for d in delivery.engine().summary() {
+    for d in engine.summary() {
         let key = match by {
             GroupBy::Domain => d.name,
-            GroupBy::Site => site_name(control, delivery, d.dest).unwrap_or(d.name),
+            // A destination not routed yet has no site: its own name stands for it.
+            GroupBy::Site => engine.site_name(d.dest).unwrap_or(d.name),
         };
-        let suspended = suspended(control, delivery, ctx, d.dest);
+        let suspended = engine.suspended(d.dest, ctx_now(ctx));
         let last = d.last_reply.map(ToString::to_string).unwrap_or_default();
         match rows.iter_mut().find(|(r, _)| r.key == key) {
             Some((r, oldest)) => {
@@ -392,51 +381,13 @@ fn summary(control: &Control, delivery: &Outbound, ctx: &Ctx<'_>, by: GroupBy) -
 }
 
 /// Writes the manual suspensions in force to `DIR/suspensions`.
-fn save(control: &Control, delivery: &Outbound, ctx: &Ctx<'_>, dir: &Path) -> io::Result<()> {
-    let list: Vec<SavedSuspension> = suspensions_of(control, delivery, ctx)
+fn save(delivery: &Outbound, ctx: &Ctx<'_>, dir: &Path) -> io::Result<()> {
+    let list: Vec<SavedSuspension> = delivery
+        .engine()
+        .suspensions(ctx_now(ctx))
         .into_iter()
         .filter(|s| s.manual)
         .map(|s| SavedSuspension { scope: s.scope.to_string(), until_ms: s.until_ms, reason: s.reason })
         .collect();
     suspensions::save(dir, &list)
-}
-
-// TEMPORARY: the engine's suspension API (lead's), kept in `Control::shim` until it lands.
-
-fn suspend(
-    control: &mut Control,
-    _delivery: &mut Outbound,
-    ctx: &mut Ctx<'_>,
-    scope: Scope,
-    until_ms: u64,
-    reason: &str,
-    manual: bool,
-) -> Result<(), String> {
-    if let Scope::Provider(p) = &scope {
-        return Err(format!("unknown provider: {p}"));
-    }
-    ctx.log.event("suspend", &[("site", V::D(&scope)), ("reason", V::S(reason)), ("until", V::N(until_ms))]);
-    control.shim.retain(|s| s.scope != scope);
-    control.shim.push(Suspension { site: String::new(), scope, reason: reason.to_owned(), until_ms, manual });
-    Ok(())
-}
-
-fn resume(control: &mut Control, _delivery: &mut Outbound, ctx: &mut Ctx<'_>, scope: &Scope) -> bool {
-    let before = control.shim.len();
-    control.shim.retain(|s| s.scope != *scope);
-    ctx.log.event("resume", &[("site", V::D(scope))]);
-    control.shim.len() != before
-}
-
-fn suspensions_of(control: &Control, _delivery: &Outbound, ctx: &Ctx<'_>) -> Vec<Suspension> {
-    control.shim.iter().filter(|s| s.until_ms > ctx.wall_ms).cloned().collect()
-}
-
-fn site_name<'a>(_control: &Control, _delivery: &'a Outbound, _dest: crate::queue::DestId) -> Option<&'a str> {
-    None
-}
-
-fn suspended(control: &Control, delivery: &Outbound, ctx: &Ctx<'_>, dest: crate::queue::DestId) -> bool {
-    let name = delivery.engine().dest_name(dest);
-    control.shim.iter().any(|s| s.until_ms > ctx.wall_ms && matches!(&s.scope, Scope::Domain(d) if **d == *name))
 }

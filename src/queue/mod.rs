@@ -312,6 +312,30 @@ impl Queue {
         }
     }
 
+    /// Arrival (Unix ms) of the first live message on `dest`'s ready list (stale entries at
+    /// the front are dropped).
+    pub fn ready_front_arrival(&mut self, dest: DestId) -> Option<u64> {
+        let ready = &mut self.dests[dest as usize].ready;
+        while let Some(&(key, id)) = ready.front() {
+            match self.msgs.get(key as usize).filter(|m| m.id == id) {
+                Some(m) => return Some(m.arrival_ms),
+                None => {
+                    ready.pop_front();
+                }
+            }
+        }
+        None
+    }
+
+    /// Marks every destination with ready work as wanting service (after a resume or reload).
+    pub fn want_all_ready(&mut self) {
+        for d in 0..self.dests.len() {
+            if !self.dests[d].ready.is_empty() {
+                self.want(d as DestId);
+            }
+        }
+    }
+
     /// True when `dest` has messages on its ready list.
     pub fn has_ready(&self, dest: DestId) -> bool {
         !self.dests[dest as usize].ready.is_empty()

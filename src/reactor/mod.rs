@@ -270,10 +270,12 @@ impl Server {
                 hostname: cfg.hostname.clone(),
                 connect_timeout: cfg.connect_timeout,
                 tls_mode: cfg.outbound_tls.into(),
+                shaping: cfg.shaping.clone(),
             },
             OutboundConfig {
                 timeouts: capped_timeouts(cfg.smtp_timeout, cfg.tls_handshake_timeout),
                 tls: cfg.client_tls.clone(),
+                verified: cfg.client_tls_verified.clone(),
                 own: listeners.iter().map(|l| l.addr).collect(),
             },
             dns,
@@ -437,7 +439,7 @@ impl Server {
             let mut ctx =
                 delivery::Ctx { spool, log, ids, bufs, registry, deadlines, now: *now, wall_ms: *wall_us / 1000 };
             let answer = match req {
-                Ok(req) => control::serve(req, control, delivery, &mut ctx, &cfg.spool, cfg.hold),
+                Ok(req) => control::serve(req, delivery, &mut ctx, &cfg.spool),
                 Err(e) => crate::control::Answer::Failed(e.to_string()),
             };
             control.answer(key, generation, &answer, registry, ctx.deadlines);
@@ -446,10 +448,8 @@ impl Server {
 
     /// Re-applies the suspensions an operator set before the last stop (`DIR/suspensions`).
     fn restore_suspensions(&mut self) {
-        let Server { delivery, control, spool, log, ids, bufs, poll, deadlines, now, wall_us, cfg, .. } = self;
-        let registry = poll.registry();
-        let mut ctx = delivery::Ctx { spool, log, ids, bufs, registry, deadlines, now: *now, wall_ms: *wall_us / 1000 };
-        control::restore(control, delivery, &mut ctx, &cfg.spool, cfg.hold);
+        let dir = self.cfg.spool.clone();
+        self.with_delivery(|d, ctx| control::restore(d, ctx, &dir));
     }
 
     fn pump_delivery(&mut self) {
@@ -633,6 +633,7 @@ impl Server {
         let signal::Received { stop: n, hup, flush } = self.signals.drain();
         if hup > 0 {
             self.reload_tls();
+            self.reload_shaping();
         }
         if flush > 0 {
             self.flush_queue();
@@ -679,6 +680,36 @@ impl Server {
                 self.log.event("reload", &[("tls", V::S("ok")), ("cert", V::D(&cert.display()))]);
             }
             Err(e) => self.log.event("reload", &[("tls", V::S("failed, keeping the old pair")), ("error", V::D(&e))]),
+        }
+    }
+
+    /// SIGHUP: reads the shaping file again (limits apply at once); a file that does not load,
+    /// or that asks for `verify` without a CA bundle loaded at start, keeps the rules in force.
+    fn reload_shaping(&mut self) {
+        let loaded = crate::config::load_shaping(self.cfg.shaping_file.as_deref(), self.cfg.builtin_shaping);
+        let loaded = loaded.map_err(|e| e.message).and_then(|rules| {
+            if rules.uses_verify() && self.cfg.client_tls_verified.is_none() {
+                Err("tls = \"verify\" needs a restart (the CA bundle is loaded at start)".to_owned())
+            } else {
+                Ok(rules)
+            }
+        });
+        match loaded {
+            Ok(rules) => {
+                let (providers, rules_n) = (rules.providers.len(), rules.automation.len());
+                self.with_delivery(|d, ctx| d.set_rules(ctx, rules));
+                self.log.event(
+                    "reload",
+                    &[
+                        ("shaping", V::S("ok")),
+                        ("providers", V::N(providers as u64)),
+                        ("automation", V::N(rules_n as u64)),
+                    ],
+                );
+            }
+            Err(e) => self
+                .log
+                .event("reload", &[("shaping", V::S("failed, keeping the rules in force")), ("error", V::S(&e))]),
         }
     }
 

@@ -126,7 +126,8 @@ struct Reader<'a> {
 
 impl Reader<'_> {
     fn error(&self, span: Option<Range<usize>>, key: &str, message: impl Into<String>) -> ShapingError {
-        let line = span.map(|s| 1 + self.text.as_bytes()[..s.start.min(self.text.len())].iter().filter(|&&b| b == b'\n').count());
+        let line = span
+            .map(|s| 1 + self.text.as_bytes()[..s.start.min(self.text.len())].iter().filter(|&&b| b == b'\n').count());
         ShapingError { file: self.file.to_owned(), line, key: key.to_owned(), message: message.into() }
     }
 
@@ -141,7 +142,11 @@ impl Reader<'_> {
                 None => Ok(None),
                 Some(s) => match u32::try_from(*s.get_ref()) {
                     Ok(n) if n >= 1 => Ok(Some(n)),
-                    _ => Err(self.error(Some(s.span()), &format!("{table}.{key}"), "must be a whole number of at least 1")),
+                    _ => Err(self.error(
+                        Some(s.span()),
+                        &format!("{table}.{key}"),
+                        "must be a whole number of at least 1",
+                    )),
                 },
             }
         };
@@ -192,7 +197,11 @@ impl Reader<'_> {
         for (key, span) in present {
             if let Some(span) = span {
                 if !allowed.contains(&key) {
-                    return Err(self.error(Some(span), &format!("{table}.{key}"), format!("`{key}` does not belong in {table}")));
+                    return Err(self.error(
+                        Some(span),
+                        &format!("{table}.{key}"),
+                        format!("`{key}` does not belong in {table}"),
+                    ));
                 }
             }
         }
@@ -222,10 +231,13 @@ impl Reader<'_> {
                 Some(list) => {
                     let mut pats = Vec::new();
                     for p in list.get_ref() {
-                        pats.push(
-                            HostPattern::parse(p)
-                                .ok_or_else(|| self.error(Some(list.span()), &format!("{table}.mx"), format!("`{p}` is not a host name or *.domain pattern")))?,
-                        );
+                        pats.push(HostPattern::parse(p).ok_or_else(|| {
+                            self.error(
+                                Some(list.span()),
+                                &format!("{table}.mx"),
+                                format!("`{p}` is not a host name or *.domain pattern"),
+                            )
+                        })?);
                     }
                     Some(pats)
                 }
@@ -239,7 +251,9 @@ impl Reader<'_> {
                     }
                 }
                 None => {
-                    let mx = mx.ok_or_else(|| self.error(Some(e.span()), &format!("{table}.mx"), "a new provider needs its `mx` patterns"))?;
+                    let mx = mx.ok_or_else(|| {
+                        self.error(Some(e.span()), &format!("{table}.mx"), "a new provider needs its `mx` patterns")
+                    })?;
                     rules.providers.push(Provider { name: name.as_str().into(), mx, limits });
                 }
             }
@@ -247,8 +261,9 @@ impl Reader<'_> {
         for (name, e) in &doc.domain {
             let table = format!("[domain.\"{name}\"]");
             self.only(&table, e.get_ref(), &[])?;
-            let pattern = HostPattern::parse(name)
-                .ok_or_else(|| self.error(Some(e.span()), &table, format!("`{name}` is not a domain or *.domain pattern")))?;
+            let pattern = HostPattern::parse(name).ok_or_else(|| {
+                self.error(Some(e.span()), &table, format!("`{name}` is not a domain or *.domain pattern"))
+            })?;
             let limits = self.limits(&table, e.get_ref())?;
             match rules.domains.iter_mut().find(|(p, _)| *p == pattern) {
                 Some((_, l)) => *l = limits.over(l),
@@ -260,7 +275,8 @@ impl Reader<'_> {
             let table = format!("[[automation]] #{}", i + 1);
             let entry = e.get_ref();
             self.only(&table, entry, &["match", "provider", "domain", "action", "duration"])?;
-            let missing = |key: &str| self.error(Some(e.span()), &format!("{table}.{key}"), format!("`{key}` is required"));
+            let missing =
+                |key: &str| self.error(Some(e.span()), &format!("{table}.{key}"), format!("`{key}` is required"));
             let pattern = entry.pattern.as_ref().ok_or_else(|| missing("match"))?;
             let regex = self.regex(&table, pattern)?;
             let action = entry.action.as_ref().ok_or_else(|| missing("action"))?;
@@ -270,12 +286,20 @@ impl Reader<'_> {
             let limits = self.limits(&table, entry)?;
             let action = match action.get_ref().as_str() {
                 "throttle" if limits == Limits::default() => {
-                    return Err(self.error(Some(action.span()), &format!("{table}.action"), "a throttle needs at least one limit key"))
+                    return Err(self.error(
+                        Some(action.span()),
+                        &format!("{table}.action"),
+                        "a throttle needs at least one limit key",
+                    ))
                 }
                 "throttle" => AutoAction::Throttle(limits),
                 "suspend" if limits == Limits::default() => AutoAction::Suspend,
                 "suspend" => {
-                    return Err(self.error(Some(action.span()), &format!("{table}.action"), "a suspension takes no limit keys"))
+                    return Err(self.error(
+                        Some(action.span()),
+                        &format!("{table}.action"),
+                        "a suspension takes no limit keys",
+                    ))
                 }
                 other => {
                     return Err(self.error(
@@ -289,10 +313,9 @@ impl Reader<'_> {
                 return Err(self.error(Some(e.span()), &table, "give `provider` or `domain`, not both"));
             }
             let domain = match &entry.domain {
-                Some(d) => Some(
-                    HostPattern::parse(d.get_ref())
-                        .ok_or_else(|| self.error(Some(d.span()), &format!("{table}.domain"), format!("`{}` is not a domain", d.get_ref())))?,
-                ),
+                Some(d) => Some(HostPattern::parse(d.get_ref()).ok_or_else(|| {
+                    self.error(Some(d.span()), &format!("{table}.domain"), format!("`{}` is not a domain", d.get_ref()))
+                })?),
                 None => None,
             };
             automation.push(Automation {
@@ -314,7 +337,8 @@ impl Reader<'_> {
             if entry.limits_given() {
                 return Err(self.error(Some(e.span()), &table, "a classify rule takes `match` and `class` only"));
             }
-            let missing = |key: &str| self.error(Some(e.span()), &format!("{table}.{key}"), format!("`{key}` is required"));
+            let missing =
+                |key: &str| self.error(Some(e.span()), &format!("{table}.{key}"), format!("`{key}` is required"));
             let regex = self.regex(&table, entry.pattern.as_ref().ok_or_else(|| missing("match"))?)?;
             let class = entry.class.as_ref().ok_or_else(|| missing("class"))?;
             rules.classify.push((regex, class.get_ref().as_str().into()));
@@ -400,10 +424,18 @@ mod tests {
             ("[default]\nconnection_limit = 0\n", 2, "[default].connection_limit"),
             ("\n[domain.\"a.test\"]\nmax_message_rate = \"fast\"\n", 3, "[domain.\"a.test\"].max_message_rate"),
             ("[provider.google]\ntls = \"sometimes\"\n", 2, "[provider.google].tls"),
-            ("[[automation]]\nmatch = '(unclosed'\naction = \"suspend\"\nduration = \"1h\"\n", 2, "[[automation]] #1.match"),
+            (
+                "[[automation]]\nmatch = '(unclosed'\naction = \"suspend\"\nduration = \"1h\"\n",
+                2,
+                "[[automation]] #1.match",
+            ),
             ("[[automation]]\nmatch = 'x'\naction = \"explode\"\nduration = \"1h\"\n", 3, "[[automation]] #1.action"),
             ("[[automation]]\nmatch = 'x'\naction = \"throttle\"\nduration = \"1h\"\n", 3, "[[automation]] #1.action"),
-            ("[[automation]]\nmatch = 'x'\naction = \"suspend\"\nduration = \"soon\"\n", 4, "[[automation]] #1.duration"),
+            (
+                "[[automation]]\nmatch = 'x'\naction = \"suspend\"\nduration = \"soon\"\n",
+                4,
+                "[[automation]] #1.duration",
+            ),
             ("[default]\nmx = [\"a\"]\n", 2, "[default].mx"),
             ("[provider.new]\nconnection_limit = 1\n", 1, "[provider.new].mx"),
             ("[default\n", 1, ""),
@@ -414,7 +446,8 @@ mod tests {
             assert!(e.to_string().contains(key), "{text:?}: {e}");
             assert!(e.to_string().starts_with("shaping.toml: line"), "{e}");
         }
-        let e = load("[[automation]]\nmatch = 'x'\nprovider = \"nobody\"\naction = \"suspend\"\nduration = \"1h\"\n").unwrap_err();
+        let e = load("[[automation]]\nmatch = 'x'\nprovider = \"nobody\"\naction = \"suspend\"\nduration = \"1h\"\n")
+            .unwrap_err();
         assert!(e.message.contains("unknown provider `nobody`"), "{e}");
     }
 }

@@ -85,9 +85,7 @@ impl HostPattern {
         let ok = !name.is_empty()
             && name.len() <= 253
             && name.split('.').all(|l| {
-                !l.is_empty()
-                    && l.len() <= 63
-                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
             });
         ok.then(|| HostPattern { name: name.into(), wildcard })
     }
@@ -256,6 +254,18 @@ impl Rules {
         self.set = set.ok();
     }
 
+    /// Whether some site may use `tls = "verify"` (the CA bundle must load then).
+    pub fn uses_verify(&self) -> bool {
+        let all = std::iter::once(&self.default)
+            .chain(self.providers.iter().map(|p| &p.limits))
+            .chain(self.domains.iter().map(|(_, l)| l));
+        all.chain(self.automation.iter().filter_map(|a| match &a.action {
+            AutoAction::Throttle(l) => Some(l),
+            AutoAction::Suspend => None,
+        }))
+        .any(|l| l.tls == Some(OutboundTls::Verify))
+    }
+
     /// Whether a provider of this name exists.
     pub fn has_provider(&self, name: &str) -> bool {
         self.providers.iter().any(|p| &*p.name == name)
@@ -275,8 +285,7 @@ impl Rules {
                 return SiteKey::Provider(p.name.clone());
             }
         }
-        let mut hosts: Vec<String> =
-            mx.iter().map(|h| h.strip_suffix('.').unwrap_or(h).to_ascii_lowercase()).collect();
+        let mut hosts: Vec<String> = mx.iter().map(|h| h.strip_suffix('.').unwrap_or(h).to_ascii_lowercase()).collect();
         hosts.sort();
         hosts.dedup();
         if hosts.is_empty() {
@@ -288,9 +297,7 @@ impl Rules {
     /// The limits of a site (`domain` > `provider` > `default`), not counting automation.
     pub fn limits(&self, site: &SiteKey) -> Limits {
         let own = match site {
-            SiteKey::Domain(d) => {
-                self.domains.iter().find(|(p, _)| p.matches(d)).map(|(_, l)| *l).unwrap_or_default()
-            }
+            SiteKey::Domain(d) => self.domains.iter().find(|(p, _)| p.matches(d)).map(|(_, l)| *l).unwrap_or_default(),
             SiteKey::Provider(name) => {
                 self.providers.iter().find(|p| p.name == *name).map(|p| p.limits).unwrap_or_default()
             }

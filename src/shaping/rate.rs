@@ -128,6 +128,11 @@ impl Bucket {
         }
     }
 
+    /// Gives back a token taken for nothing.
+    pub fn put_back(&mut self) {
+        self.milli = (self.milli + 1000).min(self.rate.capacity() * 1000);
+    }
+
     /// Whole tokens available now.
     pub fn available(&mut self, now: Instant) -> u64 {
         self.refill(now);

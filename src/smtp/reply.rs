@@ -248,6 +248,13 @@ pub enum LocalFault<'a> {
     Unreadable,
     /// The destination is backing off and no failure was recorded.
     DestinationDown,
+    /// Delivery to a site is suspended (by an operator or by automation).
+    Suspended {
+        /// The site or scope.
+        site: &'a str,
+        /// Why.
+        reason: &'a str,
+    },
     /// A mail exchanger could not be reached (RFC 3463 X.4.1: no answer from host).
     Connect {
         /// Its name.
@@ -319,6 +326,9 @@ impl LocalFault<'_> {
             LocalFault::NoOutcome => (451, (4, 3, 0), "no outcome".into()),
             LocalFault::Unreadable => (451, (4, 3, 0), "message unreadable in the spool".into()),
             LocalFault::DestinationDown => (451, (4, 4, 1), "destination down".into()),
+            LocalFault::Suspended { site, reason } => {
+                (451, (4, 4, 5), format!("delivery to {site} suspended: {reason}"))
+            }
             LocalFault::Connect { host, addr, why } => (451, (4, 4, 1), format!("connect to {host}[{addr}]: {why}")),
             LocalFault::Lost { remote, why } => (451, (4, 4, 2), format!("lost connection with {remote}: {why}")),
             LocalFault::Expired { last } => (550, (5, 4, 7), format!("delivery time expired; last error: {last}")),

@@ -32,7 +32,7 @@ fn a_suspension_survives_kill_9_and_an_operator_bounce_reaches_the_sender() {
     let dir = relay.take_dir().unwrap();
     let spool = relay.spool.clone();
     let id = send(&relay, "sender@src.test", &["x@dst.test", "y@dst.test"], b"Subject: held\r\n\r\nbody\r\n");
-    relay.wait_log("outcome=deferred");
+    relay.wait_log("event=connect_error");
 
     let (code, out, err) =
         queue_cmd(&spool, &["suspend", "--domain", "DST.test", "--for", "2h", "--reason", "abuse desk"]);

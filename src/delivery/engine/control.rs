@@ -97,7 +97,12 @@ impl Engine {
                     name: &self.queue.dest(dest).name,
                     queued,
                     oldest_arrival_ms,
-                    last_reply: self.dests.get(d).and_then(|s| s.last_reply.as_ref()),
+                    last_reply: self.dests.get(d).and_then(|s| {
+                        // While it is down its work is parked with no record: the failure that
+                        // took it down is then the latest word from it.
+                        let down = if s.probing { s.backoff_reply.as_ref() } else { None };
+                        down.or(s.last_reply.as_ref())
+                    }),
                 })
             })
             .collect()

@@ -80,8 +80,10 @@ impl Ctx<'_> {
 pub struct OutboundConfig {
     /// Client timeouts.
     pub timeouts: ClientTimeouts,
-    /// TLS client settings (None when `--outbound-tls none`).
-    pub tls: Option<ClientTls>,
+    /// TLS client settings, no certificate check.
+    pub tls: ClientTls,
+    /// TLS client settings with the certificate checked (`verify`), when loaded.
+    pub verified: Option<ClientTls>,
     /// Our own listening addresses: a mail exchanger there is this relay (mail loop).
     pub own: Vec<SocketAddr>,
 }
@@ -219,24 +221,23 @@ impl Outbound {
         self.end_pass(ctx);
     }
 
-    /// The engine, for the control socket's requests (`net::control`).
+    /// New shaping rules (SIGHUP); see [`Engine::set_rules`].
+    pub fn set_rules(&mut self, ctx: &mut Ctx<'_>, rules: crate::shaping::Rules) {
+        self.with_engine(ctx, |e, now| e.set_rules(rules, now));
+    }
+
+    /// Runs `f` on the engine (a control request: suspend, resume, bounce...), then executes
+    /// what it asked for and arms the timers.
+    pub fn with_engine<R>(&mut self, ctx: &mut Ctx<'_>, f: impl FnOnce(&mut Engine, Now) -> R) -> R {
+        let r = f(&mut self.engine, ctx.at());
+        self.run(ctx);
+        self.end_pass(ctx);
+        r
+    }
+
+    /// The engine, to read (summaries, suspensions).
     pub fn engine(&self) -> &Engine {
         &self.engine
-    }
-
-    /// The engine, for the control socket's requests (`net::control`); call
-    /// [`Outbound::after_control`] once its state is changed.
-    pub fn engine_mut(&mut self) -> &mut Engine {
-        &mut self.engine
-    }
-
-    /// After a control request changed the engine's state: its actions run (DSNs and outcome
-    /// records stored), and unless delivery is held its timers are armed again.
-    pub fn after_control(&mut self, ctx: &mut Ctx<'_>, hold: bool) {
-        self.run(ctx);
-        if !hold {
-            self.end_pass(ctx);
-        }
     }
 
     /// A queue flush (`sluice queue flush`, SIGUSR1); see [`Engine::flush`].
@@ -263,7 +264,7 @@ impl Outbound {
     fn execute(&mut self, ctx: &mut Ctx<'_>, action: Action) {
         match action {
             Action::Lookup { name, host } => self.lookup(ctx, &name, host),
-            Action::Connect { conn, host, addr, tls } => self.connect(ctx, conn, host, addr, tls),
+            Action::Connect { conn, host, addr, tls, verify } => self.connect(ctx, conn, host, addr, tls, verify),
             Action::Start { conn, next } => self.start(ctx, conn, next),
             Action::Quit { conn } => {
                 if let Some(c) = self.conn_mut(conn) {
@@ -319,7 +320,15 @@ impl Outbound {
         self.run(ctx);
     }
 
-    fn connect(&mut self, ctx: &mut Ctx<'_>, id: ConnId, host: Box<str>, addr: SocketAddr, policy: TlsPolicy) {
+    fn connect(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        id: ConnId,
+        host: Box<str>,
+        addr: SocketAddr,
+        policy: TlsPolicy,
+        verify: bool,
+    ) {
         if self.engine.paused(ctx.at()) {
             // A shortage found by an earlier connect of this batch: no doomed attempts.
             return self.engine.handle_connect_skipped(id);
@@ -336,7 +345,6 @@ impl Outbound {
             // A local problem: try again after a pause rather than strand the ready work.
             return self.engine.handle_local_shortage(id, &e.to_string(), ctx.at());
         }
-        let policy = if self.cfg.tls.is_none() { TlsPolicy::Off } else { policy };
         let session = ClientSession::new(
             ClientConfig {
                 helo_name: self.engine.hostname().to_owned(),
@@ -345,7 +353,12 @@ impl Outbound {
             },
             ctx.now,
         );
-        let tls_config = if policy == TlsPolicy::Off { None } else { self.cfg.tls.clone() };
+        // A `verify` site without a loaded CA bundle cannot happen: config refuses it.
+        let tls_config = match (policy, verify) {
+            (TlsPolicy::Off, _) => None,
+            (_, true) => self.cfg.verified.clone(),
+            (_, false) => Some(self.cfg.tls.clone()),
+        };
         let key = id.key as usize;
         if self.conns.len() <= key {
             self.conns.resize_with(key + 1, || None);
@@ -655,6 +668,17 @@ fn log_note(log: &mut Logger, note: &Note) {
         Note::TlsError { host, addr, error } => {
             log.event("tls_error", &[("host", V::S(host)), ("ip", V::D(addr)), ("error", V::S(error))])
         }
+        Note::Shaping(c) if c.until_ms == 0 => {
+            log.event(c.event, &[("site", V::S(&c.site)), ("reason", V::S(&c.reason))])
+        }
+        Note::Shaping(c) => log.event(
+            c.event,
+            &[
+                ("site", V::S(&c.site)),
+                ("reason", V::S(&c.reason)),
+                ("until", V::S(&crate::message::iso8601(c.until_ms))),
+            ],
+        ),
     }
 }
 
