@@ -127,14 +127,7 @@ impl Control {
         // `queue` commands of other users get EACCES).
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
         registry.register(&mut listener, token::make(Kind::Control, 0, LISTENER_KEY), Interest::READABLE)?;
-        Ok(Control {
-            listener,
-            path,
-            conns: Slab::new(),
-            generation: 0,
-            pending: true,
-            ready: Vec::new(),
-        })
+        Ok(Control { listener, path, conns: Slab::new(), generation: 0, pending: true, ready: Vec::new() })
     }
 
     /// True when accepting was cut short by the budget (the loop must not sleep).
@@ -263,9 +256,10 @@ pub fn restore(delivery: &mut Outbound, ctx: &mut Ctx<'_>, dir: &Path) {
     }
     for s in list {
         // The engine logs each one (`event=suspend`) as it is applied.
-        let applied = s.scope.parse::<Scope>().and_then(|scope| {
-            delivery.with_engine(ctx, |e, now| e.suspend(scope, s.until_ms, &s.reason, true, now))
-        });
+        let applied = s
+            .scope
+            .parse::<Scope>()
+            .and_then(|scope| delivery.with_engine(ctx, |e, now| e.suspend(scope, s.until_ms, &s.reason, true, now)));
         if let Err(e) = applied {
             ctx.log.event("suspend_error", &[("scope", V::S(&s.scope)), ("error", V::S(&e))]);
         }
