@@ -290,19 +290,19 @@ fn parse_dkim_selector(s: &str) -> Result<String, String> {
 /// Flags of `sluice queue`.
 #[derive(Debug, Args)]
 pub struct QueueArgs {
-    /// Spool directory to read.
-    #[arg(long, value_name = "DIR", default_value = "./sluice-spool")]
+    /// Spool directory of the relay (its control socket is `DIR/control.sock`).
+    #[arg(long, value_name = "DIR", default_value = "./sluice-spool", global = true)]
     pub spool: PathBuf,
     /// Print JSON instead of text.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub json: bool,
-    /// `list` or `stats`.
-    #[arg(value_enum)]
+    /// What to do.
+    #[command(subcommand)]
     pub action: QueueAction,
 }
 
 /// `sluice queue` actions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Subcommand)]
 pub enum QueueAction {
     /// One entry per queued message with its recipients.
     List,
@@ -311,6 +311,78 @@ pub enum QueueAction {
     /// Ask the relay running on this spool (SIGUSR1) to retry every deferred recipient now
     /// and to forget which destinations it found down.
     Flush,
+    /// Stop deliveries to a domain or a provider's sites for a while (kept in the spool:
+    /// survives a restart). Needs the running relay.
+    Suspend {
+        /// What to suspend.
+        #[command(flatten)]
+        scope: ScopeArgs,
+        /// How long.
+        #[arg(long = "for", value_name = "DUR", default_value = "1h", value_parser = parse_duration)]
+        duration: Duration,
+        /// Why (logged, shown by `suspensions`).
+        #[arg(long, value_name = "TEXT", default_value = "")]
+        reason: String,
+    },
+    /// Lift a suspension (manual or automatic). Needs the running relay.
+    Resume {
+        /// What to resume.
+        #[command(flatten)]
+        scope: ScopeArgs,
+    },
+    /// The suspensions in force, manual and automatic (with no relay running: the manual ones
+    /// kept in the spool).
+    Suspensions,
+    /// Bounce what is queued now (a DSN to each sender); recipients in the middle of a
+    /// delivery are left to it. Needs the running relay.
+    Bounce {
+        /// Which messages.
+        #[command(flatten)]
+        target: BounceArgs,
+        /// Why (goes into the DSN: `554 5.0.0 Bounced by the operator: TEXT`).
+        #[arg(long, value_name = "TEXT", default_value = "")]
+        reason: String,
+    },
+    /// Queued recipients, oldest age, last reply and suspension per domain or site (with no
+    /// relay running: per domain, from the spool).
+    Summary {
+        /// Row key.
+        #[arg(long, value_enum, default_value = "domain")]
+        by: SummaryBy,
+    },
+}
+
+/// `--domain D | --provider P` of `suspend` and `resume`.
+#[derive(Debug, Clone, Args)]
+#[group(required = true, multiple = false)]
+pub struct ScopeArgs {
+    /// A recipient domain.
+    #[arg(long, value_name = "DOMAIN", value_parser = parse_hostname)]
+    pub domain: Option<String>,
+    /// A provider profile (built in or from --shaping).
+    #[arg(long, value_name = "NAME")]
+    pub provider: Option<String>,
+}
+
+/// `--id ID | --domain D` of `bounce`.
+#[derive(Debug, Clone, Args)]
+#[group(required = true, multiple = false)]
+pub struct BounceArgs {
+    /// One message by queue id.
+    #[arg(long, value_name = "ID")]
+    pub id: Option<String>,
+    /// Every message queued for a recipient domain.
+    #[arg(long, value_name = "DOMAIN", value_parser = parse_hostname)]
+    pub domain: Option<String>,
+}
+
+/// `summary --by` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SummaryBy {
+    /// Recipient domain.
+    Domain,
+    /// Site (provider, or destinations sharing MX hosts).
+    Site,
 }
 
 pub use crate::smtp::client_key::Cidr;

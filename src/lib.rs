@@ -72,22 +72,24 @@
 //! | `queue` | pure | `dsn`, `message`, `spool::record` | queue and retry schedule |
 //! | `shaping` | pure | | traffic shaping rules: sites, limits, rates, automation, scopes |
 //! | `delivery` | pure | `dns`, `dsn`, `message`, `queue`, `shaping`, `smtp`, `spool::format`, `spool::record` | the delivery engine: routes, retries, bounces, TLS policy |
-//! | `cli` | pure | `delivery`, `dkim`, `smtp` | clap flags and value parsers |
+//! | `control` | pure | | the control socket's protocol (`sluice queue` <-> relay) |
+//! | `cli` | pure | `delivery`, `dkim`, `shaping`, `smtp` | clap flags and value parsers |
 //! | `log` | io: clock | | event lines on stderr |
 //! | `spool` | io: fs | `message` | the mmap'd segments and recovery |
 //! | `spool::segment` | io: fs, libc, unsafe | `spool::format`, `sys` | one segment file: mmap, msync, fdatasync |
-//! | `net` | io: mio, net, clock, fs, libc | `buf`, `delivery`, `dkim`, `dns`, `log`, `message`, `queue`, `smtp`, `spool` | socket drivers (inbound, outbound, DNS), the transport, TLS, the deadline table |
+//! | `net` | io: mio, net, clock, fs, libc | `buf`, `control`, `delivery`, `dkim`, `dns`, `log`, `message`, `queue`, `shaping`, `smtp`, `spool` | socket drivers (inbound, outbound, DNS, control socket), the transport, TLS, the deadline table |
 //! | `net::socket` | io: mio, net, libc, unsafe | `sys` | the socket syscalls |
-//! | `config` | io: fs | `cli`, `dkim`, `log`, `net`, `smtp` | flags -> `Config`, reads cert, auth and DKIM key files |
-//! | `reactor` | io: mio, net, thread, clock | `buf`, `config`, `delivery`, `dkim`, `log`, `message`, `net`, `queue`, `smtp`, `spool` | the event loop |
+//! | `config` | io: fs | `cli`, `dkim`, `log`, `net`, `shaping`, `smtp` | flags -> `Config`, reads cert, auth, DKIM key and shaping files |
+//! | `reactor` | io: mio, net, thread, clock | `buf`, `config`, `control`, `delivery`, `dkim`, `log`, `message`, `net`, `queue`, `shaping`, `smtp`, `spool` | the event loop |
 //! | `reactor::signal` | io: mio, libc, unsafe | `sys` | signals as loop events, `kill` |
 //! | `sys` | io: libc, unsafe | | the `syscall!` macro |
-//! | `admin` | io: clock | `reactor`, `spool` | `sluice queue` |
+//! | `admin` | io: clock, fs | `control`, `queue`, `reactor`, `spool` | `sluice queue`: spool reader, control-socket client |
 
 pub mod admin;
 pub mod buf;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod delivery;
 pub mod dkim;
 pub mod dns;

@@ -30,7 +30,10 @@ fn main() -> ExitCode {
             };
             match server.run() {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(e @ RunError::Poll(_)) | Err(e @ RunError::Spool(_)) | Err(e @ RunError::Listen(..)) => {
+                Err(e @ RunError::Poll(_))
+                | Err(e @ RunError::Spool(_))
+                | Err(e @ RunError::Listen(..))
+                | Err(e @ RunError::Control(..)) => {
                     eprintln!("sluice: {e}");
                     ExitCode::from(1)
                 }
@@ -48,18 +51,44 @@ fn main() -> ExitCode {
     }
 }
 
-/// `sluice passwd USER`: reads one password line on stdin and prints `USER:PHC` for
-/// `--auth-file`. Exit 2 for a user name the file cannot hold, 1 for any other failure.
 /// The clap flags of `sluice queue` as `admin`'s own request type.
 fn queue_query(a: &QueueArgs) -> admin::Query {
-    let action = match a.action {
+    use sluice::cli::SummaryBy;
+    use sluice::control::{BounceTarget, GroupBy, Request};
+    let scope = |s: &sluice::cli::ScopeArgs| match (&s.domain, &s.provider) {
+        (Some(d), _) => format!("domain:{d}"),
+        (None, Some(p)) => format!("provider:{p}"),
+        // clap requires one of the two.
+        (None, None) => String::new(),
+    };
+    let action = match &a.action {
         QueueAction::List => admin::Action::List,
         QueueAction::Stats => admin::Action::Stats,
         QueueAction::Flush => admin::Action::Flush,
+        QueueAction::Suspend { scope: s, duration, reason } => admin::Action::Control(Request::Suspend {
+            scope: scope(s),
+            for_ms: duration.as_millis() as u64,
+            reason: reason.clone(),
+        }),
+        QueueAction::Resume { scope: s } => admin::Action::Control(Request::Resume { scope: scope(s) }),
+        QueueAction::Suspensions => admin::Action::Control(Request::Suspensions),
+        QueueAction::Bounce { target, reason } => {
+            let target = match (&target.id, &target.domain) {
+                (Some(id), _) => BounceTarget::Id(id.clone()),
+                (None, d) => BounceTarget::Domain(d.clone().unwrap_or_default()),
+            };
+            admin::Action::Control(Request::Bounce { target, reason: reason.clone() })
+        }
+        QueueAction::Summary { by } => {
+            let by = if *by == SummaryBy::Site { GroupBy::Site } else { GroupBy::Domain };
+            admin::Action::Control(Request::Summary { by })
+        }
     };
     admin::Query { spool: a.spool.clone(), json: a.json, action }
 }
 
+/// `sluice passwd USER`: reads one password line on stdin and prints `USER:PHC` for
+/// `--auth-file`. Exit 2 for a user name the file cannot hold, 1 for any other failure.
 fn passwd(user: &str) -> ExitCode {
     // The auth file splits at the first ':', trims lines and skips those starting with '#'.
     if user.is_empty() || user.contains(':') || user.starts_with('#') || user.chars().any(char::is_whitespace) {

@@ -3,6 +3,7 @@
 
 mod e2e {
     pub mod cli;
+    pub mod control;
     pub mod delivery;
     pub mod dkim;
     pub mod durability;

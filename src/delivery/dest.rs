@@ -58,6 +58,8 @@ pub(super) struct DestState {
     pub backoff_until_ms: u64,
     /// Why (the last connection failure), given to work that arrives meanwhile.
     pub backoff_reply: Option<Reply>,
+    /// The reply of the last settled job, for `sluice queue summary`.
+    pub last_reply: Option<Reply>,
     /// It was down: one connection probes it before others follow (cleared by a greeting).
     pub probing: bool,
 }
@@ -74,6 +76,7 @@ impl DestState {
             failures: 0,
             backoff_until_ms: 0,
             backoff_reply: None,
+            last_reply: None,
             probing: false,
         }
     }

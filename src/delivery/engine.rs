@@ -27,6 +27,8 @@
 //!   which is stored *before* the outcome records that name it, and a DSN that cannot be stored
 //!   keeps those recipients deferred.
 
+mod control;
+
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -50,6 +52,8 @@ use crate::smtp::client::{Failure, TlsPolicy, TxResult};
 use crate::smtp::reply::Reply;
 use crate::smtp::LocalFault;
 use crate::spool::{MessageLoc, Pending, Pins, StoredMessage};
+
+pub use control::{DestSummary, OperatorBounce};
 
 /// Transactions on one connection before it says QUIT, unless shaping says otherwise.
 pub const MAX_TRANSACTIONS_PER_CONN: u32 = sites::DEFAULT_MAX_DELIVERIES;
@@ -1327,6 +1331,10 @@ impl Engine {
                 settle::keep_unbounced(&mut settled, wants_dsn, &self.cfg.policy, arrival_ms, now.wall_ms);
             }
             None => {}
+        }
+        if let Some(last) = settled.last() {
+            // One clone per job (not per recipient), for `sluice queue summary`.
+            self.dest_state(job.dest).last_reply = Some(last.reply.clone());
         }
         let mut finished = false;
         for s in &settled {

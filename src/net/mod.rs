@@ -1,5 +1,6 @@
 //! Socket drivers: the only code (with `reactor`) that does network I/O.
 
+pub mod control;
 pub mod deadline;
 pub mod dns;
 pub mod inbound;

@@ -18,6 +18,8 @@ pub enum Kind {
     Outbound,
     /// Reserved for the DNS socket.
     Dns,
+    /// The control socket (key `u32::MAX`) and its clients (key = slab key).
+    Control,
 }
 
 const KIND_SHIFT: u32 = 56;
@@ -34,6 +36,7 @@ pub fn make(kind: Kind, generation: u32, key: usize) -> Token {
         Kind::Outbound => 4,
         Kind::Dns => 5,
         Kind::Waker => 6,
+        Kind::Control => 7,
     };
     Token(((k << KIND_SHIFT) | ((u64::from(generation) & GEN_MASK) << GEN_SHIFT) | (key as u64 & KEY_MASK)) as usize)
 }
@@ -48,6 +51,7 @@ pub fn split(t: Token) -> Option<(Kind, u32, usize)> {
         4 => Kind::Outbound,
         5 => Kind::Dns,
         6 => Kind::Waker,
+        7 => Kind::Control,
         _ => return None,
     };
     Some((kind, ((v >> GEN_SHIFT) & GEN_MASK) as u32, (v & KEY_MASK) as usize))
@@ -67,6 +71,8 @@ mod tests {
         let t = make(Kind::Inbound, 0xabcdef, 12345);
         assert_eq!(split(t), Some((Kind::Inbound, 0xabcdef, 12345)));
         assert_eq!(split(Token(0)), None);
+        let t = make(Kind::Control, 7, u32::MAX as usize);
+        assert_eq!(split(t), Some((Kind::Control, 7, u32::MAX as usize)));
         assert_eq!(next_generation(0xff_ffff), 0);
     }
 }

@@ -45,6 +45,11 @@ impl QRcpt {
         matches!(self.status, RcptStatus::Queued | RcptStatus::Deferred)
     }
 
+    /// Not final yet (queued or deferred).
+    pub fn is_open(&self) -> bool {
+        self.open()
+    }
+
     /// Part of a transaction under way.
     pub fn in_flight(&self) -> bool {
         self.flags & IN_FLIGHT != 0
@@ -353,6 +358,31 @@ impl Queue {
             }
         }
         None
+    }
+
+    /// Every open recipient of `key` for `dest` that is not in flight, whether due or not, as
+    /// a job (marked in flight), for an operator's bounce; `None` when there is none. Its
+    /// stale ready-list and due entries are skipped when they come up (nothing idle is left).
+    pub fn take_idle(&mut self, key: MsgKey, dest: DestId) -> Option<Job> {
+        let m = self.msgs.get_mut(key as usize)?;
+        let mut rcpts = Vec::new();
+        for (i, r) in m.rcpts.iter_mut().enumerate() {
+            if r.dest == dest && r.open() && !r.in_flight() {
+                r.set_in_flight(true);
+                rcpts.push(i as u32);
+            }
+        }
+        (!rcpts.is_empty()).then_some(Job { msg: key, id: m.id, dest, rcpts })
+    }
+
+    /// A destination by name, without interning it (`None`: never seen).
+    pub fn find_dest(&self, name: &str) -> Option<DestId> {
+        self.by_name.get(name.to_ascii_lowercase().as_str()).copied()
+    }
+
+    /// Every queued message with its key.
+    pub fn messages(&self) -> impl Iterator<Item = (MsgKey, &QMsg)> + '_ {
+        self.msgs.iter().map(|(k, m)| (k as MsgKey, m))
     }
 
     /// Records the outcome of one recipient of a job. Returns true when the message has no

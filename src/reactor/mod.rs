@@ -45,6 +45,7 @@ use crate::delivery::DeliveryConfig;
 use crate::dkim::KeyTable;
 use crate::log::{Logger, V};
 use crate::message::IdGen;
+use crate::net::control::{self, Control};
 use crate::net::deadline::Deadlines;
 use crate::net::inbound::{Answered, Inbound, InboundConfig, Turn, CHUNK};
 use crate::net::outbound::{self as delivery, Outbound as Delivery, OutboundConfig};
@@ -84,6 +85,8 @@ pub enum RunError {
     Listen(SocketAddr, io::Error),
     /// The poller failed.
     Poll(io::Error),
+    /// The control socket could not be made.
+    Control(std::path::PathBuf, io::Error),
 }
 
 impl std::fmt::Display for RunError {
@@ -95,6 +98,7 @@ impl std::fmt::Display for RunError {
             }
             RunError::Listen(a, e) => write!(f, "cannot listen on {a}: {e}"),
             RunError::Poll(e) => write!(f, "event loop: {e}"),
+            RunError::Control(p, e) => write!(f, "control socket {}: {e}", p.display()),
         }
     }
 }
@@ -120,6 +124,8 @@ pub struct Server {
     /// DNS.
     deadlines: Deadlines<Token>,
     delivery: Delivery,
+    /// The control socket (`sluice queue suspend|resume|bounce|summary|suspensions`).
+    control: Control,
     shutdown: Option<Instant>,
     force_exit: bool,
     accept_retry: Option<Instant>,
@@ -232,6 +238,10 @@ impl Server {
                 &[("detail", V::S("--fsync never: accepted mail is NOT durable; for benchmarks only"))],
             );
         }
+        // The control socket is there before the first `listening` line: whoever waits for that
+        // line can use `sluice queue` at once.
+        let control = Control::bind(&cfg.spool, poll.registry())
+            .map_err(|e| RunError::Control(cfg.spool.join(crate::control::SOCKET_NAME), e))?;
         let mut listeners = Vec::new();
         let plain = cfg.listen.iter().map(|a| (*a, false));
         for (i, (addr, tls)) in plain.chain(cfg.listen_tls.iter().map(|a| (*a, true))).enumerate() {
@@ -304,6 +314,7 @@ impl Server {
             dns,
         );
         let mut server = Server {
+            control,
             poll,
             listeners,
             inbound: Inbound::new(
@@ -334,6 +345,8 @@ impl Server {
             cfg,
         };
         server.tick();
+        // Suspensions first: recovered mail for a suspended destination gets no connection.
+        server.restore_suspensions();
         server.enqueue_recovered(&recovery.messages);
         Ok(server)
     }
@@ -398,6 +411,9 @@ impl Server {
                         turn!(&mut self, inbound, turn, delivery);
                         inbound.on_event(key, generation, ev, &mut turn);
                     }
+                    Some((Kind::Control, generation, key)) => {
+                        self.control.on_event(generation, key, self.poll.registry(), &mut self.deadlines, self.now);
+                    }
                     _ => {}
                 }
                 // A session may have queued an AUTH check: the worker takes it at once.
@@ -405,6 +421,8 @@ impl Server {
             }
             // Messages that ended this turn go to the signing threads.
             self.pump_dkim();
+            // Control requests read in full this turn are answered now.
+            self.serve_control();
             // 3. Group commit of what this turn appended (released when the sync is back, or
             // at once with `--fsync never`).
             self.commit();
@@ -415,15 +433,22 @@ impl Server {
             }
             self.pump_delivery();
             // 4. Flush replies, 5. fire deadlines, then accept.
-            {
+            let expired_control = {
                 // Delivery's tokens are never armed under --hold (nothing delivers).
                 let hold = self.cfg.hold;
                 turn!(&mut self, inbound, turn, delivery);
                 inbound.flush_dirty(&mut turn);
-                let others = inbound.expire(&mut turn);
+                let (ctl, others): (Vec<Token>, Vec<Token>) = inbound
+                    .expire(&mut turn)
+                    .into_iter()
+                    .partition(|&tok| matches!(token::split(tok), Some((Kind::Control, _, _))));
                 if !others.is_empty() && !hold {
                     delivery.on_deadlines(&mut delivery_ctx(&mut turn), &others);
                 }
+                ctl
+            };
+            for tok in expired_control {
+                self.control.expire(tok, self.poll.registry(), &mut self.deadlines);
             }
             self.pump_auth();
             if self.accept_retry.is_some_and(|t| t <= self.now) {
@@ -444,6 +469,28 @@ impl Server {
                 return Ok(());
             }
         }
+    }
+
+    /// Answers the control requests read in full: each one is served against the delivery
+    /// engine (whose actions run at once), then its answer is written.
+    fn serve_control(&mut self) {
+        for (key, generation, req) in self.control.take_requests() {
+            let Server { delivery, control, spool, log, ids, bufs, poll, deadlines, now, wall_us, cfg, .. } = self;
+            let registry = poll.registry();
+            let mut ctx =
+                delivery::Ctx { spool, log, ids, bufs, registry, deadlines, now: *now, wall_ms: *wall_us / 1000 };
+            let answer = match req {
+                Ok(req) => control::serve(req, delivery, &mut ctx, &cfg.spool),
+                Err(e) => crate::control::Answer::Failed(e.to_string()),
+            };
+            control.answer(key, generation, &answer, registry, ctx.deadlines);
+        }
+    }
+
+    /// Re-applies the suspensions an operator set before the last stop (`DIR/suspensions`).
+    fn restore_suspensions(&mut self) {
+        let dir = self.cfg.spool.clone();
+        self.with_delivery(|d, ctx| control::restore(d, ctx, &dir));
     }
 
     fn pump_delivery(&mut self) {
@@ -482,7 +529,7 @@ impl Server {
         if self.listeners.iter().any(|l| l.pending) && self.accept_retry.is_none() && self.shutdown.is_none() {
             return Some(Duration::ZERO);
         }
-        if self.delivery.has_work() && !self.cfg.hold {
+        if self.delivery.has_work() && !self.cfg.hold || self.control.has_pending() {
             return Some(Duration::ZERO);
         }
         let now = self.now;
@@ -620,6 +667,9 @@ impl Server {
     }
 
     fn accept(&mut self) {
+        if self.control.has_pending() {
+            self.control.accept(self.poll.registry(), &mut self.deadlines, self.now);
+        }
         if self.shutdown.is_some() || self.accept_retry.is_some() {
             return;
         }

@@ -304,6 +304,11 @@ pub enum LocalFault<'a> {
         /// Its address.
         addr: SocketAddr,
     },
+    /// An operator bounced the recipient (`sluice queue bounce`; X.0.0: other).
+    Operator {
+        /// The operator's reason (may be empty).
+        reason: &'a str,
+    },
 }
 
 impl LocalFault<'_> {
@@ -341,6 +346,8 @@ impl LocalFault<'_> {
                 (code, error.status(), format!("DNS lookup for {domain}: {}", error.text()))
             }
             LocalFault::Tls { detail, status, host, addr } => (451, status, format!("{detail} ({host}[{addr}])")),
+            LocalFault::Operator { reason: "" } => (554, (5, 0, 0), "Bounced by the operator".into()),
+            LocalFault::Operator { reason } => (554, (5, 0, 0), format!("Bounced by the operator: {reason}")),
         };
         Reply { code, enhanced: Some(status), text }
     }

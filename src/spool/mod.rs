@@ -1,7 +1,8 @@
 //! The durable spool: append-only, memory-mapped segment files with group commit.
 //!
 //! Owns every file in the spool directory: numbered segment files (`seg-<16 digits>.spool`)
-//! and a `lock` file that keeps a second relay out. Messages and per-recipient delivery
+//! a `lock` file that keeps a second relay out, and the operator's `suspensions`
+//! ([`suspensions`]). Messages and per-recipient delivery
 //! outcomes are appended as checksummed records ([`format`](mod@format)) to the active segment
 //! (`segment.rs`: small records straight into its map, large ones by `pwrite`). A group commit
 //! makes everything appended so far durable, and only after it returns `Ok` may the relay
@@ -28,6 +29,7 @@ pub mod format;
 pub mod record;
 mod recover;
 mod segment;
+pub mod suspensions;
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -23,7 +23,7 @@ impl Drop for Aux {
     }
 }
 
-fn spawn_aux(bin: &Path, args: &[String]) -> (Child, std::net::SocketAddr) {
+pub fn spawn_aux(bin: &Path, args: &[String]) -> (Child, std::net::SocketAddr) {
     let mut child = Command::new(bin)
         .args(args)
         .stdin(Stdio::null())
@@ -99,7 +99,7 @@ pub fn wait_saved(sink: &Aux, n: usize, within: Duration, relay: &Relay) -> Vec<
 }
 
 /// Waits (bounded) until `sluice queue stats` shows nothing queued.
-fn wait_queue_empty(relay: &Relay, within: Duration) {
+pub fn wait_queue_empty(relay: &Relay, within: Duration) {
     let t0 = Instant::now();
     loop {
         let (_, out, _) = queue_cmd(&relay.spool, &["stats", "--json"]);
