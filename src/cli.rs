@@ -352,7 +352,7 @@ pub enum QueueAction {
     },
 }
 
-/// `--domain D | --provider P` of `suspend` and `resume`.
+/// `--domain D | --provider P | --site S` of `suspend` and `resume`.
 #[derive(Debug, Clone, Args)]
 #[group(required = true, multiple = false)]
 pub struct ScopeArgs {
@@ -362,6 +362,10 @@ pub struct ScopeArgs {
     /// A provider profile (built in or from --shaping).
     #[arg(long, value_name = "NAME")]
     pub provider: Option<String>,
+    /// A site by the name `suspensions` and the log show (an MX host set, or the relay host),
+    /// e.g. to lift what automation suspended.
+    #[arg(long, value_name = "NAME")]
+    pub site: Option<String>,
 }
 
 /// `--id ID | --domain D` of `bounce`.

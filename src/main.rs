@@ -55,11 +55,12 @@ fn main() -> ExitCode {
 fn queue_query(a: &QueueArgs) -> admin::Query {
     use sluice::cli::SummaryBy;
     use sluice::control::{BounceTarget, GroupBy, Request};
-    let scope = |s: &sluice::cli::ScopeArgs| match (&s.domain, &s.provider) {
-        (Some(d), _) => format!("domain:{d}"),
-        (None, Some(p)) => format!("provider:{p}"),
-        // clap requires one of the two.
-        (None, None) => String::new(),
+    let scope = |s: &sluice::cli::ScopeArgs| match (&s.domain, &s.provider, &s.site) {
+        (Some(d), _, _) => format!("domain:{d}"),
+        (None, Some(p), _) => format!("provider:{p}"),
+        (None, None, Some(n)) => format!("site:{n}"),
+        // clap requires one of the three.
+        (None, None, None) => String::new(),
     };
     let action = match &a.action {
         QueueAction::List => admin::Action::List,

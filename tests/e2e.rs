@@ -9,6 +9,7 @@ mod e2e {
     pub mod durability;
     pub mod peers;
     pub mod session;
+    pub mod shaping;
     pub mod smuggling;
     pub mod support;
     pub mod tls;

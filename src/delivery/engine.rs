@@ -740,7 +740,11 @@ impl Engine {
     /// Lifts a suspension; false when there was none. Parked mail is served at once.
     pub fn resume(&mut self, scope: &Scope, now: Now) -> bool {
         let _ = now;
-        let Some(change) = self.sites.resume(scope) else { return false };
+        let site = match scope {
+            Scope::Domain(d) => self.queue.find_dest(d).and_then(|id| self.dests.get(id as usize)?.site),
+            _ => None,
+        };
+        let Some(change) = self.sites.resume(scope, site) else { return false };
         self.actions.push_back(Action::Note(Note::Shaping(change)));
         self.queue.want_all_ready();
         true

@@ -402,15 +402,24 @@ impl Sites {
         Ok(Change { event: "suspend", site, reason: reason.to_owned(), until_ms })
     }
 
-    /// Lifts a suspension; `None` when there was none.
-    pub fn resume(&mut self, scope: &Scope) -> Option<Change> {
-        let held = match scope {
-            Scope::Domain(d) => self.domains.remove(&*d.to_ascii_lowercase()),
-            Scope::Provider(p) => self.providers.remove(p),
+    /// Lifts a suspension: of the scope, and the automatic one of the site it names (`site`:
+    /// a domain's site, when routed; a provider's own site). `None` when there was none.
+    pub fn resume(&mut self, scope: &Scope, site: Option<SiteId>) -> Option<Change> {
+        let auto = match scope {
+            Scope::Domain(_) => site.and_then(|id| self.sites[id as usize].suspended.take()),
+            Scope::Provider(p) => {
+                self.sites.iter_mut().find(|s| s.key.provider() == Some(&**p)).and_then(|s| s.suspended.take())
+            }
             Scope::Site(name) => {
                 self.sites.iter_mut().find(|s| s.key.name() == &**name).and_then(|s| s.suspended.take())
             }
-        }?;
+        };
+        let manual = match scope {
+            Scope::Domain(d) => self.domains.remove(&*d.to_ascii_lowercase()),
+            Scope::Provider(p) => self.providers.remove(p),
+            Scope::Site(_) => None,
+        };
+        let held = manual.or(auto)?;
         self.refresh();
         Some(Change {
             event: "resume",
@@ -535,8 +544,10 @@ mod tests {
         let list = s.suspensions(0);
         assert_eq!(list.len(), 3);
         assert_eq!(list.iter().filter(|x| x.manual).count(), 2);
-        assert_eq!(s.resume(&Scope::Provider("yahoo".into())).unwrap().event, "resume");
-        assert_eq!(s.resume(&Scope::Provider("yahoo".into())), None);
+        // Resuming the provider lifts its manual suspension and the automatic one of its site.
+        assert_eq!(s.resume(&Scope::Provider("yahoo".into()), None).unwrap().event, "resume");
+        assert_eq!(s.blocked(Some(y), "yahoo.com", 6_000), None);
+        assert_eq!(s.resume(&Scope::Provider("yahoo".into()), None), None);
         s.expire(t0, 3_000);
         assert_eq!(s.blocked(Some(o), "o.test", 3_000), None);
     }

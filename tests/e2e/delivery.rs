@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 /// A child `sluice-load` process (sink or dns), killed on drop.
 pub struct Aux {
-    child: Child,
+    pub child: Child,
     pub addr: std::net::SocketAddr,
     _dir: Option<TempDir>,
     save: Option<PathBuf>,

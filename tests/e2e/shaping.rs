@@ -1,0 +1,197 @@
+//! Traffic shaping over real sockets: `--shaping` files (bad ones refused at start and kept out
+//! at SIGHUP), a site's message rate as a big receiver counts it, and automation against a
+//! Gmail-like rate limit (`421 4.7.28`) and a Yahoo-like `TSS04` deferral played by
+//! `sluice-load sink`. Loopback only.
+
+use super::delivery::{sink, Aux};
+use super::support::*;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// Stops a `--json` sink and returns its summary.
+fn sink_report(mut sink: Aux) -> String {
+    let _ = Command::new("kill").arg("-TERM").arg(sink.child.id().to_string()).status();
+    let out = std::mem::replace(&mut sink.child, Command::new("true").spawn().unwrap()).wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The number after `"key":` in a JSON text.
+fn num(json: &str, key: &str) -> u64 {
+    json.split(&format!("\"{key}\":"))
+        .nth(1)
+        .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {json}"))
+}
+
+/// A refusal total of a sink summary (the top-level `refusals`, which sorts after the
+/// per-connection ones).
+fn refused(json: &str, kind: &str) -> u64 {
+    num(json.rsplit("\"refusals\":{").next().unwrap_or(""), kind)
+}
+
+/// The `accepted_per_second` series of a sink summary.
+fn per_second(json: &str) -> Vec<u64> {
+    let list = json.split("\"accepted_per_second\":[").nth(1).and_then(|s| s.split(']').next()).unwrap_or("");
+    list.split(',').filter_map(|n| n.trim().parse().ok()).collect()
+}
+
+/// Sends `n` messages to `relay` over 4 connections with `sluice-load send`.
+fn load(bin: &Path, relay: &Relay, n: usize) {
+    let out = Command::new(bin)
+        .args(["send", "--to", &relay.addr.to_string(), "--messages", &n.to_string(), "--connections", "4"])
+        .args(["--domains", "dst.test", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p.display().to_string()
+}
+
+#[test]
+fn a_bad_shaping_file_exits_2_naming_the_file_the_line_and_the_key() {
+    let dir = TempDir::new("shaping-bad");
+    let cases = [
+        ("[default]\nconection_limit = 3\n", "line 2", "conection_limit"),
+        ("[domain.\"a.test\"]\nmax_message_rate = \"fast\"\n", "line 2", "max_message_rate"),
+        ("[[automation]]\nmatch = '(unclosed'\naction = \"suspend\"\nduration = \"1h\"\n", "line 2", "match"),
+        ("[provider.google]\ntls = \"sometimes\"\n", "line 2", "tls"),
+    ];
+    for (i, (text, line, key)) in cases.iter().enumerate() {
+        let file = write(dir.path(), &format!("bad{i}.toml"), text);
+        let spool = dir.path().join(format!("spool{i}"));
+        let out = Command::new(sluice_bin())
+            .args(["serve", "--listen", "127.0.0.1:0", "--spool", &spool.display().to_string(), "--shaping", &file])
+            .args(["--dns", "127.0.0.1:9"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{text}: {err}");
+        assert!(err.contains("--shaping") && err.contains(&file), "{err}");
+        assert!(err.contains(line) && err.contains(key), "{text}: {err}");
+    }
+    let out = Command::new(sluice_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--shaping", "/nonexistent/shaping.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/shaping.toml"));
+}
+
+#[test]
+fn a_site_message_rate_holds_as_the_receiver_counts_it_and_sighup_reloads_it() {
+    let Some(bin) = load_bin() else { return };
+    let dir = TempDir::new("shaping-rate");
+    let rate = 20;
+    let file = write(dir.path(), "shaping.toml", &format!("[default]\nmax_message_rate = \"{rate}/s\"\n"));
+    let sink = sink(&bin, "127.0.0.1:0", &["--json"]);
+    let relay = Relay::start(&["--relay-host", &sink.addr.to_string(), "--dns", "127.0.0.1:9", "--shaping", &file]);
+    let n = 100;
+    let t0 = Instant::now();
+    load(&bin, &relay, n);
+    while relay.log().matches("outcome=delivered").count() < n {
+        assert!(t0.elapsed() < Duration::from_secs(30), "{}", relay.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let took = t0.elapsed();
+    // One bucket (one second of the rate) at once, then the rate: (100 - 20) / 20 = 4 s.
+    assert!(took >= Duration::from_millis(3_500), "{n} messages at {rate}/s in {took:?}");
+    let report = sink_report(sink);
+    assert_eq!(num(&report, "messages"), n as u64, "{report}");
+    let series = per_second(&report);
+    // The sink counts at the end of data: a second may hold one more (see its README).
+    assert!(series.iter().all(|&s| s <= 2 * rate + 1), "{series:?}");
+
+    // A reload that does not parse keeps the rules; a good one applies at once.
+    std::fs::write(&file, "[default]\nmax_message_rate = \"lots\"\n").unwrap();
+    let _ = Command::new("kill").arg("-HUP").arg(relay.child.id().to_string()).status();
+    relay.wait_log("shaping=\"failed, keeping the rules in force\"");
+    assert!(relay.log().contains("line 2"), "{}", relay.log());
+    std::fs::write(&file, "[default]\nmax_message_rate = \"1/min\"\n").unwrap();
+    let _ = Command::new("kill").arg("-HUP").arg(relay.child.id().to_string()).status();
+    relay.wait_log("shaping=ok");
+}
+
+#[test]
+fn a_gmail_like_rate_limit_throttles_the_site_and_everything_still_arrives() {
+    let Some(bin) = load_bin() else { return };
+    let dir = TempDir::new("shaping-gmail");
+    // A short throttle (the built-in rule is 90 minutes): 1 connection, 5 messages a second.
+    let file = write(
+        dir.path(),
+        "shaping.toml",
+        "[[automation]]\nmatch = '4\\.7\\.28'\naction = \"throttle\"\nduration = \"3s\"\n\
+         connection_limit = 1\nmax_message_rate = \"5/s\"\n",
+    );
+    let sink = sink(&bin, "127.0.0.1:0", &["--json", "--rate-limit", "10/s"]);
+    let relay = Relay::start(&[
+        "--relay-host",
+        &sink.addr.to_string(),
+        "--dns",
+        "127.0.0.1:9",
+        "--shaping",
+        &file,
+        "--retry-schedule",
+        "1s",
+    ]);
+    let n = 60;
+    load(&bin, &relay, n);
+    relay.wait_log("event=throttle");
+    let t0 = Instant::now();
+    while relay.log().matches("outcome=delivered").count() < n {
+        assert!(t0.elapsed() < Duration::from_secs(60), "{}", relay.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = relay.log();
+    let line = log.lines().find(|l| l.contains("event=throttle")).unwrap();
+    assert!(line.contains("4.7.28") && line.contains("until="), "{line}");
+    let report = sink_report(sink);
+    assert_eq!(num(&report, "messages"), n as u64, "{report}");
+    assert!(refused(&report, "rate_limit") > 0, "the sink refused some: {report}");
+}
+
+#[test]
+fn yahoo_tss04_suspends_the_site_with_no_attempt_while_it_lasts() {
+    let Some(bin) = load_bin() else { return };
+    let tss04 = "421 4.7.0 [TSS04] Messages from {ip} temporarily deferred due to unexpected volume or user complaints";
+    let sink = sink(&bin, "127.0.0.1:0", &["--json", "--defer-all-for", "60s", "--defer-reply", tss04]);
+    let relay = Relay::start(&[
+        "--relay-host",
+        &sink.addr.to_string(),
+        "--dns",
+        "127.0.0.1:9",
+        "--retry-schedule",
+        "1s",
+        "--domain-concurrency",
+        "1",
+    ]);
+    load(&bin, &relay, 10);
+    relay.wait_log("event=suspend");
+    let log = relay.log();
+    let line = log.lines().find(|l| l.contains("event=suspend")).unwrap();
+    assert!(line.contains("TSS04") && line.contains("site=127.0.0.1"), "{line}");
+    // Two hours: in the next 3 s (three retry delays) nothing is tried.
+    let attempts = relay.log().matches("rcpt=").count();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(relay.log().matches("rcpt=").count(), attempts, "{}", relay.log());
+    let (code, out, err) = queue_cmd(&relay.spool, &["suspensions", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("TSS04") && out.contains("\"manual\":false"), "{out}");
+    // The operator lifts it: the relay tries again at once, meets TSS04 again, stops again.
+    let (code, _, err) = queue_cmd(&relay.spool, &["resume", "--site", "127.0.0.1"]);
+    assert_eq!(code, 0, "{err}");
+    relay.wait_log("event=resume");
+    let t0 = Instant::now();
+    while relay.log().matches("event=suspend").count() < 2 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "{}", relay.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let report = sink_report(sink);
+    assert!(num(&report, "connections") <= 3, "{report}");
+    assert_eq!(num(&report, "messages"), 0, "{report}");
+}
