@@ -8,6 +8,7 @@ mod e2e {
     pub mod durability;
     pub mod peers;
     pub mod session;
+    pub mod smarthost;
     pub mod smuggling;
     pub mod support;
     pub mod tls;
