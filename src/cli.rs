@@ -56,6 +56,15 @@ pub enum OutboundTlsMode {
     Verify,
 }
 
+/// `--relay-tls` modes: how the connection to `--relay-host` is encrypted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RelayTlsMode {
+    /// STARTTLS after EHLO (RFC 3207), required.
+    Starttls,
+    /// TLS from the first byte (RFC 8314 §3.3, "submissions", usually port 465).
+    Implicit,
+}
+
 /// `--log-format` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -109,6 +118,17 @@ pub struct ServeArgs {
     /// Send everything to this smarthost instead of looking up MX records.
     #[arg(long = "relay-host", value_name = "HOST[:PORT]", value_parser = parse_host_port)]
     pub relay_host: Option<HostPort>,
+    /// File with one `user:password` line: AUTH to --relay-host (PLAIN, or LOGIN when only
+    /// that is offered), only inside TLS (see --relay-tls), never in the clear. Keep it
+    /// `chmod 600`: a group- or world-readable file is used with a warning, as Postfix does
+    /// with smtp_sasl_password_maps.
+    #[arg(long = "relay-auth-file", value_name = "FILE")]
+    pub relay_auth_file: Option<PathBuf>,
+    /// TLS to --relay-host, required, its certificate verified against --tls-ca-file for the
+    /// relay host's name or IP address (this replaces --outbound-tls): `starttls` (the
+    /// default with --relay-auth-file) or `implicit` (TLS from the first byte, RFC 8314).
+    #[arg(long = "relay-tls", value_enum, value_name = "MODE")]
+    pub relay_tls: Option<RelayTlsMode>,
     /// Largest message accepted, advertised in SIZE (suffixes k, M, G allowed).
     #[arg(long = "max-message-size", value_name = "BYTES", default_value = "52428800", value_parser = parse_size)]
     pub max_message_size: u64,
@@ -531,6 +551,16 @@ pub fn parse_hostname(s: &str) -> Result<String, String> {
         Ok(s.to_owned())
     } else {
         Err(format!("'{s}' is not a valid host name"))
+    }
+}
+
+/// TLS to the relay host is always verified: `starttls` is `--outbound-tls verify`.
+impl From<RelayTlsMode> for crate::delivery::OutboundTls {
+    fn from(m: RelayTlsMode) -> Self {
+        match m {
+            RelayTlsMode::Starttls => Self::Verify,
+            RelayTlsMode::Implicit => Self::Implicit,
+        }
     }
 }
 

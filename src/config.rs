@@ -7,13 +7,14 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
-use crate::cli::{self, Cidr, DkimKeyArg, FsyncMode, OutboundTlsMode, ServeArgs};
+use crate::cli::{self, Cidr, DkimKeyArg, FsyncMode, OutboundTlsMode, RelayTlsMode, ServeArgs};
 use crate::dkim::{KeyTable, SigningKey};
 use crate::log::LogFormat;
 use crate::net::inbound::InboundConfig;
 use crate::net::tls::{ClientTls, ServerTls, TlsError};
 use crate::shaping::Rules;
 use crate::smtp::auth::{AuthFile, AuthFileError, AuthFileErrorKind};
+use crate::smtp::client_auth::RelayCredentials;
 use crate::smtp::client_limit::ClientLimits;
 use crate::smtp::server::SessionConfig;
 
@@ -96,6 +97,13 @@ pub struct Config {
     /// DKIM signing: where the keys came from and the table loaded from them (`None`: no
     /// key configured, nothing is signed).
     pub dkim: Option<DkimConfig>,
+    /// `--relay-tls`, or `starttls` when `--relay-auth-file` is given: replaces
+    /// `--outbound-tls` and any shaping rule for the relay host.
+    pub relay_tls: Option<RelayTlsMode>,
+    /// `--relay-auth-file`, parsed.
+    pub relay_auth: Option<Arc<RelayCredentials>>,
+    /// Problems worth a `warning` line at start that do not stop it: (flag, detail).
+    pub warnings: Vec<(&'static str, String)>,
 }
 
 /// `--dkim-key`, `--dkim-dir`, `--dkim-threads`, and the keys they gave at start.
@@ -175,12 +183,27 @@ impl Config {
             )),
             None => None,
         };
-        let shaping = load_shaping(a.shaping.as_deref(), !a.no_builtin_shaping)?;
-        let client_tls_verified = if a.outbound_tls == OutboundTlsMode::Verify || shaping.uses_verify() {
-            Some(ClientTls::verified(&a.tls_ca_file).map_err(|e| ConfigError::tls(&e))?)
-        } else {
-            None
+        let mut warnings = Vec::new();
+        let relay_auth = match &a.relay_auth_file {
+            Some(_) if a.relay_host.is_none() => {
+                return err("--relay-auth-file", "credentials are for a smarthost: give --relay-host too")
+            }
+            Some(path) => {
+                let (creds, warning) =
+                    load_relay_auth_file(path).map_err(|message| ConfigError { flag: "--relay-auth-file", message })?;
+                warnings.extend(warning.map(|w| ("--relay-auth-file", w)));
+                Some(Arc::new(creds))
+            }
+            None => None,
         };
+        if a.relay_tls.is_some() && a.relay_host.is_none() {
+            return err("--relay-tls", "TLS to a smarthost: give --relay-host too");
+        }
+        let relay_tls = a.relay_tls.or(relay_auth.as_ref().map(|_| RelayTlsMode::Starttls));
+        let shaping = load_shaping(a.shaping.as_deref(), !a.no_builtin_shaping)?;
+        let verified = a.outbound_tls == OutboundTlsMode::Verify || shaping.uses_verify() || relay_tls.is_some();
+        let client_tls_verified =
+            if verified { Some(ClientTls::verified(&a.tls_ca_file).map_err(|e| ConfigError::tls(&e))?) } else { None };
         let hostname = match &a.hostname {
             Some(h) => h.clone(),
             None => system_hostname(),
@@ -240,6 +263,9 @@ impl Config {
             builtin_shaping: !a.no_builtin_shaping,
             shaping,
             dkim,
+            relay_tls,
+            relay_auth,
+            warnings,
         })
     }
 }
@@ -278,6 +304,23 @@ pub fn load_auth_file(path: &Path) -> Result<AuthFile, AuthFileError> {
         kind: AuthFileErrorKind::Unreadable(e),
     })?;
     AuthFile::parse(&content).map_err(|e| AuthFileError { path: Some(path.to_owned()), ..e })
+}
+
+/// Reads `--relay-auth-file` (the parser in `smtp::client_auth` is pure): the credentials,
+/// and a warning when the file is readable by its group or by everyone. Postfix reads its
+/// `smtp_sasl_password_maps` whatever the mode and only documents `chmod 600`; so does this,
+/// rather than refusing a file that works with Postfix. Errors name the path, never a line
+/// of the file.
+pub fn load_relay_auth_file(path: &Path) -> Result<(RelayCredentials, Option<String>), String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let shown = path.display();
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
+    let creds = RelayCredentials::parse(&text).map_err(|e| format!("{shown}: {e}"))?;
+    let mode = std::fs::metadata(path).map(|m| m.permissions().mode()).unwrap_or(0o600);
+    let warning = (mode & 0o077 != 0).then(|| {
+        format!("{shown} holds a password and is readable by group or others (mode {:03o}): chmod 600 it", mode & 0o777)
+    });
+    Ok((creds, warning))
 }
 
 /// The kernel's host name (Linux), or `localhost` when it cannot be read or is not a domain.

@@ -10,6 +10,7 @@ mod e2e {
     pub mod peers;
     pub mod session;
     pub mod shaping;
+    pub mod smarthost;
     pub mod smuggling;
     pub mod support;
     pub mod tls;

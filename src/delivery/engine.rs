@@ -238,6 +238,15 @@ pub enum Note {
         /// The last failure.
         error: String,
     },
+    /// AUTH to the relay host failed (`event=relay_auth_failed`); `error` holds no secret.
+    AuthFailed {
+        /// Host name.
+        host: Box<str>,
+        /// Address.
+        addr: SocketAddr,
+        /// Why, with the server's (scrubbed) reply.
+        error: String,
+    },
 }
 
 /// How a connection broke.
@@ -658,6 +667,9 @@ impl Engine {
             ConnFailure::Session { failure, tls_error, received } if failure.tls_status().is_some() => {
                 self.tls_failed(conn, failure, tls_error, received, now)
             }
+            ConnFailure::Session { failure, received, .. } if failure.auth_status().is_some() => {
+                self.auth_failed(conn, failure, received, now)
+            }
             ConnFailure::Session { failure, tls_error, received } => {
                 let text = match tls_error {
                     Some(e) => format!("{failure} (TLS: {e})"),
@@ -930,7 +942,9 @@ impl Engine {
                 for _ in 0..n {
                     let Some((index, host, addr)) = self.dests[dest as usize].next_address() else { return };
                     let host = Box::from(host);
-                    let mode = self.sites.effective(site).tls;
+                    // Credentials only ever go to the relay host through verified TLS: no
+                    // shaping rule weakens `--relay-tls`.
+                    let mode = self.cfg.relay_tls.unwrap_or(self.sites.effective(site).tls);
                     let policy = self.tls.policy(mode, addr, now.wall_ms);
                     self.open(dest, site, index, host, addr, (policy, mode), now);
                 }
@@ -987,7 +1001,7 @@ impl Engine {
         self.sites.opened(site, now.at);
         let conn = ConnId { key, generation };
         self.arm(conn);
-        let verify = tls.1 == OutboundTls::Verify;
+        let verify = matches!(tls.1, OutboundTls::Verify | OutboundTls::Implicit);
         self.actions.push_back(Action::Connect { conn, host, addr, tls: tls.0, verify });
     }
 
@@ -1063,6 +1077,25 @@ impl Engine {
         let status = failure.tls_status().unwrap_or((4, 7, 0));
         let reply = LocalFault::Tls { detail: &detail, status, host: &host, addr }.reply();
         self.actions.push_back(Action::Note(Note::TlsError { host, addr, error: detail }));
+        self.connect_failed(dest, index, reply, true, now);
+    }
+
+    /// AUTH to the relay host failed (a `535`, no usable mechanism): always before the session
+    /// was ready. The mail is deferred with a 4.7.x reply and a record, never bounced: the
+    /// credentials are our configuration, not the recipient's fault, and the host is up (as
+    /// for a TLS policy failure). The next address is tried first, as for a refused connect.
+    fn auth_failed(&mut self, conn: ConnId, failure: &Failure, received: &[Reply], now: Now) {
+        let Some(c) = self.conn(conn) else { return };
+        let (dest, host, addr, index) = (c.dest, c.host.clone(), c.peer, c.addr_index);
+        let detail = failure.to_string();
+        if c.active.is_some() || c.greeted {
+            // Not reachable (AUTH only happens before the first job), but never strand a job.
+            return self.conn_lost(conn, &detail, received, now);
+        }
+        self.close(conn);
+        let status = failure.auth_status().unwrap_or((4, 7, 8));
+        let reply = LocalFault::RelayAuth { detail: &detail, status, host: &host, addr }.reply();
+        self.actions.push_back(Action::Note(Note::AuthFailed { host, addr, error: detail }));
         self.connect_failed(dest, index, reply, true, now);
     }
 

@@ -194,6 +194,34 @@ fn may_falls_back_to_plaintext_and_remembers_the_broken_address() {
 }
 
 #[test]
+fn relay_auth_refused_defers_with_4_7_8_and_never_bounces() {
+    // A shaping default that would allow the clear is overridden by `--relay-tls`.
+    let mut cfg = config(1, OutboundTls::May);
+    cfg.relay_tls = Some(OutboundTls::Verify);
+    cfg.relay_host = Some(("smarthost.test".into(), 587));
+    let mut h = Harness::new(cfg);
+    h.mx("smarthost.test", &[("smarthost.test", 0, MX1)]);
+    let refusal = reply(535, (5, 7, 8), "Authentication credentials invalid");
+    h.host(MX1, Host::Smtp(Server { starttls: true, auth_refused: Some(refusal), ..Server::default() }));
+    let id = h.submit("s@x.test", &["u@a.test", "v@b.test"]);
+    h.run();
+    for attempt in 1..=3 {
+        assert!(h.connects.iter().all(|c| c.1 == TlsPolicy::Required && c.0.port() == 587), "{:?}", h.connects);
+        let o = h.outcomes(id);
+        // A 5xx to AUTH is about our credentials, not the recipients: deferred with a record
+        // (the host is up), not failed.
+        assert_eq!(o.len(), 2 * attempt, "{o:?}");
+        assert!(o.iter().all(|r| (r.1, r.2, r.3) == (Verdict::Deferred, 451, (4, 7, 8))), "{o:?}");
+        let last = &h.records.last().unwrap().settled.reply;
+        assert!(last.text.contains("authentication") && last.text.contains("535 5.7.8"), "{last}");
+        assert!(h.bounces.is_empty(), "{:?}", h.bounces);
+        assert_eq!(h.notes.iter().filter(|n| matches!(n, Note::AuthFailed { .. })).count(), attempt);
+        h.advance(Duration::from_secs(61));
+        h.run();
+    }
+}
+
+#[test]
 fn encrypt_and_verify_failures_defer_and_never_send_in_clear() {
     for (mode, server, status) in [
         (OutboundTls::Encrypt, Server::default(), (4, 7, 4)),

@@ -54,6 +54,8 @@ pub struct Server {
     /// The first N transactions at this host (over all its connections) get this reply for
     /// every recipient (a `421 4.7.28` at MAIL, say).
     pub refuse_first: Option<(usize, Reply)>,
+    /// AUTH (after TLS) gets this refusal: the session fails with `FailureKind::AuthFailed`.
+    pub auth_refused: Option<Reply>,
 }
 
 /// What a harness connection is doing.
@@ -158,6 +160,7 @@ pub fn config(concurrency: u32, tls: OutboundTls) -> DeliveryConfig {
         hostname: "relay.test".into(),
         connect_timeout: Duration::from_secs(10),
         tls_mode: tls,
+        relay_tls: None,
         shaping: crate::shaping::Rules::load(None, true).expect("the built-in profiles load"),
     }
 }
@@ -385,6 +388,11 @@ impl Harness {
                                 self.pending.push_back(Ev::Tls(conn));
                             }
                             _ => {}
+                        }
+                        if let Some(r) = s.auth_refused {
+                            let f = Failure { reply: Some(r), kind: FailureKind::AuthFailed };
+                            self.pending.push_back(Ev::Fail(conn, f, None));
+                            return;
                         }
                         self.pending.push_back(Ev::Ready(conn));
                     }

@@ -54,6 +54,9 @@ pub struct DeliveryConfig {
     pub connect_timeout: Duration,
     /// `--outbound-tls`.
     pub tls_mode: OutboundTls,
+    /// `--relay-tls` (implied by `--relay-auth-file`): the mode of every connection, above
+    /// `--outbound-tls` and any shaping rule (`Verify` or `Implicit`).
+    pub relay_tls: Option<OutboundTls>,
     /// `--shaping` over the built-in profiles.
     pub shaping: crate::shaping::Rules,
 }

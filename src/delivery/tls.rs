@@ -28,6 +28,7 @@ impl TlsMemory {
             OutboundTls::May if self.broken.get(&addr).is_some_and(|&t| t > now_ms) => TlsPolicy::Off,
             OutboundTls::May => TlsPolicy::Opportunistic,
             OutboundTls::Encrypt | OutboundTls::Verify => TlsPolicy::Required,
+            OutboundTls::Implicit => TlsPolicy::Implicit,
         }
     }
 

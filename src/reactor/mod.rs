@@ -232,6 +232,9 @@ impl Server {
             "spool_recovered",
             &[("dir", V::D(&cfg.spool.display())), ("messages", V::N(queued)), ("recipients", V::N(rcpts as u64))],
         );
+        for (flag, detail) in &cfg.warnings {
+            log.event("warning", &[("flag", V::S(flag)), ("detail", V::S(detail))]);
+        }
         if !cfg.fsync {
             log.event(
                 "warning",
@@ -304,11 +307,14 @@ impl Server {
                 connect_timeout: cfg.connect_timeout,
                 tls_mode: cfg.outbound_tls.into(),
                 shaping: cfg.shaping.clone(),
+                // `--relay-tls` (implied by `--relay-auth-file`) overrides every other TLS mode.
+                relay_tls: cfg.relay_tls.map(Into::into),
             },
             OutboundConfig {
                 timeouts: capped_timeouts(cfg.smtp_timeout, cfg.tls_handshake_timeout),
                 tls: cfg.client_tls.clone(),
                 verified: cfg.client_tls_verified.clone(),
+                auth: cfg.relay_auth.clone(),
                 own: listeners.iter().map(|l| l.addr).collect(),
             },
             dns,

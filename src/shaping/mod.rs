@@ -36,6 +36,9 @@ pub enum OutboundTls {
     Encrypt,
     /// Required, with the certificate verified for the host name (`verify`).
     Verify,
+    /// TLS from the first byte (RFC 8314 §3.3), the certificate verified as under `Verify`:
+    /// `--relay-tls implicit` only, no site key.
+    Implicit,
 }
 
 /// A site's limits; `None`: not set at this level.

@@ -9,7 +9,16 @@
 //! STARTTLS (RFC 3207) is decided here and done by the driver: when the EHLO reply offers it
 //! and [`ClientConfig::tls`] asks for it, the session sends `STARTTLS` alone, and on `220`
 //! asks the driver to run the handshake ([`ClientEvent::StartTls`]); once told it is done it
-//! says EHLO again and forgets what it learnt in the clear (RFC 3207 §4.2).
+//! says EHLO again and forgets what it learnt in the clear (RFC 3207 §4.2). Under
+//! [`TlsPolicy::Implicit`] (RFC 8314 §3.3) the driver runs the handshake from the first byte
+//! and the session only waits for it before the greeting.
+//!
+//! AUTH (RFC 4954) to a smarthost, when [`ClientConfig::auth`] holds credentials: after EHLO,
+//! only once the transport is TLS (never in the clear: without TLS the session fails with
+//! [`FailureKind::AuthNeedsTls`] before sending anything), `AUTH PLAIN` with its initial
+//! response (RFC 4616), or `AUTH LOGIN` and its two `334` challenges when the server offers
+//! only LOGIN. A refusal fails the session with [`FailureKind::AuthFailed`] and the server's
+//! reply, scrubbed of every secret; no offered mechanism, with [`FailureKind::AuthNoMechanism`].
 //!
 //! The message goes as one chunk, `BDAT n LAST` and the raw stored body, whenever the server
 //! offers CHUNKING (RFC 3030), whatever its `BODY=` type; else by DATA, dot-stuffed. With
@@ -30,10 +39,12 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::io::Write as _;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use memchr::memmem;
 
+use super::client_auth::RelayCredentials;
 use super::reply::{parse_reply, Capabilities, LocalFault, Reply, ReplyParse, MAX_REPLY};
 use crate::buf::Buf;
 use crate::message::{notify, BodyType, Ret};
@@ -93,6 +104,10 @@ pub enum TlsPolicy {
     /// TLS or nothing (`encrypt`, `verify`): no STARTTLS offered, or STARTTLS refused, fails
     /// the session with [`FailureKind::TlsNotOffered`] / [`FailureKind::TlsRefused`].
     Required,
+    /// TLS from the first byte (RFC 8314 §3.3, `--relay-tls implicit`): the driver starts the
+    /// handshake on connect and reports it like one after STARTTLS; the greeting is awaited
+    /// once it is done, and STARTTLS is never sent.
+    Implicit,
 }
 
 /// Per-connection constants for outbound sessions.
@@ -104,6 +119,8 @@ pub struct ClientConfig {
     pub timeouts: ClientTimeouts,
     /// STARTTLS on this connection.
     pub tls: TlsPolicy,
+    /// Credentials for AUTH (RFC 4954) after EHLO, sent only inside TLS (`--relay-auth-file`).
+    pub auth: Option<Arc<RelayCredentials>>,
 }
 
 /// What the session is waiting for; names the timeout that applies (RFC 5321 §4.5.3.1).
@@ -117,8 +134,11 @@ pub enum Phase {
     Helo,
     /// The reply to STARTTLS (RFC 3207 §4; the command timeout).
     StartTls,
-    /// The driver's TLS handshake after `220` to STARTTLS (the command timeout).
+    /// The driver's TLS handshake after `220` to STARTTLS, or on connect under
+    /// [`TlsPolicy::Implicit`] (`--tls-handshake-timeout`).
     TlsHandshake,
+    /// A reply in the AUTH exchange (RFC 4954 §4; the command timeout).
+    Auth,
     /// The MAIL reply.
     Mail,
     /// A RCPT reply.
@@ -145,6 +165,7 @@ impl Phase {
             Phase::Helo => "HELO",
             Phase::StartTls => "STARTTLS",
             Phase::TlsHandshake => "TLS handshake",
+            Phase::Auth => "AUTH",
             Phase::Mail => "MAIL",
             Phase::Rcpt => "RCPT",
             Phase::DataInit => "DATA",
@@ -184,6 +205,14 @@ pub enum FailureKind {
     /// The driver reported a failed TLS handshake (or the peer closed during it); the
     /// driver knows the details.
     TlsHandshake,
+    /// AUTH was refused (`535 5.7.8` bad credentials, `454`, `534`...; the reply, scrubbed of
+    /// the credentials, is attached): temporary for the mail, the operator must act.
+    AuthFailed,
+    /// Credentials are set but the EHLO reply (inside TLS) offers neither PLAIN nor LOGIN.
+    AuthNoMechanism,
+    /// Credentials are set and the transport is not TLS (a policy that allows plaintext):
+    /// AUTH is never sent in the clear.
+    AuthNeedsTls,
 }
 
 /// A connection-level failure: the session is dead. Recipients of a transaction in flight got
@@ -218,8 +247,22 @@ impl Failure {
     /// failure); `None` for other failures.
     pub fn tls_status(&self) -> Option<(u8, u16, u16)> {
         match self.kind {
-            FailureKind::TlsNotOffered | FailureKind::TlsRefused => Some((4, 7, 4)),
+            FailureKind::TlsNotOffered | FailureKind::TlsRefused | FailureKind::AuthNeedsTls => Some((4, 7, 4)),
             _ if self.is_tls_handshake() => Some((4, 7, 5)),
+            _ => None,
+        }
+    }
+
+    /// For a failure of AUTH to the relay host, the enhanced status code of the temporary
+    /// failure it causes (RFC 3463 §3.8): the server's own subject and detail when it gave
+    /// them (`535 5.7.8` -> 4.7.8), else X.7.8 (authentication credentials invalid); X.7.4
+    /// when no mechanism fits. `None` for other failures.
+    pub fn auth_status(&self) -> Option<(u8, u16, u16)> {
+        match self.kind {
+            FailureKind::AuthFailed => {
+                Some(self.reply.as_ref().and_then(|r| r.enhanced).map_or((4, 7, 8), |(_, s, d)| (4, s, d)))
+            }
+            FailureKind::AuthNoMechanism => Some((4, 7, 4)),
             _ => None,
         }
     }
@@ -238,6 +281,11 @@ impl fmt::Display for Failure {
             FailureKind::TlsNotOffered => f.write_str("TLS required but not offered by host")?,
             FailureKind::TlsRefused => f.write_str("TLS required but STARTTLS refused by host")?,
             FailureKind::TlsHandshake => f.write_str("TLS handshake failed")?,
+            FailureKind::AuthFailed => f.write_str("authentication to the relay host failed")?,
+            FailureKind::AuthNoMechanism => {
+                f.write_str("no AUTH mechanism sluice supports (PLAIN, LOGIN) offered by host")?
+            }
+            FailureKind::AuthNeedsTls => f.write_str("AUTH refused without TLS: never sent in the clear")?,
         }
         if let Some(r) = &self.reply {
             write!(f, ": {r}")?;
@@ -333,6 +381,8 @@ enum State {
     StartTls,
     /// `220` to STARTTLS received; the driver runs the handshake. Input is discarded.
     TlsHandshake,
+    /// An AUTH command or response queued/sent, alone (RFC 4954 §4).
+    Auth(AuthStep),
     /// Idle between transactions.
     Ready,
     /// MAIL, RCPTs and DATA (or `BDAT n LAST` and its chunk, [`Transfer::BdatPipelined`])
@@ -349,6 +399,19 @@ enum State {
     Quit,
     /// Failed or closed: everything is ignored.
     Done,
+}
+
+/// Where an AUTH exchange stands: what was sent last, whose reply is awaited.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AuthStep {
+    /// `AUTH PLAIN <initial response>`: `235` or a refusal.
+    Plain,
+    /// `AUTH LOGIN`: the `334` for the user name.
+    Login,
+    /// The user name: the `334` for the password.
+    User,
+    /// The password: `235` or a refusal.
+    Password,
 }
 
 /// How the message goes out.
@@ -553,9 +616,16 @@ impl ClientSession {
     }
 
     /// The driver's TLS handshake finished: EHLO goes out again (through TLS) and the
-    /// capabilities learnt in the clear are forgotten (RFC 3207 §4.2). Ignored unless
-    /// [`ClientEvent::StartTls`] was the last thing asked.
+    /// capabilities learnt in the clear are forgotten (RFC 3207 §4.2). Under
+    /// [`TlsPolicy::Implicit`] the greeting is awaited from now on. Ignored unless
+    /// [`ClientEvent::StartTls`] was the last thing asked, or the implicit handshake runs.
     pub fn handle_tls_established(&mut self, now: Instant) {
+        if self.implicit_handshake() {
+            self.tls_on = true;
+            self.since = now;
+            self.restart = false;
+            return;
+        }
         if self.state != State::TlsHandshake {
             return;
         }
@@ -572,8 +642,14 @@ impl ClientSession {
     pub fn handle_tls_failed(&mut self) {
         match self.state {
             State::TlsHandshake => self.fail(FailureKind::TlsHandshake, None),
+            _ if self.implicit_handshake() => self.fail(FailureKind::TlsHandshake, None),
             _ => self.handle_closed(),
         }
+    }
+
+    /// Under [`TlsPolicy::Implicit`], the driver's handshake on connect has not finished.
+    fn implicit_handshake(&self) -> bool {
+        self.cfg.tls == TlsPolicy::Implicit && self.state == State::Greeting && !self.tls_on
     }
 
     /// What the server advertised in its EHLO reply (all off after a HELO fallback).
@@ -686,6 +762,7 @@ impl ClientSession {
             State::Done => {}
             State::Quit => self.close(),
             State::TlsHandshake => self.fail(FailureKind::TlsHandshake, None),
+            _ if self.implicit_handshake() => self.fail(FailureKind::TlsHandshake, None),
             _ => self.fail(FailureKind::Closed, None),
         }
     }
@@ -712,7 +789,7 @@ impl ClientSession {
         let timeout = match self.phase()? {
             Phase::Greeting => t.greeting,
             Phase::Ehlo | Phase::Helo | Phase::Mail | Phase::Rcpt | Phase::Rset | Phase::Quit => t.command,
-            Phase::StartTls => t.command,
+            Phase::StartTls | Phase::Auth => t.command,
             Phase::TlsHandshake => t.tls_handshake,
             Phase::DataInit => t.data_init,
             Phase::DataBlock => t.data_block,
@@ -726,7 +803,7 @@ impl ClientSession {
     pub fn wants_write(&self) -> bool {
         let current = match self.state {
             State::Envelope if self.chunk_in_batch() => !self.chunk_out(),
-            State::Hello { .. } | State::StartTls | State::Envelope | State::Rset | State::Quit => {
+            State::Hello { .. } | State::StartTls | State::Auth(_) | State::Envelope | State::Rset | State::Quit => {
                 self.written < self.write_limit()
             }
             State::Body => true,
@@ -778,9 +855,13 @@ impl ClientSession {
             }
         }
         let mut n = match self.state {
-            State::Hello { .. } | State::StartTls | State::Envelope | State::Rset | State::Quit | State::Body => {
-                self.write_cmds(out)
-            }
+            State::Hello { .. }
+            | State::StartTls
+            | State::Auth(_)
+            | State::Envelope
+            | State::Rset
+            | State::Quit
+            | State::Body => self.write_cmds(out),
             _ => 0,
         };
         let body_due = match self.state {
@@ -947,11 +1028,13 @@ impl ClientSession {
     /// The phase whose timeout runs now.
     fn phase(&self) -> Option<Phase> {
         Some(match self.state {
+            State::Greeting if self.implicit_handshake() => Phase::TlsHandshake,
             State::Greeting => Phase::Greeting,
             State::Hello { esmtp: true } => Phase::Ehlo,
             State::Hello { esmtp: false } => Phase::Helo,
             State::StartTls => Phase::StartTls,
             State::TlsHandshake => Phase::TlsHandshake,
+            State::Auth(_) => Phase::Auth,
             // While the chunk goes out, writing is what must progress; once it is out, every
             // reply still due may wait on the server taking in the message.
             State::Envelope if self.chunk_in_batch() => {
@@ -1218,7 +1301,7 @@ impl ClientSession {
         }
         let outstanding = match self.state {
             State::Greeting | State::DataEnd => true,
-            State::Hello { .. } | State::StartTls | State::Envelope | State::Rset | State::Quit => {
+            State::Hello { .. } | State::StartTls | State::Auth(_) | State::Envelope | State::Rset | State::Quit => {
                 self.answered < self.sent()
             }
             State::Ready | State::Body | State::TlsHandshake | State::Done => false,
@@ -1228,6 +1311,10 @@ impl ClientSession {
         }
         self.answered += 1;
         match self.state {
+            State::Greeting if self.implicit_handshake() => {
+                // The driver feeds only decrypted bytes: a reply now is a driver bug.
+                self.fail(FailureKind::Protocol("reply before the TLS handshake"), Some(reply));
+            }
             State::Greeting => {
                 if reply.is_positive_completion() {
                     self.queue_hello(true);
@@ -1259,10 +1346,11 @@ impl ClientSession {
                     self.fail(FailureKind::TlsRefused, Some(reply));
                 } else {
                     // RFC 3207 §4: the server may refuse (454); go on in the clear with what
-                    // the EHLO reply offered.
-                    self.become_ready();
+                    // the EHLO reply offered (never to AUTH: that fails here).
+                    self.authenticate_or_ready();
                 }
             }
+            State::Auth(step) => self.on_auth_reply(step, reply),
             State::Envelope => self.on_envelope_reply(reply),
             State::DataEnd => {
                 let ok = reply.is_positive_completion();
@@ -1284,10 +1372,10 @@ impl ClientSession {
     }
 
     /// EHLO/HELO accepted: STARTTLS first when the policy wants it and the transport is
-    /// still plain, else ready.
+    /// still plain, then AUTH when there are credentials, else ready.
     fn after_hello(&mut self) {
-        if self.tls_on || self.cfg.tls == TlsPolicy::Off {
-            return self.become_ready();
+        if self.tls_on || matches!(self.cfg.tls, TlsPolicy::Off | TlsPolicy::Implicit) {
+            return self.authenticate_or_ready();
         }
         if self.caps.starttls {
             // Alone and unpipelined (RFC 3207 §4.2): the server's next bytes are TLS.
@@ -1296,8 +1384,65 @@ impl ClientSession {
         } else if self.cfg.tls == TlsPolicy::Required {
             self.fail(FailureKind::TlsNotOffered, None);
         } else {
-            self.become_ready();
+            self.authenticate_or_ready();
         }
+    }
+
+    /// After the (last) EHLO: AUTH when there are credentials — only inside TLS — with PLAIN
+    /// when offered (one round trip, RFC 4616 initial response, RFC 4954 §4), else LOGIN; or
+    /// ready without credentials.
+    fn authenticate_or_ready(&mut self) {
+        let Some(creds) = self.cfg.auth.clone() else { return self.become_ready() };
+        if !self.tls_on {
+            return self.fail(FailureKind::AuthNeedsTls, None);
+        }
+        let offers = |m: &str| self.caps.auth.iter().any(|a| a == m);
+        if offers("PLAIN") {
+            self.queue_secret(b"AUTH PLAIN ", creds.plain_response());
+            self.state = State::Auth(AuthStep::Plain);
+        } else if offers("LOGIN") {
+            self.queue_one(b"AUTH LOGIN\r\n");
+            self.state = State::Auth(AuthStep::Login);
+        } else {
+            self.fail(FailureKind::AuthNoMechanism, None);
+        }
+    }
+
+    /// A reply in the AUTH exchange: `334` asks LOGIN's next response, `235` (any `2yz`) at
+    /// the end means authenticated (ready; the EHLO capabilities stand, RFC 4954 §4), anything
+    /// else fails the session with the reply, scrubbed of the credentials.
+    fn on_auth_reply(&mut self, step: AuthStep, reply: Reply) {
+        let Some(creds) = self.cfg.auth.clone() else {
+            return self.fail(FailureKind::Protocol("AUTH without credentials"), None);
+        };
+        // The command just answered may hold a secret: wipe it before the buffer is reused.
+        self.cmds.fill(0);
+        match step {
+            AuthStep::Plain | AuthStep::Password if reply.is_positive_completion() => self.become_ready(),
+            AuthStep::Login if reply.code == 334 => {
+                self.queue_secret(b"", creds.login_user());
+                self.state = State::Auth(AuthStep::User);
+            }
+            AuthStep::User if reply.code == 334 => {
+                self.queue_secret(b"", creds.login_password());
+                self.state = State::Auth(AuthStep::Password);
+            }
+            _ if reply.is_transient() || reply.is_permanent() => {
+                self.fail(FailureKind::AuthFailed, Some(creds.scrub(reply)));
+            }
+            _ => self.fail(FailureKind::Protocol("unexpected reply to AUTH"), Some(creds.scrub(reply))),
+        }
+    }
+
+    /// Queues one line `prefix secret CRLF`, alone (RFC 4954 §4: each response waits for its
+    /// challenge).
+    fn queue_secret(&mut self, prefix: &[u8], secret: &str) {
+        self.clear_cmds();
+        self.cmds.extend_from_slice(prefix);
+        self.cmds.extend_from_slice(secret.as_bytes());
+        self.cmds.extend_from_slice(b"\r\n");
+        self.ends.push(self.cmds.len());
+        self.pipelined = false;
     }
 
     /// A reply to command `answered - 1` of the envelope batch: 0 is MAIL, `1..=rcpts` are the
@@ -1442,6 +1587,10 @@ impl ClientSession {
 
     fn fail(&mut self, kind: FailureKind, reply: Option<Reply>) {
         self.drop_next();
+        if matches!(self.state, State::Auth(_)) {
+            // An unanswered AUTH response may hold a secret.
+            self.cmds.fill(0);
+        }
         self.clear_cmds();
         self.state = State::Done;
         self.events.push_back(ClientEvent::Failed(Failure { reply, kind }));
@@ -1566,8 +1715,12 @@ mod tests {
         }
 
         fn connect_with(tls: TlsPolicy) -> Peer {
+            Peer::connect_auth(tls, None)
+        }
+
+        fn connect_auth(tls: TlsPolicy, auth: Option<Arc<RelayCredentials>>) -> Peer {
             let now = Instant::now();
-            let cfg = ClientConfig { helo_name: "relay.test".into(), timeouts: timeouts(), tls };
+            let cfg = ClientConfig { helo_name: "relay.test".into(), timeouts: timeouts(), tls, auth };
             let out = BufPool::new(16 * 1024, 1).checkout().unwrap();
             Peer { s: ClientSession::new(cfg, now), now, out, events: Vec::new() }
         }
@@ -1814,6 +1967,210 @@ mod tests {
         assert_eq!(r.mail_reply.code, 451);
         assert_eq!(p.send(b""), "");
         assert!(p.s.awaiting_tls());
+    }
+
+    /// RFC 4616 §4's example credentials.
+    fn tim() -> Option<Arc<RelayCredentials>> {
+        Some(Arc::new(RelayCredentials::new("tim", "tanstaaftanstaaf")))
+    }
+    const TIM_PLAIN: &str = "AUTH PLAIN AHRpbQB0YW5zdGFhZnRhbnN0YWFm\r\n";
+    const TIM_USER: &str = "dGlt\r\n";
+    const TIM_PASS: &str = "dGFuc3RhYWZ0YW5zdGFhZg==\r\n";
+
+    /// With credentials under `tls`: greeted, EHLO offered STARTTLS (and AUTH, in the clear),
+    /// handshake done, and the EHLO inside TLS answered with `ehlo`; returns what went next.
+    fn authenticating(ehlo: &str) -> (Peer, String) {
+        let mut p = Peer::connect_auth(TlsPolicy::Required, tim());
+        p.reply("220 mx.test ESMTP\r\n");
+        assert_eq!(p.send(b""), "EHLO relay.test\r\n");
+        // AUTH offered in the clear: STARTTLS first, never AUTH.
+        p.reply("250-mx.test\r\n250-AUTH PLAIN LOGIN\r\n250 STARTTLS\r\n");
+        assert_eq!(p.send(b""), "STARTTLS\r\n");
+        p.reply("220 go\r\n");
+        assert_eq!(p.take(), [ClientEvent::StartTls]);
+        p.s.handle_tls_established(p.now);
+        assert_eq!(p.send(b""), "EHLO relay.test\r\n");
+        p.reply(ehlo);
+        let next = p.send(b"");
+        (p, next)
+    }
+
+    #[test]
+    fn auth_plain_inside_tls_then_ready() {
+        let (mut p, next) = authenticating("250-mx.test\r\n250-PIPELINING\r\n250 AUTH LOGIN PLAIN\r\n");
+        // PLAIN preferred when offered, in one line with its initial response; alone.
+        assert_eq!(next, TIM_PLAIN);
+        assert!(p.take().is_empty());
+        assert_eq!(p.s.phase(), Some(Phase::Auth));
+        assert_eq!(p.s.next_deadline(), Some(p.s.since + timeouts().command));
+        p.reply("235 2.7.0 Authentication successful\r\n");
+        assert_eq!(p.take(), [ClientEvent::Ready]);
+        // The capabilities of the EHLO inside TLS stand (RFC 4954 §4: no new EHLO needed).
+        assert!(p.s.capabilities().pipelining);
+        p.s.start_transaction(spec(&["1@y"], 3));
+        assert_eq!(p.send(b""), "MAIL FROM:<a@x.test>\r\nRCPT TO:<1@y>\r\nDATA\r\n");
+
+        // The AUTH reply times out on the command timeout.
+        let (mut p, _) = authenticating("250-mx.test\r\n250 AUTH PLAIN\r\n");
+        fire(&mut p, Phase::Auth, timeouts().command);
+    }
+
+    #[test]
+    fn auth_login_when_only_login_is_offered() {
+        let (mut p, next) = authenticating("250-mx.test\r\n250-AUTH=LOGIN\r\n250 AUTH CRAM-MD5 LOGIN\r\n");
+        assert_eq!(next, "AUTH LOGIN\r\n");
+        p.reply("334 VXNlcm5hbWU6\r\n");
+        assert_eq!(p.send(b""), TIM_USER);
+        p.reply("334 UGFzc3dvcmQ6\r\n");
+        assert_eq!(p.send(b""), TIM_PASS);
+        assert!(p.take().is_empty());
+        p.reply("235 2.7.0 ok\r\n");
+        assert_eq!(p.take(), [ClientEvent::Ready]);
+
+        // A refusal after the password fails the session like one to PLAIN.
+        let (mut p, _) = authenticating("250-mx.test\r\n250 AUTH LOGIN\r\n");
+        p.reply("334 VXNlcm5hbWU6\r\n");
+        let _ = p.send(b"");
+        p.reply("334 UGFzc3dvcmQ6\r\n");
+        let _ = p.send(b"");
+        p.reply("535 5.7.8 no\r\n");
+        assert_eq!(p.failed().kind, FailureKind::AuthFailed);
+        // A 235 where a challenge is due is a protocol error, not a success.
+        let (mut p, _) = authenticating("250-mx.test\r\n250 AUTH LOGIN\r\n");
+        p.reply("235 2.7.0 ok\r\n");
+        assert_eq!(p.failed().kind, FailureKind::Protocol("unexpected reply to AUTH"));
+    }
+
+    #[test]
+    fn auth_refused_fails_temporarily_and_the_reply_is_scrubbed() {
+        let (mut p, next) = authenticating("250-mx.test\r\n250 AUTH PLAIN\r\n");
+        assert_eq!(next, TIM_PLAIN);
+        // A server that echoes what it got: neither the response nor the password survive.
+        p.reply("535-5.7.8 AHRpbQB0YW5zdGFhZnRhbnN0YWFm rejected\r\n535 5.7.8 tanstaaftanstaaf\r\n");
+        let f = p.failed();
+        assert_eq!(f.kind, FailureKind::AuthFailed);
+        assert!(!f.is_permanent() && f.tls_status().is_none());
+        assert_eq!(f.auth_status(), Some((4, 7, 8)));
+        let text = f.to_string();
+        assert!(text.starts_with("authentication to the relay host failed: 535 5.7.8"), "{text}");
+        assert!(!text.contains("tanstaaf") && !text.contains("AHRpbQ"), "{text}");
+        assert_eq!(p.send(b""), "");
+        // 454 (temporary) keeps the server's detail; no enhanced code: X.7.8.
+        let (mut p, _) = authenticating("250-mx.test\r\n250 AUTH PLAIN\r\n");
+        p.reply("454 4.7.0 Temporary authentication failure\r\n");
+        assert_eq!(p.failed().auth_status(), Some((4, 7, 0)));
+        let (mut p, _) = authenticating("250-mx.test\r\n250 AUTH PLAIN\r\n");
+        p.reply("535 no\r\n");
+        assert_eq!(p.failed().auth_status(), Some((4, 7, 8)));
+        // 421 is the server going away.
+        let (mut p, _) = authenticating("250-mx.test\r\n250 AUTH PLAIN\r\n");
+        p.reply("421 4.3.2 bye\r\n");
+        assert_eq!(p.failed().kind, FailureKind::ServiceClosing);
+    }
+
+    #[test]
+    fn auth_without_a_supported_mechanism_sends_nothing() {
+        for ehlo in ["250-mx.test\r\n250 AUTH CRAM-MD5 XOAUTH2\r\n", "250-mx.test\r\n250 PIPELINING\r\n"] {
+            let (mut p, next) = authenticating(ehlo);
+            assert_eq!(next, "");
+            let f = p.failed();
+            assert_eq!(f.kind, FailureKind::AuthNoMechanism);
+            assert_eq!(f.auth_status(), Some((4, 7, 4)));
+            assert!(f.to_string().contains("PLAIN, LOGIN"), "{f}");
+        }
+    }
+
+    #[test]
+    fn auth_is_never_sent_in_the_clear() {
+        let clear = "250-mx.test\r\n250-AUTH PLAIN LOGIN\r\n250 PIPELINING\r\n";
+        let tls = "250-mx.test\r\n250-AUTH PLAIN LOGIN\r\n250 STARTTLS\r\n";
+        // Required and no STARTTLS: the TLS failure, nothing sent.
+        let mut p = Peer::connect_auth(TlsPolicy::Required, tim());
+        p.reply("220 mx.test\r\n");
+        let _ = p.send(b"");
+        p.reply(clear);
+        assert_eq!(p.send(b""), "");
+        assert_eq!(p.failed().kind, FailureKind::TlsNotOffered);
+        // A policy that allows the clear, with STARTTLS missing, refused, or off: no AUTH.
+        for (tls_policy, ehlo, starttls_reply) in [
+            (TlsPolicy::Opportunistic, clear, None),
+            (TlsPolicy::Opportunistic, tls, Some("454 4.7.0 not now\r\n")),
+            (TlsPolicy::Off, tls, None),
+        ] {
+            let mut p = Peer::connect_auth(tls_policy, tim());
+            p.reply("220 mx.test\r\n");
+            let _ = p.send(b"");
+            p.reply(ehlo);
+            if let Some(r) = starttls_reply {
+                assert_eq!(p.send(b""), "STARTTLS\r\n");
+                p.reply(r);
+            }
+            assert_eq!(p.send(b""), "", "{tls_policy:?}");
+            let f = p.failed();
+            assert_eq!(f.kind, FailureKind::AuthNeedsTls, "{tls_policy:?}");
+            assert_eq!(f.tls_status(), Some((4, 7, 4)));
+            assert!(!f.is_permanent());
+        }
+        // A failed handshake ends the session; nothing goes out afterwards.
+        let mut p = Peer::connect_auth(TlsPolicy::Required, tim());
+        p.reply("220 mx.test\r\n");
+        let _ = p.send(b"");
+        p.reply(tls);
+        let _ = p.send(b"");
+        p.reply("220 go\r\n");
+        p.drain();
+        p.s.handle_tls_failed();
+        p.drain();
+        assert!(p.take().iter().any(|e| matches!(e, ClientEvent::Failed(f) if f.is_tls_handshake())));
+        assert_eq!(p.send(b""), "");
+    }
+
+    #[test]
+    fn implicit_tls_waits_for_the_handshake_then_greeting_then_auth() {
+        let mut p = Peer::connect_auth(TlsPolicy::Implicit, tim());
+        // The handshake runs on its own timeout before the greeting's.
+        assert_eq!(p.s.phase(), Some(Phase::TlsHandshake));
+        assert_eq!(p.s.next_deadline(), Some(p.now + timeouts().tls_handshake));
+        assert!(!p.s.awaiting_tls() && !p.s.is_tls());
+        p.now += Duration::from_millis(3);
+        p.s.handle_tls_established(p.now);
+        assert!(p.s.is_tls());
+        assert_eq!(p.s.phase(), Some(Phase::Greeting));
+        assert_eq!(p.s.next_deadline(), Some(p.now + timeouts().greeting));
+        p.reply("220 smarthost.test ESMTP\r\n");
+        assert_eq!(p.send(b""), "EHLO relay.test\r\n");
+        // STARTTLS offered too (some servers do): never sent on a TLS transport.
+        p.reply("250-smarthost.test\r\n250-STARTTLS\r\n250 AUTH PLAIN\r\n");
+        assert_eq!(p.send(b""), TIM_PLAIN);
+        p.reply("235 2.7.0 ok\r\n");
+        assert_eq!(p.take(), [ClientEvent::Ready]);
+
+        // Without credentials: ready after EHLO.
+        let mut p = Peer::connect_auth(TlsPolicy::Implicit, None);
+        p.s.handle_tls_established(p.now);
+        p.reply("220 smarthost.test ESMTP\r\n");
+        let _ = p.send(b"");
+        p.reply("250-smarthost.test\r\n250 STARTTLS\r\n");
+        assert_eq!(p.take(), [ClientEvent::Ready]);
+        assert_eq!(p.send(b""), "");
+
+        // Failures before the greeting are handshake failures (4.7.5), whatever ends it.
+        let mut p = Peer::connect_auth(TlsPolicy::Implicit, tim());
+        p.s.handle_tls_failed();
+        p.drain();
+        assert_eq!(p.failed().kind, FailureKind::TlsHandshake);
+        let mut p = Peer::connect_auth(TlsPolicy::Implicit, tim());
+        p.s.handle_closed();
+        p.drain();
+        assert_eq!(p.failed().tls_status(), Some((4, 7, 5)));
+        let mut p = Peer::connect_auth(TlsPolicy::Implicit, tim());
+        fire(&mut p, Phase::TlsHandshake, timeouts().tls_handshake);
+        // Once TLS is up, the peer closing is a plain close.
+        let mut p = Peer::connect_auth(TlsPolicy::Implicit, tim());
+        p.s.handle_tls_established(p.now);
+        p.s.handle_closed();
+        p.drain();
+        assert_eq!(p.failed().kind, FailureKind::Closed);
     }
 
     #[test]
@@ -2822,8 +3179,12 @@ mod tests {
         let mut server = ServerSession::new("127.0.0.1".parse().unwrap(), true);
         let mut s_out = BufPool::new(16 * 1024, 1).checkout().unwrap();
         let mut c_out = BufPool::new(client_cap, 1).checkout().unwrap();
-        let cfg =
-            ClientConfig { helo_name: "relay.test".into(), timeouts: ClientTimeouts::default(), tls: TlsPolicy::Off };
+        let cfg = ClientConfig {
+            helo_name: "relay.test".into(),
+            timeouts: ClientTimeouts::default(),
+            tls: TlsPolicy::Off,
+            auth: None,
+        };
         let mut client = ClientSession::new(cfg, now);
         let (mut to_client, mut to_server) = (Vec::new(), Vec::new());
         let (mut events, mut stored, mut wire) = (Vec::new(), Vec::new(), Vec::new());

@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod auth_throttle;
 pub mod client;
+pub mod client_auth;
 pub mod client_key;
 pub mod client_limit;
 pub mod command;

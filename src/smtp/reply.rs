@@ -309,6 +309,17 @@ pub enum LocalFault<'a> {
         /// The operator's reason (may be empty).
         reason: &'a str,
     },
+    /// AUTH to the relay host failed (RFC 4954; `--relay-auth-file`): deferred, never bounced.
+    RelayAuth {
+        /// What failed, with the server's reply (scrubbed of the credentials).
+        detail: &'a str,
+        /// X.7.8 from the server's `535 5.7.8`, or X.7.4 (see `Failure::auth_status`).
+        status: (u8, u16, u16),
+        /// The relay host.
+        host: &'a str,
+        /// Its address.
+        addr: SocketAddr,
+    },
 }
 
 impl LocalFault<'_> {
@@ -345,9 +356,11 @@ impl LocalFault<'_> {
                 let code = if error.is_permanent() { 550 } else { 451 };
                 (code, error.status(), format!("DNS lookup for {domain}: {}", error.text()))
             }
-            LocalFault::Tls { detail, status, host, addr } => (451, status, format!("{detail} ({host}[{addr}])")),
             LocalFault::Operator { reason: "" } => (554, (5, 0, 0), "Bounced by the operator".into()),
             LocalFault::Operator { reason } => (554, (5, 0, 0), format!("Bounced by the operator: {reason}")),
+            LocalFault::Tls { detail, status, host, addr } | LocalFault::RelayAuth { detail, status, host, addr } => {
+                (451, status, format!("{detail} ({host}[{addr}])"))
+            }
         };
         Reply { code, enhanced: Some(status), text }
     }

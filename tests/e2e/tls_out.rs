@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Python 3 with aiosmtpd: required on CI (.ci/run installs it), else the test skips.
-fn have_aiosmtpd() -> bool {
+pub fn have_aiosmtpd() -> bool {
     if !require("python3") {
         return false;
     }
@@ -32,9 +32,9 @@ fn have_aiosmtpd() -> bool {
 }
 
 /// A child process killed on drop, with its stdout lines collected.
-struct Peer {
+pub struct Peer {
     child: Child,
-    port: u16,
+    pub port: u16,
     lines: Arc<Mutex<Vec<String>>>,
 }
 
@@ -47,7 +47,7 @@ impl Drop for Peer {
 
 impl Peer {
     /// Runs `cmd`, whose first stdout line must be `PORT n`.
-    fn spawn(mut cmd: Command) -> Peer {
+    pub fn spawn(mut cmd: Command) -> Peer {
         let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).spawn().expect("spawn test server");
         let out = child.stdout.take().unwrap();
         let lines = Arc::new(Mutex::new(Vec::new()));
@@ -76,12 +76,12 @@ impl Peer {
         Peer { child, port, lines }
     }
 
-    fn lines(&self) -> Vec<String> {
+    pub fn lines(&self) -> Vec<String> {
         self.lines.lock().unwrap().clone()
     }
 
     /// Waits (bounded) for `n` lines containing `needle`.
-    fn wait_lines(&self, needle: &str, n: usize, relay: &Relay) -> Vec<String> {
+    pub fn wait_lines(&self, needle: &str, n: usize, relay: &Relay) -> Vec<String> {
         let t0 = Instant::now();
         loop {
             let got: Vec<String> = self.lines().into_iter().filter(|l| l.contains(needle)).collect();
@@ -183,7 +183,7 @@ while time.time() < end:
 "#;
 
 /// A self-signed certificate for `name`, written as `<tag>-cert.pem` and `<tag>-key.pem`.
-fn cert_files(dir: &Path, tag: &str, name: &str) -> (PathBuf, PathBuf) {
+pub fn cert_files(dir: &Path, tag: &str, name: &str) -> (PathBuf, PathBuf) {
     let ck = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
     let cert = dir.join(format!("{tag}-cert.pem"));
     let key = dir.join(format!("{tag}-key.pem"));
@@ -258,7 +258,7 @@ fn saved_count(sink: &Sink) -> usize {
 }
 
 /// Submits one message to the relay; returns its queue id.
-fn submit(relay: &Relay, to: &str, body: &str) -> String {
+pub fn submit(relay: &Relay, to: &str, body: &str) -> String {
     let mut c = relay.client();
     c.expect("220");
     c.expect_ok("EHLO c.test", "250");
@@ -268,7 +268,7 @@ fn submit(relay: &Relay, to: &str, body: &str) -> String {
 }
 
 /// The relay's `event=delivery` lines.
-fn delivery_lines(relay: &Relay) -> Vec<String> {
+pub fn delivery_lines(relay: &Relay) -> Vec<String> {
     relay.log().lines().filter(|l| l.contains("event=delivery")).map(str::to_string).collect()
 }
 

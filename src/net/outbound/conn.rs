@@ -3,7 +3,8 @@
 //! what the transport reads and flushes what the session says.
 //!
 //! After the server's `220` to STARTTLS ([`ClientEvent::StartTls`]) [`OutboundConn::start_tls`]
-//! puts a client TLS session on the transport; the session only ever sees plaintext. Readiness
+//! puts a client TLS session on the transport, or [`OutboundConn::start_implicit_tls`] does on
+//! connect (RFC 8314); the session only ever sees plaintext. Readiness
 //! is edge-triggered, so both directions run until the socket itself says `WouldBlock`, and
 //! every [`OutboundConn::write`] also flushes ciphertext the TLS layer queued while reading
 //! (handshake messages, alerts), so nothing waits for an event that never comes.
@@ -150,6 +151,20 @@ impl OutboundConn {
             self.tls_failed("plaintext left to send at STARTTLS");
             return;
         }
+        self.begin_tls(pool);
+    }
+
+    /// Under implicit TLS (RFC 8314 §3.3, `--relay-tls implicit`): a client TLS session on the
+    /// socket from the first byte, before the greeting; the ClientHello goes out with the
+    /// first [`OutboundConn::write`] once connected. A failure is given to the session.
+    pub fn start_implicit_tls(&mut self, pool: &mut BufPool) {
+        if !self.io.is_tls() {
+            self.begin_tls(pool);
+        }
+    }
+
+    /// A client TLS session for the host on the transport, or the failure to the session.
+    fn begin_tls(&mut self, pool: &mut BufPool) {
         let started = match &self.tls_config {
             Some(cfg) => TlsSession::client(cfg, &self.host),
             None => Err(TlsError::Protocol("no TLS client settings".to_owned())),

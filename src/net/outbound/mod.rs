@@ -12,6 +12,7 @@ mod conn;
 use std::collections::HashMap;
 use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::Instant;
 
@@ -33,6 +34,7 @@ use crate::net::tls::ClientTls;
 use crate::net::token::{self, Kind};
 use crate::queue::Queue;
 use crate::smtp::client::{ClientConfig, ClientEvent, ClientSession, ClientTimeouts, TlsPolicy, TxRcpt, TxSpec};
+use crate::smtp::client_auth::RelayCredentials;
 use crate::spool::{Outcome, Spool, StoredMessage};
 
 /// Rounds of reading, writing and session events per connection and call before it yields to
@@ -86,6 +88,8 @@ pub struct OutboundConfig {
     pub verified: Option<ClientTls>,
     /// Our own listening addresses: a mail exchanger there is this relay (mail loop).
     pub own: Vec<SocketAddr>,
+    /// `--relay-auth-file`: AUTH to the relay host, inside TLS only.
+    pub auth: Option<Arc<RelayCredentials>>,
 }
 
 /// Outbound delivery on the relay's loop.
@@ -350,6 +354,7 @@ impl Outbound {
                 helo_name: self.engine.hostname().to_owned(),
                 timeouts: self.cfg.timeouts.clone(),
                 tls: policy,
+                auth: self.cfg.auth.clone(),
             },
             ctx.now,
         );
@@ -363,7 +368,12 @@ impl Outbound {
         if self.conns.len() <= key {
             self.conns.resize_with(key + 1, || None);
         }
-        self.conns[key] = Some(new_conn(sock, addr, host, id.generation, session, tls_config));
+        let mut conn = new_conn(sock, addr, host, id.generation, session, tls_config);
+        if policy == TlsPolicy::Implicit {
+            // RFC 8314 §3.3: the ClientHello is the first thing written once connected.
+            conn.start_implicit_tls(ctx.bufs);
+        }
+        self.conns[key] = Some(conn);
         self.arm(ctx, id);
     }
 
@@ -686,6 +696,9 @@ fn log_note(log: &mut Logger, note: &Note) {
                 ("until", V::S(&crate::message::iso8601(c.until_ms))),
             ],
         ),
+        Note::AuthFailed { host, addr, error } => {
+            log.event("relay_auth_failed", &[("host", V::S(host)), ("ip", V::D(addr)), ("error", V::S(error))])
+        }
     }
 }
 

@@ -15,6 +15,7 @@
 #![no_main]
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arbitrary::{Arbitrary, Unstructured};
@@ -22,6 +23,7 @@ use libfuzzer_sys::fuzz_target;
 use sluice::buf::BufPool;
 use sluice::message::{notify, BodyType, Ret};
 use sluice::smtp::client::{ClientConfig, ClientEvent, ClientSession, ClientTimeouts, TlsPolicy, TxRcpt, TxSpec};
+use sluice::smtp::client_auth::RelayCredentials;
 use sluice::smtp::reply::{parse_reply, Capabilities, ReplyParse};
 
 fuzz_target!(|data: &[u8]| {
@@ -67,6 +69,8 @@ fn replies(mut input: &[u8]) {
 #[derive(Arbitrary, Debug)]
 struct Script {
     tls: Tls,
+    /// Credentials for AUTH (`--relay-auth-file`): never sent outside TLS.
+    auth: bool,
     out_cap: OutCap,
     steps: Vec<Step>,
 }
@@ -76,6 +80,7 @@ enum Tls {
     Off,
     Opportunistic,
     Required,
+    Implicit,
 }
 
 #[derive(Arbitrary, Debug, Clone, Copy)]
@@ -125,6 +130,8 @@ enum Code {
     Ok221,
     Ok250,
     Ok251,
+    Ok235,
+    Go334,
     Go354,
     Temp421,
     Temp450,
@@ -195,6 +202,8 @@ fn code(c: Code) -> u16 {
         Code::Ok221 => 221,
         Code::Ok250 => 250,
         Code::Ok251 => 251,
+        Code::Ok235 => 235,
+        Code::Go334 => 334,
         Code::Go354 => 354,
         Code::Temp421 => 421,
         Code::Temp450 => 450,
@@ -330,7 +339,11 @@ fn session(script: &Script) {
         Tls::Off => TlsPolicy::Off,
         Tls::Opportunistic => TlsPolicy::Opportunistic,
         Tls::Required => TlsPolicy::Required,
+        Tls::Implicit => TlsPolicy::Implicit,
     };
+    let creds = RelayCredentials::new("fuzz-user", "fuzz-password");
+    let secrets = [creds.plain_response().to_owned(), creds.login_user().to_owned(), creds.login_password().to_owned()];
+    let auth = script.auth.then(|| Arc::new(creds));
     let timeouts = ClientTimeouts {
         greeting: Duration::from_secs(10),
         command: Duration::from_secs(20),
@@ -345,7 +358,7 @@ fn session(script: &Script) {
         OutCap::Chunk => 16 * 1024,
     };
     let mut now = Instant::now();
-    let cfg = ClientConfig { helo_name: "relay.test".into(), timeouts, tls };
+    let cfg = ClientConfig { helo_name: "relay.test".into(), timeouts, tls, auth };
     let mut s = ClientSession::new(cfg, now);
     let mut out = BufPool::new(cap, 1).checkout().unwrap();
     let mut pending: Vec<u8> = Vec::new();
@@ -377,6 +390,11 @@ fn session(script: &Script) {
             Step::Transmit => {
                 let body = d.flight.front().map_or(&[][..], |(_, b)| b.as_slice());
                 s.poll_transmit(body, &mut out);
+                if !s.is_tls() {
+                    // RFC 4954 over TLS only: no AUTH line, no response in the clear.
+                    let clear = String::from_utf8_lossy(out.data());
+                    assert!(!clear.contains("AUTH ") && secrets.iter().all(|x| !clear.contains(x.as_str())), "{clear}");
+                }
                 let n = out.data().len();
                 out.consume(n);
                 d.drain(&mut s);
@@ -422,7 +440,8 @@ fn session(script: &Script) {
                 pending.clear();
             }
             Step::TlsDone(ok) => {
-                if s.awaiting_tls() {
+                // After STARTTLS's 220, or on connect under implicit TLS until it is up.
+                if s.awaiting_tls() || (tls == TlsPolicy::Implicit && !s.is_tls()) {
                     pending.clear();
                     if *ok {
                         s.handle_tls_established(now);
