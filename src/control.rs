@@ -9,7 +9,7 @@
 //!
 //! ```text
 //! Format (request):  VERB [TAB FIELD]* LF
-//!   suspend  TAB scope TAB for_ms TAB reason     scope: `domain:D` or `provider:P`
+//!   suspend  TAB scope TAB for_ms TAB reason     scope: `domain:D`, `provider:P` or `site:S`
 //!   resume   TAB scope
 //!   suspensions
 //!   bounce   TAB (id:QUEUEID | domain:D) TAB reason
@@ -49,7 +49,7 @@ pub enum GroupBy {
 /// One request of `sluice queue` to the relay.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
-    /// Suspend deliveries to a scope (`domain:D`, `provider:P`) for `for_ms`.
+    /// Suspend deliveries to a scope (`domain:D`, `provider:P`, `site:S`) for `for_ms`.
     Suspend {
         /// `domain:D` or `provider:P`.
         scope: String,
@@ -141,7 +141,8 @@ impl Request {
         let verb = f.next().unwrap_or("");
         let mut field = |name: &'static str| f.next().ok_or(ProtoError::BadField(name));
         let scope = |s: &str| -> Result<String, ProtoError> {
-            let ok = s.split_once(':').is_some_and(|(k, v)| matches!(k, "domain" | "provider") && !v.is_empty());
+            let ok =
+                s.split_once(':').is_some_and(|(k, v)| matches!(k, "domain" | "provider" | "site") && !v.is_empty());
             if ok {
                 Ok(s.to_owned())
             } else {

@@ -535,17 +535,7 @@ impl Spool {
     /// The envelope of the message at `loc`, decoded without checking the record's crc again
     /// (see [`format::record_at_trusted`]): for settling delivery outcomes.
     pub fn envelope(&self, loc: MessageLoc) -> Result<Envelope, SpoolError> {
-        let slot =
-            self.segments.get(&loc.segment).ok_or(SpoolError::Corrupt("message location names no open segment"))?;
-        let off = usize::try_from(loc.offset).map_err(|_| SpoolError::Corrupt("message offset out of range"))?;
-        let raw = format::record_at_trusted(slot.seg.bytes(), off, slot.seg.key())
-            .map_err(|_| SpoolError::Corrupt("message record fails validation"))?;
-        if raw.kind != format::RecordKind::Message {
-            return Err(SpoolError::Corrupt("message location does not hold a message record"));
-        }
-        format::decode_message(raw.payload)
-            .map(|v| v.envelope)
-            .map_err(|_| SpoolError::Corrupt("message payload fails validation"))
+        self.envelope_and_body(loc).map(|(env, _)| env)
     }
 
     /// [`Spool::envelope`] and the body, read the same way (no crc check): for the delivery

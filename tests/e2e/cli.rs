@@ -3,7 +3,8 @@
 use super::support::*;
 use std::process::Command;
 
-fn serve(args: &[&str]) -> (i32, String) {
+/// `sluice serve --hold` with `args` on a fresh spool: exit code and stderr.
+pub fn serve(args: &[&str]) -> (i32, String) {
     let dir = TempDir::new("cli");
     let out = Command::new(sluice_bin())
         .arg("serve")

@@ -5,6 +5,7 @@
 //! the connection was TLS), per credentials check and per message. Loopback only; every wait
 //! is bounded.
 
+use super::cli::serve;
 use super::support::*;
 use super::tls_out::{cert_files, delivery_lines, have_aiosmtpd, submit, Peer};
 use base64::Engine as _;
@@ -227,20 +228,6 @@ fn certificate_for_a_wrong_name_defers_before_auth() {
         assert!(seen.iter().all(|l| !l.contains("auth_cmd") && !l.contains("\"msg\"")), "{mode}: {seen:?}");
         assert_no_secret(&relay, PASSWORD);
     }
-}
-
-/// `sluice serve` with `args`: exit code and stderr.
-fn serve(args: &[&str]) -> (i32, String) {
-    let dir = TempDir::new("smarthost-cli");
-    let out = Command::new(sluice_bin())
-        .arg("serve")
-        .arg("--spool")
-        .arg(dir.path().join("s"))
-        .args(["--listen", "127.0.0.1:0", "--hold", "--dns", "127.0.0.1:1"])
-        .args(args)
-        .output()
-        .unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 #[test]
