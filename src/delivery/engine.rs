@@ -632,6 +632,10 @@ impl Engine {
         c.active = c.next.take();
         c.transactions += 1;
         let (remote, tls, site, dest) = (c.remote.clone(), c.tls, c.site, c.dest);
+        if result.data_reply.as_ref().is_some_and(Reply::is_positive_completion) && self.sites.delivered(site) {
+            // The slow start allows one more connection: serve the destination again.
+            self.queue.want(dest);
+        }
         // Automation looks at every failure reply (once per distinct reply).
         let mut last: Option<&Reply> = None;
         for r in result.rcpt_replies.iter().chain(result.data_reply.as_ref()) {

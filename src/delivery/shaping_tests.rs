@@ -222,3 +222,34 @@ fn a_suspended_provider_stops_every_domain_it_hosts() {
     sleep_until(&mut h, Duration::from_secs(61));
     assert_eq!(h.outcomes(g).iter().filter(|o| o.1 == Verdict::Delivered).count(), 2);
 }
+
+/// A new site gets two connections until its first delivery (a slow start), then one more per
+/// delivery: a receiver that refuses everything sees two transactions before automation
+/// throttles the site (then one a minute), not one per allowed connection.
+#[test]
+fn a_slow_start_keeps_a_refusing_receiver_to_a_few_transactions() {
+    let mut h = shaped(16, "");
+    let gmail = reply(421, (4, 7, 28), "unusual rate");
+    h.host(MX1, Host::Smtp(Server { refuse_first: Some((usize::MAX, gmail)), ..Server::default() }));
+    for _ in 0..20 {
+        h.submit("s@x.test", &["u@a.test"]);
+    }
+    h.run();
+    // Two, then the one the throttle's 1/min bucket holds, then nothing for a minute.
+    assert_eq!(h.records.len(), 3);
+    assert_eq!(shaping_notes(&h), [("throttle", "mx1.a.test".to_string())]);
+    sleep_until(&mut h, Duration::from_secs(59));
+    assert_eq!(h.records.len(), 3);
+    // A receiver that accepts: the site ramps up to its limit as deliveries succeed.
+    let mut h = shaped(16, "");
+    h.host(MX1, Host::Smtp(Server { hold: true, ..Server::default() }));
+    for _ in 0..40 {
+        h.submit("s@x.test", &["u@a.test"]);
+    }
+    h.run();
+    assert_eq!(h.open(), 2);
+    for _ in 0..6 {
+        h.complete(MX1);
+    }
+    assert_eq!(h.open(), 16);
+}

@@ -17,6 +17,11 @@ pub type SiteId = u32;
 
 /// Transactions per connection when no rule sets `max_deliveries_per_connection`.
 pub const DEFAULT_MAX_DELIVERIES: u32 = 1000;
+/// Connections a site gets before its first delivery, and again after automation acted on it
+/// (a slow start, as Postfix's `initial_destination_concurrency`): a receiver that refuses
+/// everything sees a couple of transactions, not one per allowed connection. Each delivery
+/// allows one more, up to the site's limit.
+pub const INITIAL_CONNECTIONS: u32 = 2;
 
 /// What the command line gives shaping.
 #[derive(Debug, Clone, Copy)]
@@ -60,6 +65,8 @@ struct Site {
     key: SiteKey,
     eff: Effective,
     conns: u32,
+    /// Connections allowed by the slow start (see [`INITIAL_CONNECTIONS`]).
+    ramp: u32,
     msgs: Option<Bucket>,
     connects: Option<Bucket>,
     throttle: Option<Throttle>,
@@ -148,6 +155,7 @@ impl Sites {
             key: key.clone(),
             eff: Effective { connection_limit: 1, max_deliveries: 1, tls: OutboundTls::None },
             conns: 0,
+            ramp: INITIAL_CONNECTIONS,
             msgs: None,
             connects: None,
             throttle: None,
@@ -207,6 +215,14 @@ impl Sites {
         std::mem::take(&mut s.waiting)
     }
 
+    /// A transaction of the site delivered: the slow start allows one more connection (true
+    /// when it did).
+    pub fn delivered(&mut self, id: SiteId) -> bool {
+        let s = &mut self.sites[id as usize];
+        let ramp = s.ramp.saturating_add(1).min(s.eff.connection_limit.max(INITIAL_CONNECTIONS));
+        std::mem::replace(&mut s.ramp, ramp) != ramp
+    }
+
     /// Connections open or opening.
     pub fn conns(&self, id: SiteId) -> u32 {
         self.sites[id as usize].conns
@@ -229,7 +245,7 @@ impl Sites {
     /// the rate is what stops it, when the next may.
     pub fn may_open(&mut self, id: SiteId, now: Instant) -> (u32, Option<Instant>) {
         let s = &mut self.sites[id as usize];
-        let free = s.eff.connection_limit.saturating_sub(s.conns);
+        let free = s.eff.connection_limit.min(s.ramp).saturating_sub(s.conns);
         match s.connects.as_mut() {
             Some(b) if free > 0 => {
                 let n = free.min(b.available(now) as u32);
@@ -310,6 +326,7 @@ impl Sites {
         let until_ms = now_ms + rule.duration_ms;
         let reason = format!("{} (rule '{}')", reply.trim_end(), rule.pattern);
         let site = s.key.name().to_owned();
+        self.sites[id as usize].ramp = INITIAL_CONNECTIONS;
         match rule.action.clone() {
             AutoAction::Suspend => {
                 let s = &mut self.sites[id as usize];
@@ -507,7 +524,9 @@ mod tests {
         let t0 = Instant::now();
         let mut s = sites("[domain.\"slow.test\"]\nconnection_limit = 3\nmax_connection_rate = \"2/s\"\n");
         let id = s.site_for("slow.test", &["mx.slow.test"], None, t0);
+        // The slow start: two until a delivery, then one more per delivery.
         assert_eq!(s.may_open(id, t0), (2, None));
+        s.delivered(id);
         s.opened(id, t0);
         s.opened(id, t0);
         assert_eq!(s.may_open(id, t0), (0, Some(t0 + Duration::from_millis(500))));
