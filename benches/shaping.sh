@@ -11,10 +11,11 @@
 #    with no rate and a short automation rule (gets 421s, must still deliver everything).
 # 4. A receiver that answers 421 4.7.28 to everything for 60 s: the attempts sluice makes in the
 #    window with the built-in rule (<= 3 expected), and when the backlog is delivered.
-# Usage: benches/shaping.sh [OVERHEAD_MESSAGES=20000] [ROUNDS=3]
+# Usage: benches/shaping.sh [OVERHEAD_MESSAGES=20000] [ROUNDS=3]   (PARTS="1 2 3 4": which to run)
 # Needs Debian's postfix package (smtp-source, smtp-sink) and python3.
 set -euo pipefail
-M=${1:-20000}; ROUNDS=${2:-3}
+M=${1:-20000}; ROUNDS=${2:-3}; PARTS=${PARTS:-1 2 3 4}
+part() { [[ " $PARTS " == *" $1 "* ]]; }
 cd "$(dirname "$0")/.."
 cargo build --release -q --workspace
 TARGET=${CARGO_TARGET_DIR:-$PWD/target}
@@ -52,6 +53,7 @@ backlog() {
 json_num() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))" "$@"; }
 
 # 1. Overhead.
+if part 1; then
 cat >"$WORK/loose.toml" <<'EOF'
 [default]
 connection_limit = 1000
@@ -83,8 +85,10 @@ printf '| relay | msg/s (median) | per round |\n|---|---|---|\n'
 printf '| --no-builtin-shaping | %.0f | %s |\n' "$am" "$(printf '%.0f ' "${a[@]}")"
 printf '| built-in + loose file | %.0f | %s |\n' "$bm" "$(printf '%.0f ' "${b[@]}")"
 printf 'ratio: %.3f (goal >= 0.95)\n' "$(echo "$bm / $am" | bc -l)"
+fi
 
 # 2. Accuracy over 30 s.
+if part 2; then
 printf '\n2. accuracy: backlog to one site, rate counted by the sink over seconds 1-30\n'
 printf '| max_message_rate | expected/s | measured/s | error | busiest second | bucket |\n|---|---|---|---|---|---|\n'
 for spec in "50/s:50:50" "600/min:10:10"; do
@@ -100,8 +104,10 @@ for spec in "50/s:50:50" "600/min:10:10"; do
   busiest=$(json_num "$WORK/sink.json" 'max(d["accepted_per_second"][1:31])')
   printf '| %s | %s | %.2f | %+.1f %% | %s | %s |\n' "$rate" "$per_s" "$got" "$(echo "($got - $per_s) * 100 / $per_s" | bc -l)" "$busiest" "$cap"
 done
+fi
 
 # 3. Gmail-like receiver.
+if part 3; then
 printf '\n3. Gmail-like receiver (421 4.7.28 above 50/s per IP), 3000-message backlog\n'
 printf '| relay | 421s | time s | goal |\n|---|---|---|---|\n'
 cat >"$WORK/g45.toml" <<'EOF'
@@ -129,8 +135,10 @@ for mode in rate45 automation; do
   if [ "$mode" = rate45 ]; then goal="0 and <= $(echo "1.1 * 3000 / 45" | bc -l | xargs printf '%.1f')"; else goal="all delivered"; fi
   printf '| sluice %s | %s | %.1f | %s |\n' "$mode" "$r421" "$secs" "$goal"
 done
+fi
 
 # 4. Everything refused with 421 4.7.28 for 60 s (built-in rule: 1 message a minute).
+if part 4; then
 printf '\n4. receiver answering 421 4.7.28 to everything for 60 s, 100-message backlog\n'
 backlog 100
 P=$(free_port)
@@ -142,3 +150,4 @@ stop "$RELAY"; stop "$SINK"
 r421=$(json_num "$WORK/sink.json" 'd["refusals"]["window"]')
 printf '| relay | transactions refused in the 60 s window | throttle logged |\n|---|---|---|\n'
 printf '| sluice (built-in rule) | %s | %s |\n' "$r421" "$(count "$WORK/w.log" 'event=throttle')"
+fi
