@@ -62,6 +62,8 @@ pub(super) struct DestState {
     pub last_reply: Option<Reply>,
     /// It was down: one connection probes it before others follow (cleared by a greeting).
     pub probing: bool,
+    /// The engine's wake-up for it still pending, if any (one at a time: see `Engine::wake`).
+    pub wake_at: Option<std::time::Instant>,
 }
 
 impl DestState {
@@ -78,6 +80,7 @@ impl DestState {
             backoff_reply: None,
             last_reply: None,
             probing: false,
+            wake_at: None,
         }
     }
 

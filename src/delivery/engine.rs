@@ -364,6 +364,8 @@ pub struct Engine {
     /// Destinations and sites to serve again at a time (a token, a suspension's end, a
     /// backoff's end, a parked message's expiry): (when, kind, id); stale entries are harmless.
     wakes: BinaryHeap<Reverse<(Instant, Wake, u32)>>,
+    /// The pending wake-up of each site (by `SiteId`); a destination's is in its state.
+    site_wakes: Vec<Option<Instant>>,
 }
 
 /// What a wake-up serves again.
@@ -396,6 +398,7 @@ impl Engine {
             releasing: HashMap::new(),
             sites,
             wakes: BinaryHeap::new(),
+            site_wakes: Vec::new(),
         }
     }
 
@@ -505,6 +508,10 @@ impl Engine {
                 break;
             }
             self.wakes.pop();
+            let pending = self.pending_wake(kind, id);
+            if *pending == Some(t) {
+                *pending = None;
+            }
             match kind {
                 Wake::Site => {
                     for d in self.sites.take_waiting(id) {
@@ -1279,8 +1286,37 @@ impl Engine {
     }
 
     /// Serves `id` (a site's waiting destinations, or one destination) again at `at`.
+    /// At most one wake-up is pending per destination and per site: one due no later than
+    /// `at` serves it then, and that serve asks again for what is still to wait for. So a
+    /// destination parked for hours, or a site short of tokens many times a second, keeps one
+    /// heap entry, not one per message or per try.
     fn wake(&mut self, kind: Wake, id: u32, at: Instant) {
+        let pending = self.pending_wake(kind, id);
+        if pending.is_some_and(|t| t <= at) {
+            return;
+        }
+        *pending = Some(at);
         self.wakes.push(Reverse((at, kind, id)));
+    }
+
+    /// The pending wake-up slot of a destination or a site.
+    fn pending_wake(&mut self, kind: Wake, id: u32) -> &mut Option<Instant> {
+        match kind {
+            Wake::Dest => &mut self.dest_state(id).wake_at,
+            Wake::Site => {
+                let i = id as usize;
+                if self.site_wakes.len() <= i {
+                    self.site_wakes.resize(i + 1, None);
+                }
+                &mut self.site_wakes[i]
+            }
+        }
+    }
+
+    /// Wake-up entries in the heap (stale ones included).
+    #[cfg(test)]
+    pub fn wake_entries(&self) -> usize {
+        self.wakes.len()
     }
 
     /// A failure reply from a site about `dest`: automation may throttle or suspend the site.

@@ -253,3 +253,20 @@ fn a_slow_start_keeps_a_refusing_receiver_to_a_few_transactions() {
     }
     assert_eq!(h.open(), 16);
 }
+
+/// Mail arriving for a suspended destination adds no wake-up per message: one stays pending,
+/// and it still serves the mail when the suspension ends.
+#[test]
+fn a_parked_destination_keeps_one_pending_wake_up() {
+    let mut h = shaped(2, "");
+    h.host(MX1, Host::Smtp(Server::default()));
+    let now = h.now();
+    h.engine.suspend(Scope::Domain("a.test".into()), now.wall_ms + 60_000, "maintenance", true, now).unwrap();
+    for _ in 0..200 {
+        h.submit("s@x.test", &["u@a.test"]);
+        h.run();
+    }
+    assert!(h.engine.wake_entries() <= 2, "{}", h.engine.wake_entries());
+    sleep_until(&mut h, Duration::from_secs(61));
+    assert_eq!(delivered(&h), 200);
+}
