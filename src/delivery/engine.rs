@@ -753,16 +753,14 @@ impl Engine {
 
     /// Suspends a domain or a provider (or a site) until `until_ms`: its mail is parked, its
     /// connections end after their transaction. `Err` names an unknown provider.
-    pub fn suspend(&mut self, scope: Scope, until_ms: u64, reason: &str, manual: bool, now: Now) -> Result<(), String> {
-        let _ = now;
+    pub fn suspend(&mut self, scope: Scope, until_ms: u64, reason: &str, manual: bool) -> Result<(), String> {
         let change = self.sites.suspend(scope, until_ms, reason, manual)?;
         self.actions.push_back(Action::Note(Note::Shaping(change)));
         Ok(())
     }
 
     /// Lifts a suspension; false when there was none. Parked mail is served at once.
-    pub fn resume(&mut self, scope: &Scope, now: Now) -> bool {
-        let _ = now;
+    pub fn resume(&mut self, scope: &Scope) -> bool {
         let site = match scope {
             Scope::Domain(d) => self.queue.find_dest(d).and_then(|id| self.dests.get(id as usize)?.site),
             _ => None,

@@ -177,8 +177,8 @@ fn a_manual_suspension_parks_until_resumed_and_the_lifetime_still_runs() {
     h.host(MX1, Host::Smtp(Server::default()));
     let now = h.now();
     let until = now.wall_ms + 24 * 3600 * 1000;
-    h.engine.suspend(Scope::Domain("A.test".into()), until, "maintenance", true, now).unwrap();
-    assert!(h.engine.suspend(Scope::Provider("nope".into()), until, "x", true, now).is_err());
+    h.engine.suspend(Scope::Domain("A.test".into()), until, "maintenance", true).unwrap();
+    assert!(h.engine.suspend(Scope::Provider("nope".into()), until, "x", true).is_err());
     let early = h.submit("s@x.test", &["u@a.test"]);
     h.run();
     assert!(h.connects.is_empty());
@@ -195,9 +195,8 @@ fn a_manual_suspension_parks_until_resumed_and_the_lifetime_still_runs() {
     assert!(h.engine.suspended(h.dest("a.test"), h.now()));
     h.run();
     assert!(h.connects.is_empty());
-    let now = h.now();
-    assert!(h.engine.resume(&Scope::Domain("a.test".into()), now));
-    assert!(!h.engine.resume(&Scope::Domain("a.test".into()), now));
+    assert!(h.engine.resume(&Scope::Domain("a.test".into())));
+    assert!(!h.engine.resume(&Scope::Domain("a.test".into())));
     h.run();
     assert_eq!(h.outcomes(late)[0].1, Verdict::Delivered);
     assert_eq!(shaping_notes(&h).iter().map(|n| n.0).collect::<Vec<_>>(), ["suspend", "resume"]);
@@ -212,7 +211,7 @@ fn a_suspended_provider_stops_every_domain_it_hosts() {
     h.host(MX1, Host::Smtp(Server::default()));
     h.host([192, 0, 2, 7], Host::Smtp(Server::default()));
     let now = h.now();
-    h.engine.suspend(Scope::Provider("google".into()), now.wall_ms + 60_000, "complaints", true, now).unwrap();
+    h.engine.suspend(Scope::Provider("google".into()), now.wall_ms + 60_000, "complaints", true).unwrap();
     let g = h.submit("s@x.test", &["u@gmail.com", "v@hosted.test"]);
     let a = h.submit("s@x.test", &["u@a.test"]);
     h.run();
@@ -261,7 +260,7 @@ fn a_parked_destination_keeps_one_pending_wake_up() {
     let mut h = shaped(2, "");
     h.host(MX1, Host::Smtp(Server::default()));
     let now = h.now();
-    h.engine.suspend(Scope::Domain("a.test".into()), now.wall_ms + 60_000, "maintenance", true, now).unwrap();
+    h.engine.suspend(Scope::Domain("a.test".into()), now.wall_ms + 60_000, "maintenance", true).unwrap();
     for _ in 0..200 {
         h.submit("s@x.test", &["u@a.test"]);
         h.run();

@@ -259,7 +259,7 @@ pub fn restore(delivery: &mut Outbound, ctx: &mut Ctx<'_>, dir: &Path) {
         let applied = s
             .scope
             .parse::<Scope>()
-            .and_then(|scope| delivery.with_engine(ctx, |e, now| e.suspend(scope, s.until_ms, &s.reason, true, now)));
+            .and_then(|scope| delivery.with_engine(ctx, |e, _| e.suspend(scope, s.until_ms, &s.reason, true)));
         if let Err(e) = applied {
             ctx.log.event("suspend_error", &[("scope", V::S(&s.scope)), ("error", V::S(&e))]);
         }
@@ -277,7 +277,7 @@ pub fn serve(req: Request, delivery: &mut Outbound, ctx: &mut Ctx<'_>, dir: &Pat
             };
             let until_ms = wall_ms.saturating_add(for_ms);
             let name = scope.to_string();
-            if let Err(e) = delivery.with_engine(ctx, |e, now| e.suspend(scope, until_ms, &reason, true, now)) {
+            if let Err(e) = delivery.with_engine(ctx, |e, _| e.suspend(scope, until_ms, &reason, true)) {
                 return Answer::Failed(e);
             }
             match save(delivery, ctx, dir) {
@@ -290,7 +290,7 @@ pub fn serve(req: Request, delivery: &mut Outbound, ctx: &mut Ctx<'_>, dir: &Pat
                 Ok(s) => s,
                 Err(e) => return Answer::Failed(e),
             };
-            if !delivery.with_engine(ctx, |e, now| e.resume(&scope, now)) {
+            if !delivery.with_engine(ctx, |e, _| e.resume(&scope)) {
                 return Answer::Failed(format!("{scope} is not suspended"));
             }
             match save(delivery, ctx, dir) {
