@@ -746,11 +746,6 @@ impl Engine {
         self.queue.want_all_ready();
     }
 
-    /// The shaping rules in force.
-    pub fn rules(&self) -> &Rules {
-        self.sites.rules()
-    }
-
     /// Suspends a domain or a provider (or a site) until `until_ms`: its mail is parked, its
     /// connections end after their transaction. `Err` names an unknown provider.
     pub fn suspend(&mut self, scope: Scope, until_ms: u64, reason: &str, manual: bool) -> Result<(), String> {

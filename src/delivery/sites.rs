@@ -130,11 +130,6 @@ impl Sites {
         }
     }
 
-    /// The rules in force.
-    pub fn rules(&self) -> &Rules {
-        &self.rules
-    }
-
     /// New rules (a reload): limits of every site apply at once; a site keeps its connections,
     /// buckets (at the new rate) and automation state.
     pub fn set_rules(&mut self, rules: Rules, now: Instant) {
@@ -467,11 +462,6 @@ impl Sites {
         }
         out.sort_by_key(|s| s.scope.to_string());
         out
-    }
-
-    /// Every site's id (for a wake-up of all).
-    pub fn ids(&self) -> std::ops::Range<SiteId> {
-        0..self.sites.len() as SiteId
     }
 }
 
