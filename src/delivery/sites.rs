@@ -298,7 +298,14 @@ impl Sites {
                 best = Some((h.until_ms, site, h.reason.clone()));
             }
         };
-        if let Some(h) = self.domains.get(&*domain.to_ascii_lowercase()) {
+        // Asked before every transaction: no allocation unless a domain is suspended and the
+        // name is not in lower case already.
+        let held = match self.domains.is_empty() {
+            true => None,
+            false if domain.bytes().any(|b| b.is_ascii_uppercase()) => self.domains.get(&*domain.to_ascii_lowercase()),
+            false => self.domains.get(domain),
+        };
+        if let Some(h) = held {
             consider(h, domain.to_owned());
         }
         if let Some(s) = site.map(|id| &self.sites[id as usize]) {
