@@ -3,7 +3,7 @@
 //! Owns the file descriptor and the `MAP_SHARED` mapping of one segment: creation with the
 //! space preallocated by `posix_fallocate` (so a full disk is reported as
 //! [`SpoolError::NoSpace`] when the segment is created, never as a SIGBUS on a later store into
-//! the map), appends (small records copied straight into the map, records of [`PWRITE_MIN`] or
+//! the map) or adoption of a spare whose blocks were written ahead (`spare.rs`), appends (small records copied straight into the map, records of [`PWRITE_MIN`] or
 //! more written with `pwrite` to the same pages), durability (`msync(MS_SYNC)` of the dirty
 //! page range, then `fdatasync`), sealing (truncate to the used length, map read-only) and
 //! removal. It knows nothing of record contents beyond writing the segment header.
@@ -125,6 +125,16 @@ pub(crate) const PWRITE_MIN: usize = 16 * 1024;
 /// buffer of its own, freed after the write.
 const STAGE_KEEP_MAX: usize = 1 << 20;
 
+/// `rename(from, to)` that fails with `EEXIST` instead of replacing `to`.
+fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other);
+    let (from, to) = (c(from)?, c(to)?);
+    // SAFETY: two NUL-terminated paths that outlive the call; AT_FDCWD for both directories.
+    syscall!(renameat2(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::RENAME_NOREPLACE))?;
+    Ok(())
+}
+
 /// Bytes available to an unprivileged writer on the filesystem holding `dir` (`statvfs`).
 pub(crate) fn free_space(dir: &Path) -> io::Result<u64> {
     let d = File::open(dir)?;
@@ -174,6 +184,8 @@ pub(crate) struct Segment {
     /// Where records of [`PWRITE_MIN`] bytes or more are encoded before their `pwrite`
     /// (reused; freed when the segment is sealed).
     stage: Vec<u8>,
+    /// Made from a spare whose blocks were written before (see `spare.rs`), not fallocated.
+    prewritten: bool,
 }
 
 // SAFETY: the mapping is owned exclusively by this value (no other handle to `ptr` exists), so
@@ -192,7 +204,7 @@ impl Segment {
             .mode(0o600)
             .open(&path)
             .map_err(|e| map_io_at("create segment", &path, e))?;
-        match Self::init(file, &path, seq, size) {
+        match Self::init(file, &path, seq, size, true) {
             Ok(seg) => Ok(seg),
             Err(e) => {
                 // Best effort: a leftover preallocated file would hold only zeros and be
@@ -203,17 +215,37 @@ impl Segment {
         }
     }
 
-    fn init(file: File, path: &Path, seq: u64, size: usize) -> Result<Segment, SpoolError> {
+    /// Makes segment `seq` in `dir` from a spare file of `len` bytes whose blocks are written
+    /// and synced (see `spare.rs`): renamed into place (never over an existing file), mapped
+    /// read-write, header written. A commit into it does not convert extents.
+    pub(crate) fn adopt(dir: &Path, seq: u64, spare: &Path, len: u64) -> Result<Segment, SpoolError> {
+        let path = dir.join(format::segment_file_name(seq));
+        let size = usize::try_from(len)
+            .map_err(|_| SpoolError::Io("adopt segment", io::Error::other("segment larger than memory")))?;
+        rename_noreplace(spare, &path).map_err(|e| map_io_at("rename spare segment", &path, e))?;
+        let file = OpenOptions::new().read(true).write(true).open(&path);
+        let seg =
+            file.map_err(|e| map_io_at("open segment", &path, e)).and_then(|f| Self::init(f, &path, seq, size, false));
+        if seg.is_err() {
+            let _ = std::fs::remove_file(&path);
+        }
+        seg
+    }
+
+    /// Maps `file` (`size` bytes, fallocated here when `preallocate`) and writes the header.
+    fn init(file: File, path: &Path, seq: u64, size: usize, preallocate: bool) -> Result<Segment, SpoolError> {
         let size = size.max(format::SEGMENT_HEADER_LEN);
         let key = fresh_key();
         let len = libc::off_t::try_from(size)
             .map_err(|_| SpoolError::Io("create segment", io::Error::other("segment size too large")))?;
-        loop {
-            // SAFETY: valid open fd; offset and length are non-negative.
-            match syscall!(@errno posix_fallocate(file.as_raw_fd(), 0, len)) {
-                Ok(()) => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(map_io_at("preallocate segment", path, e)),
+        if preallocate {
+            loop {
+                // SAFETY: valid open fd; offset and length are non-negative.
+                match syscall!(@errno posix_fallocate(file.as_raw_fd(), 0, len)) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(map_io_at("preallocate segment", path, e)),
+                }
             }
         }
         let mut seg = Segment {
@@ -227,6 +259,7 @@ impl Segment {
             synced: 0,
             writable: true,
             stage: Vec::new(),
+            prewritten: !preallocate,
         };
         seg.map(size, true).map_err(|e| map_io_at("map segment", path, e))?;
         let header = format::encode_segment_header(seq, &key);
@@ -257,6 +290,7 @@ impl Segment {
             synced: len,
             writable: false,
             stage: Vec::new(),
+            prewritten: false,
         };
         seg.map(len, false).map_err(|e| map_io_at("map segment", path, e))?;
         Ok(seg)
@@ -293,6 +327,11 @@ impl Segment {
             self.ptr = ptr::null_mut();
             self.map_len = 0;
         }
+    }
+
+    /// True when made from a pre-written spare (see [`Segment::adopt`]).
+    pub(crate) fn prewritten(&self) -> bool {
+        self.prewritten
     }
 
     /// Sequence number.
