@@ -11,9 +11,10 @@
 //! `fdatasync` of the range, see `segment::SyncRange::run`), then takes the result back with
 //! [`Spool::finish_commit`]; the synchronous [`Spool::commit`] (recovery, tests, benches) runs
 //! `msync` + `fdatasync` per dirty segment on the caller's thread. [`Spool::open`] rebuilds the queue
-//! (`recover.rs`) and starts a fresh active segment (made from a pre-written spare when
-//! `spare.rs`'s thread has one ready; new mail moves to the spare as soon as it is) (none on a full disk: then the relay
+//! (`recover.rs`) and starts a fresh active segment (none on a full disk: then the relay
 //! delivers and refuses new mail, see [`Spool::accepting`]); older segments are read-only.
+//! A new segment is made from a pre-written spare when `spare.rs`'s thread has one ready, and
+//! new mail moves to the spare as soon as it is.
 //! Damaged bytes found by recovery are copied to `corrupt/` before they are skipped or cut.
 //!
 //! A segment is deleted once no message in it has an unfinished recipient and no outcome
