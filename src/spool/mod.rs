@@ -467,13 +467,26 @@ impl Spool {
         }
         let mut ranges = Vec::new();
         let mut marks = Vec::new();
+        let mut failed = None;
         for seq in &self.dirty {
-            if let Some(slot) = self.segments.get(seq) {
-                if let Some((range, mark)) = slot.seg.sync_range() {
+            match self.segments.get(seq).map(|slot| slot.seg.sync_range()) {
+                Some(Ok(Some((range, mark)))) => {
                     ranges.push(range);
                     marks.push((*seq, mark));
                 }
+                Some(Err(e)) => {
+                    failed = Some(e);
+                    break;
+                }
+                Some(Ok(None)) | None => {}
             }
+        }
+        if let Some(e) = failed {
+            // The staged records did not reach the file: the batch fails as a failed sync does.
+            self.releases.clear();
+            self.sync_failed = true;
+            self.abandon_batch();
+            return Err(map_io("write spool segment", e));
         }
         let dir = self.dir_dirty.then(|| self.opts.dir.clone());
         self.dir_dirty = false;
@@ -1461,13 +1474,15 @@ mod tests {
         let (mut spool, _) = Spool::open(opts(&tmp.0)).unwrap();
         let (_, l1) = spool.append_message(QueueId(1), 0, &env(&["a@x"]), b"one").unwrap();
         spool.commit().unwrap();
-        // An append in progress: header written, body not yet checksummed.
+        // An append not yet committed is staged: not in the file for another reader.
         spool.append_message(QueueId(2), 0, &env(&["a@x"]), b"two").unwrap();
+        let ids = |rec: &Recovery| rec.messages.iter().map(|m| m.id.0).collect::<Vec<_>>();
+        assert_eq!(ids(&Spool::scan_read_only(&tmp.0).unwrap()), [1]);
+        spool.commit().unwrap();
         let before: Vec<_> =
             seg_files(&tmp.0).into_iter().map(|s| std::fs::metadata(seg_path(&tmp.0, s)).unwrap().len()).collect();
         let rec = Spool::scan_read_only(&tmp.0).unwrap();
-        let ids: Vec<_> = rec.messages.iter().map(|m| m.id.0).collect();
-        assert_eq!(ids, [1, 2]);
+        assert_eq!(ids(&rec), [1, 2]);
         assert!(rec.warnings.is_empty());
         // Damage the tail of the live segment: still no warning, no change.
         let path = seg_path(&tmp.0, l1.segment);
