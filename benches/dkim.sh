@@ -29,6 +29,7 @@ part() { [[ " $PARTS " == *" $1 "* ]]; }
 cd "$(dirname "$0")/.."
 cargo build --release -q --workspace
 if part sign || part e2e; then cargo bench -q --bench dkim_sign --no-run; fi
+if part sign; then command -v openssl >/dev/null || { echo "part sign needs openssl" >&2; exit 1; }; fi
 TARGET=${CARGO_TARGET_DIR:-$PWD/target}
 BIN=${SLUICE_BIN:-$TARGET/release/sluice}  # SLUICE_BIN: another build to measure
 LOAD=$TARGET/release/sluice-load
@@ -103,7 +104,8 @@ SIGN_RSA_MSG=
 if part sign; then
   o_rsa=(); o_ed=(); c_rsa=(); c_ed=(); c_rsa_msg=(); c_ed_msg=()
   for _ in $(seq "$ROUNDS"); do
-    read -r a b < <(ossl); o_rsa+=("$a"); o_ed+=("$b")
+    out=$(ossl) || { echo "openssl speed printed no rsa2048 and ed25519 sign/s" >&2; exit 1; }
+    read -r a b <<<"$out"; o_rsa+=("$a"); o_ed+=("$b")
     crit 'dkim/'
     c_rsa+=("$(crit_rate rsa2048_sign)"); c_ed+=("$(crit_rate ed25519_sign)")
     c_rsa_msg+=("$(crit_rate rsa2048_message_4k)"); c_ed_msg+=("$(crit_rate ed25519_message_4k)")
