@@ -1,8 +1,8 @@
 //! `sluice-load`: the load generator, fault-injecting SMTP sink, test DNS server and one-command
 //! benchmark for sluice (SPEC "sluice-load").
 //!
-//! Owns: the command line (clap) and the dispatch to [`send`], [`sink`], [`dns`], [`bench`] and
-//! [`disk`];
+//! Owns: the command line (clap) and the dispatch to [`send`], [`sink`], [`dns`], [`bench`]
+//! (and its `postfix` instance) and [`disk`];
 //! the only place that exits the process. Exit status: 0 on success, 1 when a run failed
 //! (target unreachable, nothing accepted), 2 for a bad flag.
 
@@ -42,6 +42,8 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// The device's flush latency: pwrite + fdatasync of one size into a scratch file.
     Disk(disk::DiskArgs),
+    /// A throw-away Postfix instance relaying to one loopback address, until SIGTERM (root).
+    Postfix(bench::postfix::PostfixArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -431,6 +433,7 @@ fn main() {
         Cmd::Dns(a) => cmd_dns(a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::Disk(a) => disk::run(&a),
+        Cmd::Postfix(a) => bench::postfix::serve(&a),
     };
     match res {
         Ok(code) => std::process::exit(code),
