@@ -1,8 +1,8 @@
 //! `sluice-load`: the load generator, fault-injecting SMTP sink, test DNS server and one-command
 //! benchmark for sluice (SPEC "sluice-load").
 //!
-//! Owns: the command line (clap) and the dispatch to [`send`], [`sink`], [`dns`], [`bench`],
-//! [`disk`] and [`noop`];
+//! Owns: the command line (clap) and the dispatch to [`send`], [`sink`], [`dns`], [`bench`]
+//! (and its `postfix` instance), [`disk`] and [`noop`];
 //! the only place that exits the process. Exit status: 0 on success, 1 when a run failed
 //! (target unreachable, nothing accepted), 2 for a bad flag.
 
@@ -46,6 +46,8 @@ enum Cmd {
     /// One session timing NOOP round trips at a steady pace (p50/p99/max), e.g. while
     /// another client keeps the server busy.
     Noop(noop::NoopArgs),
+    /// A throw-away Postfix instance relaying to one loopback address, until SIGTERM (root).
+    Postfix(bench::postfix::PostfixArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -436,6 +438,7 @@ fn main() {
         Cmd::Bench(a) => bench::run(a),
         Cmd::Disk(a) => disk::run(&a),
         Cmd::Noop(a) => noop::run(&a),
+        Cmd::Postfix(a) => bench::postfix::serve(&a),
     };
     match res {
         Ok(code) => std::process::exit(code),
