@@ -17,8 +17,8 @@ use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender, TrySendError}
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use aws_lc_rs::rand::SystemRandom;
 use mio::Waker;
-use ring::rand::SystemRandom;
 
 use crate::dkim::Signer;
 pub use crate::net::inbound::{SignDone, SignJob};
