@@ -227,9 +227,16 @@ impl Client {
     }
 
     /// True when the server has closed the connection (EOF within the read timeout).
+    /// A signal to this test process (another test's child exiting) may interrupt the read:
+    /// that is retried, not taken for an open connection.
     pub fn closed(&mut self) -> bool {
         let mut buf = [0u8; 256];
-        matches!(self.reader.read(&mut buf), Ok(0))
+        loop {
+            match self.reader.read(&mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => return matches!(r, Ok(0)),
+            }
+        }
     }
 
     /// EHLO + MAIL + RCPT + DATA + body; returns the final reply.

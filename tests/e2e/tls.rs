@@ -161,6 +161,7 @@ fn closed_after_alert(s: &mut TcpStream) -> bool {
             Ok(0) => return true,
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return true,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(_) => return false,
         }
     }
