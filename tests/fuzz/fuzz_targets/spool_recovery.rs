@@ -49,7 +49,7 @@ fuzz_target!(|data: &[u8]| {
 /// Opens the spool (recovery), reads back every queued message; returns their ids and bodies.
 fn open_and_read(dir: &std::path::Path) -> Option<Vec<(u64, Vec<u8>)>> {
     // Small preallocation: each run creates a fresh active segment.
-    let opts = SpoolOptions { dir: dir.to_path_buf(), fsync: false, segment_size: 4096, min_free_space: 0 };
+    let opts = SpoolOptions { dir: dir.to_path_buf(), fsync: false, segment_size: 4096, min_free_space: 0, spares: false };
     let (spool, recovery) = Spool::open(opts).ok()?;
     let mut found = Vec::new();
     for m in &recovery.messages {
