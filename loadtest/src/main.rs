@@ -238,6 +238,9 @@ struct DnsArgs {
     /// DOMAIN: a null MX (RFC 7505). Repeatable.
     #[arg(long)]
     nullmx: Vec<String>,
+    /// IP=NAME: a PTR record for the address (reverse DNS). Repeatable.
+    #[arg(long)]
+    ptr: Vec<String>,
     /// DOMAIN: SERVFAIL for it and everything under it. Repeatable.
     #[arg(long)]
     servfail: Vec<String>,
@@ -412,6 +415,9 @@ fn cmd_dns(a: DnsArgs) -> Result<i32> {
     }
     for t in &a.txt {
         zone.add_txt(t)?;
+    }
+    for p in &a.ptr {
+        zone.add_ptr(p)?;
     }
     for n in &a.nullmx {
         zone.add_nullmx(n);

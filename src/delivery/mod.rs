@@ -21,6 +21,7 @@ pub mod engine;
 pub mod route;
 pub mod settle;
 pub mod sites;
+pub mod sources;
 pub mod tls;
 
 #[cfg(test)]
@@ -59,4 +60,6 @@ pub struct DeliveryConfig {
     pub relay_tls: Option<OutboundTls>,
     /// `--shaping` over the built-in profiles.
     pub shaping: crate::shaping::Rules,
+    /// `--source`, `--pool`, `--user-pool` (empty: the kernel picks the address).
+    pub sources: std::sync::Arc<sources::Sources>,
 }
