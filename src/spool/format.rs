@@ -900,11 +900,12 @@ mod tests {
         let Probe::Record(raw) = probe_record(&rec, 0, &KEY) else { panic!("not a record") };
         assert_eq!(decode_message(raw.payload).unwrap().envelope.source, b"ip2");
         assert_eq!(message_summary(raw.payload).unwrap().rcpt_count, 2);
+        let with_len = raw.payload.len();
         // Without a source: no flag, no field, the bytes of the format before sources.
         let Probe::Record(raw) = probe_record(&plain, 0, &KEY) else { panic!("not a record") };
         assert_eq!(raw.payload[16] & FLAG_SOURCE, 0);
         assert!(decode_message(raw.payload).unwrap().envelope.source.is_empty());
-        assert!(plain.len() < rec.len());
+        assert_eq!(raw.payload.len() + 2 + 3, with_len);
     }
 
     #[test]
