@@ -361,9 +361,15 @@ impl DnsConn {
 /// (at start, before the loop runs: see `reactor::Server::bind`). The pure
 /// [`crate::dns::fcrdns::FcrdnsCheck`] decides; this only moves its datagrams over a UDP
 /// socket connected to the server, each query waiting `timeout`, sent at most twice.
-pub fn fcrdns_blocking(server: SocketAddr, ip: IpAddr, timeout: std::time::Duration) -> crate::dns::fcrdns::Verdict {
+/// `None` (no `--dns` and no system resolver) fails the check.
+pub fn fcrdns_blocking(
+    server: Option<SocketAddr>,
+    ip: IpAddr,
+    timeout: std::time::Duration,
+) -> crate::dns::fcrdns::Verdict {
     use crate::dns::fcrdns::{FcrdnsCheck, Verdict};
     let fail = |error| Verdict { ptr: None, ok: false, error: Some(error) };
+    let Some(server) = server else { return fail("no DNS server") };
     let local: SocketAddr =
         if server.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
     let Ok(sock) = std::net::UdpSocket::bind(local) else { return fail("cannot open a UDP socket") };

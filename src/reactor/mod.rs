@@ -125,10 +125,7 @@ const FCRDNS_QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 /// runs. With `--require-fcrdns` a failure stops the start.
 fn check_sources(cfg: &Config, log: &mut Logger) -> Result<(), RunError> {
     for src in cfg.sources.list() {
-        let v = match cfg.dns {
-            Some(server) => crate::net::dns::fcrdns_blocking(server, src.ip, FCRDNS_QUERY_TIMEOUT),
-            None => crate::dns::fcrdns::Verdict { ptr: None, ok: false, error: Some("no DNS server") },
-        };
+        let v = crate::net::dns::fcrdns_blocking(cfg.dns, src.ip, FCRDNS_QUERY_TIMEOUT);
         let ehlo = src.ehlo.as_deref().unwrap_or(&cfg.hostname);
         let mut fields = vec![
             ("source", V::S(&src.name)),

@@ -245,11 +245,12 @@ fn fcrdns_is_checked_at_start_and_required_on_demand() {
 
 #[test]
 fn shaping_limits_are_per_source_and_site() {
-    // One connection at a time to the site, each message held 2 s by the sink: two sources
-    // deliver their message at the same time over a connection each; one limit for the site
-    // would send them one after the other (4 s or more).
+    // One connection at a time to the site, each end of data answered 3 s late by the sink
+    // (which saves the message first): two sources deliver their message at the same time
+    // over a connection each; one limit for the site would open the second connection only
+    // when the first is done, 3 s or more later.
     let Some(bin) = load_bin() else { return };
-    let sink = sink(&bin, "127.0.0.1:0", &["--delay", "2s"]);
+    let sink = sink(&bin, "127.0.0.1:0", &["--delay", "3s"]);
     let d = dns(&bin, &[]);
     let dir = TempDir::new("src-shaping");
     let file = dir.path().join("shaping.toml");
@@ -267,5 +268,5 @@ fn shaping_limits_are_per_source_and_site() {
     let took = t0.elapsed();
     let got = peers(&saved);
     assert!(got.iter().any(|(p, _)| p == "127.0.0.2") && got.iter().any(|(p, _)| p == "127.0.0.3"), "{got:?}");
-    assert!(took < Duration::from_millis(3800), "delivered one after the other ({took:?}): one limit for both sources");
+    assert!(took < Duration::from_millis(2000), "delivered one after the other ({took:?}): one limit for both sources");
 }
