@@ -51,9 +51,9 @@ fn messages_leave_from_their_source_by_weight_with_its_ehlo_name() {
     flags.extend(["--pool", "default=ip2:3,ip3:1"]);
     let relay = relay(&sink, &d, &flags);
     let n = 40;
-    for r in send_many(&relay, n, "") {
-        assert!(r.starts_with("250 "), "{r}");
-    }
+    let replies = send_many(&relay, n, "");
+    assert!(replies.iter().all(|r| r.starts_with("250 ")), "{replies:?}");
+    let ids: Vec<String> = replies.iter().map(|r| queue_id(r)).collect();
     let saved = wait_saved(&sink, n, Duration::from_secs(30), &relay);
     let got = peers(&saved);
     let from2 = got.iter().filter(|(p, _)| p == "127.0.0.2").count();
@@ -71,6 +71,15 @@ fn messages_leave_from_their_source_by_weight_with_its_ehlo_name() {
     let lines: Vec<_> = relay.log().lines().filter(|l| l.contains("event=delivery")).map(str::to_owned).collect();
     assert_eq!(lines.len(), n);
     assert!(lines.iter().all(|l| l.contains("source=ip2") || l.contains("source=ip3")), "{lines:?}");
+    // And each message left from the source its line names (a connection carries only
+    // messages of its own source).
+    for ((peer, _), (_, msg)) in got.iter().zip(&saved) {
+        let text = String::from_utf8_lossy(msg);
+        let id = ids.iter().find(|id| text.contains(id.as_str())).expect("a queue id in the Received header");
+        let line = lines.iter().find(|l| l.contains(&format!("id={id} "))).expect("its delivery line");
+        let want = if peer == "127.0.0.2" { "source=ip2" } else { "source=ip3" };
+        assert!(line.contains(want), "{peer}: {line}");
+    }
 }
 
 #[test]
@@ -269,4 +278,46 @@ fn shaping_limits_are_per_source_and_site() {
     let got = peers(&saved);
     assert!(got.iter().any(|(p, _)| p == "127.0.0.2") && got.iter().any(|(p, _)| p == "127.0.0.3"), "{got:?}");
     assert!(took < Duration::from_millis(2000), "delivered one after the other ({took:?}): one limit for both sources");
+}
+
+#[test]
+fn the_chosen_source_is_stored_and_kept_across_a_restart() {
+    // Accepted while held, the relay killed, started again with another default pool: the
+    // message leaves from the source chosen at reception (ip3). A source that is gone at the
+    // restart is chosen afresh (the default pool: ip2).
+    let Some(bin) = load_bin() else { return };
+    let sink = sink(&bin, "127.0.0.1:0", &[]);
+    let d = dns(&bin, &[]);
+    let mut flags = TWO_SOURCES.to_vec();
+    flags.extend(["--pool", "three=ip3", "--pool", "default=ip3", "--hold"]);
+    let mut first = relay(&sink, &d, &flags);
+    let r = send_many(&first, 2, "X-Sluice-Pool: three\r\n");
+    assert!(r.iter().all(|r| r.starts_with("250 ")), "{r:?}");
+    let dir = first.take_dir();
+    first.kill9();
+    let spool = first.spool.clone();
+    let start = |extra: &[&str]| {
+        let (to, server) = (sink.addr.to_string(), d.addr.to_string());
+        let mut args = vec!["--relay-host", to.as_str(), "--dns", server.as_str()];
+        args.extend_from_slice(extra);
+        Relay::start_on(&spool, &args)
+    };
+    let mut flags = TWO_SOURCES.to_vec();
+    flags.extend(["--pool", "default=ip2"]);
+    let second = start(&flags);
+    let saved = wait_saved(&sink, 2, Duration::from_secs(30), &second);
+    assert!(peers(&saved).iter().all(|(p, e)| p == "127.0.0.3" && e == "out3.test"), "{:?}", peers(&saved));
+    drop(second);
+    // Gone: ip3 is no longer configured.
+    let mut held = relay(&sink, &d, &["--source", "ip3=127.0.0.3", "--hold"]);
+    let r = send_many(&held, 1, "");
+    assert!(r[0].starts_with("250 "), "{r:?}");
+    let dir2 = held.take_dir();
+    held.kill9();
+    let spool = held.spool.clone();
+    let (to, server) = (sink.addr.to_string(), d.addr.to_string());
+    let third = Relay::start_on(&spool, &["--relay-host", &to, "--dns", &server, "--source", "ip2=127.0.0.2"]);
+    let saved = wait_saved(&sink, 3, Duration::from_secs(30), &third);
+    assert_eq!(peers(&saved)[2].0, "127.0.0.2", "{:?}", peers(&saved));
+    drop((dir, dir2));
 }
