@@ -159,7 +159,8 @@ struct SinkArgs {
     max_rcpts: usize,
     /// Save each accepted message as NNNNNNNN.env (envelope: `MAIL FROM:<..>` and `RCPT TO:<..>`
     /// lines, then `TRANSFER: DATA|BDAT`, `TLS: VERSION CIPHER` when it came over TLS and
-    /// `AUTH: USER` when the session authenticated) and NNNNNNNN.msg (exact bytes).
+    /// `AUTH: USER` when the session authenticated, then `PEER: IP` and `EHLO: NAME` of the
+    /// client) and NNNNNNNN.msg (exact bytes).
     #[arg(long)]
     save: Option<PathBuf>,
     /// Print the summary as JSON on stdout at exit.
