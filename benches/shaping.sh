@@ -7,14 +7,26 @@
 #    sink counts over 30 s (goal within 5 % of R) and its busiest second (never more than the
 #    bucket above R).
 # 3. Gmail-like receiver (421 4.7.28 above 50 messages/s from one IP), a 3,000-message backlog:
-#    sluice with max_message_rate = 45/s (goal: no 421, done within 1.1 x 3000/45 s) and sluice
-#    with no rate and a short automation rule (gets 421s, must still deliver everything).
-# 4. A receiver that answers 421 4.7.28 to everything for 60 s: the attempts sluice makes in the
-#    window with the built-in rule (<= 3 expected), and when the backlog is delivered.
+#    sluice with max_message_rate = 45/s (goal: no 421, done within 1.1 x 3000/45 s), sluice
+#    with no rate and a short automation rule (gets 421s, must still deliver everything), and
+#    Postfix relaying the same backlog to the same sink.
+# 4. A receiver that answers 421 4.7.28 to everything for 60 s: the transactions sluice tries in
+#    the window with the built-in rule (<= 3 expected) next to Postfix's, and when each has
+#    delivered the backlog (waiting at most PART4_WAIT s after the window).
+# Backlogs: sluice's is queued under --hold and the relay restarted (the clock starts at the
+# restart); Postfix's is put on hold by its smtpd (check_client_access static:HOLD) and released
+# with postsuper -H ALL + postqueue -f (the clock starts at the release). Postfix is a throw-away
+# instance (`sluice-load postfix`: its own directory, relayhost [127.0.0.1]:SINK, no DNS, never
+# the system service), with its retry times cut to sluice's --retry-schedule here (defaults:
+# 300 s minimal backoff, 4000 s maximal, 300 s queue scans), and waited for at most POSTFIX_WAIT s.
+# In parts 3 and 4 the clock stops when the sink has accepted every recipient (event=expected).
 # Usage: benches/shaping.sh [OVERHEAD_MESSAGES=20000] [ROUNDS=3]   (PARTS="1 2 3 4": which to run)
-# Needs Debian's postfix package (smtp-source, smtp-sink) and python3.
+# Smaller runs: GMAIL_BACKLOG=3000, WINDOW=60 (part 4's refusal window, s), PART4_WAIT=120,
+# POSTFIX_WAIT=600. Needs Debian's postfix package (smtp-source, smtp-sink; Postfix itself for
+# its rows, run as root) and python3.
 set -euo pipefail
 M=${1:-20000}; ROUNDS=${2:-3}; PARTS=${PARTS:-1 2 3 4}
+G=${GMAIL_BACKLOG:-3000}; WINDOW=${WINDOW:-60}; PART4_WAIT=${PART4_WAIT:-120}; POSTFIX_WAIT=${POSTFIX_WAIT:-600}
 part() { [[ " $PARTS " == *" $1 "* ]]; }
 cd "$(dirname "$0")/.."
 cargo build --release -q --workspace
@@ -25,7 +37,9 @@ WORK=$(mktemp -d /tmp/sluice-shaping-bench.XXXXXX)
 PIDS=()
 # shellcheck source=benches/lib.sh
 source "$PWD/benches/lib.sh"
-trap cleanup EXIT
+# A `sluice-load postfix` is stopped by SIGTERM (it then stops its Postfix), never SIGKILL first.
+PF_PIDS=()
+trap 'for p in "${PF_PIDS[@]}"; do stop "$p"; done; cleanup' EXIT
 
 DNS_PORT=$(free_port)
 "$LOAD" dns --listen "127.0.0.1:$DNS_PORT" --zone dest.test=127.0.0.1 2>"$WORK/dns.log" & PIDS+=("$!")
@@ -51,6 +65,37 @@ backlog() {
   stop "$RELAY"
 }
 json_num() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))" "$@"; }
+# wait_line FILE PATTERN SECONDS: 0 once PATTERN is in FILE, 1 after SECONDS.
+wait_line() {
+  for _ in $(seq $(($3 * 20))); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.05; done
+  return 1
+}
+# sink PORT LOG FLAGS...: a --json sink that logs event=expected once it has BACKLOG_N recipients.
+sink() {
+  local port=$1 log=$2; shift 2
+  "$LOAD" sink --listen "127.0.0.1:$port" --json --interval 0 --expect-recipients "$BACKLOG_N" "$@" \
+    >"$WORK/sink.json" 2>"$log" & SINK=$!; PIDS+=("$SINK"); wait_port "$port"
+}
+# postfix_backlog N SINK_PORT RETRY: a throw-away Postfix relaying to 127.0.0.1:SINK_PORT with
+# every backoff and queue scan at RETRY, holding N messages; sets PF and PF_DIR. Fails (with
+# Postfix's reason in $WORK/pf.log) when Postfix cannot run here.
+postfix_backlog() {
+  local n=$1 sink=$2 retry=$3
+  "$LOAD" postfix --relay-host "127.0.0.1:$sink" --duration 2h \
+    --set 'smtpd_client_restrictions=check_client_access static:HOLD' \
+    --set "minimal_backoff_time=$retry" --set "maximal_backoff_time=$retry" --set "queue_run_delay=$retry" \
+    >"$WORK/pf.json" 2>"$WORK/pf.log" & PF=$!; PF_PIDS+=("$PF")
+  wait_line "$WORK/pf.log" 'event=listening' 60 || return 1
+  local addr; addr=$(grep -o 'event=listening .*' "$WORK/pf.log" | grep -o 'addr=[^ ]*' | cut -d= -f2)
+  PF_DIR=$(grep -o 'event=listening .*' "$WORK/pf.log" | grep -o 'dir=[^ ]*' | cut -d= -f2)
+  "$LOAD" send --to "$addr" --messages "$n" --connections 8 --domains dest.test --quiet >/dev/null
+  local held; held=$(find "$PF_DIR/queue/hold" -type f | wc -l)
+  [ "$held" -eq "$n" ] || { echo "Postfix holds $held of $n messages" >>"$WORK/pf.log"; return 1; }
+}
+postfix_release() { postsuper -c "$PF_DIR/conf" -H ALL 2>/dev/null; postqueue -c "$PF_DIR/conf" -f; }
+postfix_stop() { stop "$PF"; PF_PIDS=(); }
+# Why Postfix did not run, on one line.
+postfix_why() { grep -v '^event=' "$WORK/pf.log" | tr '\n' ' ' | cut -c1-200; }
 
 # 1. Overhead.
 if part 1; then
@@ -108,7 +153,7 @@ fi
 
 # 3. Gmail-like receiver.
 if part 3; then
-printf '\n3. Gmail-like receiver (421 4.7.28 above 50/s per IP), 3000-message backlog\n'
+printf '\n3. Gmail-like receiver (421 4.7.28 above 50/s per IP), %s-message backlog\n' "$G"
 printf '| relay | 421s | time s | goal |\n|---|---|---|---|\n'
 cat >"$WORK/g45.toml" <<'EOF'
 [default]
@@ -121,33 +166,65 @@ action = "throttle"
 duration = "10s"
 max_message_rate = "40/s"
 EOF
-for mode in rate45 automation; do
-  backlog 3000
+BACKLOG_N=$G
+for mode in rate45 automation postfix; do
   P=$(free_port)
-  "$LOAD" sink --listen "127.0.0.1:$P" --json --rate-limit 50/s >"$WORK/sink.json" 2>/dev/null & SINK=$!; PIDS+=("$SINK"); wait_port "$P"
+  if [ "$mode" = postfix ]; then
+    if ! postfix_backlog "$G" "$P" 5s; then
+      printf '| Postfix | - | - | not run: %s |\n' "$(postfix_why)"; postfix_stop; continue
+    fi
+  else
+    backlog "$G"
+  fi
+  sink "$P" "$WORK/sink.log" --rate-limit 50/s
   t0=$(now)
-  if [ "$mode" = rate45 ]; then relay "$WORK/g.log" "$P" --shaping "$WORK/g45.toml" --retry-schedule 5s
-  else relay "$WORK/g.log" "$P" --shaping "$WORK/gauto.toml" --retry-schedule 5s; fi
-  wait_count "$WORK/g.log" 'outcome=delivered' 3000 600
-  t1=$(now); stop "$RELAY"; stop "$SINK"
+  case $mode in
+    rate45) relay "$WORK/g.log" "$P" --shaping "$WORK/g45.toml" --retry-schedule 5s; cap=600 ;;
+    automation) relay "$WORK/g.log" "$P" --shaping "$WORK/gauto.toml" --retry-schedule 5s; cap=600 ;;
+    postfix) postfix_release; cap=$POSTFIX_WAIT ;;
+  esac
+  if wait_line "$WORK/sink.log" 'event=expected' "$cap"; then secs=$(printf '%.1f' "$(echo "$(now) - $t0" | bc -l)")
+  else secs="not finished after $cap s"; fi
+  if [ "$mode" = postfix ]; then postfix_stop; else stop "$RELAY"; fi
+  stop "$SINK"
   r421=$(json_num "$WORK/sink.json" 'd["refusals"]["rate_limit"]')
-  secs=$(echo "$t1 - $t0" | bc -l)
-  if [ "$mode" = rate45 ]; then goal="0 and <= $(echo "1.1 * 3000 / 45" | bc -l | xargs printf '%.1f')"; else goal="all delivered"; fi
-  printf '| sluice %s | %s | %.1f | %s |\n' "$mode" "$r421" "$secs" "$goal"
+  got=$(json_num "$WORK/sink.json" 'd["messages"]')
+  case $mode in
+    rate45) printf '| sluice, max_message_rate = 45/s | %s | %s | 0 and <= %.1f |\n' "$r421" "$secs" "$(echo "1.1 * $G / 45" | bc -l)" ;;
+    automation) printf '| sluice, no rate, 10 s automation throttle to 40/s | %s | %s | all delivered (%s of %s) |\n' "$r421" "$secs" "$got" "$G" ;;
+    postfix) printf '| Postfix (backoff and queue scans 5 s) | %s | %s | comparison (%s of %s delivered) |\n' "$r421" "$secs" "$got" "$G" ;;
+  esac
 done
 fi
 
-# 4. Everything refused with 421 4.7.28 for 60 s (built-in rule: 1 message a minute).
+# 4. Everything refused with 421 4.7.28 for WINDOW s (built-in rule: 1 message a minute).
 if part 4; then
-printf '\n4. receiver answering 421 4.7.28 to everything for 60 s, 100-message backlog\n'
-backlog 100
-P=$(free_port)
-"$LOAD" sink --listen "127.0.0.1:$P" --json --defer-all-for 60s >"$WORK/sink.json" 2>/dev/null & SINK=$!; PIDS+=("$SINK"); wait_port "$P"
-relay "$WORK/w.log" "$P" --retry-schedule 10s
-sleep 61
-win=$(count "$WORK/w.log" 'outcome=deferred')
-stop "$RELAY"; stop "$SINK"
-r421=$(json_num "$WORK/sink.json" 'd["refusals"]["window"]')
-printf '| relay | transactions refused in the 60 s window | throttle logged |\n|---|---|---|\n'
-printf '| sluice (built-in rule) | %s | %s |\n' "$r421" "$(count "$WORK/w.log" 'event=throttle')"
+printf '\n4. receiver answering 421 4.7.28 to everything for %s s, 100-message backlog\n' "$WINDOW"
+printf '| relay | transactions refused in the window | throttle logged | all 100 delivered |\n|---|---|---|---|\n'
+BACKLOG_N=100
+for mode in sluice postfix; do
+  P=$(free_port)
+  if [ "$mode" = postfix ]; then
+    if ! postfix_backlog 100 "$P" 10s; then
+      printf '| Postfix | - | - | not run: %s |\n' "$(postfix_why)"; postfix_stop; continue
+    fi
+  else
+    backlog 100
+  fi
+  sink "$P" "$WORK/sink.log" --defer-all-for "${WINDOW}s"
+  t0=$(now)
+  if [ "$mode" = postfix ]; then postfix_release; else relay "$WORK/w.log" "$P" --retry-schedule 10s; fi
+  cap=$((WINDOW + PART4_WAIT))
+  if wait_line "$WORK/sink.log" 'event=expected' "$cap"; then done_at=$(printf 'after %.1f s' "$(echo "$(now) - $t0" | bc -l)")
+  else done_at="not finished after $cap s"; fi
+  if [ "$mode" = postfix ]; then postfix_stop; else stop "$RELAY"; fi
+  stop "$SINK"
+  win=$(json_num "$WORK/sink.json" 'd["refusals"]["window"]')
+  got=$(json_num "$WORK/sink.json" 'd["messages"]')
+  if [ "$mode" = postfix ]; then
+    printf '| Postfix (backoff and queue scans 10 s) | %s | - | %s (%s of 100) |\n' "$win" "$done_at" "$got"
+  else
+    printf '| sluice (built-in rule, --retry-schedule 10s) | %s | %s | %s (%s of 100) |\n' "$win" "$(count "$WORK/w.log" 'event=throttle')" "$done_at" "$got"
+  fi
+done
 fi

@@ -41,7 +41,8 @@ fn bench_commit(c: &mut Criterion) {
     for fsync in [true, false] {
         for batch in [1u64, 16, 256] {
             let tmp = TempDir::new(&format!("{fsync}-{batch}"));
-            let opts = SpoolOptions { dir: tmp.0.clone(), fsync, segment_size: 64 << 20, min_free_space: 0 };
+            let opts =
+                SpoolOptions { dir: tmp.0.clone(), fsync, segment_size: 64 << 20, min_free_space: 0, spares: false };
             let Ok((mut spool, _)) = Spool::open(opts) else {
                 eprintln!("spool_commit: cannot open a spool in {}", tmp.0.display());
                 return;

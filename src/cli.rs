@@ -371,12 +371,20 @@ pub struct KeygenArgs {
     /// Make an Ed25519 key (RFC 8463) instead of RSA.
     #[arg(long, conflicts_with = "bits")]
     pub ed25519: bool,
-    /// RSA modulus size.
-    #[arg(long, value_name = "N", default_value_t = 2048, value_parser = clap::value_parser!(u32).range(2048..=4096))]
+    /// RSA modulus size: 2048, 3072 or 4096 (the sizes aws-lc-rs generates; RFC 8301 §3.2
+    /// wants at least 1024, sluice signs with 2048 or more).
+    #[arg(long, value_name = "N", default_value_t = 2048, value_parser = parse_rsa_bits)]
     pub bits: u32,
     /// Where to write the private key (PEM, PKCS#8, mode 0600); an existing file is kept.
     #[arg(long, value_name = "PEM")]
     pub out: PathBuf,
+}
+
+fn parse_rsa_bits(s: &str) -> Result<u32, String> {
+    match s.parse() {
+        Ok(n @ (2048 | 3072 | 4096)) => Ok(n),
+        _ => Err(format!("'{s}' is not one of 2048, 3072, 4096")),
+    }
 }
 
 fn parse_dkim_domain(s: &str) -> Result<String, String> {

@@ -130,32 +130,34 @@ fn passwd(user: &str) -> ExitCode {
     }
 }
 
-/// `sluice dkim-keygen DOMAIN SELECTOR [--ed25519 | --bits N] --out PEM`: makes a key (RSA with
-/// the `rsa` crate, as ring makes none; Ed25519 with ring), writes it as PKCS#8 PEM with mode
-/// 0600 (never over an existing file), and prints the TXT record to publish. The key is read
-/// back through the signer's own parser first, so what is written is what `--dkim-key` takes.
+/// `sluice dkim-keygen DOMAIN SELECTOR [--ed25519 | --bits N] --out PEM`: makes a key with
+/// aws-lc-rs (the signer's own library), writes it as PKCS#8 PEM with mode 0600 (never over an
+/// existing file), and prints the TXT record to publish. The key is read back through the
+/// signer's own parser first, so what is written is what `--dkim-key` takes.
 fn dkim_keygen(a: &KeygenArgs) -> ExitCode {
+    use aws_lc_rs::encoding::AsDer as _;
     use std::os::unix::fs::OpenOptionsExt as _;
-    let pem = if a.ed25519 {
-        match ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()) {
-            Ok(der) => pem_encode("PRIVATE KEY", der.as_ref()),
-            Err(_) => {
-                eprintln!("sluice dkim-keygen: cannot make an Ed25519 key");
-                return ExitCode::from(1);
-            }
-        }
+    let der = if a.ed25519 {
+        aws_lc_rs::signature::Ed25519KeyPair::generate_pkcs8(&aws_lc_rs::rand::SystemRandom::new())
+            .map(|d| d.as_ref().to_vec())
+            .map_err(|_| "an Ed25519")
     } else {
-        use rsa::pkcs8::EncodePrivateKey as _;
-        let key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, a.bits as usize);
-        match key
-            .map_err(|e| e.to_string())
-            .and_then(|k| k.to_pkcs8_pem(rsa::pkcs8::LineEnding::LF).map(|p| p.to_string()).map_err(|e| e.to_string()))
-        {
-            Ok(pem) => pem,
-            Err(e) => {
-                eprintln!("sluice dkim-keygen: cannot make an RSA key: {e}");
-                return ExitCode::from(1);
-            }
+        // `--bits` takes only the sizes aws-lc-rs generates (cli.rs).
+        let size = match a.bits {
+            3072 => aws_lc_rs::rsa::KeySize::Rsa3072,
+            4096 => aws_lc_rs::rsa::KeySize::Rsa4096,
+            _ => aws_lc_rs::rsa::KeySize::Rsa2048,
+        };
+        aws_lc_rs::rsa::KeyPair::generate(size)
+            .and_then(|k| k.as_der())
+            .map(|d| d.as_ref().to_vec())
+            .map_err(|_| "an RSA")
+    };
+    let pem = match der {
+        Ok(der) => pem_encode("PRIVATE KEY", &der),
+        Err(what) => {
+            eprintln!("sluice dkim-keygen: cannot make {what} key");
+            return ExitCode::from(1);
         }
     };
     let key = match sluice::dkim::SigningKey::from_pem(&a.selector, pem.as_bytes()) {

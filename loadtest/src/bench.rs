@@ -28,7 +28,7 @@
 //! `utime+stime` from `/proc/PID/stat` (the whole process, all threads, exited ones included),
 //! sampled before the sender starts and when the sink has everything.
 
-mod postfix;
+pub mod postfix;
 
 use crate::report::fmt_us;
 use crate::util::{children_cpu_us, proc_stat, process_cpu_ns, rss_kib};
@@ -780,7 +780,8 @@ impl Bench {
                 (Some(p), None, a)
             }
             None => {
-                let pf = postfix::Postfix::start(sink_addr).context("cannot run Postfix from a temporary directory")?;
+                let pf =
+                    postfix::Postfix::start(sink_addr, &[]).context("cannot run Postfix from a temporary directory")?;
                 let a = pf.addr;
                 (None, Some(pf), a)
             }

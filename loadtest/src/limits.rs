@@ -299,6 +299,8 @@ pub struct Peer {
 /// One finished connection.
 #[derive(Debug, Clone)]
 pub struct ConnRecord {
+    /// When the sink accepted it, since the sink started.
+    pub opened: Duration,
     /// Client address.
     pub peer: IpAddr,
     /// The last EHLO/HELO name (empty when none was given).
@@ -379,7 +381,7 @@ pub fn report(
         .iter()
         .map(|c| {
             json!({"peer": c.peer.to_string(), "ehlo": String::from_utf8_lossy(&c.ehlo), "messages": c.messages,
-                   "refusals": c.refusals.json()})
+                   "refusals": c.refusals.json(), "opened_ms": c.opened.as_millis() as u64})
         })
         .collect();
     m.insert("per_connection".into(), Value::Array(conns));
@@ -545,7 +547,13 @@ mod tests {
         s.finish(ms(4100));
         assert_eq!(s.counts(), [2, 0, 1, 0, 0]);
         let mut log = ConnLog::default();
-        let rec = ConnRecord { peer: LOCAL, ehlo: b"a".to_vec(), messages: 1, refusals: Refusals::default() };
+        let rec = ConnRecord {
+            opened: Duration::ZERO,
+            peer: LOCAL,
+            ehlo: b"a".to_vec(),
+            messages: 1,
+            refusals: Refusals::default(),
+        };
         for _ in 0..CONN_LOG_CAP + 3 {
             log.push(rec.clone());
         }

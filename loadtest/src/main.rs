@@ -1,8 +1,8 @@
 //! `sluice-load`: the load generator, fault-injecting SMTP sink, test DNS server and one-command
 //! benchmark for sluice (SPEC "sluice-load").
 //!
-//! Owns: the command line (clap) and the dispatch to [`send`], [`sink`], [`dns`], [`bench`] and
-//! [`disk`];
+//! Owns: the command line (clap) and the dispatch to [`send`], [`sink`], [`dns`], [`bench`]
+//! (and its `postfix` instance), [`disk`] and [`noop`];
 //! the only place that exits the process. Exit status: 0 on success, 1 when a run failed
 //! (target unreachable, nothing accepted), 2 for a bad flag.
 
@@ -10,6 +10,7 @@ mod bench;
 mod disk;
 mod dns;
 mod limits;
+mod noop;
 mod report;
 mod send;
 mod sink;
@@ -42,6 +43,11 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// The device's flush latency: pwrite + fdatasync of one size into a scratch file.
     Disk(disk::DiskArgs),
+    /// One session timing NOOP round trips at a steady pace (p50/p99/max), e.g. while
+    /// another client keeps the server busy.
+    Noop(noop::NoopArgs),
+    /// A throw-away Postfix instance relaying to one loopback address, until SIGTERM (root).
+    Postfix(bench::postfix::PostfixArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -438,6 +444,8 @@ fn main() {
         Cmd::Dns(a) => cmd_dns(a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::Disk(a) => disk::run(&a),
+        Cmd::Noop(a) => noop::run(&a),
+        Cmd::Postfix(a) => bench::postfix::serve(&a),
     };
     match res {
         Ok(code) => std::process::exit(code),

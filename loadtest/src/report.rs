@@ -230,7 +230,8 @@ pub fn fmt_us(us: u64) -> String {
 /// The quantiles every report shows.
 pub const QUANTILES: [(&str, f64); 4] = [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99.9", 0.999)];
 
-fn percentiles_json(h: &Histogram<u64>) -> Value {
+/// The [`QUANTILES`], the maximum and the count of `h` as a JSON object (`p50_us`, ...).
+pub fn percentiles_json(h: &Histogram<u64>) -> Value {
     let mut m = serde_json::Map::new();
     for (name, q) in QUANTILES {
         m.insert(format!("{name}_us"), json!(if h.is_empty() { 0 } else { h.value_at_quantile(q) }));
@@ -240,7 +241,8 @@ fn percentiles_json(h: &Histogram<u64>) -> Value {
     Value::Object(m)
 }
 
-fn percentiles_text(h: &Histogram<u64>) -> String {
+/// The [`QUANTILES`] and the maximum of `h` on one line for people.
+pub fn percentiles_text(h: &Histogram<u64>) -> String {
     if h.is_empty() {
         return "(none)".into();
     }

@@ -205,6 +205,8 @@ enum Phase {
 struct Conn {
     /// Unique for the process lifetime (slab keys are reused; delayed replies check this).
     id: u64,
+    /// When it was accepted, since the sink started (for the report's `opened_ms`).
+    opened: Duration,
     /// Socket, readiness, input buffer, and TLS after STARTTLS or on a `--listen-tls` port
     /// (then all I/O goes through it).
     io: Transport,
@@ -551,6 +553,7 @@ impl Sink {
                     io.writable = true;
                     entry.insert(Conn {
                         id: self.next_id,
+                        opened: self.started.elapsed(),
                         io,
                         tls_up: false,
                         upgrade: Upgrade::None,
@@ -596,6 +599,7 @@ impl Sink {
             p.messages += c.accepted;
             p.refusals.add(&c.refusals);
             self.conn_log.push(ConnRecord {
+                opened: c.opened,
                 peer: p.ip,
                 ehlo: std::mem::take(&mut c.ehlo),
                 messages: c.accepted,

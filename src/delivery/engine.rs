@@ -561,11 +561,9 @@ impl Engine {
         let route = self.make_route(name, result, is_self, now);
         for dest in dests {
             if let Route::Ready { addrs, .. } = &route {
-                let mut hosts: Vec<&str> = addrs.iter().map(|(h, _)| &**h).collect();
-                hosts.dedup();
                 let relay = self.cfg.relay_host.as_ref().map(|(h, _)| h.as_str());
                 let d = self.queue.dest(dest);
-                let site = self.sites.site_for(d.source, &d.name, &hosts, relay, now.at);
+                let site = self.sites.site_for(d.source, &d.name, &route_hosts(addrs), relay, now.at);
                 self.dest_state(dest).site = Some(site);
             }
             self.dest_state(dest).set_route(route.clone());
@@ -757,9 +755,22 @@ impl Engine {
         (due, reset)
     }
 
-    /// New shaping rules (SIGHUP): limits apply at once; sites keep their state.
+    /// New shaping rules (SIGHUP): limits apply at once; sites keep their state. Every
+    /// destination whose route is known is regrouped at once (its site recomputed from the
+    /// cached MX hosts with the new rules), not when its route expires: a new provider's
+    /// `mx` patterns or a new `[domain]` entry take effect on the mail already queued. Its
+    /// connections opened under the old site end after their transaction (see `take_job`).
     pub fn set_rules(&mut self, rules: Rules, now: Now) {
         self.sites.set_rules(rules, now.at);
+        let relay = self.cfg.relay_host.as_ref().map(|(h, _)| h.as_str());
+        let known = self.dests.len().min(self.queue.dest_count());
+        for (id, state) in self.dests.iter_mut().enumerate().take(known) {
+            let Route::Ready { addrs, .. } = &state.route else { continue };
+            if state.site.is_some() {
+                let d = self.queue.dest(id as DestId);
+                state.site = Some(self.sites.site_for(d.source, &d.name, &route_hosts(addrs), relay, now.at));
+            }
+        }
         self.queue.want_all_ready();
     }
 
@@ -1181,11 +1192,12 @@ impl Engine {
         let Some(c) = self.conn(conn) else { return };
         let (dest, site, transactions) = (c.dest, c.site, c.transactions);
         let eff = self.sites.effective(site);
-        // Its budget is spent, a throttle lowered the site's limit, or the destination is held:
-        // the session ends.
+        // Its budget is spent, a throttle lowered the site's limit, the destination is held,
+        // or a reload moved the destination to another site: the session ends.
         let quit = transactions >= eff.max_deliveries
             || self.sites.conns(site) > eff.connection_limit
-            || self.held(dest, now).is_some();
+            || self.held(dest, now).is_some()
+            || self.dests.get(dest as usize).is_some_and(|s| s.site != Some(site));
         if quit {
             return self.quit(conn);
         }
@@ -1462,4 +1474,11 @@ impl Engine {
             self.actions.push_back(action);
         }
     }
+}
+
+/// The MX host names of a route, in order, each once in a row (the site key's input).
+fn route_hosts(addrs: &[(Box<str>, SocketAddr)]) -> Vec<&str> {
+    let mut hosts: Vec<&str> = addrs.iter().map(|(h, _)| &**h).collect();
+    hosts.dedup();
+    hosts
 }

@@ -270,6 +270,40 @@ fn a_parked_destination_keeps_one_pending_wake_up() {
     assert_eq!(delivered(&h), 200);
 }
 
+/// A reload regroups the destinations already known at once (their routes, cached for
+/// 5 minutes, are not looked up again): two domains whose MX hosts a new provider's patterns
+/// match become one site with the provider's limit, and the connections opened under their
+/// old sites end after their transaction.
+#[test]
+fn a_reload_regroups_known_destinations_at_once() {
+    let mut h = shaped(4, "");
+    h.mx("b.test", &[("mx2.a.test", 10, MX1)]);
+    h.host(MX1, Host::Smtp(Server { hold: true, ..Server::default() }));
+    for _ in 0..10 {
+        h.submit("s@x.test", &["u@a.test"]);
+        h.submit("s@x.test", &["u@b.test"]);
+    }
+    h.run();
+    let (a, b) = (h.dest("a.test"), h.dest("b.test"));
+    assert_eq!((h.engine.site_name(a), h.engine.site_name(b)), (Some("mx1.a.test"), Some("mx2.a.test")));
+    assert_eq!(h.open(), 4, "two sites, two connections each (the slow start)");
+    let file = "[provider.acme]\nmx = [\"*.a.test\"]\nconnection_limit = 1\n";
+    let rules = crate::shaping::Rules::load(Some(("shaping.toml", file)), true).unwrap();
+    let now = h.now();
+    h.engine.set_rules(rules, now);
+    // No time passes: not when the routes expire, now.
+    assert_eq!((h.engine.site_name(a), h.engine.site_name(b)), (Some("acme"), Some("acme")));
+    h.run();
+    h.complete(MX1);
+    // The four old connections finished their transaction and quit; the new site holds one.
+    assert_eq!(h.open(), 1);
+    for _ in 0..40 {
+        h.complete(MX1);
+        assert!(h.open() <= 1, "{}", h.open());
+    }
+    assert_eq!(delivered(&h), 20);
+}
+
 /// Limits are per (egress source, site): with `connection_limit = 1` two sources get a
 /// connection each to the same site, and each connection carries only its source's messages
 /// (a third message of source `a` waits for `a`'s connection, not for `b`'s).

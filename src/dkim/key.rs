@@ -9,9 +9,9 @@
 use std::collections::HashMap;
 use std::fmt;
 
+use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair as _, RsaKeyPair};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
-use ring::signature::{Ed25519KeyPair, KeyPair as _, RsaKeyPair};
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::PrivateKeyDer;
 
@@ -53,7 +53,7 @@ pub enum KeyError {
     Invalid(String),
     /// An RSA key under 1024 bits (RFC 8301 §3.2: verifiers must reject it).
     RsaTooSmall(usize),
-    /// An RSA key of 1024 to 2047 bits: valid DKIM, but the signer (ring) needs 2048.
+    /// An RSA key of 1024 to 2047 bits: valid DKIM, but the signer (aws-lc-rs) needs 2048.
     RsaUnder2048(usize),
 }
 
@@ -128,15 +128,20 @@ impl SigningKey {
     /// signature field without its `b=` value) and appends the raw signature to `sig`. RSA
     /// signs with RSASSA-PKCS1-v1_5 over SHA-256 of the data; Ed25519 signs the SHA-256 hash
     /// of the data itself (RFC 8463 §3: PureEdDSA over the hash).
-    pub fn sign(&self, data: &[u8], rng: &dyn ring::rand::SecureRandom, sig: &mut Vec<u8>) -> Result<(), SignError> {
+    pub fn sign(
+        &self,
+        data: &[u8],
+        rng: &dyn aws_lc_rs::rand::SecureRandom,
+        sig: &mut Vec<u8>,
+    ) -> Result<(), SignError> {
         match &self.pair {
             Pair::Rsa(k) => {
                 let start = sig.len();
-                sig.resize(start + k.public().modulus_len(), 0);
-                k.sign(&ring::signature::RSA_PKCS1_SHA256, rng, data, &mut sig[start..]).map_err(|_| SignError)
+                sig.resize(start + k.public_modulus_len(), 0);
+                k.sign(&aws_lc_rs::signature::RSA_PKCS1_SHA256, rng, data, &mut sig[start..]).map_err(|_| SignError)
             }
             Pair::Ed25519(k) => {
-                let hash = ring::digest::digest(&ring::digest::SHA256, data);
+                let hash = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data);
                 sig.extend_from_slice(k.sign(hash.as_ref()).as_ref());
                 Ok(())
             }
@@ -147,7 +152,7 @@ impl SigningKey {
     /// `opendkim-genkey` use), of the raw 32-byte key for Ed25519 (RFC 8463 §4.2).
     pub fn public_b64(&self) -> String {
         match &self.pair {
-            Pair::Rsa(k) => B64.encode(rsa_spki(k.public().as_ref())),
+            Pair::Rsa(k) => B64.encode(rsa_spki(k.public_key().as_ref())),
             Pair::Ed25519(k) => B64.encode(k.public_key().as_ref()),
         }
     }
@@ -158,12 +163,12 @@ impl SigningKey {
     }
 }
 
-/// The signer failed (ring reports no detail; it does not happen with a key that parsed).
+/// The signer failed (aws-lc-rs reports no detail; it does not happen with a key that parsed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SignError;
 
-fn rsa(r: Result<RsaKeyPair, ring::error::KeyRejected>, pkcs8: &[u8]) -> Result<RsaKeyPair, KeyError> {
-    r.map_err(|e| match e.to_string().as_str() {
+fn rsa(r: Result<RsaKeyPair, aws_lc_rs::error::KeyRejected>, pkcs8: &[u8]) -> Result<RsaKeyPair, KeyError> {
+    r.map_err(|e| match e.description_() {
         "TooSmall" => match rsa_bits(pkcs8) {
             Some(bits) if bits < 1024 => KeyError::RsaTooSmall(bits),
             Some(bits) => KeyError::RsaUnder2048(bits),
@@ -376,6 +381,51 @@ mod tests {
             assert!(!is_domain(bad), "{bad}");
         }
     }
+
+    /// An RSA-2048 key made and written as `sluice dkim-keygen` does signs RSASSA-PKCS1-v1_5
+    /// over SHA-256 (RFC 8301), checked by another implementation (ring); `p=` is the SPKI.
+    #[test]
+    fn rsa_2048_signs_and_another_implementation_verifies() {
+        use aws_lc_rs::encoding::AsDer as _;
+        let pair = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
+        let b64 = B64.encode(pair.as_der().unwrap().as_ref());
+        let body: Vec<&str> = b64.as_bytes().chunks(64).map(|l| std::str::from_utf8(l).unwrap()).collect();
+        let pem = format!("-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n", body.join("\n"));
+        let k = SigningKey::from_pem("s", pem.as_bytes()).unwrap();
+        assert_eq!(k.algorithm(), Algorithm::RsaSha256);
+        let mut sig = b"prefix".to_vec();
+        k.sign(b"the data", &aws_lc_rs::rand::SystemRandom::new(), &mut sig).unwrap();
+        assert_eq!((&sig[..6], sig.len()), (&b"prefix"[..], 6 + 256));
+        let public = pair.public_key().as_ref();
+        let key = ring::signature::UnparsedPublicKey::new(&ring::signature::RSA_PKCS1_2048_8192_SHA256, public);
+        key.verify(b"the data", &sig[6..]).unwrap();
+        assert_eq!(B64.decode(k.public_b64()).unwrap(), rsa_spki(public));
+        assert!(k.record().starts_with("v=DKIM1; k=rsa; p=MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8A"));
+    }
+
+    /// RFC 8301 allows 1024-bit RSA keys, but the signer needs 2048: refused with the size.
+    #[test]
+    fn rsa_1024_is_refused_with_its_size() {
+        assert_eq!(SigningKey::from_pem("s", RSA_1024.as_bytes()).unwrap_err(), KeyError::RsaUnder2048(1024));
+    }
+
+    /// `openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:1024` (PKCS#8), a test key.
+    const RSA_1024: &str = "-----BEGIN PRIVATE KEY-----\n\
+MIICdQIBADANBgkqhkiG9w0BAQEFAASCAl8wggJbAgEAAoGBAKuXyjEANTJJRhTy\n\
+FDJVcj4q/6312BDJPiHuOplMtjOkwVJU2FZcKjalTa+YD6uFvM5wod9Ho9CU6KS9\n\
+lJZAz3clPkS596JLhFNtSUUFQD1MPh4ECOON4vIoqkqiaZvza+NxVWFaKFpJZswA\n\
+Y+qBYgNJln1G41oKUnDuFcnPscJ/AgMBAAECgYAH548l4LeSoHN9BYXOp8cCfCKZ\n\
+FeklJNAa6gmDBFikWmOZclUg7U/4gnbort2R7jA7Zk7epUMzmZh59k3A+i1UYWeE\n\
+JPT2uALETC7YnQmq9DQxDcii+bXXsr/odVp36PLY/O3+PVA3ZBSs16m5svQTO5HD\n\
+F/Qnw9ZPhauiV5AAqQJBAN6VQzI/gjhIRf9Zrkg9KXEPPfwo7n4ANXA+78FmU/O5\n\
+KND0inwgQ/VjvKjAPwL5IjnYJ9mcDr5WCG3jH52lmBsCQQDFWsb7CHRzGRcZuJLD\n\
+Q1qWUPD9+tuttP9R7xxcpupu4vvE15/ksRx+PCJkkKUTlePj0cfXVmlmb52rbkaL\n\
+De1tAkA9ayqTnvqr1SWbhH+W52mcDPyprBHDKwOT6Yn27+mSgzFEF3ZvMegOumrA\n\
+levNQjmzhHXakjlvRAYnbFi5A4ypAkACWIji9P/FWnf+00XTUlqiTMYAjtnLn8ol\n\
+JC13IHjK5qHNfi6lXkGTco2KGnoL2I1D6PtyINHR6OO75OyrvHelAkAOJxDtTSbx\n\
+5VyK6Y9j2hjpGXxtJKQSUlRGcPDBTAmbD+EFbSLkgv3N4W+V+bfnULs7Xum7RuJn\n\
+FKkOfmLLQ/kH\n\
+-----END PRIVATE KEY-----\n";
 
     #[test]
     fn spki_length_encoding() {

@@ -110,7 +110,7 @@ impl Signer {
         keys: &KeyTable,
         msg: &[u8],
         unix_s: u64,
-        rng: &dyn ring::rand::SecureRandom,
+        rng: &dyn aws_lc_rs::rand::SecureRandom,
         out: &mut Vec<u8>,
     ) -> Outcome {
         let body_start = canon::split_header(msg, &mut self.fields);
@@ -306,7 +306,7 @@ fn strip_comments(v: &[u8]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ring::rand::SystemRandom;
+    use aws_lc_rs::rand::SystemRandom;
 
     fn ed_key(sel: &str) -> SigningKey {
         let seed = B64.decode("nWGxne/9WmC6hEr0kuwsxERJxWl7MmkZcDusAxyuf2A=").unwrap();
@@ -433,8 +433,9 @@ b=";
 
     #[test]
     fn signature_verifies_with_ring() {
-        // The signature checks against the public key over the data hash_input rebuilds from
-        // the signed output: what a verifier does.
+        // The signature (made by aws-lc-rs) checks, with another implementation (ring), against
+        // the public key over the data hash_input rebuilds from the signed output: what a
+        // verifier does.
         let keys = table("football.example.com", vec![ed_key("s1")]);
         let mut out = Vec::new();
         Signer::new().sign(&keys, RFC8463_MSG, 5, &SystemRandom::new(), &mut out);

@@ -6,19 +6,19 @@
 //! leaves the job in the backlog: its session simply waits longer), or touch a session or the
 //! spool (the inbound driver stores the signed message and answers it).
 //!
-//! Why threads: an RSA-2048 signature costs about a millisecond of CPU, and hashing the body
-//! reads it all; on the loop every other session would stall behind each message. The loop
-//! hands the body buffer over by value (no copy) with the key table (an `Arc`, so a SIGHUP
-//! reload never changes the keys of a message already handed over) and gets it back with
-//! the signature fields.
+//! Why threads: an RSA-2048 signature costs 0.4 to 1 ms of CPU (with or without AVX-512
+//! IFMA), and hashing the body reads it all; on the loop every other session would stall
+//! behind each message. The loop hands the body buffer over by value (no copy) with the key
+//! table (an `Arc`, so a SIGHUP reload never changes the keys of a message already handed
+//! over) and gets it back with the signature fields.
 
 use std::collections::VecDeque;
 use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use aws_lc_rs::rand::SystemRandom;
 use mio::Waker;
-use ring::rand::SystemRandom;
 
 use crate::dkim::Signer;
 pub use crate::net::inbound::{SignDone, SignJob};

@@ -270,6 +270,7 @@ impl Server {
             fsync: cfg.fsync,
             segment_size: cfg.segment_size.max(cfg.session.max_message_size + (1 << 20)),
             min_free_space: cfg.min_free_space,
+            spares: true,
         };
         // Signals are caught before the spool is locked (its lock names us): a flush request
         // (SIGUSR1) or SIGTERM during a long recovery waits for the loop instead of killing

@@ -15,6 +15,7 @@
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use mio::Waker;
 
@@ -53,13 +54,23 @@ impl Failpoint {
     }
 }
 
+/// A finished job: its result and how long the sync took on the thread, in microseconds.
+pub type Done = (Result<(), SpoolError>, u64);
+
+/// Runs `job` through the failpoint and times it.
+fn timed(failpoint: &mut Failpoint, job: &SyncJob) -> Done {
+    let t = Instant::now();
+    let r = failpoint.run(job);
+    (r, t.elapsed().as_micros() as u64)
+}
+
 /// Handle to the sync thread.
 pub struct Syncer {
     jobs: Option<Sender<SyncJob>>,
-    results: Receiver<Result<(), SpoolError>>,
+    results: Receiver<Done>,
     busy: bool,
     /// Result of a job run on the calling thread because the sync thread was gone.
-    inline: Option<Result<(), SpoolError>>,
+    inline: Option<Done>,
     thread: Option<JoinHandle<()>>,
     /// The failpoint for jobs run on the calling thread (the thread has its own copy).
     failpoint: Failpoint,
@@ -75,7 +86,7 @@ impl Syncer {
         let (result_tx, results) = channel();
         let thread = std::thread::Builder::new().name("sluice-sync".into()).spawn(move || {
             for job in job_rx {
-                if result_tx.send(thread_failpoint.run(&job)).is_err() {
+                if result_tx.send(timed(&mut thread_failpoint, &job)).is_err() {
                     break;
                 }
                 // If the wake fails the loop is gone; nothing left to tell.
@@ -94,18 +105,18 @@ impl Syncer {
     pub fn submit(&mut self, job: SyncJob) {
         self.busy = true;
         let Some(tx) = &self.jobs else {
-            self.inline = Some(self.failpoint.run(&job));
+            self.inline = Some(timed(&mut self.failpoint, &job));
             return;
         };
         if let Err(returned) = tx.send(job) {
             // The thread is gone (it does not panic: `run` returns errors); sync here rather
             // than lose the batch.
-            self.inline = Some(self.failpoint.run(&returned.0));
+            self.inline = Some(timed(&mut self.failpoint, &returned.0));
         }
     }
 
     /// The finished job's result, if it is back.
-    pub fn try_result(&mut self) -> Option<Result<(), SpoolError>> {
+    pub fn try_result(&mut self) -> Option<Done> {
         let r = match self.inline.take() {
             Some(r) => r,
             None => self.results.try_recv().ok()?,
@@ -115,7 +126,7 @@ impl Syncer {
     }
 
     /// Blocks until the job in flight (if any) is back.
-    pub fn wait_result(&mut self) -> Option<Result<(), SpoolError>> {
+    pub fn wait_result(&mut self) -> Option<Done> {
         if !self.busy {
             return None;
         }
@@ -123,11 +134,9 @@ impl Syncer {
         if let Some(r) = self.inline.take() {
             return Some(r);
         }
-        Some(
-            self.results.recv().unwrap_or_else(|_| {
-                Err(SpoolError::Io("sync thread", std::io::Error::other("the sync thread stopped")))
-            }),
-        )
+        Some(self.results.recv().unwrap_or_else(|_| {
+            (Err(SpoolError::Io("sync thread", std::io::Error::other("the sync thread stopped"))), 0)
+        }))
     }
 }
 

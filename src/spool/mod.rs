@@ -13,6 +13,8 @@
 //! `msync` + `fdatasync` per dirty segment on the caller's thread. [`Spool::open`] rebuilds the queue
 //! (`recover.rs`) and starts a fresh active segment (none on a full disk: then the relay
 //! delivers and refuses new mail, see [`Spool::accepting`]); older segments are read-only.
+//! A new segment is made from a pre-written spare when `spare.rs`'s thread has one ready, and
+//! new mail moves to the spare as soon as it is.
 //! Damaged bytes found by recovery are copied to `corrupt/` before they are skipped or cut.
 //!
 //! A segment is deleted once no message in it has an unfinished recipient and no outcome
@@ -29,6 +31,7 @@ pub mod format;
 pub mod record;
 mod recover;
 mod segment;
+mod spare;
 pub mod suspensions;
 
 use std::collections::BTreeMap;
@@ -56,6 +59,8 @@ pub struct SpoolOptions {
     /// `queue_minfree`): kept for the outcome and bounce records that let delivery finish what
     /// it started. See [`Spool::accepting`].
     pub min_free_space: u64,
+    /// Write spare segments ahead of need on a thread (see `spare.rs`); only with `fsync`.
+    pub spares: bool,
 }
 
 /// Smallest segment made for outcome and bounce records when the disk has no room for a
@@ -187,6 +192,11 @@ pub struct Spool {
     /// are durable. From then on nothing is released (segments stay until the next recovery
     /// judges them).
     sync_failed: bool,
+    /// The thread that writes spare segments ahead of need (`None` with fsync off: without
+    /// commits there is nothing to gain).
+    spares: Option<spare::Spares>,
+    /// A spare was asked for since the active segment was made.
+    spare_asked: bool,
     /// Held for the life of the spool: the `flock` on `<dir>/lock`.
     _lock: File,
 }
@@ -225,6 +235,13 @@ impl Spool {
         // Creating the lock file is also the writability check.
         let lock = segment::lock_dir(&opts.dir)?;
         let recovered = recover::recover(&opts.dir)?;
+        let spares = match opts.fsync && opts.spares {
+            true => Some(
+                spare::Spares::start(&opts.dir, opts.segment_size, opts.min_free_space)
+                    .map_err(|e| map_io_at("start the spare segment writer", &opts.dir, e))?,
+            ),
+            false => None,
+        };
         let mut segments = BTreeMap::new();
         for k in recovered.segments {
             let slot = Slot { seg: k.seg, live: k.live, pins: k.pins, deferred: k.deferred, reserve: false };
@@ -243,6 +260,8 @@ impl Spool {
             releases: Vec::new(),
             free_space: None,
             sync_failed: false,
+            spares,
+            spare_asked: false,
             _lock: lock,
         };
         let mut recovery = recovered.recovery;
@@ -448,13 +467,26 @@ impl Spool {
         }
         let mut ranges = Vec::new();
         let mut marks = Vec::new();
+        let mut failed = None;
         for seq in &self.dirty {
-            if let Some(slot) = self.segments.get(seq) {
-                if let Some((range, mark)) = slot.seg.sync_range() {
+            match self.segments.get(seq).map(|slot| slot.seg.sync_range()) {
+                Some(Ok(Some((range, mark)))) => {
                     ranges.push(range);
                     marks.push((*seq, mark));
                 }
+                Some(Err(e)) => {
+                    failed = Some(e);
+                    break;
+                }
+                Some(Ok(None)) | None => {}
             }
+        }
+        if let Some(e) = failed {
+            // The staged records did not reach the file: the batch fails as a failed sync does.
+            self.releases.clear();
+            self.sync_failed = true;
+            self.abandon_batch();
+            return Err(map_io("write spool segment", e));
         }
         let dir = self.dir_dirty.then(|| self.opts.dir.clone());
         self.dir_dirty = false;
@@ -669,7 +701,7 @@ impl Spool {
         // New mail never goes into a segment made from the reserve: it rolls over past it,
         // which checks the free space again.
         let usable = self.active_slot().is_some_and(|slot| slot.seg.remaining() >= len && !(new_mail && slot.reserve));
-        if !usable {
+        if !usable || (new_mail && self.spare_due()) {
             self.roll(len, new_mail)?;
         }
         let seq = self.active.ok_or(SpoolError::Corrupt("no active segment"))?;
@@ -680,6 +712,24 @@ impl Spool {
             self.dirty.push(seq);
         }
         Ok((seq, off))
+    }
+
+    /// Whether new mail should roll over to a spare now: the active segment was fallocated and a
+    /// pre-written spare is ready (a fresh spool starts on a fallocated segment and moves to
+    /// the first spare as soon as it is written). Asks for the next spare once the active
+    /// segment is half full.
+    fn spare_due(&mut self) -> bool {
+        let (Some(spares), Some(slot)) = (&self.spares, self.active.and_then(|seq| self.segments.get(&seq))) else {
+            return false;
+        };
+        if !slot.seg.prewritten() {
+            return spares.is_ready();
+        }
+        if !self.spare_asked && slot.seg.used() as u64 > self.opts.segment_size / 2 {
+            self.spare_asked = true;
+            spares.request();
+        }
+        false
     }
 
     /// Seals the active segment (if any) and starts the next one, big enough for a record of
@@ -693,7 +743,12 @@ impl Spool {
     fn roll(&mut self, record_len: usize, new_mail: bool) -> Result<(), SpoolError> {
         let need = format::SEGMENT_HEADER_LEN + record_len;
         let full = usize::try_from(self.opts.segment_size).unwrap_or(usize::MAX).max(need);
-        let free = segment::free_space(&self.opts.dir).ok();
+        // A ready spare's blocks are taken, yet they are room for the next segment.
+        let spare_room = match &self.spares {
+            Some(s) if s.is_ready() => self.opts.segment_size,
+            _ => 0,
+        };
+        let free = segment::free_space(&self.opts.dir).ok().map(|f| f.saturating_add(spare_room));
         let (size, reserve) = if self.segment_fits(free, full as u64) {
             (full, false)
         } else if new_mail {
@@ -703,10 +758,14 @@ impl Spool {
         };
         self.seal_active();
         let seq = self.next_seq;
-        let seg = match Segment::create(&self.opts.dir, seq, size) {
-            Err(SpoolError::NoSpace) if !new_mail && size > need => Segment::create(&self.opts.dir, seq, need)?,
-            other => other?,
+        let seg = match self.adopt_spare(seq, size, reserve) {
+            Some(seg) => seg,
+            None => match Segment::create(&self.opts.dir, seq, size) {
+                Err(SpoolError::NoSpace) if !new_mail && size > need => Segment::create(&self.opts.dir, seq, need)?,
+                other => other?,
+            },
         };
+        self.spare_asked = false;
         // The header is appended data too: it must be durable before any record counts.
         if self.dirty.last() != Some(&seq) {
             self.dirty.push(seq);
@@ -716,6 +775,21 @@ impl Spool {
         self.segments.insert(seq, Slot { seg, live: 0, pins: 0, deferred: Vec::new(), reserve });
         self.active = Some(seq);
         Ok(())
+    }
+
+    /// Segment `seq` made from the ready spare, when there is one of exactly `size` bytes and
+    /// the segment is not made from the reserve. A spare that does not fit or cannot be
+    /// adopted is deleted (the caller then fallocates, as without spares).
+    fn adopt_spare(&mut self, seq: u64, size: usize, reserve: bool) -> Option<Segment> {
+        let (path, len) = self.spares.as_ref().filter(|_| !reserve)?.take()?;
+        if len == size as u64 {
+            match Segment::adopt(&self.opts.dir, seq, &path, len) {
+                Ok(seg) => return Some(seg),
+                Err(e) => self.warnings.push(format!("{}: could not use the spare segment: {e}", path.display())),
+            }
+        }
+        let _ = std::fs::remove_file(&path);
+        None
     }
 
     /// Seals the active segment (if any); appends go to a new one from now on.
@@ -840,7 +914,7 @@ mod tests {
     }
 
     fn opts(dir: &Path) -> SpoolOptions {
-        SpoolOptions { dir: dir.to_path_buf(), fsync: true, segment_size: 64 * 1024, min_free_space: 0 }
+        SpoolOptions { dir: dir.to_path_buf(), fsync: true, segment_size: 64 * 1024, min_free_space: 0, spares: false }
     }
 
     fn env(rcpts: &[&str]) -> Envelope {
@@ -1194,6 +1268,47 @@ mod tests {
     }
 
     #[test]
+    fn new_mail_moves_to_a_prewritten_spare_and_a_restart_reuses_the_next() {
+        let tmp = TempDir::new("spares");
+        let o = SpoolOptions { segment_size: 64 * 1024, spares: true, ..opts(&tmp.0) };
+        let (mut spool, _) = Spool::open(o.clone()).unwrap();
+        let first = spool.active_segment().unwrap();
+        let t = std::time::Instant::now();
+        while !spool.spares.as_ref().unwrap().is_ready() {
+            assert!(t.elapsed() < std::time::Duration::from_secs(20), "no spare written");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        // The fresh spool started on a fallocated segment; new mail moves to the spare.
+        let body = vec![7u8; 20 * 1024];
+        let (_, a) = spool.append_message(QueueId(1), 0, &env(&["a@x"]), &body).unwrap();
+        assert_eq!(a.segment, first + 1);
+        assert!(spool.active_slot().unwrap().seg.prewritten());
+        // Past half full, the next spare is asked for.
+        let (_, b) = spool.append_message(QueueId(2), 0, &env(&["a@x"]), &body).unwrap();
+        spool.append_message(QueueId(3), 0, &env(&["a@x"]), &body).unwrap();
+        assert_eq!(b.segment, first + 1);
+        spool.commit().unwrap();
+        let t = std::time::Instant::now();
+        while !spool.spares.as_ref().unwrap().is_ready() {
+            assert!(t.elapsed() < std::time::Duration::from_secs(20), "no second spare written");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        drop(spool);
+        let spare_files = |dir: &Path| {
+            std::fs::read_dir(dir)
+                .unwrap()
+                .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("spare-"))
+                .count()
+        };
+        assert_eq!(spare_files(&tmp.0), 1, "the unused spare stays for the next run");
+        let (spool, rec) = Spool::open(o).unwrap();
+        assert!(rec.warnings.is_empty(), "{:?}", rec.warnings);
+        assert_eq!(rec.messages.len(), 3);
+        assert!(spool.active_slot().unwrap().seg.prewritten(), "the restart starts on the spare");
+        assert_eq!(spool.message(b).unwrap().body, &body[..]);
+    }
+
+    #[test]
     fn segments_roll_over_and_big_records_get_their_own() {
         let tmp = TempDir::new("rollover");
         let (mut spool, _) = Spool::open(opts(&tmp.0)).unwrap();
@@ -1359,13 +1474,15 @@ mod tests {
         let (mut spool, _) = Spool::open(opts(&tmp.0)).unwrap();
         let (_, l1) = spool.append_message(QueueId(1), 0, &env(&["a@x"]), b"one").unwrap();
         spool.commit().unwrap();
-        // An append in progress: header written, body not yet checksummed.
+        // An append not yet committed is staged: not in the file for another reader.
         spool.append_message(QueueId(2), 0, &env(&["a@x"]), b"two").unwrap();
+        let ids = |rec: &Recovery| rec.messages.iter().map(|m| m.id.0).collect::<Vec<_>>();
+        assert_eq!(ids(&Spool::scan_read_only(&tmp.0).unwrap()), [1]);
+        spool.commit().unwrap();
         let before: Vec<_> =
             seg_files(&tmp.0).into_iter().map(|s| std::fs::metadata(seg_path(&tmp.0, s)).unwrap().len()).collect();
         let rec = Spool::scan_read_only(&tmp.0).unwrap();
-        let ids: Vec<_> = rec.messages.iter().map(|m| m.id.0).collect();
-        assert_eq!(ids, [1, 2]);
+        assert_eq!(ids(&rec), [1, 2]);
         assert!(rec.warnings.is_empty());
         // Damage the tail of the live segment: still no warning, no change.
         let path = seg_path(&tmp.0, l1.segment);

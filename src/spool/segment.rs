@@ -3,9 +3,9 @@
 //! Owns the file descriptor and the `MAP_SHARED` mapping of one segment: creation with the
 //! space preallocated by `posix_fallocate` (so a full disk is reported as
 //! [`SpoolError::NoSpace`] when the segment is created, never as a SIGBUS on a later store into
-//! the map), appends (small records copied straight into the map, records of [`PWRITE_MIN`] or
-//! more written with `pwrite` to the same pages), durability (`msync(MS_SYNC)` of the dirty
-//! page range, then `fdatasync`), sealing (truncate to the used length, map read-only) and
+//! the map) or adoption of a spare whose blocks were written ahead (`spare.rs`), appends
+//! (records staged and written with one `pwrite` per batch; the map is only read), durability
+//! (`msync(MS_SYNC)` of the dirty page range, then `fdatasync`), sealing (truncate to the used length, map read-only) and
 //! removal. It knows nothing of record contents beyond writing the segment header.
 //!
 //! It must never touch bytes at or past the file's length through the map (that is the SIGBUS
@@ -13,6 +13,7 @@
 //! The spool directory is locked ([`lock_dir`]) so no other relay truncates our files.
 #![allow(unsafe_code)]
 
+use std::cell::{Cell, RefCell};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -118,12 +119,20 @@ fn flock_holder(table: &str, major: u64, minor: u64, ino: u64) -> Option<u32> {
     })
 }
 
-/// Records of at least this many bytes are written with `pwrite` rather than copied into the
-/// map (see [`Segment::append_with`]).
-pub(crate) const PWRITE_MIN: usize = 16 * 1024;
-/// The staging buffer for `pwrite` is kept for records up to this size; a larger record gets a
-/// buffer of its own, freed after the write.
-const STAGE_KEEP_MAX: usize = 1 << 20;
+/// Staged records are written out as soon as they reach this many bytes (a big batch is
+/// written in pieces, and the buffer never grows past about this); a record larger than this
+/// is written from a buffer of its own.
+pub(crate) const STAGE_MAX: usize = 1 << 20;
+
+/// `rename(from, to)` that fails with `EEXIST` instead of replacing `to`.
+fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other);
+    let (from, to) = (c(from)?, c(to)?);
+    // SAFETY: two NUL-terminated paths that outlive the call; AT_FDCWD for both directories.
+    syscall!(renameat2(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::RENAME_NOREPLACE))?;
+    Ok(())
+}
 
 /// Bytes available to an unprivileged writer on the filesystem holding `dir` (`statvfs`).
 pub(crate) fn free_space(dir: &Path) -> io::Result<u64> {
@@ -171,9 +180,16 @@ pub(crate) struct Segment {
     synced: usize,
     /// Mapped writable (active segment) rather than read-only.
     writable: bool,
-    /// Where records of [`PWRITE_MIN`] bytes or more are encoded before their `pwrite`
-    /// (reused; freed when the segment is sealed).
-    stage: Vec<u8>,
+    /// Records appended and not yet written to the file: they go out with one `pwrite` at
+    /// file offset `stage_off` (see [`Segment::flush`]). Reused; freed when sealed. In cells
+    /// because a read through `&self` ([`Segment::bytes`]) writes them out first.
+    stage: RefCell<Vec<u8>>,
+    stage_off: Cell<usize>,
+    /// A write of staged records that failed where no error could be returned (a read), for
+    /// the next [`Segment::commit`] or [`Segment::sync_range`] to report.
+    write_error: RefCell<Option<io::Error>>,
+    /// Made from a spare whose blocks were written before (see `spare.rs`), not fallocated.
+    prewritten: bool,
 }
 
 // SAFETY: the mapping is owned exclusively by this value (no other handle to `ptr` exists), so
@@ -192,7 +208,7 @@ impl Segment {
             .mode(0o600)
             .open(&path)
             .map_err(|e| map_io_at("create segment", &path, e))?;
-        match Self::init(file, &path, seq, size) {
+        match Self::init(file, &path, seq, size, true) {
             Ok(seg) => Ok(seg),
             Err(e) => {
                 // Best effort: a leftover preallocated file would hold only zeros and be
@@ -203,17 +219,37 @@ impl Segment {
         }
     }
 
-    fn init(file: File, path: &Path, seq: u64, size: usize) -> Result<Segment, SpoolError> {
+    /// Makes segment `seq` in `dir` from a spare file of `len` bytes whose blocks are written
+    /// and synced (see `spare.rs`): renamed into place (never over an existing file), mapped
+    /// read-write, header written. A commit into it does not convert extents.
+    pub(crate) fn adopt(dir: &Path, seq: u64, spare: &Path, len: u64) -> Result<Segment, SpoolError> {
+        let path = dir.join(format::segment_file_name(seq));
+        let size = usize::try_from(len)
+            .map_err(|_| SpoolError::Io("adopt segment", io::Error::other("segment larger than memory")))?;
+        rename_noreplace(spare, &path).map_err(|e| map_io_at("rename spare segment", &path, e))?;
+        let file = OpenOptions::new().read(true).write(true).open(&path);
+        let seg =
+            file.map_err(|e| map_io_at("open segment", &path, e)).and_then(|f| Self::init(f, &path, seq, size, false));
+        if seg.is_err() {
+            let _ = std::fs::remove_file(&path);
+        }
+        seg
+    }
+
+    /// Maps `file` (`size` bytes, fallocated here when `preallocate`) and writes the header.
+    fn init(file: File, path: &Path, seq: u64, size: usize, preallocate: bool) -> Result<Segment, SpoolError> {
         let size = size.max(format::SEGMENT_HEADER_LEN);
         let key = fresh_key();
         let len = libc::off_t::try_from(size)
             .map_err(|_| SpoolError::Io("create segment", io::Error::other("segment size too large")))?;
-        loop {
-            // SAFETY: valid open fd; offset and length are non-negative.
-            match syscall!(@errno posix_fallocate(file.as_raw_fd(), 0, len)) {
-                Ok(()) => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(map_io_at("preallocate segment", path, e)),
+        if preallocate {
+            loop {
+                // SAFETY: valid open fd; offset and length are non-negative.
+                match syscall!(@errno posix_fallocate(file.as_raw_fd(), 0, len)) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(map_io_at("preallocate segment", path, e)),
+                }
             }
         }
         let mut seg = Segment {
@@ -226,7 +262,10 @@ impl Segment {
             used: 0,
             synced: 0,
             writable: true,
-            stage: Vec::new(),
+            stage: RefCell::default(),
+            stage_off: Cell::new(0),
+            write_error: RefCell::new(None),
+            prewritten: !preallocate,
         };
         seg.map(size, true).map_err(|e| map_io_at("map segment", path, e))?;
         let header = format::encode_segment_header(seq, &key);
@@ -256,7 +295,10 @@ impl Segment {
             used: len,
             synced: len,
             writable: false,
-            stage: Vec::new(),
+            stage: RefCell::default(),
+            stage_off: Cell::new(0),
+            write_error: RefCell::new(None),
+            prewritten: false,
         };
         seg.map(len, false).map_err(|e| map_io_at("map segment", path, e))?;
         Ok(seg)
@@ -295,6 +337,11 @@ impl Segment {
         }
     }
 
+    /// True when made from a pre-written spare (see [`Segment::adopt`]).
+    pub(crate) fn prewritten(&self) -> bool {
+        self.prewritten
+    }
+
     /// Sequence number.
     pub(crate) fn seq(&self) -> u64 {
         self.seq
@@ -321,14 +368,19 @@ impl Segment {
         format::segment_file_name(self.seq)
     }
 
-    /// Bytes in use, from the start of the file (header included).
+    /// Bytes in use, from the start of the file (header included). Staged records are written
+    /// out first, so the map shows them.
     pub(crate) fn bytes(&self) -> &[u8] {
+        self.flush();
         if self.ptr.is_null() {
             return &[];
         }
         // SAFETY: `used <= map_len` always holds and `used` never exceeds the file length, so
         // the range is mapped and backed by the file; the slice borrows `self`, which owns the
-        // mapping, and writes need `&mut self`, so no aliasing `&mut` exists meanwhile.
+        // mapping. Nothing writes through the map, and the file changes only by appends
+        // (`&mut self`) and by the flush above: a flush through `&self` writes what was staged
+        // by appends made before any live slice was taken, and the first `bytes` after those
+        // appends already wrote them, so no live slice ever sees its bytes change.
         unsafe { std::slice::from_raw_parts(self.ptr, self.used) }
     }
 
@@ -358,16 +410,17 @@ impl Segment {
     }
 
     /// Reserves `len` bytes at the end of the used range, lets `fill` write them, and returns
-    /// their offset. If `fill` or the write fails nothing is used (the space still reads as
-    /// zeros, or is overwritten by the next append).
+    /// their offset. If `fill` fails nothing is used.
     ///
-    /// A record under [`PWRITE_MIN`] is copied straight into the map. A larger one is encoded
-    /// into `stage` and written with `pwrite`: the first store into a page of fresh file space
-    /// through a shared mapping takes a read fault (the kernel zero-fills the page, and reads
-    /// ahead zero-filling more) and then a write fault (`page_mkwrite`). perf put those faults
-    /// at a quarter of the relay's CPU with 100 KiB messages; `pwrite` copies into the same
-    /// page cache without them (the map reads what it wrote). For small records one `pwrite`
-    /// each costs more than the faults they share, so they keep the map.
+    /// Records are encoded into the stage and reach the file with one `pwrite` per batch
+    /// ([`Segment::flush`], at the latest when the batch is committed), never by stores into
+    /// the map. Stores into a shared file map cost faults: the first store into a fresh page
+    /// takes a read fault (zero-fill) and a write fault (`page_mkwrite`), and every sync
+    /// write-protects the pages it cleans, so the next store into the partly filled last page
+    /// faults again, and the write-protection of a page our thread has mapped writable sends
+    /// a TLB-shootdown IPI from the sync thread. perf put those at about a tenth of the relay's
+    /// CPU with 1 KiB messages and a quarter with 100 KiB ones. `pwrite` copies into the same
+    /// page cache without any of it, and the map, only ever read, sees what it wrote.
     pub(crate) fn append_with(
         &mut self,
         len: usize,
@@ -377,39 +430,49 @@ impl Segment {
             return Err(SpoolError::Io("append to segment", io::Error::other("segment full")));
         }
         let off = self.used;
-        if len >= PWRITE_MIN {
-            let mut big = Vec::new();
-            let stage = if len <= STAGE_KEEP_MAX { &mut self.stage } else { &mut big };
-            if stage.len() < len {
-                stage.resize(len, 0);
-            }
-            let src = &mut stage[..len];
-            fill(src)?;
-            if let Err(e) = self.file.write_all_at(src, off as u64) {
-                // Part of it may be in the file: zero it again, or a crash before the next
-                // append covered it would leave bytes past the last record for recovery.
-                // SAFETY: as below: `off + len <= map_len`, writable, preallocated, `&mut self`.
-                unsafe { std::slice::from_raw_parts_mut(self.ptr.add(off), len) }.fill(0);
-                return Err(map_io_at("write to segment", &self.path, e));
-            }
+        if len > STAGE_MAX {
+            self.flush();
+            let mut big = vec![0u8; len];
+            fill(&mut big)?;
+            self.file.write_all_at(&big, off as u64).map_err(|e| map_io_at("write to segment", &self.path, e))?;
             self.used = off + len;
             return Ok(off);
         }
-        // SAFETY: `off + len <= map_len` (checked above), the mapping is writable (remaining()
-        // is 0 otherwise) and backed by preallocated file blocks; `&mut self` guarantees no
-        // other slice of the map is alive.
-        let dst = unsafe { std::slice::from_raw_parts_mut(self.ptr.add(off), len) };
-        match fill(dst) {
-            Ok(()) => {
-                self.used = off + len;
-                Ok(off)
-            }
-            Err(e) => {
-                // Keep the zero-word end marker valid for the space we handed out.
-                dst.fill(0);
-                Err(e)
-            }
+        let stage = self.stage.get_mut();
+        if stage.is_empty() {
+            self.stage_off.set(off);
         }
+        let start = stage.len();
+        stage.resize(start + len, 0);
+        if let Err(e) = fill(&mut stage[start..]) {
+            stage.truncate(start);
+            return Err(e);
+        }
+        self.used = off + len;
+        if stage.len() >= STAGE_MAX {
+            self.flush();
+        }
+        Ok(off)
+    }
+
+    /// Writes the staged records to the file (one `pwrite`). A failure is kept for the next
+    /// commit, which then fails: the batch is answered `451`, and whatever part reached the
+    /// file is judged by recovery like any torn write.
+    fn flush(&self) {
+        let mut stage = self.stage.borrow_mut();
+        if stage.is_empty() {
+            return;
+        }
+        if let Err(e) = self.file.write_all_at(&stage, self.stage_off.get() as u64) {
+            self.write_error.borrow_mut().get_or_insert(e);
+        }
+        stage.clear();
+    }
+
+    /// Writes the staged records out and returns the error of any write since the last call.
+    fn flush_checked(&self) -> io::Result<()> {
+        self.flush();
+        self.write_error.borrow_mut().take().map_or(Ok(()), Err)
     }
 
     /// Makes `synced..used` durable: `msync(MS_SYNC)` over the page-aligned dirty range (data
@@ -419,6 +482,7 @@ impl Segment {
         if !self.is_dirty() {
             return Ok(());
         }
+        self.flush_checked()?;
         if fsync && !self.ptr.is_null() {
             // msync wants a page-aligned start.
             let start = self.synced - self.synced % page_size();
@@ -434,17 +498,18 @@ impl Segment {
 
     /// The dirty range as a [`SyncRange`] another thread can sync, and the `used` mark it
     /// covers (pass it to [`Segment::mark_synced`] once the range is durable). `None` if clean.
-    pub(crate) fn sync_range(&self) -> Option<(SyncRange, usize)> {
+    pub(crate) fn sync_range(&self) -> io::Result<Option<(SyncRange, usize)>> {
         if !self.is_dirty() {
-            return None;
+            return Ok(None);
         }
+        self.flush_checked()?;
         let start = self.synced - self.synced % page_size();
         let range = SyncRange {
             file: Arc::clone(&self.file),
             addr: if self.ptr.is_null() { 0 } else { self.ptr as usize + start },
             len: self.used - start,
         };
-        Some((range, self.used))
+        Ok(Some((range, self.used)))
     }
 
     /// Records that everything below `mark` is durable.
@@ -463,8 +528,10 @@ impl Segment {
         if !self.writable {
             return Ok(());
         }
+        // An error stays for the commit of these bytes to report.
+        self.flush();
         self.writable = false;
-        self.stage = Vec::new();
+        *self.stage.get_mut() = Vec::new();
         if !self.ptr.is_null() {
             // SAFETY: the range is exactly the live mapping; this only changes protections, so
             // a stray write would fault instead of silently changing sealed data.
@@ -608,41 +675,44 @@ mod tests {
     }
 
     #[test]
-    fn large_records_are_written_with_pwrite_and_read_back_through_the_map() {
+    fn records_are_staged_written_in_one_piece_and_read_back_through_the_map() {
         let dir = temp_dir("pwrite");
-        let mut seg = Segment::create(&dir, 2, 4 * PWRITE_MIN).unwrap();
+        let mut seg = Segment::create(&dir, 2, 4 * STAGE_MAX).unwrap();
         let fill_with = |b: u8| {
             move |dst: &mut [u8]| -> Result<(), SpoolError> {
                 dst.iter_mut().enumerate().for_each(|(i, x)| *x = b.wrapping_add(i as u8));
                 Ok(())
             }
         };
-        // Small, large (pwrite), small again: the large record starts and ends inside pages the
-        // small ones were copied into through the map.
+        let in_file = |seg: &Segment, off: usize| std::fs::read(seg.path()).unwrap()[off];
         let a = seg.append_with(24, fill_with(1)).unwrap();
-        let b = seg.append_with(PWRITE_MIN + 40, fill_with(2)).unwrap();
+        assert_eq!(in_file(&seg, a + 1), 0, "staged, not written yet");
+        // A record over the stage's size is written at once, the staged ones before it.
+        let b = seg.append_with(STAGE_MAX + 40, fill_with(2)).unwrap();
+        assert_eq!((in_file(&seg, a + 1), in_file(&seg, b + 1)), (2, 3));
         let c = seg.append_with(16, fill_with(3)).unwrap();
-        // A failing large fill uses nothing; the next append takes its place.
-        assert!(seg.append_with(PWRITE_MIN, |_| Err(SpoolError::Corrupt("test"))).is_err());
-        let d = seg.append_with(PWRITE_MIN, fill_with(4)).unwrap();
-        assert_eq!((b, c, d), (a + 24, b + PWRITE_MIN + 40, c + 16));
+        // A failing fill uses nothing; the next append takes its place.
+        assert!(seg.append_with(100, |_| Err(SpoolError::Corrupt("test"))).is_err());
+        let d = seg.append_with(100, fill_with(4)).unwrap();
+        assert_eq!((b, c, d), (a + 24, b + STAGE_MAX + 40, c + 16));
         let expect = |off: usize, len: usize, b: u8, bytes: &[u8]| {
             let want: Vec<u8> = (0..len).map(|i| b.wrapping_add(i as u8)).collect();
             assert_eq!(&bytes[off..off + len], &want[..], "record at {off}");
         };
         let check = |bytes: &[u8]| {
             expect(a, 24, 1, bytes);
-            expect(b, PWRITE_MIN + 40, 2, bytes);
+            expect(b, STAGE_MAX + 40, 2, bytes);
             expect(c, 16, 3, bytes);
-            expect(d, PWRITE_MIN, 4, bytes);
+            expect(d, 100, 4, bytes);
         };
+        // Reading writes the stage out first.
         check(seg.bytes());
         seg.commit(true).unwrap();
         seg.seal().unwrap();
         let path = seg.path().to_path_buf();
         drop(seg);
         let seg = Segment::open(&path, 2).unwrap();
-        assert_eq!(seg.bytes().len(), d + PWRITE_MIN);
+        assert_eq!(seg.bytes().len(), d + 100);
         check(seg.bytes());
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -192,6 +192,15 @@ fn three_messages() -> (TempDir, std::path::PathBuf, Vec<String>, std::path::Pat
     let dir = TempDir::new("damage");
     let spool = dir.path().join("spool");
     let mut relay = Relay::start_on(&spool, &[]);
+    // A fresh spool moves new mail to its first pre-written spare as soon as that is ready:
+    // wait for it, so that all three messages land in one segment.
+    let t0 = std::time::Instant::now();
+    let spare_ready =
+        || std::fs::read_dir(&spool).unwrap().flatten().any(|e| e.file_name().to_string_lossy().ends_with(".ready"));
+    while !spare_ready() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "no spare segment written");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let mut c = relay.client();
     c.expect("220");
     c.expect_ok("EHLO c.test", "250");

@@ -117,6 +117,53 @@ fn a_site_message_rate_holds_as_the_receiver_counts_it_and_sighup_reloads_it() {
     relay.wait_log("shaping=ok");
 }
 
+/// Every `"opened_ms":N` of a sink summary (when each connection was accepted), sorted.
+fn opened_ms(json: &str) -> Vec<u64> {
+    let mut v: Vec<u64> = json
+        .split("\"opened_ms\":")
+        .skip(1)
+        .filter_map(|s| s.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+#[test]
+fn a_site_connection_rate_holds_as_the_receiver_counts_connections() {
+    let Some(bin) = load_bin() else { return };
+    let dir = TempDir::new("shaping-connrate");
+    // One message per connection, so every message needs a new connection and a token of
+    // max_connection_rate: a bucket of 2 at once, then 2 a second.
+    let file = write(
+        dir.path(),
+        "shaping.toml",
+        "[default]\nmax_connection_rate = \"2/s\"\nmax_deliveries_per_connection = 1\n",
+    );
+    let sink = sink(&bin, "127.0.0.1:0", &["--json"]);
+    let relay = Relay::start(&["--relay-host", &sink.addr.to_string(), "--dns", "127.0.0.1:9", "--shaping", &file]);
+    let n = 12;
+    let t0 = Instant::now();
+    load(&bin, &relay, n);
+    while relay.log().matches("outcome=delivered").count() < n {
+        assert!(t0.elapsed() < Duration::from_secs(60), "{}", relay.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Lower bounds on time and upper bounds on counts only: a loaded machine is slower, never
+    // faster. (12 - 2) / 2 = 5 s at least.
+    let took = t0.elapsed();
+    assert!(took >= Duration::from_millis(4_500), "{n} connections at 2/s in {took:?}");
+    let report = sink_report(sink);
+    assert_eq!(num(&report, "messages"), n as u64, "{report}");
+    let opened = opened_ms(&report);
+    assert!(opened.len() >= n, "one connection per message: {report}");
+    // In any second the bucket allows 2 + 2; one more for the sink accepting late a connection
+    // the relay opened in the second before (a descheduled sink bunches them up).
+    for (i, &t) in opened.iter().enumerate() {
+        let in_second = opened[i..].iter().take_while(|&&u| u < t + 1_000).count();
+        assert!(in_second <= 5, "{in_second} connections in the second from {t} ms: {opened:?}");
+    }
+}
+
 #[test]
 fn a_gmail_like_rate_limit_throttles_the_site_and_everything_still_arrives() {
     let Some(bin) = load_bin() else { return };

@@ -1,4 +1,5 @@
-//! A throw-away Postfix instance for `bench --compare-postfix`: Debian's binaries, run from a
+//! A throw-away Postfix instance for `bench --compare-postfix` and for `sluice-load postfix`
+//! (the bench scripts' handle on one, see [`serve`]): Debian's binaries, run from a
 //! configuration, queue and log in one temporary directory, relaying everything to one loopback
 //! address (`relayhost = [127.0.0.1]:PORT`, no DNS).
 //!
@@ -69,10 +70,11 @@ pub(super) struct Postfix {
 }
 
 impl Postfix {
-    /// Creates the directory, writes the configuration, runs `postfix check` and
+    /// Creates the directory, writes the configuration (`extra` lines are appended to
+    /// `main.cf`, where a later line overrides an earlier one), runs `postfix check` and
     /// `postfix start`, and waits (bounded) until smtpd's port answers. The error says which
     /// step failed and why (not root, no `postfix` user, `postfix check` output, ...).
-    pub fn start(relayhost: SocketAddr) -> Result<Postfix> {
+    pub fn start(relayhost: SocketAddr, extra: &[(String, String)]) -> Result<Postfix> {
         if !Path::new(POSTFIX).exists() {
             bail!("{POSTFIX} not found (apt install postfix)");
         }
@@ -106,7 +108,11 @@ impl Postfix {
         }
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        std::fs::write(conf.join("main.cf"), main_cf(&dir.0, &conf, relayhost))?;
+        let mut cf = main_cf(&dir.0, &conf, relayhost);
+        for (k, v) in extra {
+            cf.push_str(&format!("{k} = {v}\n"));
+        }
+        std::fs::write(conf.join("main.cf"), cf)?;
         std::fs::write(conf.join("master.cf"), format!("{addr} inet n - n - - smtpd\n{MASTER_CF_SERVICES}"))?;
         let mut pf = Postfix { conf, master: None, addr, dir };
         pf.control("check", Duration::from_secs(30))?;
@@ -161,8 +167,13 @@ impl Postfix {
 
     /// Recipients deferred so far (`status=deferred` log lines).
     pub fn deferred(&self) -> u64 {
+        self.log_count(" status=deferred ")
+    }
+
+    /// Log lines containing `needle`.
+    fn log_count(&self, needle: &str) -> u64 {
         let log = std::fs::read_to_string(self.dir.0.join("maillog")).unwrap_or_default();
-        log.lines().filter(|l| l.contains(" status=deferred ")).count() as u64
+        log.lines().filter(|l| l.contains(needle)).count() as u64
     }
 
     /// Messages still in the instance's queue: files under `incoming`, `active`, `deferred`,
@@ -265,6 +276,57 @@ impl Drop for Postfix {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Flags of `sluice-load postfix`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct PostfixArgs {
+    /// Where the instance relays everything (`relayhost = [IP]:PORT`), a loopback IP:PORT.
+    #[arg(long, value_name = "IP:PORT")]
+    relay_host: SocketAddr,
+    /// KEY=VALUE appended to `main.cf` (repeatable), e.g. `minimal_backoff_time=5s`.
+    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_setting)]
+    set: Vec<(String, String)>,
+    /// Stop by itself after this long (the instance never outlives a bench that forgot it).
+    #[arg(long, default_value = "1h", value_parser = crate::util::parse_duration)]
+    duration: Duration,
+}
+
+fn parse_setting(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() && !k.contains(char::is_whitespace) && !v.contains('\n') => {
+            Ok((k.trim().to_string(), v.trim().to_string()))
+        }
+        _ => Err(format!("expected KEY=VALUE on one line, got {s:?}")),
+    }
+}
+
+/// Runs `sluice-load postfix`: starts an instance, logs `event=listening service=postfix
+/// addr=IP:PORT dir=DIR` on stderr (`DIR/conf` is the `-c` directory for `postsuper`,
+/// `postqueue` and `postconf`; `DIR/maillog` its log), then waits for SIGTERM/SIGINT or
+/// `--duration`, prints `{"sent": N, "deferred": N, "queued": N}` (recipients `status=sent`,
+/// `status=deferred` in its log; messages left in its queue) on stdout, stops the instance and
+/// removes the directory.
+pub fn serve(a: &PostfixArgs) -> Result<i32> {
+    if !a.relay_host.ip().is_loopback() {
+        bail!("--relay-host {}: only a loopback address", a.relay_host);
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, std::sync::Arc::clone(&stop)).context("signal handler")?;
+    }
+    let mut pf = Postfix::start(a.relay_host, &a.set)?;
+    eprintln!("event=listening service=postfix addr={} dir={}", pf.addr, pf.dir.0.display());
+    let deadline = Instant::now() + a.duration;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!(
+        "{}",
+        serde_json::json!({"sent": pf.log_count(" status=sent "), "deferred": pf.deferred(), "queued": pf.queued()})
+    );
+    pf.stop();
+    Ok(0)
 }
 
 /// Running (not a zombie) and still the process we saw.

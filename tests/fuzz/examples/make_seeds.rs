@@ -161,7 +161,7 @@ fn envelope(rcpts: &[&str]) -> Envelope {
 fn segments(segment_size: u64, fill: impl FnOnce(&mut Spool)) -> Vec<u8> {
     let dir = std::env::temp_dir().join(format!("sluice-make-seeds-{}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
-    let (mut spool, _) = Spool::open(SpoolOptions { dir: dir.clone(), fsync: false, segment_size, min_free_space: 0 }).unwrap();
+    let (mut spool, _) = Spool::open(SpoolOptions { dir: dir.clone(), fsync: false, segment_size, min_free_space: 0, spares: false }).unwrap();
     fill(&mut spool);
     spool.commit().unwrap();
     drop(spool);
