@@ -230,6 +230,94 @@ pub struct ServeArgs {
     /// Threads that compute DKIM signatures (only when keys are configured).
     #[arg(long = "dkim-threads", value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub dkim_threads: u32,
+    /// An egress source (repeatable): outbound connections of its messages bind IP before
+    /// connecting and say EHLO HOST (default: --hostname). IP must be assigned to this host.
+    #[arg(long = "source", value_name = "NAME=IP[,ehlo=HOST]", value_parser = parse_source)]
+    pub source: Vec<Source>,
+    /// A pool of sources with weights (repeatable; weight 1 when left out). A message uses
+    /// the pool its `X-Sluice-Pool:` header names, else its AUTH user's (--user-pool), else
+    /// pool `default`, else every source by equal weight; one source per message.
+    #[arg(long = "pool", value_name = "NAME=SRC[:WEIGHT][,SRC[:WEIGHT]...]", value_parser = parse_pool)]
+    pub pool: Vec<PoolSpec>,
+    /// The pool of an authenticated user's messages that name none (repeatable).
+    #[arg(long = "user-pool", value_name = "USER=POOL", value_parser = parse_user_pool)]
+    pub user_pool: Vec<UserPool>,
+    /// Refuse to start when a source's IP fails forward-confirmed reverse DNS (its PTR name,
+    /// looked up through --dns, must resolve back to the IP); without it a failure is logged.
+    #[arg(long = "require-fcrdns")]
+    pub require_fcrdns: bool,
+}
+
+pub use crate::delivery::sources::{PoolSpec, Source};
+
+/// One `--user-pool USER=POOL`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserPool {
+    /// The AUTH user name.
+    pub user: String,
+    /// The pool's name.
+    pub pool: String,
+}
+
+/// A source or pool name: letters, digits, `-`, `_`, `.` (it goes into log lines, headers
+/// and the spool).
+fn is_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// Parses `NAME=IP[,ehlo=HOST]` for --source.
+pub fn parse_source(s: &str) -> Result<Source, String> {
+    let (name, rest) = s.split_once('=').ok_or_else(|| format!("'{s}' is not NAME=IP[,ehlo=HOST]"))?;
+    if !is_name(name) {
+        return Err(format!("'{name}' in '{s}' is not a source name (letters, digits, '-', '_', '.')"));
+    }
+    let mut parts = rest.split(',');
+    let ip = parts.next().unwrap_or_default();
+    let ip: IpAddr = ip.parse().map_err(|_| format!("'{ip}' in '{s}' is not an IP address"))?;
+    if ip.is_unspecified() || ip.is_multicast() {
+        return Err(format!("'{ip}' in '{s}' is not a unicast address"));
+    }
+    let mut ehlo = None;
+    for opt in parts {
+        match opt.split_once('=') {
+            Some(("ehlo", host)) => ehlo = Some(parse_hostname(host).map_err(|e| format!("{e} in '{s}'"))?.into()),
+            _ => return Err(format!("'{opt}' in '{s}' is not ehlo=HOST")),
+        }
+    }
+    Ok(Source { name: name.into(), ip, ehlo })
+}
+
+/// Parses `NAME=SRC[:WEIGHT][,SRC[:WEIGHT]...]` for --pool (weights are whole numbers ≥ 1).
+pub fn parse_pool(s: &str) -> Result<PoolSpec, String> {
+    let (name, rest) = s.split_once('=').ok_or_else(|| format!("'{s}' is not NAME=SRC[:WEIGHT],..."))?;
+    if !is_name(name) {
+        return Err(format!("'{name}' in '{s}' is not a pool name (letters, digits, '-', '_', '.')"));
+    }
+    let mut members = Vec::new();
+    for m in rest.split(',') {
+        let (src, weight) = match m.split_once(':') {
+            Some((src, w)) => {
+                let w = w.parse::<u32>().ok().filter(|&w| w > 0);
+                (src, w.ok_or_else(|| format!("weight of '{m}' in '{s}' is not a whole number of at least 1"))?)
+            }
+            None => (m, 1),
+        };
+        if !is_name(src) {
+            return Err(format!("'{src}' in '{s}' is not a source name"));
+        }
+        members.push((src.to_owned(), weight));
+    }
+    Ok(PoolSpec { name: name.to_owned(), members })
+}
+
+/// Parses `USER=POOL` for --user-pool.
+pub fn parse_user_pool(s: &str) -> Result<UserPool, String> {
+    match s.split_once('=') {
+        Some((user, pool)) if !user.is_empty() && is_name(pool) => {
+            Ok(UserPool { user: user.to_owned(), pool: pool.to_owned() })
+        }
+        _ => Err(format!("'{s}' is not USER=POOL")),
+    }
 }
 
 /// One `--dkim-key DOMAIN:SELECTOR:PEM`.
@@ -596,6 +684,28 @@ mod tests {
         {
             assert!(parse_dkim_key(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn source_pool_and_user_pool_values() {
+        let s = parse_source("ip1=192.0.2.1,ehlo=out1.example.com").unwrap();
+        assert_eq!(
+            (&*s.name, s.ip.to_string(), s.ehlo.as_deref()),
+            ("ip1", "192.0.2.1".into(), Some("out1.example.com"))
+        );
+        assert_eq!(parse_source("v6=2001:db8::1").unwrap().ehlo, None);
+        for bad in ["ip1", "=192.0.2.1", "ip1=300.1.1.1", "ip1=0.0.0.0", "ip1=192.0.2.1,helo=x", "a b=192.0.2.1"] {
+            assert!(parse_source(bad).is_err(), "{bad}");
+        }
+        assert!(parse_source("ip1=192.0.2.1,ehlo=bad host").unwrap_err().contains("bad host"));
+        let p = parse_pool("bulk=ip1:3,ip2").unwrap();
+        assert_eq!(p.members, vec![("ip1".to_owned(), 3), ("ip2".to_owned(), 1)]);
+        for bad in ["bulk", "bulk=ip1:0", "bulk=ip1:x", "bulk=ip1:-1", "bulk=", "bulk=ip1,,ip2"] {
+            assert!(parse_pool(bad).is_err(), "{bad}");
+        }
+        assert!(parse_pool("bulk=ip1:0").unwrap_err().contains("ip1:0"));
+        assert_eq!(parse_user_pool("alice=bulk").unwrap().pool, "bulk");
+        assert!(parse_user_pool("alice").is_err() && parse_user_pool("=bulk").is_err());
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::time::Duration;
 use std::sync::Arc;
 
 use crate::cli::{self, Cidr, DkimKeyArg, FsyncMode, OutboundTlsMode, RelayTlsMode, ServeArgs};
+use crate::delivery::sources::Sources;
 use crate::dkim::{KeyTable, SigningKey};
 use crate::log::LogFormat;
 use crate::net::inbound::InboundConfig;
@@ -102,6 +103,10 @@ pub struct Config {
     pub relay_tls: Option<RelayTlsMode>,
     /// `--relay-auth-file`, parsed.
     pub relay_auth: Option<Arc<RelayCredentials>>,
+    /// `--source`, `--pool`, `--user-pool`, checked against each other.
+    pub sources: Arc<Sources>,
+    /// `--require-fcrdns`: a source failing its start-up FCrDNS check stops the relay.
+    pub require_fcrdns: bool,
     /// Problems worth a `warning` line at start that do not stop it: (flag, detail).
     pub warnings: Vec<(&'static str, String)>,
 }
@@ -156,6 +161,7 @@ impl Config {
             max_connections: self.max_connections,
             allow: self.allow.clone(),
             limit_allowed_clients: self.limit_allowed_clients,
+            sources: Arc::clone(&self.sources),
         }
     }
     /// Validates the flags into a configuration.
@@ -220,6 +226,12 @@ impl Config {
                 table: Arc::new(table),
             })
         };
+        let users: Vec<(String, String)> = a.user_pool.iter().map(|u| (u.user.clone(), u.pool.clone())).collect();
+        let sources = Sources::build(a.source.clone(), &a.pool, &users)
+            .map_err(|e| ConfigError { flag: e.flag, message: e.message })?;
+        if a.require_fcrdns && sources.is_empty() {
+            return err("--require-fcrdns", "there is no --source to check");
+        }
         Ok(Config {
             listen: a.listen.clone(),
             reuse_port: a.reuse_port,
@@ -265,6 +277,8 @@ impl Config {
             dkim,
             relay_tls,
             relay_auth,
+            sources: Arc::new(sources),
+            require_fcrdns: a.require_fcrdns,
             warnings,
         })
     }

@@ -80,7 +80,7 @@
 //! | `spool::spare` | io: fs, thread | `spool::segment` | spare segment files written ahead of need on their own thread |
 //! | `net` | io: mio, net, clock, fs, libc | `buf`, `control`, `delivery`, `dkim`, `dns`, `log`, `message`, `queue`, `shaping`, `smtp`, `spool` | socket drivers (inbound, outbound, DNS, control socket), the transport, TLS, the deadline table |
 //! | `net::socket` | io: mio, net, libc, unsafe | `sys` | the socket syscalls |
-//! | `config` | io: fs | `cli`, `dkim`, `log`, `net`, `shaping`, `smtp` | flags -> `Config`, reads cert, auth, DKIM key and shaping files |
+//! | `config` | io: fs | `cli`, `delivery`, `dkim`, `log`, `net`, `shaping`, `smtp` | flags -> `Config`, reads cert, auth, DKIM key and shaping files |
 //! | `reactor` | io: mio, net, thread, clock | `buf`, `config`, `control`, `delivery`, `dkim`, `log`, `message`, `net`, `queue`, `shaping`, `smtp`, `spool` | the event loop |
 //! | `reactor::signal` | io: mio, libc, unsafe | `sys` | signals as loop events, `kill` |
 //! | `sys` | io: libc, unsafe | | the `syscall!` macro |

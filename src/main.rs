@@ -33,7 +33,9 @@ fn main() -> ExitCode {
                 Err(e @ RunError::Poll(_))
                 | Err(e @ RunError::Spool(_))
                 | Err(e @ RunError::Listen(..))
-                | Err(e @ RunError::Control(..)) => {
+                | Err(e @ RunError::Control(..))
+                | Err(e @ RunError::Source(..))
+                | Err(e @ RunError::Fcrdns(..)) => {
                     eprintln!("sluice: {e}");
                     ExitCode::from(1)
                 }

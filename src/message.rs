@@ -171,6 +171,9 @@ pub struct Envelope {
     pub helo: Vec<u8>,
     /// The authenticated user, empty when none (RFC 4954).
     pub auth_user: Vec<u8>,
+    /// The egress source chosen for the message (`--source` name), empty when none: kept in
+    /// the spool so that retries and restarts leave from the same address.
+    pub source: Vec<u8>,
     rcpt_bytes: Vec<u8>,
     rcpts: Vec<RcptEntry>,
 }
@@ -186,6 +189,7 @@ impl Default for Envelope {
             client_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             helo: Vec::new(),
             auth_user: Vec::new(),
+            source: Vec::new(),
             rcpt_bytes: Vec::new(),
             rcpts: Vec::new(),
         }
@@ -201,6 +205,7 @@ impl Envelope {
         self.ret = Ret::Unspecified;
         self.body_type = BodyType::Unspecified;
         self.smtputf8 = false;
+        self.source.clear();
         self.rcpt_bytes.clear();
         self.rcpts.clear();
     }

@@ -12,6 +12,7 @@ mod e2e {
     pub mod shaping;
     pub mod smarthost;
     pub mod smuggling;
+    pub mod sources;
     pub mod support;
     pub mod tls;
     pub mod tls_out;

@@ -10,7 +10,7 @@
 use crate::util::log_listening;
 use anyhow::{bail, Context, Result};
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::{A, AAAA, MX, SOA, TXT};
+use hickory_proto::rr::rdata::{A, AAAA, MX, PTR, SOA, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use mio::net::{TcpListener, TcpStream, UdpSocket};
 use mio::{Events, Interest, Poll, Token};
@@ -30,6 +30,8 @@ pub struct Zone {
     /// TXT records: each value as its character-strings of at most 255 octets.
     txt: HashMap<String, Vec<Vec<String>>>,
     nullmx: HashSet<String>,
+    /// PTR records by reverse name (`2.0.0.127.in-addr.arpa`).
+    ptr: HashMap<String, Vec<String>>,
     servfail: Vec<String>,
     /// Domains the flags named: owners of the SOA in negative answers.
     apexes: Vec<String>,
@@ -86,6 +88,15 @@ impl Zone {
         }
         let strings = v.as_bytes().chunks(255).map(|c| String::from_utf8_lossy(c).into_owned()).collect();
         self.txt.entry(norm(n)).or_default().push(strings);
+        Ok(())
+    }
+
+    /// `--ptr IP=NAME`: a PTR record under the address's reverse name (RFC 1035 §3.5,
+    /// RFC 3596 §2.5), for FCrDNS checks.
+    pub fn add_ptr(&mut self, spec: &str) -> Result<()> {
+        let (ip, name) = spec.split_once('=').context("--ptr wants IP=NAME")?;
+        let ip: IpAddr = ip.trim().parse().with_context(|| format!("--ptr {spec}: bad IP"))?;
+        self.ptr.entry(norm(&Name::from(ip).to_ascii())).or_default().push(norm(name));
         Ok(())
     }
 
@@ -150,6 +161,7 @@ impl Zone {
         let exists = self.mx.contains_key(&qname)
             || self.addrs.contains_key(&qname)
             || self.txt.contains_key(&qname)
+            || self.ptr.contains_key(&qname)
             || self.nullmx.contains(&qname);
         let owner = q.name().clone();
         match qtype {
@@ -163,6 +175,11 @@ impl Zone {
                     for ip in self.addrs.get(host).into_iter().flatten() {
                         resp.add_additional(Record::from_rdata(fqdn(host)?, ttl, addr_rdata(*ip)));
                     }
+                }
+            }
+            RecordType::PTR => {
+                for name in self.ptr.get(&qname).into_iter().flatten() {
+                    resp.add_answer(Record::from_rdata(owner.clone(), ttl, RData::PTR(PTR(fqdn(name)?))));
                 }
             }
             RecordType::TXT => {

@@ -165,7 +165,8 @@ struct SinkArgs {
     max_rcpts: usize,
     /// Save each accepted message as NNNNNNNN.env (envelope: `MAIL FROM:<..>` and `RCPT TO:<..>`
     /// lines, then `TRANSFER: DATA|BDAT`, `TLS: VERSION CIPHER` when it came over TLS and
-    /// `AUTH: USER` when the session authenticated) and NNNNNNNN.msg (exact bytes).
+    /// `AUTH: USER` when the session authenticated, then `PEER: IP` and `EHLO: NAME` of the
+    /// client) and NNNNNNNN.msg (exact bytes).
     #[arg(long)]
     save: Option<PathBuf>,
     /// Print the summary as JSON on stdout at exit.
@@ -244,6 +245,9 @@ struct DnsArgs {
     /// DOMAIN: a null MX (RFC 7505). Repeatable.
     #[arg(long)]
     nullmx: Vec<String>,
+    /// IP=NAME: a PTR record for the address (reverse DNS). Repeatable.
+    #[arg(long)]
+    ptr: Vec<String>,
     /// DOMAIN: SERVFAIL for it and everything under it. Repeatable.
     #[arg(long)]
     servfail: Vec<String>,
@@ -418,6 +422,9 @@ fn cmd_dns(a: DnsArgs) -> Result<i32> {
     }
     for t in &a.txt {
         zone.add_txt(t)?;
+    }
+    for p in &a.ptr {
+        zone.add_ptr(p)?;
     }
     for n in &a.nullmx {
         zone.add_nullmx(n);

@@ -1173,6 +1173,13 @@ impl Sink {
                         c.env.extend_from_slice(&c.user);
                         c.env.push(b'\n');
                     }
+                    // Who sent it: the client's address and EHLO name (egress sources).
+                    if let Some(p) = self.peers.get(c.peer) {
+                        let _ = writeln!(c.env, "PEER: {}", p.ip);
+                    }
+                    c.env.extend_from_slice(b"EHLO: ");
+                    c.env.extend_from_slice(&c.ehlo);
+                    c.env.push(b'\n');
                     // The message is written under a temporary name and renamed, so a reader
                     // polling for `.msg` files never sees a partial one.
                     let tmp = base.with_extension("part");

@@ -89,7 +89,8 @@ fn saved_messages_are_byte_exact_in_every_mode() {
                         env,
                         format!(
                             "MAIL FROM:<load@sluice-load.test>\nRCPT TO:<user0@example.test>\n\
-                             RCPT TO:<user1@example.test>\nTRANSFER: {transfer}\n"
+                             RCPT TO:<user1@example.test>\nTRANSFER: {transfer}\nPEER: 127.0.0.1\n\
+                             EHLO: sluice-load.test\n"
                         )
                     );
                 }

@@ -41,6 +41,7 @@ use super::dest::{ConnectFailed, DestState, Route, DEST_BACKOFF_MS, FAILED_ROUTE
 use super::route::{self, rcpt_outcome, verdict, Verdict};
 use super::settle::{self, Settled};
 use super::sites::{self, Blocked, Change, Defaults, SiteId, Sites};
+use super::sources::{Source, SourceId};
 use super::tls::{OutboundTls, TlsMemory};
 use super::DeliveryConfig;
 use crate::dns::resolver::{DnsError, MxPlan, Resolver};
@@ -107,6 +108,8 @@ pub enum Action {
         tls: TlsPolicy,
         /// Verify the certificate for `host` (`verify`).
         verify: bool,
+        /// The egress source to bind and name in EHLO ([`Engine::source`]).
+        source: SourceId,
     },
     /// Start the transaction [`Engine::job`] names on the connection; `next`: queue it behind
     /// the current one (RFC 2920 §3.1). A start that fails is reported with
@@ -417,6 +420,16 @@ impl Engine {
         &self.queue.dest(dest).name
     }
 
+    /// An egress source (`None` without `--source`: the kernel picks the address).
+    pub fn source(&self, id: SourceId) -> Option<&Source> {
+        self.cfg.sources.get(id)
+    }
+
+    /// The name of a destination's egress source, `-` when none, for attempt lines.
+    pub fn source_name(&self, dest: DestId) -> &str {
+        self.source(self.queue.dest(dest).source).map_or("-", |s| &s.name)
+    }
+
     /// Connections open or opening.
     pub fn connections(&self) -> usize {
         self.conns.len()
@@ -478,8 +491,11 @@ impl Engine {
     }
 
     /// A message was committed (or recovered): queue its open recipients.
+    /// Its egress source is the one its record names, or a fresh choice when it names none
+    /// or one no longer configured ([`super::sources::Sources::for_stored`]).
     pub fn handle_committed(&mut self, msg: &StoredMessage, env: &Envelope, now: Now) {
-        if self.queue.insert(msg, env, now.wall_ms).is_none() {
+        let source = self.cfg.sources.for_stored(&env.source, msg.id.0);
+        if self.queue.insert(msg, env, source, now.wall_ms).is_none() {
             self.actions.push_back(Action::Release { segment: msg.loc.segment, pins: msg.pins.clone() });
         }
     }
@@ -546,7 +562,8 @@ impl Engine {
         for dest in dests {
             if let Route::Ready { addrs, .. } = &route {
                 let relay = self.cfg.relay_host.as_ref().map(|(h, _)| h.as_str());
-                let site = self.sites.site_for(&self.queue.dest(dest).name, &route_hosts(addrs), relay, now.at);
+                let d = self.queue.dest(dest);
+                let site = self.sites.site_for(d.source, &d.name, &route_hosts(addrs), relay, now.at);
                 self.dest_state(dest).site = Some(site);
             }
             self.dest_state(dest).set_route(route.clone());
@@ -750,8 +767,8 @@ impl Engine {
         for (id, state) in self.dests.iter_mut().enumerate().take(known) {
             let Route::Ready { addrs, .. } = &state.route else { continue };
             if state.site.is_some() {
-                let name = &self.queue.dest(id as DestId).name;
-                state.site = Some(self.sites.site_for(name, &route_hosts(addrs), relay, now.at));
+                let d = self.queue.dest(id as DestId);
+                state.site = Some(self.sites.site_for(d.source, &d.name, &route_hosts(addrs), relay, now.at));
             }
         }
         self.queue.want_all_ready();
@@ -767,11 +784,18 @@ impl Engine {
 
     /// Lifts a suspension; false when there was none. Parked mail is served at once.
     pub fn resume(&mut self, scope: &Scope) -> bool {
-        let site = match scope {
-            Scope::Domain(d) => self.queue.find_dest(d).and_then(|id| self.dests.get(id as usize)?.site),
-            _ => None,
+        // A domain has a site per egress source: each one's automatic suspension is lifted.
+        let sites: Vec<Option<SiteId>> = match scope {
+            Scope::Domain(d) => {
+                self.queue.find_dests(d).iter().map(|&id| self.dests.get(id as usize).and_then(|s| s.site)).collect()
+            }
+            _ => Vec::new(),
         };
-        let Some(change) = self.sites.resume(scope, site) else { return false };
+        let mut change = None;
+        for site in sites.into_iter().chain(std::iter::once(None)) {
+            change = change.or(self.sites.resume(scope, site));
+        }
+        let Some(change) = change else { return false };
         self.actions.push_back(Action::Note(Note::Shaping(change)));
         self.queue.want_all_ready();
         true
@@ -1017,7 +1041,8 @@ impl Engine {
         let conn = ConnId { key, generation };
         self.arm(conn);
         let verify = matches!(tls.1, OutboundTls::Verify | OutboundTls::Implicit);
-        self.actions.push_back(Action::Connect { conn, host, addr, tls: tls.0, verify });
+        let source = self.queue.dest(dest).source;
+        self.actions.push_back(Action::Connect { conn, host, addr, tls: tls.0, verify, source });
     }
 
     /// The connection failed before its session was ready (`error` for the log; `reply`, if

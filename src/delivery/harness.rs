@@ -162,6 +162,7 @@ pub fn config(concurrency: u32, tls: OutboundTls) -> DeliveryConfig {
         tls_mode: tls,
         relay_tls: None,
         shaping: crate::shaping::Rules::load(None, true).expect("the built-in profiles load"),
+        sources: Default::default(),
     }
 }
 

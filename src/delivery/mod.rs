@@ -6,7 +6,14 @@
 //! socket side that executes them is `net::outbound`. Split by concern: `dest` (one
 //! destination's route, addresses and backoff), [`settle`] (verdicts, expiry, what a bounce
 //! that cannot be stored means), [`bounce`] (the DSN's text and envelope), [`tls`] (the
-//! STARTTLS policy and the broken-TLS memory), [`route`] (reply classes and loop detection).
+//! STARTTLS policy and the broken-TLS memory), [`route`] (reply classes and loop detection),
+//! [`sources`] (egress sources and pools: which address and EHLO name a message leaves with).
+//!
+//! # Egress sources (`--source`, `--pool`)
+//! A destination is a domain *as reached from one source*: with two sources a domain has two
+//! destinations, each with its own connections (a connection only ever carries messages of
+//! its source) and its own shaping site (limits per (source, site)). A message's source is
+//! chosen at reception and stored with it; [`Engine::handle_committed`] files it under it.
 //!
 //! # TLS (`--outbound-tls`, RFC 3207)
 //! Each connection gets a `TlsPolicy`: `none` never asks; `may` uses STARTTLS when offered
@@ -21,6 +28,7 @@ pub mod engine;
 pub mod route;
 pub mod settle;
 pub mod sites;
+pub mod sources;
 pub mod tls;
 
 #[cfg(test)]
@@ -59,4 +67,6 @@ pub struct DeliveryConfig {
     pub relay_tls: Option<OutboundTls>,
     /// `--shaping` over the built-in profiles.
     pub shaping: crate::shaping::Rules,
+    /// `--source`, `--pool`, `--user-pool` (empty: the kernel picks the address).
+    pub sources: std::sync::Arc<sources::Sources>,
 }

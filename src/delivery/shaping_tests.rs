@@ -303,3 +303,39 @@ fn a_reload_regroups_known_destinations_at_once() {
     }
     assert_eq!(delivered(&h), 20);
 }
+
+/// Limits are per (egress source, site): with `connection_limit = 1` two sources get a
+/// connection each to the same site, and each connection carries only its source's messages
+/// (a third message of source `a` waits for `a`'s connection, not for `b`'s).
+#[test]
+fn connection_limits_are_per_source_and_connections_carry_one_source() {
+    use super::sources::{PoolSpec, Source, Sources};
+    let src = |n: &str, ip: &str| Source { name: n.into(), ip: ip.parse().unwrap(), ehlo: None };
+    let pools = [PoolSpec { name: "default".into(), members: vec![("a".into(), 1)] }];
+    let sources = Sources::build(vec![src("a", "198.51.100.1"), src("b", "198.51.100.2")], &pools, &[]).unwrap();
+    let mut cfg = config_shaped(1, OutboundTls::None, "[default]\nconnection_limit = 1\n");
+    cfg.sources = std::sync::Arc::new(sources);
+    let mut h = Harness::new(cfg);
+    h.mx("a.test", &[("mx1.a.test", 10, MX1)]);
+    h.host(MX1, Host::Smtp(Server { hold: true, ..Server::default() }));
+    for source in ["a", "b", "a"] {
+        let mut env = crate::message::Envelope::default();
+        env.sender.extend_from_slice(b"s@x.test");
+        env.push_rcpt(b"u@a.test", b"", 0);
+        env.source.extend_from_slice(source.as_bytes());
+        h.submit_env(env);
+    }
+    h.run();
+    assert_eq!(h.connects.len(), 2, "one connection per source: {:?}", h.connects);
+    assert_eq!(h.engine.connections(), 2);
+    // A message naming no source (a bounce, an old record) goes to pool `default`: source a.
+    let mut env = crate::message::Envelope::default();
+    env.push_rcpt(b"v@a.test", b"", 0);
+    h.submit_env(env);
+    h.run();
+    assert_eq!(h.connects.len(), 2);
+    let a = h.engine.queue().find_dests("a.test").to_vec();
+    assert_eq!(a.len(), 2, "a destination per source");
+    let ready: Vec<usize> = a.iter().map(|&d| h.engine.queue().dest(d).ready.len()).collect();
+    assert_eq!(ready, vec![2, 0], "source a's two waiting messages, none of b's");
+}

@@ -109,7 +109,9 @@ pub struct Sites {
     rules: Rules,
     defaults: Defaults,
     sites: Vec<Site>,
-    by_key: HashMap<SiteKey, SiteId>,
+    /// Sites by (egress source, key): limits, buckets and automation are per source, as
+    /// receivers judge each sending address on its own.
+    by_key: HashMap<(u16, SiteKey), SiteId>,
     domains: HashMap<Box<str>, Hold>,
     providers: HashMap<Box<str>, Hold>,
     /// The earliest end of a throttle or suspension (Unix ms), kept current on every change.
@@ -139,10 +141,10 @@ impl Sites {
         }
     }
 
-    /// The site of a destination, made on first use.
-    pub fn site_for(&mut self, domain: &str, mx: &[&str], relay: Option<&str>, now: Instant) -> SiteId {
+    /// The site of a destination reached from egress source `source`, made on first use.
+    pub fn site_for(&mut self, source: u16, domain: &str, mx: &[&str], relay: Option<&str>, now: Instant) -> SiteId {
         let key = self.rules.site_key(domain, mx, relay);
-        if let Some(&id) = self.by_key.get(&key) {
+        if let Some(&id) = self.by_key.get(&(source, key.clone())) {
             return id;
         }
         let id = self.sites.len() as SiteId;
@@ -157,7 +159,7 @@ impl Sites {
             suspended: None,
             waiting: Vec::new(),
         });
-        self.by_key.insert(key, id);
+        self.by_key.insert((source, key), id);
         self.recompute(id, now);
         id
     }
@@ -409,12 +411,15 @@ impl Sites {
                 self.providers.insert(p, hold);
             }
             Scope::Site(name) => {
-                let id = self
-                    .sites
-                    .iter()
-                    .position(|s| s.key.name() == &*name)
-                    .ok_or_else(|| format!("unknown site `{name}`"))?;
-                self.sites[id].suspended = Some(hold);
+                // The site from every egress source.
+                let mut found = false;
+                for s in self.sites.iter_mut().filter(|s| s.key.name() == &*name) {
+                    s.suspended = Some(hold.clone());
+                    found = true;
+                }
+                if !found {
+                    return Err(format!("unknown site `{name}`"));
+                }
             }
         }
         self.refresh();
@@ -426,11 +431,15 @@ impl Sites {
     pub fn resume(&mut self, scope: &Scope, site: Option<SiteId>) -> Option<Change> {
         let auto = match scope {
             Scope::Domain(_) => site.and_then(|id| self.sites[id as usize].suspended.take()),
-            Scope::Provider(p) => {
-                self.sites.iter_mut().find(|s| s.key.provider() == Some(&**p)).and_then(|s| s.suspended.take())
-            }
+            // Every egress source's site of the provider, or of that name.
+            Scope::Provider(p) => self
+                .sites
+                .iter_mut()
+                .filter(|s| s.key.provider() == Some(&**p))
+                .filter_map(|s| s.suspended.take())
+                .last(),
             Scope::Site(name) => {
-                self.sites.iter_mut().find(|s| s.key.name() == &**name).and_then(|s| s.suspended.take())
+                self.sites.iter_mut().filter(|s| s.key.name() == &**name).filter_map(|s| s.suspended.take()).last()
             }
         };
         let manual = match scope {
@@ -462,8 +471,10 @@ impl Sites {
         for (p, h) in &self.providers {
             push(Scope::Provider(p.clone()), p.to_string(), h);
         }
-        for s in &self.sites {
-            if let Some(h) = &s.suspended {
+        for (i, s) in self.sites.iter().enumerate() {
+            // One line per site name, however many egress sources reach it.
+            let listed = self.sites[..i].iter().any(|o| o.key.name() == s.key.name() && o.suspended.is_some());
+            if let (Some(h), false) = (&s.suspended, listed) {
                 push(Scope::Site(s.key.name().into()), s.key.name().to_owned(), h);
             }
         }
@@ -490,15 +501,20 @@ mod tests {
     fn limits_resolve_with_the_command_line_defaults_and_a_throttle_on_top() {
         let t0 = Instant::now();
         let mut s = sites("[default]\nmax_message_rate = \"100/s\"\n");
-        let g = s.site_for("gmail.com", &["aspmx.l.google.com"], None, t0);
-        let o = s.site_for("other.test", &["mx.other.test"], None, t0);
+        let g = s.site_for(0, "gmail.com", &["aspmx.l.google.com"], None, t0);
+        let o = s.site_for(0, "other.test", &["mx.other.test"], None, t0);
         assert_eq!(s.effective(g), Effective { connection_limit: 5, max_deliveries: 50, tls: OutboundTls::Encrypt });
         assert_eq!(
             s.effective(o),
             Effective { connection_limit: 10, max_deliveries: DEFAULT_MAX_DELIVERIES, tls: OutboundTls::May }
         );
         // Same site for a Google-hosted domain.
-        assert_eq!(s.site_for("customer.test", &["alt1.aspmx.l.google.com"], None, t0), g);
+        assert_eq!(s.site_for(0, "customer.test", &["alt1.aspmx.l.google.com"], None, t0), g);
+        // Another egress source reaches it as a site of its own: its own connections, buckets
+        // and automation (throttling one source's address leaves the other alone).
+        let g2 = s.site_for(1, "gmail.com", &["aspmx.l.google.com"], None, t0);
+        assert_ne!(g2, g);
+        assert_eq!((s.name(g2), s.effective(g2)), (s.name(g), s.effective(g)));
         let c = s.on_reply(g, "gmail.com", "421 4.7.28 unusual rate", t0, 1_000).unwrap();
         assert_eq!((c.event, c.site.as_str(), c.until_ms), ("throttle", "google", 1_000 + 90 * 60_000));
         assert_eq!(s.effective(g).connection_limit, 1);
@@ -520,7 +536,7 @@ mod tests {
     fn connection_limits_and_rates_say_how_many_may_open_and_when() {
         let t0 = Instant::now();
         let mut s = sites("[domain.\"slow.test\"]\nconnection_limit = 3\nmax_connection_rate = \"2/s\"\n");
-        let id = s.site_for("slow.test", &["mx.slow.test"], None, t0);
+        let id = s.site_for(0, "slow.test", &["mx.slow.test"], None, t0);
         // The slow start: two until a delivery, then one more per delivery.
         assert_eq!(s.may_open(id, t0), (2, None));
         s.delivered(id);
@@ -540,8 +556,8 @@ mod tests {
     fn suspensions_by_domain_provider_and_automation() {
         let t0 = Instant::now();
         let mut s = sites("");
-        let y = s.site_for("yahoo.com", &["mta5.am0.yahoodns.net"], None, t0);
-        let o = s.site_for("o.test", &["mx.o.test"], None, t0);
+        let y = s.site_for(0, "yahoo.com", &["mta5.am0.yahoodns.net"], None, t0);
+        let o = s.site_for(0, "o.test", &["mx.o.test"], None, t0);
         assert_eq!(s.blocked(Some(y), "yahoo.com", 0), None);
         assert!(s
             .suspend(Scope::Provider("nobody".into()), 10, "x", true)

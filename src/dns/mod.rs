@@ -6,9 +6,11 @@
 //! `crate::reactor` or `crate::net`, or read the clock — `now: Instant` always comes in as an
 //! argument. The socket driver is `crate::net::dns::DnsConn`.
 //!
-//! Only MX, A, AAAA and CNAME matter here (RFC 5321 §5.1, RFC 7505, RFC 2308).
+//! Only MX, A, AAAA and CNAME matter to delivery (RFC 5321 §5.1, RFC 7505, RFC 2308); PTR
+//! serves the start-up FCrDNS check of the egress sources ([`fcrdns`]).
 
 pub mod cache;
+pub mod fcrdns;
 pub mod resolver;
 pub mod wire;
 

@@ -10,7 +10,7 @@
 //! A-labels), without the trailing dot; the root name is the empty string.
 
 use std::fmt;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query};
 use hickory_proto::rr::{DNSClass, Name, RData, RecordType};
@@ -125,6 +125,8 @@ pub enum RrData {
     Aaaa(Ipv6Addr),
     /// `CNAME target` (RFC 1035 §3.3.1), canonical.
     Cname(String),
+    /// `PTR name` (RFC 1035 §3.3.12): the name of an address, canonical.
+    Ptr(String),
 }
 
 /// One resource record of class IN.
@@ -252,6 +254,29 @@ pub fn encode_query(id: u16, name: &str, qtype: QType) -> Result<Vec<u8>, WireEr
     m.to_vec().map_err(|_| WireError::Encode)
 }
 
+/// The reverse-lookup name of an address, canonical: `4.3.2.1.in-addr.arpa` (RFC 1035
+/// §3.5) or the 32 nibbles under `ip6.arpa` (RFC 3596 §2.5).
+pub fn reverse_name(ip: IpAddr) -> String {
+    name_string(&Name::from(ip))
+}
+
+/// Encodes a PTR query for `ip`'s reverse name (RFC 1035 §3.5), as [`encode_query`] does for
+/// the other types: RD set, EDNS0 with [`EDNS_UDP_SIZE`].
+pub fn encode_ptr_query(id: u16, ip: IpAddr) -> Result<Vec<u8>, WireError> {
+    let mut n = Name::from(ip);
+    n.set_fqdn(true);
+    let mut m = Message::new(id, MessageType::Query, OpCode::Query);
+    m.metadata.recursion_desired = true;
+    m.add_query(Query::query(n, RecordType::PTR));
+    let mut edns = Edns::new();
+    edns.set_max_payload(EDNS_UDP_SIZE);
+    m.set_edns(edns);
+    m.to_vec().map_err(|_| WireError::Encode)
+}
+
+/// The QTYPE of a PTR question (RFC 1035 §3.2.2), for matching an answer to its query.
+pub const PTR_CODE: u16 = 12;
+
 /// Reads the message id without decoding the rest (the first two octets, RFC 1035 §4.1.1).
 pub fn peek_id(bytes: &[u8]) -> Option<u16> {
     Some(u16::from_be_bytes([*bytes.first()?, *bytes.get(1)?]))
@@ -300,6 +325,7 @@ fn records(rrs: &[hickory_proto::rr::Record]) -> Vec<Record> {
                 RData::A(a) => RrData::A(a.0),
                 RData::AAAA(a) => RrData::Aaaa(a.0),
                 RData::CNAME(c) => RrData::Cname(name_string(&c.0)),
+                RData::PTR(p) => RrData::Ptr(name_string(&p.0)),
                 _ => return None,
             };
             Some(Record { name: name_string(&r.name), ttl: r.ttl, data })
@@ -315,7 +341,7 @@ pub(crate) mod testing {
     use std::net::IpAddr;
 
     use hickory_proto::op::{Message, MessageType, ResponseCode};
-    use hickory_proto::rr::rdata::{A, AAAA, CNAME, MX, SOA};
+    use hickory_proto::rr::rdata::{A, AAAA, CNAME, MX, PTR, SOA};
     use hickory_proto::rr::{Name, RData, Record, RecordType};
 
     use super::QType;
@@ -335,6 +361,8 @@ pub(crate) mod testing {
         pub mx: HashMap<String, Vec<(u16, String)>>,
         pub addrs: HashMap<String, Vec<IpAddr>>,
         pub cname: HashMap<String, String>,
+        /// PTR records by reverse name.
+        pub ptr: HashMap<String, Vec<String>>,
         /// Names that exist without records (NODATA for everything).
         pub exists: HashSet<String>,
         pub servfail: HashSet<String>,
@@ -358,6 +386,7 @@ pub(crate) mod testing {
                 mx: HashMap::new(),
                 addrs: HashMap::new(),
                 cname: HashMap::new(),
+                ptr: HashMap::new(),
                 exists: HashSet::new(),
                 servfail: HashSet::new(),
                 refused: HashSet::new(),
@@ -398,6 +427,15 @@ pub(crate) mod testing {
             resp.metadata.recursion_available = true;
             resp.add_query(q.clone());
             let mut name = super::name_string(q.name());
+            if u16::from(q.query_type()) == super::PTR_CODE {
+                for target in self.ptr.get(&name).into_iter().flatten() {
+                    resp.add_answer(Record::from_rdata(fqdn(&name), self.ttl, RData::PTR(PTR(fqdn(target)))));
+                }
+                if resp.answers.is_empty() {
+                    resp.metadata.response_code = ResponseCode::NXDomain;
+                }
+                return resp.to_vec().unwrap();
+            }
             let qtype = QType::from_code(u16::from(q.query_type())).unwrap();
             if self.servfail.contains(&name) {
                 resp.metadata.response_code = ResponseCode::ServFail;
@@ -572,6 +610,23 @@ mod tests {
         assert_eq!(a.rcode, Rcode::NxDomain);
         assert_eq!(ask("broken.example", QType::A).rcode, Rcode::ServFail);
         assert_eq!(ask("closed.example", QType::A).rcode, Rcode::Refused);
+    }
+
+    #[test]
+    fn ptr_queries_use_the_reverse_names_and_answers_decode() {
+        assert_eq!(reverse_name("192.0.2.10".parse().unwrap()), "10.2.0.192.in-addr.arpa");
+        let v6 = reverse_name("2001:db8::1".parse().unwrap());
+        assert!(v6.starts_with("1.0.0.0.") && v6.ends_with(".8.b.d.0.1.0.0.2.ip6.arpa"), "{v6}");
+        assert_eq!(v6.split('.').count(), 34);
+        let mut zone = Zone::default();
+        zone.ptr.insert("10.2.0.192.in-addr.arpa".into(), vec!["Out1.Example.com".into()]);
+        let q = encode_ptr_query(0x77, "192.0.2.10".parse().unwrap()).unwrap();
+        assert_eq!(peek_id(&q), Some(0x77));
+        let a = decode_answer(&zone.respond(&q, false)).unwrap();
+        assert_eq!(a.question, Some(Question { name: "10.2.0.192.in-addr.arpa".into(), qtype: PTR_CODE }));
+        assert_eq!(a.answers[0].data, RrData::Ptr("out1.example.com".into()));
+        let q = encode_ptr_query(1, "192.0.2.11".parse().unwrap()).unwrap();
+        assert_eq!(decode_answer(&zone.respond(&q, false)).unwrap().rcode, Rcode::NxDomain);
     }
 
     #[test]

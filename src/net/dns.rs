@@ -357,6 +357,48 @@ impl DnsConn {
     }
 }
 
+/// Runs one forward-confirmed reverse DNS check of `ip` against `server` to its end, blocking
+/// (at start, before the loop runs: see `reactor::Server::bind`). The pure
+/// [`crate::dns::fcrdns::FcrdnsCheck`] decides; this only moves its datagrams over a UDP
+/// socket connected to the server, each query waiting `timeout`, sent at most twice.
+/// `None` (no `--dns` and no system resolver) fails the check.
+pub fn fcrdns_blocking(
+    server: Option<SocketAddr>,
+    ip: IpAddr,
+    timeout: std::time::Duration,
+) -> crate::dns::fcrdns::Verdict {
+    use crate::dns::fcrdns::{FcrdnsCheck, Verdict};
+    let fail = |error| Verdict { ptr: None, ok: false, error: Some(error) };
+    let Some(server) = server else { return fail("no DNS server") };
+    let local: SocketAddr =
+        if server.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
+    let Ok(sock) = std::net::UdpSocket::bind(local) else { return fail("cannot open a UDP socket") };
+    if sock.connect(server).is_err() {
+        return fail("cannot reach the DNS server");
+    }
+    let id = random_seed() as u16;
+    let mut check = FcrdnsCheck::new(ip, id, timeout, 2, Instant::now());
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(v) = check.result() {
+            return v.clone();
+        }
+        if let Some(q) = check.poll_transmit() {
+            // A lost datagram is the same as a lost answer: the timeout resends it.
+            let _ = sock.send(&q);
+        }
+        let now = Instant::now();
+        let Some(deadline) = check.next_deadline() else { continue };
+        let wait = deadline.saturating_duration_since(now).max(std::time::Duration::from_millis(1));
+        let _ = sock.set_read_timeout(Some(wait));
+        match sock.recv(&mut buf) {
+            Ok(n) => check.handle_response(&buf[..n], Instant::now()),
+            // Timed out (or ICMP refused: nothing listens there): the deadline decides.
+            Err(_) => check.handle_timeout(Instant::now().max(deadline)),
+        }
+    }
+}
+
 /// The first usable `nameserver` of `/etc/resolv.conf`, port 53 (used when `--dns` is absent).
 pub fn system_nameserver() -> Option<SocketAddr> {
     parse_resolv_conf(&std::fs::read_to_string("/etc/resolv.conf").ok()?)

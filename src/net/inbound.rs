@@ -26,6 +26,7 @@ use mio::{Interest, Registry, Token};
 use slab::Slab;
 
 use crate::buf::{BufPool, VecPool};
+use crate::delivery::sources::{take_pool_header, Sources, UnknownPool};
 use crate::dkim::{KeyTable, Outcome, Unsigned};
 use crate::log::{Logger, V};
 use crate::message::{Envelope, IdGen, QueueId};
@@ -142,6 +143,9 @@ pub struct InboundConfig {
     pub allow: Vec<Cidr>,
     /// `--limit-allowed-clients`: the per-client limits apply to `--allow` clients too.
     pub limit_allowed_clients: bool,
+    /// `--source`, `--pool`, `--user-pool`: each message's egress source is chosen at its end
+    /// of data and stored with it.
+    pub sources: Arc<Sources>,
 }
 
 /// What a loop turn lends the inbound driver: the shared parts of the relay and the turn's
@@ -353,6 +357,17 @@ impl Inbound {
                         // A measurement, not a decision: the commit latency logged with the
                         // 250 starts here (signing included).
                         conn.eod_at = Some(Instant::now());
+                        // The egress pool, before signing: its header is never signed or sent.
+                        match choose_source(conn, turn) {
+                            Ok(()) => {}
+                            // Refused: the reply is out, the session goes on.
+                            Err(true) => continue,
+                            // Not even room to say no: drop the session; nothing was stored.
+                            Err(false) => {
+                                failed = true;
+                                break;
+                            }
+                        }
                         if let Some(keys) = turn.dkim_keys {
                             // Signed off the loop: the body goes to a DKIM thread by value and
                             // the session waits (as for the commit) until it comes back.
@@ -896,6 +911,46 @@ fn announce_tls(conn: &mut InboundConn, info: TlsInfo, log: &mut Logger) {
 /// A reply without its line end, for log lines.
 pub fn trim_crlf(b: &[u8]) -> &[u8] {
     b.strip_suffix(b"\r\n").unwrap_or(b)
+}
+
+/// Picks the finished message's egress source (`delivery::sources`): cuts every
+/// `X-Sluice-Pool:` field out of it (always, whoever sent it), takes the pool it names when
+/// the client is trusted, else its AUTH user's or the default one, and records the weighted
+/// choice in the envelope, to be stored. A pool that does not exist refuses the message
+/// (`550 5.7.1` naming it, logged; nothing is stored): `Err(true)` once that reply is written,
+/// `Err(false)` when there was no room for it (the caller closes the session).
+fn choose_source(conn: &mut InboundConn, turn: &mut Turn<'_>) -> Result<(), bool> {
+    let Some(mut body) = conn.session.take_body() else { return Ok(()) };
+    let mut named = Vec::new();
+    let found = take_pool_header(&mut body, &mut named);
+    conn.session.restore_body(body);
+    let header = (found && conn.session.trusted()).then_some(&named[..]);
+    let sources = &turn.cfg.sources;
+    let chosen = match sources.resolve(header, conn.session.auth_user()) {
+        Ok(None) => return Ok(()),
+        Ok(Some(pool)) => pool.choose(conn.session.message().0 .0),
+        Err(UnknownPool(name)) => {
+            let mut buf = [0u8; 128];
+            let reply = reply::unknown_pool(name, &mut buf);
+            let id = conn.session.message().0;
+            turn.log.event(
+                "refused",
+                &[("id", V::D(&id)), ("client", V::D(&conn.peer)), ("reply", V::B(trim_crlf(reply)))],
+            );
+            if conn.make_reply_room(turn.bufs) {
+                if let Some(out) = conn.io.output.as_mut() {
+                    conn.session.message_result(&mut turn.session_ctx(), Err(reply), out);
+                    return Err(true);
+                }
+            }
+            conn.session.release_body(turn.bodies);
+            return Err(false);
+        }
+    };
+    if let Some(s) = sources.get(chosen) {
+        conn.session.set_source(s.name.as_bytes());
+    }
+    Ok(())
 }
 
 /// Appends the session's finished message to the spool, after `prefix` (its DKIM-Signature

@@ -4,7 +4,7 @@
 
 use std::io::{self, Read, Write};
 use std::mem;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{FromRawFd, RawFd};
 
 use crate::sys::syscall;
@@ -58,6 +58,43 @@ pub fn connect(addr: SocketAddr) -> io::Result<mio::net::TcpStream> {
     // Allowed while the connect is in progress; the option then holds for the connection.
     sock.set_nodelay(true)?;
     Ok(sock)
+}
+
+/// [`connect`] from a given local address (an egress source): the socket binds `source:0`
+/// before the non-blocking connect, so the kernel picks only the port. An address family
+/// that does not match the destination's is refused here (`EAFNOSUPPORT`), not sent from
+/// another address. `None`: the kernel picks the address too, as [`connect`].
+pub fn connect_from(addr: SocketAddr, source: Option<IpAddr>) -> io::Result<mio::net::TcpStream> {
+    let Some(ip) = source else { return connect(addr) };
+    if ip.is_ipv4() != addr.is_ipv4() {
+        return Err(io::Error::from_raw_os_error(libc::EAFNOSUPPORT));
+    }
+    let family = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    // SAFETY: socket takes no pointers.
+    let fd: RawFd = syscall!(socket(family, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0))?;
+    // SAFETY: `fd` was just returned by socket() and is owned by nobody else; the stream takes
+    // ownership and closes it on drop (including on the error paths below).
+    let stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+    let (local, llen) = sockaddr(SocketAddr::new(ip, 0));
+    // SAFETY: the pointer is to `local`, live for the call, holding a sockaddr of `llen`
+    // bytes that the call only reads.
+    syscall!(bind(fd, &local as *const libc::sockaddr_storage as *const libc::sockaddr, llen))?;
+    let (remote, rlen) = sockaddr(addr);
+    // SAFETY: as for bind, with `remote` and `rlen`.
+    match syscall!(connect(fd, &remote as *const libc::sockaddr_storage as *const libc::sockaddr, rlen)) {
+        Ok(_) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let sock = mio::net::TcpStream::from_std(stream);
+    sock.set_nodelay(true)?;
+    Ok(sock)
+}
+
+/// Whether `ip` is an address of this host: a socket binds `ip:0` and is closed at once
+/// (nothing is sent). `EADDRNOTAVAIL` means it is not assigned here.
+pub fn check_local(ip: IpAddr) -> io::Result<()> {
+    std::net::TcpListener::bind(SocketAddr::new(ip, 0)).map(drop)
 }
 
 fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
@@ -157,6 +194,23 @@ mod tests {
         let (accepted, _) = l.accept().unwrap();
         assert!(sock.nodelay().unwrap());
         drop(accepted);
+    }
+
+    /// A connection from a source address leaves from it; an address of another host, or of
+    /// the other family, is refused before anything is sent.
+    #[test]
+    fn connect_from_binds_the_source_address() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let sock = connect_from(l.local_addr().unwrap(), Some("127.0.0.3".parse().unwrap())).unwrap();
+        let (accepted, peer) = l.accept().unwrap();
+        assert_eq!(peer.ip().to_string(), "127.0.0.3");
+        assert!(sock.nodelay().unwrap());
+        drop((sock, accepted));
+        let e = connect_from(l.local_addr().unwrap(), Some("::1".parse().unwrap())).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EAFNOSUPPORT));
+        assert!(check_local("127.0.0.2".parse().unwrap()).is_ok());
+        let e = check_local("192.0.2.1".parse().unwrap()).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EADDRNOTAVAIL));
     }
 
     /// A port is shared only when both listeners ask for it; otherwise the second bind fails.

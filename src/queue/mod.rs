@@ -84,11 +84,15 @@ pub struct QMsg {
     pub null_sender: bool,
 }
 
-/// A destination: a recipient domain (or the relay host).
+/// A destination: a recipient domain (or the relay host) as reached from one egress source.
+/// With several sources a domain has one destination per source: a connection then carries
+/// only messages of its own source.
 #[derive(Debug)]
 pub struct Dest {
     /// Domain, lowercased (or the relay host name).
     pub name: Box<str>,
+    /// The egress source its connections leave from (`delivery::sources`; 0 without sources).
+    pub source: u16,
     /// Messages with recipients ready for this destination.
     pub ready: VecDeque<(MsgKey, QueueId)>,
 }
@@ -111,16 +115,17 @@ pub struct Job {
 pub struct Queue {
     msgs: Slab<QMsg>,
     dests: Vec<Dest>,
-    by_name: HashMap<Box<str>, DestId>,
+    /// Destinations by name, one per source.
+    by_name: HashMap<Box<str>, Vec<DestId>>,
     /// Destinations whose ready list may be non-empty (deduplicated by `wanted`).
     wanting: Vec<DestId>,
     wanted: Vec<bool>,
     due: DueQueue<(MsgKey, QueueId, DestId)>,
-    /// Route every recipient to this one destination (relay host mode).
-    single: Option<DestId>,
-    /// Destination of an address without a domain (`<postmaster>`, RFC 5321 §4.5.1): this
-    /// relay's host name, whose mail exchanger's postmaster is ours.
-    local: DestId,
+    /// Route every recipient to this one destination name (relay host mode).
+    single: Option<Box<str>>,
+    /// Destination name of an address without a domain (`<postmaster>`, RFC 5321 §4.5.1):
+    /// this relay's host name, whose mail exchanger's postmaster is ours.
+    local: Box<str>,
 }
 
 /// The destination name of a recipient address: its domain lowercased (`postmaster` without a
@@ -134,30 +139,34 @@ impl Queue {
     /// without a domain goes to `hostname` (ours).
     pub fn new(single: Option<&str>, hostname: &str) -> Queue {
         let mut q = Queue::default();
-        if let Some(name) = single {
-            q.single = Some(q.dest_id(name.as_bytes()));
-        }
-        q.local = q.dest_id(hostname.as_bytes());
+        q.single = single.map(|name| {
+            q.dest_id(0, name.as_bytes());
+            name.to_ascii_lowercase().into()
+        });
+        q.dest_id(0, hostname.as_bytes());
+        q.local = hostname.to_ascii_lowercase().into();
         q
     }
 
-    /// Interns a destination.
-    pub fn dest_id(&mut self, name: &[u8]) -> DestId {
+    /// Interns a destination: `name` as reached from egress source `source`.
+    pub fn dest_id(&mut self, source: u16, name: &[u8]) -> DestId {
+        let dests = &self.dests;
+        let of_source = |ids: &Vec<DestId>| ids.iter().copied().find(|&d| dests[d as usize].source == source);
         // Domains are compared case-insensitively (RFC 5321 §2.4). The common case, an ASCII
         // name already in lower case and already known, is looked up without allocating.
         if !name.iter().any(|b| b.is_ascii_uppercase()) {
-            if let Some(&id) = std::str::from_utf8(name).ok().and_then(|n| self.by_name.get(n)) {
+            if let Some(id) = std::str::from_utf8(name).ok().and_then(|n| self.by_name.get(n)).and_then(of_source) {
                 return id;
             }
         }
         let lower = String::from_utf8_lossy(name).to_lowercase().into_boxed_str();
-        if let Some(&id) = self.by_name.get(&lower) {
+        if let Some(id) = self.by_name.get(&lower).and_then(of_source) {
             return id;
         }
         let id = self.dests.len() as DestId;
-        self.dests.push(Dest { name: lower.clone(), ready: VecDeque::new() });
+        self.dests.push(Dest { name: lower.clone(), source, ready: VecDeque::new() });
         self.wanted.push(false);
-        self.by_name.insert(lower, id);
+        self.by_name.entry(lower).or_default().push(id);
         id
     }
 
@@ -188,18 +197,24 @@ impl Queue {
 
     /// Adds a message: its id, location, arrival and (when recovered) recipient states and
     /// outcome segments come from `rec`; an empty `rec.rcpts` means every recipient is new.
-    /// Recipients already final stay so; due ones go to their destination's ready list, later
-    /// ones to the due queue. Returns `None` when nothing is left to deliver.
-    pub fn insert(&mut self, rec: &StoredMessage, env: &Envelope, now_ms: u64) -> Option<MsgKey> {
+    /// Every recipient goes to a destination of egress source `source`. Recipients already
+    /// final stay so; due ones go to their destination's ready list, later ones to the due
+    /// queue. Returns `None` when nothing is left to deliver.
+    pub fn insert(&mut self, rec: &StoredMessage, env: &Envelope, source: u16, now_ms: u64) -> Option<MsgKey> {
         let states = if rec.rcpts.is_empty() { None } else { Some(&rec.rcpts[..]) };
         let mut rcpts = Vec::with_capacity(env.rcpt_count());
         let mut open = 0;
+        // The names are moved out and back (not cloned) while they are interned.
+        let (single_name, local_name) = (self.single.take(), std::mem::take(&mut self.local));
+        let single = single_name.as_deref().map(|n| self.dest_id(source, n.as_bytes()));
+        let local = self.dest_id(source, local_name.as_bytes());
+        (self.single, self.local) = (single_name, local_name);
         for (i, r) in env.rcpts().enumerate() {
-            let dest = match self.single {
+            let dest = match single {
                 Some(d) => d,
                 None => match domain_of(r.addr) {
-                    Some(name) => self.dest_id(name),
-                    None => self.local,
+                    Some(name) => self.dest_id(source, name),
+                    None => local,
                 },
             };
             let (status, attempts, next_ms) = match states.and_then(|s| s.get(i)) {
@@ -375,9 +390,10 @@ impl Queue {
         (!rcpts.is_empty()).then_some(Job { msg: key, id: m.id, dest, rcpts })
     }
 
-    /// A destination by name, without interning it (`None`: never seen).
-    pub fn find_dest(&self, name: &str) -> Option<DestId> {
-        self.by_name.get(name.to_ascii_lowercase().as_str()).copied()
+    /// The destinations of a name, one per egress source, without interning it (empty:
+    /// never seen).
+    pub fn find_dests(&self, name: &str) -> &[DestId] {
+        self.by_name.get(name.to_ascii_lowercase().as_str()).map_or(&[], Vec::as_slice)
     }
 
     /// Every queued message with its key.
@@ -467,8 +483,8 @@ mod tests {
         let hour = now + 3_600_000;
         let mut q = Queue::new(None, "mx.test");
         let (a, env_a) = msg(1, &[("x@a.test", hour), ("y@b.test", hour)]);
-        let ka = q.insert(&a, &env_a, now).unwrap();
-        let (dest_a, dest_b) = (q.dest_id(b"a.test"), q.dest_id(b"b.test"));
+        let ka = q.insert(&a, &env_a, 0, now).unwrap();
+        let (dest_a, dest_b) = (q.dest_id(0, b"a.test"), q.dest_id(0, b"b.test"));
         assert!(q.pop_job(dest_a, now).is_none(), "nothing is due for an hour");
         assert_eq!(q.flush(), 2, "one job per destination was waiting");
         assert_eq!(q.pop_job(dest_a, now).map(|j| (j.msg, j.rcpts)), Some((ka, vec![0])));
@@ -495,8 +511,8 @@ mod tests {
         // Same destination: r0 due now, r1 in an hour. The job takes r0 only, and r1 has no due
         // entry of its own (it is scheduled again when r0's job settles).
         let (m, env) = msg(1, &[("x@a.test", 0), ("y@a.test", hour)]);
-        let key = q.insert(&m, &env, now).unwrap();
-        let dest = q.dest_id(b"a.test");
+        let key = q.insert(&m, &env, 0, now).unwrap();
+        let dest = q.dest_id(0, b"a.test");
         assert_eq!(q.pop_job(dest, now).map(|j| j.rcpts), Some(vec![0]));
         assert_eq!(q.flush(), 0);
         // r0 is deferred for an hour; r1, flushed meanwhile, is due at once.

@@ -87,6 +87,11 @@ pub enum RunError {
     Poll(io::Error),
     /// The control socket could not be made.
     Control(std::path::PathBuf, io::Error),
+    /// An egress source's address cannot be used here (`EADDRNOTAVAIL`: not assigned to
+    /// this host): (source name, address, error).
+    Source(String, std::net::IpAddr, io::Error),
+    /// `--require-fcrdns` and a source failed its FCrDNS check: (source name, why).
+    Fcrdns(String, String),
 }
 
 impl std::fmt::Display for RunError {
@@ -99,11 +104,59 @@ impl std::fmt::Display for RunError {
             RunError::Listen(a, e) => write!(f, "cannot listen on {a}: {e}"),
             RunError::Poll(e) => write!(f, "event loop: {e}"),
             RunError::Control(p, e) => write!(f, "control socket {}: {e}", p.display()),
+            RunError::Source(n, ip, e) => {
+                write!(f, "--source {n}={ip}: cannot send from {ip}: {e} (is the address assigned to this host?)")
+            }
+            RunError::Fcrdns(n, why) => {
+                write!(f, "--require-fcrdns: source {n} fails forward-confirmed reverse DNS: {why}")
+            }
         }
     }
 }
 
 impl std::error::Error for RunError {}
+
+/// Time allowed for each query of a source's FCrDNS check (sent at most twice).
+const FCRDNS_QUERY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The start-up FCrDNS check of every egress source (receivers check that the PTR name of a
+/// sending IP resolves back to it), through `--dns` with the relay's own DNS code, one line
+/// each: `event=source_check source=… ip=… ptr=… ok=true|false`. Blocking, before the loop
+/// runs. With `--require-fcrdns` a failure stops the start.
+fn check_sources(cfg: &Config, log: &mut Logger) -> Result<(), RunError> {
+    for src in cfg.sources.list() {
+        let v = crate::net::dns::fcrdns_blocking(cfg.dns, src.ip, FCRDNS_QUERY_TIMEOUT);
+        let ehlo = src.ehlo.as_deref().unwrap_or(&cfg.hostname);
+        let mut fields = vec![
+            ("source", V::S(&src.name)),
+            ("ip", V::D(&src.ip)),
+            ("ptr", V::S(v.ptr.as_deref().unwrap_or("-"))),
+            ("ehlo", V::S(ehlo)),
+            ("ok", V::S(if v.ok { "true" } else { "false" })),
+        ];
+        if let Some(e) = v.error {
+            fields.push(("error", V::S(e)));
+        }
+        log.event("source_check", &fields);
+        if v.ok && v.ptr.as_deref().is_some_and(|p| !p.eq_ignore_ascii_case(ehlo)) {
+            log.event(
+                "warning",
+                &[
+                    ("source", V::S(&src.name)),
+                    ("detail", V::S("the EHLO name is not the PTR name of the source's IP")),
+                ],
+            );
+        }
+        if !v.ok && cfg.require_fcrdns {
+            log.flush();
+            let why =
+                format!("{} ({}, PTR {})", v.error.unwrap_or("failed"), src.ip, v.ptr.as_deref().unwrap_or("none"));
+            return Err(RunError::Fcrdns(src.name.to_string(), why));
+        }
+    }
+    log.flush();
+    Ok(())
+}
 
 /// The relay's loop and everything it owns.
 pub struct Server {
@@ -206,6 +259,12 @@ impl Server {
             Ok(n) => log.event("limits", &[("nofile", V::N(n))]),
             Err(e) => log.event("limits", &[("error", V::D(&e))]),
         }
+        // Every source's address must be ours: a source that cannot bind would otherwise be a
+        // stream of failed connects for every message it is chosen for.
+        for src in cfg.sources.list() {
+            socket::check_local(src.ip).map_err(|e| RunError::Source(src.name.to_string(), src.ip, e))?;
+        }
+        check_sources(&cfg, &mut log)?;
         let opts = SpoolOptions {
             dir: cfg.spool.clone(),
             fsync: cfg.fsync,
@@ -310,6 +369,7 @@ impl Server {
                 shaping: cfg.shaping.clone(),
                 // `--relay-tls` (implied by `--relay-auth-file`) overrides every other TLS mode.
                 relay_tls: cfg.relay_tls.map(Into::into),
+                sources: Arc::clone(&cfg.sources),
             },
             OutboundConfig {
                 timeouts: capped_timeouts(cfg.smtp_timeout, cfg.tls_handshake_timeout),

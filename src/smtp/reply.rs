@@ -58,6 +58,22 @@ pub const AUTH_BLOCKED: &[u8] = b"421 4.7.0 Too many failed authentication attem
 /// Too many AUTH checks waiting (from this address or in all); the session stays open.
 pub const AUTH_BUSY: &[u8] = b"454 4.7.0 Too many authentication attempts in progress, try again later\r\n";
 
+/// `550 5.7.1` for a message whose `X-Sluice-Pool:` names no configured egress pool (SPEC
+/// "Egress sources"): refused at the end of data, not stored. The name is shown as sent,
+/// reduced to printable ASCII and 64 bytes (it is the client's text going back to it).
+pub fn unknown_pool<'a>(name: &[u8], buf: &'a mut [u8; 128]) -> &'a [u8] {
+    const HEAD: &[u8] = b"550 5.7.1 Unknown egress pool \"";
+    const TAIL: &[u8] = b"\"\r\n";
+    buf[..HEAD.len()].copy_from_slice(HEAD);
+    let mut n = HEAD.len();
+    for &b in name.iter().take(64) {
+        buf[n] = if (0x20..0x7f).contains(&b) && b != b'"' { b } else { b'?' };
+        n += 1;
+    }
+    buf[n..n + TAIL.len()].copy_from_slice(TAIL);
+    &buf[..n + TAIL.len()]
+}
+
 /// Every reason the server refuses a command or a message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
@@ -627,6 +643,16 @@ impl Capabilities {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unknown_pool_names_the_pool_safely() {
+        let mut buf = [0u8; 128];
+        assert_eq!(unknown_pool(b"bulk", &mut buf), b"550 5.7.1 Unknown egress pool \"bulk\"\r\n");
+        let long = [b'x'; 300];
+        let r = unknown_pool(&long, &mut buf).to_vec();
+        assert!(r.ends_with(b"\"\r\n") && r.len() == 31 + 64 + 3);
+        assert_eq!(unknown_pool(b"a\"\r\n\x80", &mut buf), b"550 5.7.1 Unknown egress pool \"a????\"\r\n");
+    }
 
     fn complete(input: &[u8]) -> (Reply, usize) {
         match parse_reply(input) {

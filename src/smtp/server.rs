@@ -274,6 +274,18 @@ impl ServerSession {
         self.authenticated.then_some(&self.creds.user[..])
     }
 
+    /// Whether the client may choose its messages' egress pool (`X-Sluice-Pool:`): it is in
+    /// `--allow` or authenticated, as for relaying.
+    pub fn trusted(&self) -> bool {
+        self.relay_allowed || self.authenticated
+    }
+
+    /// Records the egress source chosen for the finished message (stored with it).
+    pub fn set_source(&mut self, name: &[u8]) {
+        self.envelope.source.clear();
+        self.envelope.source.extend_from_slice(name);
+    }
+
     /// After [`Event::Auth`]: the credentials to verify (hand them back to `auth_result`).
     pub fn take_credentials(&mut self) -> Credentials {
         std::mem::take(&mut self.creds)
@@ -518,7 +530,7 @@ impl ServerSession {
 
     /// The spool result for the message reported by [`Event::Message`]: `Ok` writes the `250`
     /// with the queue id; `Err(reply)` writes that reply. Either way the transaction ends.
-    pub fn message_result(&mut self, ctx: &mut Ctx<'_>, result: Result<(), &'static [u8]>, out: &mut Buf) {
+    pub fn message_result(&mut self, ctx: &mut Ctx<'_>, result: Result<(), &[u8]>, out: &mut Buf) {
         if self.state != State::Stored {
             return;
         }

@@ -62,6 +62,10 @@ const MESSAGE_FIXED_LEN: usize = 8 + 8 + 1 + 1 + 1 + 1 + 16;
 const OUTCOME_FIXED_LEN: usize = 8 + 4 + 1 + 2 + 8 + 8;
 
 const FLAG_SMTPUTF8: u8 = 1;
+/// Message flag: a `source u16+bytes` field follows `auth_user` (the egress source chosen at
+/// reception). Records written without sources (or before they existed) leave it clear and
+/// have no such field, so they read as before.
+const FLAG_SOURCE: u8 = 2;
 const IP_V4: u8 = 4;
 const IP_V6: u8 = 6;
 
@@ -461,6 +465,7 @@ fn message_payload_len(env: &Envelope, body_len: usize) -> Result<usize, FormatE
         + field_len(&env.sender, "sender")?
         + field_len(&env.envid, "envid")?
         + field_len(&env.auth_user, "auth user")?
+        + if env.source.is_empty() { 0 } else { field_len(&env.source, "source")? }
         + 4;
     if u32::try_from(env.rcpt_count()).is_err() {
         return Err(FormatError::TooLarge);
@@ -488,10 +493,10 @@ pub fn message_record_len_prefixed(env: &Envelope, prefix: &[u8], body: &[u8]) -
     Ok(padded_record_len(message_payload_len(env, prefix.len().saturating_add(body.len()))?))
 }
 
-// Format: { record header (kind = 1) | id u64 | arrival_ms u64 | flags u8 (bit 0 = SMTPUTF8) |
-//           body_type u8 | ret u8 | ip_family u8 (4 or 6) | ip [16] (v4 in the first 4) |
-//           helo u16+bytes | sender u16+bytes | envid u16+bytes | auth_user u16+bytes |
-//           rcpt_count u32 | rcpt_count x { notify u8 | addr u16+bytes | orcpt u16+bytes } |
+// Format: { record header (kind = 1) | id u64 | arrival_ms u64 | flags u8 (bit 0 = SMTPUTF8,
+//           bit 1 = SOURCE) | body_type u8 | ret u8 | ip_family u8 (4 or 6) | ip [16] (v4 in the
+//           first 4) | helo u16+bytes | sender u16+bytes | envid u16+bytes | auth_user u16+bytes |
+//           [source u16+bytes, only with bit 1] | rcpt_count u32 | rcpt_count x { notify u8 | addr u16+bytes | orcpt u16+bytes } |
 //           body_len u64 | body } zero pad to 8
 /// Encodes a message record into `dst`, which must be exactly [`message_record_len`] bytes
 /// (a reserved range of the segment map, or the staging buffer of a large record). The crc is
@@ -528,7 +533,8 @@ pub fn encode_message_prefixed(
     let mut w = Writer::new(payload);
     w.u64(id.0)?;
     w.u64(arrival_ms)?;
-    w.u8(if env.smtputf8 { FLAG_SMTPUTF8 } else { 0 })?;
+    let source_flag = if env.source.is_empty() { 0 } else { FLAG_SOURCE };
+    w.u8(if env.smtputf8 { FLAG_SMTPUTF8 } else { 0 } | source_flag)?;
     w.u8(env.body_type as u8)?;
     w.u8(env.ret as u8)?;
     let mut ip = [0u8; 16];
@@ -547,6 +553,9 @@ pub fn encode_message_prefixed(
     w.str16(&env.sender)?;
     w.str16(&env.envid)?;
     w.str16(&env.auth_user)?;
+    if !env.source.is_empty() {
+        w.str16(&env.source)?;
+    }
     w.u32(env.rcpt_count() as u32)?;
     for rc in env.rcpts() {
         w.u8(rc.notify)?;
@@ -578,7 +587,7 @@ fn message_fixed(r: &mut Reader<'_>) -> Result<(QueueId, u64, u8, u8, u8, IpAddr
         }
         _ => return Err(FormatError::BadValue("ip family")),
     };
-    if flags & !FLAG_SMTPUTF8 != 0 {
+    if flags & !(FLAG_SMTPUTF8 | FLAG_SOURCE) != 0 {
         return Err(FormatError::BadValue("flags"));
     }
     if body_type > BodyType::BinaryMime as u8 {
@@ -602,9 +611,12 @@ fn message_body<'a>(r: &mut Reader<'a>) -> Result<&'a [u8], FormatError> {
 /// Validates a whole message payload and returns what recovery needs; does not allocate.
 pub fn message_summary(payload: &[u8]) -> Result<MessageSummary, FormatError> {
     let mut r = Reader::new(payload);
-    let (id, arrival_ms, ..) = message_fixed(&mut r)?;
+    let (id, arrival_ms, flags, ..) = message_fixed(&mut r)?;
     for name in ["helo", "sender", "envid", "auth user"] {
         r.str16(name)?;
+    }
+    if flags & FLAG_SOURCE != 0 {
+        r.str16("source")?;
     }
     let rcpt_count = r.u32("recipient count")?;
     for _ in 0..rcpt_count {
@@ -630,6 +642,9 @@ pub fn decode_message(payload: &[u8]) -> Result<MessageView<'_>, FormatError> {
     env.sender.extend_from_slice(r.str16("sender")?);
     env.envid.extend_from_slice(r.str16("envid")?);
     env.auth_user.extend_from_slice(r.str16("auth user")?);
+    if flags & FLAG_SOURCE != 0 {
+        env.source.extend_from_slice(r.str16("source")?);
+    }
     // No reservation by the count: a damaged count must fail on the bytes, not allocate.
     let rcpt_count = r.u32("recipient count")?;
     for _ in 0..rcpt_count {
@@ -872,7 +887,25 @@ mod tests {
         assert_eq!(a.client_ip, b.client_ip);
         assert_eq!(a.helo, b.helo);
         assert_eq!(a.auth_user, b.auth_user);
+        assert_eq!(a.source, b.source);
         assert!(a.rcpts().eq(b.rcpts()));
+    }
+
+    #[test]
+    fn the_egress_source_round_trips_and_records_without_it_read_as_before() {
+        let mut env = sample_env();
+        let plain = encode_msg(8, &env, b"x\r\n");
+        env.source = b"ip2".to_vec();
+        let rec = encode_msg(8, &env, b"x\r\n");
+        let Probe::Record(raw) = probe_record(&rec, 0, &KEY) else { panic!("not a record") };
+        assert_eq!(decode_message(raw.payload).unwrap().envelope.source, b"ip2");
+        assert_eq!(message_summary(raw.payload).unwrap().rcpt_count, 2);
+        let with_len = raw.payload.len();
+        // Without a source: no flag, no field, the bytes of the format before sources.
+        let Probe::Record(raw) = probe_record(&plain, 0, &KEY) else { panic!("not a record") };
+        assert_eq!(raw.payload[16] & FLAG_SOURCE, 0);
+        assert!(decode_message(raw.payload).unwrap().envelope.source.is_empty());
+        assert_eq!(raw.payload.len() + 2 + 3, with_len);
     }
 
     #[test]

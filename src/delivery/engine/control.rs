@@ -44,11 +44,12 @@ impl Engine {
     /// DSN to the sender ([`super::Action::Bounce`]) is stored before the failure records.
     /// Returns how many recipients, and of how many messages, were bounced.
     pub fn bounce_queued(&mut self, target: OperatorBounce<'_>, reason: &str, now: Now) -> (usize, usize) {
-        let dest = match target {
+        // A domain's destinations: one per egress source.
+        let dest: Option<Vec<DestId>> = match target {
             OperatorBounce::Id(_) => None,
-            OperatorBounce::Domain(name) => match self.queue.find_dest(name) {
-                Some(d) => Some(d),
-                None => return (0, 0),
+            OperatorBounce::Domain(name) => match self.queue.find_dests(name) {
+                [] => return (0, 0),
+                ids => Some(ids.to_vec()),
             },
         };
         // The (message, destination) pairs first: settling removes finished messages.
@@ -58,7 +59,7 @@ impl Engine {
                 continue;
             }
             for r in m.rcpts.iter() {
-                if dest.is_none_or(|d| d == r.dest) && !pairs.contains(&(key, r.dest)) {
+                if dest.as_ref().is_none_or(|d| d.contains(&r.dest)) && !pairs.contains(&(key, r.dest)) {
                     pairs.push((key, r.dest));
                 }
             }

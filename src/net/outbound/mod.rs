@@ -24,6 +24,7 @@ use crate::buf::BufPool;
 use crate::delivery::bounce;
 use crate::delivery::engine::{BounceRequest, Settlement};
 use crate::delivery::route::Verdict;
+use crate::delivery::sources::SourceId;
 use crate::delivery::{Action, ConnFailure, ConnId, DeliveryConfig, Engine, Note, Now, StartFailure};
 use crate::dns::resolver::{MxHost, MxPlan};
 use crate::log::{Logger, V};
@@ -268,7 +269,9 @@ impl Outbound {
     fn execute(&mut self, ctx: &mut Ctx<'_>, action: Action) {
         match action {
             Action::Lookup { name, host } => self.lookup(ctx, &name, host),
-            Action::Connect { conn, host, addr, tls, verify } => self.connect(ctx, conn, host, addr, tls, verify),
+            Action::Connect { conn, host, addr, tls, verify, source } => {
+                self.connect(ctx, conn, host, addr, (tls, verify), source)
+            }
             Action::Start { conn, next } => self.start(ctx, conn, next),
             Action::Quit { conn } => {
                 if let Some(c) = self.conn_mut(conn) {
@@ -330,15 +333,20 @@ impl Outbound {
         id: ConnId,
         host: Box<str>,
         addr: SocketAddr,
-        policy: TlsPolicy,
-        verify: bool,
+        (policy, verify): (TlsPolicy, bool),
+        source: SourceId,
     ) {
         if self.engine.paused(ctx.at()) {
             // A shortage found by an earlier connect of this batch: no doomed attempts.
             return self.engine.handle_connect_skipped(id);
         }
+        // The egress source: its address is bound before the connect, its name said in EHLO.
+        let (bind, helo_name) = match self.engine.source(source) {
+            Some(s) => (Some(s.ip), s.ehlo.as_deref().unwrap_or(self.engine.hostname()).to_owned()),
+            None => (None, self.engine.hostname().to_owned()),
+        };
         // TCP_NODELAY from the start: see `socket::connect`.
-        let mut sock = match crate::net::socket::connect(addr) {
+        let mut sock = match crate::net::socket::connect_from(addr, bind) {
             Ok(s) => s,
             // Out of descriptors, ports or memory here: not the destination's fault.
             Err(e) if is_local_shortage(&e) => return self.engine.handle_local_shortage(id, &e.to_string(), ctx.at()),
@@ -350,12 +358,7 @@ impl Outbound {
             return self.engine.handle_local_shortage(id, &e.to_string(), ctx.at());
         }
         let session = ClientSession::new(
-            ClientConfig {
-                helo_name: self.engine.hostname().to_owned(),
-                timeouts: self.cfg.timeouts.clone(),
-                tls: policy,
-                auth: self.cfg.auth.clone(),
-            },
+            ClientConfig { helo_name, timeouts: self.cfg.timeouts.clone(), tls: policy, auth: self.cfg.auth.clone() },
             ctx.now,
         );
         // A `verify` site without a loaded CA bundle cannot happen: config refuses it.
@@ -469,6 +472,7 @@ impl Outbound {
                     ("attempt", V::N(u64::from(r.attempts))),
                     ("outcome", V::S(outcome_name)),
                     ("dkim", V::S(&dkim)),
+                    ("source", V::S(self.engine.source_name(s.dest))),
                 ],
             );
             match ctx.spool.append_outcome(s.id, r.rcpt, &outcome) {
