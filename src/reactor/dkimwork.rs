@@ -13,6 +13,7 @@
 //! over) and gets it back with the signature fields.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -43,6 +44,10 @@ pub struct DkimWorker {
     /// Results computed on the loop because every thread was gone.
     inline: Vec<SignDone>,
     waker: Arc<Waker>,
+    /// A thread has woken the loop since it last took the results: the next thread to finish
+    /// need not wake it again (one `eventfd` write, and at most one loop wake-up, per drain
+    /// instead of per message).
+    wake_pending: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -53,11 +58,13 @@ impl DkimWorker {
         let (jobs, job_rx) = sync_channel::<SignJob>(QUEUE_PER_THREAD * threads);
         let job_rx = Arc::new(Mutex::new(job_rx));
         let (result_tx, results) = channel();
+        let wake_pending = Arc::new(AtomicBool::new(false));
         let mut handles = Vec::with_capacity(threads);
         for i in 0..threads {
             let job_rx = Arc::clone(&job_rx);
             let result_tx = result_tx.clone();
             let waker = Arc::clone(&waker);
+            let pending = Arc::clone(&wake_pending);
             let handle = std::thread::Builder::new().name(format!("sluice-dkim-{i}")).spawn(move || {
                 let mut signer = Signer::new();
                 let rng = SystemRandom::new();
@@ -72,8 +79,12 @@ impl DkimWorker {
                     if result_tx.send(run(&mut signer, &rng, job)).is_err() {
                         break;
                     }
-                    // If the wake fails the loop is gone; nothing left to tell.
-                    let _ = waker.wake();
+                    // After the send: the loop clears the flag before it drains, so a result
+                    // sent after its drain always finds the flag clear and wakes it. If the
+                    // wake fails the loop is gone; nothing left to tell.
+                    if !pending.swap(true, Ordering::AcqRel) {
+                        let _ = waker.wake();
+                    }
                 }
             })?;
             handles.push(handle);
@@ -84,6 +95,7 @@ impl DkimWorker {
             backlog: VecDeque::new(),
             inline: Vec::new(),
             waker,
+            wake_pending,
             threads: handles,
         })
     }
@@ -126,6 +138,9 @@ impl DkimWorker {
     /// Appends every finished job to `out` without blocking, then offers the backlog to the
     /// threads again (the channel has room for as many as came back).
     pub fn try_results(&mut self, out: &mut Vec<SignDone>) {
+        // A swap, not a store: reading the last thread's `true` orders its send before the
+        // drain below.
+        self.wake_pending.swap(false, Ordering::AcqRel);
         out.append(&mut self.inline);
         out.extend(self.results.try_iter());
         self.feed();
