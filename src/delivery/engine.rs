@@ -777,6 +777,13 @@ impl Engine {
     /// Suspends a domain or a provider (or a site) until `until_ms`: its mail is parked, its
     /// connections end after their transaction. `Err` names an unknown provider.
     pub fn suspend(&mut self, scope: Scope, until_ms: u64, reason: &str, manual: bool) -> Result<(), String> {
+        // Through a relay host every message is one destination (the relay host's), whatever
+        // its recipients' domains: a domain or provider hold would silently hold nothing.
+        if let (Some((host, _)), Scope::Domain(_) | Scope::Provider(_)) = (&self.cfg.relay_host, &scope) {
+            return Err(format!(
+                "with --relay-host all mail goes to {host}: suspending {scope} would hold nothing; suspend the relay host's site (--site, as `summary --by site` names it)"
+            ));
+        }
         let change = self.sites.suspend(scope, until_ms, reason, manual)?;
         self.actions.push_back(Action::Note(Note::Shaping(change)));
         Ok(())

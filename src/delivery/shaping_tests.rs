@@ -339,3 +339,14 @@ fn connection_limits_are_per_source_and_connections_carry_one_source() {
     let ready: Vec<usize> = a.iter().map(|&d| h.engine.queue().dest(d).ready.len()).collect();
     assert_eq!(ready, vec![2, 0], "source a's two waiting messages, none of b's");
 }
+
+#[test]
+fn through_a_relay_host_a_domain_or_provider_suspension_is_refused_naming_the_site_to_use() {
+    let mut cfg = config_shaped(4, OutboundTls::May, "");
+    cfg.relay_host = Some(("smarthost.test".into(), 587));
+    let mut h = Harness::new(cfg);
+    for scope in [Scope::Domain("a.test".into()), Scope::Provider("google".into())] {
+        let e = h.engine.suspend(scope, u64::MAX, "x", true).unwrap_err();
+        assert!(e.contains("--relay-host") && e.contains("smarthost.test") && e.contains("--site"), "{e}");
+    }
+}

@@ -187,3 +187,11 @@ fn a_suspended_domain_gets_no_connection_until_it_is_resumed() {
     assert!(got[0].1.ends_with(b"later\r\n"));
     wait_queue_empty(&relay, Duration::from_secs(10));
 }
+
+#[test]
+fn through_a_relay_host_a_domain_suspension_is_refused_naming_the_site_to_use() {
+    let relay = Relay::start(&["--relay-host", "127.0.0.1:9", "--dns", "127.0.0.1:9"]);
+    let (code, _, err) = queue_cmd(&relay.spool, &["suspend", "--domain", "a.test"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("--relay-host") && err.contains("--site"), "{err}");
+}
