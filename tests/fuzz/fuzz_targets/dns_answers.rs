@@ -50,7 +50,7 @@ fn decode(bytes: &[u8]) {
         canonical(&r.name);
         match &r.data {
             RrData::Mx { exchange, .. } => canonical(exchange),
-            RrData::Cname(target) => canonical(target),
+            RrData::Cname(target) | RrData::Ptr(target) => canonical(target),
             RrData::A(_) | RrData::Aaaa(_) => {}
         }
     };
