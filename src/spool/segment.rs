@@ -4,9 +4,9 @@
 //! space preallocated by `posix_fallocate` (so a full disk is reported as
 //! [`SpoolError::NoSpace`] when the segment is created, never as a SIGBUS on a later store into
 //! the map) or adoption of a spare whose blocks were written ahead (`spare.rs`), appends
-//! (records staged and written with one `pwrite` per batch; the map is only read), durability
-//! (`msync(MS_SYNC)` of the dirty page range, then `fdatasync`), sealing (truncate to the used length, map read-only) and
-//! removal. It knows nothing of record contents beyond writing the segment header.
+//! (records staged and written with one `pwrite` per batch; the map is read-only),
+//! durability (`msync(MS_SYNC)` of the dirty page range, then `fdatasync`), sealing
+//! (truncate to the used length) and removal. It knows nothing of record contents beyond writing the segment header.
 //!
 //! It must never touch bytes at or past the file's length through the map (that is the SIGBUS
 //! case), and never let a slice of the map outlive the mapping (slices borrow `&self`).
@@ -178,7 +178,8 @@ pub(crate) struct Segment {
     used: usize,
     /// Bytes known durable (or, with fsync off, forgotten); `synced..used` is the dirty range.
     synced: usize,
-    /// Mapped writable (active segment) rather than read-only.
+    /// Takes appends (the active segment); false once sealed or for a segment opened from
+    /// disk. The map itself is read-only either way: appends go through `pwrite`.
     writable: bool,
     /// Records appended and not yet written to the file: they go out with one `pwrite` at
     /// file offset `stage_off` (see [`Segment::flush`]). Reused; freed when sealed. In cells
@@ -267,7 +268,7 @@ impl Segment {
             write_error: RefCell::new(None),
             prewritten: !preallocate,
         };
-        seg.map(size, true).map_err(|e| map_io_at("map segment", path, e))?;
+        seg.map(size).map_err(|e| map_io_at("map segment", path, e))?;
         let header = format::encode_segment_header(seq, &key);
         seg.append_with(header.len(), |dst| {
             dst.copy_from_slice(&header);
@@ -300,30 +301,29 @@ impl Segment {
             write_error: RefCell::new(None),
             prewritten: false,
         };
-        seg.map(len, false).map_err(|e| map_io_at("map segment", path, e))?;
+        seg.map(len).map_err(|e| map_io_at("map segment", path, e))?;
         Ok(seg)
     }
 
-    /// Maps the first `len` bytes of the file (nothing for 0), replacing any current mapping.
-    fn map(&mut self, len: usize, writable: bool) -> io::Result<()> {
+    /// Maps the first `len` bytes of the file read-only (nothing for 0), replacing any
+    /// current mapping. Nothing is ever stored through the map, so a stray write faults.
+    fn map(&mut self, len: usize) -> io::Result<()> {
         self.unmap();
         if len == 0 {
             return Ok(());
         }
-        let prot = if writable { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
         // SAFETY: a fresh mapping chosen by the kernel (null hint) over an open fd; the file is
         // at least `len` bytes long (callers map the fallocated size or the fstat'd length).
         let p = syscall!(@ptr mmap(
             ptr::null_mut(),
             len,
-            prot,
+            libc::PROT_READ,
             libc::MAP_SHARED,
             self.file.as_raw_fd(),
             0,
         ))?;
         self.ptr = p.cast();
         self.map_len = len;
-        self.writable = writable;
         Ok(())
     }
 
@@ -522,8 +522,8 @@ impl Segment {
         self.synced = self.used;
     }
 
-    /// Truncates the file to the used length and makes the map read-only; no further appends.
-    /// Dirty bytes below `used` stay in the map and can still be committed.
+    /// Truncates the file to the used length; no further appends. Dirty bytes below `used`
+    /// stay in the file's pages and can still be committed.
     pub(crate) fn seal(&mut self) -> io::Result<()> {
         if !self.writable {
             return Ok(());
@@ -532,11 +532,6 @@ impl Segment {
         self.flush();
         self.writable = false;
         *self.stage.get_mut() = Vec::new();
-        if !self.ptr.is_null() {
-            // SAFETY: the range is exactly the live mapping; this only changes protections, so
-            // a stray write would fault instead of silently changing sealed data.
-            syscall!(mprotect(self.ptr.cast(), self.map_len, libc::PROT_READ))?;
-        }
         self.file.set_len(self.used as u64)
     }
 
@@ -548,7 +543,8 @@ impl Segment {
         self.file.set_len(len as u64).map_err(|e| map_io_at("truncate segment", &self.path, e))?;
         self.used = len;
         self.synced = len;
-        self.map(len, false).map_err(|e| map_io_at("map segment", &self.path, e))
+        self.writable = false;
+        self.map(len).map_err(|e| map_io_at("map segment", &self.path, e))
     }
 
     /// Unmaps and deletes the file.
