@@ -219,7 +219,7 @@ pub struct ServeArgs {
     #[arg(long = "min-free-space", value_name = "BYTES", value_parser = parse_size)]
     pub min_free_space: Option<u64>,
     /// DKIM signing key (repeatable): mail whose From: domain (or its nearest parent with
-    /// keys) is DOMAIN is signed with the PEM private key (RSA >= 2048 bits or Ed25519) and
+    /// keys) is DOMAIN is signed with the PEM private key (RSA >= 1024 bits or Ed25519) and
     /// published under SELECTOR; several keys of one domain each add a signature.
     #[arg(long = "dkim-key", value_name = "DOMAIN:SELECTOR:PEM", value_parser = parse_dkim_key)]
     pub dkim_key: Vec<DkimKeyArg>,
@@ -372,7 +372,7 @@ pub struct KeygenArgs {
     #[arg(long, conflicts_with = "bits")]
     pub ed25519: bool,
     /// RSA modulus size: 2048, 3072 or 4096 (the sizes aws-lc-rs generates; RFC 8301 §3.2
-    /// wants at least 1024, sluice signs with 2048 or more).
+    /// allows 1024 and sluice signs with such keys, but receivers expect 2048).
     #[arg(long, value_name = "N", default_value_t = 2048, value_parser = parse_rsa_bits)]
     pub bits: u32,
     /// Where to write the private key (PEM, PKCS#8, mode 0600); an existing file is kept.

@@ -1,7 +1,7 @@
 //! DKIM signing keys: parsing a PEM private key (RFC 8301 RSA, RFC 8463 Ed25519), the public
 //! key record to publish, and the table of keys by signing domain.
 //!
-//! Owns: what counts as a usable key (RSA of 2048 to 8192 bits, PKCS#8 or PKCS#1; Ed25519 in
+//! Owns: what counts as a usable key (RSA of 1024 to 8192 bits, PKCS#8 or PKCS#1; Ed25519 in
 //! PKCS#8), the `v=DKIM1` TXT record (RFC 6376 §3.6.1), and finding the keys of a domain or its
 //! nearest parent. Must never: read files (the caller hands the PEM bytes in), or keep a key
 //! it could not sign with.
@@ -14,6 +14,8 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::PrivateKeyDer;
+
+use sluice_smallrsa::{SmallRsa, SmallRsaError};
 
 /// The signing algorithm of a key (the `a=` tag).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,8 +55,6 @@ pub enum KeyError {
     Invalid(String),
     /// An RSA key under 1024 bits (RFC 8301 §3.2: verifiers must reject it).
     RsaTooSmall(usize),
-    /// An RSA key of 1024 to 2047 bits: valid DKIM, but the signer (aws-lc-rs) needs 2048.
-    RsaUnder2048(usize),
 }
 
 impl fmt::Display for KeyError {
@@ -64,9 +64,6 @@ impl fmt::Display for KeyError {
             KeyError::Unsupported => f.write_str("an EC key: DKIM keys are RSA or Ed25519"),
             KeyError::Invalid(why) => write!(f, "not a usable RSA or Ed25519 private key ({why})"),
             KeyError::RsaTooSmall(bits) => write!(f, "RSA key of {bits} bits, under the 1024 of RFC 8301"),
-            KeyError::RsaUnder2048(bits) => {
-                write!(f, "RSA key of {bits} bits: sluice signs with RSA keys of 2048 bits or more")
-            }
         }
     }
 }
@@ -75,6 +72,8 @@ impl std::error::Error for KeyError {}
 
 enum Pair {
     Rsa(RsaKeyPair),
+    /// 1024 to 2047 bits, which aws-lc-rs refuses: AWS-LC's C API signs them.
+    SmallRsa(SmallRsa),
     Ed25519(Ed25519KeyPair),
 }
 
@@ -101,10 +100,10 @@ impl SigningKey {
                 // OpenSSL writes Ed25519 keys as PKCS#8 v1 (no public key inside).
                 match Ed25519KeyPair::from_pkcs8_maybe_unchecked(der) {
                     Ok(ed) => Pair::Ed25519(ed),
-                    Err(_) => Pair::Rsa(rsa(RsaKeyPair::from_pkcs8(der), der)?),
+                    Err(_) => rsa(RsaKeyPair::from_pkcs8(der), der, true)?,
                 }
             }
-            PrivateKeyDer::Pkcs1(k) => Pair::Rsa(rsa(RsaKeyPair::from_der(k.secret_pkcs1_der()), &[])?),
+            PrivateKeyDer::Pkcs1(k) => rsa(RsaKeyPair::from_der(k.secret_pkcs1_der()), k.secret_pkcs1_der(), false)?,
             _ => return Err(KeyError::Unsupported),
         };
         Ok(SigningKey { selector: selector.to_owned(), pair })
@@ -119,7 +118,7 @@ impl SigningKey {
     /// The key's algorithm.
     pub fn algorithm(&self) -> Algorithm {
         match self.pair {
-            Pair::Rsa(_) => Algorithm::RsaSha256,
+            Pair::Rsa(_) | Pair::SmallRsa(_) => Algorithm::RsaSha256,
             Pair::Ed25519(_) => Algorithm::Ed25519Sha256,
         }
     }
@@ -140,6 +139,7 @@ impl SigningKey {
                 sig.resize(start + k.public_modulus_len(), 0);
                 k.sign(&aws_lc_rs::signature::RSA_PKCS1_SHA256, rng, data, &mut sig[start..]).map_err(|_| SignError)
             }
+            Pair::SmallRsa(k) => k.sign(data, sig).map_err(|_| SignError),
             Pair::Ed25519(k) => {
                 let hash = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data);
                 sig.extend_from_slice(k.sign(hash.as_ref()).as_ref());
@@ -153,6 +153,7 @@ impl SigningKey {
     pub fn public_b64(&self) -> String {
         match &self.pair {
             Pair::Rsa(k) => B64.encode(rsa_spki(k.public_key().as_ref())),
+            Pair::SmallRsa(k) => B64.encode(rsa_spki(&k.public_pkcs1())),
             Pair::Ed25519(k) => B64.encode(k.public_key().as_ref()),
         }
     }
@@ -167,53 +168,18 @@ impl SigningKey {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SignError;
 
-fn rsa(r: Result<RsaKeyPair, aws_lc_rs::error::KeyRejected>, pkcs8: &[u8]) -> Result<RsaKeyPair, KeyError> {
-    r.map_err(|e| match e.description_() {
-        "TooSmall" => match rsa_bits(pkcs8) {
-            Some(bits) if bits < 1024 => KeyError::RsaTooSmall(bits),
-            Some(bits) => KeyError::RsaUnder2048(bits),
-            None => KeyError::RsaUnder2048(0),
+/// The RSA key aws-lc-rs parsed, or for one it found too small, the same DER through
+/// [`SmallRsa`] when it has at least 1024 bits (`pkcs8`: the DER's form).
+fn rsa(r: Result<RsaKeyPair, aws_lc_rs::error::KeyRejected>, der: &[u8], pkcs8: bool) -> Result<Pair, KeyError> {
+    match r {
+        Ok(k) => Ok(Pair::Rsa(k)),
+        Err(e) if e.description_() == "TooSmall" => match SmallRsa::parse(der, pkcs8) {
+            Ok(k) => Ok(Pair::SmallRsa(k)),
+            Err(SmallRsaError::Size(bits)) => Err(KeyError::RsaTooSmall(bits)),
+            Err(SmallRsaError::Invalid) => Err(KeyError::Invalid("an RSA key whose values do not agree".into())),
         },
-        why => KeyError::Invalid(why.to_owned()),
-    })
-}
-
-/// The modulus size of a PKCS#8 RSA key, for the error message only: the modulus is the
-/// second INTEGER of the RSAPrivateKey inside. `None` when the DER is not shaped so.
-fn rsa_bits(der: &[u8]) -> Option<usize> {
-    // PrivateKeyInfo ::= SEQUENCE { version INTEGER, alg SEQUENCE, key OCTET STRING }
-    let (inner, _) = der_take(der, 0x30)?;
-    let (_, rest) = der_take(inner, 0x02)?;
-    let (_, rest) = der_take(rest, 0x30)?;
-    let (octets, _) = der_take(rest, 0x04)?;
-    // RSAPrivateKey ::= SEQUENCE { version INTEGER, modulus INTEGER, ... }
-    let (key, _) = der_take(octets, 0x30)?;
-    let (_, rest) = der_take(key, 0x02)?;
-    let (n, _) = der_take(rest, 0x02)?;
-    let n = n.iter().position(|&b| b != 0).map_or(&[][..], |i| &n[i..]);
-    let top = *n.first()?;
-    Some(n.len() * 8 - top.leading_zeros() as usize)
-}
-
-/// Reads one DER element of tag `tag`: its contents and what follows.
-fn der_take(der: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
-    let (&t, rest) = der.split_first()?;
-    if t != tag {
-        return None;
+        Err(e) => Err(KeyError::Invalid(e.description_().to_owned())),
     }
-    let (&l, mut rest) = rest.split_first()?;
-    let len = if l < 0x80 {
-        l as usize
-    } else {
-        let n = (l & 0x7f) as usize;
-        if n == 0 || n > 4 || rest.len() < n {
-            return None;
-        }
-        let len = rest[..n].iter().fold(0usize, |a, &b| (a << 8) | b as usize);
-        rest = &rest[n..];
-        len
-    };
-    (rest.len() >= len).then(|| rest.split_at(len))
 }
 
 /// Wraps a PKCS#1 RSAPublicKey in a SubjectPublicKeyInfo (RFC 5280 §4.1, rsaEncryption).
@@ -403,11 +369,41 @@ mod tests {
         assert!(k.record().starts_with("v=DKIM1; k=rsa; p=MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8A"));
     }
 
-    /// RFC 8301 allows 1024-bit RSA keys, but the signer needs 2048: refused with the size.
+    /// RFC 8301 allows RSA keys from 1024 bits, which aws-lc-rs refuses: a 1024-bit key signs
+    /// through `SmallRsa`, and aws-lc-rs's verifier takes the signature and the `p=` key.
     #[test]
-    fn rsa_1024_is_refused_with_its_size() {
-        assert_eq!(SigningKey::from_pem("s", RSA_1024.as_bytes()).unwrap_err(), KeyError::RsaUnder2048(1024));
+    fn rsa_1024_signs_and_verifies() {
+        let k = SigningKey::from_pem("s", RSA_1024.as_bytes()).unwrap();
+        assert_eq!(k.algorithm(), Algorithm::RsaSha256);
+        let mut sig = b"prefix".to_vec();
+        k.sign(b"the data", &aws_lc_rs::rand::SystemRandom::new(), &mut sig).unwrap();
+        assert_eq!((&sig[..6], sig.len()), (&b"prefix"[..], 6 + 128));
+        let spki = B64.decode(k.public_b64()).unwrap();
+        assert!(k.record().starts_with("v=DKIM1; k=rsa; p=MIGfMA0GCSqGSIb3DQEBAQUAA4GNADCBiQKBgQ"));
+        // The SPKI's BIT STRING holds the PKCS#1 RSAPublicKey the verifier takes.
+        let public = &spki[spki.len() - 140..];
+        use aws_lc_rs::signature::{UnparsedPublicKey, RSA_PKCS1_1024_8192_SHA256_FOR_LEGACY_USE_ONLY as ALG};
+        UnparsedPublicKey::new(&ALG, public).verify(b"the data", &sig[6..]).unwrap();
+        assert!(UnparsedPublicKey::new(&ALG, public).verify(b"other data", &sig[6..]).is_err());
     }
+
+    /// Under RFC 8301's 1024 bits: refused with the size.
+    #[test]
+    fn rsa_512_is_refused_with_its_size() {
+        assert_eq!(SigningKey::from_pem("s", RSA_512.as_bytes()).unwrap_err(), KeyError::RsaTooSmall(512));
+    }
+
+    /// `openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:512`, a test key.
+    const RSA_512: &str = "-----BEGIN PRIVATE KEY-----\n\
+MIIBVgIBADANBgkqhkiG9w0BAQEFAASCAUAwggE8AgEAAkEAzuZwh+fvj1tY4u3S\n\
+F6SVqdbxdny8Cb0pVZGUbcfEl6+zKgJMTaJzbTnCVREsucXtbcstUk0RqAcFXyT4\n\
+GVPv6wIDAQABAkEAk+vO0muxK1YMs5mCFiM2WUnyMls1eOUD00iUzPQBCsxp0h9N\n\
+Up3/93QLafIyd4KUTHyYS0AhpaXCS5aMFU8lIQIhAPpv+iitecWHBhRpO+xYA42D\n\
+eFjzry963nVQ9da44JaxAiEA037nQaNSEwSsM/0Zrn+H0O+zTBcbIK0s4+eEw6HK\n\
+D1sCIQDRM51LQa7JXMOtZUMTaWp+Wma8F8Qt63vNkHXsir/B4QIhAKtPxshPH2MS\n\
+TN5LrGrBGGUwU95VdP7R52Ovm8XPHlmzAiA+Q/SEITf2KG3v9lQdhFPsqNE1D6sp\n\
+4sYR+RkD2HhEnA==\n\
+-----END PRIVATE KEY-----\n";
 
     /// `openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:1024` (PKCS#8), a test key.
     const RSA_1024: &str = "-----BEGIN PRIVATE KEY-----\n\

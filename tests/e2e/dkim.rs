@@ -253,6 +253,61 @@ fn dual_signature_verifies_with_dkimpy_and_opendkim() {
     assert!(opendkim(&only_signature(tampered.as_bytes(), 0), &ip, dir.path()).is_err());
 }
 
+/// An RSA key made by `openssl` with `bits` bits, PKCS#1 (`-traditional`) or PKCS#8, and its
+/// record (the `p=` value is the SubjectPublicKeyInfo, as opendkim-genkey writes it).
+fn openssl_rsa(dir: &Path, domain: &str, selector: &str, bits: u32, pkcs1: bool) -> Key {
+    let pem = dir.join(format!("{domain}-{selector}.pem"));
+    let mut cmd = Command::new("openssl");
+    cmd.args(["genpkey", "-algorithm", "RSA", "-pkeyopt", &format!("rsa_keygen_bits:{bits}"), "-out"]).arg(&pem);
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "openssl genpkey: {}", String::from_utf8_lossy(&out.stderr));
+    if pkcs1 {
+        let out = Command::new("openssl").args(["rsa", "-traditional", "-in"]).arg(&pem).arg("-out").arg(&pem).output();
+        let out = out.unwrap();
+        assert!(out.status.success(), "openssl rsa: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(std::fs::read_to_string(&pem).unwrap().starts_with("-----BEGIN RSA PRIVATE KEY-----"));
+    }
+    let out = Command::new("openssl").args(["pkey", "-pubout", "-outform", "DER", "-in"]).arg(&pem).output().unwrap();
+    assert!(out.status.success(), "openssl pkey: {}", String::from_utf8_lossy(&out.stderr));
+    use base64::Engine as _;
+    let p = base64::engine::general_purpose::STANDARD.encode(&out.stdout);
+    Key { pem, name: format!("{selector}._domainkey.{domain}"), record: format!("v=DKIM1; k=rsa; p={p}") }
+}
+
+/// RSA keys of 1024 to 2047 bits (RFC 8301 allows >= 1024), PKCS#8 and PKCS#1, sign: both
+/// signatures of one message pass dkimpy and each passes OpenDKIM.
+#[test]
+fn rsa_keys_under_2048_bits_sign_and_verify() {
+    let Some(bin) = load_bin() else { return };
+    if !require_dkimpy() || !require("opendkim-testmsg") || !require("unshare") || !require("openssl") {
+        return;
+    }
+    let dir = TempDir::new("dkim-small");
+    let k1024 = openssl_rsa(dir.path(), "example.com", "r1024", 1024, false);
+    let k1536 = openssl_rsa(dir.path(), "example.com", "r1536", 1536, true);
+    let ip = dns_ip();
+    let txt = |k: &Key| format!("{}={}", k.name, k.record);
+    let _dns = dns_on(&bin, &format!("{ip}:53"), &["--txt", &txt(&k1024), "--txt", &txt(&k1536)]);
+    let sink = sink(&bin, "127.0.0.1:0", &[]);
+    let relay = relay_with_keys(&sink, &[("example.com", &k1024), ("example.com", &k1536)], &[]);
+    relay.wait_log("event=dkim keys=2 domains=1");
+    super::delivery::send(&relay, "joe@mail.example.com", &["suzie@dst.test"], MESSAGE);
+    let got = wait_saved(&sink, 1, Duration::from_secs(20), &relay);
+    let msg = &got[0].1;
+    let text = String::from_utf8_lossy(msg);
+    assert_eq!(signatures(msg), 2, "{text}");
+    assert!(text.contains("a=rsa-sha256; c=relaxed/relaxed;\r\n\td=example.com; s=r1024;"), "{text}");
+    assert!(text.contains("a=rsa-sha256; c=relaxed/relaxed;\r\n\td=example.com; s=r1536;"), "{text}");
+    let verified = dkimpy(msg, &[&k1024, &k1536]).unwrap_or_else(|e| panic!("dkimpy: {e}\n{text}"));
+    assert!(verified.contains("verified 2"), "{verified}");
+    for (i, what) in ["1024", "1536"].iter().enumerate() {
+        let one = only_signature(msg, i);
+        opendkim(&one, &ip, dir.path()).unwrap_or_else(|e| panic!("opendkim-testmsg, RSA-{what}: {e}"));
+    }
+    let tampered = text.replace("We lost", "We won");
+    assert!(dkimpy(tampered.as_bytes(), &[&k1024, &k1536]).is_err());
+}
+
 /// Mail from a domain without keys is stored as it came (`dkim=none`); a message without
 /// From:, or with two, is stored unsigned with a log line saying why.
 #[test]
