@@ -27,31 +27,37 @@ start_relay() { # $1 port, $2 spool, $3 log, [$4 fsync policy, default always]
   RELAY=$!; PIDS+=("$RELAY"); wait_port "$1"
 }
 
-# Runs smtp-source into port $1 and stops server $2 afterwards; sets RATE (msg/s) and CPU (the
-# server's utime+stime per message, µs).
+# CPU seconds of this shell's waited-for children (user + system, from `times`).
+child_cpu() { times | awk 'NR==2 {gsub(/[ms]/, " "); print $1*60 + $2 + $3*60 + $4}'; }
+
+# Runs smtp-source into port $1 and stops server $2 afterwards; sets RATE (msg/s), CPU (the
+# server's utime+stime per message, µs) and SRC_CPU (smtp-source's, µs per message): the two
+# together are what one message costs the 2-core machine.
 measure() {
-  local c0 c1 t0 t1
-  c0=$(cpu_ticks "$2")
+  local c0 c1 t0 t1 s0 s1
+  c0=$(cpu_ticks "$2"); s0=$(child_cpu)
   t0=$(now); smtp-source -s "$S" -m "$M" -l "$L" -d "127.0.0.1:$1"; t1=$(now)
-  c1=$(cpu_ticks "$2")
+  c1=$(cpu_ticks "$2"); s1=$(child_cpu)
   stop "$2"
   RATE=$(echo "$M / ($t1 - $t0)" | bc -l)
   CPU=$(echo "($c1 - $c0) * 1000000 / $TCK / $M" | bc -l)
+  SRC_CPU=$(echo "($s1 - $s0) * 1000000 / $M" | bc -l)
 }
 
 sink_rates=(); sink_cpu=(); relay_rates=(); cpu_us=(); p99s=(); never_rates=(); never_cpu=()
+sink_src=(); relay_src=()
 for run in $(seq "$RUNS"); do
   P=$(free_port)
   smtp-sink -u nobody "127.0.0.1:$P" 1000 & SINK=$!; PIDS+=("$SINK"); wait_port "$P"
   measure "$P" "$SINK"
-  sink_rates+=("$RATE"); sink_cpu+=("$CPU")
+  sink_rates+=("$RATE"); sink_cpu+=("$CPU"); sink_src+=("$SRC_CPU")
 
   P=$(free_port); rm -rf "$WORK/spool"
   start_relay "$P" "$WORK/spool" "$WORK/relay.log"
   measure "$P" "$RELAY"
   n=$(grep -c 'event=accepted' "$WORK/relay.log")
   [ "$n" -eq "$M" ] || { echo "relay accepted $n of $M messages" >&2; exit 1; }
-  relay_rates+=("$RATE"); cpu_us+=("$CPU")
+  relay_rates+=("$RATE"); cpu_us+=("$CPU"); relay_src+=("$SRC_CPU")
   p99s+=("$(grep -o 'commit_us=[0-9]*' "$WORK/relay.log" | cut -d= -f2 | sort -n | awk '{a[NR]=$1} END {print a[int(NR*0.99)]/1000}')")
 
   P=$(free_port); rm -rf "$WORK/spool"
@@ -103,4 +109,8 @@ printf '| sluice --fsync always | %.0f | %.2f | %.1f | %.2f |\n' "$relay_m" "$(e
 never_m=$(printf '%s\n' "${never_rates[@]}" | median)
 printf '| sluice --fsync never (not durable) | %.0f | %.2f | %.1f | - |\n' "$never_m" "$(echo "$never_m / $sink_m" | bc -l)" "$(printf '%s\n' "${never_cpu[@]}" | median)"
 printf 'per run: sink %s | sluice %s | sink cpu_us %s | sluice cpu_us %s\n' "$(printf '%.0f ' "${sink_rates[@]}")" "$(printf '%.0f ' "${relay_rates[@]}")" "$(printf '%.1f ' "${sink_cpu[@]}")" "$(printf '%.1f ' "${cpu_us[@]}")"
+src_sink=$(printf '%s\n' "${sink_src[@]}" | median); src_relay=$(printf '%s\n' "${relay_src[@]}" | median)
+printf 'machine CPU per message (server + smtp-source): smtp-sink %.1f + %.1f us = %.0f%% of 2 cores busy; sluice --fsync always %.1f + %.1f us = %.0f%%\n' \
+  "$sink_cpu_m" "$src_sink" "$(echo "($sink_cpu_m + $src_sink) * $sink_m / 20000" | bc -l)" \
+  "$cpu_m" "$src_relay" "$(echo "($cpu_m + $src_relay) * $relay_m / 20000" | bc -l)"
 printf 'RSS: %s KiB at start, %s KiB with %s/1000 idle sessions, %s KiB with %s/10000 sessions held\n' "$rss_before" "$rss_idle" "$idle_ok" "$rss_10k" "$held"
