@@ -27,17 +27,18 @@ start_relay() { # $1 port, $2 spool, $3 log, [$4 fsync policy, default always]
   RELAY=$!; PIDS+=("$RELAY"); wait_port "$1"
 }
 
-# CPU seconds of this shell's waited-for children (user + system, from `times`).
-child_cpu() { times | awk 'NR==2 {gsub(/[ms]/, " "); print $1*60 + $2 + $3*60 + $4}'; }
+# Sets CHILD_CPU: CPU seconds of this shell's waited-for children (user + system, from `times`,
+# which must run in this shell, not in a command substitution's subshell).
+child_cpu() { times >"$WORK/times"; CHILD_CPU=$(awk 'NR==2 {gsub(/[ms]/, " "); print $1*60 + $2 + $3*60 + $4}' "$WORK/times"); }
 
 # Runs smtp-source into port $1 and stops server $2 afterwards; sets RATE (msg/s), CPU (the
 # server's utime+stime per message, µs) and SRC_CPU (smtp-source's, µs per message): the two
 # together are what one message costs the 2-core machine.
 measure() {
   local c0 c1 t0 t1 s0 s1
-  c0=$(cpu_ticks "$2"); s0=$(child_cpu)
+  c0=$(cpu_ticks "$2"); child_cpu; s0=$CHILD_CPU
   t0=$(now); smtp-source -s "$S" -m "$M" -l "$L" -d "127.0.0.1:$1"; t1=$(now)
-  c1=$(cpu_ticks "$2"); s1=$(child_cpu)
+  c1=$(cpu_ticks "$2"); child_cpu; s1=$CHILD_CPU
   stop "$2"
   RATE=$(echo "$M / ($t1 - $t0)" | bc -l)
   CPU=$(echo "($c1 - $c0) * 1000000 / $TCK / $M" | bc -l)
