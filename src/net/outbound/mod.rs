@@ -670,6 +670,9 @@ fn is_self(own: &[SocketAddr], local_ips: &mut HashMap<IpAddr, bool>, addr: Sock
 fn log_note(log: &mut Logger, note: &Note) {
     match note {
         Note::Route { event, domain, error } => log.event(event, &[("domain", V::S(domain)), ("error", V::S(error))]),
+        Note::NoRoute { domain, source, error } => {
+            log.event("no_route", &[("domain", V::S(domain)), ("source", V::S(source)), ("error", V::S(error))])
+        }
         Note::ConnectError { host, addr, error } => {
             log.event("connect_error", &[("host", V::S(host)), ("ip", V::D(addr)), ("error", V::S(error))])
         }
