@@ -386,3 +386,20 @@ fn a_source_is_only_tried_at_addresses_of_its_family() {
     assert!(no_route.contains("domain=six.test") && no_route.contains("source=ip2"), "{no_route}");
     assert!(!log.contains("event=connect_error") && !log.contains("[::1]"), "{log}");
 }
+
+#[test]
+fn fcrdns_asks_again_over_tcp_when_the_udp_answer_is_truncated() {
+    // The test DNS truncates every UDP answer: the start-up check must ask over TCP (RFC
+    // 7766) to confirm the source, or --require-fcrdns would stop the start.
+    let Some(bin) = load_bin() else { return };
+    let sink = sink(&bin, "127.0.0.1:0", &[]);
+    let d = dns(&bin, &["--truncate-udp", "--ptr", "127.0.0.2=out2.test", "--a", "out2.test=127.0.0.2"]);
+    let relay = relay(&sink, &d, &["--source", "ip2=127.0.0.2,ehlo=out2.test", "--require-fcrdns"]);
+    relay.wait_log("event=source_check source=ip2");
+    let log = relay.log();
+    assert!(log.contains("event=source_check source=ip2 ip=127.0.0.2 ptr=out2.test ehlo=out2.test ok=true"), "{log}");
+    let r = send_many(&relay, 1, "");
+    assert!(r[0].starts_with("250 "), "{r:?}");
+    let saved = wait_saved(&sink, 1, Duration::from_secs(30), &relay);
+    assert_eq!(peers(&saved), [("127.0.0.2".to_string(), "out2.test".to_string())]);
+}
