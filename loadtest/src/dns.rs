@@ -1,11 +1,12 @@
 //! `sluice-load dns`: an authoritative DNS responder for test domains, over UDP and TCP.
 //!
-//! Owns: a zone built from flags (`--zone`, `--mx`, `--a`, `--txt`, `--nullmx`, `--servfail`), one mio
-//! loop with a UDP socket and a TCP listener on the same address, and the answers. Must never:
-//! recurse or forward (everything it is not told about is NXDOMAIN), or answer without the AA
-//! bit. Messages are encoded and decoded with `hickory-proto` (RFC 1035); answers too big for
-//! the client's UDP payload (512, or its EDNS size, RFC 6891) are sent truncated with TC so
-//! that the client retries over TCP (RFC 7766).
+//! Owns: a zone built from flags (`--zone`, `--mx`, `--a`, `--txt`, `--nullmx`, `--servfail`,
+//! `--truncate-udp`), one mio loop with a UDP socket and a TCP listener on the same address, and
+//! the answers. Must never: recurse or forward (everything it is not told about is NXDOMAIN),
+//! or answer without the AA bit. Messages are encoded and decoded with `hickory-proto` (RFC
+//! 1035); answers too big for the client's UDP payload (512, or its EDNS size, RFC 6891) are
+//! sent truncated with TC so that the client retries over TCP (RFC 7766); `--truncate-udp` does
+//! that to every answer.
 
 use crate::util::log_listening;
 use anyhow::{bail, Context, Result};
@@ -36,6 +37,8 @@ pub struct Zone {
     /// Domains the flags named: owners of the SOA in negative answers.
     apexes: Vec<String>,
     ttl: u32,
+    /// `--truncate-udp`: every UDP answer goes out truncated (TC, empty sections).
+    truncate_udp: bool,
 }
 
 fn norm(name: &str) -> String {
@@ -98,6 +101,12 @@ impl Zone {
         let ip: IpAddr = ip.trim().parse().with_context(|| format!("--ptr {spec}: bad IP"))?;
         self.ptr.entry(norm(&Name::from(ip).to_ascii())).or_default().push(norm(name));
         Ok(())
+    }
+
+    /// `--truncate-udp`: every answer over UDP is truncated, whatever its size, so that a
+    /// client's TCP fallback (RFC 7766 §5) can be tested with small answers.
+    pub fn truncate_udp(&mut self) {
+        self.truncate_udp = true;
     }
 
     /// `--nullmx DOMAIN`: `MX 0 .` (RFC 7505).
@@ -205,7 +214,7 @@ impl Zone {
         }
         let bytes = resp.to_vec()?;
         if let Some(limit) = udp_limit {
-            if bytes.len() > limit {
+            if bytes.len() > limit || self.truncate_udp {
                 resp.answers.clear();
                 resp.additionals.clear();
                 resp.authorities.clear();
@@ -432,6 +441,20 @@ mod tests {
         assert_eq!(r.metadata.response_code, ResponseCode::ServFail);
         let r = ask(&z, "null.test.", RecordType::MX);
         assert_eq!(r.answers.len(), 1);
+    }
+
+    #[test]
+    fn truncate_udp_truncates_every_udp_answer_and_no_tcp_one() {
+        let mut z = Zone::new(60);
+        z.add_zone("example.test=127.0.0.2").unwrap();
+        z.truncate_udp();
+        let r = ask(&z, "mx.example.test.", RecordType::A);
+        assert!(r.metadata.truncation && r.answers.is_empty());
+        let mut q = Message::query();
+        q.add_query(Query::query(Name::from_ascii("mx.example.test.").unwrap(), RecordType::A));
+        let full = Message::from_vec(&z.answer(&q, None).unwrap()).unwrap();
+        assert!(!full.metadata.truncation);
+        assert_eq!(full.answers.len(), 1);
     }
 
     #[test]

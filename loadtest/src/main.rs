@@ -251,6 +251,9 @@ struct DnsArgs {
     /// DOMAIN: SERVFAIL for it and everything under it. Repeatable.
     #[arg(long)]
     servfail: Vec<String>,
+    /// Truncate every UDP answer (TC set, sections empty): clients must ask over TCP.
+    #[arg(long)]
+    truncate_udp: bool,
     /// Time to live of every record, seconds.
     #[arg(long, default_value_t = 300)]
     ttl: u32,
@@ -431,6 +434,9 @@ fn cmd_dns(a: DnsArgs) -> Result<i32> {
     }
     for s in &a.servfail {
         zone.add_servfail(s);
+    }
+    if a.truncate_udp {
+        zone.truncate_udp();
     }
     dns::run(a.listen, zone, a.duration)?;
     Ok(0)

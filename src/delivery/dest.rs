@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 
+use super::sources::Source;
 use crate::smtp::reply::Reply;
 
 /// Backoff after every address of a destination failed to connect (capped by the first retry
@@ -24,6 +25,24 @@ pub(super) enum Route {
     Ready { addrs: Vec<(Box<str>, SocketAddr)>, until_ms: u64 },
     /// The lookup failed: every ready job gets `reply` (a bounce when `permanent`).
     Failed { reply: Reply, permanent: bool, until_ms: u64 },
+}
+
+impl Route {
+    /// The route as a destination reached from egress source `source` sees it: only the
+    /// addresses of the source's family, in their order (a socket bound to the source cannot
+    /// reach the others). Without a source the kernel picks the local address, and every
+    /// address stays. `Err` with the mail exchangers' names when none is left: there is no
+    /// way to the destination from this source.
+    pub fn seen_from(&self, source: Option<&Source>) -> Result<Route, String> {
+        let (Route::Ready { addrs, until_ms }, Some(src)) = (self, source) else { return Ok(self.clone()) };
+        let kept: Vec<(Box<str>, SocketAddr)> = addrs.iter().filter(|(_, a)| src.reaches(a.ip())).cloned().collect();
+        if !kept.is_empty() || addrs.is_empty() {
+            return Ok(Route::Ready { addrs: kept, until_ms: *until_ms });
+        }
+        let mut hosts: Vec<&str> = addrs.iter().map(|(h, _)| &**h).collect();
+        hosts.dedup();
+        Err(hosts.join(", "))
+    }
 }
 
 /// What a failed connection attempt means for the destination.
@@ -169,6 +188,34 @@ mod tests {
     fn ready(n: usize) -> Route {
         let addrs = (0..n).map(|i| (Box::from(format!("mx{i}.test")), SocketAddr::from(([192, 0, 2, i as u8], 25))));
         Route::Ready { addrs: addrs.collect(), until_ms: 1_000 }
+    }
+
+    #[test]
+    fn a_source_sees_only_the_addresses_of_its_family() {
+        let v4 = |i: u8| SocketAddr::from(([192, 0, 2, i], 25));
+        let v6 = |i: u16| SocketAddr::from(([0x2001, 0xdb8, 0, 0, 0, 0, 0, i], 25));
+        let route = |addrs: &[(&str, SocketAddr)]| Route::Ready {
+            addrs: addrs.iter().map(|&(h, a)| (Box::from(h), a)).collect(),
+            until_ms: 7,
+        };
+        let addrs = |r: Result<Route, String>| match r {
+            Ok(Route::Ready { addrs, until_ms: 7 }) => Ok(addrs.into_iter().map(|(_, a)| a).collect::<Vec<_>>()),
+            Ok(other) => panic!("{other:?}"),
+            Err(hosts) => Err(hosts),
+        };
+        let src = |ip: &str| Source { name: "s".into(), ip: ip.parse().unwrap(), ehlo: None };
+        let (s4, s6) = (src("198.51.100.1"), src("2001:db8::1"));
+        let mixed = route(&[("mx1.test", v6(1)), ("mx1.test", v4(1)), ("mx2.test", v4(2)), ("mx2.test", v6(2))]);
+        // In order, each family its own.
+        assert_eq!(addrs(mixed.seen_from(Some(&s4))), Ok(vec![v4(1), v4(2)]));
+        assert_eq!(addrs(mixed.seen_from(Some(&s6))), Ok(vec![v6(1), v6(2)]));
+        // No source: the kernel picks, both families are tried as they come.
+        assert_eq!(addrs(mixed.seen_from(None)), Ok(vec![v6(1), v4(1), v4(2), v6(2)]));
+        // Nothing of the source's family: the hosts, for the reply.
+        let only6 = route(&[("mx1.test", v6(1)), ("mx1.test", v6(3)), ("mx2.test", v6(2))]);
+        assert_eq!(addrs(only6.seen_from(Some(&s4))), Err("mx1.test, mx2.test".into()));
+        // A route that is not ready is left as it is.
+        assert!(matches!(Route::Resolving.seen_from(Some(&s4)), Ok(Route::Resolving)));
     }
 
     #[test]

@@ -11,7 +11,8 @@
 //! The rules, in the order a message meets them:
 //! - A destination with ready work gets a route (relay host, address literal or MX records; a
 //!   route naming this relay is cut at our preference, RFC 5321 §5.1, and `5.4.6` when nothing is
-//!   left) and up to `--domain-concurrency` connections to its first address.
+//!   left; from an egress source only the addresses of its family, and `4.4.4` deferrals when
+//!   there are none) and up to `--domain-concurrency` connections to its first address.
 //! - A connection that becomes ready takes the destination's next job (all recipients of one
 //!   message for that destination); an idle one is reused, after [`IDLE_TIMEOUT`] it says QUIT,
 //!   and after [`MAX_TRANSACTIONS_PER_CONN`] it says QUIT too. Under PIPELINING the next job is
@@ -200,6 +201,16 @@ pub enum Note {
         /// The destination.
         domain: Box<str>,
         /// Why.
+        error: String,
+    },
+    /// No mail exchanger of a destination has an address of its egress source's family
+    /// (`event=no_route`): its mail is deferred.
+    NoRoute {
+        /// The destination.
+        domain: Box<str>,
+        /// The egress source.
+        source: Box<str>,
+        /// Why, naming the family and the hosts.
         error: String,
     },
     /// A connection attempt failed (`event=connect_error`).
@@ -560,15 +571,36 @@ impl Engine {
         let Some(dests) = self.lookups.remove(&key) else { return };
         let route = self.make_route(name, result, is_self, now);
         for dest in dests {
+            let route = self.source_route(dest, &route, now);
             if let Route::Ready { addrs, .. } = &route {
                 let relay = self.cfg.relay_host.as_ref().map(|(h, _)| h.as_str());
                 let d = self.queue.dest(dest);
                 let site = self.sites.site_for(d.source, &d.name, &route_hosts(addrs), relay, now.at);
                 self.dest_state(dest).site = Some(site);
             }
-            self.dest_state(dest).set_route(route.clone());
+            self.dest_state(dest).set_route(route);
             self.queue.want(dest);
         }
+    }
+
+    /// `route` as seen from `dest`'s egress source ([`Route::seen_from`]: only addresses of
+    /// the source's family). When the mail exchangers have none, the destination cannot be
+    /// reached from that source: its mail is deferred (`4.4.4`, not bounced: the source is
+    /// our choice, and the DNS may change) and looked up again later, with a `no_route` line.
+    fn source_route(&mut self, dest: DestId, route: &Route, now: Now) -> Route {
+        let sources = self.cfg.sources.clone();
+        let d = self.queue.dest(dest);
+        let source = sources.get(d.source);
+        let hosts = match route.seen_from(source) {
+            Ok(route) => return route,
+            Err(hosts) => hosts,
+        };
+        let Some(src) = source else { return route.clone() };
+        let fault = LocalFault::NoAddressOfFamily { family: src.family(), source: &src.name, hosts: &hosts };
+        let reply = fault.reply();
+        let note = Note::NoRoute { domain: d.name.clone(), source: src.name.clone(), error: reply.text.clone() };
+        self.actions.push_back(Action::Note(note));
+        Route::Failed { reply, permanent: false, until_ms: now.wall_ms + FAILED_ROUTE_TTL_MS }
     }
 
     /// The TCP connect of `conn` completed.

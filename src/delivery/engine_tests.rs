@@ -367,6 +367,57 @@ fn lookup_failures_bounce_when_permanent_and_defer_otherwise() {
     assert_eq!((h.bounces.len(), h.bounces[0].2.as_slice()), (1, &[0][..]), "only the permanent failure bounces");
 }
 
+/// A message from an IPv4 egress source is only ever tried at IPv4 addresses (binding the
+/// source and connecting to an IPv6 address would fail), whatever the MX order; when the
+/// exchangers have no IPv4 address it is deferred with `4.4.4`, never bounced, and no
+/// connection is tried. Without sources both families are tried, as they come.
+#[test]
+fn an_egress_source_is_tried_only_at_addresses_of_its_family() {
+    use super::sources::{Source, Sources};
+    use std::net::IpAddr;
+    let v6: IpAddr = "2001:db8::25".parse().unwrap();
+    let v4 = IpAddr::from(MX2);
+    let script = |h: &mut Harness| {
+        // The better exchanger has only an IPv6 address; the other has both.
+        h.mx_ips("mixed.test", &[("mx6.mixed.test", 10, &[v6]), ("mx46.mixed.test", 20, &[v6, v4])]);
+        h.mx_ips("six.test", &[("mx6.six.test", 10, &[v6])]);
+        h.host_ip(v6, smtp());
+        h.host_ip(v4, smtp());
+    };
+    let source = Source { name: "out4".into(), ip: "198.51.100.1".parse().unwrap(), ehlo: None };
+    let mut cfg = config(2, OutboundTls::None);
+    cfg.sources = std::sync::Arc::new(Sources::build(vec![source], &[], &[]).unwrap());
+    let mut h = Harness::new(cfg);
+    script(&mut h);
+    let id = h.submit("s@x.test", &["u@mixed.test", "v@six.test"]);
+    h.run();
+    assert_eq!(h.connects.iter().map(|c| c.0.ip()).collect::<Vec<_>>(), [v4], "only the IPv4 address");
+    let o = h.outcomes(id);
+    assert!(o.contains(&("u@mixed.test".into(), Verdict::Delivered, 250, (2, 0, 0))), "{o:?}");
+    assert!(o.contains(&("v@six.test".into(), Verdict::Deferred, 451, (4, 4, 4))), "{o:?}");
+    let text = &h.records.iter().find(|r| r.rcpt == "v@six.test").unwrap().settled.reply.text;
+    assert_eq!(text, "no IPv4 address for source out4 at mx6.six.test");
+    assert!(h.bounces.is_empty());
+    assert!(!h.notes.iter().any(|n| matches!(n, Note::ConnectError { .. })), "{:?}", h.notes);
+    let no_route: Vec<_> = h
+        .notes
+        .iter()
+        .filter_map(|n| match n {
+            Note::NoRoute { domain, source, .. } => Some((domain.to_string(), source.to_string())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(no_route, [("six.test".to_string(), "out4".to_string())]);
+
+    // Without a source: the IPv6 exchanger first, as the MX order says.
+    let mut h = Harness::new(config(2, OutboundTls::None));
+    script(&mut h);
+    let id = h.submit("s@x.test", &["u@mixed.test", "v@six.test"]);
+    h.run();
+    assert_eq!(h.connects.first().map(|c| c.0.ip()), Some(v6));
+    assert!(h.outcomes(id).iter().all(|o| o.1 == Verdict::Delivered), "{:?}", h.outcomes(id));
+}
+
 #[test]
 fn every_dsn_is_followed_by_the_outcome_records_that_name_it() {
     // Two messages fail in one pass: DSN, its outcomes, DSN, its outcomes (the room reserved

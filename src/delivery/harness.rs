@@ -222,6 +222,20 @@ impl Harness {
         self.dns.insert(domain.into(), Ok(MxPlan { hosts }));
     }
 
+    /// `domain` has these MX hosts, each with its addresses of either family.
+    pub fn mx_ips(&mut self, domain: &str, hosts: &[(&str, u16, &[IpAddr])]) {
+        let hosts = hosts
+            .iter()
+            .map(|&(name, preference, addrs)| MxHost { name: name.into(), preference, addrs: addrs.to_vec() })
+            .collect();
+        self.dns.insert(domain.into(), Ok(MxPlan { hosts }));
+    }
+
+    /// The host at `ip` (of either family) behaves like this.
+    pub fn host_ip(&mut self, ip: IpAddr, h: Host) {
+        self.hosts.insert(ip, h);
+    }
+
     /// Looking up `domain` fails.
     pub fn dns_error(&mut self, domain: &str, e: DnsError) {
         self.dns.insert(domain.into(), Err(e));

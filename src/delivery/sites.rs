@@ -63,6 +63,8 @@ struct Throttle {
 #[derive(Debug)]
 struct Site {
     key: SiteKey,
+    /// The egress source it is reached from (`0` also without sources).
+    source: u16,
     eff: Effective,
     conns: u32,
     /// Connections allowed by the slow start (see [`INITIAL_CONNECTIONS`]).
@@ -87,6 +89,9 @@ pub struct Change {
     pub reason: String,
     /// Until (Unix ms); 0 for a resume.
     pub until_ms: u64,
+    /// The egress source of the site it is about (sites are per (source, site), and the
+    /// lines say `source=NAME`); `None` for an operator's scope, which covers every source.
+    pub source: Option<u16>,
 }
 
 /// Why a destination cannot be served now, and until when.
@@ -150,6 +155,7 @@ impl Sites {
         let id = self.sites.len() as SiteId;
         self.sites.push(Site {
             key: key.clone(),
+            source,
             eff: Effective { connection_limit: 1, max_deliveries: 1, tls: OutboundTls::None },
             conns: 0,
             ramp: INITIAL_CONNECTIONS,
@@ -329,7 +335,7 @@ impl Sites {
         let rule = self.rules.automation_match(s.key.provider(), domain, reply)?;
         let until_ms = now_ms + rule.duration_ms;
         let reason = format!("{} (rule '{}')", reply.trim_end(), rule.pattern);
-        let site = s.key.name().to_owned();
+        let (site, source) = (s.key.name().to_owned(), Some(s.source));
         self.sites[id as usize].ramp = INITIAL_CONNECTIONS;
         match rule.action.clone() {
             AutoAction::Suspend => {
@@ -337,7 +343,7 @@ impl Sites {
                 let renewed = s.suspended.as_ref().is_some_and(|h| h.until_ms > now_ms);
                 s.suspended = Some(Hold { until_ms, reason: reason.clone(), manual: false });
                 self.refresh();
-                (!renewed).then_some(Change { event: "suspend", site, reason, until_ms })
+                (!renewed).then_some(Change { event: "suspend", site, reason, until_ms, source })
             }
             AutoAction::Throttle(limits) => {
                 let s = &mut self.sites[id as usize];
@@ -345,7 +351,7 @@ impl Sites {
                 s.throttle = Some(Throttle { limits, until_ms, reason: reason.clone() });
                 self.recompute(id, now);
                 self.refresh();
-                (!renewed).then_some(Change { event: "throttle", site, reason, until_ms })
+                (!renewed).then_some(Change { event: "throttle", site, reason, until_ms, source })
             }
         }
     }
@@ -356,7 +362,7 @@ impl Sites {
         let mut out = Vec::new();
         for id in 0..self.sites.len() as SiteId {
             let s = &mut self.sites[id as usize];
-            let site = s.key.name().to_owned();
+            let (site, source) = (s.key.name().to_owned(), Some(s.source));
             if s.suspended.as_ref().is_some_and(|h| h.until_ms <= now_ms) {
                 let h = s.suspended.take().unwrap_or_else(|| unreachable!());
                 out.push((
@@ -366,6 +372,7 @@ impl Sites {
                         site: site.clone(),
                         reason: format!("suspension ended: {}", h.reason),
                         until_ms: 0,
+                        source,
                     },
                 ));
             }
@@ -374,7 +381,13 @@ impl Sites {
                 self.recompute(id, now);
                 out.push((
                     id,
-                    Change { event: "resume", site, reason: format!("throttle ended: {}", t.reason), until_ms: 0 },
+                    Change {
+                        event: "resume",
+                        site,
+                        reason: format!("throttle ended: {}", t.reason),
+                        until_ms: 0,
+                        source,
+                    },
                 ));
             }
         }
@@ -423,7 +436,7 @@ impl Sites {
             }
         }
         self.refresh();
-        Ok(Change { event: "suspend", site, reason: reason.to_owned(), until_ms })
+        Ok(Change { event: "suspend", site, reason: reason.to_owned(), until_ms, source: None })
     }
 
     /// Lifts a suspension: of the scope, and the automatic one of the site it names (`site`:
@@ -454,6 +467,7 @@ impl Sites {
             site: scope.to_string(),
             reason: format!("lifted: {}", held.reason),
             until_ms: 0,
+            source: None,
         })
     }
 
@@ -517,6 +531,10 @@ mod tests {
         assert_eq!((s.name(g2), s.effective(g2)), (s.name(g), s.effective(g)));
         let c = s.on_reply(g, "gmail.com", "421 4.7.28 unusual rate", t0, 1_000).unwrap();
         assert_eq!((c.event, c.site.as_str(), c.until_ms), ("throttle", "google", 1_000 + 90 * 60_000));
+        assert_eq!(c.source, Some(0), "the line names the site's source");
+        // The other source's site is throttled on its own, and its line names that source.
+        let c2 = s.on_reply(g2, "gmail.com", "421 4.7.28 unusual rate", t0, 2_000).unwrap();
+        assert_eq!((c2.event, c2.source), ("throttle", Some(1)));
         assert_eq!(s.effective(g).connection_limit, 1);
         // A renewal extends it without a second log line.
         assert_eq!(s.on_reply(g, "gmail.com", "421 4.7.28 unusual rate", t0, 2_000), None);
@@ -525,8 +543,11 @@ mod tests {
         assert_eq!(s.take_message(g, t0), Err(t0 + Duration::from_secs(60)));
         assert_eq!(s.next_end_ms(), Some(2_000 + 90 * 60_000));
         let ended = s.expire(t0, 2_000 + 90 * 60_000);
-        assert_eq!(ended.len(), 1);
-        assert_eq!(ended[0].1.event, "resume");
+        assert_eq!(ended.len(), 2);
+        assert_eq!(
+            ended.iter().map(|(_, c)| (c.event, c.source)).collect::<Vec<_>>(),
+            [("resume", Some(0)), ("resume", Some(1))]
+        );
         assert_eq!(s.effective(g).connection_limit, 5);
         // Back to 100/s with what the bucket held.
         assert!(s.take_message(g, t0 + Duration::from_secs(60)).is_ok());
@@ -563,7 +584,8 @@ mod tests {
             .suspend(Scope::Provider("nobody".into()), 10, "x", true)
             .unwrap_err()
             .contains("unknown provider `nobody`"));
-        s.suspend(Scope::Provider("yahoo".into()), 5_000, "complaints", true).unwrap();
+        // An operator's scope covers every source: its lines name none.
+        assert_eq!(s.suspend(Scope::Provider("yahoo".into()), 5_000, "complaints", true).unwrap().source, None);
         s.suspend(Scope::Domain("O.test".into()), 3_000, "maintenance", true).unwrap();
         assert!(matches!(s.blocked(Some(y), "yahoo.com", 0), Some(Blocked::Suspended { until_ms: 5_000, .. })));
         assert!(matches!(s.blocked(Some(o), "o.test", 0), Some(Blocked::Suspended { until_ms: 3_000, .. })));
@@ -571,7 +593,7 @@ mod tests {
         assert_eq!(s.blocked(Some(o), "p.test", 0), None);
         // Yahoo's TSS04 suspends the site for two hours; the longer hold wins.
         let c = s.on_reply(y, "yahoo.com", "421 4.7.0 [TSS04] Messages temporarily deferred", t0, 1_000).unwrap();
-        assert_eq!((c.event, c.until_ms), ("suspend", 1_000 + 7_200_000));
+        assert_eq!((c.event, c.until_ms, c.source), ("suspend", 1_000 + 7_200_000, Some(0)));
         assert!(matches!(s.blocked(Some(y), "yahoo.com", 6_000), Some(Blocked::Suspended { until_ms: 7_201_000, .. })));
         let list = s.suspensions(0);
         assert_eq!(list.len(), 3);

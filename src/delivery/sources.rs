@@ -32,6 +32,24 @@ pub struct Source {
     pub ehlo: Option<Box<str>>,
 }
 
+impl Source {
+    /// Whether a connection bound to this source can reach `ip`: only an address of the
+    /// source's own family can (a socket bound to an IPv4 address cannot connect to an IPv6
+    /// one, nor the other way round: the connect fails with EAFNOSUPPORT or EINVAL).
+    pub fn reaches(&self, ip: IpAddr) -> bool {
+        self.ip.is_ipv4() == ip.is_ipv4()
+    }
+
+    /// `IPv4` or `IPv6`, the source's address family, for reply texts and log lines.
+    pub fn family(&self) -> &'static str {
+        if self.ip.is_ipv4() {
+            "IPv4"
+        } else {
+            "IPv6"
+        }
+    }
+}
+
 /// One `--pool NAME=SRC[:WEIGHT],…` with its sources resolved to indexes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pool {

@@ -3,14 +3,17 @@
 //! then the A or AAAA records of those names must hold the address again.
 //!
 //! Sans-IO, in the shape of [`super::resolver::Resolver`]: [`FcrdnsCheck::poll_transmit`]
-//! hands out the query to send (UDP), [`FcrdnsCheck::handle_response`] takes what came back,
-//! [`FcrdnsCheck::handle_timeout`] retries or gives up at [`FcrdnsCheck::next_deadline`], and
-//! [`FcrdnsCheck::result`] is the verdict once it is there. Owns only this one check's state;
-//! must never touch a socket or read the clock. Used once per egress source at start.
+//! hands out the query to send (over UDP, or over TCP once its UDP answer came back truncated,
+//! RFC 1035 §4.2.2, RFC 7766 §5), [`FcrdnsCheck::handle_response`] takes what came back and
+//! by which transport, [`FcrdnsCheck::handle_timeout`] retries or gives up at
+//! [`FcrdnsCheck::next_deadline`], and [`FcrdnsCheck::result`] is the verdict once it is there.
+//! Owns only this one check's state; must never touch a socket or read the clock. Used once
+//! per egress source at start.
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
+use super::resolver::Transmit;
 use super::wire::{self, QType, Rcode, RrData};
 
 /// PTR names tried in turn (an address with many names is rare; each costs a query).
@@ -53,6 +56,8 @@ pub struct FcrdnsCheck {
     timeout: Duration,
     deadline: Instant,
     pending: bool,
+    /// The query in flight goes over TCP: its UDP answer was truncated.
+    tcp: bool,
 }
 
 impl FcrdnsCheck {
@@ -70,6 +75,7 @@ impl FcrdnsCheck {
             timeout,
             deadline: now,
             pending: false,
+            tcp: false,
         };
         match wire::encode_ptr_query(id, ip) {
             Ok(q) => c.send(q, now),
@@ -78,8 +84,10 @@ impl FcrdnsCheck {
         c
     }
 
+    /// A new question: over UDP first.
     fn send(&mut self, query: Vec<u8>, now: Instant) {
         self.query = query;
+        self.tcp = false;
         self.attempts = 1;
         self.deadline = now + self.timeout;
         self.pending = true;
@@ -90,14 +98,15 @@ impl FcrdnsCheck {
         self.step = Step::Done(Verdict { ptr, ok: false, error: Some(error) });
     }
 
-    /// The query to send now (again after a timeout), if any.
+    /// The query to send now (again after a timeout), if any, and by which transport
+    /// (`tcp`: framed with a length prefix on a new connection, as the driver does it).
     #[must_use]
-    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
         if !self.pending {
             return None;
         }
         self.pending = false;
-        Some(self.query.clone())
+        Some(Transmit { id: self.id, bytes: self.query.clone(), tcp: self.tcp })
     }
 
     /// When [`FcrdnsCheck::handle_timeout`] is due, while a query waits.
@@ -135,19 +144,29 @@ impl FcrdnsCheck {
         }
     }
 
-    /// An answer (UDP datagram). Bytes that are not the answer to the query in flight (id
-    /// and question) are ignored, as a resolver must (RFC 5452 §4).
-    pub fn handle_response(&mut self, bytes: &[u8], now: Instant) {
+    /// An answer, `via_tcp` or as a UDP datagram. Bytes that are not the answer to the query
+    /// in flight (id, question and transport: a late datagram once the query went over TCP)
+    /// are ignored, as a resolver must (RFC 5452 §4).
+    pub fn handle_response(&mut self, bytes: &[u8], now: Instant, via_tcp: bool) {
         let Ok(a) = wire::decode_answer(bytes) else { return };
         let matches =
             a.id == self.id && a.question.as_ref().is_some_and(|q| q.name == self.asking.0 && q.qtype == self.asking.1);
-        if !matches || matches!(self.step, Step::Done(_)) {
+        if !matches || via_tcp != self.tcp || matches!(self.step, Step::Done(_)) {
+            return;
+        }
+        if a.truncated && !via_tcp {
+            // Too long for a datagram (many PTR names, a server with a small UDP limit): the
+            // same question again over TCP (RFC 7766 §5), with the same time allowed.
+            self.tcp = true;
+            self.attempts = 1;
+            self.deadline = now + self.timeout;
+            self.pending = true;
             return;
         }
         if a.truncated {
-            // PTR and address answers are small; a truncated one is a misbehaving server.
+            // TC over TCP makes no sense (RFC 7766 §8): a misbehaving server.
             let ptr = self.first_name();
-            return self.finish(ptr, "truncated DNS answer");
+            return self.finish(ptr, "truncated DNS answer over TCP");
         }
         match (&mut self.step, a.rcode) {
             (Step::Ptr, Rcode::NoError | Rcode::NxDomain) => {
@@ -220,15 +239,22 @@ mod tests {
     use crate::dns::wire::testing::Zone;
 
     fn run(zone: &Zone, ip: &str) -> (Verdict, usize) {
+        let (v, queries, _) = run_counting_tcp(zone, ip);
+        (v, queries)
+    }
+
+    /// Runs a check against `zone` over its transports: (verdict, queries, of them over TCP).
+    fn run_counting_tcp(zone: &Zone, ip: &str) -> (Verdict, usize, usize) {
         let t0 = Instant::now();
         let mut c = FcrdnsCheck::new(ip.parse().unwrap(), 100, Duration::from_secs(1), 2, t0);
-        let mut queries = 0;
+        let (mut queries, mut tcp) = (0, 0);
         while c.result().is_none() {
             let q = c.poll_transmit().expect("a query while not done");
             queries += 1;
-            c.handle_response(&zone.respond(&q, false), t0);
+            tcp += usize::from(q.tcp);
+            c.handle_response(&zone.respond(&q.bytes, q.tcp), t0, q.tcp);
         }
-        (c.result().unwrap().clone(), queries)
+        (c.result().unwrap().clone(), queries, tcp)
     }
 
     fn zone() -> Zone {
@@ -268,20 +294,53 @@ mod tests {
         let t0 = Instant::now();
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         let mut c = FcrdnsCheck::new(ip, 5, Duration::from_secs(1), 2, t0);
-        let q = c.poll_transmit().unwrap();
+        let q = c.poll_transmit().unwrap().bytes;
         assert_eq!(c.poll_transmit(), None);
         // An answer with another id changes nothing.
         let mut other = zone().respond(&q, false);
         other[1] ^= 1;
-        c.handle_response(&other, t0);
-        c.handle_response(b"garbage", t0);
+        c.handle_response(&other, t0, false);
+        c.handle_response(b"garbage", t0, false);
         assert!(c.result().is_none());
         c.handle_timeout(t0 + Duration::from_millis(500));
         assert_eq!(c.poll_transmit(), None, "not due yet");
         c.handle_timeout(t0 + Duration::from_secs(1));
-        assert_eq!(c.poll_transmit(), Some(q), "the same query again");
+        assert_eq!(c.poll_transmit().map(|t| t.bytes), Some(q), "the same query again");
         c.handle_timeout(t0 + Duration::from_secs(2));
         assert_eq!(c.result().map(|v| v.error), Some(Some("DNS timeout")));
         assert_eq!(c.next_deadline(), None);
+    }
+
+    /// A truncated UDP answer is asked again over TCP, same query and id; the TCP answer
+    /// decides. A late datagram for a query gone to TCP is ignored, and TC over TCP fails.
+    #[test]
+    fn a_truncated_answer_is_asked_again_over_tcp() {
+        // Every UDP answer truncated (a limit below any answer's size): each of the two
+        // questions goes over UDP, then over TCP.
+        let mut z = zone();
+        z.udp_limit = 12;
+        let (v, queries, tcp) = run_counting_tcp(&z, "192.0.2.1");
+        assert_eq!(v, Verdict { ptr: Some("out1.example.com".into()), ok: true, error: None });
+        assert_eq!((queries, tcp), (4, 2));
+
+        let t0 = Instant::now();
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let mut c = FcrdnsCheck::new(ip, 9, Duration::from_secs(1), 2, t0);
+        let udp = c.poll_transmit().unwrap();
+        assert!(!udp.tcp);
+        let truncated = z.respond(&udp.bytes, false);
+        let later = t0 + Duration::from_millis(700);
+        c.handle_response(&truncated, later, false);
+        let tcp = c.poll_transmit().unwrap();
+        assert_eq!((tcp.id, tcp.tcp, &tcp.bytes), (udp.id, true, &udp.bytes));
+        // The TCP attempt gets the whole timeout from when it went.
+        assert_eq!(c.next_deadline(), Some(later + Duration::from_secs(1)));
+        // The full answer arriving by datagram now is not the transport asked: ignored.
+        c.handle_response(&z.respond(&udp.bytes, true), later, false);
+        assert_eq!(c.poll_transmit(), None);
+        assert!(c.result().is_none());
+        // A server that sets TC over TCP too: the check fails, saying so.
+        c.handle_response(&truncated, later, true);
+        assert_eq!(c.result().map(|v| v.error), Some(Some("truncated DNS answer over TCP")));
     }
 }

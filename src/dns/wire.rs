@@ -282,6 +282,26 @@ pub fn peek_id(bytes: &[u8]) -> Option<u16> {
     Some(u16::from_be_bytes([*bytes.first()?, *bytes.get(1)?]))
 }
 
+/// Largest DNS message over TCP (the two-octet length prefix, RFC 1035 §4.2.2).
+pub const MAX_TCP_MESSAGE: usize = 65_535;
+
+/// A message framed for TCP: its length as two octets, then the message (RFC 1035 §4.2.2,
+/// RFC 7766 §8). `None` when it is too long to frame.
+pub fn frame_tcp(msg: &[u8]) -> Option<Vec<u8>> {
+    let len = u16::try_from(msg.len()).ok()?;
+    let mut out = Vec::with_capacity(2 + msg.len());
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(msg);
+    Some(out)
+}
+
+/// The first whole message in bytes read from a TCP connection (RFC 1035 §4.2.2): `None`
+/// while its length prefix or part of it is still to come.
+pub fn tcp_message(input: &[u8]) -> Option<&[u8]> {
+    let len = usize::from(u16::from_be_bytes([*input.first()?, *input.get(1)?]));
+    input.get(2..2 + len)
+}
+
 /// Decodes a response into an [`Answer`]. Records of other types or classes are skipped.
 pub fn decode_answer(bytes: &[u8]) -> Result<Answer, WireError> {
     let m = Message::from_vec(bytes).map_err(|_| WireError::Decode)?;
@@ -434,7 +454,7 @@ pub(crate) mod testing {
                 if resp.answers.is_empty() {
                     resp.metadata.response_code = ResponseCode::NXDomain;
                 }
-                return resp.to_vec().unwrap();
+                return self.sized(resp, tcp);
             }
             let qtype = QType::from_code(u16::from(q.query_type())).unwrap();
             if self.servfail.contains(&name) {
@@ -483,6 +503,11 @@ pub(crate) mod testing {
                 let soa = SOA::new(fqdn("ns.test"), fqdn("hostmaster.test"), 1, 3600, 600, 86400, self.soa_minimum);
                 resp.add_authority(Record::from_rdata(fqdn("test"), self.soa_ttl, RData::SOA(soa)));
             }
+            self.sized(resp, tcp)
+        }
+
+        /// The response's bytes; over UDP, truncated (TC, empty sections) past `udp_limit`.
+        fn sized(&self, mut resp: Message, tcp: bool) -> Vec<u8> {
             let bytes = resp.to_vec().unwrap();
             if !tcp && bytes.len() > self.udp_limit {
                 resp.answers.clear();
@@ -627,6 +652,19 @@ mod tests {
         assert_eq!(a.answers[0].data, RrData::Ptr("out1.example.com".into()));
         let q = encode_ptr_query(1, "192.0.2.11".parse().unwrap()).unwrap();
         assert_eq!(decode_answer(&zone.respond(&q, false)).unwrap().rcode, Rcode::NxDomain);
+    }
+
+    #[test]
+    fn tcp_framing_round_trips_and_waits_for_whole_messages() {
+        let framed = frame_tcp(b"abc").unwrap();
+        assert_eq!(framed, b"\x00\x03abc");
+        assert_eq!(tcp_message(&framed), Some(&b"abc"[..]));
+        for cut in 0..framed.len() {
+            assert_eq!(tcp_message(&framed[..cut]), None, "{cut} octets");
+        }
+        // Whatever follows the first message is left for the next call.
+        assert_eq!(tcp_message(b"\x00\x01xyz"), Some(&b"x"[..]));
+        assert_eq!(frame_tcp(&vec![0; MAX_TCP_MESSAGE + 1]), None);
     }
 
     #[test]

@@ -27,7 +27,7 @@ use mio::{Interest, Registry, Token};
 use slab::Slab;
 
 use crate::dns::resolver::{Handled, Transmit};
-use crate::dns::Resolver;
+use crate::dns::{wire, Resolver};
 use crate::net::socket::{self, IoResult};
 use crate::net::token::{self, Kind};
 
@@ -278,7 +278,7 @@ impl DnsConn {
             self.stats.send_errors += 1;
             return;
         }
-        let Ok(len) = u16::try_from(t.bytes.len()) else { return };
+        let Some(out) = wire::frame_tcp(&t.bytes) else { return };
         let mut sock = match TcpStream::connect(self.server) {
             Ok(s) => s,
             Err(_) => {
@@ -296,9 +296,6 @@ impl DnsConn {
             self.stats.send_errors += 1;
             return;
         }
-        let mut out = Vec::with_capacity(2 + t.bytes.len());
-        out.extend_from_slice(&len.to_be_bytes());
-        out.extend_from_slice(&t.bytes);
         entry.insert(TcpQuery { sock, id: t.id, out, written: 0, input: Vec::new() });
         self.stats.tcp_sent += 1;
         // The connect is usually still in progress: the writable event sends the query.
@@ -336,14 +333,11 @@ impl DnsConn {
                 }
             }
         }
-        if c.input.len() >= 2 {
-            let len = usize::from(u16::from_be_bytes([c.input[0], c.input[1]]));
-            if c.input.len() >= 2 + len {
-                let handled = self.resolver.handle_response(&c.input[2..2 + len], now, true);
-                self.count(handled);
-                // One query per connection: done whatever the answer was.
-                return self.close_tcp(key);
-            }
+        if let Some(msg) = wire::tcp_message(&c.input) {
+            let handled = self.resolver.handle_response(msg, now, true);
+            self.count(handled);
+            // One query per connection: done whatever the answer was.
+            return self.close_tcp(key);
         }
         if closed {
             self.close_tcp(key);
@@ -359,8 +353,9 @@ impl DnsConn {
 
 /// Runs one forward-confirmed reverse DNS check of `ip` against `server` to its end, blocking
 /// (at start, before the loop runs: see `reactor::Server::bind`). The pure
-/// [`crate::dns::fcrdns::FcrdnsCheck`] decides; this only moves its datagrams over a UDP
-/// socket connected to the server, each query waiting `timeout`, sent at most twice.
+/// [`crate::dns::fcrdns::FcrdnsCheck`] decides; this only moves its queries: datagrams over a
+/// UDP socket connected to the server, and a query whose UDP answer was truncated over a TCP
+/// connection of its own ([`ask_tcp`]); each query waits `timeout`, sent at most twice.
 /// `None` (no `--dns` and no system resolver) fails the check.
 pub fn fcrdns_blocking(
     server: Option<SocketAddr>,
@@ -383,19 +378,56 @@ pub fn fcrdns_blocking(
         if let Some(v) = check.result() {
             return v.clone();
         }
-        if let Some(q) = check.poll_transmit() {
-            // A lost datagram is the same as a lost answer: the timeout resends it.
-            let _ = sock.send(&q);
-        }
-        let now = Instant::now();
         let Some(deadline) = check.next_deadline() else { continue };
-        let wait = deadline.saturating_duration_since(now).max(std::time::Duration::from_millis(1));
+        match check.poll_transmit() {
+            Some(q) if q.tcp => {
+                // One connection per truncated answer, as `DnsConn` does; whatever fails
+                // (refused, reset, short, late) is a lost answer: the deadline decides.
+                match ask_tcp(server, &q.bytes, deadline) {
+                    Some(answer) => check.handle_response(&answer, Instant::now(), true),
+                    None => check.handle_timeout(Instant::now().max(deadline)),
+                }
+                continue;
+            }
+            // A lost datagram is the same as a lost answer: the timeout resends it.
+            Some(q) => {
+                let _ = sock.send(&q.bytes);
+            }
+            None => {}
+        }
+        let wait = deadline.saturating_duration_since(Instant::now()).max(std::time::Duration::from_millis(1));
         let _ = sock.set_read_timeout(Some(wait));
         match sock.recv(&mut buf) {
-            Ok(n) => check.handle_response(&buf[..n], Instant::now()),
+            Ok(n) => check.handle_response(&buf[..n], Instant::now(), false),
             // Timed out (or ICMP refused: nothing listens there): the deadline decides.
             Err(_) => check.handle_timeout(Instant::now().max(deadline)),
         }
+    }
+}
+
+/// One query over a new TCP connection to `server` (RFC 1035 §4.2.2 framing, RFC 7766),
+/// blocking until its answer or `deadline`: the answer's bytes, or `None` when the connection
+/// failed, closed early or ran out of time.
+fn ask_tcp(server: SocketAddr, query: &[u8], deadline: Instant) -> Option<Vec<u8>> {
+    use std::io::Write as _;
+    // Time left, never zero (a zero timeout means "block forever" to the socket calls).
+    let left = || deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero());
+    let framed = wire::frame_tcp(query)?;
+    let mut sock = std::net::TcpStream::connect_timeout(&server, left()?).ok()?;
+    sock.set_write_timeout(Some(left()?)).ok()?;
+    sock.write_all(&framed).ok()?;
+    let mut input = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(answer) = wire::tcp_message(&input) {
+            return Some(answer.to_vec());
+        }
+        sock.set_read_timeout(Some(left()?)).ok()?;
+        let n = sock.read(&mut buf).ok().filter(|&n| n > 0)?;
+        if input.len() + n > 2 + wire::MAX_TCP_MESSAGE {
+            return None;
+        }
+        input.extend_from_slice(&buf[..n]);
     }
 }
 
@@ -628,6 +660,35 @@ mod tests {
         assert_eq!(&buf[..n], &query[..], "the retry repeats the query, id included");
         silent.set_nonblocking(true).unwrap();
         assert_eq!(silent.recv_from(&mut buf).map_err(|e| e.kind()).unwrap_err(), ErrorKind::WouldBlock);
+    }
+
+    /// The start-up FCrDNS check against a server that truncates every UDP answer: each
+    /// question is asked again over TCP, and the address is confirmed.
+    #[test]
+    fn fcrdns_asks_over_tcp_when_the_udp_answer_is_truncated() {
+        let mut zone = Zone::default().addr("out1.example.com", "192.0.2.1");
+        zone.ptr.insert("1.2.0.192.in-addr.arpa".into(), vec!["out1.example.com".into()]);
+        zone.udp_limit = 12;
+        let server = Server::start(zone);
+        let v = fcrdns_blocking(Some(server.addr), ip("192.0.2.1"), Duration::from_secs(2));
+        assert_eq!((v.ok, v.ptr.as_deref(), v.error), (true, Some("out1.example.com"), None));
+        assert_eq!(server.tcp_queries.load(Ordering::Relaxed), 2, "PTR and A, each over TCP");
+        // Nothing listens over TCP there: the check fails within its time, as a timeout.
+        let udp_only = StdUdp::bind("127.0.0.1:0").unwrap();
+        let t0 = Instant::now();
+        let addr = udp_only.local_addr().unwrap();
+        let responder = std::thread::spawn(move || {
+            let z = Zone { udp_limit: 12, ..Zone::default() };
+            let mut buf = [0u8; 512];
+            udp_only.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            while let Ok((n, peer)) = udp_only.recv_from(&mut buf) {
+                let _ = udp_only.send_to(&z.respond(&buf[..n], false), peer);
+            }
+        });
+        let v = fcrdns_blocking(Some(addr), ip("192.0.2.1"), Duration::from_millis(300));
+        assert_eq!((v.ok, v.error), (false, Some("DNS timeout")));
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+        drop(responder);
     }
 
     #[test]

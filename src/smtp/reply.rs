@@ -292,6 +292,16 @@ pub enum LocalFault<'a> {
         /// Why.
         why: &'a str,
     },
+    /// No mail exchanger of the destination has an address of the egress source's family
+    /// (X.4.4: unable to route): deferred, never bounced, as the source is our choice.
+    NoAddressOfFamily {
+        /// `IPv4` or `IPv6`.
+        family: &'a str,
+        /// The source's name.
+        source: &'a str,
+        /// The mail exchangers' names, comma-separated.
+        hosts: &'a str,
+    },
     /// The message outlived the queue lifetime (X.4.7); `last` is the last deferral.
     Expired {
         /// The reply of the last attempt.
@@ -366,6 +376,9 @@ impl LocalFault<'_> {
             }
             LocalFault::Connect { host, addr, why } => (451, (4, 4, 1), format!("connect to {host}[{addr}]: {why}")),
             LocalFault::Lost { remote, why } => (451, (4, 4, 2), format!("lost connection with {remote}: {why}")),
+            LocalFault::NoAddressOfFamily { family, source, hosts } => {
+                (451, (4, 4, 4), format!("no {family} address for source {source} at {hosts}"))
+            }
             LocalFault::Expired { last } => (550, (5, 4, 7), format!("delivery time expired; last error: {last}")),
             LocalFault::LoopsBack { domain } => (554, (5, 4, 6), format!("mail for {domain} loops back to myself")),
             LocalFault::Dns { domain, error } => {

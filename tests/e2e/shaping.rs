@@ -197,6 +197,8 @@ fn a_gmail_like_rate_limit_throttles_the_site_and_everything_still_arrives() {
     let log = relay.log();
     let line = log.lines().find(|l| l.contains("event=throttle")).unwrap();
     assert!(line.contains("4.7.28") && line.contains("until="), "{line}");
+    // No --source: the kernel picks the address, and the line names no source.
+    assert!(!line.contains("source="), "{line}");
     let report = sink_report(sink);
     assert_eq!(num(&report, "messages"), n as u64, "{report}");
     assert!(refused(&report, "rate_limit") > 0, "the sink refused some: {report}");
@@ -216,12 +218,15 @@ fn yahoo_tss04_suspends_the_site_with_no_attempt_while_it_lasts() {
         "1s",
         "--domain-concurrency",
         "1",
+        "--source",
+        "ip2=127.0.0.2",
     ]);
     load(&bin, &relay, 10);
     relay.wait_log("event=suspend");
     let log = relay.log();
     let line = log.lines().find(|l| l.contains("event=suspend")).unwrap();
-    assert!(line.contains("TSS04") && line.contains("site=127.0.0.1"), "{line}");
+    // Sites are per (source, site): the line names the source whose site is suspended.
+    assert!(line.contains("TSS04") && line.contains("site=127.0.0.1 source=ip2"), "{line}");
     // Two hours: in the next 3 s (three retry delays) nothing is tried.
     let attempts = relay.log().matches("rcpt=").count();
     std::thread::sleep(Duration::from_secs(3));

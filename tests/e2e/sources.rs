@@ -328,3 +328,78 @@ fn the_chosen_source_is_stored_and_kept_across_a_restart() {
     assert_eq!(peers(&saved)[2].0, "127.0.0.2", "{:?}", peers(&saved));
     drop((dir, dir2));
 }
+
+#[test]
+fn a_source_is_only_tried_at_addresses_of_its_family() {
+    // Source 127.0.0.2 (IPv4). mixed.test's better exchanger has only ::1, the other both ::1
+    // and 127.0.0.1; both.test's one exchanger has both; six.test's only ::1. The sink
+    // listens on 127.0.0.1 only. From an IPv4 source nothing may be tried at ::1 (a bound
+    // IPv4 socket cannot connect there): both messages go to the sink with no failed
+    // connection, and six.test's recipient is deferred saying why.
+    let Some(bin) = load_bin() else { return };
+    let sink = sink(&bin, "127.0.0.1:0", &[]);
+    let d = dns(
+        &bin,
+        &[
+            "--mx",
+            "mixed.test=10:mx6.mixed.test",
+            "--a",
+            "mx6.mixed.test=::1",
+            "--mx",
+            "mixed.test=20:mx46.mixed.test",
+            "--a",
+            "mx46.mixed.test=::1",
+            "--a",
+            "mx46.mixed.test=127.0.0.1",
+            "--mx",
+            "both.test=10:mx.both.test",
+            "--a",
+            "mx.both.test=::1",
+            "--a",
+            "mx.both.test=127.0.0.1",
+            "--mx",
+            "six.test=10:mx.six.test",
+            "--a",
+            "mx.six.test=::1",
+        ],
+    );
+    let (server, port) = (d.addr.to_string(), sink.addr.port().to_string());
+    let relay = Relay::start(&["--dns", &server, "--smtp-port", &port, "--source", "ip2=127.0.0.2"]);
+    let mut c = relay.client();
+    c.expect("220");
+    c.expect_ok("EHLO c.test", "250");
+    for (i, rcpt) in ["u@mixed.test", "u@both.test", "u@six.test"].iter().enumerate() {
+        let r = c.send_message("a@src.test", &[rcpt], format!("Subject: fam{i}\r\n\r\nbody\r\n").as_bytes());
+        assert!(r.starts_with("250 "), "{r}");
+    }
+    let saved = wait_saved(&sink, 2, Duration::from_secs(30), &relay);
+    assert!(peers(&saved).iter().all(|(p, _)| p == "127.0.0.2"), "{:?}", peers(&saved));
+    relay.wait_log("rcpt=u@six.test");
+    relay.wait_log("event=no_route");
+    let log = relay.log();
+    let line = log.lines().find(|l| l.contains("rcpt=u@six.test")).unwrap();
+    assert!(
+        line.contains("outcome=deferred") && line.contains("4.4.4") && line.contains("no IPv4 address for source ip2"),
+        "{line}"
+    );
+    let no_route = log.lines().find(|l| l.contains("event=no_route")).unwrap();
+    assert!(no_route.contains("domain=six.test") && no_route.contains("source=ip2"), "{no_route}");
+    assert!(!log.contains("event=connect_error") && !log.contains("[::1]"), "{log}");
+}
+
+#[test]
+fn fcrdns_asks_again_over_tcp_when_the_udp_answer_is_truncated() {
+    // The test DNS truncates every UDP answer: the start-up check must ask over TCP (RFC
+    // 7766) to confirm the source, or --require-fcrdns would stop the start.
+    let Some(bin) = load_bin() else { return };
+    let sink = sink(&bin, "127.0.0.1:0", &[]);
+    let d = dns(&bin, &["--truncate-udp", "--ptr", "127.0.0.2=out2.test", "--a", "out2.test=127.0.0.2"]);
+    let relay = relay(&sink, &d, &["--source", "ip2=127.0.0.2,ehlo=out2.test", "--require-fcrdns"]);
+    relay.wait_log("event=source_check source=ip2");
+    let log = relay.log();
+    assert!(log.contains("event=source_check source=ip2 ip=127.0.0.2 ptr=out2.test ehlo=out2.test ok=true"), "{log}");
+    let r = send_many(&relay, 1, "");
+    assert!(r[0].starts_with("250 "), "{r:?}");
+    let saved = wait_saved(&sink, 1, Duration::from_secs(30), &relay);
+    assert_eq!(peers(&saved), [("127.0.0.2".to_string(), "out2.test".to_string())]);
+}

@@ -283,7 +283,7 @@ impl Outbound {
             Action::Settle(s) => self.settle(ctx, *s),
             Action::Bounce(b) => self.bounce(ctx, *b),
             Action::Release { segment, pins } => ctx.spool.release_message(segment, pins),
-            Action::Note(note) => log_note(ctx.log, &note),
+            Action::Note(note) => log_note(ctx.log, &note, &self.engine),
         }
     }
 
@@ -667,9 +667,13 @@ fn is_self(own: &[SocketAddr], local_ips: &mut HashMap<IpAddr, bool>, addr: Sock
             .or_insert_with(|| ip.is_loopback() || std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok())
 }
 
-fn log_note(log: &mut Logger, note: &Note) {
+/// Logs a note of the engine (which names the egress sources of shaping changes).
+fn log_note(log: &mut Logger, note: &Note, engine: &Engine) {
     match note {
         Note::Route { event, domain, error } => log.event(event, &[("domain", V::S(domain)), ("error", V::S(error))]),
+        Note::NoRoute { domain, source, error } => {
+            log.event("no_route", &[("domain", V::S(domain)), ("source", V::S(source)), ("error", V::S(error))])
+        }
         Note::ConnectError { host, addr, error } => {
             log.event("connect_error", &[("host", V::S(host)), ("ip", V::D(addr)), ("error", V::S(error))])
         }
@@ -689,17 +693,22 @@ fn log_note(log: &mut Logger, note: &Note) {
             "destination_down",
             &[("domain", V::S(domain)), ("retry", V::S(&crate::message::iso8601(*until_ms))), ("error", V::S(error))],
         ),
-        Note::Shaping(c) if c.until_ms == 0 => {
-            log.event(c.event, &[("site", V::S(&c.site)), ("reason", V::S(&c.reason))])
+        Note::Shaping(c) => {
+            // Sites are per (egress source, site): the line names the source when there is one.
+            let until = (c.until_ms != 0).then(|| crate::message::iso8601(c.until_ms));
+            let source = c.source.and_then(|id| engine.source(id));
+            // A change is rare (a rule matched, a hold ended): a small list is fine here.
+            let mut fields = Vec::with_capacity(4);
+            fields.push(("site", V::S(&c.site)));
+            if let Some(s) = source {
+                fields.push(("source", V::S(&s.name)));
+            }
+            fields.push(("reason", V::S(&c.reason)));
+            if let Some(until) = &until {
+                fields.push(("until", V::S(until)));
+            }
+            log.event(c.event, &fields);
         }
-        Note::Shaping(c) => log.event(
-            c.event,
-            &[
-                ("site", V::S(&c.site)),
-                ("reason", V::S(&c.reason)),
-                ("until", V::S(&crate::message::iso8601(c.until_ms))),
-            ],
-        ),
         Note::AuthFailed { host, addr, error } => {
             log.event("relay_auth_failed", &[("host", V::S(host)), ("ip", V::D(addr)), ("error", V::S(error))])
         }
