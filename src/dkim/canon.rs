@@ -108,6 +108,7 @@ pub fn relaxed_value(value: &[u8], out: &mut Vec<u8>) {
 pub fn relaxed_body(body: &[u8], mut sink: impl FnMut(&[u8])) {
     // Empty lines are held back until a line with content shows they are not trailing.
     let mut empty_lines = 0usize;
+    let spaces = memchr::memmem::Finder::new(b"  ");
     let mut pos = 0;
     while pos < body.len() {
         let (line, next) = match memchr(b'\n', &body[pos..]) {
@@ -133,17 +134,16 @@ pub fn relaxed_body(body: &[u8], mut sink: impl FnMut(&[u8])) {
             sink(b"\r\n");
         }
         empty_lines = 0;
-        relaxed_line(line, &mut sink);
+        relaxed_line(line, &spaces, &mut sink);
         sink(b"\r\n");
     }
 }
 
 /// One body line without trailing white space: runs of white space become one space. Only a
 /// tab or two spaces in a row start a run that changes anything, so those are found with
-/// `memchr`/`memmem` (each scan resumed past its last find, never repeated) and a line of
-/// plain prose is fed in one slice.
-fn relaxed_line(line: &[u8], sink: &mut impl FnMut(&[u8])) {
-    let spaces = memchr::memmem::Finder::new(b"  ");
+/// `memchr` and `spaces` (the body's one `memmem` finder of two spaces; each scan resumed
+/// past its last find, never repeated) and a line of plain prose is fed in one slice.
+fn relaxed_line(line: &[u8], spaces: &memchr::memmem::Finder<'_>, sink: &mut impl FnMut(&[u8])) {
     // The next tab and the next double space at or after `from` (`len`: none left).
     let next_tab = |from: usize| memchr(b'\t', &line[from..]).map_or(line.len(), |i| from + i);
     let next_double = |from: usize| spaces.find(&line[from..]).map_or(line.len(), |i| from + i);
@@ -247,7 +247,8 @@ mod tests {
         fn relaxed_line_matches_the_byte_by_byte_rule(line in proptest::collection::vec(
             proptest::sample::select(&b" \taz"[..]), 0..40)) {
             let mut out = Vec::new();
-            relaxed_line(&line, &mut |s: &[u8]| out.extend_from_slice(s));
+            let spaces = memchr::memmem::Finder::new(b"  ");
+            relaxed_line(&line, &spaces, &mut |s: &[u8]| out.extend_from_slice(s));
             proptest::prop_assert_eq!(out, relaxed_line_naive(&line));
         }
     }
