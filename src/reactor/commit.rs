@@ -100,6 +100,11 @@ impl CommitGate {
         &mut self.waiting
     }
 
+    /// A sync is out on the thread: its end will wake the loop.
+    pub fn syncing(&self) -> bool {
+        self.syncer.busy()
+    }
+
     /// A sync could start now (there is something to commit and the thread is free): the loop
     /// must not sleep.
     pub fn due(&self, spool: &Spool) -> bool {

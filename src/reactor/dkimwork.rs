@@ -13,9 +13,9 @@
 //! over) and gets it back with the signature fields.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -56,6 +56,9 @@ pub struct DkimWorker {
     /// need not wake it again (one `eventfd` write, and at most one loop wake-up, per drain
     /// instead of per message; see also [`WAKE_AFTER`]).
     wake_pending: Arc<AtomicBool>,
+    /// The loop has a sync out, whose end wakes it and takes the results in: a finished
+    /// signature need not wake it (see [`DkimWorker::set_sync_out`]).
+    sync_out: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -67,12 +70,14 @@ impl DkimWorker {
         let job_rx = Arc::new(Mutex::new(job_rx));
         let (result_tx, results) = channel();
         let wake_pending = Arc::new(AtomicBool::new(false));
+        let sync_out = Arc::new(AtomicBool::new(false));
         let mut handles = Vec::with_capacity(threads);
         for i in 0..threads {
             let job_rx = Arc::clone(&job_rx);
             let result_tx = result_tx.clone();
             let waker = Arc::clone(&waker);
             let pending = Arc::clone(&wake_pending);
+            let sync_out = Arc::clone(&sync_out);
             let handle = std::thread::Builder::new().name(format!("sluice-dkim-{i}")).spawn(move || {
                 let mut signer = Signer::new();
                 let rng = SystemRandom::new();
@@ -82,14 +87,31 @@ impl DkimWorker {
                 // after its drain always finds the flag clear and wakes it. If the wake fails
                 // the loop is gone; nothing left to tell.
                 let wake = || {
+                    // Pairs with the fence in `set_sync_out`: either the loop's drain after
+                    // it cleared `sync_out` sees this thread's send, or this load sees the
+                    // cleared flag and wakes it.
+                    fence(Ordering::SeqCst);
+                    if sync_out.load(Ordering::SeqCst) {
+                        return;
+                    }
                     if !pending.swap(true, Ordering::AcqRel) {
                         let _ = waker.wake();
                     }
                 };
                 loop {
                     // The lock is held only to take one job; a poisoned lock (a thread
-                    // panicked) still hands out jobs.
-                    let rx = job_rx.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                    // panicked) still hands out jobs. Another thread holding it is waiting for
+                    // a job, so this one may wait long: it tells the loop of its results first.
+                    let rx = match job_rx.try_lock() {
+                        Ok(rx) => rx,
+                        Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+                        Err(TryLockError::WouldBlock) => {
+                            if unwoken.take().is_some() {
+                                wake();
+                            }
+                            job_rx.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+                        }
+                    };
                     let job = match rx.try_recv() {
                         Ok(job) => job,
                         Err(TryRecvError::Disconnected) => break,
@@ -124,6 +146,7 @@ impl DkimWorker {
             inline: Vec::new(),
             waker,
             wake_pending,
+            sync_out,
             threads: handles,
         })
     }
@@ -174,6 +197,15 @@ impl DkimWorker {
         self.feed();
     }
 
+    /// Whether the loop has a sync out, said before each sleep. While it has, the threads do
+    /// not wake it for results: the sync's end will, and the loop takes the results in then.
+    /// When it has none, the caller must call [`DkimWorker::try_results`] after this (before
+    /// sleeping): a result sent while the flag was still set is taken in by that drain.
+    pub fn set_sync_out(&self, out: bool) {
+        self.sync_out.store(out, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+    }
+
     /// Jobs waiting in the loop-side backlog (the channel was full).
     pub fn backlog(&self) -> usize {
         self.backlog.len()
@@ -218,7 +250,9 @@ mod tests {
         let keys = Arc::new(keys);
         let mut poll = Poll::new().unwrap();
         let waker = Arc::new(Waker::new(poll.registry(), Token(3)).unwrap());
-        let mut worker = DkimWorker::spawn(1, waker).unwrap();
+        // Two threads: one waits for jobs holding the channel's lock while the other, done
+        // with its job, waits for the lock.
+        let mut worker = DkimWorker::spawn(2, waker).unwrap();
         let mut events = Events::with_capacity(8);
         let mut done = Vec::new();
         let mut sent = 0;
@@ -233,6 +267,33 @@ mod tests {
             }
         }
         assert_eq!(done.len(), sent);
+    }
+
+    /// While the loop has a sync out, results do not wake it; the drain it does after saying
+    /// none is out takes them all in.
+    #[test]
+    fn no_wake_while_a_sync_is_out() {
+        let mut keys = KeyTable::new();
+        keys.insert("example.com", SigningKey::ed25519_from_seed("s1", &[9u8; 32]).unwrap());
+        let keys = Arc::new(keys);
+        let mut poll = Poll::new().unwrap();
+        let waker = Arc::new(Waker::new(poll.registry(), Token(3)).unwrap());
+        let mut worker = DkimWorker::spawn(1, waker).unwrap();
+        let mut events = Events::with_capacity(8);
+        worker.set_sync_out(true);
+        let mut jobs: Vec<SignJob> = (0..5).map(|i| job(i, &keys)).collect();
+        worker.submit(&mut jobs);
+        poll.poll(&mut events, Some(Duration::from_millis(300))).unwrap();
+        assert!(events.is_empty(), "a result woke the loop while a sync was out");
+        worker.set_sync_out(false);
+        let mut done = Vec::new();
+        worker.try_results(&mut done);
+        while done.len() < 5 {
+            // Only a thread slower than 300 ms for five signatures gets here: it wakes.
+            poll.poll(&mut events, Some(Duration::from_secs(10))).unwrap();
+            assert!(!events.is_empty(), "{} of 5 back and no wake-up", done.len());
+            worker.try_results(&mut done);
+        }
     }
 
     #[test]

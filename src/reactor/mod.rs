@@ -442,6 +442,7 @@ impl Server {
     pub fn run(mut self) -> Result<(), RunError> {
         let mut events = Events::with_capacity(1024);
         loop {
+            self.before_sleep();
             let timeout = self.poll_timeout();
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() != io::ErrorKind::Interrupted {
@@ -455,6 +456,10 @@ impl Server {
                 turn!(&mut self, inbound, turn, delivery);
                 inbound.drive_again(&mut turn);
             }
+            // Signatures taken in before the poll (see `before_sleep`).
+            if !self.signed.is_empty() {
+                self.on_signed();
+            }
             // 2. Dispatch.
             for ev in events.iter() {
                 match token::split(ev.token()) {
@@ -465,11 +470,12 @@ impl Server {
                     }
                     Some((Kind::Signal, _, _)) => self.on_signal(),
                     // One waker serves the sync thread, the AUTH worker and the DKIM
-                    // threads: ask all three.
+                    // threads: ask all three. Signed messages first, so that they are in the
+                    // sync that starts when the last one is back.
                     Some((Kind::Waker, _, _)) => {
+                        self.on_signed();
                         self.on_sync_done();
                         self.on_auth_done();
-                        self.on_signed();
                     }
                     Some((kind @ (Kind::Outbound | Kind::Dns), generation, key)) => {
                         self.with_delivery(|d, ctx| d.on_event(ctx, kind, generation, key, ev));
@@ -590,7 +596,7 @@ impl Server {
     /// How long the next `poll` may sleep: zero when work is left over, else until the
     /// earliest deadline (computed from the turn's `now`).
     fn poll_timeout(&self) -> Option<Duration> {
-        if self.inbound.has_again() || self.gate.due(&self.spool) {
+        if self.inbound.has_again() || self.gate.due(&self.spool) || !self.signed.is_empty() {
             return Some(Duration::ZERO);
         }
         if self.listeners.iter().any(|l| l.pending) && self.accept_retry.is_none() && self.shutdown.is_none() {
@@ -608,6 +614,20 @@ impl Server {
             next = Some(next.map_or(t, |n| n.min(t)));
         }
         next.map(|t| t.saturating_duration_since(now))
+    }
+
+    /// Tells the signing threads whether a sync is out before the loop sleeps: while one is,
+    /// a finished signature need not wake the loop, since the sync's end will, and the
+    /// signed message could not join that sync anyway (it goes in the next one, started at
+    /// that wake-up). With none out, the results a thread sent before it saw that are
+    /// taken in now (they will not wake the loop) and handled at the top of the next turn.
+    fn before_sleep(&mut self) {
+        let Some(worker) = self.dkim.as_mut() else { return };
+        let syncing = self.gate.syncing();
+        worker.set_sync_out(syncing);
+        if !syncing {
+            worker.try_results(&mut self.signed);
+        }
     }
 
     /// Starts a group commit of what the turn appended (see [`CommitGate::start`]).

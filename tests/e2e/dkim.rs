@@ -156,10 +156,11 @@ fn opendkim(msg: &[u8], dns_ip: &str, scratch: &Path) -> Result<(), String> {
     }
 }
 
-/// A loopback address for a port-53 DNS server that no other test run uses.
-fn dns_ip() -> String {
+/// A loopback address for a port-53 DNS server that no other test run, and no other test of
+/// this run (`n`, one per test), uses.
+fn dns_ip(n: u8) -> String {
     let p = std::process::id();
-    format!("127.53.{}.{}", p % 250, 1 + (p / 250) % 250)
+    format!("127.{}.{}.{}", 53 + n, p % 250, 1 + (p / 250) % 250)
 }
 
 const MESSAGE: &[u8] = b"From: Joe SixPack <joe@mail.example.com>\r\n\
@@ -202,7 +203,7 @@ fn dual_signature_verifies_with_dkimpy_and_opendkim() {
     let dir = TempDir::new("dkim");
     let rsa = keygen(dir.path(), "example.com", "rsa1", false);
     let ed = keygen(dir.path(), "example.com", "ed1", true);
-    let ip = dns_ip();
+    let ip = dns_ip(0);
     let _dns = dns_on(
         &bin,
         &format!("{ip}:53"),
@@ -285,7 +286,7 @@ fn rsa_keys_under_2048_bits_sign_and_verify() {
     let dir = TempDir::new("dkim-small");
     let k1024 = openssl_rsa(dir.path(), "example.com", "r1024", 1024, false);
     let k1536 = openssl_rsa(dir.path(), "example.com", "r1536", 1536, true);
-    let ip = dns_ip();
+    let ip = dns_ip(1);
     let txt = |k: &Key| format!("{}={}", k.name, k.record);
     let _dns = dns_on(&bin, &format!("{ip}:53"), &["--txt", &txt(&k1024), "--txt", &txt(&k1536)]);
     let sink = sink(&bin, "127.0.0.1:0", &[]);
