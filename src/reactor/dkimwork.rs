@@ -241,18 +241,22 @@ mod tests {
         }
     }
 
+    /// One Ed25519 key for example.com, a poll, and `threads` signing threads waking it.
+    fn setup(threads: usize) -> (Arc<KeyTable>, Poll, DkimWorker) {
+        let mut keys = KeyTable::new();
+        keys.insert("example.com", SigningKey::ed25519_from_seed("s1", &[9u8; 32]).unwrap());
+        let poll = Poll::new().unwrap();
+        let waker = Arc::new(Waker::new(poll.registry(), Token(3)).unwrap());
+        (Arc::new(keys), poll, DkimWorker::spawn(threads, waker).unwrap())
+    }
+
     /// Results held back while more jobs are queued (`WAKE_AFTER`) are never left without a
     /// wake-up: the loop, sleeping with no timeout to speak of, always hears of every result.
     #[test]
     fn every_result_is_followed_by_a_wake() {
-        let mut keys = KeyTable::new();
-        keys.insert("example.com", SigningKey::ed25519_from_seed("s1", &[9u8; 32]).unwrap());
-        let keys = Arc::new(keys);
-        let mut poll = Poll::new().unwrap();
-        let waker = Arc::new(Waker::new(poll.registry(), Token(3)).unwrap());
         // Two threads: one waits for jobs holding the channel's lock while the other, done
         // with its job, waits for the lock.
-        let mut worker = DkimWorker::spawn(2, waker).unwrap();
+        let (keys, mut poll, mut worker) = setup(2);
         let mut events = Events::with_capacity(8);
         let mut done = Vec::new();
         let mut sent = 0;
@@ -273,12 +277,7 @@ mod tests {
     /// none is out takes them all in.
     #[test]
     fn no_wake_while_a_sync_is_out() {
-        let mut keys = KeyTable::new();
-        keys.insert("example.com", SigningKey::ed25519_from_seed("s1", &[9u8; 32]).unwrap());
-        let keys = Arc::new(keys);
-        let mut poll = Poll::new().unwrap();
-        let waker = Arc::new(Waker::new(poll.registry(), Token(3)).unwrap());
-        let mut worker = DkimWorker::spawn(1, waker).unwrap();
+        let (keys, mut poll, mut worker) = setup(1);
         let mut events = Events::with_capacity(8);
         worker.set_sync_out(true);
         let mut jobs: Vec<SignJob> = (0..5).map(|i| job(i, &keys)).collect();
@@ -298,13 +297,7 @@ mod tests {
 
     #[test]
     fn signed_bodies_come_back_through_the_waker_with_backpressure() {
-        let mut keys = KeyTable::new();
-        keys.insert("example.com", SigningKey::ed25519_from_seed("s1", &[9u8; 32]).unwrap());
-        let keys = Arc::new(keys);
-        let mut poll = Poll::new().unwrap();
-        const WAKE: Token = Token(3);
-        let waker = Arc::new(Waker::new(poll.registry(), WAKE).unwrap());
-        let mut worker = DkimWorker::spawn(2, waker).unwrap();
+        let (keys, mut poll, mut worker) = setup(2);
         // More jobs than the channel holds: the rest wait in the backlog, none is lost.
         let n = QUEUE_PER_THREAD * 2 + 50;
         let mut jobs: Vec<SignJob> = (0..n).map(|i| job(i, &keys)).collect();
