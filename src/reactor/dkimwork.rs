@@ -29,10 +29,11 @@ pub use crate::net::inbound::{SignDone, SignJob};
 const QUEUE_PER_THREAD: usize = 64;
 
 /// How long a thread that still has jobs queued may hold its finished results before it wakes
-/// the loop. A thread with nothing queued wakes it at once. Signatures that take less than
-/// this (Ed25519: ~20 µs for a 4 KiB message) are handed back a few per wake-up instead of
-/// one each (every wake-up is a context switch of the loop and, on a VM, an IPI); an RSA
-/// signature takes longer, so each still wakes the loop.
+/// the loop, counted from the start of the first held job. A thread with nothing queued wakes
+/// it at once. Signatures that take less than this (Ed25519: ~20 µs for a 4 KiB message) are
+/// handed back a few per wake-up instead of one each (every wake-up is a context switch of the
+/// loop and, on a VM, an IPI); an RSA signature takes longer, so each wakes the loop as soon
+/// as it is done.
 const WAKE_AFTER: Duration = Duration::from_micros(100);
 
 /// Signs one job with `signer`'s scratch space.
@@ -41,6 +42,34 @@ fn run(signer: &mut Signer, rng: &SystemRandom, job: SignJob) -> SignDone {
     let mut headers = Vec::new();
     let outcome = signer.sign(&keys, &body, unix_s, rng, &mut headers);
     SignDone { key, generation, id, body, headers, outcome }
+}
+
+/// A job whose body is longer than this is not started while results are held: hashing it
+/// takes longer than the hold-back is meant to last.
+const BIG_BODY: usize = 64 * 1024;
+
+/// Results a signing thread sent without waking the loop. Flushed (the loop woken for them)
+/// when the thread runs out of jobs, waits for the channel's lock, or has held them for
+/// [`WAKE_AFTER`]; and when it is dropped, so that a thread ending, even by a panic in the
+/// signer, never leaves a result unannounced.
+struct Held<'a> {
+    /// When the first held result's job started.
+    since: Option<Instant>,
+    wake: &'a dyn Fn(),
+}
+
+impl Held<'_> {
+    fn flush(&mut self) {
+        if self.since.take().is_some() {
+            (self.wake)();
+        }
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.flush();
+    }
 }
 
 /// Handle to the signing threads.
@@ -81,8 +110,6 @@ impl DkimWorker {
             let handle = std::thread::Builder::new().name(format!("sluice-dkim-{i}")).spawn(move || {
                 let mut signer = Signer::new();
                 let rng = SystemRandom::new();
-                // Results sent since this thread last woke the loop, and when the first was.
-                let mut unwoken: Option<Instant> = None;
                 // After a send: the loop clears the flag before it drains, so a result sent
                 // after its drain always finds the flag clear and wakes it. If the wake fails
                 // the loop is gone; nothing left to tell.
@@ -98,6 +125,7 @@ impl DkimWorker {
                         let _ = waker.wake();
                     }
                 };
+                let mut held = Held { since: None, wake: &wake };
                 loop {
                     // The lock is held only to take one job; a poisoned lock (a thread
                     // panicked) still hands out jobs. Another thread holding it is waiting for
@@ -106,9 +134,7 @@ impl DkimWorker {
                         Ok(rx) => rx,
                         Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
                         Err(TryLockError::WouldBlock) => {
-                            if unwoken.take().is_some() {
-                                wake();
-                            }
+                            held.flush();
                             job_rx.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
                         }
                     };
@@ -117,9 +143,7 @@ impl DkimWorker {
                         Err(TryRecvError::Disconnected) => break,
                         Err(TryRecvError::Empty) => {
                             // Nothing queued: tell the loop about what was sent, then sleep.
-                            if unwoken.take().is_some() {
-                                wake();
-                            }
+                            held.flush();
                             match rx.recv() {
                                 Ok(job) => job,
                                 Err(_) => break,
@@ -127,13 +151,18 @@ impl DkimWorker {
                         }
                     };
                     drop(rx);
+                    // A big body takes long to hash: what is held must not wait for it.
+                    if job.body.len() > BIG_BODY {
+                        held.flush();
+                    }
+                    let started = Instant::now();
                     if result_tx.send(run(&mut signer, &rng, job)).is_err() {
                         break;
                     }
-                    let first = *unwoken.get_or_insert_with(Instant::now);
-                    if first.elapsed() >= WAKE_AFTER {
-                        unwoken = None;
-                        wake();
+                    // Held since the first held job started: a job slower than WAKE_AFTER
+                    // (an RSA signature) is announced as soon as it is done.
+                    if held.since.get_or_insert(started).elapsed() >= WAKE_AFTER {
+                        held.flush();
                     }
                 }
             })?;

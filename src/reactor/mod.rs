@@ -470,11 +470,12 @@ impl Server {
                     }
                     Some((Kind::Signal, _, _)) => self.on_signal(),
                     // One waker serves the sync thread, the AUTH worker and the DKIM
-                    // threads: ask all three. Signed messages first, so that they are in the
-                    // sync that starts when the last one is back.
+                    // threads: ask all three. The finished batch's answers first, then the
+                    // signed messages, so that they are in the sync that starts next.
                     Some((Kind::Waker, _, _)) => {
-                        self.on_signed();
                         self.on_sync_done();
+                        self.on_signed();
+                        self.commit();
                         self.on_auth_done();
                     }
                     Some((kind @ (Kind::Outbound | Kind::Dns), generation, key)) => {
@@ -637,12 +638,11 @@ impl Server {
         }
     }
 
-    /// The sync thread is back: release its batch, then start the next one.
+    /// The sync thread is back: release its batch (the caller starts the next one).
     fn on_sync_done(&mut self) {
         while let Some(batch) = self.gate.take_synced(&mut self.spool, &mut self.log) {
             self.release(batch);
         }
-        self.commit();
     }
 
     /// Waits for the sync in flight and commits what is left, synchronously (shutdown only).

@@ -74,6 +74,9 @@ pub struct Syncer {
     thread: Option<JoinHandle<()>>,
     /// The failpoint for jobs run on the calling thread (the thread has its own copy).
     failpoint: Failpoint,
+    /// Woken after a job run on the calling thread too, so that the loop takes its result
+    /// in as it would the thread's (it may otherwise sleep with the job marked out).
+    waker: Arc<Waker>,
 }
 
 impl Syncer {
@@ -84,6 +87,7 @@ impl Syncer {
         let mut thread_failpoint = failpoint;
         let (jobs, job_rx) = channel::<SyncJob>();
         let (result_tx, results) = channel();
+        let loop_waker = Arc::clone(&waker);
         let thread = std::thread::Builder::new().name("sluice-sync".into()).spawn(move || {
             for job in job_rx {
                 if result_tx.send(timed(&mut thread_failpoint, &job)).is_err() {
@@ -93,7 +97,15 @@ impl Syncer {
                 let _ = waker.wake();
             }
         })?;
-        Ok(Syncer { jobs: Some(jobs), results, busy: false, inline: None, thread: Some(thread), failpoint })
+        Ok(Syncer {
+            jobs: Some(jobs),
+            results,
+            busy: false,
+            inline: None,
+            thread: Some(thread),
+            failpoint,
+            waker: loop_waker,
+        })
     }
 
     /// True while a job is out.
@@ -104,15 +116,17 @@ impl Syncer {
     /// Hands a job to the thread.
     pub fn submit(&mut self, job: SyncJob) {
         self.busy = true;
-        let Some(tx) = &self.jobs else {
-            self.inline = Some(timed(&mut self.failpoint, &job));
-            return;
+        let job = match &self.jobs {
+            Some(tx) => match tx.send(job) {
+                Ok(()) => return,
+                // The thread is gone (it does not panic: `run` returns errors); sync here
+                // rather than lose the batch.
+                Err(returned) => returned.0,
+            },
+            None => job,
         };
-        if let Err(returned) = tx.send(job) {
-            // The thread is gone (it does not panic: `run` returns errors); sync here rather
-            // than lose the batch.
-            self.inline = Some(timed(&mut self.failpoint, &returned.0));
-        }
+        self.inline = Some(timed(&mut self.failpoint, &job));
+        let _ = self.waker.wake();
     }
 
     /// The finished job's result, if it is back.
