@@ -590,12 +590,12 @@ impl Engine {
     fn source_route(&mut self, dest: DestId, route: &Route, now: Now) -> Route {
         let sources = self.cfg.sources.clone();
         let d = self.queue.dest(dest);
-        let source = sources.get(d.source);
-        let hosts = match route.seen_from(source) {
+        // Without a source every address stays (`seen_from(None)`): nothing to filter.
+        let Some(src) = sources.get(d.source) else { return route.clone() };
+        let hosts = match route.seen_from(Some(src)) {
             Ok(route) => return route,
             Err(hosts) => hosts,
         };
-        let Some(src) = source else { return route.clone() };
         let fault = LocalFault::NoAddressOfFamily { family: src.family(), source: &src.name, hosts: &hosts };
         let reply = fault.reply();
         let note = Note::NoRoute { domain: d.name.clone(), source: src.name.clone(), error: reply.text.clone() };

@@ -243,7 +243,7 @@ impl Harness {
 
     /// The host at `ip` behaves like this.
     pub fn host(&mut self, ip: [u8; 4], h: Host) {
-        self.hosts.insert(IpAddr::from(ip), h);
+        self.host_ip(IpAddr::from(ip), h);
     }
 
     /// A committed message from `sender` (empty: the null sender) to `rcpts`.

@@ -87,7 +87,12 @@ impl FcrdnsCheck {
     /// A new question: over UDP first.
     fn send(&mut self, query: Vec<u8>, now: Instant) {
         self.query = query;
-        self.tcp = false;
+        self.ask(false, now);
+    }
+
+    /// Sends the current query (again) over `tcp` or UDP, with its full time and attempts.
+    fn ask(&mut self, tcp: bool, now: Instant) {
+        self.tcp = tcp;
         self.attempts = 1;
         self.deadline = now + self.timeout;
         self.pending = true;
@@ -157,11 +162,7 @@ impl FcrdnsCheck {
         if a.truncated && !via_tcp {
             // Too long for a datagram (many PTR names, a server with a small UDP limit): the
             // same question again over TCP (RFC 7766 §5), with the same time allowed.
-            self.tcp = true;
-            self.attempts = 1;
-            self.deadline = now + self.timeout;
-            self.pending = true;
-            return;
+            return self.ask(true, now);
         }
         if a.truncated {
             // TC over TCP makes no sense (RFC 7766 §8): a misbehaving server.

@@ -47,6 +47,23 @@ fn load(bin: &Path, relay: &Relay, n: usize) {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// A relay sending everything to `sink` (no DNS) under the shaping file `file`, plus `extra`.
+fn shaped_relay(sink: &Aux, file: &str, extra: &[&str]) -> Relay {
+    let to = sink.addr.to_string();
+    let mut args = vec!["--relay-host", &to, "--dns", "127.0.0.1:9", "--shaping", file];
+    args.extend_from_slice(extra);
+    Relay::start(&args)
+}
+
+/// Waits until `relay` has logged `n` deliveries; fails with its log once `limit` has passed
+/// since `t0`.
+fn wait_delivered(relay: &Relay, n: usize, t0: Instant, limit: Duration) {
+    while relay.log().matches("outcome=delivered").count() < n {
+        assert!(t0.elapsed() < limit, "{}", relay.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn write(dir: &Path, name: &str, text: &str) -> String {
     let p = dir.join(name);
     std::fs::write(&p, text).unwrap();
@@ -90,14 +107,11 @@ fn a_site_message_rate_holds_as_the_receiver_counts_it_and_sighup_reloads_it() {
     let rate = 20;
     let file = write(dir.path(), "shaping.toml", &format!("[default]\nmax_message_rate = \"{rate}/s\"\n"));
     let sink = sink(&bin, "127.0.0.1:0", &["--json"]);
-    let relay = Relay::start(&["--relay-host", &sink.addr.to_string(), "--dns", "127.0.0.1:9", "--shaping", &file]);
+    let relay = shaped_relay(&sink, &file, &[]);
     let n = 100;
     let t0 = Instant::now();
     load(&bin, &relay, n);
-    while relay.log().matches("outcome=delivered").count() < n {
-        assert!(t0.elapsed() < Duration::from_secs(30), "{}", relay.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_delivered(&relay, n, t0, Duration::from_secs(30));
     let took = t0.elapsed();
     // One bucket (one second of the rate) at once, then the rate: (100 - 20) / 20 = 4 s.
     assert!(took >= Duration::from_millis(3_500), "{n} messages at {rate}/s in {took:?}");
@@ -140,14 +154,11 @@ fn a_site_connection_rate_holds_as_the_receiver_counts_connections() {
         "[default]\nmax_connection_rate = \"2/s\"\nmax_deliveries_per_connection = 1\n",
     );
     let sink = sink(&bin, "127.0.0.1:0", &["--json"]);
-    let relay = Relay::start(&["--relay-host", &sink.addr.to_string(), "--dns", "127.0.0.1:9", "--shaping", &file]);
+    let relay = shaped_relay(&sink, &file, &[]);
     let n = 12;
     let t0 = Instant::now();
     load(&bin, &relay, n);
-    while relay.log().matches("outcome=delivered").count() < n {
-        assert!(t0.elapsed() < Duration::from_secs(60), "{}", relay.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_delivered(&relay, n, t0, Duration::from_secs(60));
     // Lower bounds on time and upper bounds on counts only: a loaded machine is slower, never
     // faster. (12 - 2) / 2 = 5 s at least.
     let took = t0.elapsed();
@@ -176,24 +187,11 @@ fn a_gmail_like_rate_limit_throttles_the_site_and_everything_still_arrives() {
          connection_limit = 1\nmax_message_rate = \"5/s\"\n",
     );
     let sink = sink(&bin, "127.0.0.1:0", &["--json", "--rate-limit", "10/s"]);
-    let relay = Relay::start(&[
-        "--relay-host",
-        &sink.addr.to_string(),
-        "--dns",
-        "127.0.0.1:9",
-        "--shaping",
-        &file,
-        "--retry-schedule",
-        "1s",
-    ]);
+    let relay = shaped_relay(&sink, &file, &["--retry-schedule", "1s"]);
     let n = 60;
     load(&bin, &relay, n);
     relay.wait_log("event=throttle");
-    let t0 = Instant::now();
-    while relay.log().matches("outcome=delivered").count() < n {
-        assert!(t0.elapsed() < Duration::from_secs(60), "{}", relay.log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_delivered(&relay, n, Instant::now(), Duration::from_secs(60));
     let log = relay.log();
     let line = log.lines().find(|l| l.contains("event=throttle")).unwrap();
     assert!(line.contains("4.7.28") && line.contains("until="), "{line}");
