@@ -21,11 +21,6 @@ source "$PWD/benches/lib.sh"
 trap cleanup EXIT
 ulimit -n 65536 2>/dev/null || true
 
-kib() { awk "/^$2:/ {print \$2}" "/proc/$1/status"; }
-wait_log() { # $1 file, $2 pattern, $3 seconds
-  for _ in $(seq $(($3 * 20))); do grep -q "$2" "$1" && return 0; sleep 0.05; done
-  echo "timed out waiting for '$2' in $1" >&2; tail -5 "$1" >&2; return 1
-}
 
 DNS_PORT=$(free_port); SINK_PORT=$(free_port); RELAY_PORT=$(free_port)
 "$LOAD" dns --listen "127.0.0.1:$DNS_PORT" 2>"$WORK/dns.log" & PIDS+=("$!")

@@ -42,15 +42,8 @@ TCK=$(getconf CLK_TCK)
 SIZE=4096
 FROM=news@bench.test
 
-count() { grep -c "$2" "$1" 2>/dev/null || true; }
-wait_count() { # $1 file, $2 pattern, $3 count, $4 seconds
-  for _ in $(seq $(($4 * 100))); do [ "$(count "$1" "$2")" -ge "$3" ] && return 0; sleep 0.01; done
-  echo "timed out: $(count "$1" "$2") of $3 '$2' in $1" >&2; tail -3 "$1" >&2; return 1
-}
-json_num() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))" "$@"; }
 med() { printf '%s\n' "$@" | median; }
 ratio() { echo "$1 / $2" | bc -l; }
-kib() { awk "/^$2:/ {print \$2}" "/proc/$1/status"; }
 # CPU ticks of the relay's signing threads (sluice-dkim-N).
 dkim_ticks() {
   local t=0 d

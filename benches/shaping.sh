@@ -44,11 +44,6 @@ trap 'for p in "${PF_PIDS[@]}"; do stop "$p"; done; cleanup' EXIT
 DNS_PORT=$(free_port)
 "$LOAD" dns --listen "127.0.0.1:$DNS_PORT" --zone dest.test=127.0.0.1 2>"$WORK/dns.log" & PIDS+=("$!")
 wait_port "$DNS_PORT"
-count() { grep -c "$2" "$1" 2>/dev/null || true; }
-wait_count() { # $1 file, $2 pattern, $3 count, $4 seconds
-  for _ in $(seq $(($4 * 50))); do [ "$(count "$1" "$2")" -ge "$3" ] && return 0; sleep 0.02; done
-  echo "timed out: $(count "$1" "$2") of $3 '$2' in $1" >&2; tail -3 "$1" >&2; return 1
-}
 # relay LOG SINK_PORT FLAGS...: a relay to 127.0.0.1:SINK_PORT; sets RELAY and RELAY_PORT.
 relay() {
   local log=$1 sink=$2; shift 2
@@ -64,12 +59,8 @@ backlog() {
   "$LOAD" send --to "127.0.0.1:$RELAY_PORT" --messages "$1" --connections 8 --domains dest.test >/dev/null
   stop "$RELAY"
 }
-json_num() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))" "$@"; }
-# wait_line FILE PATTERN SECONDS: 0 once PATTERN is in FILE, 1 after SECONDS.
-wait_line() {
-  for _ in $(seq $(($3 * 20))); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.05; done
-  return 1
-}
+# wait_line FILE PATTERN SECONDS: wait_log without its complaint (a timeout is a result here).
+wait_line() { wait_log "$@" 2>/dev/null; }
 # sink PORT LOG FLAGS...: a --json sink that logs event=expected once it has BACKLOG_N recipients.
 sink() {
   local port=$1 log=$2; shift 2
@@ -96,6 +87,22 @@ postfix_release() { postsuper -c "$PF_DIR/conf" -H ALL 2>/dev/null; postqueue -c
 postfix_stop() { stop "$PF"; PF_PIDS=(); }
 # Why Postfix did not run, on one line.
 postfix_why() { grep -v '^event=' "$WORK/pf.log" | tr '\n' ' ' | cut -c1-200; }
+# start_backlog MODE N SINK_PORT RETRY: N messages queued for sluice (`backlog`) or a held
+# Postfix (MODE postfix, every backoff RETRY); 1, with a "not run" row printed, when Postfix
+# cannot run here.
+start_backlog() {
+  if [ "$1" != postfix ]; then backlog "$2"; return 0; fi
+  postfix_backlog "$2" "$3" "$4" && return 0
+  printf '| Postfix | - | - | not run: %s |\n' "$(postfix_why)"; postfix_stop; return 1
+}
+# finish_backlog MODE T0 CAP: waits up to CAP s for the sink to have the backlog, then stops the
+# relay (or Postfix) and the sink; sets SECS to the seconds since T0, or empty if not finished.
+finish_backlog() {
+  SECS=
+  if wait_line "$WORK/sink.log" 'event=expected' "$3"; then SECS=$(printf '%.1f' "$(echo "$(now) - $2" | bc -l)"); fi
+  if [ "$1" = postfix ]; then postfix_stop; else stop "$RELAY"; fi
+  stop "$SINK"
+}
 
 # 1. Overhead.
 if part 1; then
@@ -169,13 +176,7 @@ EOF
 BACKLOG_N=$G
 for mode in rate45 automation postfix; do
   P=$(free_port)
-  if [ "$mode" = postfix ]; then
-    if ! postfix_backlog "$G" "$P" 5s; then
-      printf '| Postfix | - | - | not run: %s |\n' "$(postfix_why)"; postfix_stop; continue
-    fi
-  else
-    backlog "$G"
-  fi
+  start_backlog "$mode" "$G" "$P" 5s || continue
   sink "$P" "$WORK/sink.log" --rate-limit 50/s
   t0=$(now)
   case $mode in
@@ -183,10 +184,8 @@ for mode in rate45 automation postfix; do
     automation) relay "$WORK/g.log" "$P" --shaping "$WORK/gauto.toml" --retry-schedule 5s; cap=600 ;;
     postfix) postfix_release; cap=$POSTFIX_WAIT ;;
   esac
-  if wait_line "$WORK/sink.log" 'event=expected' "$cap"; then secs=$(printf '%.1f' "$(echo "$(now) - $t0" | bc -l)")
-  else secs="not finished after $cap s"; fi
-  if [ "$mode" = postfix ]; then postfix_stop; else stop "$RELAY"; fi
-  stop "$SINK"
+  finish_backlog "$mode" "$t0" "$cap"
+  secs=${SECS:-not finished after $cap s}
   r421=$(json_num "$WORK/sink.json" 'd["refusals"]["rate_limit"]')
   got=$(json_num "$WORK/sink.json" 'd["messages"]')
   case $mode in
@@ -204,21 +203,13 @@ printf '| relay | transactions refused in the window | throttle logged | all 100
 BACKLOG_N=100
 for mode in sluice postfix; do
   P=$(free_port)
-  if [ "$mode" = postfix ]; then
-    if ! postfix_backlog 100 "$P" 10s; then
-      printf '| Postfix | - | - | not run: %s |\n' "$(postfix_why)"; postfix_stop; continue
-    fi
-  else
-    backlog 100
-  fi
+  start_backlog "$mode" 100 "$P" 10s || continue
   sink "$P" "$WORK/sink.log" --defer-all-for "${WINDOW}s"
   t0=$(now)
   if [ "$mode" = postfix ]; then postfix_release; else relay "$WORK/w.log" "$P" --retry-schedule 10s; fi
   cap=$((WINDOW + PART4_WAIT))
-  if wait_line "$WORK/sink.log" 'event=expected' "$cap"; then done_at=$(printf 'after %.1f s' "$(echo "$(now) - $t0" | bc -l)")
-  else done_at="not finished after $cap s"; fi
-  if [ "$mode" = postfix ]; then postfix_stop; else stop "$RELAY"; fi
-  stop "$SINK"
+  finish_backlog "$mode" "$t0" "$cap"
+  done_at=${SECS:+after $SECS s}; done_at=${done_at:-not finished after $cap s}
   win=$(json_num "$WORK/sink.json" 'd["refusals"]["window"]')
   got=$(json_num "$WORK/sink.json" 'd["messages"]')
   if [ "$mode" = postfix ]; then

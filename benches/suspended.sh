@@ -38,12 +38,6 @@ source "$PWD/benches/lib.sh"
 trap cleanup EXIT
 ulimit -n 65536 2>/dev/null || true
 
-kib() { awk "/^$2:/ {print \$2}" "/proc/$1/status"; }
-wait_log() { # $1 file, $2 pattern, $3 seconds
-  for _ in $(seq $(($3 * 20))); do grep -q "$2" "$1" && return 0; sleep 0.05; done
-  echo "timed out waiting for '$2' in $1" >&2; tail -5 "$1" >&2; return 1
-}
-count() { grep -c "$2" "$1" 2>/dev/null || true; }
 # ts FILE PATTERN: the relay's own timestamp (ts=, seconds) of the last line matching PATTERN.
 ts() { grep "$2" "$1" | tail -1 | grep -o 'ts=[0-9.]*' | cut -d= -f2; }
 # Bytes written to the spool's segments: each up to its last non-zero byte.
