@@ -77,13 +77,13 @@
 //! | `log` | io: clock | | event lines on stderr |
 //! | `spool` | io: fs | `message` | the mmap'd segments and recovery |
 //! | `spool::segment` | io: fs, libc, unsafe | `spool::format`, `sys` | one segment file: mmap, msync, fdatasync |
-//! | `spool::spare` | io: fs, thread | `spool::segment` | spare segment files written ahead of need on their own thread |
+//! | `spool::spare` | io: fs, thread | `spool::segment`, `sys` | spare segment files written ahead of need on their own thread |
 //! | `net` | io: mio, net, clock, fs, libc | `buf`, `control`, `delivery`, `dkim`, `dns`, `log`, `message`, `queue`, `shaping`, `smtp`, `spool` | socket drivers (inbound, outbound, DNS, control socket), the transport, TLS, the deadline table |
 //! | `net::socket` | io: mio, net, libc, unsafe | `sys` | the socket syscalls |
 //! | `config` | io: fs | `cli`, `delivery`, `dkim`, `log`, `net`, `shaping`, `smtp` | flags -> `Config`, reads cert, auth, DKIM key and shaping files |
-//! | `reactor` | io: mio, net, thread, clock | `buf`, `config`, `control`, `delivery`, `dkim`, `log`, `message`, `net`, `queue`, `shaping`, `smtp`, `spool` | the event loop |
+//! | `reactor` | io: mio, net, thread, clock | `buf`, `config`, `control`, `delivery`, `dkim`, `log`, `message`, `net`, `queue`, `shaping`, `smtp`, `spool`, `sys` | the event loop |
 //! | `reactor::signal` | io: mio, libc, unsafe | `sys` | signals as loop events, `kill` |
-//! | `sys` | io: libc, unsafe | | the `syscall!` macro |
+//! | `sys` | io: libc, unsafe | | the `syscall!` macro, the helper threads' scheduling policy |
 //! | `admin` | io: clock, fs | `control`, `queue`, `reactor`, `spool` | `sluice queue`: spool reader, control-socket client |
 
 pub mod admin;

@@ -89,6 +89,9 @@ impl Syncer {
         let (result_tx, results) = channel();
         let loop_waker = Arc::clone(&waker);
         let thread = std::thread::Builder::new().name("sluice-sync".into()).spawn(move || {
+            // Its three wake-ups per sync (the job, the write's completion, the flush's) must
+            // not preempt the loop: see `sys::batch_thread`. Failing, it runs as before.
+            let _ = crate::sys::batch_thread();
             for job in job_rx {
                 if result_tx.send(timed(&mut thread_failpoint, &job)).is_err() {
                     break;
@@ -166,6 +169,14 @@ impl Drop for Syncer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sync_thread_runs_under_sched_batch() {
+        let poll = mio::Poll::new().unwrap();
+        let waker = Arc::new(Waker::new(poll.registry(), mio::Token(0)).unwrap());
+        let _syncer = Syncer::spawn(waker).unwrap();
+        assert!(crate::sys::wait_batch_thread("sluice-sync"), "{:?}", crate::sys::thread_policies("sluice-sync"));
+    }
 
     #[test]
     fn failpoint_values() {

@@ -87,9 +87,11 @@ impl Spares {
         });
         let worker = Arc::clone(&shared);
         let dir = dir.to_path_buf();
-        let thread = std::thread::Builder::new()
-            .name("sluice-spare".into())
-            .spawn(move || run(&worker, &dir, size, min_free_space))?;
+        let thread = std::thread::Builder::new().name("sluice-spare".into()).spawn(move || {
+            // Background work: never preempt the loop (see `sys::batch_thread`).
+            let _ = crate::sys::batch_thread();
+            run(&worker, &dir, size, min_free_space)
+        })?;
         Ok(Spares { shared, thread: Some(thread) })
     }
 
@@ -230,6 +232,7 @@ mod tests {
         let dir = temp_dir("cycle");
         let s = Spares::start(&dir, 3 * CHUNK as u64 + 5, 0).unwrap();
         wait_ready(&s);
+        assert!(crate::sys::wait_batch_thread("sluice-spare"), "{:?}", crate::sys::thread_policies("sluice-spare"));
         let (path, len) = s.take().unwrap();
         assert_eq!(len, 3 * CHUNK as u64 + 5);
         let bytes = std::fs::read(&path).unwrap();
