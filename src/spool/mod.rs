@@ -195,8 +195,10 @@ pub struct Spool {
     /// The thread that writes spare segments ahead of need (`None` with fsync off: without
     /// commits there is nothing to gain).
     spares: Option<spare::Spares>,
-    /// A spare was asked for since the active segment was made.
+    /// The active segment was past half full and a spare was asked for if it pays.
     spare_asked: bool,
+    /// Group commits that covered the active segment (for [`spare::pays`]).
+    active_syncs: u64,
     /// Held for the life of the spool: the `flock` on `<dir>/lock`.
     _lock: File,
 }
@@ -262,6 +264,7 @@ impl Spool {
             sync_failed: false,
             spares,
             spare_asked: false,
+            active_syncs: 0,
             _lock: lock,
         };
         let mut recovery = recovered.recovery;
@@ -487,6 +490,9 @@ impl Spool {
             self.sync_failed = true;
             self.abandon_batch();
             return Err(map_io("write spool segment", e));
+        }
+        if marks.iter().any(|&(seq, _)| Some(seq) == self.active) {
+            self.active_syncs += 1;
         }
         let dir = self.dir_dirty.then(|| self.opts.dir.clone());
         self.dir_dirty = false;
@@ -717,19 +723,20 @@ impl Spool {
     /// Whether new mail should roll over to a spare now: the active segment was fallocated and a
     /// pre-written spare is ready (a fresh spool starts on a fallocated segment and moves to
     /// the first spare as soon as it is written). Asks for the next spare once the active
-    /// segment is half full.
+    /// segment is half full, when its commits were small enough for a spare to pay
+    /// ([`spare::pays`]); else the next segment is fallocated.
     fn spare_due(&mut self) -> bool {
         let (Some(spares), Some(slot)) = (&self.spares, self.active.and_then(|seq| self.segments.get(&seq))) else {
             return false;
         };
-        if !slot.seg.prewritten() {
-            return spares.is_ready();
-        }
-        if !self.spare_asked && slot.seg.used() as u64 > self.opts.segment_size / 2 {
+        let used = slot.seg.used() as u64;
+        if !self.spare_asked && used > self.opts.segment_size / 2 {
             self.spare_asked = true;
-            spares.request();
+            if spare::pays(used, self.active_syncs) {
+                spares.request();
+            }
         }
-        false
+        !slot.seg.prewritten() && spares.is_ready()
     }
 
     /// Seals the active segment (if any) and starts the next one, big enough for a record of
@@ -766,6 +773,7 @@ impl Spool {
             },
         };
         self.spare_asked = false;
+        self.active_syncs = 0;
         // The header is appended data too: it must be durable before any record counts.
         if self.dirty.last() != Some(&seq) {
             self.dirty.push(seq);
@@ -1306,6 +1314,47 @@ mod tests {
         assert_eq!(rec.messages.len(), 3);
         assert!(spool.active_slot().unwrap().seg.prewritten(), "the restart starts on the spare");
         assert_eq!(spool.message(b).unwrap().body, &body[..]);
+    }
+
+    #[test]
+    fn the_next_spare_is_asked_for_only_when_the_commits_are_small() {
+        // Fills a 1 MiB segment with `record` KiB messages, one group commit per `per_sync` of
+        // them, and says whether the segment after it is made from a pre-written spare.
+        fn next_is_prewritten(tag: &str, record: usize, per_sync: u64) -> bool {
+            let tmp = TempDir::new(tag);
+            let o = SpoolOptions { segment_size: 1 << 20, spares: true, ..opts(&tmp.0) };
+            let (mut spool, _) = Spool::open(o).unwrap();
+            let spares = |s: &Spool| s.spares.as_ref().unwrap().is_ready();
+            let t = std::time::Instant::now();
+            while !spares(&spool) {
+                assert!(t.elapsed() < std::time::Duration::from_secs(20), "no spare written");
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            let body = vec![7u8; record << 10];
+            let (_, first) = spool.append_message(QueueId(0), 0, &env(&["a@x"]), &body).unwrap();
+            assert!(spool.active_slot().unwrap().seg.prewritten(), "moved to the first spare");
+            let mut id = 1;
+            loop {
+                let (_, loc) = spool.append_message(QueueId(id), 0, &env(&["a@x"]), &body).unwrap();
+                if id % per_sync == 0 {
+                    let job = spool.begin_commit().unwrap().unwrap();
+                    spool.finish_commit(job.run()).unwrap();
+                }
+                id += 1;
+                if loc.segment != first.segment {
+                    spool.commit().unwrap();
+                    // Long enough for a spare of 1 MiB, had one been asked for.
+                    std::thread::sleep(std::time::Duration::from_millis(300));
+                    let (_, next) = spool.append_message(QueueId(id), 0, &env(&["a@x"]), &body).unwrap();
+                    assert_eq!(next.segment, loc.segment, "no early roll to a spare");
+                    return spool.active_slot().unwrap().seg.prewritten();
+                }
+            }
+        }
+        // 8 KiB per sync: the spare pays (the segment after is pre-written at its start).
+        assert!(next_is_prewritten("spares-small", 1, 8), "small commits get a pre-written next segment");
+        // 128 KiB per sync: no spare asked for, the next segment is fallocated.
+        assert!(!next_is_prewritten("spares-big", 128, 1), "big commits get a fallocated next segment");
     }
 
     #[test]
