@@ -202,6 +202,9 @@ enum Phase {
     },
 }
 
+/// How long a connection that was answered its last reply waits for the client's FIN.
+const LINGER: Duration = Duration::from_secs(5);
+
 struct Conn {
     /// Unique for the process lifetime (slab keys are reused; delayed replies check this).
     id: u64,
@@ -236,6 +239,9 @@ struct Conn {
     paused: bool,
     /// Close once the output is written.
     closing: bool,
+    /// The output is written and FIN sent: what the client still sends is read and dropped
+    /// until its own FIN (or [`LINGER`]), then the socket is closed.
+    lingering: bool,
     /// Client address: index into `Sink::peers`.
     peer: usize,
     /// Counted in the address's open connections (not when refused at connect).
@@ -573,6 +579,7 @@ impl Sink {
                         body: Vec::new(),
                         paused: false,
                         closing: refused.is_some(),
+                        lingering: false,
                         peer: pi,
                         holds_slot: refused.is_none(),
                         ehlo: Vec::new(),
@@ -608,10 +615,42 @@ impl Sink {
         }
     }
 
+    /// Ends a connection whose last reply is written: FIN now, the close once the client's
+    /// FIN is read. Closing at once would find the input the client pipelined behind the
+    /// reply (and is still sending) unread, and a close with unread input resets the
+    /// connection: the client may then lose the reply (RFC 5321 §3.8 wants it read).
+    fn start_linger(&mut self, key: usize) {
+        let Some(c) = self.conns.get_mut(key) else { return };
+        if c.io.sock.shutdown(std::net::Shutdown::Write).is_err() {
+            return self.close(key);
+        }
+        c.lingering = true;
+        // A client that never closes is closed after LINGER.
+        let d = self.delayed.insert((c.id, b""));
+        self.timers.push(Reverse((Instant::now() + LINGER, key, d)));
+        self.linger(key);
+    }
+
+    /// Reads and drops what a lingering connection's client sends; closes at its FIN.
+    fn linger(&mut self, key: usize) {
+        let Some(c) = self.conns.get_mut(key) else { return };
+        let mut scratch = [0u8; 16 * 1024];
+        loop {
+            match read(&mut c.io.sock, &mut scratch) {
+                IoResult::Done(_) => {}
+                IoResult::WouldBlock => return,
+                IoResult::Closed | IoResult::Error(_) => return self.close(key),
+            }
+        }
+    }
+
     /// Reads to WouldBlock, processes what arrived, writes the replies.
     fn drive(&mut self, key: usize) {
         loop {
             let Some(c) = self.conns.get_mut(key) else { return };
+            if c.lingering {
+                return self.linger(key);
+            }
             if c.upgrade == Upgrade::Broken {
                 return self.break_handshake(key);
             }
@@ -694,7 +733,7 @@ impl Sink {
         c.out_pos = 0;
         if c.closing {
             c.io.close_tls();
-            return self.close(key);
+            return self.start_linger(key);
         }
         match c.upgrade {
             Upgrade::None => {}
@@ -743,6 +782,11 @@ impl Sink {
             self.timers.pop();
             let (id, reply) = self.delayed.remove(d);
             let Some(c) = self.conns.get_mut(key).filter(|c| c.id == id) else { continue };
+            if c.lingering {
+                // The linger's time is up (see `start_linger`).
+                self.close(key);
+                continue;
+            }
             c.out.extend_from_slice(reply);
             c.paused = false;
             // Commands pipelined behind the delayed reply are waiting in the input buffer.

@@ -399,3 +399,37 @@ assert rest == b'', rest",
     );
     assert_eq!(s.stop_json()["refusals"]["window"], 1);
 }
+
+#[test]
+fn a_client_still_writing_after_the_421_gets_an_orderly_end() {
+    if !have("python3") {
+        return;
+    }
+    // The client reads the 421 with most of its pipelined message still unsent, waits, then
+    // sends the rest: the sink has sent FIN and reads what comes until the client's own FIN,
+    // so neither the rest nor the read after it meets a reset.
+    let s = sink(&["--defer-all-for", "1h"]);
+    python(
+        &s.port(),
+        "import time
+s = socket.create_connection(('127.0.0.1', PORT), timeout=10)
+f = s.makefile('rb')
+assert f.readline().startswith(b'220')
+s.sendall(b'EHLO t.test\\r\\n')
+while not f.readline().startswith(b'250 '):
+    pass
+s.sendall(b'MAIL FROM:<a@x.test>\\r\\nRCPT TO:<u@x.test>\\r\\nBDAT 150000 LAST\\r\\n' + b'x' * 1000)
+line = f.readline()
+assert line.startswith(b'421 4.7.28 [127.0.0.1] '), line
+time.sleep(0.3)
+try:
+    s.sendall(b'x' * 70000)
+    time.sleep(0.2)
+    s.sendall(b'x' * 79000)
+    rest = f.read()
+except (ConnectionResetError, BrokenPipeError) as e:
+    raise SystemExit(f'reset after the 421: {e!r}')
+assert rest == b'', rest",
+    );
+    assert_eq!(s.stop_json()["refusals"]["window"], 1);
+}
