@@ -78,6 +78,7 @@
 //! | `spool` | io: fs | `message` | the mmap'd segments and recovery |
 //! | `spool::segment` | io: fs, libc, unsafe | `spool::format`, `sys` | one segment file: mmap, msync, fdatasync |
 //! | `spool::spare` | io: fs, thread | `spool::segment`, `sys` | spare segment files written ahead of need on their own thread |
+//! | `spool::reaper` | io: fs, thread | `spool::segment`, `sys` | finished segments deleted on their own thread |
 //! | `net` | io: mio, net, clock, fs, libc | `buf`, `control`, `delivery`, `dkim`, `dns`, `log`, `message`, `queue`, `shaping`, `smtp`, `spool` | socket drivers (inbound, outbound, DNS, control socket), the transport, TLS, the deadline table |
 //! | `net::socket` | io: mio, net, libc, unsafe | `sys` | the socket syscalls |
 //! | `config` | io: fs | `cli`, `delivery`, `dkim`, `log`, `net`, `shaping`, `smtp` | flags -> `Config`, reads cert, auth, DKIM key and shaping files |

@@ -473,6 +473,17 @@ impl Engine {
         Some((f.job.id, loc, &f.job.rcpts))
     }
 
+    /// True when no recipient of the connection's job has been tried before: the message is
+    /// fresh from this process's spool (or recovery has just checked its record), so the
+    /// driver may read it without checking its crc again. A retry, possibly days later when
+    /// its pages may have been read back from the disk, checks it.
+    pub fn first_attempt(&self, conn: ConnId, next: bool) -> bool {
+        let Some(c) = self.conn(conn) else { return false };
+        let Some(f) = (if next { c.next.as_ref() } else { c.active.as_ref() }) else { return false };
+        let Some(m) = self.queue.msg(f.job.msg).filter(|m| m.id == f.job.id) else { return false };
+        f.job.rcpts.iter().all(|&r| m.rcpts.get(r as usize).is_some_and(|q| q.attempts == 0))
+    }
+
     /// An outcome record of message `id` went where `ticket` says (the message may already
     /// be finished, its release still to come).
     pub fn add_pin(&mut self, msg: MsgKey, id: QueueId, ticket: Pending) {

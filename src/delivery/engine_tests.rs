@@ -153,6 +153,25 @@ fn a_lost_connection_defers_its_transaction_and_gives_the_queued_one_back_untrie
     assert_eq!((o[0].settled.verdict, o[0].settled.attempts), (Verdict::Delivered, 1));
 }
 
+/// The driver reads a message without checking its crc on its first attempt only: a retry may
+/// come long after, from pages read back from the disk.
+#[test]
+fn only_a_first_attempt_is_marked_first() {
+    let mut h = harness(1, OutboundTls::None);
+    let later = reply(451, (4, 3, 0), "try later");
+    h.host(MX1, Host::Smtp(Server { data: Some(later), ..Server::default() }));
+    let id = h.submit("s@x.test", &["u@a.test"]);
+    h.run();
+    assert_eq!(h.outcomes(id)[0].1, Verdict::Deferred);
+    h.host(MX1, smtp());
+    assert!(h.sleep(), "the retry is scheduled");
+    while h.outcomes(id).len() < 2 {
+        assert!(h.sleep(), "the retry is scheduled");
+    }
+    assert_eq!(h.outcomes(id)[1].1, Verdict::Delivered);
+    assert_eq!(h.first_attempts, [true, false]);
+}
+
 #[test]
 fn a_refusal_at_rcpt_stands_after_the_connection_drops() {
     let mut h = harness(1, OutboundTls::None);

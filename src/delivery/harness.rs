@@ -134,6 +134,9 @@ pub struct Harness {
     pub log: Vec<String>,
     /// Messages finished and released.
     pub released: Vec<QueueId>,
+    /// Every transaction started: whether it was its recipients' first attempt
+    /// ([`Engine::first_attempt`]).
+    pub first_attempts: Vec<bool>,
     /// Log notes.
     pub notes: Vec<Note>,
     /// Connections closed.
@@ -198,6 +201,7 @@ impl Harness {
             bounces: Vec::new(),
             log: Vec::new(),
             released: Vec::new(),
+            first_attempts: Vec::new(),
             notes: Vec::new(),
             closed: 0,
             quits: 0,
@@ -414,6 +418,7 @@ impl Harness {
                 }
             }
             Action::Start { conn, next } => {
+                self.first_attempts.push(self.engine.first_attempt(conn, next));
                 let (_, loc, rcpts) = self.engine.job(conn, next).expect("a started job is known");
                 let env = &self.messages[&loc.segment].1;
                 let tx = Tx { rcpts: rcpts.iter().map(|&i| addr(env, i)).collect() };

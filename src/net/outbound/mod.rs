@@ -383,7 +383,8 @@ impl Outbound {
     /// Starts the transaction the engine put on the connection.
     fn start(&mut self, ctx: &mut Ctx<'_>, id: ConnId, next: bool) {
         let Some((msg_id, loc, _)) = self.engine.job(id, next) else { return };
-        let (view, body) = match ctx.spool.message_with_body(loc) {
+        let check_crc = !self.engine.first_attempt(id, next);
+        let (view, body) = match ctx.spool.message_with_body(loc, check_crc) {
             Ok(v) => v,
             Err(e) => {
                 ctx.log.event("spool_error", &[("id", V::D(&msg_id)), ("error", V::D(&e))]);
@@ -719,7 +720,7 @@ fn log_note(log: &mut Logger, note: &Note, engine: &Engine) {
 /// records that follow it (see `Spool::reserve_room`); `None` when it could not be stored.
 fn store_bounce(ctx: &mut Ctx<'_>, hostname: &str, b: &BounceRequest) -> Option<(StoredMessage, Envelope)> {
     // Without a readable body the DSN still goes out, without the original's text.
-    let (env, body) = match ctx.spool.message_with_body(b.loc) {
+    let (env, body) = match ctx.spool.message_with_body(b.loc, true) {
         Ok((view, body)) => (view.envelope, ctx.spool.body(body)),
         Err(_) => (ctx.spool.envelope(b.loc).ok()?, &[][..]),
     };

@@ -54,7 +54,7 @@ fn open_and_read(dir: &std::path::Path) -> Option<Vec<(u64, Vec<u8>)>> {
     let mut found = Vec::new();
     for m in &recovery.messages {
         let (view, body) = spool
-            .message_with_body(m.loc)
+            .message_with_body(m.loc, true)
             .unwrap_or_else(|e| panic!("recovery reported {:?} at {:?}, which does not read back: {e}", m.id, m.loc));
         assert_eq!(view.id, m.id, "the record at {:?} has another id", m.loc);
         assert_eq!(view.envelope.rcpt_count(), m.rcpts.len(), "recipient count differs");
