@@ -52,8 +52,9 @@ pub(crate) use syscall;
 ///
 /// For the threads that wake many times per group commit (the sync thread, at each I/O
 /// completion) or burn CPU in the background (the spare writer): under the default policy
-/// each wake-up preempted the event loop, two context switches each, and those preemptions
-/// were a quarter of the loop's CPU under load (measured in the README's commit section).
+/// each wake-up preempted the event loop, two context switches each: 10,000–14,000 of them
+/// per 20,000 messages accepted, ~6 of the loop's ~34 µs of CPU per message (README, "Accept
+/// path").
 /// Lowering one's own policy needs no privilege; a failure leaves the thread as it was.
 #[allow(unsafe_code)]
 pub(crate) fn batch_thread() -> std::io::Result<()> {
