@@ -371,6 +371,15 @@ fn bad_limit_flags_exit_2_naming_the_flag() {
     }
 }
 
+/// Python: connects to the sink, reads the greeting, says EHLO and reads its reply.
+const AFTER_EHLO: &str = "s = socket.create_connection(('127.0.0.1', PORT), timeout=10)
+f = s.makefile('rb')
+assert f.readline().startswith(b'220')
+s.sendall(b'EHLO t.test\\r\\n')
+while not f.readline().startswith(b'250 '):
+    pass
+";
+
 #[test]
 fn a_421_at_mail_ends_with_fin_even_behind_a_large_pipelined_batch() {
     if !have("python3") {
@@ -382,20 +391,16 @@ fn a_421_at_mail_ends_with_fin_even_behind_a_large_pipelined_batch() {
     let s = sink(&["--defer-all-for", "1h"]);
     python(
         &s.port(),
-        "s = socket.create_connection(('127.0.0.1', PORT), timeout=10)
-f = s.makefile('rb')
-assert f.readline().startswith(b'220')
-s.sendall(b'EHLO t.test\\r\\n')
-while not f.readline().startswith(b'250 '):
-    pass
-s.sendall(b'MAIL FROM:<a@x.test>\\r\\nRCPT TO:<u@x.test>\\r\\nBDAT 150000 LAST\\r\\n' + b'x' * 150000)
+        &format!(
+            "{AFTER_EHLO}s.sendall(b'MAIL FROM:<a@x.test>\\r\\nRCPT TO:<u@x.test>\\r\\nBDAT 150000 LAST\\r\\n' + b'x' * 150000)
 line = f.readline()
 assert line.startswith(b'421 4.7.28 [127.0.0.1] '), line
 try:
     rest = f.read()
 except ConnectionResetError:
     raise SystemExit('reset after the 421')
-assert rest == b'', rest",
+assert rest == b'', rest"
+        ),
     );
     assert_eq!(s.stop_json()["refusals"]["window"], 1);
 }
@@ -411,14 +416,9 @@ fn a_client_still_writing_after_the_421_gets_an_orderly_end() {
     let s = sink(&["--defer-all-for", "1h"]);
     python(
         &s.port(),
-        "import time
-s = socket.create_connection(('127.0.0.1', PORT), timeout=10)
-f = s.makefile('rb')
-assert f.readline().startswith(b'220')
-s.sendall(b'EHLO t.test\\r\\n')
-while not f.readline().startswith(b'250 '):
-    pass
-s.sendall(b'MAIL FROM:<a@x.test>\\r\\nRCPT TO:<u@x.test>\\r\\nBDAT 150000 LAST\\r\\n' + b'x' * 1000)
+        &format!(
+            "import time
+{AFTER_EHLO}s.sendall(b'MAIL FROM:<a@x.test>\\r\\nRCPT TO:<u@x.test>\\r\\nBDAT 150000 LAST\\r\\n' + b'x' * 1000)
 line = f.readline()
 assert line.startswith(b'421 4.7.28 [127.0.0.1] '), line
 time.sleep(0.3)
@@ -428,8 +428,9 @@ try:
     s.sendall(b'x' * 79000)
     rest = f.read()
 except (ConnectionResetError, BrokenPipeError) as e:
-    raise SystemExit(f'reset after the 421: {e!r}')
-assert rest == b'', rest",
+    raise SystemExit(f'reset after the 421: {{e!r}}')
+assert rest == b'', rest"
+        ),
     );
     assert_eq!(s.stop_json()["refusals"]["window"], 1);
 }
