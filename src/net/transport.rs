@@ -375,6 +375,29 @@ impl Transport {
         self.output.as_ref().map_or(0, |b| b.data().len()) + usize::from(tls)
     }
 
+    /// Writes `data` straight to a plain socket, past the output buffer (which must be empty,
+    /// or the bytes would overtake it): a large message body from the spool's map, without a
+    /// copy. Returns the bytes the socket took (0 when it is full; a writable edge says when
+    /// to go on).
+    pub fn write_plain(&mut self, data: &[u8]) -> Result<usize, Fault> {
+        if self.tls.is_some() || self.pending_output() > 0 {
+            return Err(Fault::Socket(io::Error::other("direct write behind buffered output or through TLS")));
+        }
+        if !self.writable || data.is_empty() {
+            return Ok(0);
+        }
+        match socket::write(&mut self.sock, data) {
+            IoResult::Done(0) => Err(Fault::Socket(io::ErrorKind::WriteZero.into())),
+            IoResult::Done(n) => Ok(n),
+            IoResult::WouldBlock => {
+                self.writable = false;
+                Ok(0)
+            }
+            IoResult::Closed => Err(Fault::Socket(io::ErrorKind::BrokenPipe.into())),
+            IoResult::Error(e) => Err(Fault::Socket(e)),
+        }
+    }
+
     /// Queues `close_notify` (once the handshake is over) and writes what the socket takes
     /// now, best effort: the socket is about to be closed.
     pub fn close_tls(&mut self) {

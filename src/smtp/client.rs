@@ -564,6 +564,9 @@ pub struct ClientSession {
     /// [`ClientEvent::TransactionDone`] of the one before: the body it would pass to
     /// `poll_transmit` is still the old one, so nothing is written until it has.
     body_stale: bool,
+    /// The driver sends a body that goes out alone (`BDAT n LAST` after the envelope replies)
+    /// itself, from where it lies ([`ClientSession::set_direct_body`]).
+    direct_body: bool,
     /// Input the session holds itself while a reply is longer than the driver's buffer
     /// ([`ClientSession::handle_long_input`]); empty, and unallocated, otherwise.
     long_input: Vec<u8>,
@@ -594,6 +597,7 @@ impl ClientSession {
             next_ends: Vec::new(),
             next_written: 0,
             body_stale: false,
+            direct_body: false,
             cursor: BodyCursor::START,
             dot_finder: memmem::Finder::new(b"\n."),
             since: now,
@@ -872,6 +876,8 @@ impl ClientSession {
         if body_due && self.written == self.cmds.len() {
             n += match self.tx.transfer {
                 Transfer::Data => self.write_stuffed(body, out),
+                // The driver sends it (see `raw_body_due`).
+                Transfer::Bdat if self.direct_body => 0,
                 Transfer::Bdat | Transfer::BdatPipelined => self.write_raw(body, out),
             };
         }
@@ -879,6 +885,47 @@ impl ClientSession {
             let k = out.push(&self.next_cmds[self.next_written..]);
             self.next_written += k;
             n += k;
+        }
+        if n > 0 {
+            self.restart = true;
+        }
+    }
+
+    /// With `on`, a body that goes out alone (`BDAT n LAST` after the envelope replies: a
+    /// server without PIPELINING, or a body over [`PIPELINED_CHUNK_MAX`]) is not copied into
+    /// `out` by [`ClientSession::poll_transmit`]: the driver writes it to the socket straight
+    /// from the spool's map once `out` is flushed ([`ClientSession::raw_body_due`],
+    /// [`ClientSession::raw_body_sent`]), saving a copy of every byte. A body by DATA is
+    /// dot-stuffed, and a pipelined chunk rides with its commands: both still go through
+    /// `out`. Set before each `poll_transmit` (a plain socket and a large body); it must not
+    /// change while a body is going out.
+    pub fn set_direct_body(&mut self, on: bool) {
+        self.direct_body = on;
+    }
+
+    /// The part of the body the driver is to write itself now: `(from, to)` offsets into the
+    /// body it passes to `poll_transmit`, once every command before it is in `out`. `None`
+    /// when nothing is due that way.
+    #[must_use]
+    pub fn raw_body_due(&self, body_len: usize) -> Option<(usize, usize)> {
+        if !self.direct_body
+            || self.body_stale
+            || self.state != State::Body
+            || self.tx.transfer != Transfer::Bdat
+            || self.written != self.cmds.len()
+        {
+            return None;
+        }
+        let end = self.cursor.chunk?.min(body_len);
+        (self.cursor.off < end).then_some((self.cursor.off, end))
+    }
+
+    /// The driver wrote `n` more bytes of the body from [`ClientSession::raw_body_due`].
+    pub fn raw_body_sent(&mut self, n: usize) {
+        let len = self.cursor.chunk.unwrap_or(0);
+        self.cursor.off = (self.cursor.off + n).min(len);
+        if self.cursor.off >= len && self.state == State::Body {
+            self.state = State::DataEnd;
         }
         if n > 0 {
             self.restart = true;
@@ -2893,6 +2940,37 @@ mod tests {
         p.s.start_transaction(spec(&["1@y"], at.len() as u64));
         assert!(p.send(&at).contains(&format!("RCPT TO:<1@y>\r\nBDAT {} LAST\r\nqqq", at.len())));
         assert!(p.s.wants_write());
+    }
+
+    #[test]
+    fn a_direct_body_is_left_to_the_driver_and_counted_as_it_goes() {
+        let over = vec![b'.'; PIPELINED_CHUNK_MAX as usize + 10];
+        let mut p = Peer::ready(CHUNKING_EHLO);
+        p.s.set_direct_body(true);
+        p.s.start_transaction(spec(&["1@y"], over.len() as u64));
+        assert_eq!(p.send(&over), format!("MAIL FROM:<a@x.test> SIZE={}\r\nRCPT TO:<1@y>\r\n", over.len()));
+        assert_eq!(p.s.raw_body_due(over.len()), None, "not before the envelope replies");
+        p.reply("250 ok\r\n250 ok\r\n");
+        // Only the command goes through `out`; the body is the driver's to write.
+        assert_eq!(p.send(&over), format!("BDAT {} LAST\r\n", over.len()));
+        assert_eq!(p.s.raw_body_due(over.len()), Some((0, over.len())));
+        assert!(p.s.wants_write());
+        p.s.raw_body_sent(1000);
+        assert_eq!(p.send(&over), "", "nothing copied");
+        assert_eq!(p.s.raw_body_due(over.len()), Some((1000, over.len())));
+        p.s.raw_body_sent(over.len() - 1000);
+        assert_eq!(p.s.raw_body_due(over.len()), None);
+        assert_eq!(p.s.phase(), Some(Phase::DataEnd));
+        p.reply("250 2.0.0 queued\r\n");
+        assert_eq!(p.done().outcome(0).code, 250);
+
+        // A chunk pipelined with its commands still rides in `out`.
+        let small = vec![b'q'; 100];
+        let mut p = Peer::ready(CHUNKING_EHLO);
+        p.s.set_direct_body(true);
+        p.s.start_transaction(spec(&["1@y"], small.len() as u64));
+        assert!(p.send(&small).ends_with(&format!("BDAT 100 LAST\r\n{}", "q".repeat(100))));
+        assert_eq!(p.s.raw_body_due(small.len()), None);
     }
 
     #[test]

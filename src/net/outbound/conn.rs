@@ -20,6 +20,11 @@ use crate::net::transport::{Flush, Read, Transport};
 use crate::smtp::client::ClientSession;
 use crate::spool::BodyLoc;
 
+/// Bodies at least this large that go out alone by BDAT are written straight from the map
+/// (one `send` of the body instead of a copy into the output buffer and a `send` per buffer).
+/// Below it the copy costs less than the extra `send` it saves.
+const DIRECT_BODY_MIN: usize = 16 * 1024;
+
 /// One outbound connection.
 ///
 /// The socket, buffers and readiness flags live in [`OutboundConn::io`]; the connection
@@ -120,13 +125,26 @@ impl OutboundConn {
     /// Lets the session fill the output buffer (commands, and body pieces from `body`, a
     /// slice of the spool map) and writes it — through TLS when it is on, flushing TLS's own
     /// records too — until the socket is full or nothing is left to say.
+    ///
+    /// A large body that goes out alone by BDAT on a plain socket is written straight from
+    /// `body` (the map), not copied into the output buffer first (see
+    /// [`ClientSession::set_direct_body`]).
     pub fn write(&mut self, pool: &mut BufPool, body: &[u8]) -> Io {
+        self.session.set_direct_body(!self.io.is_tls() && body.len() >= DIRECT_BODY_MIN);
         loop {
             let Some(out) = self.io.output_buf(pool) else { return Io::Ok };
             self.session.poll_transmit(body, out);
             if self.io.pending_output() == 0 {
                 pool.release(&mut self.io.output);
-                return Io::Ok;
+                let Some((from, to)) = self.session.raw_body_due(body.len()) else { return Io::Ok };
+                match self.io.write_plain(&body[from..to]) {
+                    Ok(0) => return Io::Ok,
+                    Ok(n) => {
+                        self.session.raw_body_sent(n);
+                        continue;
+                    }
+                    Err(_) => return Io::Failed,
+                }
             }
             match self.io.flush(pool) {
                 Flush::Done => {}
