@@ -55,6 +55,7 @@ pub(crate) use syscall;
 /// each wake-up preempted the event loop, two context switches each: 10,000–14,000 of them
 /// per 20,000 messages accepted, ~6 of the loop's ~34 µs of CPU per message (README, "Accept
 /// path").
+///
 /// Lowering one's own policy needs no privilege; a failure leaves the thread as it was.
 #[allow(unsafe_code)]
 pub(crate) fn batch_thread() -> std::io::Result<()> {
@@ -71,17 +72,21 @@ pub(crate) fn thread_policies(name: &str) -> Vec<i32> {
     let mut out = Vec::new();
     for task in std::fs::read_dir("/proc/self/task").into_iter().flatten().flatten() {
         let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else { continue };
-        // "tid (comm) state ...": comm may hold spaces, so split at the last ')'.
-        let Some((head, rest)) = stat.rsplit_once(')') else { continue };
-        if head.split_once('(').map(|(_, comm)| comm) != Some(name) {
-            continue;
-        }
-        // `rest` starts at field 3, so field 41 is its 39th word.
-        if let Some(policy) = rest.split_whitespace().nth(38).and_then(|p| p.parse().ok()) {
+        if let Some((_, policy)) = stat_policy(&stat).filter(|(comm, _)| *comm == name) {
             out.push(policy);
         }
     }
     out
+}
+
+/// Test-only: a `/proc/.../stat` line's thread name and scheduling policy (field 41).
+#[cfg(test)]
+fn stat_policy(stat: &str) -> Option<(&str, i32)> {
+    // "tid (comm) state ...": comm may hold spaces, so split at the last ')'.
+    let (head, rest) = stat.rsplit_once(')')?;
+    let (_, comm) = head.split_once('(')?;
+    // `rest` starts at field 3, so field 41 is its 39th word.
+    Some((comm, rest.split_whitespace().nth(38)?.parse().ok()?))
 }
 
 /// Test-only: waits up to two seconds for a thread named `name` under `SCHED_BATCH`.
@@ -113,8 +118,7 @@ mod tests {
         assert!(wait_batch_thread("sys-batch-test"), "{:?}", thread_policies("sys-batch-test"));
         // The test's own thread keeps the default policy.
         let me = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
-        let policy: i32 = me.rsplit_once(')').unwrap().1.split_whitespace().nth(38).unwrap().parse().unwrap();
-        assert_eq!(policy, libc::SCHED_OTHER);
+        assert_eq!(stat_policy(&me).unwrap().1, libc::SCHED_OTHER);
         t.join().unwrap();
     }
 }

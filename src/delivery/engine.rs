@@ -48,7 +48,7 @@ use super::DeliveryConfig;
 use crate::dns::resolver::{DnsError, MxPlan, Resolver};
 use crate::dsn::{self, Action as DsnAction};
 use crate::message::{Envelope, QueueId};
-use crate::queue::{DestId, Job, MsgKey, Queue};
+use crate::queue::{DestId, Job, MsgKey, QMsg, Queue};
 use crate::shaping::{Rules, Scope, Suspension};
 use crate::smtp::client::{Failure, TlsPolicy, TxResult};
 use crate::smtp::reply::Reply;
@@ -467,10 +467,15 @@ impl Engine {
 
     /// The job a [`Action::Start`] names: its message's id and record, and recipient indexes.
     pub fn job(&self, conn: ConnId, next: bool) -> Option<(QueueId, MessageLoc, &[u32])> {
+        let (job, m) = self.job_msg(conn, next)?;
+        Some((job.id, m.loc, &job.rcpts))
+    }
+
+    /// The connection's current (or, with `next`, queued) job and its queued message.
+    fn job_msg(&self, conn: ConnId, next: bool) -> Option<(&Job, &QMsg)> {
         let c = self.conn(conn)?;
         let f = if next { c.next.as_ref() } else { c.active.as_ref() }?;
-        let loc = self.queue.msg(f.job.msg).filter(|m| m.id == f.job.id)?.loc;
-        Some((f.job.id, loc, &f.job.rcpts))
+        Some((&f.job, self.queue.msg(f.job.msg).filter(|m| m.id == f.job.id)?))
     }
 
     /// True when no recipient of the connection's job has been tried before: the message is
@@ -478,10 +483,8 @@ impl Engine {
     /// driver may read it without checking its crc again. A retry, possibly days later when
     /// its pages may have been read back from the disk, checks it.
     pub fn first_attempt(&self, conn: ConnId, next: bool) -> bool {
-        let Some(c) = self.conn(conn) else { return false };
-        let Some(f) = (if next { c.next.as_ref() } else { c.active.as_ref() }) else { return false };
-        let Some(m) = self.queue.msg(f.job.msg).filter(|m| m.id == f.job.id) else { return false };
-        f.job.rcpts.iter().all(|&r| m.rcpts.get(r as usize).is_some_and(|q| q.attempts == 0))
+        self.job_msg(conn, next)
+            .is_some_and(|(job, m)| job.rcpts.iter().all(|&r| m.rcpts.get(r as usize).is_some_and(|q| q.attempts == 0)))
     }
 
     /// An outcome record of message `id` went where `ticket` says (the message may already

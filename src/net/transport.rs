@@ -231,15 +231,12 @@ impl Transport {
             // A plain connection, or the clear-text prefix before the switch to TLS.
             let Some(out) = self.output.as_mut().filter(|b| !b.is_empty()) else { return self.flushed(pool) };
             let len = if self.tls.is_some() { self.clear_out } else { out.data().len() };
-            match socket::write(&mut self.sock, &out.data()[..len]) {
-                IoResult::Done(0) => return Flush::Failed(Fault::Socket(io::ErrorKind::WriteZero.into())),
-                IoResult::Done(n) => {
+            match write_sock(&mut self.sock, &mut self.writable, &out.data()[..len]) {
+                Ok(n) => {
                     out.consume(n);
                     self.clear_out -= n.min(self.clear_out);
                 }
-                IoResult::WouldBlock => self.writable = false,
-                IoResult::Closed => return Flush::Failed(Fault::Socket(io::ErrorKind::BrokenPipe.into())),
-                IoResult::Error(e) => return Flush::Failed(Fault::Socket(e)),
+                Err(f) => return Flush::Failed(f),
             }
         }
         loop {
@@ -386,16 +383,7 @@ impl Transport {
         if !self.writable || data.is_empty() {
             return Ok(0);
         }
-        match socket::write(&mut self.sock, data) {
-            IoResult::Done(0) => Err(Fault::Socket(io::ErrorKind::WriteZero.into())),
-            IoResult::Done(n) => Ok(n),
-            IoResult::WouldBlock => {
-                self.writable = false;
-                Ok(0)
-            }
-            IoResult::Closed => Err(Fault::Socket(io::ErrorKind::BrokenPipe.into())),
-            IoResult::Error(e) => Err(Fault::Socket(e)),
-        }
+        write_sock(&mut self.sock, &mut self.writable, data)
     }
 
     /// Queues `close_notify` (once the handshake is over) and writes what the socket takes
@@ -411,6 +399,21 @@ impl Transport {
     pub fn release_buffers(&mut self, pool: &mut BufPool) {
         pool.release(&mut self.input);
         pool.release(&mut self.output);
+    }
+}
+
+/// One plain `write` of `data`: the bytes the socket took, 0 when it is full (and `writable`
+/// is cleared until the next edge), or why the connection is unusable.
+fn write_sock(sock: &mut mio::net::TcpStream, writable: &mut bool, data: &[u8]) -> Result<usize, Fault> {
+    match socket::write(sock, data) {
+        IoResult::Done(0) => Err(Fault::Socket(io::ErrorKind::WriteZero.into())),
+        IoResult::Done(n) => Ok(n),
+        IoResult::WouldBlock => {
+            *writable = false;
+            Ok(0)
+        }
+        IoResult::Closed => Err(Fault::Socket(io::ErrorKind::BrokenPipe.into())),
+        IoResult::Error(e) => Err(Fault::Socket(e)),
     }
 }
 

@@ -922,13 +922,19 @@ impl ClientSession {
 
     /// The driver wrote `n` more bytes of the body from [`ClientSession::raw_body_due`].
     pub fn raw_body_sent(&mut self, n: usize) {
-        let len = self.cursor.chunk.unwrap_or(0);
-        self.cursor.off = (self.cursor.off + n).min(len);
-        if self.cursor.off >= len && self.state == State::Body {
-            self.state = State::DataEnd;
-        }
+        self.raw_advance(self.cursor.off, n);
         if n > 0 {
             self.restart = true;
+        }
+    }
+
+    /// `n` raw body bytes from `off` are out: the cursor moves past them, and the data phase
+    /// ends once the chunk's announced length is.
+    fn raw_advance(&mut self, off: usize, n: usize) {
+        let len = self.cursor.chunk.unwrap_or(0);
+        self.cursor.off = (off + n).min(len);
+        if self.cursor.off >= len && self.state == State::Body {
+            self.state = State::DataEnd;
         }
     }
 
@@ -1334,10 +1340,7 @@ impl ClientSession {
         let end = len.min(body.len());
         let off = self.cursor.off.min(end);
         let n = out.push(&body[off..end]);
-        self.cursor.off = off + n;
-        if self.cursor.off >= len && self.state == State::Body {
-            self.state = State::DataEnd;
-        }
+        self.raw_advance(off, n);
         n
     }
 

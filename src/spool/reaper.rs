@@ -17,6 +17,7 @@
 //! just before the unlink always could: the next recovery finds every message in it finished
 //! and deletes it.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -31,46 +32,33 @@ pub(crate) struct Reaper {
     thread: Option<JoinHandle<()>>,
     /// Removal failures, for [`Reaper::take_warnings`].
     warnings: Arc<Mutex<Vec<String>>>,
-    /// Removals handed over, and finished (test-only: [`Reaper::settle`]).
-    #[cfg(test)]
-    counts: Arc<(std::sync::atomic::AtomicU64, std::sync::atomic::AtomicU64)>,
+    /// Removals handed over and not yet done (read by tests: [`Reaper::settle`]).
+    pending: Arc<AtomicUsize>,
 }
 
 impl Reaper {
     /// Starts the thread. Without one (spawning failed), removals run on the caller's thread.
     pub(crate) fn start() -> Reaper {
         let warnings = Arc::new(Mutex::new(Vec::new()));
-        #[cfg(test)]
-        let counts = Arc::new((std::sync::atomic::AtomicU64::new(0), std::sync::atomic::AtomicU64::new(0)));
+        let pending = Arc::new(AtomicUsize::new(0));
         let (tx, rx) = channel::<Segment>();
-        let thread_warnings = Arc::clone(&warnings);
-        #[cfg(test)]
-        let thread_counts = Arc::clone(&counts);
+        let (thread_warnings, thread_pending) = (Arc::clone(&warnings), Arc::clone(&pending));
         let thread = std::thread::Builder::new()
             .name("sluice-reap".into())
             .spawn(move || {
                 // Background work: never preempt the loop (see `sys::batch_thread`).
                 let _ = crate::sys::batch_thread();
                 for seg in rx {
-                    remove(seg, &thread_warnings);
-                    #[cfg(test)]
-                    thread_counts.1.fetch_add(1, std::sync::atomic::Ordering::Release);
+                    remove(seg, &thread_warnings, &thread_pending);
                 }
             })
             .ok();
-        Reaper {
-            jobs: thread.as_ref().map(|_| tx),
-            thread,
-            warnings,
-            #[cfg(test)]
-            counts,
-        }
+        Reaper { jobs: thread.as_ref().map(|_| tx), thread, warnings, pending }
     }
 
     /// Unmaps and deletes `seg`, on the thread (or here, if it is gone).
     pub(crate) fn remove(&self, seg: Segment) {
-        #[cfg(test)]
-        self.counts.0.fetch_add(1, std::sync::atomic::Ordering::Release);
+        self.pending.fetch_add(1, Ordering::AcqRel);
         let seg = match &self.jobs {
             Some(tx) => match tx.send(seg) {
                 Ok(()) => return,
@@ -78,9 +66,7 @@ impl Reaper {
             },
             None => seg,
         };
-        remove(seg, &self.warnings);
-        #[cfg(test)]
-        self.counts.1.fetch_add(1, std::sync::atomic::Ordering::Release);
+        remove(seg, &self.warnings, &self.pending);
     }
 
     /// Moves the warnings of failed removals into `into`.
@@ -91,9 +77,8 @@ impl Reaper {
     /// Test-only: waits until every removal handed over so far is done.
     #[cfg(test)]
     pub(crate) fn settle(&self) {
-        use std::sync::atomic::Ordering;
         let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while self.counts.1.load(Ordering::Acquire) < self.counts.0.load(Ordering::Acquire) {
+        while self.pending.load(Ordering::Acquire) > 0 {
             assert!(std::time::Instant::now() < until, "removals never finished");
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
@@ -110,13 +95,14 @@ impl Drop for Reaper {
     }
 }
 
-fn remove(seg: Segment, warnings: &Mutex<Vec<String>>) {
+fn remove(seg: Segment, warnings: &Mutex<Vec<String>>, pending: &AtomicUsize) {
     if let Err(e) = seg.remove() {
         warnings
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(format!("could not remove a finished segment: {e}"));
     }
+    pending.fetch_sub(1, Ordering::AcqRel);
 }
 
 #[cfg(test)]
